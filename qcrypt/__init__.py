@@ -1,0 +1,62 @@
+"""qcrypt: find QEMU legacy qcow/qcow2 AES-encrypted images and migrate them to LUKS.
+
+Public API (see README, "Python API")::
+
+    qcrypt.inspect(path) -> dict                 # the scan report of one image (never raises)
+    qcrypt.open_image(path, passphrase=None)     # read-only file object over the guest's plaintext
+    qcrypt.warn_if_legacy(path) -> bool          # issues LegacyEncryptionWarning, never raises
+    qcrypt.QcryptError and subclasses            # every error qcrypt raises on purpose
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qcrypt.errors import (
+    BadPassphraseError,
+    FormatError,
+    ImageInUseError,
+    MigrationError,
+    OutputExistsError,
+    QcryptError,
+    QcryptIOError,
+    UnsupportedFeatureError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadPassphraseError",
+    "FormatError",
+    "ImageInUseError",
+    "LegacyEncryptionWarning",
+    "MigrationError",
+    "OutputExistsError",
+    "QcryptError",
+    "QcryptIOError",
+    "UnsupportedFeatureError",
+    "VerificationError",
+    "inspect",
+    "open_image",
+    "warn_if_legacy",
+]
+
+_LAZY = {
+    "inspect": ("qcrypt.scan", "inspect"),
+    "open_image": ("qcrypt.stream", "open_image"),
+    "warn_if_legacy": ("qcrypt.hook", "warn_if_legacy"),
+    "LegacyEncryptionWarning": ("qcrypt.hook", "LegacyEncryptionWarning"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavier modules only when their names are used (keeps the libvirt hook fast)."""
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module_name), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qcrypt' has no attribute {name!r}")

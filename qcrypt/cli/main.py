@@ -1,0 +1,86 @@
+"""Entry point: the ``qcrypt`` click group and the mapping of library errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from qcrypt import errors
+
+# Documented in README ("Exit codes"). 1 is reserved for "scan found images at/above --fail-on".
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_CODES: dict[type[errors.QcryptError], int] = {
+    errors.FormatError: 3,
+    errors.BadPassphraseError: 4,
+    errors.ImageInUseError: 5,
+    errors.OutputExistsError: 6,
+    errors.VerificationError: 7,
+    errors.MigrationError: 8,
+    errors.QcryptIOError: 9,
+}
+EXIT_OTHER = 10
+EXIT_INTERRUPTED = 130
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exit_code_for(error: errors.QcryptError) -> int:
+    """The documented exit code of a library error (most specific class wins)."""
+    for cls in type(error).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_OTHER
+
+
+def handle_errors(func: F) -> F:
+    """Turn QcryptError / OSError / KeyboardInterrupt into a one-line message and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except errors.QcryptError as e:
+            click.echo(f"qcrypt: error: {e}", err=True)
+            sys.exit(exit_code_for(e))
+        except KeyboardInterrupt:
+            click.echo("qcrypt: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except OSError as e:
+            name = f" {e.filename}" if getattr(e, "filename", None) else ""
+            click.echo(f"qcrypt: error:{name}: {e.strerror or e}", err=True)
+            sys.exit(EXIT_CODES[errors.QcryptIOError])
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qcrypt")
+def cli() -> None:
+    """Find and migrate QEMU legacy qcow/qcow2 AES-encrypted images to LUKS."""
+
+
+COMMANDS = (("scan", "scan"), ("info", "info"), ("migrate", "migrate"), ("hook", "hook"))
+
+
+def _register() -> None:
+    import importlib
+
+    for module_name, attr in COMMANDS:
+        module = importlib.import_module(f"qcrypt.cli.{module_name}")
+        cli.add_command(getattr(module, attr))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    cli(prog_name="qcrypt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Shared click options and output helpers."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+format_opt = click.option(
+    "--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    help="Output format.",
+)
+
+
+def human_size(n_bytes: int | None) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
+    if n_bytes is None:
+        return "-"
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # unreachable
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+SEVERITY_COLOURS = {"ok": "green", "info": "cyan", "warning": "yellow", "critical": "red"}
+
+
+def style_severity(severity: str) -> str:
+    return click.style(f"{severity:<8}", fg=SEVERITY_COLOURS.get(severity), bold=severity == "critical")

@@ -1,0 +1,131 @@
+"""``qcrypt scan``: audit files and directories for legacy encryption and weak LUKS settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from qcrypt import scan as scanner
+from qcrypt.cli.main import EXIT_FINDINGS, handle_errors
+from qcrypt.cli.options import human_size, style_severity
+
+FAIL_ON = ("critical", "warning", "info", "never")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--format", "output_format", type=click.Choice(["table", "json", "prometheus"]), default="table",
+              show_default=True, help="table for people, json for tools, prometheus for node_exporter.")
+@click.option("--fail-on", type=click.Choice(FAIL_ON), default="critical", show_default=True,
+              help="Exit 1 if any image is at or above this severity.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Images inspected in parallel.")
+@click.option("--libvirt-xml", "libvirt_dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder of libvirt domain XML files: name the domains using each image.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only findings (table format), nothing for clean images.")
+@handle_errors
+def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int, libvirt_dir: str | None,
+         quiet: bool) -> None:
+    """Find legacy-encrypted images (also in backing chains) and grade LUKS settings.
+
+    Reads headers only: no passphrase is needed and nothing is written.
+    """
+    files = list(scanner.iter_files(paths))
+    with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr, leave=False) as bar:
+        reports = scanner.scan(files, jobs=jobs, progress=lambda _report: bar.update())
+    domains_without_image: list[dict[str, Any]] = []
+    if libvirt_dir:
+        from qcrypt import libvirt
+
+        domains_without_image = libvirt.annotate_reports(reports, libvirt_dir)
+    summary = scanner.summarize(reports)
+    if output_format == "json":
+        document: dict[str, Any] = {"images": reports, "summary": summary}
+        if libvirt_dir:
+            document["domains_with_missing_images"] = domains_without_image
+        click.echo(json.dumps(document, indent=2))
+    elif output_format == "prometheus":
+        click.echo(prometheus(reports), nl=False)
+    elif quiet:
+        print_findings(reports, domains_without_image)
+    else:
+        print_table(reports, summary, domains_without_image)
+    if should_fail(reports, fail_on):
+        sys.exit(EXIT_FINDINGS)
+
+
+def should_fail(reports: list[dict[str, Any]], fail_on: str) -> bool:
+    if fail_on == "never":
+        return False
+    threshold = scanner.SEVERITY_RANK[fail_on]
+    return any(scanner.SEVERITY_RANK[r["severity"]] >= threshold for r in reports)
+
+
+def _codes(report: dict[str, Any]) -> str:
+    return ",".join(f["code"] for f in report["findings"]) or "-"
+
+
+def print_table(reports: list[dict[str, Any]], summary: dict[str, Any],
+                missing_domains: list[dict[str, Any]]) -> None:
+    click.echo(f"{'SEVERITY':<8}  {'ENCRYPTION':<14}  {'FORMAT':<6}  {'SIZE':>10}  PATH  [FINDINGS]")
+    for r in reports:
+        domains = f"  domains={','.join(r['domains'])}" if r.get("domains") else ""
+        click.echo(f"{style_severity(r['severity'])}  {r['encryption']:<14}  {r['format']:<6}  "
+                   f"{human_size(r['virtual_size']):>10}  {r['path']}  [{_codes(r)}]{domains}")
+    for d in missing_domains:
+        click.echo(f"{style_severity('critical')}  domain {d['domain']} disk {d['target']}: "
+                   f"<encryption format='{d['encryption']}'> on missing image {d['path']}")
+    by_sev = ", ".join(f"{k}={v}" for k, v in sorted(summary["by_severity"].items()))
+    click.echo(f"\n{summary['images']} image(s); {summary['legacy']} with legacy AES encryption; {by_sev}")
+
+
+def print_findings(reports: list[dict[str, Any]], missing_domains: list[dict[str, Any]]) -> None:
+    for r in reports:
+        for f in r["findings"]:
+            click.echo(f"{r['path']}: {f['severity']}: {f['code']}: {f['message']}")
+    for d in missing_domains:
+        click.echo(f"{d['path']}: critical: legacy-aes: domain {d['domain']} disk {d['target']} declares "
+                   f"<encryption format='{d['encryption']}'> but the image is missing")
+
+
+def _label(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus(reports: list[dict[str, Any]]) -> str:
+    """node_exporter textfile-collector metrics."""
+    lines = [
+        "# HELP qcrypt_images Images scanned, by encryption and severity.",
+        "# TYPE qcrypt_images gauge",
+    ]
+    counts: dict[tuple[str, str], int] = {}
+    for r in reports:
+        key = (r["encryption"], r["severity"])
+        counts[key] = counts.get(key, 0) + 1
+    for (enc, sev), n in sorted(counts.items()):
+        lines.append(f'qcrypt_images{{encryption="{_label(enc)}",severity="{_label(sev)}"}} {n}')
+    lines += [
+        "# HELP qcrypt_legacy_images Images whose data or backing chain uses legacy qcow AES encryption.",
+        "# TYPE qcrypt_legacy_images gauge",
+        f"qcrypt_legacy_images {sum(1 for r in reports if scanner.has_legacy(r))}",
+        "# HELP qcrypt_image_info One series per image (value 1).",
+        "# TYPE qcrypt_image_info gauge",
+    ]
+    for r in reports:
+        lines.append(
+            f'qcrypt_image_info{{path="{_label(r["path"])}",format="{_label(r["format"])}",'
+            f'encryption="{_label(r["encryption"])}",severity="{_label(r["severity"])}",'
+            f'findings="{_label(_codes(r))}"}} 1'
+        )
+    lines += [
+        "# HELP qcrypt_scan_timestamp_seconds When this scan finished.",
+        "# TYPE qcrypt_scan_timestamp_seconds gauge",
+        f"qcrypt_scan_timestamp_seconds {time.time():.0f}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,57 @@
+"""The one exception hierarchy of qcrypt.
+
+Every error the library raises on purpose derives from :class:`QcryptError`; the CLI maps each class to
+a documented exit code (see ``qcrypt.cli.main.EXIT_CODES``). Messages never contain passphrases or keys.
+"""
+
+from __future__ import annotations
+
+
+class QcryptError(Exception):
+    """Root of every qcrypt error."""
+
+
+class FormatError(QcryptError, ValueError):
+    """A file is not what it claims to be, or one of its fields is out of range.
+
+    ``path`` names the file and ``field`` the on-disk field that was wrong, when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
+        self.path = path
+        self.field = field
+        parts = []
+        if path:
+            parts.append(f"{path}:")
+        if field:
+            parts.append(f"{field}:")
+        parts.append(message)
+        super().__init__(" ".join(parts))
+
+
+class UnsupportedFeatureError(FormatError):
+    """The file is valid but uses something qcrypt does not implement (e.g. an unknown feature bit)."""
+
+
+class BadPassphraseError(QcryptError):
+    """The passphrase opens no keyslot, or (legacy AES) the plaintext does not look like a disk."""
+
+
+class ImageInUseError(QcryptError):
+    """A QEMU process holds the image's lock bytes."""
+
+
+class OutputExistsError(QcryptError, FileExistsError):
+    """The output exists and neither --force nor --replace allows replacing it."""
+
+
+class VerificationError(QcryptError):
+    """A written output did not read back as the source's plaintext."""
+
+
+class MigrationError(QcryptError):
+    """A migration cannot proceed as asked (e.g. an encrypted backing layer without --flatten)."""
+
+
+class QcryptIOError(QcryptError, OSError):
+    """An operating-system error while reading or writing (ENOSPC, EIO, permissions)."""

@@ -1,0 +1,156 @@
+"""Audit findings: stable codes, their severities and the grading rules (documented in README, "Findings").
+
+Codes are part of the public interface (JSON, Prometheus, hook): never rename one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qcrypt.formats import qcow2 as qcow2_fmt
+
+if TYPE_CHECKING:
+    from qcrypt.luks import LuksHeader
+    from qcrypt.luks2 import Luks2Info
+
+    from qcrypt.qcow2 import QCow2Image
+
+LEGACY_AES = "legacy-aes"
+LEGACY_AES_BACKING = "legacy-aes-backing"
+LUKS_LOW_ITERATIONS = "luks-low-iterations"
+LUKS_PREDICTABLE_IV = "luks-predictable-iv"
+LUKS_ECB = "luks-ecb"
+LUKS_SHA1 = "luks-sha1"
+LUKS_PLAIN_IV_WRAPS = "luks-plain-iv-wraps"
+LUKS2_NOT_QEMU = "luks2-not-qemu"
+LUKS2_CHECKSUM = "luks2-checksum-mismatch"
+LUKS1_UNALIGNED_PAYLOAD = "luks1-unaligned-payload"
+LUKS_NO_ACTIVE_KEYSLOT = "luks-no-active-keyslot"
+QCOW2_UNKNOWN_INCOMPATIBLE = "qcow2-unknown-incompatible-features"
+QCOW2_CORRUPT = "qcow2-corrupt"
+QCOW2_DIRTY = "qcow2-dirty"
+QCOW2_EXTERNAL_DATA = "qcow2-external-data-file"
+UNPARSEABLE = "unparseable"
+UNREADABLE = "unreadable"
+BACKING_MISSING = "backing-missing"
+BACKING_LOOP = "backing-loop"
+BACKING_NOT_LOCAL = "backing-not-local"
+BACKING_TOO_DEEP = "backing-too-deep"
+
+MIN_PBKDF2_ITERATIONS = 1000
+CRYPTSETUP_ALIGN_SECTORS = 2048
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str  # info | warning | critical
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "message": self.message}
+
+
+def legacy_aes(format_name: str, snapshot_count: int) -> Finding:
+    snaps = f"; its {snapshot_count} internal snapshot(s) hold legacy ciphertext too" if snapshot_count else ""
+    return Finding(
+        LEGACY_AES, "critical",
+        f"{format_name} legacy AES-CBC encryption (passphrase used as key, predictable IVs): QEMU system "
+        f"emulators refuse it; migrate with 'qcrypt migrate'{snaps}",
+    )
+
+
+def legacy_aes_backing(paths: list[str]) -> Finding:
+    return Finding(
+        LEGACY_AES_BACKING, "critical",
+        "backing chain holds legacy AES-encrypted layer(s): " + ", ".join(paths),
+    )
+
+
+def unparseable(format_name: str, error: str) -> Finding:
+    return Finding(UNPARSEABLE, "warning", f"looks like {format_name} but cannot be parsed: {error}")
+
+
+def unreadable(error: str) -> Finding:
+    return Finding(UNREADABLE, "warning", f"cannot be read: {error}")
+
+
+def backing_missing(path: str) -> Finding:
+    return Finding(BACKING_MISSING, "warning", f"backing file {path} does not exist; the chain is incomplete")
+
+
+def backing_loop(path: str) -> Finding:
+    return Finding(BACKING_LOOP, "warning", f"backing chain loops back to {path}")
+
+
+def backing_not_local(name: str) -> Finding:
+    return Finding(BACKING_NOT_LOCAL, "info", f"backing file {name!r} is not a local file; not inspected")
+
+
+def backing_too_deep(depth: int) -> Finding:
+    return Finding(BACKING_TOO_DEEP, "warning", f"backing chain deeper than {depth} layers; not followed further")
+
+
+def grade_qcow2_features(image: QCow2Image) -> list[Finding]:
+    h = image.header
+    found = []
+    unknown = image.unsupported_incompatible_features()
+    if unknown:
+        found.append(Finding(QCOW2_UNKNOWN_INCOMPATIBLE, "warning",
+                             f"unknown incompatible feature bits {unknown:#x}: QEMU and qcrypt refuse to open it"))
+    if h.incompatible_features & qcow2_fmt.INCOMPAT_CORRUPT:
+        found.append(Finding(QCOW2_CORRUPT, "warning", "marked corrupt: QEMU opens it read-only at most"))
+    if h.incompatible_features & qcow2_fmt.INCOMPAT_DIRTY:
+        found.append(Finding(QCOW2_DIRTY, "info", "dirty bit set: refcounts may be stale (lazy refcounts)"))
+    if h.incompatible_features & qcow2_fmt.INCOMPAT_DATA_FILE:
+        found.append(Finding(QCOW2_EXTERNAL_DATA, "info", "guest data lives in an external data file"))
+    return found
+
+
+def _grade_cipher(cipher: str, hash_name: str) -> list[Finding]:
+    found = []
+    mode = cipher.split("-", 1)[1] if "-" in cipher else cipher
+    if mode.startswith("ecb"):
+        found.append(Finding(LUKS_ECB, "critical", f"{cipher}: ECB leaks plaintext patterns"))
+    elif mode.startswith("cbc-plain"):
+        found.append(Finding(LUKS_PREDICTABLE_IV, "warning",
+                             f"{cipher}: CBC with predictable IVs allows watermarking; prefer aes-xts-plain64"))
+    if mode.endswith("-plain") or mode.split(":")[0].endswith("-plain"):
+        found.append(Finding(LUKS_PLAIN_IV_WRAPS, "warning", f"{cipher}: 32-bit IVs repeat beyond 2 TiB"))
+    if hash_name.lower() == "sha1":
+        found.append(Finding(LUKS_SHA1, "info", "sha1 for PBKDF2/AF: acceptable but dated; prefer sha256"))
+    return found
+
+
+def grade_luks1(header: LuksHeader, *, raw: bool) -> list[Finding]:
+    found = _grade_cipher(header.cipher, header.hash_spec)
+    active = [k for k in header.keyslots if k.active]
+    low = [k.index for k in active if k.iterations < MIN_PBKDF2_ITERATIONS]
+    if low or header.mk_digest_iter < MIN_PBKDF2_ITERATIONS:
+        where = f"keyslot(s) {low}" if low else "master-key digest"
+        found.append(Finding(LUKS_LOW_ITERATIONS, "warning",
+                             f"PBKDF2 iterations below {MIN_PBKDF2_ITERATIONS} in {where}: passphrases are cheap "
+                             "to brute-force"))
+    if not active:
+        found.append(Finding(LUKS_NO_ACTIVE_KEYSLOT, "warning", "no active keyslot: the data cannot be opened"))
+    if raw and header.payload_offset % CRYPTSETUP_ALIGN_SECTORS:
+        found.append(Finding(LUKS1_UNALIGNED_PAYLOAD, "info",
+                             f"payload offset {header.payload_offset} sectors is not 1 MiB aligned (QEMU layout): "
+                             "'cryptsetup convert --type luks2' refuses it"))
+    return found
+
+
+def grade_luks2(info: Luks2Info) -> list[Finding]:
+    found = [Finding(LUKS2_NOT_QEMU, "info",
+                     "LUKS2: dm-crypt opens it, QEMU's luks driver (and qemu-img) cannot")]
+    if not info.checksum_ok:
+        found.append(Finding(LUKS2_CHECKSUM, "warning", "LUKS2 header checksum does not match"))
+    if info.segment_cipher:
+        found += [f for f in _grade_cipher(info.segment_cipher, "") if f.code != LUKS_SHA1]
+    low = [k["index"] for k in info.keyslots
+           if k.get("kdf", {}).get("type") == "pbkdf2" and (k["kdf"].get("iterations") or 0) < MIN_PBKDF2_ITERATIONS]
+    if low:
+        found.append(Finding(LUKS_LOW_ITERATIONS, "warning",
+                             f"PBKDF2 iterations below {MIN_PBKDF2_ITERATIONS} in keyslot(s) {low}"))
+    return found

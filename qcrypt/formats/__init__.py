@@ -1,0 +1,1 @@
+"""On-disk declarations (construct), one module per format. No I/O or logic lives here."""

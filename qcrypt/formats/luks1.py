@@ -1,0 +1,46 @@
+"""LUKS1 on-disk declarations.
+
+References: cryptsetup lib/luks1/luks.h (struct luks_phdr); qemu crypto/block-luks.c;
+../shared/docs/formats.md section D. Big-endian throughout; the phdr is 592 bytes (208 + 8 x 48).
+"""
+
+from __future__ import annotations
+
+from construct import Array, Bytes, Const, Int16ub, Int32ub, PaddedString, Struct
+
+MAGIC = b"LUKS\xba\xbe"
+VERSION = 1
+PHDR_SIZE = 592
+NUM_KEYSLOTS = 8
+STRIPES = 4000
+KEY_ENABLED = 0x00AC71F3
+KEY_DISABLED = 0x0000DEAD
+SALT_SIZE = 32
+DIGEST_SIZE = 20
+SECTOR_SIZE = 512
+ALIGN_KEYSLOTS_SECTORS = 8  # 4 KiB
+MIN_ITERATIONS = 1000
+DEFAULT_DATA_ALIGNMENT_SECTORS = 2048  # 1 MiB, as cryptsetup
+
+Keyslot = Struct(  # 48 bytes
+    "active" / Int32ub * "0x00AC71F3 enabled, 0x0000DEAD disabled",
+    "iterations" / Int32ub,
+    "salt" / Bytes(SALT_SIZE),
+    "key_material_offset" / Int32ub * "in 512-byte sectors from the header start",
+    "stripes" / Int32ub,
+)
+
+Phdr = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Int16ub,
+    "cipher_name" / PaddedString(32, "ascii"),
+    "cipher_mode" / PaddedString(32, "ascii"),
+    "hash_spec" / PaddedString(32, "ascii"),
+    "payload_offset" / Int32ub * "in 512-byte sectors",
+    "key_bytes" / Int32ub,
+    "mk_digest" / Bytes(DIGEST_SIZE),
+    "mk_digest_salt" / Bytes(SALT_SIZE),
+    "mk_digest_iter" / Int32ub,
+    "uuid" / PaddedString(40, "ascii"),
+    "keyslots" / Array(NUM_KEYSLOTS, Keyslot),
+)

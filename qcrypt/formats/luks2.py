@@ -1,0 +1,34 @@
+"""LUKS2 binary header declarations (recognition and reporting only).
+
+References: cryptsetup lib/luks2/luks2.h (struct luks2_hdr_disk); ../shared/docs/formats.md section E.
+The 4096-byte binary header is followed by a JSON area up to ``hdr_size``.
+"""
+
+from __future__ import annotations
+
+from construct import Bytes, Int16ub, Int64ub, PaddedString, Struct
+
+MAGIC_PRIMARY = b"LUKS\xba\xbe"
+MAGIC_SECONDARY = b"SKUL\xba\xbe"
+VERSION = 2
+BINARY_HEADER_SIZE = 4096
+MIN_HDR_SIZE = 0x4000
+MAX_HDR_SIZE = 0x400000
+CSUM_OFFSET = 448
+CSUM_SIZE = 64
+
+BinaryHeader = Struct(
+    "magic" / Bytes(6),
+    "version" / Int16ub,
+    "hdr_size" / Int64ub * "binary header + JSON area, bytes",
+    "seqid" / Int64ub,
+    "label" / PaddedString(48, "ascii"),
+    "checksum_alg" / PaddedString(32, "ascii"),
+    "salt" / Bytes(64),
+    "uuid" / PaddedString(40, "ascii"),
+    "subsystem" / PaddedString(48, "ascii"),
+    "hdr_offset" / Int64ub,
+    "_padding" / Bytes(184),
+    "csum" / Bytes(CSUM_SIZE),
+    "_padding4096" / Bytes(3584),
+)

@@ -1,0 +1,57 @@
+"""The base of the qcow2 and qcow readers: an open file, its size, and bounds-aware raw reads."""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO, TypeVar
+
+from qcrypt.errors import FormatError
+from qcrypt.formats._parse import file_size_of
+
+T = TypeVar("T", bound="ImageFile")
+
+
+class ImageFile:
+    """An image file opened read-only. Subclasses parse their header in ``_load``."""
+
+    format_name = "?"
+
+    def __init__(self, fh: BinaryIO, path: str) -> None:
+        self.fh = fh
+        self.path = path
+        self.file_size = file_size_of(fh)
+        self._load()
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def open(cls: type[T], path: str | os.PathLike[str]) -> T:
+        fh = open(os.fspath(path), "rb")  # noqa: SIM115 - closed by close()/__exit__
+        try:
+            return cls(fh, os.fspath(path))
+        except BaseException:
+            fh.close()
+            raise
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _fail(self, field: str, message: str) -> FormatError:
+        return FormatError(message, path=self.path, field=field)
+
+    def read_host(self, host_offset: int, length: int) -> bytes:
+        """Raw bytes of the file; the part past the end of the file reads as zeros (as in QEMU)."""
+        if host_offset < 0 or length < 0:
+            raise self._fail("host offset", f"negative offset or length ({host_offset}, {length})")
+        available = max(0, min(length, self.file_size - host_offset))
+        data = b""
+        if available:
+            data = os.pread(self.fh.fileno(), available, host_offset)
+        return data + bytes(length - len(data))

@@ -1,0 +1,149 @@
+"""qcow version 1 reader (legacy "QCOW"): header, L1/L2 lookups. Lazy, read-only, bounds-checked.
+
+References: qemu block/qcow.c (qcow_open, get_cluster_offset); formats.md section A.11.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from qcrypt.formats import qcow1 as fmt
+from qcrypt.formats._parse import parse, read_exact
+from qcrypt.imagefile import ImageFile
+from qcrypt.model import UNALLOCATED, ClusterKind, ClusterMapping, Extension, Snapshot
+from qcrypt.qcow2 import _decode_name
+
+MAX_L1_BYTES = 32 * 1024 * 1024
+
+
+class QCowImage(ImageFile):
+    """A qcow v1 file opened for reading."""
+
+    format_name = "qcow"
+    extensions: dict[int, Extension] = {}
+
+    def _load(self) -> None:
+        self.header = parse(fmt.Header, self.fh, 0, fmt.HEADER_SIZE, path=self.path, what="header",
+                            file_size=self.file_size)
+        self._check_header()
+        self.backing_file = self._read_backing_file()
+        self._l1: np.ndarray | None = None
+        self._read_l2 = functools.lru_cache(maxsize=64)(self._read_l2_uncached)
+
+    def _check_header(self) -> None:
+        h = self.header
+        if h.version != 1:
+            raise self._fail("version", f"expected 1, found {h.version}")
+        if not fmt.MIN_CLUSTER_BITS <= h.cluster_bits <= fmt.MAX_CLUSTER_BITS:
+            raise self._fail("cluster_bits", f"{h.cluster_bits} is outside 9..16")
+        if not fmt.MIN_L2_BITS <= h.l2_bits <= fmt.MAX_L2_BITS:
+            raise self._fail("l2_bits", f"{h.l2_bits} is outside 6..13")
+        if h.size <= 1 or h.size > 1 << 62:
+            raise self._fail("size", f"virtual size {h.size} is implausible")
+        if h.crypt_method > fmt.CRYPT_AES:
+            raise self._fail("crypt_method", f"unknown method {h.crypt_method}")
+        if self.l1_size * 8 > MAX_L1_BYTES:
+            raise self._fail("size", "L1 table would exceed 32 MiB")
+        if h.l1_table_offset + self.l1_size * 8 > self.file_size:
+            raise self._fail("l1_table_offset", f"L1 table at {h.l1_table_offset:#x} ends beyond the file")
+
+    def _read_backing_file(self) -> str | None:
+        h = self.header
+        if not h.backing_file_offset:
+            return None
+        if h.backing_file_size == 0 or h.backing_file_size > 1023:
+            raise self._fail("backing_file_size", f"{h.backing_file_size} is outside 1..1023")
+        raw = read_exact(self.fh, h.backing_file_offset, h.backing_file_size, path=self.path,
+                         what="backing_file_offset", file_size=self.file_size)
+        return _decode_name(raw, self.path, "backing file name")
+
+    backing_format = None
+    data_file = None
+
+    def crypto_header(self) -> None:
+        return None
+
+    def snapshots(self) -> list[Snapshot]:
+        return []
+
+    def unsupported_incompatible_features(self) -> int:
+        return 0
+
+    def check_readable(self) -> None:
+        """qcow v1 has no feature bits; every valid header is readable."""
+
+    @property
+    def virtual_size(self) -> int:
+        return self.header.size
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.header.cluster_bits
+
+    @property
+    def guest_clusters(self) -> int:
+        return -(-self.header.size // self.cluster_size)
+
+    @property
+    def l2_entries(self) -> int:
+        return 1 << self.header.l2_bits
+
+    @property
+    def l1_size(self) -> int:
+        shift = self.header.cluster_bits + self.header.l2_bits
+        return -(-self.header.size // (1 << shift))
+
+    def l1_table(self) -> np.ndarray:
+        if self._l1 is None:
+            raw = read_exact(self.fh, self.header.l1_table_offset, self.l1_size * 8, path=self.path,
+                             what="L1 table", file_size=self.file_size)
+            self._l1 = np.frombuffer(raw, dtype=">u8")
+        return self._l1
+
+    def _read_l2_uncached(self, l2_offset: int) -> np.ndarray:
+        length = self.l2_entries * 8
+        if l2_offset + length > self.file_size:
+            raise self._fail("L1 entry", f"L2 table at {l2_offset:#x} ends beyond the file")
+        raw = read_exact(self.fh, l2_offset, length, path=self.path, what="L2 table", file_size=self.file_size)
+        return np.frombuffer(raw, dtype=">u8")
+
+    def map_cluster(self, guest_cluster: int) -> ClusterMapping:
+        l1_index, l2_index = divmod(guest_cluster, self.l2_entries)
+        l1 = self.l1_table()
+        if l1_index >= len(l1) or not int(l1[l1_index]):
+            return UNALLOCATED
+        return self._decode(int(self._read_l2(int(l1[l1_index]))[l2_index]))
+
+    def _decode(self, entry: int) -> ClusterMapping:
+        if not entry:
+            return UNALLOCATED
+        cb = self.header.cluster_bits
+        if entry & fmt.L2E_COMPRESSED:
+            host_offset = entry & ((1 << (63 - cb)) - 1)
+            csize = (entry >> (63 - cb)) & ((1 << cb) - 1)
+            if host_offset >= self.file_size:
+                raise self._fail("L2 entry", f"compressed data at {host_offset:#x} is beyond the file")
+            return ClusterMapping(ClusterKind.COMPRESSED, host_offset, min(csize, self.file_size - host_offset))
+        if entry % self.cluster_size:
+            raise self._fail("L2 entry", f"data cluster offset {entry:#x} is not cluster-aligned")
+        return ClusterMapping(ClusterKind.NORMAL, entry)
+
+    def iter_mappings(self, snapshot: Snapshot | None = None) -> list[tuple[int, ClusterMapping]]:
+        l1 = self.l1_table()
+        total = self.guest_clusters
+        result = []
+        for l1_index, l2_offset in enumerate(int(v) for v in l1):
+            if not l2_offset:
+                continue
+            l2 = self._read_l2(l2_offset)
+            first = l1_index * self.l2_entries
+            for l2_index in np.flatnonzero(l2[: max(0, min(self.l2_entries, total - first))]):
+                result.append((first + int(l2_index), self._decode(int(l2[l2_index]))))
+        return result
+
+    def allocated_bytes(self) -> int:
+        cs = self.cluster_size
+        return sum(min(cs, self.header.size - g * cs) for g, _ in self.iter_mappings())
+

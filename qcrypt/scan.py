@@ -1,0 +1,356 @@
+"""The auditor: classify images by container and encryption and grade them (headers only, no passphrase).
+
+``inspect(path)`` never raises: whatever the path, it returns a JSON-able report (see README, "Report
+fields"). ``scan(paths)`` walks files and directories and inspects each file once.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcrypt import findings as F
+from qcrypt.errors import FormatError, QcryptError
+from qcrypt.formats import luks1 as luks1_fmt
+from qcrypt.formats import qcow2 as qcow2_fmt
+from qcrypt.formats._parse import read_exact
+from qcrypt.imagefile import ImageFile
+from qcrypt.qcow1 import QCowImage
+from qcrypt.qcow2 import QCow2Image, feature_names
+
+SEVERITIES = ("ok", "info", "warning", "critical")
+SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
+MAX_CHAIN_DEPTH = 64
+PROBE_BYTES = 8
+
+Report = dict[str, Any]
+
+
+@dataclass
+class Probe:
+    """What the first bytes of a file say it is."""
+
+    format: str  # qcow2 | qcow | luks | raw
+    version: int | None = None
+
+
+def probe(path: str) -> Probe:
+    """Recognise the container from its magic (qcow and qcow2 share one; LUKS1/2 dispatch on version)."""
+    with open(path, "rb") as fh:
+        head = fh.read(PROBE_BYTES)
+    if head[:4] == qcow2_fmt.MAGIC and len(head) == 8:
+        version = int.from_bytes(head[4:8], "big")
+        return Probe("qcow" if version == 1 else "qcow2", version)
+    if head[:6] == luks1_fmt.MAGIC and len(head) == 8:
+        return Probe("luks", int.from_bytes(head[6:8], "big"))
+    return Probe("raw")
+
+
+@dataclass
+class ImageInfo:
+    """The facts an inspection gathers before grading (the JSON report is built from it)."""
+
+    path: str
+    format: str
+    format_version: int | None = None
+    virtual_size: int | None = None
+    encryption: str = "none"
+    backing_file: str | None = None
+    backing_format: str | None = None
+    cluster_size: int | None = None
+    features: dict[str, list[str]] | None = None
+    snapshot_count: int = 0
+    luks: dict[str, Any] | None = None
+    findings: list[F.Finding] = field(default_factory=list)
+    error: str | None = None
+
+
+# -- per-format inspection -----------------------------------------------------------------------------
+
+
+def open_image(path: str) -> ImageFile:
+    """Open a qcow2 or qcow file with the right reader (raises FormatError for anything else)."""
+    kind = probe(path)
+    if kind.format == "qcow":
+        return QCowImage.open(path)
+    return QCow2Image.open(path)
+
+
+def luks_region_reader(image: ImageFile, offset: int, length: int) -> Callable[[int, int], bytes]:
+    """A bounds-checked reader over a LUKS header region [offset, offset+length) of an image file."""
+
+    def read_at(region_offset: int, size: int) -> bytes:
+        if region_offset < 0 or size < 0 or region_offset + size > length:
+            raise image._fail("luks header", f"read of {size} bytes at {region_offset} is outside the header")
+        return read_exact(image.fh, offset + region_offset, size, path=image.path, what="luks header",
+                          file_size=image.file_size)
+
+    return read_at
+
+
+def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool) -> None:
+    from qcrypt import luks, luks2
+
+    read_at = luks_region_reader(image, offset, length)
+    version = int.from_bytes(read_at(6, 2), "big") if length >= 8 else 0
+    if version == 2:
+        hdr2 = luks2.read_luks2(read_at, length, path=image.path)
+        info.encryption = "luks2"
+        info.luks = hdr2.describe()
+        info.findings += F.grade_luks2(hdr2)
+        return
+    hdr = luks.read_header(read_at, length, path=image.path)
+    info.encryption = "luks1"
+    info.luks = hdr.describe()
+    info.findings += F.grade_luks1(hdr, raw=raw)
+    if raw:
+        payload_bytes = max(0, image.file_size - hdr.payload_offset * 512)
+        info.virtual_size = -(-payload_bytes // 512) * 512
+
+
+class _RawFile(ImageFile):
+    format_name = "raw"
+
+    def _load(self) -> None:
+        pass
+
+
+def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo) -> None:
+    h = image.header
+    info.format_version = h.version
+    info.virtual_size = image.virtual_size
+    info.cluster_size = image.cluster_size
+    info.backing_file = image.backing_file
+    info.backing_format = image.backing_format
+    info.snapshot_count = len(image.snapshots())
+    if isinstance(image, QCow2Image):
+        info.features = feature_names(h)
+        info.findings += F.grade_qcow2_features(image)
+        crypto = image.crypto_header()
+        if crypto:
+            _inspect_luks(image, crypto[0], crypto[1], info, raw=False)
+    if h.crypt_method == qcow2_fmt.CRYPT_AES:
+        info.encryption = "aes-cbc-legacy"
+        info.findings.append(F.legacy_aes(info.format, info.snapshot_count))
+
+
+def inspect_one(path: str) -> ImageInfo:
+    """Inspect one file's own headers (not its backing chain). Errors become ``info.error``."""
+    info = ImageInfo(path=path, format="raw")
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            info.format, info.error = "directory", "is a directory"
+            return info
+        kind = probe(path)
+        info.format = kind.format
+        info.format_version = kind.version
+        if kind.format in ("qcow", "qcow2"):
+            with open_image(path) as image:
+                _inspect_qcow(image, info)
+        elif kind.format == "luks":
+            with _RawFile.open(path) as raw:
+                _inspect_luks(raw, 0, raw.file_size, info, raw=True)
+        else:
+            info.virtual_size = _size_of(path, st)
+    except FileNotFoundError:
+        info.format, info.error = "missing", "no such file"
+    except QcryptError as e:
+        info.error = str(e)
+        info.findings.append(F.unparseable(info.format, str(e)))
+    except OSError as e:
+        info.error = e.strerror or str(e)
+        info.findings.append(F.unreadable(info.error))
+    return info
+
+
+def _size_of(path: str, st: os.stat_result) -> int:
+    if stat.S_ISBLK(st.st_mode):
+        with open(path, "rb") as fh:
+            return fh.seek(0, os.SEEK_END)
+    return st.st_size
+
+
+# -- backing chains --------------------------------------------------------------------------------------
+
+
+def resolve_backing(image_path: str, backing_file: str) -> str | None:
+    """The local path QEMU would open for ``backing_file`` (relative to the image's folder), or None."""
+    if backing_file.startswith("json:") or "://" in backing_file:
+        return None
+    if os.path.isabs(backing_file):
+        return backing_file
+    return os.path.join(os.path.dirname(image_path) or ".", backing_file)
+
+
+def walk_chain(top: ImageInfo) -> tuple[list[ImageInfo], list[F.Finding]]:
+    """Inspect every layer below ``top``; catch loops, missing files and non-local backing files."""
+    chain: list[ImageInfo] = []
+    problems: list[F.Finding] = []
+    seen = {os.path.realpath(top.path)}
+    current = top
+    while current.backing_file:
+        backing = resolve_backing(current.path, current.backing_file)
+        if backing is None:
+            problems.append(F.backing_not_local(current.backing_file))
+            break
+        real = os.path.realpath(backing)
+        if real in seen:
+            problems.append(F.backing_loop(backing))
+            break
+        if len(chain) >= MAX_CHAIN_DEPTH:
+            problems.append(F.backing_too_deep(MAX_CHAIN_DEPTH))
+            break
+        seen.add(real)
+        layer = inspect_one(backing)
+        chain.append(layer)
+        if layer.format == "missing":
+            problems.append(F.backing_missing(backing))
+            break
+        current = layer
+    return chain, problems
+
+
+# -- reports ---------------------------------------------------------------------------------------------
+
+
+def severity_of(findings: Iterable[F.Finding]) -> str:
+    return max((f.severity for f in findings), key=SEVERITY_RANK.__getitem__, default="ok")
+
+
+def _layer_summary(layer: ImageInfo) -> dict[str, Any]:
+    summary: dict[str, Any] = {"path": layer.path, "format": layer.format, "encryption": layer.encryption}
+    if layer.error:
+        summary["error"] = layer.error
+    return summary
+
+
+def build_report(info: ImageInfo, chain: list[ImageInfo], chain_findings: list[F.Finding]) -> Report:
+    findings = list(info.findings) + chain_findings
+    legacy_layers = [layer.path for layer in chain if layer.encryption == "aes-cbc-legacy"]
+    if legacy_layers:
+        findings.append(F.legacy_aes_backing(legacy_layers))
+    report: Report = {
+        "path": info.path,
+        "format": info.format,
+        "format_version": info.format_version,
+        "virtual_size": info.virtual_size,
+        "encryption": info.encryption,
+        "severity": severity_of(findings),
+        "findings": [f.as_dict() for f in findings],
+        "backing_file": info.backing_file,
+        "backing_chain": [_layer_summary(layer) for layer in chain],
+    }
+    if info.error:
+        report["error"] = info.error
+    return report
+
+
+def inspect(path: str | os.PathLike[str]) -> Report:
+    """The scan report of one image, backing chain included. Never raises for bad input."""
+    info = inspect_one(os.fspath(path))
+    chain, chain_findings = walk_chain(info)
+    return build_report(info, chain, chain_findings)
+
+
+def has_legacy(report: Report) -> bool:
+    """True if the image or a layer of its backing chain uses legacy AES encryption."""
+    return any(f["code"] in (F.LEGACY_AES, F.LEGACY_AES_BACKING) for f in report["findings"])
+
+
+# -- walking paths ----------------------------------------------------------------------------------------
+
+
+def iter_files(paths: Iterable[str]) -> Iterator[str]:
+    """Every file under ``paths`` once (by device and inode), following symlinks without looping."""
+    seen_files: set[tuple[int, int]] = set()
+    seen_dirs: set[tuple[int, int]] = set()
+    for top in paths:
+        yield from _walk(top, seen_files, seen_dirs)
+
+
+def _walk(path: str, seen_files: set[tuple[int, int]], seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        yield path  # reported as missing/unreadable by inspect
+        return
+    key = (st.st_dev, st.st_ino)
+    if stat.S_ISDIR(st.st_mode):
+        if key in seen_dirs:
+            return
+        seen_dirs.add(key)
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            yield path
+            return
+        for name in names:
+            yield from _walk(os.path.join(path, name), seen_files, seen_dirs)
+    elif stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        if key not in seen_files:
+            seen_files.add(key)
+            yield path
+
+
+def scan(
+    paths: Iterable[str],
+    *,
+    jobs: int = 1,
+    progress: Callable[[Report], None] | None = None,
+) -> list[Report]:
+    """Inspect every file under ``paths``; ``progress`` is called once per finished image."""
+    files = list(iter_files(paths))
+
+    def one(path: str) -> Report:
+        report = inspect(path)
+        if progress:
+            progress(report)
+        return report
+
+    if jobs <= 1:
+        return [one(p) for p in files]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, files))
+
+
+def summarize(reports: list[Report]) -> dict[str, Any]:
+    """Counts by encryption, format and severity (the ``summary`` of ``scan --format json``)."""
+    summary: dict[str, Any] = {"images": len(reports), "by_encryption": {}, "by_format": {}, "by_severity": {}}
+    for r in reports:
+        for key, value in (("by_encryption", r["encryption"]), ("by_format", r["format"]),
+                           ("by_severity", r["severity"])):
+            summary[key][value] = summary[key].get(value, 0) + 1
+    summary["legacy"] = sum(1 for r in reports if has_legacy(r))
+    return summary
+
+
+# -- details for one image (qcrypt info) -------------------------------------------------------------------
+
+
+def describe(path: str | os.PathLike[str]) -> Report:
+    """Everything ``qcrypt info`` shows: the scan report plus layout details. Raises FormatError if unparseable."""
+    path = os.fspath(path)
+    info = inspect_one(path)
+    if info.error:
+        if info.format == "missing":
+            raise FileNotFoundError(2, "No such file or directory", path)
+        raise FormatError(info.error.removeprefix(f"{path}: "), path=path)
+    chain, chain_findings = walk_chain(info)
+    report = build_report(info, chain, chain_findings)
+    report["cluster_size"] = info.cluster_size
+    report["backing_format"] = info.backing_format
+    report["allocated_bytes"] = None
+    report["snapshots"] = []
+    if info.format in ("qcow", "qcow2"):
+        with open_image(path) as image:
+            report["allocated_bytes"] = image.allocated_bytes()
+            report["snapshots"] = [s.describe() for s in image.snapshots()]
+    report["features"] = info.features
+    if info.luks is not None:
+        report["luks"] = info.luks
+    return report
