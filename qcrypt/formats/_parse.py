@@ -40,8 +40,11 @@ def read_exact(fh: BinaryIO, offset: int, length: int, *, path: str, what: str, 
             path=path,
             field=what,
         )
-    fh.seek(offset)
-    data = fh.read(length)
+    try:
+        data = os.pread(fh.fileno(), length, offset)  # no shared file position: safe across threads/forks
+    except (AttributeError, OSError, ValueError):
+        fh.seek(offset)
+        data = fh.read(length)
     if len(data) != length:
         raise FormatError(f"short read at offset {offset}", path=path, field=what)
     return data

@@ -1,0 +1,499 @@
+"""``migrate``: legacy AES (or any readable) image -> raw LUKS1, qcow2-LUKS, qcow2 or raw; LUKS <-> LUKS.
+
+Safety model (README, "Migrating"): the source is only read (and locked against QEMU writers while we
+read); the output is written to a temporary file beside its final name, fsynced, read back through our own
+reader and compared with the source by streaming digests, and only then renamed into place. Any error or
+interruption removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from qcrypt import luks, plausibility
+from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
+from qcrypt.errors import BadPassphraseError, MigrationError, VerificationError
+from qcrypt.locking import hold_shared_locks, refuse_if_in_use
+from qcrypt.model import ClusterKind, Snapshot
+from qcrypt.outputs import AtomicOutput, io_error
+from qcrypt.qcow2 import QCow2Image
+from qcrypt.scan import inspect as inspect_image
+from qcrypt.scan import luks_region_reader
+from qcrypt.stream import GuestStream, QcowReader, _Opener, open_image
+
+TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
+CHUNK_BYTES = 4 * 1024 * 1024
+SECTOR = 512
+Progress = Callable[[int], None]
+
+
+@dataclass
+class MigrateOptions:
+    target: str
+    output: str | None = None
+    passphrase: bytes | None = None
+    new_passphrase: bytes | None = None
+    cipher: str = "aes-xts-plain64"
+    key_bits: int | None = None
+    hash_name: str = "sha256"
+    iter_time_ms: int = 2000
+    iterations: int | None = None  # forced PBKDF2 iterations (tests, reproducible benchmarks)
+    flatten: bool = False
+    force: bool = False
+    replace: bool = False
+    progress: Progress | None = None
+    chunk_bytes: int = CHUNK_BYTES
+
+
+@dataclass
+class MigrateResult:
+    source: str
+    output: str
+    target: str
+    virtual_size: int
+    data_bytes: int
+    verified: bool
+    luks: dict[str, Any] | None = None
+    original_kept: str | None = None
+    snapshots: list[str] = field(default_factory=list)
+    backing_file: str | None = None
+    plausibility: str | None = None
+    luks_carried_over: bool = False
+
+
+# -- planning -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    source: str
+    report: dict[str, Any]
+    final_path: str
+    keep_backing: str | None
+    backing_format: str | None
+    snapshots: list[Snapshot]
+
+
+def plan(source: str, opts: MigrateOptions) -> Plan:
+    if opts.target not in TARGETS:
+        raise MigrationError(f"unknown target {opts.target!r} (choose from {', '.join(TARGETS)})")
+    report = inspect_image(source)
+    if report.get("error"):
+        raise MigrationError(f"cannot migrate {source}: {report['error']}")
+    if report["encryption"] == "luks2":
+        raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
+    final_path = source if opts.replace else opts.output
+    if not final_path:
+        raise MigrationError("an output path is required (-o OUT), or --replace")
+    if not opts.replace and os.path.abspath(final_path) == os.path.abspath(source):
+        raise MigrationError("the output would overwrite the source; use --replace to swap them safely")
+    keep_backing, backing_format, snapshots = _chain_plan(source, report, opts)
+    return Plan(source, report, final_path, keep_backing, backing_format, snapshots)
+
+
+def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
+                ) -> tuple[str | None, str | None, list[Snapshot]]:
+    snapshots: list[Snapshot] = []
+    backing_format = None
+    if report["format"] == "qcow2":
+        with QCow2Image.open(source) as image:
+            snapshots = image.snapshots()
+            backing_format = image.backing_format
+    qcow2_target = opts.target in ("qcow2", "qcow2-luks")
+    if not report["backing_file"] or not qcow2_target or opts.flatten:
+        if snapshots and report["backing_file"] and qcow2_target:
+            raise MigrationError("--flatten of an overlay with internal snapshots is not supported: "
+                                 "delete the snapshots or migrate without --flatten")
+        return None, None, snapshots if qcow2_target else []
+    legacy = [layer["path"] for layer in report["backing_chain"] if layer["encryption"] == "aes-cbc-legacy"]
+    if legacy:
+        raise MigrationError(
+            f"backing layer {legacy[0]} uses legacy AES encryption too: add --flatten to fold the chain into "
+            "one standalone image, or migrate each layer from the base up and rebase the overlays"
+        )
+    return report["backing_file"], backing_format, snapshots
+
+
+# -- passphrase plausibility (legacy AES has no key check) ------------------------------------------------------
+
+
+def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool) -> str | None:
+    """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced."""
+    opener = _Opener(passphrase, {})
+    reader = opener.open(source)
+    try:
+        verdicts = [_judge_layer(layer) for layer in _legacy_layers(reader)]
+    finally:
+        reader.close()
+    bad = [v for v in verdicts if not v.plausible]
+    if bad and not force:
+        raise BadPassphraseError(
+            f"the passphrase is probably wrong: {bad[0].reason} (legacy AES has no key check). If the disk's "
+            "content really is random (e.g. encrypted inside the guest), rerun with --force"
+        )
+    return "; ".join(v.reason for v in verdicts) or None
+
+
+def _legacy_layers(reader: object) -> Iterator[QcowReader]:
+    while isinstance(reader, QcowReader):
+        if reader.cipher is not None and not reader.iv_from_host:
+            yield reader
+        reader = reader.backing
+
+
+def _judge_layer(layer: QcowReader) -> plausibility.Verdict:
+    cs = layer.cluster_size
+    normal = [g * cs for g, m in layer.image.iter_mappings() if m.kind is ClusterKind.NORMAL]  # type: ignore[attr-defined]
+    offsets = plausibility.sample_offsets(normal)
+    return plausibility.judge((off, layer.read(off, min(cs, 65536, layer.size - off))) for off in offsets)
+
+
+# -- LUKS output parameters ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LuksOutput:
+    header: luks.LuksHeader
+    area: bytes  # phdr + key material, payload_offset * 512 bytes
+    cipher: SectorCipher
+    carried_over: bool
+
+
+def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -> tuple[luks.LuksHeader, bytes,
+                                                                                         bytearray] | None:
+    """Header, header area bytes and master key of a LUKS1 source (raw or qcow2), else None."""
+    if report["encryption"] != "luks1":
+        return None
+    if passphrase is None:
+        raise BadPassphraseError(f"{source} is LUKS-encrypted: a passphrase is required")
+    if report["format"] == "qcow2":
+        with QCow2Image.open(source) as image:
+            region = image.crypto_header()
+            assert region is not None
+            read_at = luks_region_reader(image, *region)
+            return _read_luks_area(read_at, region[1], source, passphrase)
+    from qcrypt.stream import _RawFile
+
+    with _RawFile.open(source) as raw:
+        read_at = luks_region_reader(raw, 0, raw.file_size)
+        return _read_luks_area(read_at, raw.file_size, source, passphrase)
+
+
+def _read_luks_area(read_at: Callable[[int, int], bytes], region_size: int, path: str, passphrase: bytes
+                    ) -> tuple[luks.LuksHeader, bytes, bytearray]:
+    header = luks.read_header(read_at, region_size, path=path)
+    master_key = luks.unlock(header, read_at, passphrase)
+    end = max(s.key_material_offset + header.material_sectors for s in header.keyslots) * SECTOR
+    return header, read_at(0, min(region_size, end)), master_key
+
+
+def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) -> LuksOutput:
+    carried = source_luks(plan_.source, plan_.report, opts.passphrase)
+    if carried:
+        header, area, master_key = carried
+        if opts.new_passphrase is not None:
+            raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
+                                 "--new-passphrase-file does not apply: add keys afterwards")
+        header, area = _relayout(header, area, raw_target=raw_target)
+        return LuksOutput(header, area, _cipher_for(header, master_key), True)
+    passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase
+    if passphrase is None:
+        raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
+    key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
+    params = luks.LuksParams(cipher=opts.cipher, key_bits=key_bits, hash_name=opts.hash_name,
+                             iter_time_ms=opts.iter_time_ms, iterations=opts.iterations)
+    master_key = luks.new_master_key(key_bits // 8)
+    header, area = luks.create(master_key, passphrase, params)
+    return LuksOutput(header, bytes(area), _cipher_for(header, master_key), False)
+
+
+def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
+    try:
+        return make_sector_cipher(header.cipher_name, header.cipher_mode, bytes(master_key))
+    finally:
+        master_key[:] = bytes(len(master_key))
+
+
+def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tuple[luks.LuksHeader, bytes]:
+    """Keep keyslots byte for byte; only place the payload where the target container wants it."""
+    material_end = max(s.key_material_offset + header.material_sectors for s in header.keyslots)
+    payload = material_end
+    if raw_target:
+        payload = -(-material_end // luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS) * luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
+    new_header = luks.LuksHeader(**{**header.__dict__, "payload_offset": payload})
+    blob = bytearray(payload * SECTOR)
+    blob[: len(area)] = area[: payload * SECTOR]
+    blob[: luks.fmt.PHDR_SIZE] = new_header.to_bytes()
+    return new_header, bytes(blob)
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+
+
+class Digests:
+    """Streaming digests of the plaintext written, per (table, guest_offset, length) range."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int, int, bytes]] = []
+
+    def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
+        self.ranges.append((table, guest_offset, len(data), hashlib.sha256(data).digest()))
+
+
+def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: SectorCipher | None,
+               opts: MigrateOptions, digests: Digests) -> int:
+    """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse."""
+    size = stream.size
+    padded = -(-size // SECTOR) * SECTOR
+    for guest_offset in range(0, padded, opts.chunk_bytes):
+        length = min(opts.chunk_bytes, padded - guest_offset)
+        stream.seek(guest_offset)
+        plain = stream.read(length)
+        plain += bytes(length - len(plain))
+        digests.add(-1, guest_offset, plain)
+        if cipher is not None:
+            _pwrite(out, base_offset + guest_offset, cipher.encrypt(plain, guest_offset // SECTOR))
+        elif any(plain):
+            _pwrite(out, base_offset + guest_offset, plain)
+        if opts.progress:
+            opts.progress(length)
+    out.truncate(base_offset + padded)
+    return padded
+
+
+def _pwrite(out: BinaryIO, offset: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while len(view):
+        written = os.pwrite(out.fileno(), view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _runs(guest_clusters: list[int], max_clusters: int) -> Iterator[tuple[int, int]]:
+    """Consecutive guest clusters grouped as (first, count), at most ``max_clusters`` per run."""
+    first = prev = None
+    for g in guest_clusters:
+        if first is not None and prev is not None and g == prev + 1 and g - first < max_clusters:
+            prev = g
+            continue
+        if first is not None and prev is not None:
+            yield first, prev - first + 1
+        first = prev = g
+    if first is not None and prev is not None:
+        yield first, prev - first + 1
+
+
+@dataclass
+class Qcow2Job:
+    """What the qcow2 writer gets: per table, zero runs and data runs (with the reader to take them from)."""
+
+    table: int
+    reader: Any  # QcowReader of the source layer (or the whole chain when flattening)
+    clusters: list[tuple[int, str, Any]]  # (guest_cluster, "zero" | "data", share key or None)
+
+
+def _layer_job(table: int, reader: QcowReader, snapshot: Snapshot | None, share: bool) -> Qcow2Job:
+    image = reader.image
+    clusters = []
+    for guest_cluster, mapping in image.iter_mappings(snapshot):  # type: ignore[attr-defined]
+        if mapping.kind is ClusterKind.ZERO:
+            clusters.append((guest_cluster, "zero", None))
+        else:
+            key = (mapping.host_offset, guest_cluster) if share else None
+            clusters.append((guest_cluster, "data", key))
+    return Qcow2Job(table, reader, clusters)
+
+
+def _flatten_job(reader: QcowReader) -> Qcow2Job:
+    allocated: set[int] = set()
+    layer: Any = reader
+    while isinstance(layer, QcowReader):
+        allocated.update(g for g, m in layer.image.iter_mappings() if m.kind is not ClusterKind.ZERO)  # type: ignore[attr-defined]
+        layer = layer.backing
+    if layer is not None:  # a raw base: every cluster may hold data
+        allocated.update(range(-(-min(layer.size, reader.size) // reader.cluster_size)))
+    return Qcow2Job(-1, reader, [(g, "data", None) for g in sorted(allocated)])
+
+
+def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: Digests, *,
+                    skip_zero_data: bool) -> int:
+    cs = job.reader.cluster_size
+    size = job.reader.size
+    max_run = max(1, opts.chunk_bytes // cs)
+    zeros = [g for g, kind, _ in job.clusters if kind == "zero"]
+    for first, count in _runs(zeros, 1 << 30):
+        writer.write_zero_clusters(job.table, first, count)
+        digests.add(job.table, first * cs, bytes(min(count * cs, size - first * cs)))
+    data = [(g, key) for g, kind, key in job.clusters if kind == "data"]
+    keys = dict(data)
+    done = 0
+    for first, count in _runs([g for g, _ in data], max_run):
+        guest_offset = first * cs
+        plain = job.reader.read(guest_offset, min(count * cs, size - guest_offset))
+        for g, piece in _nonzero_pieces(first, plain, cs, skip_zero_data):
+            share_keys = [keys[g + i] for i in range(-(-len(piece) // cs))] if keys.get(g) else None
+            writer.write_clusters(job.table, g, piece, share_keys=share_keys)
+            digests.add(job.table, g * cs, piece)
+        done += len(plain)
+        if opts.progress:
+            opts.progress(len(plain))
+    return done
+
+
+def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Iterator[tuple[int, memoryview]]:
+    """Split a run into sub-runs of clusters, dropping all-zero clusters when ``skip_zero``."""
+    view = memoryview(plain)
+    if not skip_zero:
+        yield first, view
+        return
+    start = None
+    for i in range(-(-len(plain) // cs)):
+        empty = not any(view[i * cs : (i + 1) * cs])
+        if empty and start is not None:
+            yield first + start, view[start * cs : i * cs]
+            start = None
+        elif not empty and start is None:
+            start = i
+    if start is not None:
+        yield first + start, view[start * cs :]
+
+
+# -- verification -------------------------------------------------------------------------------------------
+
+
+def verify(output_path: str, passphrase: bytes | None, digests: Digests, *, target: str,
+           snapshots: list[Snapshot]) -> None:
+    """Read the output back through our reader; every range must hash as the source plaintext did."""
+    if target in ("raw", "luks"):
+        with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
+            _check_ranges(stream.read_at, digests.ranges, -1, output_path)
+        return
+    opener = _Opener(passphrase, {})
+    top = opener.open(output_path)
+    try:
+        _check_ranges(top.read, digests.ranges, -1, output_path)
+        assert isinstance(top, QcowReader)
+        for table, snapshot in enumerate(QCow2Image.snapshots(top.image)):  # type: ignore[arg-type]
+            snap_reader = QcowReader(top.image, top.cipher, top.iv_from_host, top.backing, snapshot)
+            _check_ranges(snap_reader.read, digests.ranges, table, output_path)
+        if len(QCow2Image.snapshots(top.image)) != len(snapshots):  # type: ignore[arg-type]
+            raise VerificationError(f"{output_path}: snapshot count differs from the source")
+    finally:
+        top.close()
+
+
+def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int, int, bytes]], table: int,
+                  path: str) -> None:
+    for t, guest_offset, length, digest in ranges:
+        if t == table and hashlib.sha256(read(guest_offset, length)).digest() != digest:
+            raise VerificationError(f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ from "
+                                    "the source after writing; the output was not kept")
+
+
+# -- the whole migration ------------------------------------------------------------------------------------------
+
+
+def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
+    """Migrate ``source`` as ``opts`` say. The source is never modified."""
+    source = os.fspath(source)
+    plan_ = plan(source, opts)
+    for layer in [source] + [layer["path"] for layer in plan_.report["backing_chain"]]:
+        refuse_if_in_use(layer)
+    verdict = None
+    if _uses_legacy(plan_.report):
+        verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+    luks_out = None
+    if opts.target in ("luks", "qcow2-luks"):
+        luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
+    with open(source, "rb") as source_lock:
+        hold_shared_locks(source_lock.fileno(), writing=False)
+        with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
+            out.copy_ownership_from(source)
+            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
+            out.sync()
+            out_passphrase = _output_passphrase(opts, luks_out)
+            verify(out.temp_path, out_passphrase, digests, target=opts.target, snapshots=plan_.snapshots)
+            final = out.commit(source)
+    return MigrateResult(
+        source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
+        verified=True, luks=luks_out.header.describe() if luks_out else None, original_kept=final.original_kept,
+        snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
+        luks_carried_over=bool(luks_out and luks_out.carried_over),
+    )
+
+
+def _uses_legacy(report: dict[str, Any]) -> bool:
+    return report["encryption"] == "aes-cbc-legacy" or any(
+        layer["encryption"] == "aes-cbc-legacy" for layer in report["backing_chain"])
+
+
+def _output_passphrase(opts: MigrateOptions, luks_out: LuksOutput | None) -> bytes | None:
+    if luks_out is None:
+        return None
+    if luks_out.carried_over or opts.new_passphrase is None:
+        return opts.passphrase
+    return opts.new_passphrase
+
+
+def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO
+           ) -> tuple[Digests, int, int]:
+    digests = Digests()
+    try:
+        if opts.target in ("raw", "luks"):
+            with open_image(plan_.source, opts.passphrase) as stream:
+                base = 0
+                if luks_out:
+                    _pwrite(out, 0, luks_out.area)
+                    base = luks_out.header.payload_offset * SECTOR
+                written = write_flat(stream, out, base_offset=base, cipher=luks_out.cipher if luks_out else None,
+                                     opts=opts, digests=digests)
+                return digests, written, stream.size
+        return digests, *_write_qcow2(plan_, opts, luks_out, out, digests)
+    except OSError as e:
+        raise io_error(e, "writing the output") from e
+
+
+def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO,
+                 digests: Digests) -> tuple[int, int]:
+    from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
+
+    opener = _Opener(opts.passphrase, {})
+    reader = opener.open(plan_.source)
+    try:
+        assert isinstance(reader, QcowReader)
+        cipher = luks_out.cipher if luks_out else None
+        writer = Qcow2Writer(
+            out, virtual_size=reader.size, cluster_bits=reader.cluster_size.bit_length() - 1,
+            luks_area=luks_out.area if luks_out else None,
+            encrypt=(lambda data, sector: cipher.encrypt(data, sector)) if cipher else None,
+            backing_file=plan_.keep_backing, backing_format=plan_.backing_format,
+        )
+        share = bool(plan_.snapshots)
+        flatten = plan_.report["backing_file"] and plan_.keep_backing is None
+        job = _flatten_job(reader) if flatten else _layer_job(ACTIVE, reader, None, share)
+        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=bool(flatten))
+        for table_index, snapshot in enumerate(plan_.snapshots):
+            table = _add_snapshot(writer, snapshot)
+            assert table == table_index
+            snap_reader = QcowReader(reader.image, reader.cipher, reader.iv_from_host, reader.backing, snapshot)
+            done += write_qcow2_job(_layer_job(table, snap_reader, snapshot, True), writer, opts, digests,
+                                    skip_zero_data=False)
+        writer.finish()
+        return done, reader.size
+    finally:
+        reader.close()
+
+
+def _add_snapshot(writer: Any, snapshot: Snapshot) -> int:
+    extra_size = int.from_bytes(snapshot.entry[36:40], "big")
+    extra = snapshot.entry[40 : 40 + extra_size]
+    return writer.add_snapshot_table(
+        id=snapshot.id, name=snapshot.name, date_sec=snapshot.date_sec, date_nsec=snapshot.date_nsec,
+        vm_clock_nsec=snapshot.vm_clock_nsec, vm_state_size=snapshot.vm_state_size,
+        disk_size=snapshot.virtual_size if snapshot.virtual_size is not None else 0, extra=extra,
+    )
+

@@ -1,0 +1,156 @@
+"""Outputs that appear under their final name only when complete: temp file, fsync, rename, cleanup.
+
+The temporary file lives in the output's folder as ``.NAME.qcrypt-PID.tmp`` (same filesystem, so the final
+rename is atomic). Leftovers of killed runs (their PID no longer alive) are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+from qcrypt.errors import OutputExistsError, QcryptIOError
+from qcrypt.locking import hold_shared_locks
+
+BACKUP_SUFFIX = ".qcrypt-orig"
+
+
+def temp_name_for(final_path: str, pid: int) -> str:
+    folder, name = os.path.split(os.path.abspath(final_path))
+    return os.path.join(folder, f".{name}.qcrypt-{pid}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final_path: str) -> list[str]:
+    """Delete temp files a killed earlier run left for ``final_path``; returns what was removed."""
+    folder, name = os.path.split(os.path.abspath(final_path))
+    pattern = re.compile(rf"^\.{re.escape(name)}\.qcrypt-(\d+)\.tmp$")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(folder):
+            match = pattern.match(entry)
+            if match and not _pid_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, entry))
+                    removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def io_error(e: OSError, what: str) -> QcryptIOError:
+    """A one-line error for an OS failure while ``what`` (ENOSPC gets a plain-words message)."""
+    if e.errno == errno.ENOSPC:
+        return QcryptIOError(f"no space left on the device while {what}")
+    if e.errno == errno.EFBIG:
+        return QcryptIOError(f"file size limit exceeded while {what}")
+    return QcryptIOError(f"{what}: {e.strerror or e}")
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Finalized:
+    path: str
+    original_kept: str | None = None
+
+
+class AtomicOutput:
+    """A temporary output file, locked against QEMU while written, renamed into place by :meth:`commit`."""
+
+    def __init__(self, final_path: str, *, overwrite: bool, replace_source: bool) -> None:
+        self.final_path = os.path.abspath(final_path)
+        self.overwrite = overwrite
+        self.replace_source = replace_source
+        if not replace_source and os.path.lexists(self.final_path) and not overwrite:
+            raise OutputExistsError(f"{final_path} exists (use --force to overwrite it)")
+        self.backup_path = self.final_path + BACKUP_SUFFIX if replace_source else None
+        if self.backup_path and os.path.lexists(self.backup_path):
+            raise OutputExistsError(f"{self.backup_path} exists (a previous --replace kept the original there); "
+                                    "move it away first")
+        remove_stale_temps(self.final_path)
+        self.temp_path = temp_name_for(self.final_path, os.getpid())
+        try:
+            fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise io_error(e, f"creating {self.temp_path}") from e
+        self.file = os.fdopen(fd, "w+b")
+        hold_shared_locks(self.file.fileno(), writing=True)
+        self.committed = False
+
+    def copy_ownership_from(self, source_path: str) -> None:
+        """Permission bits never wider than the source's; owner and group kept when we may."""
+        st = os.stat(source_path)
+        os.fchmod(self.file.fileno(), stat.S_IMODE(st.st_mode) & 0o777)
+        with contextlib.suppress(PermissionError):
+            os.fchown(self.file.fileno(), st.st_uid, st.st_gid)
+
+    def sync(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            raise io_error(e, f"writing {self.temp_path}") from e
+
+    def commit(self, source_path: str) -> Finalized:
+        """Rename the verified temp file into place (keeping the original beside it with --replace)."""
+        folder = os.path.dirname(self.final_path)
+        try:
+            if self.replace_source:
+                assert self.backup_path is not None
+                os.link(source_path, self.backup_path)
+                os.replace(self.temp_path, self.final_path)
+            elif self.overwrite:
+                os.replace(self.temp_path, self.final_path)
+            else:
+                self._rename_no_replace()
+            fsync_dir(folder)
+        except FileExistsError as e:
+            raise OutputExistsError(f"{e.filename} appeared while migrating; nothing was replaced") from e
+        except OSError as e:
+            raise io_error(e, f"renaming {self.temp_path} into place") from e
+        self.committed = True
+        return Finalized(self.final_path, self.backup_path)
+
+    def _rename_no_replace(self) -> None:
+        try:
+            os.link(self.temp_path, self.final_path)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            if os.path.lexists(self.final_path):
+                raise FileExistsError(errno.EEXIST, "exists", self.final_path) from e
+            os.rename(self.temp_path, self.final_path)
+            return
+        os.unlink(self.temp_path)
+
+    def close(self) -> None:
+        """Close (releasing our locks) and remove the temp file unless it was committed."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp_path)
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

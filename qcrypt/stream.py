@@ -1,0 +1,389 @@
+"""Guest plaintext streams: ``open_image(path, passphrase)`` over qcow2, qcow, raw LUKS1 and raw files.
+
+Each layer is a :class:`LayerReader` with ``read(guest_offset, length) -> bytes``; qcow layers fall through
+to their backing layer for unallocated clusters. Runs of host-contiguous clusters are read and decrypted in
+one batched call (see qcrypt.crypto.sector), so throughput is bounded by OpenSSL, not by Python.
+
+IV bases (formats.md Pitfall 1): legacy AES = guest sector; qcow2-LUKS = host file sector; raw LUKS =
+payload sector.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Protocol
+
+from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
+from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
+from qcrypt.formats import qcow2 as qcow2_fmt
+from qcrypt.imagefile import ImageFile
+from qcrypt.model import ClusterKind, ClusterMapping, Snapshot
+from qcrypt.qcow2 import QCow2Image
+from qcrypt.scan import luks_region_reader, probe, resolve_backing
+from qcrypt.scan import open_image as open_container
+
+SECTOR = 512
+Passphrase = str | bytes | bytearray
+MAX_CHAIN_DEPTH = 64
+
+
+class LayerReader(Protocol):
+    size: int
+
+    def read(self, guest_offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def passphrase_bytes(passphrase: Passphrase) -> bytes:
+    """str -> UTF-8 bytes; bytes are used exactly as given (no newline stripping here)."""
+    return passphrase.encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
+
+
+class PassphraseRequiredError(BadPassphraseError):
+    """An encrypted layer was opened without a passphrase."""
+
+
+# -- raw and raw LUKS layers ------------------------------------------------------------------------------
+
+
+class _RawFile(ImageFile):
+    format_name = "raw"
+
+    def _load(self) -> None:
+        pass
+
+
+class RawReader:
+    """A raw file: guest offset = file offset."""
+
+    def __init__(self, path: str) -> None:
+        self.file = _RawFile.open(path)
+        self.size = self.file.file_size
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        return self.file.read_host(guest_offset, length)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class RawLuksReader:
+    """A raw LUKS1 file: payload at payload_offset sectors, IV = payload-relative sector."""
+
+    def __init__(self, path: str, passphrase: bytes | None) -> None:
+        from qcrypt import luks
+
+        self.file = _RawFile.open(path)
+        try:
+            read_at = luks_region_reader(self.file, 0, self.file.file_size)
+            if int.from_bytes(read_at(6, 2), "big") == 2:
+                raise UnsupportedFeatureError("unlocking LUKS2 is not supported", path=path, field="version")
+            header = luks.read_header(read_at, self.file.file_size, path=path)
+            self.cipher = _unlock(header, read_at, passphrase, path)
+            self.payload_host_offset = header.payload_offset * SECTOR
+            payload_bytes = max(0, self.file.file_size - self.payload_host_offset)
+            self.size = -(-payload_bytes // SECTOR) * SECTOR  # QEMU rounds up
+        except BaseException:
+            self.file.close()
+            raise
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        first = guest_offset // SECTOR * SECTOR
+        last = -(-(guest_offset + length) // SECTOR) * SECTOR
+        data = self.file.read_host(self.payload_host_offset + first, last - first)
+        plain = self.cipher.decrypt(data, first // SECTOR)
+        return plain[guest_offset - first : guest_offset - first + length]
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _unlock(header: object, read_at: object, passphrase: bytes | None, path: str) -> SectorCipher:
+    from qcrypt import luks
+
+    if passphrase is None:
+        raise PassphraseRequiredError(f"{path}: LUKS-encrypted: a passphrase is required")
+    master_key = luks.unlock(header, read_at, passphrase)  # type: ignore[arg-type]
+    try:
+        return make_sector_cipher(header.cipher_name, header.cipher_mode, bytes(master_key))  # type: ignore[attr-defined]
+    finally:
+        master_key[:] = bytes(len(master_key))
+
+
+# -- qcow2 / qcow layers ----------------------------------------------------------------------------------
+
+
+class QcowReader:
+    """Guest plaintext of one qcow2 or qcow layer; unallocated ranges come from ``backing``."""
+
+    def __init__(self, image: ImageFile, cipher: SectorCipher | None, iv_from_host: bool,
+                 backing: LayerReader | None, snapshot: Snapshot | None = None) -> None:
+        image.check_readable()  # type: ignore[attr-defined]
+        self.image = image
+        self.cipher = cipher
+        self.iv_from_host = iv_from_host
+        self.backing = backing
+        self.l1 = image.l1_table(snapshot) if snapshot else None  # type: ignore[attr-defined]
+        self.size: int = image.virtual_size  # type: ignore[attr-defined]
+        if snapshot and snapshot.virtual_size is not None:
+            self.size = snapshot.virtual_size
+        self.cluster_size: int = image.cluster_size  # type: ignore[attr-defined]
+        self._inflated: tuple[int, bytes] | None = None
+
+    def map_cluster(self, guest_cluster: int) -> ClusterMapping:
+        if self.l1 is None:
+            return self.image.map_cluster(guest_cluster)  # type: ignore[attr-defined]
+        return self.image.map_cluster(guest_cluster, self.l1)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.image.close()
+        if self.backing:
+            self.backing.close()
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        pos, end = guest_offset, guest_offset + length
+        cs = self.cluster_size
+        while pos < end:
+            guest_cluster = pos // cs
+            mapping = self.map_cluster(guest_cluster)
+            run_clusters = 1
+            if mapping.kind is ClusterKind.NORMAL:
+                run_clusters = self._contiguous_run(guest_cluster, mapping, -(-end // cs))
+            chunk_end = min(end, (guest_cluster + run_clusters) * cs)
+            out[pos - guest_offset : chunk_end - guest_offset] = self._read_mapped(mapping, pos, chunk_end)
+            pos = chunk_end
+        return bytes(out)
+
+    def _contiguous_run(self, guest_cluster: int, mapping: ClusterMapping, limit_cluster: int) -> int:
+        count = 1
+        while guest_cluster + count < limit_cluster:
+            nxt = self.map_cluster(guest_cluster + count)
+            if nxt.kind is not ClusterKind.NORMAL or nxt.host_offset != mapping.host_offset + count * self.cluster_size:
+                break
+            count += 1
+        return count
+
+    def _read_mapped(self, mapping: ClusterMapping, start: int, end: int) -> bytes:
+        kind = mapping.kind
+        if kind is ClusterKind.ZERO:
+            return bytes(end - start)
+        if kind is ClusterKind.UNALLOCATED:
+            return self._read_backing(start, end - start)
+        if kind is ClusterKind.COMPRESSED:
+            cluster_start = start // self.cluster_size * self.cluster_size
+            data = self._inflate(mapping)
+            return data[start - cluster_start : end - cluster_start]
+        if kind is ClusterKind.SUBCLUSTERS:
+            return self._read_subclusters(mapping, start, end)
+        cluster_start = start // self.cluster_size * self.cluster_size
+        return self._read_data(mapping.host_offset + (start - cluster_start), start, end)
+
+    def _read_data(self, host_offset: int, start: int, end: int) -> bytes:
+        """Data at ``host_offset`` holding guest bytes [start, end), decrypted by whole sectors."""
+        if self.cipher is None:
+            return self.image.read_host(host_offset, end - start)
+        head = start % SECTOR
+        aligned_len = -(-(end - start + head) // SECTOR) * SECTOR
+        host_first = host_offset - head
+        data = self.image.read_host(host_first, aligned_len)
+        sector = host_first // SECTOR if self.iv_from_host else (start - head) // SECTOR
+        return self.cipher.decrypt(data, sector)[head : head + end - start]
+
+    def _read_subclusters(self, mapping: ClusterMapping, start: int, end: int) -> bytes:
+        sc_size = self.cluster_size // qcow2_fmt.SUBCLUSTERS
+        cluster_start = start // self.cluster_size * self.cluster_size
+        out = bytearray()
+        pos = start
+        while pos < end:
+            index = (pos - cluster_start) // sc_size
+            piece_end = min(end, cluster_start + (index + 1) * sc_size)
+            if mapping.alloc_bitmap >> index & 1:
+                out += self._read_data(mapping.host_offset + (pos - cluster_start), pos, piece_end)
+            elif mapping.zero_bitmap >> index & 1:
+                out += bytes(piece_end - pos)
+            else:
+                out += self._read_backing(pos, piece_end - pos)
+            pos = piece_end
+        return bytes(out)
+
+    def _read_backing(self, guest_offset: int, length: int) -> bytes:
+        if self.backing is None or guest_offset >= self.backing.size:
+            return bytes(length)
+        available = min(length, self.backing.size - guest_offset)
+        return self.backing.read(guest_offset, available) + bytes(length - available)
+
+    def _inflate(self, mapping: ClusterMapping) -> bytes:
+        if self._inflated and self._inflated[0] == mapping.host_offset:
+            return self._inflated[1]
+        raw = self.image.read_host(mapping.host_offset, mapping.compressed_bytes)
+        data = self._decompress(raw)
+        if len(data) < self.cluster_size:
+            data += bytes(self.cluster_size - len(data))
+        self._inflated = (mapping.host_offset, data)
+        return data
+
+    def _decompress(self, raw: bytes) -> bytes:
+        compression = getattr(self.image.header, "compression_type", qcow2_fmt.COMPRESSION_DEFLATE)
+        try:
+            if compression == qcow2_fmt.COMPRESSION_ZSTD:
+                return _zstd_decompress(raw, self.cluster_size, self.image.path)
+            d = zlib.decompressobj(-12)
+            return d.decompress(raw, self.cluster_size)
+        except zlib.error as e:
+            raise FormatError(f"compressed cluster does not inflate: {e}", path=self.image.path,
+                              field="compressed cluster") from e
+
+
+def _zstd_decompress(raw: bytes, cluster_size: int, path: str) -> bytes:
+    try:
+        import zstandard
+    except ImportError as e:
+        raise UnsupportedFeatureError("zstd-compressed clusters need the 'zstandard' package "
+                                      "(pip install 'qcrypt[zstd]')", path=path, field="compression_type") from e
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw))
+        return reader.read(cluster_size)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"compressed cluster does not decompress: {e}", path=path,
+                          field="compressed cluster") from e
+
+
+# -- opening a chain -----------------------------------------------------------------------------------------
+
+
+class _Opener:
+    def __init__(self, passphrase: bytes | None, passphrases: Mapping[str, bytes]) -> None:
+        self.passphrase = passphrase
+        self.passphrases = passphrases
+        self.seen: set[str] = set()
+
+    def passphrase_for(self, path: str) -> bytes | None:
+        return self.passphrases.get(os.path.realpath(path), self.passphrase)
+
+    def open(self, path: str, format_hint: str | None = None) -> LayerReader:
+        real = os.path.realpath(path)
+        if real in self.seen:
+            raise FormatError("backing chain loops", path=path, field="backing_file")
+        if len(self.seen) >= MAX_CHAIN_DEPTH:
+            raise FormatError(f"backing chain deeper than {MAX_CHAIN_DEPTH}", path=path, field="backing_file")
+        self.seen.add(real)
+        kind = "raw" if format_hint == "raw" else probe(path).format
+        if kind == "raw":
+            return RawReader(path)
+        if kind == "luks":
+            return RawLuksReader(path, self.passphrase_for(path))
+        return self._open_qcow(path)
+
+    def _open_qcow(self, path: str) -> LayerReader:
+        image = open_container(path)
+        try:
+            cipher, iv_from_host = self._layer_cipher(image)
+            backing = None
+            if image.backing_file:
+                backing_path = resolve_backing(path, image.backing_file)
+                if backing_path is None:
+                    raise UnsupportedFeatureError(f"backing file {image.backing_file!r} is not a local file",
+                                                  path=path, field="backing_file")
+                backing = self.open(backing_path, image.backing_format)
+            return QcowReader(image, cipher, iv_from_host, backing)
+        except BaseException:
+            image.close()
+            raise
+
+    def _layer_cipher(self, image: ImageFile) -> tuple[SectorCipher | None, bool]:
+        method = image.header.crypt_method  # type: ignore[attr-defined]
+        if method == 0:
+            return None, False
+        passphrase = self.passphrase_for(image.path)
+        if passphrase is None:
+            raise PassphraseRequiredError(f"{image.path}: encrypted: a passphrase is required")
+        if method == qcow2_fmt.CRYPT_AES:
+            return legacy_cipher(passphrase), False
+        from qcrypt import luks
+
+        assert isinstance(image, QCow2Image)
+        region = image.crypto_header()
+        assert region is not None
+        read_at = luks_region_reader(image, region[0], region[1])
+        header = luks.read_header(read_at, region[1], path=image.path)
+        return _unlock(header, read_at, passphrase, image.path), True
+
+
+class GuestStream(io.RawIOBase):
+    """A read-only, seekable binary file over a guest's plaintext. ``size`` is the virtual size."""
+
+    def __init__(self, reader: LayerReader, name: str) -> None:
+        super().__init__()
+        self._reader = reader
+        self.size = reader.size
+        self.name = name
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._checkClosed()
+        remaining = max(0, self.size - self._pos)
+        n = remaining if size is None or size < 0 else min(size, remaining)
+        if n == 0:
+            return b""
+        data = self._reader.read(self._pos, n)
+        self._pos += n
+        return data
+
+    def read_at(self, guest_offset: int, length: int) -> bytes:
+        """Like os.pread: ``length`` bytes at ``guest_offset`` (fewer at the end), position unchanged."""
+        self._checkClosed()
+        length = max(0, min(length, self.size - guest_offset))
+        return self._reader.read(guest_offset, length) if length else b""
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()
+        super().close()
+
+
+def open_image(
+    path: str | os.PathLike[str],
+    passphrase: Passphrase | None = None,
+    *,
+    passphrases: Mapping[str | os.PathLike[str], Passphrase] | None = None,
+    container: str | None = None,
+) -> GuestStream:
+    """Open the guest plaintext of an image (qcow2, qcow, raw LUKS1, raw), following its backing chain.
+
+    ``passphrase`` unlocks every encrypted layer unless ``passphrases`` maps a layer's path to its own.
+    Raises :class:`qcrypt.BadPassphraseError` when a LUKS passphrase opens no keyslot. ``container="raw"``
+    reads the file as a raw disk whatever its first bytes say (QEMU's ``format=raw``).
+    """
+    path = os.fspath(path)
+    per_layer = {os.path.realpath(os.fspath(k)): passphrase_bytes(v) for k, v in (passphrases or {}).items()}
+    opener = _Opener(passphrase_bytes(passphrase) if passphrase is not None else None, per_layer)
+    return GuestStream(opener.open(path, container), path)
