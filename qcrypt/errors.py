@@ -55,3 +55,7 @@ class MigrationError(QcryptError):
 
 class QcryptIOError(QcryptError, OSError):
     """An operating-system error while reading or writing (ENOSPC, EIO, permissions)."""
+
+
+class PassphraseInputError(QcryptError):
+    """A passphrase could not be obtained (no file and no terminal, unreadable or empty file)."""

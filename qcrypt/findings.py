@@ -13,7 +13,6 @@ from qcrypt.formats import qcow2 as qcow2_fmt
 if TYPE_CHECKING:
     from qcrypt.luks import LuksHeader
     from qcrypt.luks2 import Luks2Info
-
     from qcrypt.qcow2 import QCow2Image
 
 LEGACY_AES = "legacy-aes"

@@ -23,6 +23,7 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
     errors.VerificationError: 7,
     errors.MigrationError: 8,
     errors.QcryptIOError: 9,
+    errors.PassphraseInputError: EXIT_USAGE,
 }
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130

@@ -55,7 +55,7 @@ def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int, li
         print_findings(reports, domains_without_image)
     else:
         print_table(reports, summary, domains_without_image)
-    if should_fail(reports, fail_on):
+    if should_fail(reports, fail_on) or (domains_without_image and fail_on != "never"):
         sys.exit(EXIT_FINDINGS)
 
 

@@ -1,0 +1,51 @@
+"""libvirt domain XML for the auditor: which domains use which images (``qcrypt scan --libvirt-xml DIR``).
+
+Domain XML parsing itself lives in :mod:`qcrypt.hook` (``parse_domain_xml``), shared with the VM-start hook.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from qcrypt.errors import FormatError
+from qcrypt.hook import LEGACY_XML_FORMATS, Domain, parse_domain_xml
+
+MAX_XML_BYTES = 16 * 1024 * 1024
+
+
+def read_domains(xml_dir: str) -> tuple[list[Domain], list[str]]:
+    """Every domain XML file in ``xml_dir`` (not recursive); unparseable files are listed, not fatal."""
+    domains, problems = [], []
+    for name in sorted(os.listdir(xml_dir)):
+        path = os.path.join(xml_dir, name)
+        if not name.endswith(".xml") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as fh:
+                domains.append(parse_domain_xml(fh.read(MAX_XML_BYTES)))
+        except (OSError, FormatError) as e:
+            problems.append(f"{path}: {e}")
+    return domains, problems
+
+
+def annotate_reports(reports: list[dict[str, Any]], xml_dir: str) -> list[dict[str, Any]]:
+    """Add ``domains`` to each report a domain uses; return domains whose legacy-encrypted image is missing."""
+    domains, _problems = read_domains(xml_dir)
+    users: dict[str, set[str]] = {}
+    missing: list[dict[str, Any]] = []
+    for domain in domains:
+        for disk in domain.disks:
+            for layer in disk.layers:
+                if not layer.path:
+                    continue
+                users.setdefault(os.path.realpath(layer.path), set()).add(domain.name)
+                legacy = [fmt for fmt in layer.encryption if fmt in LEGACY_XML_FORMATS]
+                if legacy and not os.path.exists(layer.path):
+                    missing.append({"domain": domain.name, "target": disk.target or "?", "path": layer.path,
+                                    "encryption": legacy[0]})
+    for report in reports:
+        names = users.get(os.path.realpath(report["path"]))
+        if names:
+            report["domains"] = sorted(names)
+    return missing
