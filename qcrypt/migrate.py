@@ -20,6 +20,7 @@ from qcrypt.errors import BadPassphraseError, MigrationError, VerificationError
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
 from qcrypt.outputs import AtomicOutput, io_error
+from qcrypt.parallel import ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
 from qcrypt.scan import luks_region_reader
@@ -47,6 +48,7 @@ class MigrateOptions:
     replace: bool = False
     progress: Progress | None = None
     chunk_bytes: int = CHUNK_BYTES
+    workers: int | None = None  # None = every core we may use
 
 
 @dataclass
@@ -246,19 +248,25 @@ class Digests:
 
 def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: SectorCipher | None,
                opts: MigrateOptions, digests: Digests) -> int:
-    """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse."""
-    size = stream.size
-    padded = -(-size // SECTOR) * SECTOR
-    for guest_offset in range(0, padded, opts.chunk_bytes):
-        length = min(opts.chunk_bytes, padded - guest_offset)
-        stream.seek(guest_offset)
-        plain = stream.read(length)
+    """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse.
+
+    Chunks are processed by forked workers (both cores) that read, decrypt, encrypt and pwrite themselves.
+    """
+    padded = -(-stream.size // SECTOR) * SECTOR
+    fd = out.fileno()
+
+    def one_chunk(guest_offset: int, length: int) -> tuple[int, int, bytes]:
+        plain = stream.read_at(guest_offset, length)
         plain += bytes(length - len(plain))
-        digests.add(-1, guest_offset, plain)
         if cipher is not None:
-            _pwrite(out, base_offset + guest_offset, cipher.encrypt(plain, guest_offset // SECTOR))
+            _pwrite_fd(fd, base_offset + guest_offset, cipher.encrypt(plain, guest_offset // SECTOR))
         elif any(plain):
-            _pwrite(out, base_offset + guest_offset, plain)
+            _pwrite_fd(fd, base_offset + guest_offset, plain)
+        return guest_offset, length, hashlib.sha256(plain).digest()
+
+    chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
+    for guest_offset, length, digest in ordered_map(one_chunk, chunks, workers=opts.workers):
+        digests.ranges.append((-1, guest_offset, length, digest))
         if opts.progress:
             opts.progress(length)
     out.truncate(base_offset + padded)
@@ -266,9 +274,13 @@ def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: 
 
 
 def _pwrite(out: BinaryIO, offset: int, data: bytes | memoryview) -> None:
+    _pwrite_fd(out.fileno(), offset, data)
+
+
+def _pwrite_fd(fd: int, offset: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while len(view):
-        written = os.pwrite(out.fileno(), view, offset)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
 
@@ -387,9 +399,13 @@ def verify(output_path: str, passphrase: bytes | None, digests: Digests, *, targ
 
 
 def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int, int, bytes]], table: int,
-                  path: str) -> None:
-    for t, guest_offset, length, digest in ranges:
-        if t == table and hashlib.sha256(read(guest_offset, length)).digest() != digest:
+                  path: str, workers: int | None = None) -> None:
+    def digest_of(guest_offset: int, length: int, expected: bytes) -> tuple[int, int, bool]:
+        return guest_offset, length, hashlib.sha256(read(guest_offset, length)).digest() == expected
+
+    mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
+    for guest_offset, length, same in ordered_map(digest_of, mine, workers=workers):
+        if not same:
             raise VerificationError(f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ from "
                                     "the source after writing; the output was not kept")
 

@@ -83,6 +83,9 @@ class RawLuksReader:
             if int.from_bytes(read_at(6, 2), "big") == 2:
                 raise UnsupportedFeatureError("unlocking LUKS2 is not supported", path=path, field="version")
             header = luks.read_header(read_at, self.file.file_size, path=path)
+            if header.payload_offset == 0:
+                raise UnsupportedFeatureError("detached-header LUKS (payload offset 0) is not supported",
+                                              path=path, field="payload_offset")
             self.cipher = _unlock(header, read_at, passphrase, path)
             self.payload_host_offset = header.payload_offset * SECTOR
             payload_bytes = max(0, self.file.file_size - self.payload_host_offset)
@@ -145,7 +148,7 @@ class QcowReader:
             self.backing.close()
 
     def read(self, guest_offset: int, length: int) -> bytes:
-        out = bytearray(length)
+        pieces = []
         pos, end = guest_offset, guest_offset + length
         cs = self.cluster_size
         while pos < end:
@@ -155,9 +158,9 @@ class QcowReader:
             if mapping.kind is ClusterKind.NORMAL:
                 run_clusters = self._contiguous_run(guest_cluster, mapping, -(-end // cs))
             chunk_end = min(end, (guest_cluster + run_clusters) * cs)
-            out[pos - guest_offset : chunk_end - guest_offset] = self._read_mapped(mapping, pos, chunk_end)
+            pieces.append(self._read_mapped(mapping, pos, chunk_end))
             pos = chunk_end
-        return bytes(out)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _contiguous_run(self, guest_cluster: int, mapping: ClusterMapping, limit_cluster: int) -> int:
         count = 1

@@ -7,7 +7,7 @@ its first NUL and ignores whatever follows, so the reader must not fail on non-A
 
 from __future__ import annotations
 
-from construct import Array, Bytes, Const, Int16ub, Int32ub, Struct
+from construct import Array, Bytes, Const, Int16ub, Int32ub, Int64ub, Struct
 
 from qcrypt.formats.luks1 import DIGEST_SIZE, MAGIC, NUM_KEYSLOTS, SALT_SIZE, Keyslot
 
@@ -32,4 +32,22 @@ PhdrRaw = Struct(  # 592 bytes, same layout as luks1.Phdr
 VersionProbe = Struct(  # the 8 bytes shared by LUKS1 and LUKS2: dispatch on version, not magic
     "magic" / Bytes(6),
     "version" / Int16ub,
+)
+
+# LUKS2 binary header with the text fields kept as raw bytes: labels and subsystems may be UTF-8 (or
+# anything), and a bad label must not make the whole header unreadable. Same layout as luks2.BinaryHeader.
+Luks2BinaryHeaderRaw = Struct(  # 4096 bytes
+    "magic" / Bytes(6),
+    "version" / Int16ub,
+    "hdr_size" / Int64ub * "binary header + JSON area, bytes",
+    "seqid" / Int64ub,
+    "label" / Bytes(48),
+    "checksum_alg" / Bytes(32),
+    "salt" / Bytes(64),
+    "uuid" / Bytes(40),
+    "subsystem" / Bytes(48),
+    "hdr_offset" / Int64ub,
+    "_padding" / Bytes(184),
+    "csum" / Bytes(64),
+    "_padding4096" / Bytes(3584),
 )
