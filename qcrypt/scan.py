@@ -252,7 +252,15 @@ def build_report(info: ImageInfo, chain: list[ImageInfo], chain_findings: list[F
 
 def inspect(path: str | os.PathLike[str]) -> Report:
     """The scan report of one image, backing chain included. Never raises for bad input."""
-    info = inspect_one(os.fspath(path))
+    try:
+        path = os.fspath(path)
+        os.stat(path)
+    except (TypeError, ValueError) as e:
+        bad = ImageInfo(path=repr(path), format="missing", error=f"not a usable path: {e}")
+        return build_report(bad, [], [])
+    except OSError:
+        pass  # inspect_one reports missing or unreadable files
+    info = inspect_one(path)
     chain, chain_findings = walk_chain(info)
     return build_report(info, chain, chain_findings)
 

@@ -190,6 +190,10 @@ class QcowReader:
         """Data at ``host_offset`` holding guest bytes [start, end), decrypted by whole sectors."""
         if self.cipher is None:
             return self.image.read_host(host_offset, end - start)
+        if host_offset + (end - start) > self.image.file_size:
+            raise FormatError(f"encrypted data for guest offset {start} lies beyond the end of the file "
+                              "(truncated image): it would decrypt to garbage", path=self.image.path,
+                              field="L2 entry")
         head = start % SECTOR
         aligned_len = -(-(end - start + head) // SECTOR) * SECTOR
         host_first = host_offset - head
@@ -268,7 +272,7 @@ class _Opener:
     def passphrase_for(self, path: str) -> bytes | None:
         return self.passphrases.get(os.path.realpath(path), self.passphrase)
 
-    def open(self, path: str, format_hint: str | None = None) -> LayerReader:
+    def open(self, path: str, format_hint: str | None = None, snapshot: str | None = None) -> LayerReader:
         real = os.path.realpath(path)
         if real in self.seen:
             raise FormatError("backing chain loops", path=path, field="backing_file")
@@ -280,11 +284,12 @@ class _Opener:
             return RawReader(path)
         if kind == "luks":
             return RawLuksReader(path, self.passphrase_for(path))
-        return self._open_qcow(path)
+        return self._open_qcow(path, snapshot)
 
-    def _open_qcow(self, path: str) -> LayerReader:
+    def _open_qcow(self, path: str, snapshot_name: str | None = None) -> LayerReader:
         image = open_container(path)
         try:
+            snapshot = find_snapshot(image, snapshot_name) if snapshot_name is not None else None
             cipher, iv_from_host = self._layer_cipher(image)
             backing = None
             if image.backing_file:
@@ -293,7 +298,7 @@ class _Opener:
                     raise UnsupportedFeatureError(f"backing file {image.backing_file!r} is not a local file",
                                                   path=path, field="backing_file")
                 backing = self.open(backing_path, image.backing_format)
-            return QcowReader(image, cipher, iv_from_host, backing)
+            return QcowReader(image, cipher, iv_from_host, backing, snapshot)
         except BaseException:
             image.close()
             raise
@@ -315,6 +320,16 @@ class _Opener:
         read_at = luks_region_reader(image, region[0], region[1])
         header = luks.read_header(read_at, region[1], path=image.path)
         return _unlock(header, read_at, passphrase, image.path), True
+
+
+def find_snapshot(image: ImageFile, name: str) -> Snapshot:
+    """The internal snapshot whose id or name is ``name``."""
+    snapshots = image.snapshots()  # type: ignore[attr-defined]
+    for snap in snapshots:
+        if name in (snap.id, snap.name):
+            return snap
+    known = ", ".join(s.name for s in snapshots) or "none"
+    raise FormatError(f"no internal snapshot {name!r} (snapshots: {known})", path=image.path, field="snapshots")
 
 
 class GuestStream(io.RawIOBase):
@@ -379,14 +394,16 @@ def open_image(
     *,
     passphrases: Mapping[str | os.PathLike[str], Passphrase] | None = None,
     container: str | None = None,
+    snapshot: str | None = None,
 ) -> GuestStream:
     """Open the guest plaintext of an image (qcow2, qcow, raw LUKS1, raw), following its backing chain.
 
     ``passphrase`` unlocks every encrypted layer unless ``passphrases`` maps a layer's path to its own.
     Raises :class:`qcrypt.BadPassphraseError` when a LUKS passphrase opens no keyslot. ``container="raw"``
-    reads the file as a raw disk whatever its first bytes say (QEMU's ``format=raw``).
+    reads the file as a raw disk whatever its first bytes say (QEMU's ``format=raw``). ``snapshot`` (an id
+    or name) reads a qcow2 internal snapshot instead of the active layer.
     """
     path = os.fspath(path)
     per_layer = {os.path.realpath(os.fspath(k)): passphrase_bytes(v) for k, v in (passphrases or {}).items()}
     opener = _Opener(passphrase_bytes(passphrase) if passphrase is not None else None, per_layer)
-    return GuestStream(opener.open(path, container), path)
+    return GuestStream(opener.open(path, container, snapshot), path)

@@ -15,14 +15,19 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shlex
+import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 import click
 
 from qcrypt import hook as hooklib
 from qcrypt.cli.main import handle_errors
+from qcrypt.errors import QcryptError
 
 EXIT_FOREIGN = 1
 
@@ -32,6 +37,11 @@ def _stderr_line(line: str) -> None:
         click.echo(line, err=True)
     except (OSError, ValueError):  # stderr closed or broken: syslog still has the line
         return
+
+
+def _stdin_binary() -> BinaryIO | None:
+    """The binary stdin (None when fd 0 is closed)."""
+    return getattr(sys.stdin, "buffer", None)
 
 
 def _read_domain_xml(stdin: BinaryIO | None) -> bytes | None:
@@ -60,7 +70,7 @@ def run_libvirt(argv: Sequence[str], stdin: BinaryIO | None, *, budget_s: float 
         with contextlib.redirect_stdout(io.StringIO()):
             xml = _read_domain_xml(stdin)
             if xml is None:
-                check = hooklib.DomainCheck(domain=domain_hint, errors=["no domain XML on stdin (not a tty)"])
+                check = hooklib.DomainCheck(domain=domain_hint, errors=["no domain XML: stdin is a terminal or closed"])
             else:
                 check = hooklib.check_domain_xml(xml, budget_s=budget_s)
             hooklib.emit(check, domain_hint=domain_hint, syslog_to=syslog_to, stderr_to=_stderr_line)
@@ -69,6 +79,128 @@ def run_libvirt(argv: Sequence[str], stdin: BinaryIO | None, *, budget_s: float 
         with contextlib.suppress(BaseException):
             hooklib.emit(failure, domain_hint=domain_hint, syslog_to=syslog_to, stderr_to=_stderr_line)
     return 0
+
+
+# -- installing the libvirt hook script -------------------------------------------------------------------
+
+SCRIPT_MARKER = "# qcrypt-hook-script: written by 'qcrypt hook install'; 'qcrypt hook uninstall' removes it."
+DEFAULT_HOOKS_DIR = "/etc/libvirt/hooks"
+DEFAULT_SCRIPT_NAME = "50-qcrypt"
+_MARKER_SEARCH_BYTES = 4096
+_PROBE_TIMEOUT_S = 30
+_BARE_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+
+
+def package_root() -> Path:
+    """The folder that holds this installation's ``qcrypt`` package."""
+    return Path(__file__).resolve().parents[2]  # <root>/qcrypt/cli/hook.py
+
+
+def needs_pythonpath(python: str) -> bool:
+    """True unless ``python`` imports this very qcrypt with libvirt's bare environment and cwd ``/``."""
+    expected = str(Path(__file__).resolve())
+    probe = "import qcrypt.cli.hook as m, os; print(os.path.realpath(m.__file__))"
+    try:
+        done = subprocess.run([python, "-c", probe], env=_BARE_ENV, cwd="/", capture_output=True, text=True,
+                              timeout=_PROBE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return done.returncode != 0 or done.stdout.strip() != expected
+
+
+def render_script(python: str, pythonpath: str | None) -> str:
+    """The ``qemu.d`` hook script: filters operations, runs the hook, never fails, never prints to stdout."""
+    env = f"PYTHONPATH={shlex.quote(pythonpath)} " if pythonpath else ""
+    operations = "|".join(hooklib.HOOK_OPERATIONS)
+    return (
+        "#!/bin/sh\n"
+        f"{SCRIPT_MARKER}\n"
+        "# libvirt qemu hook: warns (syslog + stderr) when a domain starts on a disk with legacy QEMU AES\n"
+        "# encryption. Warn-only: never writes to stdout (migrate/restore would take it as XML), always exits 0.\n"
+        f'case "$2" in\n    {operations}) ;;\n    *) exit 0 ;;\nesac\n'
+        f"QCRYPT_PYTHON={shlex.quote(python)}\n"
+        '[ -x "$QCRYPT_PYTHON" ] || exit 0\n'
+        f'{env}"$QCRYPT_PYTHON" -m qcrypt.cli.hook libvirt "$@" >/dev/null || true\n'
+        "exit 0\n"
+    )
+
+
+def current_script(python: str | None = None) -> str:
+    """The script this installation writes (python = the running interpreter by default)."""
+    # sys.executable as is, not resolved: a venv's bin/python is a symlink whose target lacks the venv's packages
+    interpreter = os.path.abspath(python or sys.executable or "")
+    if not (python or sys.executable):
+        raise QcryptError("cannot tell which Python runs qcrypt (sys.executable is empty)")
+    pythonpath = str(package_root()) if needs_pythonpath(interpreter) else None
+    return render_script(interpreter, pythonpath)
+
+
+def is_ours(path: Path) -> bool:
+    """True if ``path`` is a regular file carrying qcrypt's marker line."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb") as fh:
+            head = fh.read(_MARKER_SEARCH_BYTES)
+    except OSError:
+        return False
+    return SCRIPT_MARKER.encode() in head.splitlines()
+
+
+def _write_executable(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temporary file in the same folder, then rename), mode 0755."""
+    fd, tmp = tempfile.mkstemp(prefix=".qcrypt-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def install_script(hooks_dir: str | os.PathLike[str], name: str = DEFAULT_SCRIPT_NAME,
+                   script: str | None = None) -> tuple[str, Path]:
+    """Install the hook as ``hooks_dir/qemu.d/name``. Returns (status, path).
+
+    status: ``installed``, ``updated`` (an older qcrypt script replaced), ``already-installed`` (same
+    content), ``foreign`` (a file not written by qcrypt is there; left alone) or ``no-hooks-dir``
+    (neither ``hooks_dir`` nor its parent exists). Never touches the ``qemu`` script.
+    """
+    hooks = Path(hooks_dir)
+    if not hooks.is_dir() and not hooks.parent.is_dir():
+        return "no-hooks-dir", hooks
+    target = hooks / "qemu.d" / name
+    text = script if script is not None else current_script()
+    if target.exists() or target.is_symlink():
+        if not is_ours(target):
+            return "foreign", target
+        if target.read_text(encoding="utf-8", errors="replace") == text:
+            if os.stat(target).st_mode & 0o777 != 0o755:
+                os.chmod(target, 0o755)
+            return "already-installed", target
+        _write_executable(target, text)
+        return "updated", target
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _write_executable(target, text)
+    return "installed", target
+
+
+def uninstall_script(hooks_dir: str | os.PathLike[str], name: str = DEFAULT_SCRIPT_NAME) -> tuple[str, Path]:
+    """Remove ``hooks_dir/qemu.d/name`` if qcrypt wrote it. Returns (``removed``|``absent``|``foreign``, path)."""
+    target = Path(hooks_dir) / "qemu.d" / name
+    if not (target.exists() or target.is_symlink()):
+        return "absent", target
+    if not is_ours(target):
+        return "foreign", target
+    target.unlink()
+    return "removed", target
+
+
+# -- click commands ---------------------------------------------------------------------------------------
 
 
 @click.group(name="hook")
@@ -90,11 +222,11 @@ def hook() -> None:
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def libvirt(argv: tuple[str, ...]) -> None:
     """libvirt qemu hook: OBJECT OPERATION SUBOPERATION EXTRA, domain XML on stdin. Always exits 0."""
-    run_libvirt(argv, click.get_binary_stream("stdin"))
+    run_libvirt(argv, _stdin_binary())
 
 
 def _hooks_dir_option(func: click.decorators.FC) -> click.decorators.FC:
-    return click.option("--hooks-dir", default=hooklib.DEFAULT_HOOKS_DIR, show_default=True,
+    return click.option("--hooks-dir", default=DEFAULT_HOOKS_DIR, show_default=True,
                         type=click.Path(file_okay=False), help="libvirt's hooks folder.")(func)
 
 
@@ -105,7 +237,7 @@ def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str
 
 
 def _name_option(func: click.decorators.FC) -> click.decorators.FC:
-    return click.option("--name", default=hooklib.DEFAULT_SCRIPT_NAME, show_default=True, callback=_check_name,
+    return click.option("--name", default=DEFAULT_SCRIPT_NAME, show_default=True, callback=_check_name,
                         help="Script name inside qemu.d/ (scripts run in alphabetical order).")(func)
 
 
@@ -118,7 +250,7 @@ def install(hooks_dir: str, name: str) -> None:
 
     An existing qemu script or any file not written by qcrypt is never touched. Re-running is harmless.
     """
-    status, path = hooklib.install_script(hooks_dir, name)
+    status, path = install_script(hooks_dir, name)
     if status == "no-hooks-dir":
         click.echo(f"qcrypt: error: neither {hooks_dir} nor its parent exists (is libvirt installed? "
                    "use --hooks-dir)", err=True)
@@ -145,7 +277,7 @@ def install(hooks_dir: str, name: str) -> None:
 @handle_errors
 def uninstall(hooks_dir: str, name: str) -> None:
     """Remove HOOKS_DIR/qemu.d/NAME if (and only if) qcrypt wrote it."""
-    status, path = hooklib.uninstall_script(hooks_dir, name)
+    status, path = uninstall_script(hooks_dir, name)
     if status == "foreign":
         click.echo(f"qcrypt: error: {path} was not written by qcrypt; left untouched", err=True)
         sys.exit(EXIT_FOREIGN)
@@ -160,8 +292,7 @@ def main() -> None:
     """``python -m qcrypt.cli.hook``: ``libvirt ...`` bypasses click and always exits 0; else the group."""
     argv = sys.argv[1:]
     if argv[:1] == ["libvirt"]:
-        stdin = getattr(sys.stdin, "buffer", None)
-        run_libvirt(argv[1:], stdin)
+        run_libvirt(argv[1:], _stdin_binary())
         with contextlib.suppress(BaseException):
             sys.stderr.flush()
         os._exit(0)  # no interpreter teardown: a read stuck in the inspection thread cannot delay us

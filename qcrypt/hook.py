@@ -1,0 +1,550 @@
+"""Warn-only checks for VM launchers: which disks of a domain use legacy QEMU AES encryption, and the fix.
+
+Three entry points:
+
+* :func:`check_domain_xml` reads a libvirt domain XML document (the text libvirt feeds a qemu hook on
+  stdin), inspects every local disk source, its ``<backingStore>`` chain and the images' own backing chains
+  (headers only, no passphrase), and returns one :class:`HookWarning` per affected disk. It never raises and
+  honours a time budget, because libvirt waits for the hook synchronously.
+* :func:`emit` sends a check's warnings to syslog (ident ``qcrypt-hook``, facility daemon, priority warning)
+  and to a caller-supplied stderr writer. The syslog sink is the module attribute :data:`syslog_sink` (or a
+  parameter), so tests and embedders can collect the lines instead.
+* :func:`warn_if_legacy` is the Python API for launchers: it issues a :class:`LegacyEncryptionWarning` when an
+  image or its backing chain holds legacy encryption.
+
+References: libvirt docs/hooks.rst and src/util/virhook.c (argv, stdin, exit-code consequences);
+formatdomain.rst / formatstorageencryption.rst (``<disk>``, ``<backingStore>``, ``<encryption>``);
+the team's formats.md section G and pitfalls 23-24.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import syslog
+import threading
+import time
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcrypt.errors import FormatError
+
+Report = dict[str, Any]
+InspectFn = Callable[[str], Report]
+SyslogSink = Callable[[int, str], None]
+LineSink = Callable[[str], None]
+
+DEFAULT_BUDGET_S = 0.5
+MAX_XML_BYTES = 16 * 1024 * 1024
+MAX_BACKING_DEPTH = 64
+SYSLOG_IDENT = "qcrypt-hook"
+STDERR_PREFIX = "qcrypt-hook: "
+LEGACY_ENCRYPTION = "aes-cbc-legacy"
+LUKS_ENCRYPTIONS = ("luks1", "luks2")
+CODE_LEGACY = "legacy-aes"
+CODE_LEGACY_BACKING = "legacy-aes-backing"
+LEGACY_XML_FORMATS = ("qcow", "default")  # libvirt's 'default' meant qcow AES for qcow/qcow2 images
+PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
+HOOK_OPERATIONS = ("prepare", "start", "migrate", "restore")  # libvirt qemu operations the hook acts on
+LEGACY_TEXT = "legacy QEMU AES encryption (qcow/qcow2 crypt_method 1), which current QEMU refuses to open"
+_MAX_LISTED_PATHS = 3
+
+
+class LegacyEncryptionWarning(UserWarning):
+    """An image (or a layer of its backing chain) uses legacy qcow/qcow2 AES encryption.
+
+    A ``UserWarning`` subclass, so Python shows it by default. Issued by :func:`warn_if_legacy`.
+    """
+
+
+# -- the domain as the XML describes it -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskLayer:
+    """One layer of a disk: index 0 is the disk's own ``<source>``, then each ``<backingStore>``."""
+
+    source_type: str  # file | block | network | volume | dir | ...
+    path: str | None  # a local file or block device to inspect; None when there is none
+    label: str | None  # what to show: the path, "rbd:pool/image", "pool/volume"; None without a source
+    format: str | None  # <driver type> for layer 0, <format type> for backing layers
+    encryption: tuple[str, ...] = ()  # <encryption format=...> values found at this layer
+    secret: str | None = None  # "uuid ..." or "usage ..." of <encryption><secret>, to find the passphrase
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    """A ``<disk>`` element: its target device, device kind and layers."""
+
+    target: str | None
+    device: str  # disk | cdrom | floppy | lun
+    layers: tuple[DiskLayer, ...]
+
+    @property
+    def driver_type(self) -> str | None:
+        return self.layers[0].format
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The parts of a libvirt domain XML document the hook needs."""
+
+    name: str
+    disks: tuple[DomainDisk, ...]
+
+
+@dataclass(frozen=True)
+class HookWarning:
+    """One affected disk: where it is, why it matters and the command that fixes it."""
+
+    domain: str
+    target: str
+    path: str
+    reason: str
+    command: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"domain": self.domain, "target": self.target, "path": self.path, "reason": self.reason,
+                "command": self.command}
+
+    def message(self) -> str:
+        """The one-line text sent to syslog and stderr (control characters escaped)."""
+        when = "Fix: " if self.command.startswith("virsh ") else "Fix it with the VM shut off: "
+        text = f"domain '{self.domain}' disk {self.target} ({self.path}): {self.reason}. {when}{self.command}"
+        return printable(text)
+
+
+@dataclass
+class DomainCheck:
+    """The outcome of checking one domain: warnings, plus notes and errors worth a log line."""
+
+    domain: str | None
+    warnings: list[HookWarning] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    cut_short: bool = False
+    elapsed_s: float = 0.0
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so one message stays one log line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _decode_xml(xml: str | bytes) -> str:
+    if isinstance(xml, str):
+        text = xml
+    else:
+        if len(xml) > MAX_XML_BYTES:
+            raise FormatError(f"larger than {MAX_XML_BYTES} bytes", field="domain XML")
+        encoding = "utf-16" if xml[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        try:
+            text = xml.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise FormatError(f"not valid {encoding}: {e.reason}", field="domain XML") from e
+    if not text.strip():
+        raise FormatError("empty", field="domain XML")
+    return text
+
+
+def _refuse_declarations(text: str) -> None:
+    """Refuse DTDs outright: domain XML never has one, and entities are the expansion-bomb vector."""
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        raise FormatError("DOCTYPE/ENTITY declarations refused (entity expansion)", field="domain XML")
+
+
+def parse_domain_xml(xml: str | bytes) -> Domain:
+    """Parse a domain XML document. Raises FormatError when it is empty, malformed or carries a DTD."""
+    text = _decode_xml(xml)
+    _refuse_declarations(text)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:
+        raise FormatError(f"malformed ({e})", field="domain XML") from e
+    if root.tag != "domain":
+        raise FormatError(f"expected a <domain> document, found <{root.tag}>", field="domain XML")
+    name = (root.findtext("name") or "").strip() or "?"
+    disks = tuple(_parse_disk(disk) for devices in root.findall("devices") for disk in devices.findall("disk"))
+    return Domain(name=name, disks=disks)
+
+
+def _parse_disk(disk: ET.Element) -> DomainDisk:
+    driver = disk.find("driver")
+    target = disk.find("target")
+    source = disk.find("source")
+    top = _layer(disk.get("type", "file"), source, driver.get("type") if driver is not None else None,
+                 (disk, source))
+    layers = [top, *_backing_layers(disk)]
+    return DomainDisk(target=target.get("dev") if target is not None else None,
+                      device=disk.get("device", "disk"), layers=tuple(layers))
+
+
+def _backing_layers(disk: ET.Element) -> list[DiskLayer]:
+    """Walk the nested ``<backingStore>`` elements; an empty ``<backingStore/>`` ends the chain."""
+    layers: list[DiskLayer] = []
+    store = disk.find("backingStore")
+    while store is not None and len(layers) < MAX_BACKING_DEPTH:
+        source = store.find("source")
+        if source is None and store.get("type") is None:
+            break
+        fmt = store.find("format")
+        layers.append(_layer(store.get("type", "file"), source, fmt.get("type") if fmt is not None else None,
+                             (store, source)))
+        store = store.find("backingStore")
+    return layers
+
+
+def _layer(source_type: str, source: ET.Element | None, fmt: str | None,
+           holders: tuple[ET.Element | None, ...]) -> DiskLayer:
+    path, label = _source_location(source_type, source)
+    encryptions = [enc for holder in holders if holder is not None for enc in holder.findall("encryption")]
+    formats = tuple(enc.get("format", "") for enc in encryptions)
+    secrets = [_secret_ref(secret) for enc in encryptions for secret in enc.findall("secret")]
+    return DiskLayer(source_type=source_type, path=path, label=label, format=fmt, encryption=formats,
+                     secret=next((s for s in secrets if s), None))
+
+
+def _secret_ref(secret: ET.Element) -> str | None:
+    if secret.get("uuid"):
+        return f"uuid {secret.get('uuid')}"
+    return f"usage {secret.get('usage')}" if secret.get("usage") else None
+
+
+def _source_location(source_type: str, source: ET.Element | None) -> tuple[str | None, str | None]:
+    """(local path to inspect, label to show) of a ``<source>`` element."""
+    if source is None:
+        return None, None
+    if source_type == "file":
+        path = source.get("file") or None
+        return path, path
+    if source_type == "block":
+        path = source.get("dev") or None
+        return path, path
+    if source_type == "network":
+        protocol, name = source.get("protocol", "network"), source.get("name", "")
+        return None, f"{protocol}:{name}"
+    if source_type == "volume":
+        return None, f"{source.get('pool', '?')}/{source.get('volume', '?')}"
+    label = source.get("dir") or source.get("file") or source.get("dev")
+    return None, label or None
+
+
+# -- inspection within a time budget --------------------------------------------------------------------
+
+
+def _default_inspect(path: str) -> Report:
+    from qcrypt.scan import inspect
+
+    return inspect(path)
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(path)
+
+
+@dataclass
+class _Inspections:
+    """Reports gathered by the worker thread; ``covered`` holds paths already seen in a backing chain."""
+
+    reports: dict[str, Report] = field(default_factory=dict)
+    covered: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, path: str, report: Report) -> None:
+        with self.lock:
+            self.reports[_norm(path)] = report
+            for layer in report.get("backing_chain") or ():
+                if layer.get("path"):
+                    self.covered.setdefault(_norm(layer["path"]), layer)
+
+    def snapshot(self) -> _Inspections:
+        with self.lock:
+            return _Inspections(dict(self.reports), dict(self.covered), list(self.failures))
+
+    def report(self, path: str | None) -> Report | None:
+        return self.reports.get(_norm(path)) if path else None
+
+    def encryption(self, path: str | None) -> str | None:
+        """The encryption of ``path`` if it was inspected, directly or as a backing layer."""
+        if not path:
+            return None
+        found = self.reports.get(_norm(path)) or self.covered.get(_norm(path))
+        return found.get("encryption") if found else None
+
+
+def _inspect_worker(paths: list[str], inspect_fn: InspectFn, deadline: float, found: _Inspections,
+                    done: threading.Event) -> None:
+    try:
+        for path in paths:
+            if time.monotonic() >= deadline:
+                break
+            with found.lock:
+                seen = _norm(path) in found.reports or _norm(path) in found.covered
+            if seen:
+                continue
+            try:
+                found.add(path, inspect_fn(path))
+            except Exception as e:  # inspect never raises by contract; a bug must not stop the others
+                with found.lock:
+                    found.failures.append(f"{path}: internal error while inspecting: {type(e).__name__}: {e}")
+    finally:
+        done.set()
+
+
+def inspect_within(paths: list[str], inspect_fn: InspectFn, budget_s: float) -> tuple[_Inspections, list[str]]:
+    """Inspect ``paths`` in a daemon thread for at most ``budget_s`` seconds (a hung read cannot hold us).
+
+    Returns what was gathered and the paths left uninspected.
+    """
+    found = _Inspections()
+    done = threading.Event()
+    deadline = time.monotonic() + budget_s
+    worker = threading.Thread(target=_inspect_worker, args=(paths, inspect_fn, deadline, found, done),
+                              name="qcrypt-hook-inspect", daemon=True)
+    worker.start()
+    done.wait(timeout=max(0.0, deadline - time.monotonic()))
+    result = found.snapshot()
+    missed = [p for p in paths if _norm(p) not in result.reports and _norm(p) not in result.covered]
+    return result, missed
+
+
+# -- deciding what to say ---------------------------------------------------------------------------------
+
+
+def _codes(report: Report | None) -> set[str]:
+    if not report:
+        return set()
+    return {f.get("code") for f in report.get("findings") or () if isinstance(f, dict)}
+
+
+def _first_legacy_layer(report: Report) -> str:
+    for layer in report.get("backing_chain") or ():
+        if layer.get("encryption") == LEGACY_ENCRYPTION:
+            return str(layer.get("path"))
+    return "a backing layer"
+
+
+def suggested_output(path: str, target: str, *, local_dir: bool) -> str:
+    """A new file name next to ``path`` (or in the current folder for block devices)."""
+    name = os.path.basename(path.rstrip("/")) or "disk"
+    for suffix in (".qcow2", ".qcow", ".img", ".raw"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    name += ".luks.qcow2" if target == "qcow2-luks" else ".luks"
+    return name if local_dir else os.path.join(os.path.dirname(path), name)
+
+
+def migrate_command(path: str, *, to: str = "qcow2-luks", flatten: bool = False, block: bool = False) -> str:
+    """The ``qcrypt migrate`` command line that replaces ``path`` by a LUKS-encrypted copy."""
+    output = suggested_output(path, to, local_dir=block)
+    words = ["qcrypt", "migrate", shlex.quote(path), "--to", to, "-o", shlex.quote(output),
+             "--passphrase-file", PASSPHRASE_PLACEHOLDER]
+    if flatten:
+        words.append("--flatten")
+    return " ".join(words)
+
+
+@dataclass
+class _Verdict:
+    reasons: list[str] = field(default_factory=list)
+    flatten: bool = False
+    xml_only: bool = False  # the image is fine (LUKS); only the XML still says qcow
+
+
+def _image_reasons(report: Report | None, verdict: _Verdict) -> None:
+    codes = _codes(report)
+    if report and CODE_LEGACY in codes:
+        verdict.reasons.append(f"the image uses {LEGACY_TEXT}")
+    if report and CODE_LEGACY_BACKING in codes:
+        verdict.reasons.append(f"its backing file {_first_legacy_layer(report)} uses {LEGACY_TEXT}")
+        verdict.flatten = True
+
+
+def _backing_store_reasons(disk: DomainDisk, found: _Inspections, verdict: _Verdict,
+                           mentioned: set[str]) -> None:
+    for layer in disk.layers[1:]:
+        encryption = found.encryption(layer.path)
+        declared = [f for f in layer.encryption if f == "qcow" or (f == "default" and
+                                                                   encryption not in LUKS_ENCRYPTIONS)]
+        label = layer.label or "a <backingStore> layer"
+        key = _norm(label)
+        if key in mentioned:
+            verdict.flatten = verdict.flatten or bool(declared) or encryption == LEGACY_ENCRYPTION
+            continue
+        if encryption == LEGACY_ENCRYPTION:
+            verdict.reasons.append(f"its backing layer {label} uses {LEGACY_TEXT}")
+        elif declared:
+            verdict.reasons.append(f"its backing layer {label} is declared <encryption format='{declared[0]}'> "
+                                   "(legacy QEMU AES)")
+        else:
+            continue
+        mentioned.add(key)
+        verdict.flatten = True
+
+
+def _declared_reasons(top: DiskLayer, report: Report | None, verdict: _Verdict) -> None:
+    if CODE_LEGACY in _codes(report):
+        return  # already said, from the image itself
+    encryption = report.get("encryption") if report else None
+    for fmt in dict.fromkeys(top.encryption):
+        if fmt not in LEGACY_XML_FORMATS:
+            continue
+        if encryption in LUKS_ENCRYPTIONS:
+            if fmt == "qcow":
+                verdict.reasons.append(f"the domain XML declares <encryption format='qcow'> but the image is "
+                                       f"{encryption}: change it to <encryption format='luks'>")
+                verdict.xml_only = True
+            continue
+        verdict.reasons.append(f"the domain XML declares <encryption format='{fmt}'> (legacy QEMU AES)")
+
+
+def _disk_warning(domain: str, disk: DomainDisk, found: _Inspections) -> HookWarning | None:
+    top = disk.layers[0]
+    report = found.report(top.path)
+    verdict = _Verdict()
+    _image_reasons(report, verdict)
+    mentioned = {_norm(_first_legacy_layer(report))} if report and verdict.flatten else set()
+    _backing_store_reasons(disk, found, verdict, mentioned)
+    _declared_reasons(top, report, verdict)
+    if not verdict.reasons:
+        return None
+    reason = "; ".join(verdict.reasons)
+    if top.secret:
+        reason += f" (passphrase: libvirt secret {top.secret})"
+    return HookWarning(domain=domain, target=disk.target or "?", path=top.label or "(no source)",
+                       reason=reason, command=_fix_command(domain, disk, verdict))
+
+
+def _fix_command(domain: str, disk: DomainDisk, verdict: _Verdict) -> str:
+    top = disk.layers[0]
+    if verdict.xml_only and not verdict.flatten and len(verdict.reasons) == 1:
+        return f"virsh edit {shlex.quote(domain)}"
+    to = "luks" if disk.driver_type == "raw" else "qcow2-luks"
+    if top.path:
+        return migrate_command(top.path, to=to, flatten=verdict.flatten, block=top.source_type == "block")
+    local = "LOCAL_COPY_OF_THE_IMAGE"
+    command = migrate_command(local, to=to, flatten=verdict.flatten)
+    return f"copy {top.label or 'the image'} to a local file, then: {command}"
+
+
+def _local_paths(domain: Domain) -> list[str]:
+    """Every local path once: all disks' own sources first, then their ``<backingStore>`` layers."""
+    tops = [d.layers[0].path for d in domain.disks]
+    backing = [layer.path for d in domain.disks for layer in d.layers[1:]]
+    return list(dict.fromkeys(p for p in [*tops, *backing] if p))
+
+
+def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
+                 inspect_fn: InspectFn | None = None) -> DomainCheck:
+    """Inspect a parsed domain's disks within ``budget_s`` seconds; one warning per affected disk."""
+    started = time.monotonic()
+    found, missed = inspect_within(_local_paths(domain), inspect_fn or _default_inspect, budget_s)
+    check = DomainCheck(domain=domain.name, errors=list(found.failures))
+    seen: set[tuple[str, str]] = set()
+    for disk in domain.disks:
+        warning = _disk_warning(domain.name, disk, found)
+        if warning and (warning.target, warning.path) not in seen:
+            seen.add((warning.target, warning.path))
+            check.warnings.append(warning)
+    if missed:
+        check.cut_short = True
+        listed = ", ".join(missed[:_MAX_LISTED_PATHS]) + (", ..." if len(missed) > _MAX_LISTED_PATHS else "")
+        check.notes.append(f"domain '{domain.name}': check cut short after {budget_s * 1000:.0f} ms; "
+                           f"{len(missed)} image(s) not inspected: {listed}")
+    check.elapsed_s = time.monotonic() - started
+    return check
+
+
+def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
+                     inspect_fn: InspectFn | None = None) -> DomainCheck:
+    """Parse and check a domain XML document. Never raises: problems land in ``errors``."""
+    started = time.monotonic()
+    try:
+        domain = parse_domain_xml(xml)
+        return check_domain(domain, budget_s=budget_s, inspect_fn=inspect_fn)
+    except FormatError as e:
+        return DomainCheck(domain=None, errors=[str(e)], elapsed_s=time.monotonic() - started)
+    except Exception as e:  # the hook must survive its own bugs
+        return DomainCheck(domain=None, errors=[f"internal error: {type(e).__name__}: {e}"],
+                           elapsed_s=time.monotonic() - started)
+
+
+# -- reporting --------------------------------------------------------------------------------------------
+
+
+def send_to_syslog(priority: int, message: str) -> None:
+    """Log one line as ``qcrypt-hook`` to the daemon facility (journald picks it up)."""
+    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_DAEMON)
+    try:
+        syslog.syslog(priority, message)
+    finally:
+        syslog.closelog()
+
+
+syslog_sink: SyslogSink = send_to_syslog
+"""Where :func:`emit` sends syslog lines when no sink is passed (replace it to collect the lines)."""
+
+
+def _safe_call(sink: Callable[..., None] | None, *args: Any) -> None:
+    if sink is None:
+        return
+    try:
+        sink(*args)
+    except Exception:  # a broken log channel must not break the hook
+        return
+
+
+def emit(check: DomainCheck, *, domain_hint: str | None = None, syslog_to: SyslogSink | None = None,
+         stderr_to: LineSink | None = None) -> None:
+    """Send each warning (LOG_WARNING), note (LOG_NOTICE) and error (LOG_ERR) to syslog and stderr."""
+    to_syslog = syslog_to if syslog_to is not None else syslog_sink
+    name = check.domain or domain_hint or "?"
+    for warning in check.warnings:
+        line = warning.message()
+        _safe_call(to_syslog, syslog.LOG_WARNING, line)
+        _safe_call(stderr_to, f"{STDERR_PREFIX}warning: {line}")
+    for note in check.notes:
+        _safe_call(to_syslog, syslog.LOG_NOTICE, printable(note))
+        _safe_call(stderr_to, f"{STDERR_PREFIX}{printable(note)}")
+    for error in check.errors:
+        line = printable(f"domain '{name}': {error}")
+        _safe_call(to_syslog, syslog.LOG_ERR, line)
+        _safe_call(stderr_to, f"{STDERR_PREFIX}error: {line}")
+
+
+# -- Python API -----------------------------------------------------------------------------------------------
+
+
+def legacy_message(report: Report) -> str | None:
+    """The warning text for one image's scan report, or None when it holds no legacy encryption."""
+    codes = _codes(report)
+    path = str(report.get("path"))
+    if CODE_LEGACY in codes:
+        where = f"{path}: {LEGACY_TEXT}"
+    elif CODE_LEGACY_BACKING in codes:
+        where = f"{path}: its backing file {_first_legacy_layer(report)} uses {LEGACY_TEXT}"
+    else:
+        return None
+    command = migrate_command(path, flatten=CODE_LEGACY_BACKING in codes)
+    return printable(f"{where}. Fix it with the VM shut off: {command}")
+
+
+def warn_if_legacy(path: str | os.PathLike[str]) -> bool:
+    """Issue a LegacyEncryptionWarning and return True when ``path`` or its backing chain holds legacy AES.
+
+    Returns False silently otherwise. Never raises for any path (missing, a directory, garbage, a wrong
+    type); only a warnings filter set to "error" turns the warning into an exception, as usual.
+    """
+    try:
+        message = legacy_message(_default_inspect(os.fsdecode(path)))
+    except Exception:
+        return False
+    if message is None:
+        return False
+    warnings.warn(LegacyEncryptionWarning(message), stacklevel=2)
+    return True

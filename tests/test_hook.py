@@ -1,0 +1,432 @@
+"""qcrypt.hook: domain XML parsing, disk checks on real qemu-img images, syslog/stderr emission, the time
+budget and the Python API (warn_if_legacy)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import syslog
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+import qcrypt
+from qcrypt import hook
+from qcrypt.errors import FormatError
+from tests.conftest import FIXTURES, require_tool
+
+DOMAINS = Path(__file__).parent / "data" / "domains"
+PASSPHRASE = b"legacy-secret"
+AES_OPTS = "encrypt.format=aes,encrypt.key-secret=s"
+LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
+LUKS_FIXTURE = FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz"  # qemu-img made; creating one costs ~2.5 s
+
+
+def _qemu_img(qemu_img: str, *args: str | os.PathLike[str], retries: int = 1) -> None:
+    for attempt in range(retries):
+        done = subprocess.run([qemu_img, *map(str, args)], capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return
+        if attempt == retries - 1:
+            raise AssertionError(f"qemu-img {args} failed: {done.stderr}")
+
+
+def build_images(qemu_img: str, folder: Path) -> None:
+    """The images the sample domains point at (all 1 MiB, made by qemu-img)."""
+    pw = folder / "pw"
+    pw.write_bytes(PASSPHRASE)
+    secret = ["--object", f"secret,id=s,file={pw}"]
+    _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", *secret, "-o", AES_OPTS, folder / "legacy.qcow2", "1M")
+    for copy in ("legacy2.qcow2", "legacy-lv", "legacy-raw-driver.qcow2"):
+        shutil.copyfile(folder / "legacy.qcow2", folder / copy)
+    _qemu_img(qemu_img, "create", "-q", "-f", "qcow", *secret, "-o", AES_OPTS, folder / "legacy-v1.qcow", "1M")
+    _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", folder / "plain.qcow2", "1M")
+    shutil.copyfile(folder / "plain.qcow2", folder / "standalone.qcow2")
+    _qemu_img(qemu_img, "create", "-q", "-f", "raw", folder / "plain.raw", "1M")
+    for name, backing in (("mid.qcow2", "legacy.qcow2"), ("top.qcow2", "mid.qcow2"),
+                          ("overlay.qcow2", "legacy.qcow2")):
+        _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", folder / name, "1M")
+    if LUKS_FIXTURE.is_file():
+        (folder / "luks.qcow2").write_bytes(gzip.decompress(LUKS_FIXTURE.read_bytes()))
+    else:
+        _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", *secret, "-o", LUKS_OPTS, folder / "luks.qcow2", "1M",
+                  retries=3)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("hook-images")
+    build_images(require_tool("qemu-img"), folder)
+    return folder
+
+
+def domain_xml(name: str, images_dir: Path | str = "/nonexistent") -> str:
+    """A sample domain from tests/data/domains with its @IMAGES@ placeholder filled in."""
+    return (DOMAINS / name).read_text(encoding="utf-8").replace("@IMAGES@", str(images_dir))
+
+
+def by_target(check: hook.DomainCheck) -> dict[str, hook.HookWarning]:
+    return {w.target: w for w in check.warnings}
+
+
+def migrate(path: Path | str, output: str, *extra: str, to: str = "qcow2-luks") -> str:
+    return " ".join(["qcrypt migrate", str(path), "--to", to, "-o", output, "--passphrase-file",
+                     hook.PASSPHRASE_PLACEHOLDER, *extra])
+
+
+# -- parsing -------------------------------------------------------------------------------------------------
+
+
+def test_parse_file_disks_and_empty_cdrom() -> None:
+    domain = hook.parse_domain_xml(domain_xml("legacy-file.xml", "/img"))
+    assert domain.name == "web"
+    disks = {d.target: d for d in domain.disks}
+    assert list(disks) == ["vda", "vdb", "vdc", "sda"]
+    vda = disks["vda"].layers[0]
+    assert (vda.source_type, vda.path, vda.format, vda.encryption) == ("file", "/img/legacy.qcow2", "qcow2",
+                                                                       ("qcow",))
+    assert vda.secret == "uuid 0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
+    assert disks["vdc"].driver_type == "qcow"
+    cdrom = disks["sda"]
+    assert cdrom.device == "cdrom"
+    assert (cdrom.layers[0].path, cdrom.layers[0].label) == (None, None)
+
+
+def test_parse_block_network_volume_and_sourceless_disks() -> None:
+    disks = {d.target: d for d in hook.parse_domain_xml(domain_xml("devices.xml", "/img")).disks}
+    assert disks["vdb"].layers[0].source_type == "block"
+    assert disks["vdb"].layers[0].path == "/img/legacy-lv"
+    rbd = disks["vdc"].layers[0]
+    assert (rbd.path, rbd.label, rbd.encryption, rbd.secret) == (None, "rbd:pool/legacy-rbd", ("qcow",),
+                                                                 "usage legacy-rbd-pass")
+    assert disks["vdd"].layers[0].encryption == ()
+    assert (disks["vde"].layers[0].path, disks["vde"].layers[0].label) == (None, "default/data.qcow2")
+    assert disks["hdc"].layers[0].path is None
+    assert disks["vdf"].driver_type == "raw"
+
+
+def test_parse_encryption_in_every_place() -> None:
+    disks = {d.target: d for d in hook.parse_domain_xml(domain_xml("encryption-placements.xml", "/i")).disks}
+    assert disks["vda"].layers[0].encryption == ("qcow",)  # under <disk>
+    assert disks["vdb"].layers[0].encryption == ("qcow",)  # under <source>
+    under_source = disks["vdc"].layers
+    assert len(under_source) == 2  # the empty <backingStore/> ends the chain
+    assert under_source[0].encryption == ()
+    assert (under_source[1].path, under_source[1].format, under_source[1].encryption) == (
+        "/i/missing-base.qcow2", "qcow2", ("qcow",))
+    assert disks["vdg"].layers[1].encryption == ("qcow",)  # directly under <backingStore>
+    assert disks["vdd"].layers[0].encryption == ("default",)
+
+
+def test_parse_backing_store_chain() -> None:
+    disks = {d.target: d for d in hook.parse_domain_xml(domain_xml("backing-chain.xml", "/i")).disks}
+    assert [layer.path for layer in disks["vda"].layers] == ["/i/top.qcow2", "/i/mid.qcow2", "/i/legacy.qcow2"]
+    assert [layer.format for layer in disks["vda"].layers] == ["qcow2", "qcow2", "qcow2"]
+
+
+def test_parse_bounds_a_runaway_backing_chain() -> None:
+    nested = "<backingStore type='file'><format type='qcow2'/><source file='/x'/>" * 200
+    xml = (f"<domain><name>deep</name><devices><disk type='file'><source file='/top'/>{nested}"
+           f"{'</backingStore>' * 200}<target dev='vda'/></disk></devices></domain>")
+    (disk,) = hook.parse_domain_xml(xml).disks
+    assert len(disk.layers) == 1 + hook.MAX_BACKING_DEPTH
+
+
+@pytest.mark.parametrize(
+    ("xml", "expected"),
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        (domain_xml("malformed.xml"), "malformed"),
+        (domain_xml("entity-bomb.xml"), "DOCTYPE/ENTITY"),
+        ("<!DOCTYPE domain SYSTEM 'file:///etc/passwd'><domain/>", "DOCTYPE/ENTITY"),
+        ("<network><name>n</name></network>", "expected a <domain>"),
+        (b"\xff\xfe<\x00d", "not valid utf-16"),
+        (b"<domain>\xff</domain>", "not valid utf-8"),
+    ],
+    ids=["empty", "blank", "malformed", "entity-bomb", "external-dtd", "not-a-domain", "bad-utf16", "bad-utf8"],
+)
+def test_parse_refuses_bad_documents(xml: str | bytes, expected: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(FormatError, match=expected):
+        hook.parse_domain_xml(xml)
+    assert time.monotonic() - started < 0.5  # the bomb is refused before any expansion
+
+
+def test_parse_accepts_bytes_utf8_and_utf16() -> None:
+    text = domain_xml("plain.xml", "/i")
+    assert hook.parse_domain_xml(text.encode("utf-8")).name == "clean"
+    assert hook.parse_domain_xml(text.encode("utf-16")).name == "clean"
+    assert len(hook.parse_domain_xml(text.encode("utf-8")).disks) == 3
+
+
+# -- checking domains against real images ------------------------------------------------------------------
+
+
+def test_legacy_file_disk(images: Path) -> None:
+    check = hook.check_domain_xml(domain_xml("legacy-file.xml", images))
+    assert (check.domain, check.errors, check.notes, check.cut_short) == ("web", [], [], False)
+    warned = by_target(check)
+    assert sorted(warned) == ["vda", "vdc"]  # not the clean vdb, not the empty cdrom
+    vda = warned["vda"]
+    assert (vda.domain, vda.path) == ("web", str(images / "legacy.qcow2"))
+    assert "legacy QEMU AES" in vda.reason
+    assert "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f" in vda.reason
+    assert vda.command == migrate(images / "legacy.qcow2", str(images / "legacy.luks.qcow2"))
+    assert warned["vdc"].command == migrate(images / "legacy-v1.qcow", str(images / "legacy-v1.luks.qcow2"))
+    assert vda.as_dict() == {"domain": "web", "target": "vda", "path": vda.path, "reason": vda.reason,
+                             "command": vda.command}
+
+
+def test_block_network_cdrom_and_raw_driver(images: Path) -> None:
+    check = hook.check_domain_xml(domain_xml("devices.xml", images))
+    assert check.errors == []
+    warned = by_target(check)
+    assert sorted(warned) == ["vdb", "vdc", "vdf"]
+    # block device: the output goes to a file in the current folder, not into /dev
+    assert warned["vdb"].command == migrate(images / "legacy-lv", "legacy-lv.luks.qcow2")
+    assert warned["vdc"].path == "rbd:pool/legacy-rbd"
+    assert "<encryption format='qcow'>" in warned["vdc"].reason
+    assert "copy rbd:pool/legacy-rbd to a local file" in warned["vdc"].command
+    assert "qcrypt migrate" in warned["vdc"].command
+    # raw-driver disk: the fix is a raw LUKS file
+    assert warned["vdf"].command == migrate(images / "legacy-raw-driver.qcow2",
+                                            str(images / "legacy-raw-driver.luks"), to="luks")
+
+
+def test_encryption_declared_in_each_place(images: Path) -> None:
+    warned = by_target(hook.check_domain_xml(domain_xml("encryption-placements.xml", images)))
+    assert sorted(warned) == ["vda", "vdb", "vdc", "vdd", "vde", "vdg"]  # vdf: LUKS declared as luks
+    for target in ("vda", "vdb"):
+        assert "declares <encryption format='qcow'>" in warned[target].reason
+        assert "--flatten" not in warned[target].command
+    assert warned["vdd"].reason.startswith("the domain XML declares <encryption format='default'>")
+    for target, base in (("vdc", "missing-base.qcow2"), ("vdg", "missing-base2.qcow2")):
+        assert str(images / base) in warned[target].reason
+        assert warned[target].command == migrate(images / "plain.qcow2", str(images / "plain.luks.qcow2"),
+                                                 "--flatten")
+    assert "the image is luks1" in warned["vde"].reason
+    assert warned["vde"].command == "virsh edit placements"
+
+
+def test_backing_store_chains(images: Path) -> None:
+    warned = by_target(hook.check_domain_xml(domain_xml("backing-chain.xml", images)))
+    assert sorted(warned) == ["vda", "vdb"]
+    vda = warned["vda"]
+    assert vda.reason.count(str(images / "legacy.qcow2")) == 1  # header chain and XML chain agree: said once
+    assert vda.command == migrate(images / "top.qcow2", str(images / "top.luks.qcow2"), "--flatten")
+    # standalone.qcow2's header has no backing file: only the XML's <backingStore> reveals the legacy base
+    assert str(images / "legacy2.qcow2") in warned["vdb"].reason
+    assert warned["vdb"].command.endswith("--flatten")
+
+
+def test_image_own_backing_file_is_legacy(images: Path) -> None:
+    (warning,) = hook.check_domain_xml(domain_xml("own-backing.xml", images)).warnings
+    assert (warning.domain, warning.target) == ("overlay", "vda")
+    assert f"its backing file {images / 'legacy.qcow2'}" in warning.reason
+    assert warning.command == migrate(images / "overlay.qcow2", str(images / "overlay.luks.qcow2"), "--flatten")
+
+
+def test_clean_domain_says_nothing(images: Path) -> None:
+    check = hook.check_domain_xml(domain_xml("plain.xml", images))
+    assert (check.domain, check.warnings, check.notes, check.errors) == ("clean", [], [], [])
+
+
+def test_missing_files_without_declared_encryption_are_quiet(images: Path) -> None:
+    check = hook.check_domain_xml(domain_xml("plain.xml", images / "gone"))
+    assert (check.warnings, check.errors, check.cut_short) == ([], [], False)
+
+
+def test_one_warning_per_disk(images: Path) -> None:
+    disk = (f"<disk type='file' device='disk'><driver type='qcow2'/><source file='{images}/legacy.qcow2'/>"
+            "<target dev='vda'/><encryption format='qcow'/></disk>")
+    xml = f"<domain><name>dup</name><devices>{disk}{disk}</devices></domain>"
+    (warning,) = hook.check_domain_xml(xml).warnings
+    assert warning.target == "vda"
+
+
+def test_message_is_one_line_even_for_hostile_paths(images: Path) -> None:
+    xml = ("<domain><name>evil&#10;name</name><devices><disk type='file'><driver type='qcow2'/>"
+           "<source file='/nowhere/a&#10;b.qcow2'/><target dev='vda'/><encryption format='qcow'/></disk>"
+           "</devices></domain>")
+    (warning,) = hook.check_domain_xml(xml).warnings
+    assert warning.path == "/nowhere/a\nb.qcow2"
+    assert "\n" not in warning.message()
+    assert "a\\nb.qcow2" in warning.message()
+    assert "'/nowhere/a\nb.qcow2'" in warning.command  # the command itself is shell-quoted, exact
+
+
+# -- time budget --------------------------------------------------------------------------------------------
+
+
+def test_many_disks_finish_well_under_a_second(images: Path, tmp_path: Path) -> None:
+    disks = []
+    for index in range(150):
+        source = images / ("legacy.qcow2" if index % 10 == 0 else "plain.qcow2")
+        copy = tmp_path / f"disk{index}.qcow2"
+        shutil.copyfile(source, copy)
+        disks.append(f"<disk type='file'><driver type='qcow2'/><source file='{copy}'/>"
+                     f"<target dev='vd{index}'/></disk>")
+    xml = f"<domain><name>many</name><devices>{''.join(disks)}</devices></domain>"
+    started = time.monotonic()
+    check = hook.check_domain_xml(xml)
+    assert time.monotonic() - started < 1.0
+    if not check.cut_short:  # on a loaded machine the budget may cut it; then the note says so
+        assert sorted(w.target for w in check.warnings) == sorted(f"vd{i}" for i in range(0, 150, 10))
+    else:
+        assert "not inspected" in check.notes[0]
+
+
+def test_zero_budget_still_reports_what_the_xml_declares(images: Path) -> None:
+    check = hook.check_domain_xml(domain_xml("encryption-placements.xml", images), budget_s=0.0)
+    assert check.cut_short
+    (note,) = check.notes
+    assert "check cut short after 0 ms" in note
+    assert "image(s) not inspected" in note
+    assert {"vda", "vdb", "vdc", "vdd", "vdg"} <= set(by_target(check))
+
+
+def test_a_hanging_image_cannot_hold_the_hook(images: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "hangs.qcow2"
+    os.mkfifo(fifo)  # opening a FIFO for reading blocks until a writer appears: a real hang
+    xml = (f"<domain><name>slow</name><devices>"
+           f"<disk type='file'><driver type='qcow2'/><source file='{fifo}'/><target dev='vda'/></disk>"
+           f"<disk type='file'><driver type='qcow2'/><source file='{images}/legacy.qcow2'/>"
+           f"<target dev='vdb'/><encryption format='qcow'/></disk></devices></domain>")
+    try:
+        started = time.monotonic()
+        check = hook.check_domain_xml(xml, budget_s=0.2)
+        assert time.monotonic() - started < 1.0
+        assert check.cut_short
+        assert str(fifo) in check.notes[0]
+        assert [w.target for w in check.warnings] == ["vdb"]  # declared in the XML: still reported
+    finally:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # release the blocked reader
+        os.close(fd)
+
+
+def test_an_inspect_bug_is_reported_not_raised(images: Path) -> None:
+    def broken_inspect(path: str) -> hook.Report:
+        raise RuntimeError(f"boom on {path}")
+
+    check = hook.check_domain_xml(domain_xml("legacy-file.xml", images), inspect_fn=broken_inspect)
+    assert [w.target for w in check.warnings] == ["vda"]  # from <encryption format='qcow'> alone
+    assert any("internal error while inspecting" in e and "RuntimeError" in e for e in check.errors)
+
+
+# -- emission --------------------------------------------------------------------------------------------------
+
+
+def test_emit_sends_each_line_to_syslog_and_stderr(images: Path) -> None:
+    sent: list[tuple[int, str]] = []
+    lines: list[str] = []
+    check = hook.check_domain_xml(domain_xml("legacy-file.xml", images))
+    hook.emit(check, syslog_to=lambda priority, line: sent.append((priority, line)), stderr_to=lines.append)
+    assert [p for p, _ in sent] == [syslog.LOG_WARNING, syslog.LOG_WARNING]
+    assert [line for _, line in sent] == [w.message() for w in check.warnings]
+    assert lines == [f"qcrypt-hook: warning: {w.message()}" for w in check.warnings]
+    assert "domain 'web' disk vda (" in lines[0]
+    assert "Fix it with the VM shut off: qcrypt migrate" in lines[0]
+
+
+def test_emit_errors_and_notes_priorities() -> None:
+    sent: list[tuple[int, str]] = []
+    check = hook.DomainCheck(domain=None, notes=["cut short"], errors=["domain XML: empty"])
+    hook.emit(check, domain_hint="vm1", syslog_to=lambda p, line: sent.append((p, line)))
+    assert sent == [(syslog.LOG_NOTICE, "cut short"), (syslog.LOG_ERR, "domain 'vm1': domain XML: empty")]
+
+
+def test_emit_uses_the_module_sink_and_survives_a_broken_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(hook, "syslog_sink", lambda _p, line: sent.append(line))
+    hook.emit(hook.DomainCheck(domain="d", errors=["x"]))
+    assert sent == ["domain 'd': x"]
+
+    def broken(*_args: object) -> None:
+        raise OSError("log socket gone")
+
+    lines: list[str] = []
+    hook.emit(hook.DomainCheck(domain="d", errors=["y"]), syslog_to=broken, stderr_to=lines.append)
+    assert lines == ["qcrypt-hook: error: domain 'd': y"]
+
+
+def test_real_syslog_sink_accepts_a_line() -> None:
+    assert hook.syslog_sink is hook.send_to_syslog  # the default is the real syslog(3)
+    lines: list[str] = []
+    hook.emit(hook.DomainCheck(domain="d", notes=["qcrypt test note"]), stderr_to=lines.append)
+    assert lines == ["qcrypt-hook: qcrypt test note"]
+
+
+# -- Python API ----------------------------------------------------------------------------------------------
+
+
+def test_warn_if_legacy_warns_with_the_fix(images: Path) -> None:
+    with pytest.warns(hook.LegacyEncryptionWarning) as record:
+        assert hook.warn_if_legacy(images / "legacy.qcow2") is True
+    (warning,) = record
+    text = str(warning.message)
+    assert str(images / "legacy.qcow2") in text
+    assert migrate(images / "legacy.qcow2", str(images / "legacy.luks.qcow2")) in text
+    assert warning.filename == __file__  # stacklevel=2 points at the caller
+
+
+def test_warn_if_legacy_backing_chain(images: Path) -> None:
+    with pytest.warns(qcrypt.LegacyEncryptionWarning, match="its backing file .*legacy.qcow2") as record:
+        assert qcrypt.warn_if_legacy(str(images / "top.qcow2")) is True
+    assert "--flatten" in str(record[0].message)
+
+
+@pytest.mark.parametrize("name", ["plain.qcow2", "plain.raw", "luks.qcow2", "missing.qcow2", ".", "garbage"])
+def test_warn_if_legacy_is_silent_otherwise(images: Path, tmp_path: Path, name: str) -> None:
+    (tmp_path / "garbage").write_bytes(b"QFI\xfb" + os.urandom(60))  # qcow2 magic, nonsense header
+    base = tmp_path if name == "garbage" else images
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert hook.warn_if_legacy(base / name) is False
+    assert caught == []
+
+
+@pytest.mark.parametrize("path", [None, 42, b"/nonexistent/\xff", "a\0b", "", object()])
+def test_warn_if_legacy_never_raises(path: object) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert hook.warn_if_legacy(path) is False  # type: ignore[arg-type]
+    assert caught == []
+
+
+def test_warning_is_shown_by_default(images: Path) -> None:
+    code = f"import qcrypt; print(qcrypt.warn_if_legacy({str(images / 'legacy.qcow2')!r}))"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0
+    assert done.stdout.strip() == "True"
+    assert "LegacyEncryptionWarning" in done.stderr
+    assert "qcrypt migrate" in done.stderr
+
+
+def test_public_names() -> None:
+    assert qcrypt.LegacyEncryptionWarning is hook.LegacyEncryptionWarning
+    assert issubclass(hook.LegacyEncryptionWarning, UserWarning)
+    assert qcrypt.warn_if_legacy is hook.warn_if_legacy
+
+
+def test_migrate_command_quotes_paths() -> None:
+    assert hook.migrate_command("/vm images/a b.qcow2", flatten=True) == (
+        "qcrypt migrate '/vm images/a b.qcow2' --to qcow2-luks -o '/vm images/a b.luks.qcow2' "
+        "--passphrase-file PASSPHRASE_FILE --flatten")
+    assert hook.migrate_command("/dev/vg/lv", block=True) == (
+        "qcrypt migrate /dev/vg/lv --to qcow2-luks -o lv.luks.qcow2 --passphrase-file PASSPHRASE_FILE")
+    assert hook.migrate_command("/i/d.img", to="luks").split(" -o ")[1].startswith("/i/d.luks ")
+
+
+def test_inspection_thread_is_a_daemon(images: Path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    hook.check_domain_xml(domain_xml("plain.xml", images))
+    extra = [t for t in threading.enumerate() if t.ident not in before]
+    assert all(t.daemon for t in extra)
