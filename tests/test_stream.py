@@ -1,0 +1,147 @@
+"""open_image reads every fixture byte-for-byte as QEMU does (the manifest's plaintext_sha256 came from
+``qemu-img convert -O raw``), at unaligned offsets too; interop with images written by qemu-io right now."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+import qcrypt
+from qcrypt.stream import PassphraseRequiredError
+from tests import _images as im
+
+MANIFEST = im.manifest()["fixtures"]
+READABLE = sorted(
+    name for name, e in MANIFEST.items()
+    if e["plaintext_sha256"] and not e["qemu_img_error"] and "truncated" not in name
+)
+
+
+@pytest.fixture(scope="module")
+def unpacked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("fixtures")
+    return {name: im.fixture_path(name, base) for name in MANIFEST}
+
+
+def chain_passphrases(name: str, unpacked: dict[str, Path]) -> dict[Path, str]:
+    """Each encrypted backing layer's own passphrase, from the manifest."""
+    found = {}
+    backing = MANIFEST[name]["backing_file"]
+    while backing:
+        if MANIFEST[backing]["passphrase"]:
+            found[unpacked[backing]] = MANIFEST[backing]["passphrase"]
+        backing = MANIFEST[backing]["backing_file"]
+    return found
+
+
+@pytest.mark.parametrize("name", READABLE)
+def test_plaintext_matches_qemu(name: str, unpacked: dict[str, Path]) -> None:
+    entry = MANIFEST[name]
+    layers = chain_passphrases(name, unpacked)
+    with qcrypt.open_image(unpacked[name], entry["passphrase"], passphrases=layers) as stream:
+        assert stream.size == entry["virtual_size"]
+        digest = hashlib.sha256()
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    assert digest.hexdigest() == entry["plaintext_sha256"]
+
+
+@pytest.mark.parametrize("name", [n for n in READABLE if MANIFEST[n]["plaintext_from_writes"]])
+def test_unaligned_reads(name: str, unpacked: dict[str, Path]) -> None:
+    entry = MANIFEST[name]
+    expected = im.expected_plaintext(name)
+    rng = random.Random(name)
+    layers = chain_passphrases(name, unpacked)
+    with qcrypt.open_image(unpacked[name], entry["passphrase"], passphrases=layers) as stream:
+        for write in entry["writes"][:8]:
+            start = max(0, write["offset"] - rng.randrange(700))
+            length = write["length"] + rng.randrange(1500)
+            stream.seek(start)
+            assert stream.read(length) == expected[start : start + length]
+        buffer = bytearray(777)
+        stream.seek(stream.size - 300)
+        assert stream.readinto(buffer) == 300
+        assert bytes(buffer[:300]) == expected[-300:]
+        assert stream.read(10) == b""
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in MANIFEST.items() if e["snapshot_sha256"]))
+def test_snapshots_read_as_qemu(name: str, unpacked: dict[str, Path]) -> None:
+    entry = MANIFEST[name]
+    for snapshot, expected in entry["snapshot_sha256"].items():
+        with qcrypt.open_image(unpacked[name], entry["passphrase"], snapshot=snapshot) as stream:
+            assert hashlib.sha256(stream.read()).hexdigest() == expected
+
+
+def test_stream_is_a_raw_io(unpacked: dict[str, Path]) -> None:
+    name = "aes-qcow2-v3-c64k.qcow2"
+    with qcrypt.open_image(unpacked[name], MANIFEST[name]["passphrase"].encode()) as stream:
+        assert isinstance(stream, io.RawIOBase)
+        assert stream.readable() and stream.seekable() and not stream.writable()
+        assert stream.seek(0, io.SEEK_END) == stream.size
+        assert stream.seek(-512, io.SEEK_CUR) == stream.size - 512
+        assert stream.tell() == stream.size - 512
+        buffered = io.BufferedReader(stream)
+        assert len(buffered.read()) == 512
+    assert stream.closed
+
+
+def test_legacy_key_is_first_16_bytes(unpacked: dict[str, Path]) -> None:
+    name = "aes-qcow2-v3-c64k.qcow2"
+    passphrase = MANIFEST[name]["passphrase"]
+    with qcrypt.open_image(unpacked[name], passphrase[:16] + "ignored tail") as stream:
+        assert hashlib.sha256(stream.read()).hexdigest() == MANIFEST[name]["plaintext_sha256"]
+
+
+def test_wrong_and_missing_luks_passphrase(unpacked: dict[str, Path]) -> None:
+    for name in ("luks-qcow2-v3-c64k.qcow2", "luks1-cs-aes-xts-plain64-256-sha256.luks"):
+        with pytest.raises(qcrypt.BadPassphraseError, match="opens no keyslot") as raised:
+            qcrypt.open_image(unpacked[name], "not the passphrase")
+        assert "not the passphrase" not in str(raised.value)
+        with pytest.raises(PassphraseRequiredError):
+            qcrypt.open_image(unpacked[name])
+
+
+def test_truncated_encrypted_image_is_refused(unpacked: dict[str, Path]) -> None:
+    name = "aes-qcow2-v3-truncated-c4k.qcow2"
+    with qcrypt.open_image(unpacked[name], MANIFEST[name]["passphrase"]) as stream, \
+            pytest.raises(qcrypt.FormatError, match="truncated"):
+        stream.read()
+
+
+def test_unknown_incompatible_feature_is_refused(unpacked: dict[str, Path]) -> None:
+    with pytest.raises(qcrypt.UnsupportedFeatureError, match="incompatible"):
+        qcrypt.open_image(unpacked["aes-qcow2-v3-unknown-incompat-c4k.qcow2"], "x")
+
+
+def test_luks2_unlock_is_refused_clearly(unpacked: dict[str, Path]) -> None:
+    with pytest.raises(qcrypt.UnsupportedFeatureError, match="LUKS2"):
+        qcrypt.open_image(unpacked["luks2-pbkdf2.luks"], MANIFEST["luks2-pbkdf2.luks"]["passphrase"])
+
+
+@pytest.mark.parametrize("cluster_size", [512, 4096, 65536, 2 << 20])
+def test_fresh_legacy_images_at_nonzero_offsets(tmp_path: Path, qemu_img: str, cluster_size: int) -> None:
+    """qemu-io writes into a fresh legacy image; the passphrase is longer than 16 bytes."""
+    passphrase = "a passphrase longer than sixteen bytes"
+    size = 8 << 20
+    image = im.make_qcow2(tmp_path / "l.qcow2", size, cluster_size=cluster_size, encrypt="aes",
+                          passphrase=passphrase)
+    writes = im.fill_image(image, size, cluster_size)
+    with qcrypt.open_image(image.path, passphrase) as stream:
+        assert hashlib.sha256(stream.read()).hexdigest() == im.plaintext_sha256(image)
+        expected = im.render_writes(writes, bytes(size))
+        stream.seek(0)
+        assert stream.read() == expected
+
+
+def test_chain_with_separate_passphrases(tmp_path: Path, qemu_img: str) -> None:
+    base = im.make_qcow2(tmp_path / "base.qcow2", 4 << 20, encrypt="aes", passphrase="base secret")
+    im.write_pattern(base, 65536 * 3 + 512, 4096, 0x61)
+    top = im.make_qcow2(tmp_path / "top.qcow2", 4 << 20, encrypt="aes", passphrase="top secret", backing=base)
+    im.write_pattern(top, 65536 * 5 + 1024, 4096, 0x62)
+    with qcrypt.open_image(top.path, "top secret", passphrases={base.path: "base secret"}) as stream:
+        assert hashlib.sha256(stream.read()).hexdigest() == im.plaintext_sha256(top)
