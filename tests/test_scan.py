@@ -147,7 +147,7 @@ def test_scan_table_quiet_and_prometheus(unpacked: dict[str, Path]) -> None:
     table = _run("scan", legacy, plain)
     assert "critical" in table.stdout and "aes-cbc-legacy" in table.stdout and plain in table.stdout
     quiet = _run("scan", "--quiet", "--fail-on", "never", legacy, plain)
-    assert quiet.stdout.splitlines() == [l for l in quiet.stdout.splitlines() if l.startswith(legacy)]
+    assert quiet.stdout.splitlines() == [line for line in quiet.stdout.splitlines() if line.startswith(legacy)]
     assert "legacy-aes" in quiet.stdout
     metrics = _run("scan", "--format", "prometheus", legacy, plain).stdout
     assert 'qcrypt_images{encryption="aes-cbc-legacy",severity="critical"} 1' in metrics
