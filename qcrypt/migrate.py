@@ -28,6 +28,7 @@ from qcrypt.stream import GuestStream, QcowReader, _Opener, open_image
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
 CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_CLUSTER_SIZE = 65536
 SECTOR = 512
 Progress = Callable[[int], None]
 
@@ -222,7 +223,9 @@ def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
 
 def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tuple[luks.LuksHeader, bytes]:
     """Keep keyslots byte for byte; only place the payload where the target container wants it."""
-    material_end = max(s.key_material_offset + header.material_sectors for s in header.keyslots)
+    align = luks.fmt.ALIGN_KEYSLOTS_SECTORS  # QEMU rounds each slot's material up to 4 KiB
+    material_sectors = -(-header.material_sectors // align) * align
+    material_end = max(s.key_material_offset + material_sectors for s in header.keyslots)
     payload = material_end
     if raw_target:
         payload = -(-material_end // luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS) * luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
@@ -285,20 +288,6 @@ def _pwrite_fd(fd: int, offset: int, data: bytes | memoryview) -> None:
         offset += written
 
 
-def _runs(guest_clusters: list[int], max_clusters: int) -> Iterator[tuple[int, int]]:
-    """Consecutive guest clusters grouped as (first, count), at most ``max_clusters`` per run."""
-    first = prev = None
-    for g in guest_clusters:
-        if first is not None and prev is not None and g == prev + 1 and g - first < max_clusters:
-            prev = g
-            continue
-        if first is not None and prev is not None:
-            yield first, prev - first + 1
-        first = prev = g
-    if first is not None and prev is not None:
-        yield first, prev - first + 1
-
-
 @dataclass
 class Qcow2Job:
     """What the qcow2 writer gets: per table, zero runs and data runs (with the reader to take them from)."""
@@ -320,40 +309,94 @@ def _layer_job(table: int, reader: QcowReader, snapshot: Snapshot | None, share:
     return Qcow2Job(table, reader, clusters)
 
 
-def _flatten_job(reader: QcowReader) -> Qcow2Job:
-    allocated: set[int] = set()
-    layer: Any = reader
+class FlatSource:
+    """A raw or raw-LUKS source seen as clusters of the output's size (every cluster may hold data)."""
+
+    def __init__(self, reader: Any, cluster_size: int = DEFAULT_CLUSTER_SIZE) -> None:
+        self.reader = reader
+        self.size: int = reader.size
+        self.cluster_size = cluster_size
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        return self.reader.read(guest_offset, length)
+
+
+def _whole_disk_job(source: FlatSource) -> Qcow2Job:
+    clusters = -(-source.size // source.cluster_size)
+    return Qcow2Job(-1, source, [(g, "data", None) for g in range(clusters)])
+
+
+def allocated_extents(reader: Any) -> list[tuple[int, int]]:
+    """Guest byte ranges [start, end) that any layer of ``reader``'s chain maps (zero clusters included)."""
+    extents: list[tuple[int, int]] = []
+    layer = reader
     while isinstance(layer, QcowReader):
-        allocated.update(g for g, m in layer.image.iter_mappings() if m.kind is not ClusterKind.ZERO)  # type: ignore[attr-defined]
+        cs = layer.cluster_size
+        extents += [(g * cs, min((g + 1) * cs, layer.size)) for g, _ in layer.image.iter_mappings()]  # type: ignore[attr-defined]
         layer = layer.backing
-    if layer is not None:  # a raw base: every cluster may hold data
-        allocated.update(range(-(-min(layer.size, reader.size) // reader.cluster_size)))
-    return Qcow2Job(-1, reader, [(g, "data", None) for g in sorted(allocated)])
+    if layer is not None:  # a raw (or raw LUKS) base: all of it may hold data
+        extents.append((0, layer.size))
+    return merge_extents(extents, limit=reader.size)
+
+
+def merge_extents(extents: list[tuple[int, int]], *, limit: int) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(extents):
+        end = min(end, limit)
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _flatten_job(reader: QcowReader) -> Qcow2Job:
+    cs = reader.cluster_size
+    clusters: set[int] = set()
+    for start, end in allocated_extents(reader):
+        clusters.update(range(start // cs, -(-end // cs)))
+    return Qcow2Job(-1, reader, [(g, "data", None) for g in sorted(clusters)])
 
 
 def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: Digests, *,
                     skip_zero_data: bool) -> int:
+    """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted."""
     cs = job.reader.cluster_size
     size = job.reader.size
-    max_run = max(1, opts.chunk_bytes // cs)
-    zeros = [g for g, kind, _ in job.clusters if kind == "zero"]
-    for first, count in _runs(zeros, 1 << 30):
-        writer.write_zero_clusters(job.table, first, count)
-        digests.add(job.table, first * cs, bytes(min(count * cs, size - first * cs)))
-    data = [(g, key) for g, kind, key in job.clusters if kind == "data"]
-    keys = dict(data)
     done = 0
-    for first, count in _runs([g for g, _ in data], max_run):
+    for kind, first, count, keys in _kind_runs(job.clusters, max(1, opts.chunk_bytes // cs)):
         guest_offset = first * cs
-        plain = job.reader.read(guest_offset, min(count * cs, size - guest_offset))
+        length = min(count * cs, size - guest_offset)
+        if kind == "zero":
+            writer.write_zero_clusters(job.table, first, count)
+            digests.add(job.table, guest_offset, bytes(length))
+            continue
+        plain = job.reader.read(guest_offset, length)
+        if skip_zero_data:
+            digests.add(job.table, guest_offset, plain)  # skipped zero clusters must read back as zeros
         for g, piece in _nonzero_pieces(first, plain, cs, skip_zero_data):
-            share_keys = [keys[g + i] for i in range(-(-len(piece) // cs))] if keys.get(g) else None
+            share_keys = keys[g - first : g - first + -(-len(piece) // cs)] if keys[0] is not None else None
             writer.write_clusters(job.table, g, piece, share_keys=share_keys)
-            digests.add(job.table, g * cs, piece)
-        done += len(plain)
+            if not skip_zero_data:
+                digests.add(job.table, g * cs, piece)
+        done += length
         if opts.progress:
-            opts.progress(len(plain))
+            opts.progress(length)
     return done
+
+
+def _kind_runs(clusters: list[tuple[int, str, Any]], max_run: int) -> Iterator[tuple[str, int, int, list[Any]]]:
+    """(kind, first guest cluster, count, share keys) for runs of consecutive clusters of one kind."""
+    run: list[tuple[int, str, Any]] = []
+    for item in clusters:
+        if run and (item[1] != run[-1][1] or item[0] != run[-1][0] + 1 or len(run) >= max_run):
+            yield run[0][1], run[0][0], len(run), [key for _, _, key in run]
+            run = []
+        run.append(item)
+    if run:
+        yield run[0][1], run[0][0], len(run), [key for _, _, key in run]
 
 
 def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Iterator[tuple[int, memoryview]]:
@@ -480,26 +523,32 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
     opener = _Opener(opts.passphrase, {})
     reader = opener.open(plan_.source)
     try:
-        assert isinstance(reader, QcowReader)
+        source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
         cipher = luks_out.cipher if luks_out else None
         writer = Qcow2Writer(
-            out, virtual_size=reader.size, cluster_bits=reader.cluster_size.bit_length() - 1,
+            out, virtual_size=source.size, cluster_bits=source.cluster_size.bit_length() - 1,
             luks_area=luks_out.area if luks_out else None,
             encrypt=(lambda data, sector: cipher.encrypt(data, sector)) if cipher else None,
             backing_file=plan_.keep_backing, backing_format=plan_.backing_format,
         )
         share = bool(plan_.snapshots)
-        flatten = plan_.report["backing_file"] and plan_.keep_backing is None
-        job = _flatten_job(reader) if flatten else _layer_job(ACTIVE, reader, None, share)
-        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=bool(flatten))
+        flatten = bool(plan_.report["backing_file"]) and plan_.keep_backing is None
+        if isinstance(source, FlatSource):
+            job, skip_zero = _whole_disk_job(source), True
+        elif flatten:
+            job, skip_zero = _flatten_job(source), True
+        else:
+            job, skip_zero = _layer_job(ACTIVE, source, None, share), False
+        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero)
         for table_index, snapshot in enumerate(plan_.snapshots):
             table = _add_snapshot(writer, snapshot)
             assert table == table_index
-            snap_reader = QcowReader(reader.image, reader.cipher, reader.iv_from_host, reader.backing, snapshot)
+            assert isinstance(source, QcowReader)
+            snap_reader = QcowReader(source.image, source.cipher, source.iv_from_host, source.backing, snapshot)
             done += write_qcow2_job(_layer_job(table, snap_reader, snapshot, True), writer, opts, digests,
                                     skip_zero_data=False)
         writer.finish()
-        return done, reader.size
+        return done, source.size
     finally:
         reader.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -52,10 +53,19 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             click.echo("qcrypt: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
+            sys.exit(EXIT_OK)
         except OSError as e:
-            name = f" {e.filename}" if getattr(e, "filename", None) else ""
-            click.echo(f"qcrypt: error:{name}: {e.strerror or e}", err=True)
+            name = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            click.echo(f"qcrypt: error: {name}{e.strerror or e}", err=True)
             sys.exit(EXIT_CODES[errors.QcryptIOError])
+        except Exception as e:
+            if os.environ.get("QCRYPT_DEBUG"):
+                raise
+            click.echo(f"qcrypt: internal error: {type(e).__name__}: {e} (this is a bug in qcrypt; set "
+                       "QCRYPT_DEBUG=1 for the traceback and report it)", err=True)
+            sys.exit(EXIT_OTHER)
 
     return wrapper  # type: ignore[return-value]
 
