@@ -1,0 +1,365 @@
+"""qcrypt migrate end to end, judged by the real tools (qemu-img compare/check, cryptsetup).
+
+Every output is checked by a peer, never only by qcrypt's own reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import _images as im
+from tests.conftest import require_tool
+
+PASSPHRASE = "correct horse battery staple, longer than 16 bytes"
+SIZE = 8 << 20
+FAST = ["--pbkdf-force-iterations", "1000"]
+
+
+def qcrypt(*args: str, stdin: bytes | None = None, check: bool = True, **kw: object) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"qcrypt {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
+    return result
+
+
+def secret_file(tmp: Path, name: str, passphrase: str, newline: bool = False) -> Path:
+    path = tmp / name
+    path.write_bytes(passphrase.encode() + (b"\n" if newline else b""))
+    return path
+
+
+def image_opts(path: Path, fmt: str, secret: bool | str) -> str:
+    """secret: True = the image is encrypted; "backing" = its backing file is; "both"."""
+    if fmt == "luks":
+        return f"driver=luks,file.filename={path},key-secret=s"
+    opts = f"driver={fmt},file.filename={path}"
+    if secret in (True, "both"):
+        opts += ",encrypt.key-secret=s"
+    if secret in ("backing", "both"):
+        opts += ",backing.encrypt.key-secret=s"
+    return opts
+
+
+def qemu_compare(a: tuple[Path, str, bool | str], b: tuple[Path, str, bool | str], pw: Path) -> None:
+    out = subprocess.run(
+        [require_tool("qemu-img"), "compare", "--object", f"secret,id=s,file={pw}", "--image-opts",
+         image_opts(*a), image_opts(*b)], capture_output=True, text=True)
+    assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
+
+
+def qemu_check(path: Path, pw: Path | None) -> dict[str, object]:
+    args = [require_tool("qemu-img"), "check", "--output=json"]
+    if pw:
+        args += ["--object", f"secret,id=s,file={pw}", "--image-opts",
+                 f"driver=qcow2,file.filename={path},encrypt.key-secret=s"]
+    else:
+        args.append(str(path))
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0
+    return report
+
+
+def cryptsetup(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require_tool("cryptsetup"), *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
+    """A legacy AES qcow2 with data at odd offsets, compressed and zero clusters; and its passphrase file."""
+    image = im.make_qcow2(tmp_path / "legacy.qcow2", SIZE, encrypt="aes", passphrase=PASSPHRASE)
+    im.fill_image(image, SIZE, 65536)
+    return image.path, secret_file(tmp_path, "pw", PASSPHRASE)
+
+
+def test_to_raw_luks(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = legacy
+    out = tmp_path / "out.luks"
+    result = qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST)
+    stdout = result.stdout.decode()
+    assert "verified" in stdout and "<encryption format='luks'>" in stdout and "--image-opts driver=luks" in stdout
+    assert PASSPHRASE not in stdout + result.stderr.decode()
+    qemu_compare((out, "luks", True), (source, "qcow2", True), pw)
+    dump = cryptsetup("luksDump", str(out)).stdout
+    assert "Version:       \t1" in dump and "xts-plain64" in dump and "Payload offset:\t4096" in dump
+    assert cryptsetup("open", "--test-passphrase", "--key-file", str(pw), str(out)).returncode == 0
+    assert cryptsetup("open", "--test-passphrase", "--key-file", str(source), str(out)).returncode == 2
+    copy = tmp_path / "copy.luks"
+    copy.write_bytes(out.read_bytes())
+    assert cryptsetup("convert", "--type", "luks2", "--batch-mode", str(copy)).returncode == 0
+    assert (out.stat().st_size - 4096 * 512) == SIZE  # every payload sector written, nothing more
+
+
+def test_to_qcow2_luks_keeps_sparseness(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = legacy
+    out = tmp_path / "out.qcow2"
+    qcrypt("migrate", str(source), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw), *FAST)
+    qemu_check(out, pw)
+    qemu_compare((out, "qcow2", True), (source, "qcow2", True), pw)
+    info = im.qemu_img_info(out)
+    assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+    assert info["cluster-size"] == 65536
+    assert out.stat().st_size < 4 << 20  # allocated data only, not the 8 MiB virtual size
+
+
+@pytest.mark.parametrize("target,fmt", [("qcow2", "qcow2"), ("raw", "raw")])
+def test_plaintext_exports(legacy: tuple[Path, Path], tmp_path: Path, target: str, fmt: str) -> None:
+    source, pw = legacy
+    out = tmp_path / f"out.{target}"
+    stdout = qcrypt("migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw)).stdout
+    assert b"NOT encrypted" in stdout
+    if target == "qcow2":
+        qemu_check(out, None)
+    qemu_compare((out, fmt, False), (source, "qcow2", True), pw)
+
+
+@pytest.mark.parametrize("cipher,bits,hash_name", [("aes-cbc-essiv:sha256", "256", "sha512"),
+                                                   ("aes-cbc-plain64", "128", "sha1"),
+                                                   ("aes-xts-plain64", "256", "sha256")])
+def test_cipher_options(legacy: tuple[Path, Path], tmp_path: Path, cipher: str, bits: str, hash_name: str) -> None:
+    source, pw = legacy
+    new_pw = secret_file(tmp_path, "new", "a brand new passphrase", newline=True)
+    out = tmp_path / "out.luks"
+    qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
+           "--new-passphrase-file", str(new_pw), "--cipher", cipher, "--key-size", bits, "--hash", hash_name, *FAST)
+    dump = cryptsetup("luksDump", str(out)).stdout
+    cipher_name, mode = cipher.split("-", 1)
+    assert f"Cipher name:   \t{cipher_name}" in dump
+    assert f"Cipher mode:   \t{mode}" in dump and f"Hash spec:     \t{hash_name}" in dump
+    assert f"MK bits:       \t{bits}" in dump
+    stripped = secret_file(tmp_path, "stripped", "a brand new passphrase")  # one trailing newline removed
+    assert cryptsetup("open", "--test-passphrase", "--key-file", str(stripped), str(out)).returncode == 0
+    plain = tmp_path / "plain.raw"
+    qcrypt("migrate", str(out), "--to", "raw", "-o", str(plain), "--passphrase-file", str(new_pw))
+    qemu_compare((plain, "raw", False), (source, "qcow2", True), pw)
+
+
+def test_wrong_passphrase_refused_and_nothing_created(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, _ = legacy
+    wrong = secret_file(tmp_path, "wrong", "not the passphrase")
+    out = tmp_path / "out.luks"
+    result = qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(wrong),
+                    check=False)
+    assert result.returncode == 4
+    assert b"probably wrong" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.qcow2", "pw", "wrong"]
+    forced = qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(wrong),
+                    "--force", check=False)
+    assert forced.returncode == 0 and out.exists()
+
+
+def test_random_plaintext_needs_force(tmp_path: Path, qemu_img: str) -> None:
+    image = im.make_qcow2(tmp_path / "rnd.qcow2", 1 << 20, encrypt="aes", passphrase=PASSPHRASE)
+    im.write_data(image, 0, os.urandom(1 << 20))
+    pw = secret_file(tmp_path, "pw", PASSPHRASE)
+    refused = qcrypt("migrate", str(image.path), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file",
+                     str(pw), check=False)
+    assert refused.returncode == 4 and b"--force" in refused.stderr
+    qcrypt("migrate", str(image.path), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file", str(pw),
+           "--force")
+
+
+def test_passphrase_from_stdin(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = legacy
+    out = tmp_path / "out.raw"
+    qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", "-",
+           stdin=PASSPHRASE.encode() + b"\n")
+    qemu_compare((out, "raw", False), (source, "qcow2", True), pw)
+    missing = qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "x"), check=False, stdin=b"")
+    assert missing.returncode == 2 and b"--passphrase-file" in missing.stderr
+
+
+def test_snapshots_are_kept(tmp_path: Path, qemu_img: str) -> None:
+    name = "aes-qcow2-v3-snapshots-c4k.qcow2"
+    entry = im.manifest()["fixtures"][name]
+    source = im.fixture_path(name, tmp_path)
+    pw = secret_file(tmp_path, "pw", entry["passphrase"])
+    out = tmp_path / "out.qcow2"
+    stdout = qcrypt("migrate", str(source), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw),
+                    *FAST).stdout
+    assert b"snap-1, snap-2" in stdout
+    qemu_check(out, pw)
+    migrated = im.Image(out, "qcow2", entry["passphrase"])
+    assert im.plaintext_sha256(migrated) == entry["plaintext_sha256"]
+    for snap, digest in entry["snapshot_sha256"].items():
+        assert im.plaintext_sha256(migrated, snapshot_name=snap) == digest
+    listing = subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True).stdout
+    assert [s["name"] for s in json.loads(listing)["snapshots"]] == ["snap-1", "snap-2"]
+
+
+def test_backing_chains(tmp_path: Path, qemu_img: str) -> None:
+    fixtures = im.manifest()["fixtures"]
+    pw = secret_file(tmp_path, "pw", fixtures["chain-aes-base-c4k.qcow2"]["passphrase"])
+    over_aes = im.fixture_path("chain-plain-over-aes.qcow2", tmp_path)
+    refused = qcrypt("migrate", str(over_aes), "--to", "qcow2-luks", "-o", str(tmp_path / "o.qcow2"),
+                     "--passphrase-file", str(pw), check=False)
+    assert refused.returncode == 8 and b"--flatten" in refused.stderr
+    flat = tmp_path / "flat.qcow2"
+    qcrypt("migrate", str(over_aes), "--to", "qcow2-luks", "-o", str(flat), "--passphrase-file", str(pw),
+           "--flatten", *FAST)
+    assert "backing-filename" not in im.qemu_img_info(flat)
+    qemu_check(flat, pw)
+    qemu_compare((flat, "qcow2", True), (over_aes, "qcow2", "backing"), pw)
+    # a legacy overlay over a plain base keeps its backing reference
+    over_plain = im.fixture_path("chain-aes-over-plain-c4k.qcow2", tmp_path)
+    pw2 = secret_file(tmp_path, "pw2", fixtures["chain-aes-over-plain-c4k.qcow2"]["passphrase"])
+    kept = tmp_path / "kept.qcow2"
+    qcrypt("migrate", str(over_plain), "--to", "qcow2-luks", "-o", str(kept), "--passphrase-file", str(pw2), *FAST)
+    assert im.qemu_img_info(kept)["backing-filename"] == fixtures["chain-aes-over-plain-c4k.qcow2"]["backing_file"]
+    qemu_compare((kept, "qcow2", True), (over_plain, "qcow2", True), pw2)
+
+
+@pytest.mark.parametrize("name,target", [("luks-qcow2-v3-c64k.qcow2", "luks"),
+                                         ("luks1-cs-aes-cbc-essiv-sha256-256-sha256.luks", "qcow2-luks"),
+                                         ("luks1-qemu-aes-xts-plain64-512.luks", "qcow2-luks")])
+def test_luks_to_luks_keeps_master_key_and_keyslots(tmp_path: Path, qemu_img: str, name: str, target: str) -> None:
+    entry = im.manifest()["fixtures"][name]
+    source = im.fixture_path(name, tmp_path)
+    pw = secret_file(tmp_path, "pw", entry["passphrase"])
+    out = tmp_path / ("out.luks" if target == "luks" else "out.qcow2")
+    stdout = qcrypt("migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw)).stdout
+    assert b"carried over" in stdout
+    src_fmt = "luks" if name.endswith(".luks") else "qcow2"
+    out_fmt = "luks" if target == "luks" else "qcow2"
+    qemu_compare((out, out_fmt, True), (source, src_fmt, True), pw)
+    info = json.loads(qcrypt("info", "--format", "json", str(out)).stdout)["luks"]
+    assert info["uuid"] == entry["luks"]["uuid"] and info["mk_iterations"] == entry["luks"]["mk_iterations"]
+    source_slots = json.loads(qcrypt("info", "--format", "json", str(source)).stdout)["luks"]["keyslots"]
+    for mine, theirs in zip(info["keyslots"], source_slots, strict=True):
+        assert (mine["salt"], mine["iterations"], mine["active"]) == (theirs["salt"], theirs["iterations"],
+                                                                     theirs["active"])
+    if target == "luks":
+        assert cryptsetup("open", "--test-passphrase", "--key-file", str(pw), str(out)).returncode == 0
+        key = [cryptsetup("luksDump", "--dump-master-key", "--batch-mode", "--key-file", str(pw), str(p)).stdout
+               .split("MK dump:")[1].split("\n\n")[0] for p in (out,)]
+        assert key[0].strip()
+    else:
+        qemu_check(out, pw)
+
+
+def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = legacy
+    os.chmod(source, 0o640)
+    out = tmp_path / "out.raw"
+    out.write_bytes(b"precious")
+    refused = qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw),
+                     check=False)
+    assert refused.returncode == 6 and out.read_bytes() == b"precious"
+    qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw), "--force")
+    assert out.stat().st_mode & 0o777 == 0o640
+    assert not [p for p in tmp_path.iterdir() if ".qcrypt-" in p.name]
+
+
+def test_replace_keeps_original(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = legacy
+    before = source.read_bytes()
+    stdout = qcrypt("migrate", str(source), "--to", "qcow2-luks", "--replace", "--passphrase-file", str(pw),
+                    *FAST).stdout
+    kept = Path(str(source) + ".qcrypt-orig")
+    assert kept.read_bytes() == before and b"shred -u" in stdout
+    assert im.qemu_img_info(source)["format-specific"]["data"]["encrypt"]["format"] == "luks"
+    qemu_compare((source, "qcow2", True), (kept, "qcow2", True), pw)
+
+
+def test_source_in_use_is_refused(legacy: tuple[Path, Path], tmp_path: Path, qemu_io: str) -> None:
+    source, pw = legacy
+    holder = subprocess.Popen([qemu_io, "--object", f"secret,id=s,file={pw}", "--image-opts",
+                               f"driver=qcow2,file.filename={source},encrypt.key-secret=s", "-c", "sleep 20000"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while "OFDLCK" not in Path("/proc/locks").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file",
+                        str(pw), check=False)
+        assert result.returncode == 5 and b"QEMU" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _start_and_kill(args: list[str], tmp_path: Path, sig: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "qcrypt", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    return proc
+
+
+@pytest.fixture
+def big_legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
+    """64 MiB of guest data: long enough to be interrupted while writing."""
+    raw = tmp_path / "data.raw"
+    with open(raw, "wb") as fh:
+        for i in range(64):
+            fh.write(bytes([i]) * (1 << 20))
+    pw = secret_file(tmp_path, "pw", PASSPHRASE)
+    source = tmp_path / "big.qcow2"
+    subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", "--object", f"secret,id=s,file={pw}",
+                    "-o", "encrypt.format=aes,encrypt.key-secret=s", str(raw), str(source)], check=True)
+    raw.unlink()
+    return source, pw
+
+
+def test_sigkill_leaves_no_output_and_rerun_cleans_up(big_legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = big_legacy
+    out = tmp_path / "out.luks"
+    args = ["migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST]
+    proc = _start_and_kill(args, tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the debris a SIGKILL leaves
+    qcrypt(*args)
+    assert out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    qemu_compare((out, "luks", True), (source, "qcow2", True), pw)
+
+
+def test_sigterm_removes_temp_file(big_legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = big_legacy
+    out = tmp_path / "out.luks"
+    proc = _start_and_kill(["migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
+                            *FAST], tmp_path, signal.SIGTERM)
+    assert proc.returncode == 130
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_file_size_limit_gives_one_line_error(big_legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    """ENOSPC-like failure without a loop device: RLIMIT_FSIZE makes writes fail with EFBIG."""
+    source, pw = big_legacy
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    out = tmp_path / "out.luks"
+    result = subprocess.run([sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "luks", "-o", str(out),
+                             "--passphrase-file", str(pw), *FAST], capture_output=True, preexec_fn=limit)
+    assert result.returncode == 9
+    assert len(result.stderr.splitlines()) == 1 and b"file size limit" in result.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_large_sparse_image_costs_its_data(tmp_path: Path, qemu_img: str) -> None:
+    """A 1 TiB legacy image with a few MiB of data converts to qcow2-LUKS quickly and stays small."""
+    image = im.make_qcow2(tmp_path / "huge.qcow2", 1 << 40, encrypt="aes", passphrase=PASSPHRASE)
+    for offset in (0, 1 << 30, 600 << 30, (1 << 40) - (1 << 20)):
+        im.write_pattern(image, offset, 1 << 20, 0x5A)
+    pw = secret_file(tmp_path, "pw", PASSPHRASE)
+    out = tmp_path / "out.qcow2"
+    qcrypt("migrate", str(image.path), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw), *FAST,
+           timeout=120)
+    assert out.stat().st_size < 64 << 20
+    qemu_check(out, pw)
