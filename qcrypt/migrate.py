@@ -361,30 +361,59 @@ def _flatten_job(reader: QcowReader) -> Qcow2Job:
 
 
 def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: Digests, *,
-                    skip_zero_data: bool) -> int:
-    """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted."""
+                    skip_zero_data: bool, encrypt: Callable[[bytes, int], bytes] | None = None) -> int:
+    """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted.
+
+    Runs whose placement does not depend on their content (no skipping of zero data, no sharing) are
+    reserved here and read, decrypted, encrypted and written by forked workers (both cores).
+    """
     cs = job.reader.cluster_size
     size = job.reader.size
+    fd = writer._fh.fileno()
     done = 0
-    for kind, first, count, keys in _kind_runs(job.clusters, max(1, opts.chunk_bytes // cs)):
-        guest_offset = first * cs
-        length = min(count * cs, size - guest_offset)
-        if kind == "zero":
-            writer.write_zero_clusters(job.table, first, count)
-            digests.add(job.table, guest_offset, bytes(length))
-            continue
+
+    def parallel_run(guest_offset: int, length: int, host_offset: int) -> tuple[int, int, bytes]:
         plain = job.reader.read(guest_offset, length)
-        if skip_zero_data:
-            digests.add(job.table, guest_offset, plain)  # skipped zero clusters must read back as zeros
-        for g, piece in _nonzero_pieces(first, plain, cs, skip_zero_data):
-            share_keys = keys[g - first : g - first + -(-len(piece) // cs)] if keys[0] is not None else None
-            writer.write_clusters(job.table, g, piece, share_keys=share_keys)
-            if not skip_zero_data:
-                digests.add(job.table, g * cs, piece)
-        done += length
+        padded = plain + bytes(-len(plain) % cs)
+        _pwrite_fd(fd, host_offset, encrypt(padded, host_offset // SECTOR) if encrypt else padded)
+        return guest_offset, length, hashlib.sha256(plain).digest()
+
+    def tasks() -> Iterator[tuple[int, int, int]]:
+        nonlocal done
+        for kind, first, count, keys in _kind_runs(job.clusters, max(1, opts.chunk_bytes // cs)):
+            guest_offset = first * cs
+            length = min(count * cs, size - guest_offset)
+            done += length
+            if kind == "zero":
+                writer.write_zero_clusters(job.table, first, count)
+                digests.add(job.table, guest_offset, bytes(length))
+            elif skip_zero_data or keys[0] is not None:
+                _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
+            else:
+                yield guest_offset, length, writer.reserve_clusters(job.table, first, count)
+                continue
+            if opts.progress:
+                opts.progress(length)
+
+    for guest_offset, length, digest in ordered_map(parallel_run, tasks(), workers=opts.workers):
+        digests.ranges.append((job.table, guest_offset, length, digest))
         if opts.progress:
             opts.progress(length)
     return done
+
+
+def _write_run_here(job: Qcow2Job, writer: Any, digests: Digests, first: int, length: int, keys: list[Any],
+                    skip_zero_data: bool) -> None:
+    """A run whose placement depends on its content (zero skipping) or on sharing: done in this process."""
+    cs = job.reader.cluster_size
+    plain = job.reader.read(first * cs, length)
+    if skip_zero_data:
+        digests.add(job.table, first * cs, plain)  # skipped zero clusters must read back as zeros
+    for g, piece in _nonzero_pieces(first, plain, cs, skip_zero_data):
+        share_keys = keys[g - first : g - first + -(-len(piece) // cs)] if keys[0] is not None else None
+        writer.write_clusters(job.table, g, piece, share_keys=share_keys)
+        if not skip_zero_data:
+            digests.add(job.table, g * cs, piece)
 
 
 def _kind_runs(clusters: list[tuple[int, str, Any]], max_run: int) -> Iterator[tuple[str, int, int, list[Any]]]:
@@ -539,7 +568,8 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
             job, skip_zero = _flatten_job(source), True
         else:
             job, skip_zero = _layer_job(ACTIVE, source, None, share), False
-        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero)
+        encrypt = (lambda data, sector: cipher.encrypt(data, sector)) if cipher else None
+        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=encrypt)
         for table_index, snapshot in enumerate(plan_.snapshots):
             table = _add_snapshot(writer, snapshot)
             assert table == table_index
@@ -547,10 +577,38 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
             snap_reader = QcowReader(source.image, source.cipher, source.iv_from_host, source.backing, snapshot)
             done += write_qcow2_job(_layer_job(table, snap_reader, snapshot, True), writer, opts, digests,
                                     skip_zero_data=False)
+            done += _copy_vm_state(snapshot, snap_reader, writer, table, digests)
         writer.finish()
         return done, source.size
     finally:
         reader.close()
+
+
+def vm_state_bytes(snapshot: Snapshot) -> int:
+    """The saved VM state's size: the 64-bit extra field when present (formats.md A.8), else the 32-bit one."""
+    extra_size = int.from_bytes(snapshot.entry[36:40], "big")
+    if extra_size >= 8:
+        return int.from_bytes(snapshot.entry[40:48], "big")
+    return snapshot.vm_state_size
+
+
+def _copy_vm_state(snapshot: Snapshot, reader: QcowReader, writer: Any, table: int, digests: Digests) -> int:
+    """Copy a snapshot's saved VM state (stored after the disk, from the next L2-table boundary on)."""
+    size = vm_state_bytes(snapshot)
+    if not size:
+        return 0
+    cs = reader.cluster_size
+    span = cs * reader.image.header.l2_entries  # type: ignore[attr-defined]
+    disk_size = snapshot.virtual_size if snapshot.virtual_size is not None else reader.size
+    source_offset = -(-disk_size // span) * span
+    target_offset = writer.vm_state_guest_offset(table)
+    for delta in range(0, size, CHUNK_BYTES):
+        length = min(CHUNK_BYTES, size - delta)
+        plain = reader.read(source_offset + delta, length)
+        digests.add(table, target_offset + delta, plain)
+        for g, piece in _nonzero_pieces((target_offset + delta) // cs, plain, cs, True):
+            writer.write_clusters(table, g, piece)
+    return size
 
 
 def _add_snapshot(writer: Any, snapshot: Snapshot) -> int:
@@ -558,7 +616,7 @@ def _add_snapshot(writer: Any, snapshot: Snapshot) -> int:
     extra = snapshot.entry[40 : 40 + extra_size]
     return writer.add_snapshot_table(
         id=snapshot.id, name=snapshot.name, date_sec=snapshot.date_sec, date_nsec=snapshot.date_nsec,
-        vm_clock_nsec=snapshot.vm_clock_nsec, vm_state_size=snapshot.vm_state_size,
+        vm_clock_nsec=snapshot.vm_clock_nsec, vm_state_size=vm_state_bytes(snapshot),
         disk_size=snapshot.virtual_size if snapshot.virtual_size is not None else 0, extra=extra,
     )
 

@@ -201,6 +201,25 @@ class Qcow2Writer:
         self._write_data(view, host_clusters, new_positions)
         self._map(table, t, first_guest_cluster, count, host_clusters << np.uint64(self.cluster_bits))
 
+    def reserve_clusters(self, table: int, first_guest_cluster: int, count: int) -> int:
+        """Allocate and map ``count`` fresh, host-contiguous clusters; the caller writes their data.
+
+        Returns the host offset. The caller must write all ``count * cluster_size`` bytes there (encrypted
+        with IV sector = host offset // 512) before :meth:`finish`; this lets several processes encrypt and
+        write data in parallel while this object keeps the metadata.
+        """
+        self._check_open()
+        t = self._table(table)
+        if count <= 0:
+            raise MigrationError(f"cannot reserve {count} clusters")
+        self._claim(table, t, first_guest_cluster, count)
+        first = self._allocate(count)
+        host_clusters = np.arange(first, first + count, dtype=np.uint64)
+        self._map(table, t, first_guest_cluster, count, host_clusters << np.uint64(self.cluster_bits))
+        self.bytes_written += count * self.cluster_size
+        self._fh.flush()
+        return first * self.cluster_size
+
     def write_zero_clusters(self, table: int, first_guest_cluster: int, count: int) -> None:
         """Mark ``count`` guest clusters as reading zeros (v3 zero flag, no host cluster; hides a backing file)."""
         self._check_open()

@@ -363,3 +363,34 @@ def test_large_sparse_image_costs_its_data(tmp_path: Path, qemu_img: str) -> Non
            timeout=120)
     assert out.stat().st_size < 64 << 20
     qemu_check(out, pw)
+
+
+def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
+    """VM state saved with a snapshot (stored after the disk) survives, encrypted with the new key."""
+    image = im.make_qcow2(tmp_path / "vm.qcow2", 4 << 20, encrypt="aes", passphrase=PASSPHRASE)
+    im.write_pattern(image, 0, 65536, 0x11)
+    im.qemu_io(image, "write -b -P 0x77 0 131072")  # VM state area of the active layer
+    im.snapshot(image, "with-ram")
+    # qemu-img cannot save a VM, so record the VM-state size in the snapshot entry by hand
+    from qcrypt.qcow2 import QCow2Image
+
+    with QCow2Image.open(image.path) as opened:
+        table = opened.header.snapshots_offset
+    with open(image.path, "r+b") as fh:
+        fh.seek(table + 32)
+        fh.write((131072).to_bytes(4, "big"))
+        fh.seek(table + 40)
+        fh.write((131072).to_bytes(8, "big"))
+    pw = secret_file(tmp_path, "pw", PASSPHRASE)
+    out = tmp_path / "out.qcow2"
+    qcrypt("migrate", str(image.path), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw), *FAST)
+    qemu_check(out, pw)
+    opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
+    obj = ["--object", f"secret,id=s,file={pw}"]
+    subprocess.run([qemu_img, "snapshot", *obj, "-a", "with-ram", "--image-opts", opts], check=True)
+    read = subprocess.run([qemu_io, *obj, "--image-opts", opts, "-c", "read -b -P 0x77 0 131072"],
+                          capture_output=True, text=True)
+    assert "Pattern verification failed" not in read.stdout + read.stderr and read.returncode == 0
+    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True,
+                                     text=True).stdout)
+    assert info["snapshots"][0]["vm-state-size"] == 131072
