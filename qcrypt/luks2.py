@@ -36,6 +36,17 @@ class Luks2Info:
     keyslots: tuple[dict[str, Any], ...]
     checksum_alg: str = "sha256"
     seqid: int = 0
+    segment_offset: int | None = None  # bytes from the start of the device
+    segment_size: int | None = None  # bytes; None = "dynamic" (up to the end of the device)
+
+    def payload_bytes(self, device_size: int) -> int | None:
+        """The data segment's size as dm-crypt sees it (dynamic segments end at the device's end)."""
+        if self.segment_size is not None:
+            return self.segment_size
+        if self.segment_offset is None:
+            return None
+        sector = self.segment_sector_size or 512
+        return max(0, device_size - self.segment_offset) // sector * sector
 
     def describe(self) -> dict[str, object]:
         """A JSON-able summary for ``qcrypt info``."""
@@ -49,6 +60,7 @@ class Luks2Info:
             "checksum_ok": self.checksum_ok,
             "cipher": self.segment_cipher,
             "sector_size": self.segment_sector_size,
+            "payload_offset_bytes": self.segment_offset,
             "keyslots": [dict(slot, kdf=dict(slot["kdf"])) for slot in self.keyslots],
         }
 
@@ -129,13 +141,19 @@ def _keyslot(index: int, slot: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _segment(metadata: dict[str, Any], path: str) -> tuple[str | None, int | None]:
-    """(cipher, sector size) of the first "crypt" data segment (else the first segment), if any."""
+def _decimal(value: object) -> int | None:
+    """LUKS2 JSON writes 64-bit numbers as decimal strings; anything else (e.g. "dynamic") is None."""
+    return int(value) if isinstance(value, str) and value.isdigit() and len(value) <= 20 else None
+
+
+def _segment(metadata: dict[str, Any], path: str) -> tuple[str | None, int | None, int | None, int | None]:
+    """(cipher, sector size, offset, size) of the first "crypt" data segment (else the first), if any."""
     segments = [segment for _index, segment in _section(metadata, "segments", path)]
     crypt = [segment for segment in segments if segment.get("type") == "crypt"]
     for segment in crypt or segments:
-        return _optional(segment.get("encryption"), str), _optional(segment.get("sector_size"), int)
-    return None, None
+        return (_optional(segment.get("encryption"), str), _optional(segment.get("sector_size"), int),
+                _decimal(segment.get("offset")), _decimal(segment.get("size")))
+    return None, None, None, None
 
 
 def read_luks2(read_at: ReadAt, region_size: int, *, path: str) -> Luks2Info:
@@ -154,7 +172,7 @@ def read_luks2(read_at: ReadAt, region_size: int, *, path: str) -> Luks2Info:
     checksum_alg = _text(raw.checksum_alg)
     checksum_ok = _checksum_ok(header_area, checksum_alg, raw.csum, path)
     metadata = _load_json(header_area[fmt.BINARY_HEADER_SIZE:], path)
-    cipher, sector_size = _segment(metadata, path)
+    cipher, sector_size, segment_offset, segment_size = _segment(metadata, path)
     return Luks2Info(
         version=raw.version,
         uuid=_text(raw.uuid),
@@ -163,6 +181,8 @@ def read_luks2(read_at: ReadAt, region_size: int, *, path: str) -> Luks2Info:
         checksum_ok=checksum_ok,
         segment_cipher=cipher,
         segment_sector_size=sector_size,
+        segment_offset=segment_offset,
+        segment_size=segment_size,
         keyslots=tuple(_keyslot(i, slot) for i, slot in _section(metadata, "keyslots", path)),
         checksum_alg=checksum_alg,
         seqid=raw.seqid,

@@ -102,6 +102,8 @@ def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *
         info.encryption = "luks2"
         info.luks = hdr2.describe()
         info.findings += F.grade_luks2(hdr2)
+        if raw:
+            info.virtual_size = hdr2.payload_bytes(image.file_size)
         return
     hdr = luks.read_header(read_at, length, path=image.path)
     info.encryption = "luks1"

@@ -9,7 +9,7 @@ import click
 
 from qcrypt import scan as scanner
 from qcrypt.cli.main import handle_errors
-from qcrypt.cli.options import format_opt, human_size, style_severity
+from qcrypt.cli.options import SEVERITY_COLOURS, format_opt, human_size
 
 
 @click.command()
@@ -26,7 +26,7 @@ def info(image: str, output_format: str) -> None:
 
 
 def _row(name: str, value: object) -> None:
-    click.echo(f"{name + ':':<18}{value}")
+    click.echo(f"{name + ':':<22}{value}")
 
 
 def print_info(r: dict[str, Any]) -> None:
@@ -35,7 +35,7 @@ def print_info(r: dict[str, Any]) -> None:
     _row("format", f"{r['format']}{version}")
     _row("virtual size", f"{human_size(r['virtual_size'])} ({r['virtual_size']} bytes)")
     _row("encryption", r["encryption"])
-    _row("severity", style_severity(r["severity"]).rstrip())
+    _row("severity", click.style(r["severity"], fg=SEVERITY_COLOURS.get(r["severity"])))
     if r["cluster_size"]:
         _row("cluster size", r["cluster_size"])
         _row("allocated", f"{human_size(r['allocated_bytes'])} ({r['allocated_bytes']} bytes)")
