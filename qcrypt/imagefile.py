@@ -55,3 +55,12 @@ class ImageFile:
         if available:
             data = os.pread(self.fh.fileno(), available, host_offset)
         return data + bytes(length - len(data))
+
+
+class RawFile(ImageFile):
+    """A file with no container (raw disk, raw LUKS): nothing to parse up front."""
+
+    format_name = "raw"
+
+    def _load(self) -> None:
+        pass

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 from qcrypt import luks, plausibility
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, MigrationError, VerificationError
+from qcrypt.imagefile import RawFile
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
 from qcrypt.outputs import AtomicOutput, io_error
@@ -179,9 +180,7 @@ def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -
             assert region is not None
             read_at = luks_region_reader(image, *region)
             return _read_luks_area(read_at, region[1], source, passphrase)
-    from qcrypt.stream import _RawFile
-
-    with _RawFile.open(source) as raw:
+    with RawFile.open(source) as raw:
         read_at = luks_region_reader(raw, 0, raw.file_size)
         return _read_luks_area(read_at, raw.file_size, source, passphrase)
 

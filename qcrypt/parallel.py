@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -18,9 +19,39 @@ R = TypeVar("R")
 _task: Callable[..., Any] | None = None  # set in the parent just before the fork
 
 
+PR_SET_PDEATHSIG = 1  # Linux prctl option
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the kernel kills this worker if the parent dies (even by SIGKILL), so no worker
+    outlives an interrupted migration holding its pipes and files open."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: rely on the pool's own shutdown
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _run(args: tuple[Any, ...]) -> Any:
     assert _task is not None
     return _task(*args)
+
+
+_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _submit(executor: ProcessPoolExecutor, item: tuple[Any, ...]) -> Future[Any]:
+    """Submit with SIGINT/SIGTERM blocked: submit() may fork, and a Python signal handler that raises while
+    fork's at-fork callbacks run has its exception printed and dropped. Unblocking delivers it here instead.
+    Workers inherit the blocked mask: they stop when the parent shuts the pool down."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        return executor.submit(_run, item)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def default_workers() -> int:
@@ -44,10 +75,11 @@ def ordered_map(task: Callable[..., R], items: Iterable[tuple[Any, ...]], *, wor
     global _task
     _task = task
     pending: deque[Future[R]] = deque()
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         for item in items:
-            pending.append(executor.submit(_run, item))
+            pending.append(_submit(executor, item))
             if len(pending) >= in_flight:
                 yield pending.popleft().result()
         while pending:

@@ -18,7 +18,7 @@ from qcrypt.errors import FormatError, QcryptError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import read_exact
-from qcrypt.imagefile import ImageFile
+from qcrypt.imagefile import ImageFile, RawFile
 from qcrypt.qcow1 import QCowImage
 from qcrypt.qcow2 import QCow2Image, feature_names
 
@@ -114,12 +114,6 @@ def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *
         info.virtual_size = -(-payload_bytes // 512) * 512
 
 
-class _RawFile(ImageFile):
-    format_name = "raw"
-
-    def _load(self) -> None:
-        pass
-
 
 def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo) -> None:
     h = image.header
@@ -155,7 +149,7 @@ def inspect_one(path: str) -> ImageInfo:
             with open_image(path) as image:
                 _inspect_qcow(image, info)
         elif kind.format == "luks":
-            with _RawFile.open(path) as raw:
+            with RawFile.open(path) as raw:
                 _inspect_luks(raw, 0, raw.file_size, info, raw=True)
         else:
             info.virtual_size = _size_of(path, st)

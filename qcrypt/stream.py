@@ -19,7 +19,7 @@ from typing import Protocol
 from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
-from qcrypt.imagefile import ImageFile
+from qcrypt.imagefile import ImageFile, RawFile
 from qcrypt.model import ClusterKind, ClusterMapping, Snapshot
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import luks_region_reader, probe, resolve_backing
@@ -50,18 +50,12 @@ class PassphraseRequiredError(BadPassphraseError):
 # -- raw and raw LUKS layers ------------------------------------------------------------------------------
 
 
-class _RawFile(ImageFile):
-    format_name = "raw"
-
-    def _load(self) -> None:
-        pass
-
 
 class RawReader:
     """A raw file: guest offset = file offset."""
 
     def __init__(self, path: str) -> None:
-        self.file = _RawFile.open(path)
+        self.file = RawFile.open(path)
         self.size = self.file.file_size
 
     def read(self, guest_offset: int, length: int) -> bytes:
@@ -77,7 +71,7 @@ class RawLuksReader:
     def __init__(self, path: str, passphrase: bytes | None) -> None:
         from qcrypt import luks
 
-        self.file = _RawFile.open(path)
+        self.file = RawFile.open(path)
         try:
             read_at = luks_region_reader(self.file, 0, self.file.file_size)
             if int.from_bytes(read_at(6, 2), "big") == 2:

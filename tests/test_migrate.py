@@ -332,7 +332,8 @@ def test_sigterm_removes_temp_file(big_legacy: tuple[Path, Path], tmp_path: Path
     out = tmp_path / "out.luks"
     proc = _start_and_kill(["migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
                             *FAST], tmp_path, signal.SIGTERM)
-    assert proc.returncode == 130
+    # 130 = our handler ran; -15 = the signal landed while the interpreter was already shutting down
+    assert proc.returncode in (130, -signal.SIGTERM)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
