@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,25 +300,36 @@ def _walk(path: str, seen_files: set[tuple[int, int]], seen_dirs: set[tuple[int,
             yield path
 
 
+SCAN_BATCH = 64  # images per task when inspecting in worker processes
+
+
+def _inspect_batch(paths: list[str]) -> list[Report]:
+    return [inspect(path) for path in paths]
+
+
 def scan(
     paths: Iterable[str],
     *,
     jobs: int = 1,
     progress: Callable[[Report], None] | None = None,
 ) -> list[Report]:
-    """Inspect every file under ``paths``; ``progress`` is called once per finished image."""
+    """Inspect every file under ``paths``; ``progress`` is called once per finished image.
+
+    With ``jobs`` > 1, batches of images are inspected in forked worker processes (parsing holds the GIL,
+    so threads would not help).
+    """
+    from qcrypt.parallel import ordered_map
+
     files = list(iter_files(paths))
-
-    def one(path: str) -> Report:
-        report = inspect(path)
-        if progress:
-            progress(report)
-        return report
-
-    if jobs <= 1:
-        return [one(p) for p in files]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, files))
+    batches = [(files[i : i + SCAN_BATCH],) for i in range(0, len(files), SCAN_BATCH)]
+    workers = jobs if len(batches) > 1 else 1
+    reports: list[Report] = []
+    for batch in ordered_map(_inspect_batch, batches, workers=workers, in_flight=2 * workers):
+        for report in batch:
+            if progress:
+                progress(report)
+        reports += batch
+    return reports
 
 
 def summarize(reports: list[Report]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from qcrypt.cli.options import human_size
 from qcrypt.cli.passphrase import get_passphrase
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate import migrate as run_migration
+from qcrypt.parallel import tune_malloc_for_streaming
 
 CIPHERS = ("aes-xts-plain64", "aes-cbc-essiv:sha256", "aes-cbc-plain64")
 HASHES = ("sha256", "sha512", "sha1")
@@ -71,6 +72,7 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
         iterations=iterations, flatten=flatten, force=force, replace=replace,
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    tune_malloc_for_streaming(opts.chunk_bytes)
     total = report["virtual_size"] if target in ("luks", "raw") else None
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=True if quiet else None,
               file=sys.stderr, desc="migrating", leave=False) as bar:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from qcrypt import scan as scanner
 from qcrypt.cli.main import EXIT_FINDINGS, handle_errors
 from qcrypt.cli.options import human_size, style_severity
+from qcrypt.parallel import default_workers
 
 FAIL_ON = ("critical", "warning", "info", "never")
 
@@ -23,13 +24,13 @@ FAIL_ON = ("critical", "warning", "info", "never")
               show_default=True, help="table for people, json for tools, prometheus for node_exporter.")
 @click.option("--fail-on", type=click.Choice(FAIL_ON), default="critical", show_default=True,
               help="Exit 1 if any image is at or above this severity.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Images inspected in parallel.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None,
+              help="Worker processes inspecting images [default: one per CPU].")
 @click.option("--libvirt-xml", "libvirt_dir", type=click.Path(exists=True, file_okay=False),
               help="Folder of libvirt domain XML files: name the domains using each image.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only findings (table format), nothing for clean images.")
 @handle_errors
-def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int, libvirt_dir: str | None,
+def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int | None, libvirt_dir: str | None,
          quiet: bool) -> None:
     """Find legacy-encrypted images (also in backing chains) and grade LUKS settings.
 
@@ -37,7 +38,7 @@ def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int, li
     """
     files = list(scanner.iter_files(paths))
     with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr, leave=False) as bar:
-        reports = scanner.scan(files, jobs=jobs, progress=lambda _report: bar.update())
+        reports = scanner.scan(files, jobs=jobs or default_workers(), progress=lambda _report: bar.update())
     domains_without_image: list[dict[str, Any]] = []
     if libvirt_dir:
         from qcrypt import libvirt
