@@ -20,12 +20,12 @@ from qcrypt.errors import BadPassphraseError, MigrationError, VerificationError
 from qcrypt.imagefile import RawFile
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
-from qcrypt.outputs import AtomicOutput, io_error
+from qcrypt.outputs import AtomicOutput, Finalized, io_error
 from qcrypt.parallel import ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
 from qcrypt.scan import luks_region_reader
-from qcrypt.stream import GuestStream, QcowReader, _Opener, open_image
+from qcrypt.stream import GuestStream, KnownMasterKey, QcowReader, Secret, _Opener, open_image
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -165,6 +165,11 @@ class LuksOutput:
     area: bytes  # phdr + key material, payload_offset * 512 bytes
     cipher: SectorCipher
     carried_over: bool
+    master_key: bytearray = field(repr=False, default_factory=bytearray)  # wiped by wipe()
+
+    def wipe(self) -> None:
+        self.master_key[:] = bytes(len(self.master_key))
+        self.cipher.wipe()
 
 
 def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -> tuple[luks.LuksHeader, bytes,
@@ -201,7 +206,7 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
             raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
                                  "--new-passphrase-file does not apply: add keys afterwards")
         header, area = _relayout(header, area, raw_target=raw_target)
-        return LuksOutput(header, area, _cipher_for(header, master_key), True)
+        return LuksOutput(header, area, _cipher_for(header, master_key), True, master_key)
     passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase
     if passphrase is None:
         raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
@@ -210,14 +215,11 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
                              iter_time_ms=opts.iter_time_ms, iterations=opts.iterations)
     master_key = luks.new_master_key(key_bits // 8)
     header, area = luks.create(master_key, passphrase, params)
-    return LuksOutput(header, bytes(area), _cipher_for(header, master_key), False)
+    return LuksOutput(header, bytes(area), _cipher_for(header, master_key), False, master_key)
 
 
 def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
-    try:
-        return make_sector_cipher(header.cipher_name, header.cipher_mode, bytes(master_key))
-    finally:
-        master_key[:] = bytes(len(master_key))
+    return make_sector_cipher(header.cipher_name, header.cipher_mode, bytes(master_key))
 
 
 def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tuple[luks.LuksHeader, bytes]:
@@ -448,9 +450,13 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 # -- verification -------------------------------------------------------------------------------------------
 
 
-def verify(output_path: str, passphrase: bytes | None, digests: Digests, *, target: str,
+def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
            snapshots: list[Snapshot]) -> None:
-    """Read the output back through our reader; every range must hash as the source plaintext did."""
+    """Read the output back through our reader; every range must hash as the source plaintext did.
+
+    ``passphrase`` is normally the KnownMasterKey we encrypted with: the header written on disk must carry
+    its digest (re-deriving the keyslot would cost another --iter-time of PBKDF2; cryptsetup's
+    --test-passphrase accepting our keyslots is established by the test suite)."""
     if target in ("raw", "luks"):
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
             _check_ranges(stream.read_at, digests.ranges, -1, output_path)
@@ -496,15 +502,11 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
-    with open(source, "rb") as source_lock:
-        hold_shared_locks(source_lock.fileno(), writing=False)
-        with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
-            out.copy_ownership_from(source)
-            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
-            out.sync()
-            out_passphrase = _output_passphrase(opts, luks_out)
-            verify(out.temp_path, out_passphrase, digests, target=opts.target, snapshots=plan_.snapshots)
-            final = out.commit(source)
+    try:
+        final, data_bytes, size = _write_verify_commit(plan_, opts, luks_out)
+    finally:
+        if luks_out:
+            luks_out.wipe()
     return MigrateResult(
         source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
         verified=True, luks=luks_out.header.describe() if luks_out else None, original_kept=final.original_kept,
@@ -513,17 +515,26 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     )
 
 
+def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None
+                         ) -> tuple[Finalized, int, int]:
+    with open(plan_.source, "rb") as source_lock:
+        hold_shared_locks(source_lock.fileno(), writing=False)
+        with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
+            out.copy_ownership_from(plan_.source)
+            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
+            out.sync()
+            known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
+            try:
+                verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
+            finally:
+                if known_key:
+                    known_key.key[:] = bytes(len(known_key.key))
+            return out.commit(plan_.source), data_bytes, size
+
+
 def _uses_legacy(report: dict[str, Any]) -> bool:
     return report["encryption"] == "aes-cbc-legacy" or any(
         layer["encryption"] == "aes-cbc-legacy" for layer in report["backing_chain"])
-
-
-def _output_passphrase(opts: MigrateOptions, luks_out: LuksOutput | None) -> bytes | None:
-    if luks_out is None:
-        return None
-    if luks_out.carried_over or opts.new_passphrase is None:
-        return opts.passphrase
-    return opts.new_passphrase
 
 
 def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO
@@ -534,8 +545,10 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
             with open_image(plan_.source, opts.passphrase) as stream:
                 base = 0
                 if luks_out:
-                    _pwrite(out, 0, luks_out.area)
                     base = luks_out.header.payload_offset * SECTOR
+                    # every byte will be written: reserve it now, so a full disk fails before any work
+                    os.posix_fallocate(out.fileno(), 0, base + -(-stream.size // SECTOR) * SECTOR)
+                    _pwrite(out, 0, luks_out.area)
                 written = write_flat(stream, out, base_offset=base, cipher=luks_out.cipher if luks_out else None,
                                      opts=opts, digests=digests)
                 return digests, written, stream.size

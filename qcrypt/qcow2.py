@@ -219,6 +219,42 @@ class QCow2Image(ImageFile):
         self._check_table("crypto_header.offset", c.offset, c.length)
         return c.offset, c.length
 
+    # -- refcounts ---------------------------------------------------------------------------------
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.header.refcount_order
+
+    def refcount_table(self) -> np.ndarray:
+        """The refcount table (u64 entries; bits 9-63 = refcount block offset, 0 = all counts 0)."""
+        h = self.header
+        length = h.refcount_table_clusters * h.cluster_size
+        if length > fmt.MAX_REFTABLE_BYTES:
+            raise self._fail("refcount_table_clusters", f"{h.refcount_table_clusters} clusters exceed 8 MiB")
+        self._check_table("refcount_table_offset", h.refcount_table_offset, length)
+        raw = read_exact(self.fh, h.refcount_table_offset, length, path=self.path, what="refcount table",
+                         file_size=self.file_size)
+        return np.frombuffer(raw, dtype=">u8")
+
+    def refcount(self, host_offset: int) -> int:
+        """The refcount of the host cluster holding ``host_offset`` (qcow2.txt "Host cluster management")."""
+        cs = self.header.cluster_size
+        entries_per_block = cs * 8 // self.refcount_bits
+        table_index, block_index = divmod(host_offset // cs, entries_per_block)
+        table = self.refcount_table()
+        if table_index >= len(table) or not int(table[table_index]) & fmt.REFT_OFFSET_MASK:
+            return 0
+        block_offset = int(table[table_index]) & fmt.REFT_OFFSET_MASK
+        self._check_table("refcount table entry", block_offset, cs)
+        bits = self.refcount_bits
+        if bits >= 8:
+            width = bits // 8
+            raw = read_exact(self.fh, block_offset + block_index * width, width, path=self.path,
+                             what="refcount block", file_size=self.file_size)
+            return int.from_bytes(raw, "big")
+        byte = read_exact(self.fh, block_offset + block_index * bits // 8, 1, path=self.path,
+                          what="refcount block", file_size=self.file_size)[0]
+        return (byte >> (block_index * bits % 8)) & ((1 << bits) - 1)
+
     # -- snapshots ---------------------------------------------------------------------------------
     def snapshots(self) -> list[Snapshot]:
         h = self.header

@@ -84,8 +84,10 @@ def legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
 
 def test_to_raw_luks(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
+    before = im.file_sha256(source), source.stat().st_mtime_ns
     out = tmp_path / "out.luks"
     result = qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST)
+    assert (im.file_sha256(source), source.stat().st_mtime_ns) == before  # the source is never modified
     stdout = result.stdout.decode()
     assert "verified" in stdout and "<encryption format='luks'>" in stdout and "--image-opts driver=luks" in stdout
     assert PASSPHRASE not in stdout + result.stderr.decode()
@@ -395,3 +397,25 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
     info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True,
                                      text=True).stdout)
     assert info["snapshots"][0]["vm-state-size"] == 131072
+
+
+def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    """The read-back check compares digests of the source plaintext with what the output decodes to."""
+    import qcrypt
+    from qcrypt import migrate as mig
+
+    source, _ = legacy
+    out = tmp_path / "out.raw"
+    qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(tmp_path / "pw"))
+    digests = mig.Digests()
+    with qcrypt.open_image(source, PASSPHRASE) as stream:
+        for offset in range(0, stream.size, 1 << 20):
+            digests.add(-1, offset, stream.read_at(offset, 1 << 20))
+    mig.verify(str(out), None, digests, target="raw", snapshots=[])  # intact: passes
+    with open(out, "r+b") as fh:
+        fh.seek(3 << 20)
+        byte = fh.read(1)
+        fh.seek(3 << 20)
+        fh.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(qcrypt.VerificationError, match="differ from the source"):
+        mig.verify(str(out), None, digests, target="raw", snapshots=[])

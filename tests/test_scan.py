@@ -191,3 +191,20 @@ def test_scan_libvirt_xml(tmp_path: Path, unpacked: dict[str, Path]) -> None:
     document = json.loads(_run("scan", "--format", "json", "--libvirt-xml", str(tmp_path), str(legacy)).stdout)
     assert document["images"][0]["domains"] == ["vm1"]
     assert document["domains_with_missing_images"][0]["target"] == "vdb"
+
+
+def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path]) -> None:
+    """Clusters shared by a snapshot and the active layer have refcount 2, private ones 1 (qemu-img check)."""
+    from qcrypt.qcow2 import QCow2Image
+
+    with QCow2Image.open(unpacked["aes-qcow2-v3-snapshots-c4k.qcow2"]) as image:
+        active = {m.host_offset for _, m in image.iter_mappings() if m.kind.value == "normal"}
+        snapshots = image.snapshots()
+        in_snap = {m.host_offset for s in snapshots for _, m in image.iter_mappings(s) if m.kind.value == "normal"}
+        assert active & in_snap and active - in_snap
+        for offset in active & in_snap:
+            assert image.refcount(offset) >= 2
+        for offset in active - in_snap:
+            assert image.refcount(offset) == 1
+        assert image.refcount(0) == 1  # the header cluster
+        assert image.refcount(image.file_size + (1 << 30)) == 0

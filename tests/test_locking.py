@@ -1,0 +1,81 @@
+"""QEMU lock bytes: qcrypt sees QEMU's locks, and QEMU sees qcrypt's (formats.md section F)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from qcrypt import locking
+from qcrypt.errors import ImageInUseError, OutputExistsError
+from qcrypt.outputs import AtomicOutput, remove_stale_temps, temp_name_for
+
+
+def test_qemu_cannot_open_a_file_we_hold_for_writing(tmp_path: Path, qemu_io: str) -> None:
+    path = tmp_path / "out.raw"
+    path.write_bytes(bytes(1 << 20))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        locking.hold_shared_locks(fd, writing=True)
+        result = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True,
+                                text=True)
+        assert result.returncode != 0 and 'Failed to get "write" lock' in result.stderr
+    finally:
+        os.close(fd)
+    free = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr
+
+
+def test_we_see_qemu_locks(tmp_path: Path, qemu_io: str) -> None:
+    path = tmp_path / "img.raw"
+    path.write_bytes(bytes(1 << 20))
+    locking.refuse_if_in_use(str(path))  # nobody holds it
+    holder = subprocess.Popen([qemu_io, "-f", "raw", str(path), "-c", "sleep 20000"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(path, "rb") as fh:
+                if locking.held_lock_bytes(fh.fileno()):
+                    break
+            time.sleep(0.05)
+        with pytest.raises(ImageInUseError, match="uses write"):
+            locking.refuse_if_in_use(str(path))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_atomic_output_commit_and_cleanup(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.write_bytes(b"source")
+    os.chmod(source, 0o604)
+    final = tmp_path / "out"
+    with AtomicOutput(str(final), overwrite=False, replace_source=False) as out:
+        out.copy_ownership_from(str(source))
+        out.file.write(b"data")
+        out.sync()
+        assert not final.exists()
+        out.commit(str(source))
+    assert final.read_bytes() == b"data" and final.stat().st_mode & 0o777 == 0o604
+    with pytest.raises(OutputExistsError):
+        AtomicOutput(str(final), overwrite=False, replace_source=False)
+    with AtomicOutput(str(tmp_path / "never"), overwrite=False, replace_source=False) as out:
+        temp = out.temp_path
+        assert Path(temp).exists()
+    assert not Path(temp).exists() and not (tmp_path / "never").exists()
+
+
+def test_stale_temp_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
+    final = tmp_path / "out.luks"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(temp_name_for(str(final), dead.pid))
+    stale.write_bytes(b"debris")
+    alive = Path(temp_name_for(str(final), os.getpid()))
+    alive.write_bytes(b"in progress")
+    assert remove_stale_temps(str(final)) == [str(stale)]
+    assert alive.exists() and not stale.exists()
