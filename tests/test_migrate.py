@@ -401,14 +401,14 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
 
 def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     """The read-back check compares digests of the source plaintext with what the output decodes to."""
-    import qcrypt
+    import qcrypt as api
     from qcrypt import migrate as mig
 
     source, _ = legacy
     out = tmp_path / "out.raw"
     qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(tmp_path / "pw"))
     digests = mig.Digests()
-    with qcrypt.open_image(source, PASSPHRASE) as stream:
+    with api.open_image(source, PASSPHRASE) as stream:
         for offset in range(0, stream.size, 1 << 20):
             digests.add(-1, offset, stream.read_at(offset, 1 << 20))
     mig.verify(str(out), None, digests, target="raw", snapshots=[])  # intact: passes
@@ -417,5 +417,5 @@ def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_
         byte = fh.read(1)
         fh.seek(3 << 20)
         fh.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(qcrypt.VerificationError, match="differ from the source"):
+    with pytest.raises(api.VerificationError, match="differ from the source"):
         mig.verify(str(out), None, digests, target="raw", snapshots=[])
