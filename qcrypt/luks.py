@@ -447,6 +447,7 @@ class LuksParams:
     iterations: int | None = None
     uuid: str | None = None
     payload_align_sectors: int = fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
+    pbkdf2_rate: int | None = None  # iterations/s measured beforehand (else create() benchmarks)
 
 
 def new_master_key(key_bytes: int) -> bytearray:
@@ -508,6 +509,12 @@ def _disabled_slot(index: int, offset: int) -> LuksKeyslot:
                        key_material_offset=offset, stripes=fmt.STRIPES)
 
 
+def payload_offset_for(params: LuksParams) -> int:
+    """The payload offset (sectors) ``create`` will choose for ``params``: known before any PBKDF2 runs."""
+    _name, _mode, key_bytes = _check_new_spec(params)
+    return _layout(key_bytes, params.payload_align_sectors)[1]
+
+
 def create(master_key: bytes | bytearray, passphrase: bytes | bytearray,
            params: LuksParams) -> tuple[LuksHeader, bytearray]:
     """A new LUKS1 header with ``passphrase`` in slot 0, and the header area (payload_offset x 512 bytes)."""
@@ -517,7 +524,7 @@ def create(master_key: bytes | bytearray, passphrase: bytes | bytearray,
     if params.iterations is not None:
         slot_iterations, digest_iterations = params.iterations, fmt.MIN_ITERATIONS  # cryptsetup: no benchmark
     else:
-        rate = benchmark_pbkdf2(params.hash_name, key_bytes)
+        rate = params.pbkdf2_rate or benchmark_pbkdf2(params.hash_name, key_bytes)
         slot_iterations = scale_iterations(rate, params.iter_time_ms, fmt.MIN_ITERATIONS)
         digest_iterations = scale_iterations(rate, MKD_ITERATIONS_MS, fmt.MIN_ITERATIONS)
     offsets, payload_offset = _layout(key_bytes, params.payload_align_sectors)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from qcrypt import luks, plausibility
+from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, MigrationError, VerificationError
 from qcrypt.imagefile import RawFile
@@ -161,11 +163,29 @@ def _judge_layer(layer: QcowReader) -> plausibility.Verdict:
 
 @dataclass
 class LuksOutput:
-    header: luks.LuksHeader
-    area: bytes  # phdr + key material, payload_offset * 512 bytes
+    """The LUKS container being written. For a new container, the header (its keyslot PBKDF2 takes
+    --iter-time) is built in a background thread while the payload is encrypted: ``pending`` until then."""
+
+    payload_offset: int  # sectors; the header area is payload_offset * 512 bytes
     cipher: SectorCipher
     carried_over: bool
     master_key: bytearray = field(repr=False, default_factory=bytearray)  # wiped by wipe()
+    header: luks.LuksHeader | None = None
+    area: bytes | None = None  # phdr + key material
+    pending: Future[tuple[luks.LuksHeader, bytearray]] | None = field(repr=False, default=None)
+
+    @property
+    def area_bytes(self) -> int:
+        return self.payload_offset * SECTOR
+
+    def resolve(self) -> tuple[luks.LuksHeader, bytes]:
+        """The header and its area, waiting for the background PBKDF2 if needed."""
+        if self.pending is not None:
+            header, area = self.pending.result()
+            self.header, self.area, self.pending = header, bytes(area), None
+            area[:] = bytes(len(area))
+        assert self.header is not None and self.area is not None
+        return self.header, self.area
 
     def wipe(self) -> None:
         self.master_key[:] = bytes(len(self.master_key))
@@ -206,16 +226,23 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
             raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
                                  "--new-passphrase-file does not apply: add keys afterwards")
         header, area = _relayout(header, area, raw_target=raw_target)
-        return LuksOutput(header, area, _cipher_for(header, master_key), True, master_key)
+        return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area)
     passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase
     if passphrase is None:
         raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
     key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
     params = luks.LuksParams(cipher=opts.cipher, key_bits=key_bits, hash_name=opts.hash_name,
                              iter_time_ms=opts.iter_time_ms, iterations=opts.iterations)
+    payload_offset = luks.payload_offset_for(params)
+    if opts.iterations is None:  # calibrate now, before the payload workers load every core
+        params.pbkdf2_rate = benchmark_pbkdf2(opts.hash_name, key_bits // 8)
     master_key = luks.new_master_key(key_bits // 8)
-    header, area = luks.create(master_key, passphrase, params)
-    return LuksOutput(header, bytes(area), _cipher_for(header, master_key), False, master_key)
+    cipher_name, cipher_mode = luks.split_cipher(opts.cipher)
+    cipher = make_sector_cipher(cipher_name, cipher_mode, bytes(master_key))
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcrypt-luks-header")
+    pending = background.submit(luks.create, master_key, passphrase, params)  # PBKDF2 releases the GIL
+    background.shutdown(wait=False)
+    return LuksOutput(payload_offset, cipher, False, master_key, pending=pending)
 
 
 def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
@@ -509,7 +536,8 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
             luks_out.wipe()
     return MigrateResult(
         source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
-        verified=True, luks=luks_out.header.describe() if luks_out else None, original_kept=final.original_kept,
+        verified=True, luks=luks_out.resolve()[0].describe() if luks_out else None,
+        original_kept=final.original_kept,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
         luks_carried_over=bool(luks_out and luks_out.carried_over),
     )
@@ -543,14 +571,13 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
     try:
         if opts.target in ("raw", "luks"):
             with open_image(plan_.source, opts.passphrase) as stream:
-                base = 0
-                if luks_out:
-                    base = luks_out.header.payload_offset * SECTOR
-                    # every byte will be written: reserve it now, so a full disk fails before any work
+                base = luks_out.area_bytes if luks_out else 0
+                if luks_out:  # every byte will be written: reserve it now, so a full disk fails before any work
                     os.posix_fallocate(out.fileno(), 0, base + -(-stream.size // SECTOR) * SECTOR)
-                    _pwrite(out, 0, luks_out.area)
                 written = write_flat(stream, out, base_offset=base, cipher=luks_out.cipher if luks_out else None,
                                      opts=opts, digests=digests)
+                if luks_out:
+                    _pwrite(out, 0, luks_out.resolve()[1])
                 return digests, written, stream.size
         return digests, *_write_qcow2(plan_, opts, luks_out, out, digests)
     except OSError as e:
@@ -568,7 +595,8 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
         cipher = luks_out.cipher if luks_out else None
         writer = Qcow2Writer(
             out, virtual_size=source.size, cluster_bits=source.cluster_size.bit_length() - 1,
-            luks_area=luks_out.area if luks_out else None,
+            luks_area=luks_out.area if luks_out and luks_out.pending is None else None,
+            luks_area_size=luks_out.area_bytes if luks_out and luks_out.pending is not None else None,
             encrypt=(lambda data, sector: cipher.encrypt(data, sector)) if cipher else None,
             backing_file=plan_.keep_backing, backing_format=plan_.backing_format,
         )
@@ -590,6 +618,8 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
             done += write_qcow2_job(_layer_job(table, snap_reader, snapshot, True), writer, opts, digests,
                                     skip_zero_data=False)
             done += _copy_vm_state(snapshot, snap_reader, writer, table, digests)
+        if luks_out and luks_out.pending is not None:
+            writer.set_luks_area(luks_out.resolve()[1])
         writer.finish()
         return done, source.size
     finally:

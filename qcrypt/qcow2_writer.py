@@ -96,9 +96,12 @@ class Qcow2Writer:
         encrypt: EncryptFn | None = None,
         backing_file: str | None = None,
         backing_format: str | None = None,
+        luks_area_size: int | None = None,
     ) -> None:
         _check_geometry(virtual_size, cluster_bits)
-        if (luks_area is None) != (encrypt is None):
+        if luks_area is not None and luks_area_size is not None:
+            raise MigrationError("give the LUKS header area or its size, not both")
+        if (luks_area is None and luks_area_size is None) != (encrypt is None):
             raise MigrationError("a LUKS header area and an encrypt function go together")
         self._fh = fh
         self.virtual_size = virtual_size
@@ -117,8 +120,16 @@ class Qcow2Writer:
         self._shared_any = False  # some refcount went above 1 (L2 COPIED flags need a final pass)
         self._finished = False
         self._allocate(1)  # cluster 0: the header
-        self._luks_offset = self._place_luks_area(luks_area) if luks_area is not None else 0
-        self._luks_length = len(luks_area) if luks_area is not None else 0
+        self._luks_offset = 0
+        self._luks_length = 0
+        self._luks_pending = False
+        if luks_area is not None:
+            self._luks_offset = self._place_luks_area(luks_area)
+            self._luks_length = len(luks_area)
+        elif luks_area_size is not None:  # the area comes later (set_luks_area): its PBKDF2 runs meanwhile
+            self._luks_offset = self._reserve_luks_area(luks_area_size)
+            self._luks_length = luks_area_size
+            self._luks_pending = True
         self._cluster0_tail = self._build_extensions(backing_file, backing_format)
         self._backing_name = backing_file.encode("utf-8") if backing_file else b""
 
@@ -234,6 +245,8 @@ class Qcow2Writer:
     def finish(self) -> None:
         """Write the remaining L2 tables, every L1, the snapshot table, the refcounts and the header."""
         self._check_open()
+        if self._luks_pending:
+            raise MigrationError("the LUKS header area was reserved but never set")
         self._finished = True
         while self._l2_cache:
             self._evict_oldest_l2()
@@ -259,7 +272,26 @@ class Qcow2Writer:
             )
         return _Table(np.zeros(l1_size, dtype=np.uint64), -(-disk_size // self.cluster_size), vm_first, vm_end)
 
-    def _place_luks_area(self, luks_area: bytes) -> int:
+    def _reserve_luks_area(self, size: int) -> int:
+        if size <= 0 or size % SECTOR_SIZE:
+            raise MigrationError(f"LUKS header area size {size} is not a positive multiple of 512")
+        clusters = -(-size // self.cluster_size)
+        first = self._allocate(clusters)
+        self._write_at(first * self.cluster_size, bytes(clusters * self.cluster_size), "LUKS header area")
+        return first * self.cluster_size
+
+    def set_luks_area(self, luks_area: bytes) -> None:
+        """Supply the LUKS header area reserved with ``luks_area_size`` (before :meth:`finish`)."""
+        self._check_open()
+        if not self._luks_pending:
+            raise MigrationError("no LUKS header area is waiting to be set")
+        self._check_luks_area(luks_area)
+        if len(luks_area) != self._luks_length:
+            raise MigrationError(f"the LUKS header area is {len(luks_area)} bytes, {self._luks_length} reserved")
+        self._write_at(self._luks_offset, luks_area, "LUKS header area")
+        self._luks_pending = False
+
+    def _check_luks_area(self, luks_area: bytes) -> None:
         phdr = parse_bytes(
             luks1.Phdr, bytes(luks_area[: luks1.PHDR_SIZE]), path="<LUKS header area>", what="LUKS header"
         )
@@ -270,6 +302,9 @@ class Qcow2Writer:
                 f"the LUKS header area is {len(luks_area)} bytes, its payload offset says "
                 f"{phdr.payload_offset * SECTOR_SIZE}"
             )
+
+    def _place_luks_area(self, luks_area: bytes) -> int:
+        self._check_luks_area(luks_area)
         clusters = -(-len(luks_area) // self.cluster_size)
         first = self._allocate(clusters)
         padded = bytearray(clusters * self.cluster_size)

@@ -555,3 +555,16 @@ def test_snapshot_extra_keeps_source_bytes_and_fixes_disk_size() -> None:
     assert int.from_bytes(image[table + 32 : table + 36], "big") == 7  # vm_state_size
     assert int.from_bytes(image[second + 36 : second + 40], "big") == 24  # extra_data_size
     assert image[second + 40 : second + 64] == (5).to_bytes(8, "big") + (1 << 19).to_bytes(8, "big") + b"\xff" * 8
+
+
+def test_deferred_luks_area_must_be_set(tmp_path: Path) -> None:
+    """migrate reserves the LUKS header area and sets it once the keyslot PBKDF2 (run meanwhile) is done."""
+    from qcrypt.errors import MigrationError
+    from qcrypt.qcow2_writer import Qcow2Writer
+
+    with open(tmp_path / "out.qcow2", "w+b") as fh:
+        writer = Qcow2Writer(fh, virtual_size=1 << 20, luks_area_size=4096 * 512, encrypt=lambda data, sector: data)
+        with pytest.raises(MigrationError, match="never set"):
+            writer.finish()
+        with pytest.raises(MigrationError):
+            writer.set_luks_area(bytes(4096 * 512))  # not a LUKS header
