@@ -559,12 +559,12 @@ def test_snapshot_extra_keeps_source_bytes_and_fixes_disk_size() -> None:
 
 def test_deferred_luks_area_must_be_set(tmp_path: Path) -> None:
     """migrate reserves the LUKS header area and sets it once the keyslot PBKDF2 (run meanwhile) is done."""
-    from qcrypt.errors import MigrationError
+    from qcrypt.errors import FormatError, MigrationError
     from qcrypt.qcow2_writer import Qcow2Writer
 
     with open(tmp_path / "out.qcow2", "w+b") as fh:
         writer = Qcow2Writer(fh, virtual_size=1 << 20, luks_area_size=4096 * 512, encrypt=lambda data, sector: data)
         with pytest.raises(MigrationError, match="never set"):
             writer.finish()
-        with pytest.raises(MigrationError):
+        with pytest.raises(FormatError, match="magic"):
             writer.set_luks_area(bytes(4096 * 512))  # not a LUKS header
