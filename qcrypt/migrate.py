@@ -550,13 +550,14 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
         with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
             out.copy_ownership_from(plan_.source)
             digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
-            out.sync()
+            wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
             known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
             try:
                 verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
             finally:
                 if known_key:
                     known_key.key[:] = bytes(len(known_key.key))
+                wait_for_sync()
             return out.commit(plan_.source), data_bytes, size
 
 

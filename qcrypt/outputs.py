@@ -11,6 +11,8 @@ import errno
 import os
 import re
 import stat
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qcrypt.errors import OutputExistsError, QcryptIOError
@@ -108,6 +110,28 @@ class AtomicOutput:
             os.fsync(self.file.fileno())
         except OSError as e:
             raise io_error(e, f"writing {self.temp_path}") from e
+
+    def start_sync(self) -> Callable[[], None]:
+        """fsync in a background thread (os.fsync releases the GIL, so a read-back check can run meanwhile);
+        returns the function that waits for it and raises its error."""
+        self.file.flush()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.sync()
+            except BaseException as e:  # re-raised by wait()
+                errors.append(e)
+
+        thread = threading.Thread(target=run, name="qcrypt-fsync", daemon=True)
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            if errors:
+                raise errors[0]
+
+        return wait
 
     def commit(self, source_path: str) -> Finalized:
         """Rename the verified temp file into place (keeping the original beside it with --replace)."""
