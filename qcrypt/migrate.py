@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from qcrypt import luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
-from qcrypt.errors import BadPassphraseError, MigrationError, VerificationError
+from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
 from qcrypt.imagefile import RawFile
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
@@ -573,8 +573,8 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
         if opts.target in ("raw", "luks"):
             with open_image(plan_.source, opts.passphrase) as stream:
                 base = luks_out.area_bytes if luks_out else 0
-                if luks_out:  # every byte will be written: reserve it now, so a full disk fails before any work
-                    os.posix_fallocate(out.fileno(), 0, base + -(-stream.size // SECTOR) * SECTOR)
+                if luks_out:  # every byte will be written: a disk that is too small fails before any work
+                    _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
                 written = write_flat(stream, out, base_offset=base, cipher=luks_out.cipher if luks_out else None,
                                      opts=opts, digests=digests)
                 if luks_out:
@@ -583,6 +583,16 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
         return digests, *_write_qcow2(plan_, opts, luks_out, out, digests)
     except OSError as e:
         raise io_error(e, "writing the output") from e
+
+
+def _check_free_space(out: BinaryIO, needed_bytes: int) -> None:
+    try:
+        st = os.fstatvfs(out.fileno())
+    except OSError:
+        return
+    free_bytes = st.f_bavail * st.f_frsize
+    if free_bytes < needed_bytes:
+        raise QcryptIOError(f"the output needs {needed_bytes} bytes but its filesystem has {free_bytes} free")
 
 
 def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO,

@@ -419,3 +419,17 @@ def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_
         fh.write(bytes([byte[0] ^ 1]))
     with pytest.raises(api.VerificationError, match="differ from the source"):
         mig.verify(str(out), None, digests, target="raw", snapshots=[])
+
+
+def test_too_small_filesystem_fails_before_writing(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    """A raw LUKS output is fully allocated: if it cannot fit, say so at once, leaving nothing behind."""
+    _, pw = legacy
+    small = tmp_path / "small"
+    small.mkdir()
+    # a 1 PiB virtual disk: its raw LUKS form cannot fit on any filesystem here
+    image = im.make_qcow2(tmp_path / "huge.qcow2", 1 << 50, encrypt="aes", passphrase=PASSPHRASE)
+    im.write_pattern(image, 0, 65536, 0x41)
+    result = qcrypt("migrate", str(image.path), "--to", "luks", "-o", str(small / "out.luks"), "--passphrase-file",
+                    str(pw), *FAST, check=False, timeout=60)
+    assert result.returncode == 9 and b"free" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert list(small.iterdir()) == []
