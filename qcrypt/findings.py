@@ -36,6 +36,7 @@ BACKING_MISSING = "backing-missing"
 BACKING_LOOP = "backing-loop"
 BACKING_NOT_LOCAL = "backing-not-local"
 BACKING_TOO_DEEP = "backing-too-deep"
+LEGACY_COMPRESSED_PLAINTEXT = "legacy-aes-compressed-plaintext"
 
 MIN_PBKDF2_ITERATIONS = 1000
 CRYPTSETUP_ALIGN_SECTORS = 2048
@@ -65,6 +66,12 @@ def legacy_aes_backing(paths: list[str]) -> Finding:
         LEGACY_AES_BACKING, "critical",
         "backing chain holds legacy AES-encrypted layer(s): " + ", ".join(paths),
     )
+
+
+def legacy_compressed_plaintext(clusters: int) -> Finding:
+    return Finding(LEGACY_COMPRESSED_PLAINTEXT, "critical",
+                   f"{clusters} compressed cluster(s) are stored unencrypted (QEMU never encrypts compressed "
+                   "clusters of legacy AES images): their data is readable without the passphrase")
 
 
 def unparseable(format_name: str, error: str) -> Finding:

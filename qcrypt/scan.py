@@ -18,6 +18,7 @@ from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import read_exact
 from qcrypt.imagefile import ImageFile, RawFile
+from qcrypt.model import ClusterKind
 from qcrypt.qcow1 import QCowImage
 from qcrypt.qcow2 import QCow2Image, feature_names
 
@@ -346,6 +347,18 @@ def summarize(reports: list[Report]) -> dict[str, Any]:
 # -- details for one image (qcrypt info) -------------------------------------------------------------------
 
 
+def _add_compressed_finding(report: Report, image: ImageFile) -> None:
+    """Legacy AES images keep compressed clusters in plaintext (formats.md B.1): count them, snapshots too."""
+    tables = [None, *image.snapshots()]  # type: ignore[attr-defined]
+    compressed = {m.host_offset for table in tables
+                  for _, m in image.iter_mappings(table)  # type: ignore[attr-defined]
+                  if m.kind is ClusterKind.COMPRESSED}
+    if compressed:
+        finding = F.legacy_compressed_plaintext(len(compressed))
+        report["findings"].append(finding.as_dict())
+        report["severity"] = severity_of([finding, *(F.Finding(**f) for f in report["findings"])])
+
+
 def describe(path: str | os.PathLike[str]) -> Report:
     """Everything ``qcrypt info`` shows: the scan report plus layout details. Raises FormatError if unparseable."""
     path = os.fspath(path)
@@ -364,6 +377,8 @@ def describe(path: str | os.PathLike[str]) -> Report:
         with open_image(path) as image:
             report["allocated_bytes"] = image.allocated_bytes()
             report["snapshots"] = [s.describe() for s in image.snapshots()]
+            if info.encryption == "aes-cbc-legacy":
+                _add_compressed_finding(report, image)
     report["features"] = info.features
     if info.luks is not None:
         report["luks"] = info.luks

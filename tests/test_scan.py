@@ -208,3 +208,14 @@ def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path]) -> Non
             assert image.refcount(offset) == 1
         assert image.refcount(0) == 1  # the header cluster
         assert image.refcount(image.file_size + (1 << 30)) == 0
+
+
+def test_info_reports_unencrypted_compressed_clusters(unpacked: dict[str, Path]) -> None:
+    """qemu-io wrote one compressed cluster into these legacy images: QEMU stores it in plaintext."""
+    for name in ("aes-qcow2-v3-c64k.qcow2", "qcow1-aes.qcow"):
+        findings = {f["code"]: f for f in scan.describe(unpacked[name])["findings"]}
+        assert findings["legacy-aes-compressed-plaintext"]["severity"] == "critical"
+        assert findings["legacy-aes-compressed-plaintext"]["message"].startswith("1 compressed cluster")
+    for name in ("qcow2-v3-c64k.qcow2", "aes-qcow2-v3-extl2-c64k.qcow2"):
+        codes = {f["code"] for f in scan.describe(unpacked[name])["findings"]}
+        assert "legacy-aes-compressed-plaintext" not in codes

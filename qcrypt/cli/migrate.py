@@ -14,6 +14,7 @@ from qcrypt import scan as scanner
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size
 from qcrypt.cli.passphrase import get_passphrase
+from qcrypt.errors import QcryptError
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate import migrate as run_migration
 from qcrypt.parallel import tune_malloc_for_streaming
@@ -73,13 +74,23 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(opts.chunk_bytes)
-    total = report["virtual_size"] if target in ("luks", "raw") else None
+    total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=True if quiet else None,
               file=sys.stderr, desc="migrating", leave=False) as bar:
         opts.progress = bar.update
         result = run_migration(source, opts)
     if not quiet:
         print_result(result, report, passphrase_file)
+
+
+def _allocated_estimate(source: str, report: dict[str, Any]) -> int | None:
+    """Bytes a qcow2 target will process (allocated data of the source, snapshots aside), for the ETA."""
+    if report["format"] not in ("qcow", "qcow2"):
+        return report["virtual_size"]
+    try:
+        return scanner.describe(source)["allocated_bytes"]
+    except (QcryptError, OSError):
+        return None
 
 
 def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_file: str | None) -> None:
