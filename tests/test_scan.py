@@ -212,10 +212,10 @@ def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path]) -> Non
 
 def test_info_reports_unencrypted_compressed_clusters(unpacked: dict[str, Path]) -> None:
     """qemu-io wrote one compressed cluster into these legacy images: QEMU stores it in plaintext."""
-    for name in ("aes-qcow2-v3-c64k.qcow2", "qcow1-aes.qcow"):
+    for name in ("aes-qcow2-v3-c64k.qcow2", "qcow1-aes.qcow", "aes-qcow2-v3-extl2-c64k.qcow2"):
         findings = {f["code"]: f for f in scan.describe(unpacked[name])["findings"]}
         assert findings["legacy-aes-compressed-plaintext"]["severity"] == "critical"
         assert findings["legacy-aes-compressed-plaintext"]["message"].startswith("1 compressed cluster")
-    for name in ("qcow2-v3-c64k.qcow2", "aes-qcow2-v3-extl2-c64k.qcow2"):
+    for name in ("qcow2-v3-c64k.qcow2", "chain-aes-over-plain-c4k.qcow2"):  # plain; legacy without compression
         codes = {f["code"] for f in scan.describe(unpacked[name])["findings"]}
         assert "legacy-aes-compressed-plaintext" not in codes
