@@ -66,7 +66,8 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     passphrase = get_passphrase(passphrase_file, what="source passphrase") if encrypted else None
     new_passphrase = None
     if target in ("luks", "qcow2-luks") and (new_passphrase_file or not encrypted):
-        new_passphrase = get_passphrase(new_passphrase_file, what="new LUKS passphrase", confirm=True)
+        new_passphrase = get_passphrase(new_passphrase_file, what="new LUKS passphrase",
+                                        option="--new-passphrase-file", confirm=True)
     opts = MigrateOptions(
         target=target, output=output, passphrase=passphrase, new_passphrase=new_passphrase, cipher=cipher,
         key_bits=int(key_bits) if key_bits else None, hash_name=hash_name, iter_time_ms=iter_time_ms,

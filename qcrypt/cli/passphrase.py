@@ -40,12 +40,12 @@ def read_passphrase_file(path: str) -> bytes:
     return passphrase
 
 
-def get_passphrase(path: str | None, *, what: str, confirm: bool = False) -> bytes:
+def get_passphrase(path: str | None, *, what: str, option: str = "--passphrase-file", confirm: bool = False) -> bytes:
     """From ``path`` if given, else a hidden prompt when stdin is a terminal, else an error."""
     if path is not None:
         return read_passphrase_file(path)
     if not sys.stdin.isatty():
-        raise PassphraseInputError(f"no {what} given: use --passphrase-file FILE (or '-' for stdin)")
+        raise PassphraseInputError(f"no {what} given: use {option} FILE (or '-' for stdin)")
     text = click.prompt(f"Enter the {what}", hide_input=True, confirmation_prompt=confirm, err=True)
     if not text:
         raise PassphraseInputError(f"empty {what}")
