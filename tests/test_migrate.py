@@ -433,3 +433,35 @@ def test_too_small_filesystem_fails_before_writing(legacy: tuple[Path, Path], tm
                     str(pw), *FAST, check=False, timeout=60)
     assert result.returncode == 9 and b"free" in result.stderr and len(result.stderr.splitlines()) == 1
     assert list(small.iterdir()) == []
+
+
+def test_hidden_prompt_on_a_terminal(tmp_path: Path) -> None:
+    """Without --passphrase-file and with a terminal, qcrypt prompts without echo."""
+    import pty
+
+    name = "aes-qcow2-v2-c4k.qcow2"
+    entry = im.manifest()["fixtures"][name]
+    source = im.fixture_path(name, tmp_path)
+    out = tmp_path / "out.raw"
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its controlling terminal
+        os.execv(sys.executable, [sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "raw", "-o",
+                                  str(out)])
+    transcript = b""
+    deadline = time.monotonic() + 30
+    while b"passphrase" not in transcript and time.monotonic() < deadline:
+        transcript += os.read(fd, 1024)
+    os.write(fd, entry["passphrase"].encode() + b"\n")
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        transcript += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, transcript
+    assert entry["passphrase"].encode() not in transcript  # not echoed
+    assert b"Enter the source passphrase" in transcript and b"verified" in transcript
+    assert im.file_sha256(out) == entry["plaintext_sha256"]
