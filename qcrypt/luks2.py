@@ -79,13 +79,15 @@ def _check_hdr_size(hdr_size: int, region_size: int, path: str) -> None:
                           f"({region_size} bytes)", path=path, field="hdr_size")
 
 
+CHECKSUM_ALGORITHMS = ("sha1", "sha256", "sha512")  # what cryptsetup writes; anything else is refused
+
+
 def _checksum_ok(header_area: bytes, checksum_alg: str, stored: bytes, path: str) -> bool:
-    try:
-        h = hashlib.new(checksum_alg)
-    except (ValueError, TypeError):
+    if checksum_alg not in CHECKSUM_ALGORITHMS:
         raise UnsupportedFeatureError(f"unsupported checksum algorithm {checksum_alg!r}", path=path,
-                                      field="checksum_alg") from None
-    if h.digest_size > fmt.CSUM_SIZE or checksum_alg != checksum_alg.lower():
+                                      field="checksum_alg")
+    h = hashlib.new(checksum_alg)
+    if h.digest_size > fmt.CSUM_SIZE:
         raise UnsupportedFeatureError(f"unsupported checksum algorithm {checksum_alg!r}", path=path,
                                       field="checksum_alg")
     h.update(header_area[:fmt.CSUM_OFFSET])
@@ -114,7 +116,7 @@ def _section(metadata: dict[str, Any], name: str, path: str) -> list[tuple[int, 
         raise FormatError("not a JSON object", path=path, field=f"json {name}")
     items = []
     for key, value in section.items():
-        if not (isinstance(key, str) and key.isdigit() and isinstance(value, dict)):
+        if not (isinstance(key, str) and _is_decimal(key, 10) and isinstance(value, dict)):
             raise FormatError(f"entry {key!r} is not a numbered object", path=path, field=f"json {name}")
         items.append((int(key), value))
     return sorted(items, key=lambda item: item[0])
@@ -141,9 +143,14 @@ def _keyslot(index: int, slot: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_decimal(text: str, max_digits: int) -> bool:
+    """ASCII digits only (str.isdigit also accepts e.g. superscripts, which int() refuses)."""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
+
+
 def _decimal(value: object) -> int | None:
     """LUKS2 JSON writes 64-bit numbers as decimal strings; anything else (e.g. "dynamic") is None."""
-    return int(value) if isinstance(value, str) and value.isdigit() and len(value) <= 20 else None
+    return int(value) if isinstance(value, str) and _is_decimal(value, 20) else None
 
 
 def _segment(metadata: dict[str, Any], path: str) -> tuple[str | None, int | None, int | None, int | None]:

@@ -161,6 +161,10 @@ def inspect_one(path: str) -> ImageInfo:
     except OSError as e:
         info.error = e.strerror or str(e)
         info.findings.append(F.unreadable(info.error))
+    except (ValueError, TypeError, ArithmeticError, LookupError, RecursionError, MemoryError) as e:
+        # a parser bug must not abort a fleet scan: report the file as unparseable and go on
+        info.error = f"{path}: internal error while parsing ({type(e).__name__}: {e})"
+        info.findings.append(F.unparseable(info.format, info.error))
     return info
 
 

@@ -214,3 +214,39 @@ def _make_header(metadata: object, label: bytes = b"") -> bytes:
     area = binary + text + bytes(HDR_SIZE - 4096 - len(text))
     csum = hashlib.sha256(area).digest()
     return area[:448] + csum + bytes(32) + area[512:]
+
+
+def _reseal(area: bytearray, json_text: bytes, csum_alg: bytes = b"sha256") -> bytearray:
+    """Replace the JSON area of a LUKS2 header and recompute a valid checksum (hostile but well-formed)."""
+    import hashlib
+
+    hdr_size = int.from_bytes(area[8:16], "big")
+    area[4096:hdr_size] = json_text.ljust(hdr_size - 4096, b"\0")
+    area[72:104] = csum_alg.ljust(32, b"\0")
+    area[448:512] = bytes(64)
+    if csum_alg in (b"sha1", b"sha256", b"sha512"):
+        digest = hashlib.new(csum_alg.decode(), bytes(area[:hdr_size])).digest()
+        area[448 : 448 + len(digest)] = digest
+    return area
+
+
+@pytest.mark.parametrize("json_text,csum", [
+    (b'{"keyslots":{},"segments":{"0":{"type":"crypt","offset":"\\u00b2","size":"dynamic"}},"digests":{}}',
+     b"sha256"),
+    (b'{"keyslots":{"\\u00b2":{}},"segments":{},"digests":{}}', b"sha256"),
+    (b'{"keyslots":{},"segments":{},"digests":{}}', b"shake_256"),
+])
+def test_hostile_but_checksummed_headers_give_format_errors(tmp_path: Path, json_text: bytes, csum: bytes) -> None:
+    """Non-ASCII digits and odd checksum algorithms must not escape as ValueError/TypeError (scan aborts)."""
+    from qcrypt import scan
+
+    area = bytearray(0x4000 * 2)
+    area[0:6] = b"LUKS\xba\xbe"
+    area[6:8] = (2).to_bytes(2, "big")
+    area[8:16] = (0x4000).to_bytes(8, "big")
+    path = tmp_path / "hostile.luks"
+    path.write_bytes(bytes(_reseal(area, json_text, csum)) + bytes(1 << 20))
+    report = scan.inspect(path)
+    assert report["encryption"] in ("luks2", "none") and report["severity"] in scan.SEVERITIES
+    if "error" in report:
+        assert "internal error" not in report["error"]
