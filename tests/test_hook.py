@@ -426,7 +426,18 @@ def test_migrate_command_quotes_paths() -> None:
 
 
 def test_inspection_thread_is_a_daemon(images: Path) -> None:
-    before = {t.ident for t in threading.enumerate()}
-    hook.check_domain_xml(domain_xml("plain.xml", images))
-    extra = [t for t in threading.enumerate() if t.ident not in before]
-    assert all(t.daemon for t in extra)
+    """A hung inspection (dead NFS) must not keep the hook process alive: it runs in a daemon thread."""
+    release = threading.Event()
+    seen: list[threading.Thread] = []
+
+    def stuck(path: str) -> dict[str, object]:
+        seen.append(threading.current_thread())
+        release.wait(10)
+        return {"path": path, "findings": [], "encryption": "none", "format": "raw", "backing_chain": []}
+
+    try:
+        check = hook.check_domain_xml(domain_xml("plain.xml", images), budget_s=0.2, inspect_fn=stuck)
+        assert check.cut_short
+        assert seen and seen[0].is_alive() and seen[0].daemon
+    finally:
+        release.set()

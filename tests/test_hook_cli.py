@@ -131,6 +131,9 @@ def test_module_entry_point_real_process(images: Path) -> None:  # noqa: F811
                               cwd="/", timeout=60, check=False)
         assert (done.returncode, done.stdout) == (0, b"")
         assert b"qcrypt-hook: warning: domain 'web' disk vda" in done.stderr
+        # vdc is declared nowhere: only reading its qcow v1 header finds the legacy encryption
+        assert b"qcrypt-hook: warning: domain 'web' disk vdc" in done.stderr
+        assert b"error" not in done.stderr and b"cut short" not in done.stderr
     done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "web", "prepare", "begin", "-"],
                           stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd="/", timeout=60, check=False)
     assert (done.returncode, done.stdout) == (0, b"")
@@ -182,6 +185,8 @@ def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:  # noqa: 
     warned = run_script(script, ["web", "prepare", "begin", "-"], domain_xml("legacy-file.xml", images))
     assert (warned.returncode, warned.stdout) == (0, b"")
     assert b"qcrypt-hook: warning: domain 'web' disk vda" in warned.stderr
+    assert b"qcrypt-hook: warning: domain 'web' disk vdc" in warned.stderr  # found from the header alone
+    assert b"error" not in warned.stderr
     assert f"qcrypt migrate {images / 'legacy.qcow2'}".encode() in warned.stderr
     restore = run_script(script, ["web", "restore", "begin", "-"], domain_xml("legacy-file.xml", images))
     assert (restore.returncode, restore.stdout) == (0, b"")
