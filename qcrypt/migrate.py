@@ -238,7 +238,7 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
         params.pbkdf2_rate = benchmark_pbkdf2(opts.hash_name, key_bits // 8)
     master_key = luks.new_master_key(key_bits // 8)
     cipher_name, cipher_mode = luks.split_cipher(opts.cipher)
-    cipher = make_sector_cipher(cipher_name, cipher_mode, bytes(master_key))
+    cipher = make_sector_cipher(cipher_name, cipher_mode, master_key)
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcrypt-luks-header")
     pending = background.submit(luks.create, master_key, passphrase, params)  # PBKDF2 releases the GIL
     background.shutdown(wait=False)
@@ -246,7 +246,7 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
 
 
 def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
-    return make_sector_cipher(header.cipher_name, header.cipher_mode, bytes(master_key))
+    return make_sector_cipher(header.cipher_name, header.cipher_mode, master_key)
 
 
 def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tuple[luks.LuksHeader, bytes]:

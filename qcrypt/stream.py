@@ -129,7 +129,7 @@ def _unlock(header: object, read_at: object, passphrase: Secret | None, path: st
     else:
         master_key = luks.unlock(header, read_at, passphrase)  # type: ignore[arg-type]
     try:
-        return make_sector_cipher(header.cipher_name, header.cipher_mode, bytes(master_key))  # type: ignore[attr-defined]
+        return make_sector_cipher(header.cipher_name, header.cipher_mode, master_key)  # type: ignore[attr-defined]
     finally:
         master_key[:] = bytes(len(master_key))
 

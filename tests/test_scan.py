@@ -219,3 +219,30 @@ def test_info_reports_unencrypted_compressed_clusters(unpacked: dict[str, Path])
     for name in ("qcow2-v3-c64k.qcow2", "chain-aes-over-plain-c4k.qcow2"):  # plain; legacy without compression
         codes = {f["code"] for f in scan.describe(unpacked[name])["findings"]}
         assert "legacy-aes-compressed-plaintext" not in codes
+
+
+def test_luks1_layout_that_qemu_refuses(tmp_path: Path, qemu_img: str, cryptsetup: str) -> None:
+    """A payload right after the key material: cryptsetup accepts it, QEMU does not; scan says so."""
+    import subprocess
+
+    from qcrypt import luks
+
+    master_key = luks.new_master_key(16)
+    params = luks.LuksParams(cipher="aes-cbc-plain64", key_bits=128, iterations=1000, payload_align_sectors=1)
+    header, area = luks.create(master_key, b"pw", params)
+    assert header.payload_offset == 1032  # create() itself keeps QEMU's 4 KiB rounding
+    import dataclasses
+
+    tight = dataclasses.replace(header, payload_offset=1029)  # last key material ends at sector 904 + 125
+    path = tmp_path / "tight.luks"
+    path.write_bytes(tight.to_bytes() + bytes(area[luks.fmt.PHDR_SIZE : 1029 * 512]) + bytes(1 << 20))
+    (tmp_path / "pw").write_bytes(b"pw")
+    assert subprocess.run([cryptsetup, "open", "--test-passphrase", "--key-file", str(tmp_path / "pw"),
+                           str(path)], capture_output=True).returncode == 0
+    refused = subprocess.run([qemu_img, "info", "--object", f"secret,id=s,file={tmp_path / 'pw'}", "--image-opts",
+                              f"driver=luks,file.filename={path},key-secret=s"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "overlapping" in refused.stderr
+    codes = {f["code"] for f in scan.inspect(path)["findings"]}
+    assert "luks1-qemu-refuses-layout" in codes
+    assert "luks1-qemu-refuses-layout" not in {
+        f["code"] for f in scan.inspect(im.fixture_path("luks1-qemu-aes-xts-plain64-512.luks", tmp_path))["findings"]}
