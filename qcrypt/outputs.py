@@ -19,6 +19,16 @@ from qcrypt.errors import OutputExistsError, QcryptIOError
 from qcrypt.locking import hold_shared_locks
 
 BACKUP_SUFFIX = ".qcrypt-orig"
+_PENDING: set[str] = set()  # temp files of this process not yet committed or removed
+
+
+def remove_pending() -> None:
+    """Remove every temp file this process created and has not committed (the CLI calls it on any exit,
+    so an interrupt that lands between two statements still leaves no debris)."""
+    for path in list(_PENDING):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        _PENDING.discard(path)
 
 
 def temp_name_for(final_path: str, pid: int) -> str:
@@ -89,13 +99,18 @@ class AtomicOutput:
                                     "move it away first")
         remove_stale_temps(self.final_path)
         self.temp_path = temp_name_for(self.final_path, os.getpid())
+        self.committed = False
+        _PENDING.add(self.temp_path)  # registered first: remove_pending() covers every window after this
         try:
             fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise io_error(e, f"creating {self.temp_path}") from e
         self.file = os.fdopen(fd, "w+b")
-        hold_shared_locks(self.file.fileno(), writing=True)
-        self.committed = False
+        try:
+            hold_shared_locks(self.file.fileno(), writing=True)
+        except BaseException:
+            self.close()
+            raise
 
     def copy_ownership_from(self, source_path: str) -> None:
         """Permission bits never wider than the source's; owner and group kept when we may."""
@@ -151,6 +166,7 @@ class AtomicOutput:
         except OSError as e:
             raise io_error(e, f"renaming {self.temp_path} into place") from e
         self.committed = True
+        _PENDING.discard(self.temp_path)
         return Finalized(self.final_path, self.backup_path)
 
     def _rename_no_replace(self) -> None:
@@ -172,6 +188,7 @@ class AtomicOutput:
         if not self.committed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temp_path)
+        _PENDING.discard(self.temp_path)
 
     def __enter__(self) -> AtomicOutput:
         return self

@@ -46,28 +46,37 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
-        except errors.QcryptError as e:
-            click.echo(f"qcrypt: error: {e}", err=True)
-            sys.exit(exit_code_for(e))
-        except KeyboardInterrupt:
-            click.echo("qcrypt: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except BrokenPipeError:
-            sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
-            sys.exit(EXIT_OK)
-        except OSError as e:
-            name = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            click.echo(f"qcrypt: error: {name}{e.strerror or e}", err=True)
-            sys.exit(EXIT_CODES[errors.QcryptIOError])
-        except Exception as e:
-            if os.environ.get("QCRYPT_DEBUG"):
-                raise
-            click.echo(f"qcrypt: internal error: {type(e).__name__}: {e} (this is a bug in qcrypt; set "
-                       "QCRYPT_DEBUG=1 for the traceback and report it)", err=True)
-            sys.exit(EXIT_OTHER)
+            return _run_guarded(func, *args, **kwargs)
+        finally:
+            from qcrypt.outputs import remove_pending
+
+            remove_pending()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _run_guarded(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return func(*args, **kwargs)
+    except errors.QcryptError as e:
+        click.echo(f"qcrypt: error: {e}", err=True)
+        sys.exit(exit_code_for(e))
+    except KeyboardInterrupt:
+        click.echo("qcrypt: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
+        sys.exit(EXIT_OK)
+    except OSError as e:
+        name = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        click.echo(f"qcrypt: error: {name}{e.strerror or e}", err=True)
+        sys.exit(EXIT_CODES[errors.QcryptIOError])
+    except Exception as e:
+        if os.environ.get("QCRYPT_DEBUG"):
+            raise
+        click.echo(f"qcrypt: internal error: {type(e).__name__}: {e} (this is a bug in qcrypt; set "
+                   "QCRYPT_DEBUG=1 for the traceback and report it)", err=True)
+        sys.exit(EXIT_OTHER)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
