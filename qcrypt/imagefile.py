@@ -9,6 +9,25 @@ from qcrypt.errors import FormatError
 from qcrypt.formats._parse import file_size_of
 
 T = TypeVar("T", bound="ImageFile")
+MAX_PREAD = 1 << 30  # Linux returns at most ~2 GiB per read: loop in bounded pieces
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``, or fewer only at the end of the file."""
+    if length <= MAX_PREAD:
+        first = os.pread(fd, length, offset)
+        if len(first) == length or not first:
+            return first
+        pieces, done = [first], len(first)
+    else:
+        pieces, done = [], 0
+    while done < length:
+        piece = os.pread(fd, min(MAX_PREAD, length - done), offset + done)
+        if not piece:
+            break
+        pieces.append(piece)
+        done += len(piece)
+    return b"".join(pieces)
 
 
 class ImageFile:
@@ -51,9 +70,7 @@ class ImageFile:
         if host_offset < 0 or length < 0:
             raise self._fail("host offset", f"negative offset or length ({host_offset}, {length})")
         available = max(0, min(length, self.file_size - host_offset))
-        data = b""
-        if available:
-            data = os.pread(self.fh.fileno(), available, host_offset)
+        data = pread_full(self.fh.fileno(), available, host_offset) if available else b""
         return data + bytes(length - len(data))
 
 

@@ -40,8 +40,8 @@ Progress = Callable[[int], None]
 class MigrateOptions:
     target: str
     output: str | None = None
-    passphrase: bytes | None = None
-    new_passphrase: bytes | None = None
+    passphrase: bytes | None = field(default=None, repr=False)
+    new_passphrase: bytes | None = field(default=None, repr=False)
     cipher: str = "aes-xts-plain64"
     key_bits: int | None = None
     hash_name: str = "sha256"
@@ -92,13 +92,28 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
         raise MigrationError(f"cannot migrate {source}: {report['error']}")
     if report["encryption"] == "luks2":
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
-    final_path = source if opts.replace else opts.output
+    final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
     if not final_path:
         raise MigrationError("an output path is required (-o OUT), or --replace")
-    if not opts.replace and os.path.abspath(final_path) == os.path.abspath(source):
-        raise MigrationError("the output would overwrite the source; use --replace to swap them safely")
+    if not opts.replace:
+        _refuse_output_over_inputs(final_path, [source] + [layer["path"] for layer in report["backing_chain"]])
     keep_backing, backing_format, snapshots = _chain_plan(source, report, opts)
     return Plan(source, report, final_path, keep_backing, backing_format, snapshots)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _refuse_output_over_inputs(output: str, inputs: list[str]) -> None:
+    """Whatever path leads there (symlinks, hard links), the output must not be the source or a backing layer."""
+    for path in inputs:
+        if _same_file(output, path):
+            what = "the source" if path == inputs[0] else f"backing layer {path}"
+            raise MigrationError(f"the output would overwrite {what}; use --replace to swap the source safely")
 
 
 def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
@@ -151,11 +166,23 @@ def _legacy_layers(reader: object) -> Iterator[QcowReader]:
         reader = reader.backing
 
 
-def _judge_layer(layer: QcowReader) -> plausibility.Verdict:
+def _encrypted_extents(layer: QcowReader) -> Iterator[tuple[int, int]]:
+    """(guest_offset, length) of the layer's own encrypted data: whole clusters and allocated subclusters."""
     cs = layer.cluster_size
-    normal = [g * cs for g, m in layer.image.iter_mappings() if m.kind is ClusterKind.NORMAL]  # type: ignore[attr-defined]
-    offsets = plausibility.sample_offsets(normal)
-    return plausibility.judge((off, layer.read(off, min(cs, 65536, layer.size - off))) for off in offsets)
+    sc_size = cs // 32
+    for g, m in layer.image.iter_mappings():  # type: ignore[attr-defined]
+        if m.kind is ClusterKind.NORMAL:
+            yield g * cs, min(cs, layer.size - g * cs)
+        elif m.kind is ClusterKind.SUBCLUSTERS:
+            for i in range(32):
+                if m.alloc_bitmap >> i & 1:
+                    start = g * cs + i * sc_size
+                    yield start, min(sc_size, layer.size - start)
+
+
+def _judge_layer(layer: QcowReader) -> plausibility.Verdict:
+    extents = plausibility.sample(_encrypted_extents(layer))
+    return plausibility.judge((off, layer.read(off, min(length, 65536))) for off, length in extents if length > 0)
 
 
 # -- LUKS output parameters ---------------------------------------------------------------------------------------
@@ -548,7 +575,8 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
     with open(plan_.source, "rb") as source_lock:
         hold_shared_locks(source_lock.fileno(), writing=False)
         with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
-            out.copy_ownership_from(plan_.source)
+            out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
+                                    and _is_encrypted(plan_.report))
             digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
             wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
             known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
@@ -559,6 +587,10 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
                     known_key.key[:] = bytes(len(known_key.key))
                 wait_for_sync()
             return out.commit(plan_.source), data_bytes, size
+
+
+def _is_encrypted(report: dict[str, Any]) -> bool:
+    return report["encryption"] != "none" or any(layer["encryption"] != "none" for layer in report["backing_chain"])
 
 
 def _uses_legacy(report: dict[str, Any]) -> bool:
@@ -622,12 +654,12 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
         encrypt = (lambda data, sector: cipher.encrypt(data, sector)) if cipher else None
         done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=encrypt)
         for table_index, snapshot in enumerate(plan_.snapshots):
-            table = _add_snapshot(writer, snapshot)
+            table = _add_snapshot(writer, snapshot, source.size)  # v2 entries may lack a disk size
             assert table == table_index
             assert isinstance(source, QcowReader)
             snap_reader = QcowReader(source.image, source.cipher, source.iv_from_host, source.backing, snapshot)
             done += write_qcow2_job(_layer_job(table, snap_reader, snapshot, True), writer, opts, digests,
-                                    skip_zero_data=False)
+                                    skip_zero_data=False, encrypt=encrypt)
             done += _copy_vm_state(snapshot, snap_reader, writer, table, digests)
         if luks_out and luks_out.pending is not None:
             writer.set_luks_area(luks_out.resolve()[1])
@@ -664,12 +696,12 @@ def _copy_vm_state(snapshot: Snapshot, reader: QcowReader, writer: Any, table: i
     return size
 
 
-def _add_snapshot(writer: Any, snapshot: Snapshot) -> int:
+def _add_snapshot(writer: Any, snapshot: Snapshot, disk_size: int) -> int:
     extra_size = int.from_bytes(snapshot.entry[36:40], "big")
     extra = snapshot.entry[40 : 40 + extra_size]
     return writer.add_snapshot_table(
         id=snapshot.id, name=snapshot.name, date_sec=snapshot.date_sec, date_nsec=snapshot.date_nsec,
         vm_clock_nsec=snapshot.vm_clock_nsec, vm_state_size=vm_state_bytes(snapshot),
-        disk_size=snapshot.virtual_size if snapshot.virtual_size is not None else 0, extra=extra,
+        disk_size=snapshot.virtual_size if snapshot.virtual_size else disk_size, extra=extra,
     )
 

@@ -100,11 +100,11 @@ class AtomicOutput:
         remove_stale_temps(self.final_path)
         self.temp_path = temp_name_for(self.final_path, os.getpid())
         self.committed = False
-        _PENDING.add(self.temp_path)  # registered first: remove_pending() covers every window after this
         try:
             fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise io_error(e, f"creating {self.temp_path}") from e
+        _PENDING.add(self.temp_path)  # ours now: remove_pending() covers every window after this
         self.file = os.fdopen(fd, "w+b")
         try:
             hold_shared_locks(self.file.fileno(), writing=True)
@@ -112,10 +112,12 @@ class AtomicOutput:
             self.close()
             raise
 
-    def copy_ownership_from(self, source_path: str) -> None:
-        """Permission bits never wider than the source's; owner and group kept when we may."""
+    def copy_ownership_from(self, source_path: str, *, plaintext_from_encrypted: bool = False) -> None:
+        """Permission bits never wider than the source's (and owner-only for a decrypted copy of an encrypted
+        image); owner and group kept when we may."""
         st = os.stat(source_path)
-        os.fchmod(self.file.fileno(), stat.S_IMODE(st.st_mode) & 0o777)
+        mode = stat.S_IMODE(st.st_mode) & 0o777
+        os.fchmod(self.file.fileno(), mode & 0o600 if plaintext_from_encrypted else mode)
         with contextlib.suppress(PermissionError):
             os.fchown(self.file.fileno(), st.st_uid, st.st_gid)
 
@@ -154,7 +156,7 @@ class AtomicOutput:
         try:
             if self.replace_source:
                 assert self.backup_path is not None
-                os.link(source_path, self.backup_path)
+                os.link(os.path.realpath(source_path), self.backup_path)  # link() would not follow a symlink
                 os.replace(self.temp_path, self.final_path)
             elif self.overwrite:
                 os.replace(self.temp_path, self.final_path)

@@ -71,9 +71,23 @@ def judge(samples: Iterable[tuple[int, bytes]]) -> Verdict:
     return Verdict(False, f"all {count} sampled clusters decrypt to random-looking data", count)
 
 
-def sample_offsets(allocated_guest_offsets: list[int], limit: int = 32) -> list[int]:
-    """Up to ``limit`` offsets spread evenly, always including the first (where the boot sector lives)."""
-    if len(allocated_guest_offsets) <= limit:
-        return allocated_guest_offsets
-    step = len(allocated_guest_offsets) / limit
-    return sorted({allocated_guest_offsets[int(i * step)] for i in range(limit)})
+def sample(extents: Iterable[tuple[int, int]], limit: int = 32, seed: int = 0) -> list[tuple[int, int]]:
+    """Up to ``limit`` extents spread over the image, always the first one (where the boot sector lives).
+
+    Reservoir sampling: one pass, memory bounded by ``limit`` whatever the number of extents."""
+    import random
+
+    rng = random.Random(seed)
+    chosen: list[tuple[int, int]] = []
+    first: tuple[int, int] | None = None
+    for seen, extent in enumerate(extents):
+        if first is None:
+            first = extent
+            continue
+        if len(chosen) < limit - 1:
+            chosen.append(extent)
+        else:
+            slot = rng.randrange(seen)
+            if slot < limit - 1:
+                chosen[slot] = extent
+    return ([first] if first else []) + sorted(chosen)

@@ -247,7 +247,9 @@ class QcowReader:
         raw = self.image.read_host(mapping.host_offset, mapping.compressed_bytes)
         data = self._decompress(raw)
         if len(data) < self.cluster_size:
-            data += bytes(self.cluster_size - len(data))
+            raise FormatError(f"compressed cluster at {mapping.host_offset:#x} inflates to {len(data)} bytes, "
+                              f"not {self.cluster_size} (QEMU reports an I/O error)", path=self.image.path,
+                              field="compressed cluster")
         self._inflated = (mapping.host_offset, data)
         return data
 

@@ -258,7 +258,10 @@ def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path
                      check=False)
     assert refused.returncode == 6 and out.read_bytes() == b"precious"
     qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw), "--force")
-    assert out.stat().st_mode & 0o777 == 0o640
+    assert out.stat().st_mode & 0o777 == 0o600  # a decrypted copy of an encrypted image: owner only
+    luks_out = tmp_path / "out.luks"
+    qcrypt("migrate", str(source), "--to", "luks", "-o", str(luks_out), "--passphrase-file", str(pw), *FAST)
+    assert luks_out.stat().st_mode & 0o777 == 0o640  # still encrypted: the source's bits
     assert not [p for p in tmp_path.iterdir() if ".qcrypt-" in p.name]
 
 
@@ -465,3 +468,38 @@ def test_hidden_prompt_on_a_terminal(tmp_path: Path) -> None:
     assert entry["passphrase"].encode() not in transcript  # not echoed
     assert b"Enter the source passphrase" in transcript and b"verified" in transcript
     assert im.file_sha256(out) == entry["plaintext_sha256"]
+
+
+def test_output_reaching_the_source_by_another_path_is_refused(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    """--force overwrites outputs, never the source or a backing layer, whatever path leads there."""
+    source, pw = legacy
+    before = im.file_sha256(source)
+    (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
+    via_link = tmp_path / "alias" / source.name
+    result = qcrypt("migrate", str(source), "--to", "raw", "-o", str(via_link), "--passphrase-file", str(pw),
+                    "--force", check=False)
+    assert result.returncode == 8 and b"overwrite the source" in result.stderr
+    assert im.file_sha256(source) == before
+
+
+def test_wrong_passphrase_refused_on_extended_l2(tmp_path: Path) -> None:
+    """Extended-L2 images keep their data in subclusters: the plausibility check must sample those too."""
+    name = "aes-qcow2-v3-extl2-c64k.qcow2"
+    source = im.fixture_path(name, tmp_path)
+    wrong = secret_file(tmp_path, "wrong", "not the passphrase")
+    result = qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o.raw"), "--passphrase-file",
+                    str(wrong), check=False)
+    assert result.returncode == 4 and b"probably wrong" in result.stderr
+    right = secret_file(tmp_path, "right", im.manifest()["fixtures"][name]["passphrase"])
+    qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o.raw"), "--passphrase-file", str(right))
+
+
+def test_replace_through_a_symlink_replaces_the_real_image(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    source, pw = legacy
+    link = tmp_path / "link.qcow2"
+    link.symlink_to(source)
+    qcrypt("migrate", str(link), "--to", "qcow2-luks", "--replace", "--passphrase-file", str(pw), *FAST)
+    assert link.is_symlink()  # the link still points at the (now migrated) real file
+    assert im.qemu_img_info(source)["format-specific"]["data"]["encrypt"]["format"] == "luks"
+    kept = Path(str(source) + ".qcrypt-orig")
+    assert kept.exists() and not kept.is_symlink()

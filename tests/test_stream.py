@@ -145,3 +145,16 @@ def test_chain_with_separate_passphrases(tmp_path: Path, qemu_img: str) -> None:
     im.write_pattern(top, 65536 * 5 + 1024, 4096, 0x62)
     with qcrypt.open_image(top.path, "top secret", passphrases={base.path: "base secret"}) as stream:
         assert hashlib.sha256(stream.read()).hexdigest() == im.plaintext_sha256(top)
+
+
+def test_long_reads_loop_over_short_preads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux returns at most ~2 GiB per read(): long reads must loop, never pad the rest with zeros."""
+    from qcrypt import imagefile
+
+    data = bytes(range(256)) * 40
+    path = tmp_path / "raw.img"
+    path.write_bytes(data)
+    monkeypatch.setattr(imagefile, "MAX_PREAD", 1000)
+    with qcrypt.open_image(path, container="raw") as stream:
+        assert stream.read_at(0, len(data)) == data
+        assert stream.read_at(999, 5003) == data[999:6002]

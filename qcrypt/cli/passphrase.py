@@ -26,7 +26,7 @@ def read_passphrase_file(path: str) -> bytes:
     """The passphrase in ``path`` ('-' = stdin), with one trailing line ending removed."""
     try:
         if path == "-":
-            data = sys.stdin.buffer.read()
+            data = sys.stdin.buffer.read(64 * 1024 + 1)
         else:
             with open(path, "rb") as fh:
                 data = fh.read(64 * 1024 + 1)

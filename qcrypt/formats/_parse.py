@@ -32,6 +32,17 @@ def parse_bytes(struct: construct.Construct, data: bytes, *, path: str, what: st
         raise FormatError("malformed or truncated structure", path=path, field=name) from e
 
 
+def _pread_pieces(fd: int, length: int, offset: int, piece: int = 1 << 30) -> list[bytes]:
+    pieces = []
+    while length > 0:
+        data = os.pread(fd, min(piece, length), offset)
+        if not data:
+            break
+        pieces.append(data)
+        offset, length = offset + len(data), length - len(data)
+    return pieces
+
+
 def read_exact(fh: BinaryIO, offset: int, length: int, *, path: str, what: str, file_size: int) -> bytes:
     """Read ``length`` bytes at ``offset``, checking the range against ``file_size`` first."""
     if offset < 0 or length < 0 or offset + length > file_size:
@@ -41,7 +52,7 @@ def read_exact(fh: BinaryIO, offset: int, length: int, *, path: str, what: str, 
             field=what,
         )
     try:
-        data = os.pread(fh.fileno(), length, offset)  # no shared file position: safe across threads/forks
+        data = b"".join(_pread_pieces(fh.fileno(), length, offset))  # no shared position: fork/thread safe
     except (AttributeError, OSError, ValueError):
         fh.seek(offset)
         data = fh.read(length)
