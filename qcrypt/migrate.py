@@ -26,7 +26,7 @@ from qcrypt.outputs import AtomicOutput, Finalized, io_error
 from qcrypt.parallel import ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
-from qcrypt.scan import luks_region_reader
+from qcrypt.scan import luks_region_reader, resolve_backing
 from qcrypt.stream import GuestStream, KnownMasterKey, QcowReader, Secret, _Opener, open_image
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
@@ -98,7 +98,26 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
     if not opts.replace:
         _refuse_output_over_inputs(final_path, [source] + [layer["path"] for layer in report["backing_chain"]])
     keep_backing, backing_format, snapshots = _chain_plan(source, report, opts)
+    if keep_backing:
+        keep_backing = backing_name_for(source, keep_backing, final_path)
     return Plan(source, report, final_path, keep_backing, backing_format, snapshots)
+
+
+def backing_name_for(source: str, backing_file: str, output: str) -> str:
+    """The backing name to write into ``output`` so that it opens the same base as ``source`` does.
+
+    Relative names resolve against the image's own folder (as in QEMU): when the output lives elsewhere,
+    the name is rewritten relative to the output's folder."""
+    base = resolve_backing(source, backing_file)
+    if base is None or os.path.isabs(backing_file):
+        return backing_file
+    output_dir = os.path.dirname(os.path.abspath(output))
+    if os.path.samefile(output_dir, os.path.dirname(os.path.abspath(source)) or "."):
+        return backing_file
+    rewritten = os.path.relpath(os.path.realpath(base), os.path.realpath(output_dir))
+    if not _same_file(os.path.join(output_dir, rewritten), base):
+        raise MigrationError(f"cannot name backing file {base} relative to {output_dir}")
+    return rewritten
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -503,3 +503,27 @@ def test_replace_through_a_symlink_replaces_the_real_image(legacy: tuple[Path, P
     assert im.qemu_img_info(source)["format-specific"]["data"]["encrypt"]["format"] == "luks"
     kept = Path(str(source) + ".qcrypt-orig")
     assert kept.exists() and not kept.is_symlink()
+
+
+def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
+    """A relative backing name is rewritten for the output's folder; a decoy base there is not picked up."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    base = im.make_qcow2(tmp_path / "a" / "base.qcow2", 1 << 20)
+    im.write_pattern(base, 131072, 4096, 0x11)
+    decoy = im.make_qcow2(tmp_path / "b" / "base.qcow2", 1 << 20)
+    im.write_pattern(decoy, 131072, 4096, 0x99)
+    pw = secret_file(tmp_path, "pw", PASSPHRASE)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o", "encrypt.format=aes,encrypt.key-secret=s", "-b", "base.qcow2", "-F", "qcow2",
+                    str(tmp_path / "a" / "ov.qcow2")], check=True, cwd=tmp_path / "a")
+    overlay = im.Image(tmp_path / "a" / "ov.qcow2", "qcow2", PASSPHRASE)
+    im.write_pattern(overlay, 0, 4096, 0x22)
+    out = tmp_path / "b" / "out.qcow2"
+    qcrypt("migrate", str(overlay.path), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file",
+           str(tmp_path / "pw"), *FAST)
+    assert im.qemu_img_info(out)["backing-filename"] == "../a/base.qcow2"
+    opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
+    read = subprocess.run([qemu_io, "--object", f"secret,id=s,file={tmp_path / 'pw'}", "--image-opts", opts,
+                           "-c", "read -P 0x11 131072 4096", "-c", "read -P 0x22 0 4096"], capture_output=True,
+                          text=True)
+    assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout
