@@ -514,7 +514,8 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
     decoy = im.make_qcow2(tmp_path / "b" / "base.qcow2", 1 << 20)
     im.write_pattern(decoy, 131072, 4096, 0x99)
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o", "encrypt.format=aes,encrypt.key-secret=s", "-b", "base.qcow2", "-F", "qcow2",
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}",
+                    "-o", "encrypt.format=aes,encrypt.key-secret=s", "-b", "base.qcow2", "-F", "qcow2",
                     str(tmp_path / "a" / "ov.qcow2")], check=True, cwd=tmp_path / "a")
     overlay = im.Image(tmp_path / "a" / "ov.qcow2", "qcow2", PASSPHRASE)
     im.write_pattern(overlay, 0, 4096, 0x22)
