@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 from typing import BinaryIO, TypeVar
 
 from qcrypt.errors import FormatError
@@ -30,6 +32,22 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
     return b"".join(pieces)
 
 
+def open_image_file(path: str) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file or a block device.
+
+    Opened non-blocking first, so a FIFO (or a device that would block) cannot hang a scan or the hook."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise FormatError("not a regular file or block device", path=path, field="file type")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class ImageFile:
     """An image file opened read-only. Subclasses parse their header in ``_load``."""
 
@@ -46,7 +64,7 @@ class ImageFile:
 
     @classmethod
     def open(cls: type[T], path: str | os.PathLike[str]) -> T:
-        fh = open(os.fspath(path), "rb")  # noqa: SIM115 - closed by close()/__exit__
+        fh = open_image_file(os.fspath(path))
         try:
             return cls(fh, os.fspath(path))
         except BaseException:

@@ -13,6 +13,7 @@ import os
 import struct
 
 from qcrypt.errors import ImageInUseError
+from qcrypt.imagefile import open_image_file
 
 F_OFD_GETLK = 36  # Linux; Python's fcntl module lacks the OFD names
 F_OFD_SETLK = 37
@@ -51,7 +52,7 @@ def describe_locks(held: list[int]) -> str:
 
 def refuse_if_in_use(path: str) -> None:
     """Raise ImageInUseError if a QEMU process (VM, qemu-img, qemu-nbd...) has ``path`` open."""
-    with open(path, "rb") as fh:
+    with open_image_file(path) as fh:
         held = held_lock_bytes(fh.fileno())
     if held:
         raise ImageInUseError(

@@ -19,7 +19,7 @@ from qcrypt import luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
-from qcrypt.imagefile import RawFile
+from qcrypt.imagefile import RawFile, open_image_file
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
 from qcrypt.outputs import AtomicOutput, Finalized, io_error
@@ -591,7 +591,7 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
 
 def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None
                          ) -> tuple[Finalized, int, int]:
-    with open(plan_.source, "rb") as source_lock:
+    with open_image_file(plan_.source) as source_lock:
         hold_shared_locks(source_lock.fileno(), writing=False)
         with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
             out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None

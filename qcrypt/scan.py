@@ -17,7 +17,7 @@ from qcrypt.errors import FormatError, QcryptError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import read_exact
-from qcrypt.imagefile import ImageFile, RawFile
+from qcrypt.imagefile import ImageFile, RawFile, open_image_file
 from qcrypt.model import ClusterKind
 from qcrypt.qcow1 import QCowImage
 from qcrypt.qcow2 import QCow2Image, feature_names
@@ -40,7 +40,7 @@ class Probe:
 
 def probe(path: str) -> Probe:
     """Recognise the container from its magic (qcow and qcow2 share one; LUKS1/2 dispatch on version)."""
-    with open(path, "rb") as fh:
+    with open_image_file(path) as fh:
         head = fh.read(PROBE_BYTES)
     if head[:4] == qcow2_fmt.MAGIC and len(head) == 8:
         version = int.from_bytes(head[4:8], "big")
@@ -141,6 +141,9 @@ def inspect_one(path: str) -> ImageInfo:
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
             info.format, info.error = "directory", "is a directory"
+            return info
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            info.format, info.error = "special", "not a regular file or block device (FIFO, socket, ...)"
             return info
         kind = probe(path)
         info.format = kind.format
