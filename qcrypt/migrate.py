@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -364,23 +364,23 @@ def _pwrite_fd(fd: int, offset: int, data: bytes | memoryview) -> None:
 
 @dataclass
 class Qcow2Job:
-    """What the qcow2 writer gets: per table, zero runs and data runs (with the reader to take them from)."""
+    """What the qcow2 writer gets for one table: a stream of (guest_cluster, "zero"|"data", share key), in
+    guest order, and the reader to take data from (a generator: memory does not grow with the image)."""
 
     table: int
     reader: Any  # QcowReader of the source layer (or the whole chain when flattening)
-    clusters: list[tuple[int, str, Any]]  # (guest_cluster, "zero" | "data", share key or None)
+    clusters: Iterable[tuple[int, str, Any]]
 
 
 def _layer_job(table: int, reader: QcowReader, snapshot: Snapshot | None, share: bool) -> Qcow2Job:
-    image = reader.image
-    clusters = []
-    for guest_cluster, mapping in image.iter_mappings(snapshot):  # type: ignore[attr-defined]
-        if mapping.kind is ClusterKind.ZERO:
-            clusters.append((guest_cluster, "zero", None))
-        else:
-            key = (mapping.host_offset, guest_cluster) if share else None
-            clusters.append((guest_cluster, "data", key))
-    return Qcow2Job(table, reader, clusters)
+    def clusters() -> Iterator[tuple[int, str, Any]]:
+        for guest_cluster, mapping in reader.image.iter_mappings(snapshot):  # type: ignore[attr-defined]
+            if mapping.kind is ClusterKind.ZERO:
+                yield guest_cluster, "zero", None
+            else:
+                yield guest_cluster, "data", (mapping.host_offset, guest_cluster) if share else None
+
+    return Qcow2Job(table, reader, clusters())
 
 
 class FlatSource:
@@ -397,16 +397,33 @@ class FlatSource:
 
 def _whole_disk_job(source: FlatSource) -> Qcow2Job:
     clusters = -(-source.size // source.cluster_size)
-    return Qcow2Job(-1, source, [(g, "data", None) for g in range(clusters)])
+    return Qcow2Job(-1, source, ((g, "data", None) for g in range(clusters)))
+
+
+def _runs_of(mappings: Iterable[tuple[int, Any]], cluster_size: int, size: int) -> Iterator[tuple[int, int]]:
+    """Merge one layer's mapped clusters (guest order) into byte extents as they stream by."""
+    start = end = None
+    for g, _ in mappings:
+        begin, finish = g * cluster_size, min((g + 1) * cluster_size, size)
+        if end is not None and begin == end:
+            end = finish
+            continue
+        if start is not None and end is not None:
+            yield start, end
+        start, end = begin, finish
+    if start is not None and end is not None:
+        yield start, end
 
 
 def allocated_extents(reader: Any) -> list[tuple[int, int]]:
-    """Guest byte ranges [start, end) that any layer of ``reader``'s chain maps (zero clusters included)."""
+    """Guest byte ranges [start, end) that any layer of ``reader``'s chain maps (zero clusters included).
+
+    Memory grows with the number of separate runs, not with the number of clusters."""
     extents: list[tuple[int, int]] = []
     layer = reader
     while isinstance(layer, QcowReader):
-        cs = layer.cluster_size
-        extents += [(g * cs, min((g + 1) * cs, layer.size)) for g, _ in layer.image.iter_mappings()]  # type: ignore[attr-defined]
+        extents = merge_extents(extents + list(_runs_of(layer.image.iter_mappings(),  # type: ignore[attr-defined]
+                                                           layer.cluster_size, layer.size)), limit=reader.size)
         layer = layer.backing
     if layer is not None:  # a raw (or raw LUKS) base: all of it may hold data
         extents.append((0, layer.size))
@@ -428,10 +445,16 @@ def merge_extents(extents: list[tuple[int, int]], *, limit: int) -> list[tuple[i
 
 def _flatten_job(reader: QcowReader) -> Qcow2Job:
     cs = reader.cluster_size
-    clusters: set[int] = set()
-    for start, end in allocated_extents(reader):
-        clusters.update(range(start // cs, -(-end // cs)))
-    return Qcow2Job(-1, reader, [(g, "data", None) for g in sorted(clusters)])
+    extents = allocated_extents(reader)
+
+    def clusters() -> Iterator[tuple[int, str, Any]]:
+        last = -1
+        for start, end in extents:
+            for g in range(max(start // cs, last + 1), -(-end // cs)):
+                yield g, "data", None
+                last = g
+
+    return Qcow2Job(-1, reader, clusters())
 
 
 def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: Digests, *,

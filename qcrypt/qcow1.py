@@ -6,6 +6,7 @@ References: qemu block/qcow.c (qcow_open, get_cluster_offset); formats.md sectio
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -130,18 +131,17 @@ class QCowImage(ImageFile):
             raise self._fail("L2 entry", f"data cluster offset {entry:#x} is not cluster-aligned")
         return ClusterMapping(ClusterKind.NORMAL, entry)
 
-    def iter_mappings(self, snapshot: Snapshot | None = None) -> list[tuple[int, ClusterMapping]]:
+    def iter_mappings(self, snapshot: Snapshot | None = None) -> Iterator[tuple[int, ClusterMapping]]:
+        """Every allocated guest cluster, in guest order (a generator: one L2 table in memory)."""
         l1 = self.l1_table()
         total = self.guest_clusters
-        result = []
         for l1_index, l2_offset in enumerate(int(v) for v in l1):
             if not l2_offset:
                 continue
             l2 = self._read_l2(l2_offset)
             first = l1_index * self.l2_entries
             for l2_index in np.flatnonzero(l2[: max(0, min(self.l2_entries, total - first))]):
-                result.append((first + int(l2_index), self._decode(int(l2[l2_index]))))
-        return result
+                yield first + int(l2_index), self._decode(int(l2[l2_index]))
 
     def allocated_bytes(self) -> int:
         cs = self.cluster_size

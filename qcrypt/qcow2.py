@@ -8,6 +8,7 @@ References:
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -402,13 +403,14 @@ class QCow2Image(ImageFile):
             raise self._fail("L2 entry", f"data cluster offset {host_offset:#x} is not cluster-aligned")
         return ClusterMapping(ClusterKind.SUBCLUSTERS, host_offset, 0, alloc, zero)
 
-    def iter_mappings(self, snapshot: Snapshot | None = None) -> list[tuple[int, ClusterMapping]]:
-        """Every guest cluster that is not UNALLOCATED, in guest order, as (guest_cluster, mapping)."""
+    def iter_mappings(self, snapshot: Snapshot | None = None) -> Iterator[tuple[int, ClusterMapping]]:
+        """Every guest cluster that is not UNALLOCATED, in guest order, as (guest_cluster, mapping).
+
+        A generator: memory stays bounded by one L2 table whatever the image size."""
         l1 = self.l1_table(snapshot)
-        size = snapshot.virtual_size if snapshot and snapshot.virtual_size is not None else self.header.size
+        size = snapshot.virtual_size if snapshot and snapshot.virtual_size else self.header.size
         total = -(-size // self.header.cluster_size)
         per_l2 = self.header.l2_entries
-        result = []
         for l1_index in range(min(len(l1), -(-total // per_l2))):
             l2_offset = self.l2_offset(l1, l1_index)
             if not l2_offset:
@@ -418,8 +420,7 @@ class QCow2Image(ImageFile):
             for l2_index in self._nonzero_indexes(l2, min(per_l2, total - first)):
                 mapping = self.decode_l2_entry(l2, l2_index)
                 if mapping.kind is not ClusterKind.UNALLOCATED:
-                    result.append((first + l2_index, mapping))
-        return result
+                    yield first + l2_index, mapping
 
     def _nonzero_indexes(self, l2: np.ndarray, count: int) -> list[int]:
         if self.header.extended_l2:
