@@ -50,10 +50,16 @@ def describe_locks(held: list[int]) -> str:
     return ", ".join(names)
 
 
-def refuse_if_in_use(path: str) -> None:
-    """Raise ImageInUseError if a QEMU process (VM, qemu-img, qemu-nbd...) has ``path`` open."""
-    with open_image_file(path) as fh:
-        held = held_lock_bytes(fh.fileno())
+def refuse_if_in_use(path: str, *, fd: int | None = None) -> None:
+    """Raise ImageInUseError if a QEMU process (VM, qemu-img, qemu-nbd...) has ``path`` open.
+
+    With ``fd`` (an open description that may already hold our own locks), probe through it: OFD locks
+    of one open file description never conflict with each other, so only other holders show up."""
+    if fd is not None:
+        held = held_lock_bytes(fd)
+    else:
+        with open_image_file(path) as fh:
+            held = held_lock_bytes(fh.fileno())
     if held:
         raise ImageInUseError(
             f"{path} is open in a QEMU process ({describe_locks(held)}); shut the VM down (or stop the "

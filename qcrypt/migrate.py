@@ -590,8 +590,15 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     """Migrate ``source`` as ``opts`` say. The source is never modified."""
     source = os.fspath(source)
     plan_ = plan(source, opts)
-    for layer in [source] + [layer["path"] for layer in plan_.report["backing_chain"]]:
-        refuse_if_in_use(layer)
+    with open_image_file(source) as source_lock:  # held until the end: QEMU cannot start writing the source
+        hold_shared_locks(source_lock.fileno(), writing=False)
+        refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
+        for layer in plan_.report["backing_chain"]:
+            refuse_if_in_use(layer["path"])
+        return _migrate_locked(source, plan_, opts)
+
+
+def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions) -> MigrateResult:
     verdict = None
     if _uses_legacy(plan_.report):
         verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
@@ -614,21 +621,19 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
 
 def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None
                          ) -> tuple[Finalized, int, int]:
-    with open_image_file(plan_.source) as source_lock:
-        hold_shared_locks(source_lock.fileno(), writing=False)
-        with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
-            out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
-                                    and _is_encrypted(plan_.report))
-            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
-            wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
-            known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
-            try:
-                verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
-            finally:
-                if known_key:
-                    known_key.key[:] = bytes(len(known_key.key))
-                wait_for_sync()
-            return out.commit(plan_.source), data_bytes, size
+    with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
+        out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
+                                and _is_encrypted(plan_.report))
+        digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
+        wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
+        known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
+        try:
+            verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
+        finally:
+            if known_key:
+                known_key.key[:] = bytes(len(known_key.key))
+            wait_for_sync()
+        return out.commit(plan_.source), data_bytes, size
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:
