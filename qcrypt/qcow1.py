@@ -77,7 +77,8 @@ class QCowImage(ImageFile):
 
     @property
     def virtual_size(self) -> int:
-        return self.header.size
+        """What the guest sees: QEMU counts whole 512-byte sectors (a crafted odd size is rounded down)."""
+        return self.header.size // 512 * 512
 
     @property
     def cluster_size(self) -> int:

@@ -22,12 +22,11 @@ from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.imagefile import ImageFile, RawFile
 from qcrypt.model import ClusterKind, ClusterMapping, Snapshot
 from qcrypt.qcow2 import QCow2Image
-from qcrypt.scan import luks_region_reader, probe, resolve_backing
+from qcrypt.scan import MAX_CHAIN_DEPTH, luks_region_reader, probe, resolve_backing
 from qcrypt.scan import open_image as open_container
 
 SECTOR = 512
 Passphrase = str | bytes | bytearray
-MAX_CHAIN_DEPTH = 64
 
 
 class LayerReader(Protocol):

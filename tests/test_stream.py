@@ -158,3 +158,19 @@ def test_long_reads_loop_over_short_preads(tmp_path: Path, monkeypatch: pytest.M
     with qcrypt.open_image(path, container="raw") as stream:
         assert stream.read_at(0, len(data)) == data
         assert stream.read_at(999, 5003) == data[999:6002]
+
+
+def test_odd_virtual_size_is_rounded_down_like_qemu(tmp_path: Path, qemu_img: str) -> None:
+    import json
+    import subprocess
+
+    image = im.make_qcow2(tmp_path / "odd.qcow2", 1 << 20)
+    im.write_pattern(image, 0, 4096, 0x33)
+    with open(image.path, "r+b") as fh:
+        fh.seek(24)
+        fh.write((197608).to_bytes(8, "big"))
+    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(image.path)], capture_output=True,
+                                     text=True, check=True).stdout)
+    with qcrypt.open_image(image.path) as stream:
+        assert stream.size == info["virtual-size"] == 197120
+        assert len(stream.read()) == 197120
