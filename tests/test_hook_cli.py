@@ -305,3 +305,14 @@ def test_current_script_points_at_this_installation() -> None:
     assert f"QCRYPT_PYTHON={os.path.abspath(sys.executable)}" in script.splitlines()  # a venv stays a venv
     if "PYTHONPATH=" in script:  # not importable from a bare environment: the source folder is named
         assert str(hookcli.package_root()) in script
+
+
+def test_install_self_test(hooks_dir: Path, tmp_path: Path) -> None:
+    """install runs the script as libvirt would; a script that cannot work there is reported, not hidden."""
+    result = CliRunner().invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
+    assert result.exit_code == 0 and "Self-test passed" in result.stdout
+    broken = tmp_path / "broken-hook"
+    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named qcrypt' >&2\nexit 0\n")
+    broken.chmod(0o755)
+    assert "ModuleNotFoundError" in (hookcli.self_test(broken) or "")
+    assert hookcli.self_test(hooks_dir / "qemu.d" / "50-qcrypt") is None

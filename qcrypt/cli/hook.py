@@ -108,6 +108,24 @@ def needs_pythonpath(python: str) -> bool:
     return done.returncode != 0 or done.stdout.strip() != expected
 
 
+SELF_TEST_XML = b"<domain><name>qcrypt-hook-self-test</name><devices/></domain>"
+
+
+def self_test(script: Path | str) -> str | None:
+    """Run the installed script as libvirt would (env -i, bare PATH, cwd /) on an empty domain.
+
+    The script always exits 0, so anything on stderr means it cannot work there; returns that text."""
+    try:
+        done = subprocess.run(["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", str(script), "qcrypt-hook-self-test",
+                               "prepare", "begin", "-"], input=SELF_TEST_XML, cwd="/", capture_output=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    problem = (done.stderr.decode("utf-8", "replace").strip() or
+               (f"exit status {done.returncode}" if done.returncode else ""))
+    return problem or None
+
+
 def render_script(python: str, pythonpath: str | None) -> str:
     """The ``qemu.d`` hook script: filters operations, runs the hook, never fails, never prints to stdout."""
     env = f"PYTHONPATH={shlex.quote(pythonpath)} " if pythonpath else ""
@@ -261,6 +279,12 @@ def install(hooks_dir: str, name: str) -> None:
         sys.exit(EXIT_FOREIGN)
     verb = {"installed": "installed", "updated": "updated", "already-installed": "already installed"}[status]
     click.echo(f"qcrypt hook {verb}: {path}")
+    problem = self_test(path)
+    if problem:
+        click.echo(f"qcrypt: error: the installed hook does not run in libvirt's environment: "
+                   f"{problem.splitlines()[-1]}", err=True)
+        sys.exit(EXIT_FOREIGN)
+    click.echo("Self-test passed: the hook runs with libvirt's minimal environment.")
     if os.path.exists(os.path.join(hooks_dir, "qemu")):
         click.echo(f"The existing {os.path.join(hooks_dir, 'qemu')} script is untouched and still runs first.")
     if status != "already-installed":
