@@ -13,7 +13,7 @@ from tqdm import tqdm
 from qcrypt import scan as scanner
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size
-from qcrypt.cli.passphrase import get_passphrase
+from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import QcryptError
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate import migrate as run_migration
@@ -76,10 +76,13 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(opts.chunk_bytes)
     total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=True if quiet else None,
-              file=sys.stderr, desc="migrating", leave=False) as bar:
-        opts.progress = bar.update
-        result = run_migration(source, opts)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=True if quiet else None,
+                  file=sys.stderr, desc="migrating", leave=False) as bar:
+            opts.progress = bar.update
+            result = run_migration(source, opts)
+    finally:
+        wipe(passphrase, new_passphrase)
     if not quiet:
         print_result(result, report, passphrase_file)
 

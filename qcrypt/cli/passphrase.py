@@ -14,22 +14,25 @@ import click
 from qcrypt.errors import PassphraseInputError
 
 
-def strip_line_ending(data: bytes) -> bytes:
+def strip_line_ending(data: bytearray) -> bytearray:
+    """Remove one trailing line ending, in place (the passphrase stays in one wipeable buffer)."""
     if data.endswith(b"\r\n"):
-        return data[:-2]
-    if data.endswith(b"\n"):
-        return data[:-1]
+        del data[-2:]
+    elif data.endswith(b"\n"):
+        del data[-1:]
     return data
 
 
-def read_passphrase_file(path: str) -> bytes:
+def read_passphrase_file(path: str) -> bytearray:
     """The passphrase in ``path`` ('-' = stdin), with one trailing line ending removed."""
     try:
+        data = bytearray(64 * 1024 + 1)
         if path == "-":
-            data = sys.stdin.buffer.read(64 * 1024 + 1)
+            size = sys.stdin.buffer.readinto(data)
         else:
             with open(path, "rb") as fh:
-                data = fh.read(64 * 1024 + 1)
+                size = fh.readinto(data)
+        del data[size:]
     except OSError as e:
         raise PassphraseInputError(f"cannot read the passphrase file {path}: {e.strerror}") from e
     if len(data) > 64 * 1024:
@@ -40,7 +43,8 @@ def read_passphrase_file(path: str) -> bytes:
     return passphrase
 
 
-def get_passphrase(path: str | None, *, what: str, option: str = "--passphrase-file", confirm: bool = False) -> bytes:
+def get_passphrase(path: str | None, *, what: str, option: str = "--passphrase-file",
+                   confirm: bool = False) -> bytearray:
     """From ``path`` if given, else a hidden prompt when stdin is a terminal, else an error."""
     if path is not None:
         return read_passphrase_file(path)
@@ -49,4 +53,11 @@ def get_passphrase(path: str | None, *, what: str, option: str = "--passphrase-f
     text = click.prompt(f"Enter the {what}", hide_input=True, confirmation_prompt=confirm, err=True)
     if not text:
         raise PassphraseInputError(f"empty {what}")
-    return text.encode("utf-8")
+    return bytearray(text.encode("utf-8"))
+
+
+def wipe(*passphrases: bytearray | None) -> None:
+    """Overwrite passphrase buffers once they are no longer needed (best effort)."""
+    for passphrase in passphrases:
+        if passphrase is not None:
+            passphrase[:] = bytes(len(passphrase))
