@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -44,7 +45,8 @@ def open_image_file(path: str) -> BinaryIO:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb")
     except BaseException:
-        os.close(fd)
+        with contextlib.suppress(OSError):  # fdopen may already own (and have closed) fd when interrupted
+            os.close(fd)
         raise
 
 

@@ -8,6 +8,7 @@ interruption removes the temporary file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -342,10 +343,11 @@ def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: 
         return guest_offset, length, hashlib.sha256(plain).digest()
 
     chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
-    for guest_offset, length, digest in ordered_map(one_chunk, chunks, workers=opts.workers):
-        digests.ranges.append((-1, guest_offset, length, digest))
-        if opts.progress:
-            opts.progress(length)
+    with contextlib.closing(ordered_map(one_chunk, chunks, workers=opts.workers)) as results:
+        for guest_offset, length, digest in results:
+            digests.ranges.append((-1, guest_offset, length, digest))
+            if opts.progress:
+                opts.progress(length)
     out.truncate(base_offset + padded)
     return padded
 
@@ -492,10 +494,11 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
             if opts.progress:
                 opts.progress(length)
 
-    for guest_offset, length, digest in ordered_map(parallel_run, tasks(), workers=opts.workers):
-        digests.ranges.append((job.table, guest_offset, length, digest))
-        if opts.progress:
-            opts.progress(length)
+    with contextlib.closing(ordered_map(parallel_run, tasks(), workers=opts.workers)) as results:
+        for guest_offset, length, digest in results:
+            digests.ranges.append((job.table, guest_offset, length, digest))
+            if opts.progress:
+                opts.progress(length)
     return done
 
 
@@ -577,8 +580,10 @@ def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int
         return guest_offset, length, hashlib.sha256(read(guest_offset, length)).digest() == expected
 
     mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
-    for guest_offset, length, same in ordered_map(digest_of, mine, workers=workers):
-        if not same:
+    with contextlib.closing(ordered_map(digest_of, mine, workers=workers)) as results:
+        for guest_offset, length, same in results:
+            if same:
+                continue
             raise VerificationError(f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ from "
                                     "the source after writing; the output was not kept")
 

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import stat
 import threading
 from collections.abc import Callable
@@ -100,17 +101,27 @@ class AtomicOutput:
         remove_stale_temps(self.final_path)
         self.temp_path = temp_name_for(self.final_path, os.getpid())
         self.committed = False
-        try:
-            fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise io_error(e, f"creating {self.temp_path}") from e
-        _PENDING.add(self.temp_path)  # ours now: remove_pending() covers every window after this
+        fd = self._create_registered()
         self.file = os.fdopen(fd, "w+b")
         try:
             hold_shared_locks(self.file.fileno(), writing=True)
         except BaseException:
             self.close()
             raise
+
+    def _create_registered(self) -> int:
+        """Create the temp file (O_EXCL: never another run's) and register it for cleanup, with SIGINT and
+        SIGTERM held back in between, so an interrupt cannot land after the creation and before the
+        registration."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            _PENDING.add(self.temp_path)
+        except OSError as e:
+            raise io_error(e, f"creating {self.temp_path}") from e
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return fd
 
     def copy_ownership_from(self, source_path: str, *, plaintext_from_encrypted: bool = False) -> None:
         """Permission bits never wider than the source's (and owner-only for a decrypted copy of an encrypted

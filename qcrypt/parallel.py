@@ -6,6 +6,7 @@ pread/pwrite at explicit offsets.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -83,7 +84,9 @@ def ordered_map(task: Callable[..., R], items: Iterable[tuple[Any, ...]], *, wor
                 in_flight: int = 6) -> Iterator[R]:
     """``task(*item)`` for every item, results in order; at most ``in_flight`` items pending (bounded memory).
 
-    With one worker (or where fork is unavailable) everything runs in this process.
+    With one worker (or where fork is unavailable) everything runs in this process. Callers must close the
+    generator when they stop early (``with contextlib.closing(ordered_map(...))``): on an interrupt or error
+    the workers are killed at once (their work only ever lands in a temporary file that is discarded).
     """
     workers = default_workers() if workers is None else workers
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -95,6 +98,7 @@ def ordered_map(task: Callable[..., R], items: Iterable[tuple[Any, ...]], *, wor
     pending: deque[Future[R]] = deque()
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_die_with_parent, initargs=(os.getpid(),))
+    completed = False
     try:
         for item in items:
             pending.append(_submit(executor, item))
@@ -102,8 +106,18 @@ def ordered_map(task: Callable[..., R], items: Iterable[tuple[Any, ...]], *, wor
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+        completed = True
     finally:
-        for future in pending:
-            future.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
         _task = None
+        if completed:
+            executor.shutdown(wait=True)
+        else:
+            _kill_workers(executor)
+
+
+def _kill_workers(executor: ProcessPoolExecutor) -> None:
+    """Stop now: workers block SIGTERM (see _submit), so SIGKILL them, then let the pool wind down."""
+    for process in list(getattr(executor, "_processes", {}).values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            process.kill()
+    executor.shutdown(wait=False, cancel_futures=True)

@@ -6,6 +6,7 @@ fields"). ``scan(paths)`` walks files and directories and inspects each file onc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -332,11 +333,12 @@ def scan(
     batches = [(files[i : i + SCAN_BATCH],) for i in range(0, len(files), SCAN_BATCH)]
     workers = jobs if len(batches) > 1 else 1
     reports: list[Report] = []
-    for batch in ordered_map(_inspect_batch, batches, workers=workers, in_flight=2 * workers):
-        for report in batch:
-            if progress:
-                progress(report)
-        reports += batch
+    with contextlib.closing(ordered_map(_inspect_batch, batches, workers=workers, in_flight=2 * workers)) as results:
+        for batch in results:
+            for report in batch:
+                if progress:
+                    progress(report)
+            reports += batch
     return reports
 
 
