@@ -10,12 +10,12 @@ import contextlib
 import errno
 import os
 import re
-import signal
 import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qcrypt._signals import signals_deferred
 from qcrypt.errors import OutputExistsError, QcryptIOError
 from qcrypt.locking import hold_shared_locks
 
@@ -113,14 +113,12 @@ class AtomicOutput:
         """Create the temp file (O_EXCL: never another run's) and register it for cleanup, with SIGINT and
         SIGTERM held back in between, so an interrupt cannot land after the creation and before the
         registration."""
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with signals_deferred():
+            try:
+                fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise io_error(e, f"creating {self.temp_path}") from e
             _PENDING.add(self.temp_path)
-        except OSError as e:
-            raise io_error(e, f"creating {self.temp_path}") from e
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return fd
 
     def copy_ownership_from(self, source_path: str, *, plaintext_from_encrypted: bool = False) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from qcrypt._signals import signals_deferred
+
 R = TypeVar("R")
 
 _task: Callable[..., Any] | None = None  # set in the parent just before the fork
@@ -45,14 +47,15 @@ _DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _submit(executor: ProcessPoolExecutor, item: tuple[Any, ...]) -> Future[Any]:
-    """Submit with SIGINT/SIGTERM blocked: submit() may fork, and a Python signal handler that raises while
-    fork's at-fork callbacks run has its exception printed and dropped. Unblocking delivers it here instead.
-    Workers inherit the blocked mask: they stop when the parent shuts the pool down."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
-    try:
-        return executor.submit(_run, item)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    """Submit with SIGINT/SIGTERM deferred: submit() may fork, and a Python signal handler that raises while
+    fork's at-fork callbacks run has its exception printed and dropped. The signals are also blocked at the
+    kernel level across the fork, so workers start with them blocked: the parent stops them (SIGKILL)."""
+    with signals_deferred():
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+        try:
+            return executor.submit(_run, item)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
