@@ -27,8 +27,8 @@ from qcrypt.outputs import AtomicOutput, Finalized, io_error
 from qcrypt.parallel import ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
-from qcrypt.scan import luks_region_reader, resolve_backing
-from qcrypt.stream import GuestStream, KnownMasterKey, QcowReader, Secret, _Opener, open_image
+from qcrypt.scan import resolve_backing
+from qcrypt.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -164,7 +164,7 @@ def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
 
 def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool) -> str | None:
     """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced."""
-    opener = _Opener(passphrase, {})
+    opener = Opener(passphrase, {})
     reader = opener.open(source)
     try:
         verdicts = [_judge_layer(layer) for layer in _legacy_layers(reader)]
@@ -250,10 +250,10 @@ def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -
         with QCow2Image.open(source) as image:
             region = image.crypto_header()
             assert region is not None
-            read_at = luks_region_reader(image, *region)
+            read_at = luks.file_reader(image.fh, *region, path=source)
             return _read_luks_area(read_at, region[1], source, passphrase)
     with RawFile.open(source) as raw:
-        read_at = luks_region_reader(raw, 0, raw.file_size)
+        read_at = luks.file_reader(raw.fh, 0, raw.file_size, path=source)
         return _read_luks_area(read_at, raw.file_size, source, passphrase)
 
 
@@ -560,16 +560,17 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
             _check_ranges(stream.read_at, digests.ranges, -1, output_path)
         return
-    opener = _Opener(passphrase, {})
+    opener = Opener(passphrase, {})
     top = opener.open(output_path)
     try:
         _check_ranges(top.read, digests.ranges, -1, output_path)
         assert isinstance(top, QcowReader)
-        for table, snapshot in enumerate(QCow2Image.snapshots(top.image)):  # type: ignore[arg-type]
+        written = top.image.snapshots()  # type: ignore[attr-defined]
+        if len(written) != len(snapshots):
+            raise VerificationError(f"{output_path}: snapshot count differs from the source")
+        for table, snapshot in enumerate(written):
             snap_reader = QcowReader(top.image, top.cipher, top.iv_from_host, top.backing, snapshot)
             _check_ranges(snap_reader.read, digests.ranges, table, output_path)
-        if len(QCow2Image.snapshots(top.image)) != len(snapshots):  # type: ignore[arg-type]
-            raise VerificationError(f"{output_path}: snapshot count differs from the source")
     finally:
         top.close()
 
@@ -683,16 +684,16 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
                  digests: Digests) -> tuple[int, int]:
     from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
 
-    opener = _Opener(opts.passphrase, {})
+    opener = Opener(opts.passphrase, {})
     reader = opener.open(plan_.source)
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
-        cipher = luks_out.cipher if luks_out else None
+        encrypt = luks_out.cipher.encrypt if luks_out else None
         writer = Qcow2Writer(
             out, virtual_size=source.size, cluster_bits=source.cluster_size.bit_length() - 1,
             luks_area=luks_out.area if luks_out and luks_out.pending is None else None,
             luks_area_size=luks_out.area_bytes if luks_out and luks_out.pending is not None else None,
-            encrypt=(lambda data, sector: cipher.encrypt(data, sector)) if cipher else None,
+            encrypt=encrypt,
             backing_file=plan_.keep_backing, backing_format=plan_.backing_format,
         )
         share = bool(plan_.snapshots)
@@ -703,7 +704,6 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
             job, skip_zero = _flatten_job(source), True
         else:
             job, skip_zero = _layer_job(ACTIVE, source, None, share), False
-        encrypt = (lambda data, sector: cipher.encrypt(data, sector)) if cipher else None
         done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=encrypt)
         for table_index, snapshot in enumerate(plan_.snapshots):
             table = _add_snapshot(writer, snapshot, source.size)  # v2 entries may lack a disk size

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
-from qcrypt._signals import signals_deferred
+from qcrypt._signals import DEFERRED, signals_deferred
 
 R = TypeVar("R")
 
@@ -43,7 +43,6 @@ def _run(args: tuple[Any, ...]) -> Any:
     return _task(*args)
 
 
-_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _submit(executor: ProcessPoolExecutor, item: tuple[Any, ...]) -> Future[Any]:
@@ -51,7 +50,7 @@ def _submit(executor: ProcessPoolExecutor, item: tuple[Any, ...]) -> Future[Any]
     fork's at-fork callbacks run has its exception printed and dropped. The signals are also blocked at the
     kernel level across the fork, so workers start with them blocked: the parent stops them (SIGKILL)."""
     with signals_deferred():
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED)
         try:
             return executor.submit(_run, item)
         finally:

@@ -17,7 +17,6 @@ from qcrypt import findings as F
 from qcrypt.errors import FormatError, QcryptError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
-from qcrypt.formats._parse import read_exact
 from qcrypt.imagefile import ImageFile, RawFile, open_image_file
 from qcrypt.model import ClusterKind
 from qcrypt.qcow1 import QCowImage
@@ -81,22 +80,10 @@ def open_image(path: str) -> ImageFile:
     return QCow2Image.open(path)
 
 
-def luks_region_reader(image: ImageFile, offset: int, length: int) -> Callable[[int, int], bytes]:
-    """A bounds-checked reader over a LUKS header region [offset, offset+length) of an image file."""
-
-    def read_at(region_offset: int, size: int) -> bytes:
-        if region_offset < 0 or size < 0 or region_offset + size > length:
-            raise image._fail("luks header", f"read of {size} bytes at {region_offset} is outside the header")
-        return read_exact(image.fh, offset + region_offset, size, path=image.path, what="luks header",
-                          file_size=image.file_size)
-
-    return read_at
-
-
 def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool) -> None:
     from qcrypt import luks, luks2
 
-    read_at = luks_region_reader(image, offset, length)
+    read_at = luks.file_reader(image.fh, offset, length, path=image.path)
     version = int.from_bytes(read_at(6, 2), "big") if length >= 8 else 0
     if version == 2:
         hdr2 = luks2.read_luks2(read_at, length, path=image.path)
@@ -322,14 +309,23 @@ def scan(
     jobs: int = 1,
     progress: Callable[[Report], None] | None = None,
 ) -> list[Report]:
-    """Inspect every file under ``paths``; ``progress`` is called once per finished image.
+    """Inspect every file under ``paths``; ``progress`` is called once per finished image."""
+    return scan_files(list(iter_files(paths)), jobs=jobs, progress=progress)
+
+
+def scan_files(
+    files: list[str],
+    *,
+    jobs: int = 1,
+    progress: Callable[[Report], None] | None = None,
+) -> list[Report]:
+    """Inspect ``files`` (already walked by :func:`iter_files`), in order.
 
     With ``jobs`` > 1, batches of images are inspected in forked worker processes (parsing holds the GIL,
     so threads would not help).
     """
     from qcrypt.parallel import ordered_map
 
-    files = list(iter_files(paths))
     batches = [(files[i : i + SCAN_BATCH],) for i in range(0, len(files), SCAN_BATCH)]
     workers = jobs if len(batches) > 1 else 1
     reports: list[Report] = []

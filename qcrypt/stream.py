@@ -22,7 +22,7 @@ from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.imagefile import ImageFile, RawFile
 from qcrypt.model import ClusterKind, ClusterMapping, Snapshot
 from qcrypt.qcow2 import QCow2Image
-from qcrypt.scan import MAX_CHAIN_DEPTH, luks_region_reader, probe, resolve_backing
+from qcrypt.scan import MAX_CHAIN_DEPTH, probe, resolve_backing
 from qcrypt.scan import open_image as open_container
 
 SECTOR = 512
@@ -76,7 +76,7 @@ class RawLuksReader:
 
         self.file = RawFile.open(path)
         try:
-            read_at = luks_region_reader(self.file, 0, self.file.file_size)
+            read_at = luks.file_reader(self.file.fh, 0, self.file.file_size, path=path)
             if int.from_bytes(read_at(6, 2), "big") == 2:
                 raise UnsupportedFeatureError("unlocking LUKS2 is not supported", path=path, field="version")
             header = luks.read_header(read_at, self.file.file_size, path=path)
@@ -281,7 +281,10 @@ def _zstd_decompress(raw: bytes, cluster_size: int, path: str) -> bytes:
 # -- opening a chain -----------------------------------------------------------------------------------------
 
 
-class _Opener:
+class Opener:
+    """Opens an image and its backing chain as layer readers (loops and depth caught), unlocking
+    encrypted layers with the passphrase given for each."""
+
     def __init__(self, passphrase: Secret | None, passphrases: Mapping[str, Secret]) -> None:
         self.passphrase = passphrase
         self.passphrases = passphrases
@@ -337,7 +340,7 @@ class _Opener:
         assert isinstance(image, QCow2Image)
         region = image.crypto_header()
         assert region is not None
-        read_at = luks_region_reader(image, region[0], region[1])
+        read_at = luks.file_reader(image.fh, region[0], region[1], path=image.path)
         header = luks.read_header(read_at, region[1], path=image.path)
         return _unlock(header, read_at, passphrase, image.path), True
 
@@ -425,5 +428,5 @@ def open_image(
     """
     path = os.fspath(path)
     per_layer = {os.path.realpath(os.fspath(k)): _secret(v) for k, v in (passphrases or {}).items()}
-    opener = _Opener(_secret(passphrase) if passphrase is not None else None, per_layer)
+    opener = Opener(_secret(passphrase) if passphrase is not None else None, per_layer)
     return GuestStream(opener.open(path, container, snapshot), path)

@@ -38,7 +38,7 @@ def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int | N
     """
     files = list(scanner.iter_files(paths))
     with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr, leave=False) as bar:
-        reports = scanner.scan(files, jobs=jobs or default_workers(), progress=lambda _report: bar.update())
+        reports = scanner.scan_files(files, jobs=jobs or default_workers(), progress=lambda _report: bar.update())
     domains_without_image: list[dict[str, Any]] = []
     if libvirt_dir:
         from qcrypt import libvirt
