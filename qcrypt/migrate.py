@@ -63,7 +63,8 @@ class MigrateResult:
     target: str
     virtual_size: int
     data_bytes: int
-    verified: bool
+    verified: bool  # the output was read back and matched the source (verified_bytes compared)
+    verified_bytes: int = 0
     luks: dict[str, Any] | None = None
     original_kept: str | None = None
     snapshots: list[str] = field(default_factory=list)
@@ -323,6 +324,10 @@ class Digests:
     def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
         self.ranges.append((table, guest_offset, len(data), hashlib.sha256(data).digest()))
 
+    @property
+    def total_bytes(self) -> int:
+        return sum(length for _, _, length, _ in self.ranges)
+
 
 def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: SectorCipher | None,
                opts: MigrateOptions, digests: Digests) -> int:
@@ -550,43 +555,46 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 
 
 def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
-           snapshots: list[Snapshot]) -> None:
+           snapshots: list[Snapshot]) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
+    Returns the number of guest bytes compared (every recorded range, snapshots included).
 
     ``passphrase`` is normally the KnownMasterKey we encrypted with: the header written on disk must carry
     its digest (re-deriving the keyslot would cost another --iter-time of PBKDF2; cryptsetup's
     --test-passphrase accepting our keyslots is established by the test suite)."""
     if target in ("raw", "luks"):
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
-            _check_ranges(stream.read_at, digests.ranges, -1, output_path)
-        return
+            return _check_ranges(stream.read_at, digests.ranges, -1, output_path)
     opener = Opener(passphrase, {})
     top = opener.open(output_path)
     try:
-        _check_ranges(top.read, digests.ranges, -1, output_path)
+        compared = _check_ranges(top.read, digests.ranges, -1, output_path)
         assert isinstance(top, QcowReader)
         written = top.image.snapshots()  # type: ignore[attr-defined]
         if len(written) != len(snapshots):
             raise VerificationError(f"{output_path}: snapshot count differs from the source")
         for table, snapshot in enumerate(written):
             snap_reader = QcowReader(top.image, top.cipher, top.iv_from_host, top.backing, snapshot)
-            _check_ranges(snap_reader.read, digests.ranges, table, output_path)
+            compared += _check_ranges(snap_reader.read, digests.ranges, table, output_path)
     finally:
         top.close()
+    return compared
 
 
 def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int, int, bytes]], table: int,
-                  path: str, workers: int | None = None) -> None:
+                  path: str, workers: int | None = None) -> int:
     def digest_of(guest_offset: int, length: int, expected: bytes) -> tuple[int, int, bool]:
         return guest_offset, length, hashlib.sha256(read(guest_offset, length)).digest() == expected
 
     mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
+    compared = 0
     with contextlib.closing(ordered_map(digest_of, mine, workers=workers)) as results:
         for guest_offset, length, same in results:
-            if same:
-                continue
-            raise VerificationError(f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ from "
-                                    "the source after writing; the output was not kept")
+            if not same:
+                raise VerificationError(f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ "
+                                        "from the source after writing; the output was not kept")
+            compared += length
+    return compared
 
 
 # -- the whole migration ------------------------------------------------------------------------------------------
@@ -612,13 +620,14 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions) -> MigrateRe
     if opts.target in ("luks", "qcow2-luks"):
         luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
     try:
-        final, data_bytes, size = _write_verify_commit(plan_, opts, luks_out)
+        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out)
     finally:
         if luks_out:
             luks_out.wipe()
     return MigrateResult(
         source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
-        verified=True, luks=luks_out.resolve()[0].describe() if luks_out else None,
+        verified=compared == recorded, verified_bytes=compared,
+        luks=luks_out.resolve()[0].describe() if luks_out else None,
         original_kept=final.original_kept,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
         luks_carried_over=bool(luks_out and luks_out.carried_over),
@@ -626,7 +635,9 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions) -> MigrateRe
 
 
 def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None
-                         ) -> tuple[Finalized, int, int]:
+                         ) -> tuple[Finalized, int, int, tuple[int, int]]:
+    """Write to a temp file, read it back (verify), and only then give it its final name.
+    The last item is (guest bytes verification compared, guest bytes written and recorded)."""
     with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
         out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
                                 and _is_encrypted(plan_.report))
@@ -634,12 +645,15 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
         wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
         known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
         try:
-            verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
+            compared = verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
             wait_for_sync()
-        return out.commit(plan_.source), data_bytes, size
+        if compared != digests.total_bytes:
+            raise VerificationError(f"{plan_.final_path}: only {compared} of {digests.total_bytes} bytes were "
+                                    "read back; the output was not kept")
+        return out.commit(plan_.source), data_bytes, size, (compared, digests.total_bytes)
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:

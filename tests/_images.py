@@ -93,6 +93,9 @@ _LUKS1_SLOTS_OFFSET = 208
 _LUKS1_SLOT_BYTES = 48
 _LUKS1_SLOT_DISABLED = 0x0000DEAD
 _LUKS2_METADATA_SIZE = "16k"
+_TOOL_TIMEOUT_S = 300  # no tool call may hang a test run
+_QCOW2_CRYPTO_HEADER_EXT = 0x0537BE77
+_LUKS1_MAGIC = b"LUKS\xba\xbe"
 _DRIVER_KEY_OPTION = {"qcow2": "encrypt.key-secret", "qcow": "encrypt.key-secret", "luks": "key-secret"}
 
 _recorders: list[list[str]] = []
@@ -177,7 +180,7 @@ def run(argv: Sequence[str], *, retry_cpu_usage: bool = False) -> str:
     for log in _recorders:
         log.append(_display(argv))
     for attempt in range(1, attempts + 1):
-        proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=_TOOL_TIMEOUT_S)
         if proc.returncode == 0:
             return proc.stdout
         if attempt < attempts and _CPU_USAGE_ERROR in proc.stderr:
@@ -601,6 +604,53 @@ def luks_dump(path: Path) -> dict[str, Any]:
         metadata = json.loads(run([tool("cryptsetup"), "luksDump", "--dump-json-metadata", str(path)]))
         return _luks2_summary(metadata, fields["UUID"])
     return _luks1_summary(fields, text)
+
+
+def luks_header_file(path: Path, scratch: Path) -> Path:
+    """A file cryptsetup can read: ``path`` itself for raw LUKS; for qcow2 with LUKS, the LUKS header region
+    (qcow2 header extension 0x0537be77, parsed here with struct) copied into a sparse file in ``scratch``."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+        if head.startswith(_LUKS1_MAGIC):
+            return Path(path)
+        (version,) = struct.unpack_from(">I", head, 4)
+        position = struct.unpack_from(">I", head, 100)[0] if version >= 3 else 72
+        while True:
+            ext_type, ext_len = struct.unpack_from(">II", head, position)
+            if ext_type == 0:
+                raise ImageToolError(f"{path}: no LUKS header extension")
+            if ext_type == _QCOW2_CRYPTO_HEADER_EXT:
+                region_offset, region_bytes = struct.unpack_from(">QQ", head, position + 8)
+                break
+            position += 8 + -(-ext_len // 8) * 8
+        handle.seek(region_offset)
+        region = handle.read(region_bytes)
+    copy = Path(scratch) / f"{Path(path).name}.luks-header"
+    with open(copy, "wb") as out:
+        out.write(region)
+        out.truncate(region_bytes + (1 << 20))  # cryptsetup wants a device larger than the header
+    return copy
+
+
+def luks_master_key(path: Path, passphrase: str) -> bytes:
+    """The master key as ``cryptsetup luksDump --dump-master-key`` shows it (passphrase on a key file)."""
+    with _scratch_dir() as scratch:
+        key_file = _write_secret(scratch, "key", passphrase)
+        text = run([tool("cryptsetup"), "luksDump", "--dump-master-key", "-q", "--batch-mode", "--key-file",
+                    str(key_file), str(luks_header_file(path, scratch))])
+    dump = text.split("MK dump:", 1)[1]
+    hex_lines: list[str] = []
+    for index, line in enumerate(dump.splitlines()):
+        if index and not line.startswith(("\t", " ")):
+            break
+        hex_lines.append(line)
+    return bytes.fromhex("".join(hex_lines).replace(" ", "").replace("\t", ""))
+
+
+def luks_dump_text(path: Path) -> str:
+    """Raw ``cryptsetup luksDump`` text of a raw LUKS file or of the LUKS header inside a qcow2."""
+    with _scratch_dir() as scratch:
+        return run([tool("cryptsetup"), "luksDump", str(luks_header_file(path, scratch))])
 
 
 def _dump_fields(text: str) -> dict[str, str]:

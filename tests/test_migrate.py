@@ -22,9 +22,11 @@ from tests.conftest import require_tool
 PASSPHRASE = "correct horse battery staple, longer than 16 bytes"
 SIZE = 8 << 20
 FAST = ["--pbkdf-force-iterations", "1000"]
+TOOL_TIMEOUT = 120
 
 
 def qcrypt(*args: str, stdin: bytes | None = None, check: bool = True, **kw: object) -> subprocess.CompletedProcess:
+    kw.setdefault("timeout", TOOL_TIMEOUT)
     result = subprocess.run([sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True, **kw)
     if check and result.returncode != 0:
         raise AssertionError(f"qcrypt {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
@@ -37,22 +39,25 @@ def secret_file(tmp: Path, name: str, passphrase: str, newline: bool = False) ->
     return path
 
 
-def image_opts(path: Path, fmt: str, secret: bool | str) -> str:
+def image_opts(path: Path, fmt: str, secret: bool | str, secret_id: str = "s") -> str:
     """secret: True = the image is encrypted; "backing" = its backing file is; "both"."""
     if fmt == "luks":
-        return f"driver=luks,file.filename={path},key-secret=s"
+        return f"driver=luks,file.filename={path},key-secret={secret_id}"
     opts = f"driver={fmt},file.filename={path}"
     if secret in (True, "both"):
-        opts += ",encrypt.key-secret=s"
+        opts += f",encrypt.key-secret={secret_id}"
     if secret in ("backing", "both"):
-        opts += ",backing.encrypt.key-secret=s"
+        opts += f",backing.encrypt.key-secret={secret_id}"
     return opts
 
 
-def qemu_compare(a: tuple[Path, str, bool | str], b: tuple[Path, str, bool | str], pw: Path) -> None:
+def qemu_compare(a: tuple[Path, str, bool | str], b: tuple[Path, str, bool | str], pw: Path,
+                 pw_a: Path | None = None) -> None:
+    """qemu-img compare of two guest views; ``b`` opens with ``pw``, ``a`` with ``pw_a`` (default ``pw``)."""
+    objects = ["--object", f"secret,id=s,file={pw}", "--object", f"secret,id=a,file={pw_a or pw}"]
     out = subprocess.run(
-        [require_tool("qemu-img"), "compare", "--object", f"secret,id=s,file={pw}", "--image-opts",
-         image_opts(*a), image_opts(*b)], capture_output=True, text=True)
+        [require_tool("qemu-img"), "compare", *objects, "--image-opts", image_opts(*a, secret_id="a"),
+         image_opts(*b)], capture_output=True, text=True, timeout=TOOL_TIMEOUT)
     assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
 
 
@@ -63,7 +68,7 @@ def qemu_check(path: Path, pw: Path | None) -> dict[str, object]:
                  f"driver=qcow2,file.filename={path},encrypt.key-secret=s"]
     else:
         args.append(str(path))
-    out = subprocess.run(args, capture_output=True, text=True)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0
@@ -71,7 +76,7 @@ def qemu_check(path: Path, pw: Path | None) -> dict[str, object]:
 
 
 def cryptsetup(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_tool("cryptsetup"), *args], capture_output=True, text=True)
+    return subprocess.run([require_tool("cryptsetup"), *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT)
 
 
 @pytest.fixture
@@ -141,9 +146,48 @@ def test_cipher_options(legacy: tuple[Path, Path], tmp_path: Path, cipher: str, 
     assert f"MK bits:       \t{bits}" in dump
     stripped = secret_file(tmp_path, "stripped", "a brand new passphrase")  # one trailing newline removed
     assert cryptsetup("open", "--test-passphrase", "--key-file", str(stripped), str(out)).returncode == 0
-    plain = tmp_path / "plain.raw"
-    qcrypt("migrate", str(out), "--to", "raw", "-o", str(plain), "--passphrase-file", str(new_pw))
-    qemu_compare((plain, "raw", False), (source, "qcow2", True), pw)
+    # QEMU decrypts our output (the payload IVs count from the payload start) and compares it with the source
+    qemu_compare((out, "luks", True), (source, "qcow2", True), pw, pw_a=stripped)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("target", ["luks", "qcow2-luks", "qcow2", "raw"])
+def test_fault_between_writing_and_verification_is_caught(legacy: tuple[Path, Path], tmp_path: Path,
+                                                          target: str) -> None:
+    """One byte of the temporary output flipped after writing: verification must refuse to commit it."""
+    source, pw = legacy
+    out = tmp_path / f"out.{target}"
+    result = subprocess.run([sys.executable, "-m", "tests._faulty_migrate", "0", "migrate", str(source), "--to",
+                             target, "-o", str(out), "--passphrase-file", str(pw), *FAST],
+                            capture_output=True, text=True, timeout=TOOL_TIMEOUT, cwd=Path(__file__).parent.parent)
+    assert "fault injected at" in result.stderr, result.stderr  # verification started on the temp file
+    assert result.returncode == 7, result.stderr
+    assert "differ from the source" in result.stderr and "verified" not in result.stdout
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.qcow2", "pw"]  # no temp file left
+
+
+@pytest.mark.interop
+def test_iter_time_is_what_cryptsetup_measures(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    """--iter-time 2000: the keyslot's iterations match cryptsetup's own PBKDF2 benchmark for 2 s, and
+    cryptsetup takes about 2 s to unlock it (wide bands: the machine is shared)."""
+    source, pw = legacy
+    out = tmp_path / "out.luks"
+    qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
+           "--iter-time", "2000", "--hash", "sha256", "-q")
+    iterations = im.luks_dump(out)["keyslots"][0]["iterations"]
+    bench = cryptsetup("benchmark", "--pbkdf", "pbkdf2", "--hash", "sha256", "--key-size", "512")
+    assert bench.returncode == 0, bench.stderr
+    rate = int(bench.stdout.split("PBKDF2-sha256")[1].split("iterations per second")[0].strip())
+    assert rate * 2 / 3 <= iterations <= rate * 2 * 3, (iterations, rate)
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    assert cryptsetup("open", "--test-passphrase", "--key-file", str(pw), str(out)).returncode == 0
+    wall_s = time.monotonic() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    # CPU time is what --iter-time calibrates (wall time also counts the other jobs on this shared machine)
+    assert 0.8 <= cpu_s <= 6.0 and wall_s >= 0.8, (cpu_s, wall_s)
 
 
 def test_wrong_passphrase_refused_and_nothing_created(legacy: tuple[Path, Path], tmp_path: Path) -> None:
@@ -195,7 +239,8 @@ def test_snapshots_are_kept(tmp_path: Path, qemu_img: str) -> None:
     assert im.plaintext_sha256(migrated) == entry["plaintext_sha256"]
     for snap, digest in entry["snapshot_sha256"].items():
         assert im.plaintext_sha256(migrated, snapshot_name=snap) == digest
-    listing = subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True).stdout
+    listing = subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True,
+                             timeout=TOOL_TIMEOUT).stdout
     assert [s["name"] for s in json.loads(listing)["snapshots"]] == ["snap-1", "snap-2"]
 
 
@@ -234,19 +279,21 @@ def test_luks_to_luks_keeps_master_key_and_keyslots(tmp_path: Path, qemu_img: st
     src_fmt = "luks" if name.endswith(".luks") else "qcow2"
     out_fmt = "luks" if target == "luks" else "qcow2"
     qemu_compare((out, out_fmt, True), (source, src_fmt, True), pw)
-    info = json.loads(qcrypt("info", "--format", "json", str(out)).stdout)["luks"]
-    assert info["uuid"] == entry["luks"]["uuid"] and info["mk_iterations"] == entry["luks"]["mk_iterations"]
-    source_slots = json.loads(qcrypt("info", "--format", "json", str(source)).stdout)["luks"]["keyslots"]
-    for mine, theirs in zip(info["keyslots"], source_slots, strict=True):
-        assert (mine["salt"], mine["iterations"], mine["active"]) == (theirs["salt"], theirs["iterations"],
-                                                                     theirs["active"])
+    # cryptsetup's view of both headers: the same master key, UUID, digest and keyslots (salt, iterations, AF)
+    assert im.luks_master_key(out, entry["passphrase"]) == im.luks_master_key(source, entry["passphrase"])
+    assert len(im.luks_master_key(out, entry["passphrase"])) * 8 == entry["luks"]["key_bits"]
+    assert _header_and_slots(im.luks_dump_text(out)) == _header_and_slots(im.luks_dump_text(source))
+    assert f"UUID:          \t{entry['luks']['uuid']}" in im.luks_dump_text(out)
     if target == "luks":
         assert cryptsetup("open", "--test-passphrase", "--key-file", str(pw), str(out)).returncode == 0
-        key = [cryptsetup("luksDump", "--dump-master-key", "--batch-mode", "--key-file", str(pw), str(p)).stdout
-               .split("MK dump:")[1].split("\n\n")[0] for p in (out,)]
-        assert key[0].strip()
     else:
         qemu_check(out, pw)
+
+
+def _header_and_slots(dump: str) -> list[str]:
+    """luksDump lines that a carried-over header keeps (everything but the file name and payload offset)."""
+    return [line for line in dump.splitlines()
+            if line.strip() and not line.startswith(("LUKS header information", "Payload offset"))]
 
 
 def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path: Path) -> None:
@@ -314,7 +361,8 @@ def big_legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     source = tmp_path / "big.qcow2"
     subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", "--object", f"secret,id=s,file={pw}",
-                    "-o", "encrypt.format=aes,encrypt.key-secret=s", str(raw), str(source)], check=True)
+                    "-o", "encrypt.format=aes,encrypt.key-secret=s", str(raw), str(source)], check=True,
+                   timeout=TOOL_TIMEOUT)
     raw.unlink()
     return source, pw
 
@@ -352,7 +400,8 @@ def test_file_size_limit_gives_one_line_error(big_legacy: tuple[Path, Path], tmp
 
     out = tmp_path / "out.luks"
     result = subprocess.run([sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "luks", "-o", str(out),
-                             "--passphrase-file", str(pw), *FAST], capture_output=True, preexec_fn=limit)
+                             "--passphrase-file", str(pw), *FAST], capture_output=True, preexec_fn=limit,
+                            timeout=TOOL_TIMEOUT)
     assert result.returncode == 9
     assert len(result.stderr.splitlines()) == 1 and b"file size limit" in result.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -393,12 +442,13 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
     qemu_check(out, pw)
     opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
     obj = ["--object", f"secret,id=s,file={pw}"]
-    subprocess.run([qemu_img, "snapshot", *obj, "-a", "with-ram", "--image-opts", opts], check=True)
+    subprocess.run([qemu_img, "snapshot", *obj, "-a", "with-ram", "--image-opts", opts], check=True,
+                   timeout=TOOL_TIMEOUT)
     read = subprocess.run([qemu_io, *obj, "--image-opts", opts, "-c", "read -b -P 0x77 0 131072"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=TOOL_TIMEOUT)
     assert "Pattern verification failed" not in read.stdout + read.stderr and read.returncode == 0
     info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True,
-                                     text=True).stdout)
+                                     text=True, timeout=TOOL_TIMEOUT).stdout)
     assert info["snapshots"][0]["vm-state-size"] == 131072
 
 
@@ -516,7 +566,7 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}",
                     "-o", "encrypt.format=aes,encrypt.key-secret=s", "-b", "base.qcow2", "-F", "qcow2",
-                    str(tmp_path / "a" / "ov.qcow2")], check=True, cwd=tmp_path / "a")
+                    str(tmp_path / "a" / "ov.qcow2")], check=True, cwd=tmp_path / "a", timeout=TOOL_TIMEOUT)
     overlay = im.Image(tmp_path / "a" / "ov.qcow2", "qcow2", PASSPHRASE)
     im.write_pattern(overlay, 0, 4096, 0x22)
     out = tmp_path / "b" / "out.qcow2"
@@ -526,5 +576,5 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
     opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
     read = subprocess.run([qemu_io, "--object", f"secret,id=s,file={tmp_path / 'pw'}", "--image-opts", opts,
                            "-c", "read -P 0x11 131072 4096", "-c", "read -P 0x22 0 4096"], capture_output=True,
-                          text=True)
+                          text=True, timeout=TOOL_TIMEOUT)
     assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout

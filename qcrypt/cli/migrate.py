@@ -100,9 +100,9 @@ def _allocated_estimate(source: str, report: dict[str, Any]) -> int | None:
 def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_file: str | None) -> None:
     kind = {"luks": "raw LUKS1", "qcow2-luks": "qcow2 with LUKS1", "qcow2": "qcow2 (unencrypted)",
             "raw": "raw (unencrypted)"}[r.target]
+    checked = "verified by reading it back." if r.verified else "NOT verified."
     click.echo(f"Migrated {r.source} ({source_report['format']}, {source_report['encryption']}) -> {r.output} "
-               f"({kind}): {human_size(r.virtual_size)} virtual, {human_size(r.data_bytes)} processed, "
-               "verified by reading it back.")
+               f"({kind}): {human_size(r.virtual_size)} virtual, {human_size(r.data_bytes)} processed, {checked}")
     if r.original_kept:
         click.echo(f"The original is kept as {r.original_kept}. Once the VM runs from the new image, destroy it "
                    f"with 'shred -u {r.original_kept}' (or blkdiscard on thin storage): its legacy ciphertext "
