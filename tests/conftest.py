@@ -1,19 +1,83 @@
-"""Shared test fixtures. Interop tests need the real peers; in CI (CI=true) a missing tool is a failure."""
+"""Shared test fixtures. Interop tests need the real peers; in CI (CI=true) a missing tool is a failure.
+
+Guard: every process a test starts (``subprocess`` in any form, in the test, its fixtures or the helpers it
+calls) is checked; a test that runs one of the external peers (:data:`INTEROP_TOOLS`) without the
+``interop`` marker fails, so the marker is on every test that needs a tool (``-m "not interop"`` then
+really runs without them).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+INTEROP_TOOLS = frozenset({"qemu-img", "qemu-io", "qemu-nbd", "cryptsetup", "openssl", "virsh"})
+
+_current: dict[str, Any] = {"item": None, "tools": set()}
+_fixture_tools: dict[str, set[str]] = {}  # fixture name -> tools its setup ran
+_real_execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+
+def _tool_name(args: Any) -> str:
+    first = args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), "")
+    return os.path.basename(os.fsdecode(first).split()[0] if isinstance(args, (str, bytes)) else os.fsdecode(first))
+
+
+def _watching_execute_child(self: subprocess.Popen, args: Any, *rest: Any, **kw: Any) -> Any:
+    name = _tool_name(args)
+    if name in INTEROP_TOOLS and _current["item"] is not None:
+        _current["tools"].add(name)
+    return _real_execute_child(self, args, *rest, **kw)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen._execute_child = _watching_execute_child  # type: ignore[attr-defined,method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _current["item"], _current["tools"] = item, set()
+    yield
+    _current["item"] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Iterator[None]:
+    """Remember which fixtures run tools: every test using them needs the marker too (not only the first)."""
+    before = set(_current["tools"])
+    yield
+    used = _current["tools"] - before
+    if used:
+        _fixture_tools.setdefault(fixturedef.argname, set()).update(used)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "teardown" or report.failed or item.get_closest_marker("interop") is not None:
+        return
+    tools = set(_current["tools"])
+    for name in getattr(item, "fixturenames", ()):
+        tools |= _fixture_tools.get(name, set())
+    if tools:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} ran {', '.join(sorted(tools))} (itself or through a fixture) without "
+                           "the interop marker (add @pytest.mark.interop)")
 
 
 def require_tool(name: str) -> str:
     """Path of ``name``; skip outside CI when missing, fail in CI (interop tests must run there)."""
+    if _current["item"] is not None:
+        _current["tools"].add(name)
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
     if found:
         return found

@@ -30,6 +30,7 @@ def _qemu_info(qemu_img: str, path: Path) -> dict[str, Any]:
     return json.loads(out.stdout)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("name", QEMU_READABLE)
 def test_info_matches_qemu_img(name: str, unpacked: dict[str, Path], qemu_img: str) -> None:
     theirs = _qemu_info(qemu_img, unpacked[name])
@@ -76,6 +77,7 @@ def _dump_field(dump: str, name: str) -> str:
     return match.group(1).strip()
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("name", LUKS_FILES)
 def test_info_matches_luksdump(name: str, unpacked: dict[str, Path], cryptsetup: str) -> None:
     dump = subprocess.run([cryptsetup, "luksDump", str(unpacked[name])], capture_output=True, text=True,

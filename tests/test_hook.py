@@ -169,6 +169,7 @@ def test_parse_accepts_bytes_utf8_and_utf16() -> None:
 # -- checking domains against real images ------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_legacy_file_disk(images: Path) -> None:
     check = hook.check_domain_xml(domain_xml("legacy-file.xml", images))
     assert (check.domain, check.errors, check.notes, check.cut_short) == ("web", [], [], False)
@@ -184,6 +185,7 @@ def test_legacy_file_disk(images: Path) -> None:
                              "command": vda.command}
 
 
+@pytest.mark.interop
 def test_block_network_cdrom_and_raw_driver(images: Path) -> None:
     check = hook.check_domain_xml(domain_xml("devices.xml", images))
     assert check.errors == []
@@ -200,6 +202,7 @@ def test_block_network_cdrom_and_raw_driver(images: Path) -> None:
                                             str(images / "legacy-raw-driver.luks"), to="luks")
 
 
+@pytest.mark.interop
 def test_encryption_declared_in_each_place(images: Path) -> None:
     warned = by_target(hook.check_domain_xml(domain_xml("encryption-placements.xml", images)))
     assert sorted(warned) == ["vda", "vdb", "vdc", "vdd", "vde", "vdg"]  # vdf: LUKS declared as luks
@@ -215,6 +218,7 @@ def test_encryption_declared_in_each_place(images: Path) -> None:
     assert warned["vde"].command == "virsh edit placements"
 
 
+@pytest.mark.interop
 def test_backing_store_chains(images: Path) -> None:
     warned = by_target(hook.check_domain_xml(domain_xml("backing-chain.xml", images)))
     assert sorted(warned) == ["vda", "vdb"]
@@ -226,6 +230,7 @@ def test_backing_store_chains(images: Path) -> None:
     assert warned["vdb"].command.endswith("--flatten")
 
 
+@pytest.mark.interop
 def test_image_own_backing_file_is_legacy(images: Path) -> None:
     (warning,) = hook.check_domain_xml(domain_xml("own-backing.xml", images)).warnings
     assert (warning.domain, warning.target) == ("overlay", "vda")
@@ -233,16 +238,19 @@ def test_image_own_backing_file_is_legacy(images: Path) -> None:
     assert warning.command == migrate(images / "overlay.qcow2", str(images / "overlay.luks.qcow2"), "--flatten")
 
 
+@pytest.mark.interop
 def test_clean_domain_says_nothing(images: Path) -> None:
     check = hook.check_domain_xml(domain_xml("plain.xml", images))
     assert (check.domain, check.warnings, check.notes, check.errors) == ("clean", [], [], [])
 
 
+@pytest.mark.interop
 def test_missing_files_without_declared_encryption_are_quiet(images: Path) -> None:
     check = hook.check_domain_xml(domain_xml("plain.xml", images / "gone"))
     assert (check.warnings, check.errors, check.cut_short) == ([], [], False)
 
 
+@pytest.mark.interop
 def test_one_warning_per_disk(images: Path) -> None:
     disk = (f"<disk type='file' device='disk'><driver type='qcow2'/><source file='{images}/legacy.qcow2'/>"
             "<target dev='vda'/><encryption format='qcow'/></disk>")
@@ -251,6 +259,7 @@ def test_one_warning_per_disk(images: Path) -> None:
     assert warning.target == "vda"
 
 
+@pytest.mark.interop
 def test_message_is_one_line_even_for_hostile_paths(images: Path) -> None:
     xml = ("<domain><name>evil&#10;name</name><devices><disk type='file'><driver type='qcow2'/>"
            "<source file='/nowhere/a&#10;b.qcow2'/><target dev='vda'/><encryption format='qcow'/></disk>"
@@ -265,6 +274,7 @@ def test_message_is_one_line_even_for_hostile_paths(images: Path) -> None:
 # -- time budget --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_many_disks_finish_well_under_a_second(images: Path, tmp_path: Path) -> None:
     disks = []
     for index in range(150):
@@ -283,6 +293,7 @@ def test_many_disks_finish_well_under_a_second(images: Path, tmp_path: Path) -> 
         assert "not inspected" in check.notes[0]
 
 
+@pytest.mark.interop
 def test_zero_budget_still_reports_what_the_xml_declares(images: Path) -> None:
     check = hook.check_domain_xml(domain_xml("encryption-placements.xml", images), budget_s=0.0)
     assert check.cut_short
@@ -292,6 +303,7 @@ def test_zero_budget_still_reports_what_the_xml_declares(images: Path) -> None:
     assert {"vda", "vdb", "vdc", "vdd", "vdg"} <= set(by_target(check))
 
 
+@pytest.mark.interop
 def test_a_hanging_image_cannot_hold_the_hook(images: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "hangs.qcow2"
     os.mkfifo(fifo)  # opening a FIFO for reading would block: qcrypt never opens one
@@ -320,6 +332,7 @@ def test_a_hanging_image_cannot_hold_the_hook(images: Path, tmp_path: Path) -> N
         release.set()
 
 
+@pytest.mark.interop
 def test_an_inspect_bug_is_reported_not_raised(images: Path) -> None:
     def broken_inspect(path: str) -> hook.Report:
         raise RuntimeError(f"boom on {path}")
@@ -332,6 +345,7 @@ def test_an_inspect_bug_is_reported_not_raised(images: Path) -> None:
 # -- emission --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_emit_sends_each_line_to_syslog_and_stderr(images: Path) -> None:
     sent: list[tuple[int, str]] = []
     lines: list[str] = []
@@ -375,6 +389,7 @@ def test_real_syslog_sink_accepts_a_line() -> None:
 # -- Python API ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_warn_if_legacy_warns_with_the_fix(images: Path) -> None:
     with pytest.warns(hook.LegacyEncryptionWarning) as record:
         assert hook.warn_if_legacy(images / "legacy.qcow2") is True
@@ -385,12 +400,14 @@ def test_warn_if_legacy_warns_with_the_fix(images: Path) -> None:
     assert warning.filename == __file__  # stacklevel=2 points at the caller
 
 
+@pytest.mark.interop
 def test_warn_if_legacy_backing_chain(images: Path) -> None:
     with pytest.warns(qcrypt.LegacyEncryptionWarning, match="its backing file .*legacy.qcow2") as record:
         assert qcrypt.warn_if_legacy(str(images / "top.qcow2")) is True
     assert "--flatten" in str(record[0].message)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("name", ["plain.qcow2", "plain.raw", "luks.qcow2", "missing.qcow2", ".", "garbage"])
 def test_warn_if_legacy_is_silent_otherwise(images: Path, tmp_path: Path, name: str) -> None:
     (tmp_path / "garbage").write_bytes(b"QFI\xfb" + os.urandom(60))  # qcow2 magic, nonsense header
@@ -409,6 +426,7 @@ def test_warn_if_legacy_never_raises(path: object) -> None:
     assert caught == []
 
 
+@pytest.mark.interop
 def test_warning_is_shown_by_default(images: Path) -> None:
     code = f"import qcrypt; print(qcrypt.warn_if_legacy({str(images / 'legacy.qcow2')!r}))"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -434,6 +452,7 @@ def test_migrate_command_quotes_paths() -> None:
     assert hook.migrate_command("/i/d.img", to="luks").split(" -o ")[1].startswith("/i/d.luks ")
 
 
+@pytest.mark.interop
 def test_inspection_thread_is_a_daemon(images: Path) -> None:
     """A hung inspection (dead NFS) must not keep the hook process alive: it runs in a daemon thread."""
     release = threading.Event()

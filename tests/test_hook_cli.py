@@ -36,6 +36,7 @@ def run_hook(args: list[str], xml: str | bytes | None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("operation", ["prepare", "start", "migrate", "restore"])
 def test_warns_on_stderr_and_syslog_never_stdout(images: Path, syslog_lines: list[tuple[int, str]],  # noqa: F811
                                                  operation: str) -> None:
@@ -50,6 +51,7 @@ def test_warns_on_stderr_and_syslog_never_stdout(images: Path, syslog_lines: lis
                                                   for line in err.splitlines()]
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("operation", ["stopped", "release", "started", "reconnect", "attach", "", "bogus"])
 def test_other_operations_do_nothing(images: Path, syslog_lines: list[tuple[int, str]],  # noqa: F811
                                      operation: str) -> None:
@@ -57,6 +59,7 @@ def test_other_operations_do_nothing(images: Path, syslog_lines: list[tuple[int,
     assert syslog_lines == []
 
 
+@pytest.mark.interop
 def test_other_operations_do_not_read_stdin(images: Path) -> None:  # noqa: F811
     stdin = io.BytesIO(domain_xml("legacy-file.xml", images).encode())
     assert hookcli.run_libvirt(["web", "release", "end", "shutdown"], stdin) == 0
@@ -85,6 +88,7 @@ def test_bad_input_is_logged_and_exit_is_zero(syslog_lines: list[tuple[int, str]
     assert expected in syslog_lines[0][1]
 
 
+@pytest.mark.interop
 def test_missing_files_are_fine(images: Path, syslog_lines: list[tuple[int, str]]) -> None:  # noqa: F811
     assert run_hook(["clean", "start", "begin", "-"], domain_xml("plain.xml", images / "gone")) == (0, "", "")
     code, out, err = run_hook(["placements", "start", "begin", "-"],
@@ -94,6 +98,7 @@ def test_missing_files_are_fine(images: Path, syslog_lines: list[tuple[int, str]
     assert "qcrypt migrate" in err
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize(
     "args",
     [[], ["web"], ["web", "prepare"], ["web", "prepare", "begin", "-", "extra", "more"], ["--help", "prepare"],
@@ -109,6 +114,7 @@ def test_lenient_argv(images: Path, syslog_lines: list[tuple[int, str]], args: l
         assert err == ""
 
 
+@pytest.mark.interop
 def test_internal_errors_never_escape(images: Path) -> None:  # noqa: F811
     def interrupted(_priority: int, _line: str) -> None:
         raise KeyboardInterrupt
@@ -122,6 +128,7 @@ def test_internal_errors_never_escape(images: Path) -> None:  # noqa: F811
     assert lines == ["domain 'web': internal error: ValueError: I/O operation on closed file."]
 
 
+@pytest.mark.interop
 def test_module_entry_point_real_process(images: Path) -> None:  # noqa: F811
     """What the installed script runs: a real process, stdout checked at the file-descriptor level."""
     env = {**BARE_ENV, "PYTHONPATH": str(hookcli.package_root())}
@@ -165,6 +172,7 @@ def run_script(script: Path, args: list[str], xml: str | None) -> subprocess.Com
                           timeout=60, check=False)
 
 
+@pytest.mark.interop
 def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:  # noqa: F811
     runner = CliRunner()
     first = runner.invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
@@ -205,6 +213,7 @@ def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:  # noqa: 
     assert (absent.exit_code, "not installed" in absent.stdout) == (0, True)
 
 
+@pytest.mark.interop
 def test_script_with_source_tree_pythonpath_and_bare_env(hooks_dir: Path, images: Path) -> None:  # noqa: F811
     """The PYTHONPATH variant (qcrypt run from a source tree, not installed) works with env -i too."""
     script_text = hookcli.render_script(sys.executable, str(hookcli.package_root()))

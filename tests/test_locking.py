@@ -14,6 +14,7 @@ from qcrypt.errors import ImageInUseError, OutputExistsError
 from qcrypt.outputs import AtomicOutput, remove_stale_temps, temp_name_for
 
 
+@pytest.mark.interop
 def test_qemu_cannot_open_a_file_we_hold_for_writing(tmp_path: Path, qemu_io: str) -> None:
     path = tmp_path / "out.raw"
     path.write_bytes(bytes(1 << 20))
@@ -29,6 +30,7 @@ def test_qemu_cannot_open_a_file_we_hold_for_writing(tmp_path: Path, qemu_io: st
     assert free.returncode == 0, free.stderr
 
 
+@pytest.mark.interop
 def test_we_see_qemu_locks(tmp_path: Path, qemu_io: str) -> None:
     path = tmp_path / "img.raw"
     path.write_bytes(bytes(1 << 20))

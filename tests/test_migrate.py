@@ -87,6 +87,7 @@ def legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
     return image.path, secret_file(tmp_path, "pw", PASSPHRASE)
 
 
+@pytest.mark.interop
 def test_to_raw_luks(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     before = im.file_sha256(source), source.stat().st_mtime_ns
@@ -107,6 +108,7 @@ def test_to_raw_luks(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     assert (out.stat().st_size - 4096 * 512) == SIZE  # every payload sector written, nothing more
 
 
+@pytest.mark.interop
 def test_to_qcow2_luks_keeps_sparseness(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     out = tmp_path / "out.qcow2"
@@ -119,6 +121,7 @@ def test_to_qcow2_luks_keeps_sparseness(legacy: tuple[Path, Path], tmp_path: Pat
     assert out.stat().st_size < 4 << 20  # allocated data only, not the 8 MiB virtual size
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("target,fmt", [("qcow2", "qcow2"), ("raw", "raw")])
 def test_plaintext_exports(legacy: tuple[Path, Path], tmp_path: Path, target: str, fmt: str) -> None:
     source, pw = legacy
@@ -130,6 +133,7 @@ def test_plaintext_exports(legacy: tuple[Path, Path], tmp_path: Path, target: st
     qemu_compare((out, fmt, False), (source, "qcow2", True), pw)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("cipher,bits,hash_name", [("aes-cbc-essiv:sha256", "256", "sha512"),
                                                    ("aes-cbc-plain64", "128", "sha1"),
                                                    ("aes-xts-plain64", "256", "sha256")])
@@ -190,6 +194,7 @@ def test_iter_time_is_what_cryptsetup_measures(legacy: tuple[Path, Path], tmp_pa
     assert 0.8 <= cpu_s <= 6.0 and wall_s >= 0.8, (cpu_s, wall_s)
 
 
+@pytest.mark.interop
 def test_wrong_passphrase_refused_and_nothing_created(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, _ = legacy
     wrong = secret_file(tmp_path, "wrong", "not the passphrase")
@@ -204,6 +209,7 @@ def test_wrong_passphrase_refused_and_nothing_created(legacy: tuple[Path, Path],
     assert forced.returncode == 0 and out.exists()
 
 
+@pytest.mark.interop
 def test_random_plaintext_needs_force(tmp_path: Path, qemu_img: str) -> None:
     image = im.make_qcow2(tmp_path / "rnd.qcow2", 1 << 20, encrypt="aes", passphrase=PASSPHRASE)
     im.write_data(image, 0, os.urandom(1 << 20))
@@ -215,6 +221,7 @@ def test_random_plaintext_needs_force(tmp_path: Path, qemu_img: str) -> None:
            "--force")
 
 
+@pytest.mark.interop
 def test_passphrase_from_stdin(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     out = tmp_path / "out.raw"
@@ -225,6 +232,7 @@ def test_passphrase_from_stdin(legacy: tuple[Path, Path], tmp_path: Path) -> Non
     assert missing.returncode == 2 and b"--passphrase-file" in missing.stderr
 
 
+@pytest.mark.interop
 def test_snapshots_are_kept(tmp_path: Path, qemu_img: str) -> None:
     name = "aes-qcow2-v3-snapshots-c4k.qcow2"
     entry = im.manifest()["fixtures"][name]
@@ -244,6 +252,7 @@ def test_snapshots_are_kept(tmp_path: Path, qemu_img: str) -> None:
     assert [s["name"] for s in json.loads(listing)["snapshots"]] == ["snap-1", "snap-2"]
 
 
+@pytest.mark.interop
 def test_backing_chains(tmp_path: Path, qemu_img: str) -> None:
     fixtures = im.manifest()["fixtures"]
     pw = secret_file(tmp_path, "pw", fixtures["chain-aes-base-c4k.qcow2"]["passphrase"])
@@ -266,6 +275,7 @@ def test_backing_chains(tmp_path: Path, qemu_img: str) -> None:
     qemu_compare((kept, "qcow2", True), (over_plain, "qcow2", True), pw2)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("name,target", [("luks-qcow2-v3-c64k.qcow2", "luks"),
                                          ("luks1-cs-aes-cbc-essiv-sha256-256-sha256.luks", "qcow2-luks"),
                                          ("luks1-qemu-aes-xts-plain64-512.luks", "qcow2-luks")])
@@ -296,6 +306,7 @@ def _header_and_slots(dump: str) -> list[str]:
             if line.strip() and not line.startswith(("LUKS header information", "Payload offset"))]
 
 
+@pytest.mark.interop
 def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     os.chmod(source, 0o640)
@@ -312,6 +323,7 @@ def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path
     assert not [p for p in tmp_path.iterdir() if ".qcrypt-" in p.name]
 
 
+@pytest.mark.interop
 def test_replace_keeps_original(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     before = source.read_bytes()
@@ -323,6 +335,7 @@ def test_replace_keeps_original(legacy: tuple[Path, Path], tmp_path: Path) -> No
     qemu_compare((source, "qcow2", True), (kept, "qcow2", True), pw)
 
 
+@pytest.mark.interop
 def test_source_in_use_is_refused(legacy: tuple[Path, Path], tmp_path: Path, qemu_io: str) -> None:
     source, pw = legacy
     holder = subprocess.Popen([qemu_io, "--object", f"secret,id=s,file={pw}", "--image-opts",
@@ -367,6 +380,7 @@ def big_legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
     return source, pw
 
 
+@pytest.mark.interop
 def test_sigkill_leaves_no_output_and_rerun_cleans_up(big_legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = big_legacy
     out = tmp_path / "out.luks"
@@ -380,6 +394,7 @@ def test_sigkill_leaves_no_output_and_rerun_cleans_up(big_legacy: tuple[Path, Pa
     qemu_compare((out, "luks", True), (source, "qcow2", True), pw)
 
 
+@pytest.mark.interop
 def test_sigterm_removes_temp_file(big_legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = big_legacy
     out = tmp_path / "out.luks"
@@ -390,6 +405,7 @@ def test_sigterm_removes_temp_file(big_legacy: tuple[Path, Path], tmp_path: Path
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.interop
 def test_file_size_limit_gives_one_line_error(big_legacy: tuple[Path, Path], tmp_path: Path) -> None:
     """ENOSPC-like failure without a loop device: RLIMIT_FSIZE makes writes fail with EFBIG."""
     source, pw = big_legacy
@@ -407,6 +423,7 @@ def test_file_size_limit_gives_one_line_error(big_legacy: tuple[Path, Path], tmp
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.interop
 def test_large_sparse_image_costs_its_data(tmp_path: Path, qemu_img: str) -> None:
     """A 1 TiB legacy image with a few MiB of data converts to qcow2-LUKS quickly and stays small."""
     image = im.make_qcow2(tmp_path / "huge.qcow2", 1 << 40, encrypt="aes", passphrase=PASSPHRASE)
@@ -420,6 +437,7 @@ def test_large_sparse_image_costs_its_data(tmp_path: Path, qemu_img: str) -> Non
     qemu_check(out, pw)
 
 
+@pytest.mark.interop
 def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
     """VM state saved with a snapshot (stored after the disk) survives, encrypted with the new key."""
     image = im.make_qcow2(tmp_path / "vm.qcow2", 4 << 20, encrypt="aes", passphrase=PASSPHRASE)
@@ -452,6 +470,7 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
     assert info["snapshots"][0]["vm-state-size"] == 131072
 
 
+@pytest.mark.interop
 def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     """The read-back check compares digests of the source plaintext with what the output decodes to."""
     import qcrypt as api
@@ -474,6 +493,7 @@ def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_
         mig.verify(str(out), None, digests, target="raw", snapshots=[])
 
 
+@pytest.mark.interop
 def test_too_small_filesystem_fails_before_writing(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     """A raw LUKS output is fully allocated: if it cannot fit, say so at once, leaving nothing behind."""
     _, pw = legacy
@@ -520,6 +540,7 @@ def test_hidden_prompt_on_a_terminal(tmp_path: Path) -> None:
     assert im.file_sha256(out) == entry["plaintext_sha256"]
 
 
+@pytest.mark.interop
 def test_output_reaching_the_source_by_another_path_is_refused(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     """--force overwrites outputs, never the source or a backing layer, whatever path leads there."""
     source, pw = legacy
@@ -544,6 +565,7 @@ def test_wrong_passphrase_refused_on_extended_l2(tmp_path: Path) -> None:
     qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o.raw"), "--passphrase-file", str(right))
 
 
+@pytest.mark.interop
 def test_replace_through_a_symlink_replaces_the_real_image(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     link = tmp_path / "link.qcow2"
@@ -555,6 +577,7 @@ def test_replace_through_a_symlink_replaces_the_real_image(legacy: tuple[Path, P
     assert kept.exists() and not kept.is_symlink()
 
 
+@pytest.mark.interop
 def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
     """A relative backing name is rewritten for the output's folder; a decoy base there is not picked up."""
     (tmp_path / "a").mkdir()

@@ -93,6 +93,7 @@ def _mutate(data: bytearray, rng: random.Random) -> None:
             data[offset : offset + width] = (value % (1 << (8 * width))).to_bytes(width, "big")
 
 
+@pytest.mark.interop
 def test_mutated_headers_never_traceback(images: list[tuple[Path, str | None]], tmp_path: Path) -> None:
     rng = random.Random(SEED)
     for original, passphrase in images:
@@ -105,6 +106,7 @@ def test_mutated_headers_never_traceback(images: list[tuple[Path, str | None]], 
             _exercise(target, passphrase)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("cut", [0, 3, 8, 40, 71, 100, 111, 4095, 65536, 200000])
 def test_truncated_images_never_traceback(images: list[tuple[Path, str | None]], tmp_path: Path, cut: int) -> None:
     for original, passphrase in images:
@@ -115,6 +117,7 @@ def test_truncated_images_never_traceback(images: list[tuple[Path, str | None]],
         _exercise(target, passphrase)
 
 
+@pytest.mark.interop
 def test_backing_loop_is_caught(tmp_path: Path) -> None:
     require_tool("qemu-img")
     a = im.make_qcow2(tmp_path / "a.qcow2", 1 << 20)
@@ -132,6 +135,7 @@ def test_backing_loop_is_caught(tmp_path: Path) -> None:
         qcrypt.open_image(b.path)
 
 
+@pytest.mark.interop
 def test_fifo_backing_file_does_not_hang(tmp_path: Path) -> None:
     """A FIFO where an image should be (a backing file, or given directly) must not block a scan."""
     require_tool("qemu-img")

@@ -221,6 +221,7 @@ def test_info_reports_unencrypted_compressed_clusters(unpacked: dict[str, Path])
         assert "legacy-aes-compressed-plaintext" not in codes
 
 
+@pytest.mark.interop
 def test_luks1_layout_that_qemu_refuses(tmp_path: Path, qemu_img: str, cryptsetup: str) -> None:
     """A payload right after the key material: cryptsetup accepts it, QEMU does not; scan says so."""
     import subprocess

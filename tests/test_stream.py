@@ -123,6 +123,7 @@ def test_luks2_unlock_is_refused_clearly(unpacked: dict[str, Path]) -> None:
         qcrypt.open_image(unpacked["luks2-pbkdf2.luks"], MANIFEST["luks2-pbkdf2.luks"]["passphrase"])
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("cluster_size", [512, 4096, 65536, 2 << 20])
 def test_fresh_legacy_images_at_nonzero_offsets(tmp_path: Path, qemu_img: str, cluster_size: int) -> None:
     """qemu-io writes into a fresh legacy image; the passphrase is longer than 16 bytes."""
@@ -138,6 +139,7 @@ def test_fresh_legacy_images_at_nonzero_offsets(tmp_path: Path, qemu_img: str, c
         assert stream.read() == expected
 
 
+@pytest.mark.interop
 def test_chain_with_separate_passphrases(tmp_path: Path, qemu_img: str) -> None:
     base = im.make_qcow2(tmp_path / "base.qcow2", 4 << 20, encrypt="aes", passphrase="base secret")
     im.write_pattern(base, 65536 * 3 + 512, 4096, 0x61)
@@ -160,6 +162,7 @@ def test_long_reads_loop_over_short_preads(tmp_path: Path, monkeypatch: pytest.M
         assert stream.read_at(999, 5003) == data[999:6002]
 
 
+@pytest.mark.interop
 def test_odd_virtual_size_is_rounded_down_like_qemu(tmp_path: Path, qemu_img: str) -> None:
     import json
     import subprocess
