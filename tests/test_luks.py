@@ -19,6 +19,7 @@ from qcrypt import luks
 from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, QcryptError, UnsupportedFeatureError
 from qcrypt.formats import luks1 as fmt
+from tests._compare import assert_same_bytes
 
 PASSPHRASE = "pässwörd 1\n".encode()  # byte exact: non-ASCII and a trailing newline are part of it
 OTHER_PASSPHRASE = b"another one"
@@ -172,7 +173,7 @@ def _check_payload_with_qemu(qemu_img: str, tmp_path: Path, image: Path, keyfile
     out = tmp_path / "plain.raw"
     run(qemu_img, "convert", "--object", f"secret,id=s,file={keyfile}", "--image-opts",
         f"driver=luks,file.filename={image},key-secret=s", "-O", "raw", str(out))
-    assert out.read_bytes() == plaintext
+    assert_same_bytes(out.read_bytes(), plaintext, "qemu-img's decryption")
 
 
 @pytest.mark.interop

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from qcrypt import qcow2_writer
 from qcrypt.errors import FormatError, MigrationError
 from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
+from tests._compare import assert_same_bytes
 from tests.conftest import require_tool
 
 interop = pytest.mark.interop
@@ -454,7 +455,7 @@ def test_luks_with_production_sector_cipher_matches_reference(tmp_path: Path, lu
     reference, production = tmp_path / "ref.qcow2", tmp_path / "prod.qcow2"
     _build(reference, plan, luks_area=luks_area.area, encrypt=_reference_encrypt(luks_area.master_key))
     _build(production, plan, luks_area=luks_area.area, encrypt=cipher.encrypt)
-    assert production.read_bytes() == reference.read_bytes()
+    assert_same_bytes(production.read_bytes(), reference.read_bytes(), "production vs reference writer")
 
 
 # -- argument checks (no tools needed) ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import qcrypt
 from qcrypt.stream import PassphraseRequiredError
 from tests import _images as im
+from tests._compare import assert_same_bytes
 
 MANIFEST = im.manifest()["fixtures"]
 READABLE = sorted(
@@ -61,7 +62,7 @@ def test_unaligned_reads(name: str, unpacked: dict[str, Path]) -> None:
             start = max(0, write["offset"] - rng.randrange(700))
             length = write["length"] + rng.randrange(1500)
             stream.seek(start)
-            assert stream.read(length) == expected[start : start + length]
+            assert_same_bytes(stream.read(length), expected[start : start + length], f"read at {start}")
         buffer = bytearray(777)
         stream.seek(stream.size - 300)
         assert stream.readinto(buffer) == 300
@@ -136,7 +137,7 @@ def test_fresh_legacy_images_at_nonzero_offsets(tmp_path: Path, qemu_img: str, c
         assert hashlib.sha256(stream.read()).hexdigest() == im.plaintext_sha256(image)
         expected = im.render_writes(writes, bytes(size))
         stream.seek(0)
-        assert stream.read() == expected
+        assert_same_bytes(stream.read(), expected, "guest view")
 
 
 @pytest.mark.interop
@@ -158,8 +159,8 @@ def test_long_reads_loop_over_short_preads(tmp_path: Path, monkeypatch: pytest.M
     path.write_bytes(data)
     monkeypatch.setattr(imagefile, "MAX_PREAD", 1000)
     with qcrypt.open_image(path, container="raw") as stream:
-        assert stream.read_at(0, len(data)) == data
-        assert stream.read_at(999, 5003) == data[999:6002]
+        assert_same_bytes(stream.read_at(0, len(data)), data, "read_at(0)")
+        assert_same_bytes(stream.read_at(999, 5003), data[999:6002], "read_at(999)")
 
 
 @pytest.mark.interop
