@@ -238,6 +238,11 @@ def split_cipher(cipher: str) -> tuple[str, str]:
     return name, mode
 
 
+# md5 is refused as a LUKS hash_spec (PBKDF2), but cryptsetup and QEMU use it for ESSIV (aes-cbc-essiv:md5);
+# the sector cipher then refuses digests that make no AES key (sha1, sha512, ...).
+ESSIV_ONLY_HASHES = ("md5",)
+
+
 def _parse_mode(cipher_mode: str, path: str | None = None) -> tuple[str, str, str | None]:
     """``"cbc-essiv:sha256"`` -> ``("cbc", "essiv", "sha256")``; unknown parts are unsupported."""
     if cipher_mode == "ecb":
@@ -246,7 +251,7 @@ def _parse_mode(cipher_mode: str, path: str | None = None) -> tuple[str, str, st
     ivgen, colon, iv_hash = iv_spec.partition(":")
     if not dash or chain not in CHAIN_MODES or ivgen not in IV_GENERATORS:
         raise UnsupportedFeatureError(f"unsupported cipher mode {cipher_mode!r}", path=path, field="cipher_mode")
-    if ivgen == "essiv" and iv_hash not in supported_hashes():
+    if ivgen == "essiv" and iv_hash not in (*supported_hashes(), *ESSIV_ONLY_HASHES):
         raise UnsupportedFeatureError(f"essiv needs a supported hash, got {iv_hash!r}", path=path,
                                       field="cipher_mode")
     return chain, ivgen, (iv_hash if colon else None)
