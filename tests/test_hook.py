@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import syslog
@@ -22,6 +23,7 @@ from qcrypt.errors import FormatError
 from tests.conftest import FIXTURES, require_tool
 
 DOMAINS = Path(__file__).parent / "data" / "domains"
+DEV_LOG = "/dev/log"  # where syslog(3) sends its datagrams
 PASSPHRASE = b"legacy-secret"
 AES_OPTS = "encrypt.format=aes,encrypt.key-secret=s"
 LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
@@ -379,11 +381,29 @@ def test_emit_uses_the_module_sink_and_survives_a_broken_one(monkeypatch: pytest
     assert lines == ["qcrypt-hook: error: domain 'd': y"]
 
 
-def test_real_syslog_sink_accepts_a_line() -> None:
+def test_real_syslog_sink_reaches_dev_log() -> None:
+    """The default sink is syslog(3): a datagram listener bound at /dev/log (none runs in this sandbox; we
+    never take over a live one) receives the line with ident, PID, facility daemon and the priority."""
     assert hook.syslog_sink is hook.send_to_syslog  # the default is the real syslog(3)
-    lines: list[str] = []
-    hook.emit(hook.DomainCheck(domain="d", notes=["qcrypt test note"]), stderr_to=lines.append)
+    if os.path.exists(DEV_LOG):
+        pytest.skip(f"{DEV_LOG} exists (a syslog daemon runs here): not taking it over")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(DEV_LOG)
+    except OSError as e:  # another test run bound it a moment ago
+        listener.close()
+        pytest.skip(f"cannot bind {DEV_LOG}: {e}")
+    try:
+        listener.settimeout(5)
+        lines: list[str] = []
+        hook.emit(hook.DomainCheck(domain="d", notes=["qcrypt test note"]), stderr_to=lines.append)
+        received = listener.recv(4096).decode()
+    finally:
+        listener.close()
+        os.unlink(DEV_LOG)
     assert lines == ["qcrypt-hook: qcrypt test note"]
+    priority = syslog.LOG_DAEMON | syslog.LOG_NOTICE
+    assert received.startswith(f"<{priority}>") and received.endswith(f"qcrypt-hook[{os.getpid()}]: qcrypt test note")
 
 
 # -- Python API ----------------------------------------------------------------------------------------------

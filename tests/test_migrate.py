@@ -206,7 +206,8 @@ def test_wrong_passphrase_refused_and_nothing_created(legacy: tuple[Path, Path],
     assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.qcow2", "pw", "wrong"]
     forced = qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(wrong),
                     "--force", check=False)
-    assert forced.returncode == 0 and out.exists()
+    assert forced.returncode == 0, forced.stderr
+    qemu_compare((out, "raw", False), (source, "qcow2", True), wrong)  # QEMU's garbage with the same wrong key
 
 
 @pytest.mark.interop
@@ -219,6 +220,7 @@ def test_random_plaintext_needs_force(tmp_path: Path, qemu_img: str) -> None:
     assert refused.returncode == 4 and b"--force" in refused.stderr
     qcrypt("migrate", str(image.path), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file", str(pw),
            "--force")
+    qemu_compare((tmp_path / "o", "raw", False), (image.path, "qcow2", True), pw)
 
 
 @pytest.mark.interop
@@ -260,6 +262,7 @@ def test_backing_chains(tmp_path: Path, qemu_img: str) -> None:
     refused = qcrypt("migrate", str(over_aes), "--to", "qcow2-luks", "-o", str(tmp_path / "o.qcow2"),
                      "--passphrase-file", str(pw), check=False)
     assert refused.returncode == 8 and b"--flatten" in refused.stderr
+    assert not (tmp_path / "o.qcow2").exists()
     flat = tmp_path / "flat.qcow2"
     qcrypt("migrate", str(over_aes), "--to", "qcow2-luks", "-o", str(flat), "--passphrase-file", str(pw),
            "--flatten", *FAST)
@@ -317,9 +320,11 @@ def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path
     assert refused.returncode == 6 and out.read_bytes() == b"precious"
     qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw), "--force")
     assert out.stat().st_mode & 0o777 == 0o600  # a decrypted copy of an encrypted image: owner only
+    qemu_compare((out, "raw", False), (source, "qcow2", True), pw)
     luks_out = tmp_path / "out.luks"
     qcrypt("migrate", str(source), "--to", "luks", "-o", str(luks_out), "--passphrase-file", str(pw), *FAST)
     assert luks_out.stat().st_mode & 0o777 == 0o640  # still encrypted: the source's bits
+    qemu_compare((luks_out, "luks", True), (source, "qcow2", True), pw)
     assert not [p for p in tmp_path.iterdir() if ".qcrypt-" in p.name]
 
 
@@ -435,6 +440,7 @@ def test_large_sparse_image_costs_its_data(tmp_path: Path, qemu_img: str) -> Non
            timeout=120)
     assert out.stat().st_size < 64 << 20
     qemu_check(out, pw)
+    qemu_compare((out, "qcow2", True), (image.path, "qcow2", True), pw)
 
 
 @pytest.mark.interop
@@ -563,6 +569,7 @@ def test_wrong_passphrase_refused_on_extended_l2(tmp_path: Path) -> None:
     assert result.returncode == 4 and b"probably wrong" in result.stderr
     right = secret_file(tmp_path, "right", im.manifest()["fixtures"][name]["passphrase"])
     qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o.raw"), "--passphrase-file", str(right))
+    assert im.file_sha256(tmp_path / "o.raw") == im.manifest()["fixtures"][name]["plaintext_sha256"]
 
 
 @pytest.mark.interop
@@ -575,6 +582,7 @@ def test_replace_through_a_symlink_replaces_the_real_image(legacy: tuple[Path, P
     assert im.qemu_img_info(source)["format-specific"]["data"]["encrypt"]["format"] == "luks"
     kept = Path(str(source) + ".qcrypt-orig")
     assert kept.exists() and not kept.is_symlink()
+    qemu_compare((source, "qcow2", True), (kept, "qcow2", True), pw)
 
 
 @pytest.mark.interop
