@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import Phase, settings
+
+# scripts/mutate runs with --hypothesis-profile=mutation: a failing example is enough, shrinking it (which can
+# take minutes on MiB-sized examples) is not needed to kill a mutant
+settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -22,11 +22,12 @@ def test_qemu_cannot_open_a_file_we_hold_for_writing(tmp_path: Path, qemu_io: st
     try:
         locking.hold_shared_locks(fd, writing=True)
         result = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True,
-                                text=True)
+                                text=True, timeout=120)
         assert result.returncode != 0 and 'Failed to get "write" lock' in result.stderr
     finally:
         os.close(fd)
-    free = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True)
+    free = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True,
+                          timeout=120)
     assert free.returncode == 0, free.stderr
 
 
