@@ -49,7 +49,7 @@ def test_we_see_qemu_locks(tmp_path: Path, qemu_io: str) -> None:
             locking.refuse_if_in_use(str(path))
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=120)
 
 
 def test_atomic_output_commit_and_cleanup(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_atomic_output_commit_and_cleanup(tmp_path: Path) -> None:
 def test_stale_temp_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
     final = tmp_path / "out.luks"
     dead = subprocess.Popen(["true"])
-    dead.wait()
+    dead.wait(timeout=120)
     stale = Path(temp_name_for(str(final), dead.pid))
     stale.write_bytes(b"debris")
     alive = Path(temp_name_for(str(final), os.getpid()))

@@ -25,9 +25,10 @@ FAST = ["--pbkdf-force-iterations", "1000"]
 TOOL_TIMEOUT = 120
 
 
-def qcrypt(*args: str, stdin: bytes | None = None, check: bool = True, **kw: object) -> subprocess.CompletedProcess:
-    kw.setdefault("timeout", TOOL_TIMEOUT)
-    result = subprocess.run([sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True, **kw)
+def qcrypt(*args: str, stdin: bytes | None = None, check: bool = True, timeout: float = 120,
+           **kw: object) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True,
+                            timeout=timeout, **kw)
     if check and result.returncode != 0:
         raise AssertionError(f"qcrypt {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
     return result
@@ -355,7 +356,7 @@ def test_source_in_use_is_refused(legacy: tuple[Path, Path], tmp_path: Path, qem
         assert result.returncode == 5 and b"QEMU" in result.stderr
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=120)
 
 
 def _start_and_kill(args: list[str], tmp_path: Path, sig: int) -> subprocess.Popen:

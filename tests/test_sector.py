@@ -438,7 +438,9 @@ def test_legacy_cipher_matches_openssl_cli() -> None:
                 [openssl, "enc", "-aes-128-cbc", "-nopad", "-K", key_hex, "-iv", plain64(first + i).hex()],
                 input=chunk,
                 capture_output=True,
-                check=True, timeout=120).stdout
+                check=True,
+                timeout=120,
+            ).stdout
             for i, chunk in enumerate(sectors_of(data))
         )
         assert cipher.encrypt(data, first) == peer
