@@ -412,6 +412,8 @@ INVALID = [
     pytest.param(lambda p: _poke(p, 108, ">I", 0), FormatError, "key_bytes", id="key-bytes-0"),
     pytest.param(lambda p: _poke(p, 164, ">I", 0), FormatError, "mk_digest_iter", id="digest-iter-0"),
     pytest.param(lambda p: _poke(p, 104, ">I", 4000), FormatError, "payload_offset", id="payload-in-slot-7"),
+    # slot 7's material is sectors 3536..4035 (512-bit key: 500 sectors): one sector of overlap is refused
+    pytest.param(lambda p: _poke(p, 104, ">I", 4035), FormatError, "payload_offset", id="payload-1-sector-in-slot-7"),
     pytest.param(lambda p: _poke(p, _slot_field(2, 40), ">I", 1), FormatError, "keyslot 2 key_material_offset",
                  id="slot-in-phdr"),
     pytest.param(lambda p: _poke(p, _slot_field(2, 40), ">I", 600), FormatError, "key_material_offset",
@@ -438,6 +440,8 @@ def test_accepted_variants(volume: tuple[bytearray, luks.LuksHeader, bytearray])
     rest = bytes(area[fmt.PHDR_SIZE:])
     detached = _read(_poke(phdr, 104, ">I", 0) + rest)  # payload_offset 0: detached header
     assert detached.payload_offset == 0
+    tight = _read(_poke(phdr, 104, ">I", 4036) + rest)  # payload right after slot 7's material (QEMU's layout)
+    assert tight.payload_offset == 4036
     after_nul = _read(_poke(phdr, 40, "32s", b"xts-plain64\0\xff\xfe") + rest)  # bytes after the NUL ignored
     assert after_nul.cipher_mode == "xts-plain64"
     qemu_suffix = _read(_poke(phdr, 40, "32s", b"xts-plain64:sha256") + rest)  # QEMU ignores the suffix
