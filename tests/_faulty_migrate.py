@@ -1,12 +1,19 @@
 """``qcrypt migrate`` with a fault injected between writing and verification (a test seam, tests only).
 
-Usage: python -m tests._faulty_migrate GUEST_OFFSET MIGRATE-ARGS...
+Usage: python -m tests._faulty_migrate FAULT MIGRATE-ARGS...
 
-Runs the real command line, but just before the read-back verification starts, one byte of the temporary
-output, where guest byte GUEST_OFFSET is stored, is flipped (raw: at the offset; raw LUKS: past the header;
-qcow2: through the L1/L2 tables, decoded here in a few lines, independent of qcrypt's reader). A migration that
-really verifies must fail with VerificationError (exit 7) and leave nothing under the output name. The hook
-writes "fault injected at HOST_OFFSET" to stderr so the test knows the fault was placed.
+Runs the real command line, but just before the read-back verification starts, the temporary output is
+damaged as FAULT says:
+
+* ``GUEST_OFFSET``: one byte flipped where guest byte GUEST_OFFSET is stored (raw: at the offset; raw LUKS: past
+  the header; qcow2: through the L1/L2 tables, decoded here in a few lines, independent of qcrypt's reader);
+* ``snapshot``: one byte flipped in a data cluster that only the first internal snapshot references;
+* ``drop-snapshot``: the header's snapshot count lowered by one (the last snapshot vanishes);
+* ``short-verify``: the output is intact, but verification reports one sector less than it compared (a
+  read-back that skipped data must not pass).
+
+A migration that really verifies must fail with VerificationError (exit 7) and leave nothing under the output
+name. The hook writes "fault injected at ..." to stderr so the test knows the fault was placed.
 """
 
 from __future__ import annotations
@@ -47,22 +54,71 @@ def host_offset(path: str, guest_offset: int) -> int:
         return data_cluster + guest_offset % cluster
 
 
-def _corrupting(original: Any, guest_offset: int) -> Any:
+def _l2_data_clusters(fh: Any, l1_offset: int, l1_size: int, cluster: int) -> list[int]:
+    """Host offsets of the standard data clusters one L1 table maps."""
+    found = []
+    for l1_index in range(l1_size):
+        fh.seek(l1_offset + 8 * l1_index)
+        l2_offset = struct.unpack(">Q", fh.read(8))[0] & _OFFSET_MASK
+        if not l2_offset:
+            continue
+        fh.seek(l2_offset)
+        entries = struct.unpack(f">{cluster // 8}Q", fh.read(cluster))
+        found += [e & _OFFSET_MASK for e in entries if e & _OFFSET_MASK and not e & (1 << 62)]
+    return found
+
+
+def snapshot_only_cluster(path: str) -> int:
+    """A data cluster referenced by the first snapshot's L1 table and not by the active one."""
+    with open(path, "rb") as fh:
+        head = fh.read(72)
+        cluster = 1 << struct.unpack_from(">I", head, 20)[0]
+        l1_size, l1_offset = struct.unpack_from(">IQ", head, 36)
+        snapshots_offset = struct.unpack_from(">Q", head, 64)[0]
+        fh.seek(snapshots_offset)
+        snap_l1_offset, snap_l1_size = struct.unpack(">QI", fh.read(12))
+        active = set(_l2_data_clusters(fh, l1_offset, l1_size, cluster))
+        only = [c for c in _l2_data_clusters(fh, snap_l1_offset, snap_l1_size, cluster) if c not in active]
+    if not only:
+        raise SystemExit(f"{path}: the first snapshot shares all its clusters with the active layer")
+    return only[0]
+
+
+def _flip(path: str, where: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(where)
+        byte = fh.read(1)
+        fh.seek(where)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def _drop_snapshot(path: str) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(60)
+        (count,) = struct.unpack(">I", fh.read(4))
+        fh.seek(60)
+        fh.write(struct.pack(">I", count - 1))
+
+
+def _faulty(original: Any, fault: str) -> Any:
     def verify(output_path: str, *args: Any, **kwargs: Any) -> Any:
-        where = host_offset(output_path, guest_offset)
-        with open(output_path, "r+b") as fh:
-            fh.seek(where)
-            byte = fh.read(1)
-            fh.seek(where)
-            fh.write(bytes([byte[0] ^ 0x01]))
-        print(f"fault injected at {where}", file=sys.stderr)
+        if fault == "short-verify":
+            print("fault injected at the result", file=sys.stderr)
+            return original(output_path, *args, **kwargs) - 512
+        if fault == "drop-snapshot":
+            _drop_snapshot(output_path)
+            print("fault injected at the snapshot count", file=sys.stderr)
+        else:
+            where = snapshot_only_cluster(output_path) if fault == "snapshot" else host_offset(output_path,
+                                                                                               int(fault))
+            _flip(output_path, where)
+            print(f"fault injected at {where}", file=sys.stderr)
         return original(output_path, *args, **kwargs)
 
     return verify
 
 
 if __name__ == "__main__":
-    target_offset = int(sys.argv[1])
-    migration.verify = _corrupting(migration.verify, target_offset)
+    migration.verify = _faulty(migration.verify, sys.argv[1])
     sys.argv = ["qcrypt", *sys.argv[2:]]
     main()

@@ -173,6 +173,25 @@ def test_fault_between_writing_and_verification_is_caught(legacy: tuple[Path, Pa
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize("fault", ["snapshot", "drop-snapshot", "short-verify"])
+def test_faults_in_snapshots_and_coverage_are_caught(tmp_path: Path, qemu_img: str, fault: str) -> None:
+    """A byte of a snapshot-only cluster flipped, a snapshot dropped, or a read-back reporting one sector less
+    than was written: each must stop the commit (exit 7, nothing under the output name)."""
+    name = "aes-qcow2-v3-snapshots-c4k.qcow2"
+    source = im.fixture_path(name, tmp_path)
+    pw = secret_file(tmp_path, "pw", im.manifest()["fixtures"][name]["passphrase"])
+    out = tmp_path / "out.qcow2"
+    result = subprocess.run([sys.executable, "-m", "tests._faulty_migrate", fault, "migrate", str(source), "--to",
+                             "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw), *FAST],
+                            capture_output=True, text=True, timeout=TOOL_TIMEOUT, cwd=Path(__file__).parent.parent)
+    assert "fault injected at" in result.stderr, result.stderr
+    assert result.returncode == 7, result.stderr
+    assert "not kept" in result.stderr or "differs from the source" in result.stderr
+    assert "verified" not in result.stdout and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, "pw"]
+
+
+@pytest.mark.interop
 def test_iter_time_is_what_cryptsetup_measures(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     """--iter-time 2000: the keyslot's iterations match cryptsetup's own PBKDF2 benchmark for 2 s, and
     cryptsetup takes about 2 s to unlock it (wide bands: the machine is shared)."""

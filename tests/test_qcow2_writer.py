@@ -570,3 +570,12 @@ def test_deferred_luks_area_must_be_set(tmp_path: Path) -> None:
             writer.finish()
         with pytest.raises(FormatError, match="magic"):
             writer.set_luks_area(bytes(4096 * 512))  # not a LUKS header
+
+
+def test_a_cluster_shared_more_than_65535_times_is_refused() -> None:
+    """16-bit refcounts: the 65536th reference to one cluster must be an error, not a wrapped count."""
+    count = 65536
+    writer = Qcow2Writer(io.BytesIO(), virtual_size=count * 512, cluster_bits=9)
+    writer.write_clusters(ACTIVE, 0, bytes(512 * (count - 1)), share_keys=["same"] * (count - 1))
+    with pytest.raises(MigrationError, match="more than 65535"):
+        writer.write_clusters(ACTIVE, count - 1, bytes(512), share_keys=["same"])

@@ -254,6 +254,19 @@ def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path], qemu_i
         assert image.refcount(image.file_size + (1 << 30)) == 0
 
 
+@pytest.mark.interop
+def test_refcounts_across_refcount_blocks(tmp_path: Path, qemu_img: str) -> None:
+    """4 KiB clusters hold 2048 16-bit refcounts per block: 9 MiB of data needs a second refcount block."""
+    from qcrypt.qcow2 import QCow2Image
+
+    image = im.make_qcow2(tmp_path / "many.qcow2", 12 << 20, cluster_size=4096)
+    im.write_pattern(image, 0, 9 << 20, 0x3C)
+    stored = _refcounts_by_struct(image.path)
+    assert len(stored) > 2048 and stored[2100] == 1
+    with QCow2Image.open(image.path) as opened:
+        assert [opened.refcount(c * 4096) for c in range(len(stored))] == stored
+
+
 def _data_references_by_struct(path: Path) -> dict[int, int]:
     """host offset -> number of distinct L2 tables (active and snapshots) mapping it, decoded with struct."""
     with open(path, "rb") as fh:

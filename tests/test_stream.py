@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,42 @@ def test_odd_virtual_size_is_rounded_down_like_qemu(tmp_path: Path, qemu_img: st
     with qcrypt.open_image(image.path) as stream:
         assert stream.size == info["virtual-size"] == 197120
         assert len(stream.read()) == 197120
+
+
+def _first_l2_entry(path: Path) -> int:
+    """File offset of the first allocated L2 entry of the active table (struct-decoded, not with qcrypt)."""
+    with open(path, "rb") as fh:
+        head = fh.read(104)
+        l1_offset = struct.unpack_from(">Q", head, 40)[0]
+        extended = bool(struct.unpack_from(">Q", head, 72)[0] & 0x10)
+        fh.seek(l1_offset)
+        l2_offset = struct.unpack(">Q", fh.read(8))[0] & 0x00FF_FFFF_FFFF_FE00
+        width = 16 if extended else 8
+        fh.seek(l2_offset)
+        for index in range(1 << 16):
+            (entry,) = struct.unpack(">Q", fh.read(8))
+            fh.seek(width - 8, io.SEEK_CUR)
+            if entry & 0x00FF_FFFF_FFFF_FE00:
+                return l2_offset + index * width
+    raise AssertionError(f"{path}: no allocated L2 entry")
+
+
+@pytest.mark.parametrize(("name", "patch", "message"), [
+    ("qcow2-v3-c64k.qcow2", lambda e, b: (e | 0x2, b), "reserved bits"),
+    ("qcow2-v3-c64k.qcow2", lambda e, b: (e | (1 << 56), b), "reserved bits"),
+    ("qcow2-v3-extl2-c64k.qcow2", lambda e, b: (e, 0x1_0000_0001), "both allocated and zero"),
+])
+def test_corrupt_l2_entries_are_refused(unpacked: dict[str, Path], tmp_path: Path, name: str, patch: object,
+                                        message: str) -> None:
+    """Reserved L2 bits, or a subcluster both allocated and zero: an error, never a silent guess."""
+    copy = tmp_path / name
+    copy.write_bytes(unpacked[name].read_bytes())
+    where = _first_l2_entry(copy)
+    with open(copy, "r+b") as fh:
+        fh.seek(where)
+        entry, bitmap = struct.unpack(">QQ", fh.read(16))
+        entry, bitmap = patch(entry, bitmap)  # type: ignore[operator]
+        fh.seek(where)
+        fh.write(struct.pack(">Q", entry) + (struct.pack(">Q", bitmap) if "extl2" in name else b""))
+    with pytest.raises(qcrypt.QcryptError, match=message), qcrypt.open_image(copy) as stream:
+        stream.read_at(0, stream.size)
