@@ -418,6 +418,9 @@ INVALID = [
                  id="slot-in-phdr"),
     pytest.param(lambda p: _poke(p, _slot_field(2, 40), ">I", 600), FormatError, "key_material_offset",
                  id="slots-overlap"),
+    # slot 1's material is sectors 512..1011: slot 2 starting at 1011 overlaps it by one sector
+    pytest.param(lambda p: _poke(p, _slot_field(2, 40), ">I", 1011), FormatError, "keyslot 2 key_material_offset",
+                 id="slots-overlap-1-sector"),
     pytest.param(lambda p: _poke(p, _slot_field(6, 40), ">I", 10**6), FormatError, "keyslot 6 key_material_offset",
                  id="slot-past-region"),
 ]
