@@ -25,12 +25,20 @@ import syslog
 import threading
 import time
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qcrypt.errors import FormatError
+from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported for hook users
+    LEGACY_XML_FORMATS,
+    MAX_BACKING_DEPTH,
+    MAX_XML_BYTES,
+    DiskLayer,
+    Domain,
+    DomainDisk,
+    parse_domain_xml,
+)
 
 Report = dict[str, Any]
 InspectFn = Callable[[str], Report]
@@ -38,15 +46,12 @@ SyslogSink = Callable[[int, str], None]
 LineSink = Callable[[str], None]
 
 DEFAULT_BUDGET_S = 0.5
-MAX_XML_BYTES = 16 * 1024 * 1024
-MAX_BACKING_DEPTH = 64
 SYSLOG_IDENT = "qcrypt-hook"
 STDERR_PREFIX = "qcrypt-hook: "
 LEGACY_ENCRYPTION = "aes-cbc-legacy"
 LUKS_ENCRYPTIONS = ("luks1", "luks2")
 CODE_LEGACY = "legacy-aes"
 CODE_LEGACY_BACKING = "legacy-aes-backing"
-LEGACY_XML_FORMATS = ("qcow", "default")  # libvirt's 'default' meant qcow AES for qcow/qcow2 images
 PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
 HOOK_OPERATIONS = ("prepare", "start", "migrate", "restore")  # libvirt qemu operations the hook acts on
 LEGACY_TEXT = "legacy QEMU AES encryption (qcow/qcow2 crypt_method 1), which current QEMU refuses to open"
@@ -60,40 +65,7 @@ class LegacyEncryptionWarning(UserWarning):
     """
 
 
-# -- the domain as the XML describes it -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiskLayer:
-    """One layer of a disk: index 0 is the disk's own ``<source>``, then each ``<backingStore>``."""
-
-    source_type: str  # file | block | network | volume | dir | ...
-    path: str | None  # a local file or block device to inspect; None when there is none
-    label: str | None  # what to show: the path, "rbd:pool/image", "pool/volume"; None without a source
-    format: str | None  # <driver type> for layer 0, <format type> for backing layers
-    encryption: tuple[str, ...] = ()  # <encryption format=...> values found at this layer
-    secret: str | None = None  # "uuid ..." or "usage ..." of <encryption><secret>, to find the passphrase
-
-
-@dataclass(frozen=True)
-class DomainDisk:
-    """A ``<disk>`` element: its target device, device kind and layers."""
-
-    target: str | None
-    device: str  # disk | cdrom | floppy | lun
-    layers: tuple[DiskLayer, ...]
-
-    @property
-    def driver_type(self) -> str | None:
-        return self.layers[0].format
-
-
-@dataclass(frozen=True)
-class Domain:
-    """The parts of a libvirt domain XML document the hook needs."""
-
-    name: str
-    disks: tuple[DomainDisk, ...]
+# -- what the hook reports ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -132,104 +104,6 @@ class DomainCheck:
 def printable(text: str) -> str:
     """``text`` with control characters escaped, so one message stays one log line."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
-def _decode_xml(xml: str | bytes) -> str:
-    if isinstance(xml, str):
-        text = xml
-    else:
-        if len(xml) > MAX_XML_BYTES:
-            raise FormatError(f"larger than {MAX_XML_BYTES} bytes", field="domain XML")
-        encoding = "utf-16" if xml[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
-        try:
-            text = xml.decode(encoding)
-        except UnicodeDecodeError as e:
-            raise FormatError(f"not valid {encoding}: {e.reason}", field="domain XML") from e
-    if not text.strip():
-        raise FormatError("empty", field="domain XML")
-    return text
-
-
-def _refuse_declarations(text: str) -> None:
-    """Refuse DTDs outright: domain XML never has one, and entities are the expansion-bomb vector."""
-    if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        raise FormatError("DOCTYPE/ENTITY declarations refused (entity expansion)", field="domain XML")
-
-
-def parse_domain_xml(xml: str | bytes) -> Domain:
-    """Parse a domain XML document. Raises FormatError when it is empty, malformed or carries a DTD."""
-    text = _decode_xml(xml)
-    _refuse_declarations(text)
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise FormatError(f"malformed ({e})", field="domain XML") from e
-    if root.tag != "domain":
-        raise FormatError(f"expected a <domain> document, found <{root.tag}>", field="domain XML")
-    name = (root.findtext("name") or "").strip() or "?"
-    disks = tuple(_parse_disk(disk) for devices in root.findall("devices") for disk in devices.findall("disk"))
-    return Domain(name=name, disks=disks)
-
-
-def _parse_disk(disk: ET.Element) -> DomainDisk:
-    driver = disk.find("driver")
-    target = disk.find("target")
-    source = disk.find("source")
-    top = _layer(disk.get("type", "file"), source, driver.get("type") if driver is not None else None,
-                 (disk, source))
-    layers = [top, *_backing_layers(disk)]
-    return DomainDisk(target=target.get("dev") if target is not None else None,
-                      device=disk.get("device", "disk"), layers=tuple(layers))
-
-
-def _backing_layers(disk: ET.Element) -> list[DiskLayer]:
-    """Walk the nested ``<backingStore>`` elements; an empty ``<backingStore/>`` ends the chain."""
-    layers: list[DiskLayer] = []
-    store = disk.find("backingStore")
-    while store is not None and len(layers) < MAX_BACKING_DEPTH:
-        source = store.find("source")
-        if source is None and store.get("type") is None:
-            break
-        fmt = store.find("format")
-        layers.append(_layer(store.get("type", "file"), source, fmt.get("type") if fmt is not None else None,
-                             (store, source)))
-        store = store.find("backingStore")
-    return layers
-
-
-def _layer(source_type: str, source: ET.Element | None, fmt: str | None,
-           holders: tuple[ET.Element | None, ...]) -> DiskLayer:
-    path, label = _source_location(source_type, source)
-    encryptions = [enc for holder in holders if holder is not None for enc in holder.findall("encryption")]
-    formats = tuple(enc.get("format", "") for enc in encryptions)
-    secrets = [_secret_ref(secret) for enc in encryptions for secret in enc.findall("secret")]
-    return DiskLayer(source_type=source_type, path=path, label=label, format=fmt, encryption=formats,
-                     secret=next((s for s in secrets if s), None))
-
-
-def _secret_ref(secret: ET.Element) -> str | None:
-    if secret.get("uuid"):
-        return f"uuid {secret.get('uuid')}"
-    return f"usage {secret.get('usage')}" if secret.get("usage") else None
-
-
-def _source_location(source_type: str, source: ET.Element | None) -> tuple[str | None, str | None]:
-    """(local path to inspect, label to show) of a ``<source>`` element."""
-    if source is None:
-        return None, None
-    if source_type == "file":
-        path = source.get("file") or None
-        return path, path
-    if source_type == "block":
-        path = source.get("dev") or None
-        return path, path
-    if source_type == "network":
-        protocol, name = source.get("protocol", "network"), source.get("name", "")
-        return None, f"{protocol}:{name}"
-    if source_type == "volume":
-        return None, f"{source.get('pool', '?')}/{source.get('volume', '?')}"
-    label = source.get("dir") or source.get("file") or source.get("dev")
-    return None, label or None
 
 
 # -- inspection within a time budget --------------------------------------------------------------------
