@@ -28,7 +28,8 @@ def domain_xml(name: str, disks: list[tuple[Path, str]], *, encryption: str | No
     """A minimal domain; each disk is (image path, driver type); ``encryption`` declares <encryption format=>."""
     devices = []
     for index, (path, driver) in enumerate(disks):
-        declared = f"<encryption format='{encryption}'><secret type='passphrase' uuid='{'0' * 8}-0000-4000-8000-{index:012d}'/></encryption>" if encryption else ""
+        secret = f"<secret type='passphrase' uuid='00000000-0000-4000-8000-{index:012d}'/>"
+        declared = f"<encryption format='{encryption}'>{secret}</encryption>" if encryption else ""
         devices.append(f"<disk type='file' device='disk'><driver name='qemu' type='{driver}'/>"
                        f"<source file='{path}'/>{declared}<target dev='vd{chr(97 + index)}' bus='virtio'/></disk>")
     return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
@@ -40,7 +41,7 @@ def legacy_by_qemu_img(path: Path) -> bool:
     done = subprocess.run([img.tool("qemu-img"), "info", "--output=json", "--backing-chain", "-U", str(path)],
                           capture_output=True, text=True, timeout=60, check=True)
     return any(layer.get("format-specific", {}).get("data", {}).get("encrypt", {}).get("format") == "aes"
-               or layer.get("encrypted") and layer.get("format") == "qcow" for layer in json.loads(done.stdout))
+               or (layer.get("encrypted") and layer.get("format") == "qcow") for layer in json.loads(done.stdout))
 
 
 @pytest.fixture

@@ -69,7 +69,8 @@ def test_ansible_test_sanity_is_clean(tmp_path: Path) -> None:
     done = subprocess.run([ansible_test, "sanity", "--local", "--requirements", "--python", python, "--color", "no"],
                           cwd=tree, env=env, capture_output=True, text=True, timeout=SANITY_TIMEOUT_S, check=False)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-8000:]
+    problems = [line for line in output.splitlines() if line.startswith(("ERROR", "FATAL"))]
+    assert done.returncode == 0, "\n".join(problems) or output[-8000:]
     ran = [line.split('"')[1] for line in output.splitlines() if line.startswith("Running sanity test")]
     # The tests that check the modules themselves must have run (not been skipped).
     for name in ("validate-modules", "pylint", "pep8", "yamllint", "import", "compile", "ansible-doc",

@@ -89,9 +89,8 @@ def _image_rows(report):
     rows = ["| host | image | domains | findings |", "|---|---|---|---|"]
     for e in report["hosts"]:
         for image in e["legacy"]:
-            rows.append("| %s | %s | %s | %s |" % (_cell(e["host"]), _cell(image.get("path")),
-                                                  _cell(_names(image.get("domains"))),
-                                                  _cell(_names(image.get("findings")))))
+            cells = (e["host"], image.get("path"), _names(image.get("domains")), _names(image.get("findings")))
+            rows.append("| %s | %s | %s | %s |" % tuple(_cell(c) for c in cells))
         for m in e["domains_with_missing_images"]:
             rows.append("| %s | %s (missing) | %s | legacy XML encryption (%s) on disk %s |" % (
                 _cell(e["host"]), _cell(m.get("path")), _cell(m.get("domain")), _cell(m.get("encryption")),
