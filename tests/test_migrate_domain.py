@@ -188,6 +188,27 @@ def test_legacy_base_under_plain_overlay_is_flattened_to_raw_luks(lab: Lab, tmp_
     start_and_read(name, new, [(0x21, 0, MIB), (0x22, MIB, 64 * 1024), (0x21, MIB + 64 * 1024, 64 * 1024)])
 
 
+def test_luks_image_still_declared_qcow_gets_only_its_xml_fixed(lab: Lab, tmp_path: Path) -> None:
+    """The image was migrated by hand (it is LUKS) but the XML still says format='qcow', which libvirt
+    refuses: only the XML changes, with the same secret, and no file is written."""
+    pw = lab.passphrase_file("pw", PW)
+    image = lab.folder / "web.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", image, "16M")
+    lab.write(image, 0x71, 2 * MIB, MIB, pw)
+    name = f"{lab.prefix}-xmlonly"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow", secret=lab.secret(PW))])
+    before_files = lab.files()
+    done = qcrypt_domain(lab, tmp_path, name, "--start", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (disk,) = as_json(done)["domains"][0]["disks"]
+    assert disk["xml_only"] is True and disk["new_path"] == str(image)
+    assert lab.files() == before_files
+    enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
+    assert enc is not None and enc.get("format") == "luks"
+    start_and_read(name, image, [(0x71, 2 * MIB, MIB)])
+
+
 # -- refusals: nothing changes -----------------------------------------------------------------------------------
 
 
