@@ -4,6 +4,7 @@ Oracles: virsh dumpxml, qemu-img compare (with the secrets), QEMU's qemu-io insi
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from qcrypt.libvirt.connection import binding_available
 from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, virsh
-from tests.conftest import IN_CI
+from tests.conftest import FIXTURES, IN_CI
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
 
@@ -191,13 +192,13 @@ def test_legacy_base_under_plain_overlay_is_flattened_to_raw_luks(lab: Lab, tmp_
 def test_luks_image_still_declared_qcow_gets_only_its_xml_fixed(lab: Lab, tmp_path: Path) -> None:
     """The image was migrated by hand (it is LUKS) but the XML still says format='qcow', which libvirt
     refuses: only the XML changes, with the same secret, and no file is written."""
-    pw = lab.passphrase_file("pw", PW)
+    passphrase = b"qcrypt luks test passphrase"  # of the qemu-img made fixture (tests/fixtures/manifest.json)
+    pw = lab.passphrase_file("pw", passphrase)
     image = lab.folder / "web.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
-        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", image, "16M")
-    lab.write(image, 0x71, 2 * MIB, MIB, pw)
+    image.write_bytes(gzip.decompress((FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz").read_bytes()))
+    lab.write(image, 0x71, 1536 * 1024, 256 * 1024, pw)
     name = f"{lab.prefix}-xmlonly"
-    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow", secret=lab.secret(PW))])
+    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow", secret=lab.secret(passphrase))])
     before_files = lab.files()
     done = qcrypt_domain(lab, tmp_path, name, "--start", "--format", "json")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -206,7 +207,7 @@ def test_luks_image_still_declared_qcow_gets_only_its_xml_fixed(lab: Lab, tmp_pa
     assert lab.files() == before_files
     enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
     assert enc is not None and enc.get("format") == "luks"
-    start_and_read(name, image, [(0x71, 2 * MIB, MIB)])
+    start_and_read(name, image, [(0x71, 1536 * 1024, 256 * 1024)])
 
 
 # -- refusals: nothing changes -----------------------------------------------------------------------------------
