@@ -321,4 +321,4 @@ def test_usage_errors(lab: Lab, tmp_path: Path) -> None:
     done = qcrypt_domain(lab, tmp_path)
     assert done.returncode == 2 and "name one or more domains, or give --all" in done.stderr
     missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json")
-    assert missing.returncode == 12 and as_json(missing)["domains"][0]["status"] == "failed"
+    assert missing.returncode == 13 and as_json(missing)["domains"][0]["status"] == "failed"
