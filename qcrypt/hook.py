@@ -12,6 +12,11 @@ Three entry points:
 * :func:`warn_if_legacy` is the Python API for launchers: it issues a :class:`LegacyEncryptionWarning` when an
   image or its backing chain holds legacy encryption.
 
+What the hook cannot see: libvirt >= 9.0 refuses a domain whose XML says ``<encryption format='qcow'>``
+("old qcow/qcow2 encryption is not supported") before it calls any hook, so such domains never reach us;
+``qcrypt scan --libvirt-xml /etc/libvirt/qemu`` and ``qcrypt migrate-domain`` find and fix them. The hook
+does see legacy images that the XML does not declare (QEMU then refuses them itself).
+
 References: libvirt docs/hooks.rst and src/util/virhook.c (argv, stdin, exit-code consequences);
 formatdomain.rst / formatstorageencryption.rst (``<disk>``, ``<backingStore>``, ``<encryption>``);
 the team's formats.md section G and pitfalls 23-24.
@@ -70,22 +75,28 @@ class LegacyEncryptionWarning(UserWarning):
 
 @dataclass(frozen=True)
 class HookWarning:
-    """One affected disk: where it is, why it matters and the command that fixes it."""
+    """One affected disk: where it is, why it matters and the commands that fix it."""
 
     domain: str
     target: str
     path: str
     reason: str
-    command: str
+    command: str  # the fix of this disk alone (qcrypt migrate ..., or virsh edit when only the XML is wrong)
+    domain_command: str | None = None  # qcrypt migrate-domain DOMAIN: fixes every disk and the XML at once
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, str | None]:
         return {"domain": self.domain, "target": self.target, "path": self.path, "reason": self.reason,
-                "command": self.command}
+                "command": self.command, "domain_command": self.domain_command}
 
     def message(self) -> str:
         """The one-line text sent to syslog and stderr (control characters escaped)."""
-        when = "Fix: " if self.command.startswith("virsh ") else "Fix it with the VM shut off: "
-        text = f"domain '{self.domain}' disk {self.target} ({self.path}): {self.reason}. {when}{self.command}"
+        if self.command.startswith("virsh "):
+            fix = f"Fix: {self.command}"
+        elif self.domain_command:
+            fix = f"Fix it with the VM shut off: {self.domain_command} (or this disk alone: {self.command})"
+        else:
+            fix = f"Fix it with the VM shut off: {self.command}"
+        text = f"domain '{self.domain}' disk {self.target} ({self.path}): {self.reason}. {fix}"
         return printable(text)
 
 
@@ -213,6 +224,11 @@ def suggested_output(path: str, target: str, *, local_dir: bool) -> str:
     return name if local_dir else os.path.join(os.path.dirname(path), name)
 
 
+def migrate_domain_command(domain: str) -> str:
+    """The ``qcrypt migrate-domain`` command line that fixes every disk of ``domain`` and its XML."""
+    return f"qcrypt migrate-domain {shlex.quote(domain)}"
+
+
 def migrate_command(path: str, *, to: str = "qcow2-luks", flatten: bool = False, block: bool = False) -> str:
     """The ``qcrypt migrate`` command line that replaces ``path`` by a LUKS-encrypted copy."""
     output = suggested_output(path, to, local_dir=block)
@@ -290,8 +306,11 @@ def _disk_warning(domain: str, disk: DomainDisk, found: _Inspections) -> HookWar
     reason = "; ".join(verdict.reasons)
     if top.secret:
         reason += f" (passphrase: libvirt secret {top.secret})"
+    command = _fix_command(domain, disk, verdict)
+    local = bool(top.path) and top.source_type in ("file", "block")
     return HookWarning(domain=domain, target=disk.target or "?", path=top.label or "(no source)",
-                       reason=reason, command=_fix_command(domain, disk, verdict))
+                       reason=reason, command=command,
+                       domain_command=migrate_domain_command(domain) if local and domain != "?" else None)
 
 
 def _fix_command(domain: str, disk: DomainDisk, verdict: _Verdict) -> str:
@@ -396,8 +415,9 @@ def emit(check: DomainCheck, *, domain_hint: str | None = None, syslog_to: Syslo
 # -- Python API -----------------------------------------------------------------------------------------------
 
 
-def legacy_message(report: Report) -> str | None:
-    """The warning text for one image's scan report, or None when it holds no legacy encryption."""
+def legacy_message(report: Report, domain: str | None = None) -> str | None:
+    """The warning text for one image's scan report, or None when it holds no legacy encryption. With the
+    libvirt ``domain`` that uses the image, the fix named first is ``qcrypt migrate-domain DOMAIN``."""
     codes = _codes(report)
     path = str(report.get("path"))
     if CODE_LEGACY in codes:
@@ -407,17 +427,22 @@ def legacy_message(report: Report) -> str | None:
     else:
         return None
     command = migrate_command(path, flatten=CODE_LEGACY_BACKING in codes)
+    if domain:
+        return printable(f"{where}. Fix it with the VM shut off: {migrate_domain_command(domain)} "
+                         f"(or this image alone: {command})")
     return printable(f"{where}. Fix it with the VM shut off: {command}")
 
 
-def warn_if_legacy(path: str | os.PathLike[str]) -> bool:
+def warn_if_legacy(path: str | os.PathLike[str], domain: str | None = None) -> bool:
     """Issue a LegacyEncryptionWarning and return True when ``path`` or its backing chain holds legacy AES.
 
-    Returns False silently otherwise. Never raises for any path (missing, a directory, garbage, a wrong
-    type); only a warnings filter set to "error" turns the warning into an exception, as usual.
+    ``domain``: the libvirt domain using the image, when the caller knows it; the warning then suggests
+    ``qcrypt migrate-domain DOMAIN``. Returns False silently otherwise. Never raises for any path (missing,
+    a directory, garbage, a wrong type); only a warnings filter set to "error" turns the warning into an
+    exception, as usual.
     """
     try:
-        message = legacy_message(_default_inspect(os.fsdecode(path)))
+        message = legacy_message(_default_inspect(os.fsdecode(path)), domain if isinstance(domain, str) else None)
     except Exception:
         return False
     if message is None:

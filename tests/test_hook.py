@@ -30,7 +30,7 @@ LUKS_FIXTURE = FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz"  # qemu-img made; creati
 
 def _qemu_img(qemu_img: str, *args: str | os.PathLike[str], retries: int = 1) -> None:
     for attempt in range(retries):
-        done = subprocess.run([qemu_img, *map(str, args)], capture_output=True, text=True, check=False)
+        done = subprocess.run([qemu_img, *map(str, args)], capture_output=True, text=True, check=False, timeout=120)
         if done.returncode == 0:
             return
         if attempt == retries - 1:
@@ -180,8 +180,9 @@ def test_legacy_file_disk(images: Path) -> None:
     assert "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f" in vda.reason
     assert vda.command == migrate(images / "legacy.qcow2", str(images / "legacy.luks.qcow2"))
     assert warned["vdc"].command == migrate(images / "legacy-v1.qcow", str(images / "legacy-v1.luks.qcow2"))
+    assert vda.domain_command == "qcrypt migrate-domain web"
     assert vda.as_dict() == {"domain": "web", "target": "vda", "path": vda.path, "reason": vda.reason,
-                             "command": vda.command}
+                             "command": vda.command, "domain_command": "qcrypt migrate-domain web"}
 
 
 def test_block_network_cdrom_and_raw_driver(images: Path) -> None:
@@ -341,7 +342,7 @@ def test_emit_sends_each_line_to_syslog_and_stderr(images: Path) -> None:
     assert [line for _, line in sent] == [w.message() for w in check.warnings]
     assert lines == [f"qcrypt-hook: warning: {w.message()}" for w in check.warnings]
     assert "domain 'web' disk vda (" in lines[0]
-    assert "Fix it with the VM shut off: qcrypt migrate" in lines[0]
+    assert "Fix it with the VM shut off: qcrypt migrate-domain web (or this disk alone: qcrypt migrate " in lines[0]
 
 
 def test_emit_errors_and_notes_priorities() -> None:
@@ -385,6 +386,16 @@ def test_warn_if_legacy_warns_with_the_fix(images: Path) -> None:
     assert warning.filename == __file__  # stacklevel=2 points at the caller
 
 
+def test_warn_if_legacy_names_the_domain_when_told(images: Path) -> None:
+    with pytest.warns(hook.LegacyEncryptionWarning) as record:
+        assert hook.warn_if_legacy(images / "legacy.qcow2", domain="web 1") is True
+    text = str(record[0].message)
+    assert "Fix it with the VM shut off: qcrypt migrate-domain 'web 1' (or this image alone: qcrypt migrate " in text
+    with pytest.warns(hook.LegacyEncryptionWarning) as record:
+        hook.warn_if_legacy(images / "legacy.qcow2")
+    assert "migrate-domain" not in str(record[0].message)  # no domain known: no domain command
+
+
 def test_warn_if_legacy_backing_chain(images: Path) -> None:
     with pytest.warns(qcrypt.LegacyEncryptionWarning, match="its backing file .*legacy.qcow2") as record:
         assert qcrypt.warn_if_legacy(str(images / "top.qcow2")) is True
@@ -412,7 +423,8 @@ def test_warn_if_legacy_never_raises(path: object) -> None:
 def test_warning_is_shown_by_default(images: Path) -> None:
     code = f"import qcrypt; print(qcrypt.warn_if_legacy({str(images / 'legacy.qcow2')!r}))"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False,
+                          timeout=120)
     assert done.returncode == 0
     assert done.stdout.strip() == "True"
     assert "LegacyEncryptionWarning" in done.stderr

@@ -4,6 +4,7 @@ Oracles: virsh dumpxml, qemu-img compare (with the secrets), QEMU's qemu-io insi
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from qcrypt.libvirt.connection import binding_available
 from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, virsh
-from tests.conftest import IN_CI
+from tests.conftest import FIXTURES, IN_CI
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
 
@@ -61,10 +62,12 @@ def disk_of(xml: str, target: str) -> ET.Element:
     return next(d for d in root.iterfind("devices/disk") if d.find("target").get("dev") == target)  # type: ignore[union-attr]
 
 
-def same_guest_data(lab: Lab, old: list[str], new: Path, pw: Path) -> None:
+def same_guest_data(lab: Lab, old: list[str], new: Path, pw: Path, driver: str = "qcow2") -> None:
     """qemu-img compare: the new LUKS image shows the guest what the old one did."""
-    done = run("qemu-img", "compare", "-U", "--object", f"secret,id=s,file={pw}", "--image-opts", *old,
-               f"driver=qcow2,file.filename={new},encrypt.key-secret=s", check=False)
+    opened = (f"driver=luks,file.filename={new},key-secret=s" if driver == "luks"
+              else f"driver=qcow2,file.filename={new},encrypt.key-secret=s")
+    done = run("qemu-img", "compare", "-U", "--object", f"secret,id=s,file={pw}", "--image-opts", *old, opened,
+               check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -163,7 +166,7 @@ def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Pa
     start_and_read(name, new, [(0x61, 3 * MIB, MIB)])
 
 
-def test_legacy_base_under_plain_overlay_is_flattened(lab: Lab, tmp_path: Path) -> None:
+def test_legacy_base_under_plain_overlay_is_flattened_to_raw_luks(lab: Lab, tmp_path: Path) -> None:
     pw = lab.passphrase_file("pw", PW)
     base = lab.legacy_image("base.qcow2", pw)
     lab.write(base, 0x21, 0, 2 * MIB, pw)
@@ -172,17 +175,39 @@ def test_legacy_base_under_plain_overlay_is_flattened(lab: Lab, tmp_path: Path) 
     secret = lab.secret(PW)
     name = f"{lab.prefix}-chain"
     lab.define_as_after_upgrade(name, [disk_xml("vda", overlay, encryption="qcow", secret=secret)])
-    done = qcrypt_domain(lab, tmp_path, name, "--format", "json", "--start")
+    done = qcrypt_domain(lab, tmp_path, name, "--format", "json", "--start", "--to", "luks")
     assert done.returncode == 0, done.stderr
     (disk,) = as_json(done)["domains"][0]["disks"]
-    assert disk["flatten"] is True and str(base) in disk["legacy_layers"]
-    new = lab.folder / "overlay.luks.qcow2"
+    assert disk["flatten"] is True and str(base) in disk["legacy_layers"] and disk["to"] == "luks"
+    new = lab.folder / "overlay.luks"
     info = json.loads(run("qemu-img", "info", "-U", "--output", "json", new).stdout)
-    assert "backing-filename" not in info and info["format-specific"]["data"]["encrypt"]["format"] == "luks"
-    same_guest_data(lab, [f"driver=qcow2,file.filename={overlay},backing.encrypt.key-secret=s"], new, pw)
+    assert info["format"] == "luks" and "backing-filename" not in info
+    same_guest_data(lab, [f"driver=qcow2,file.filename={overlay},backing.encrypt.key-secret=s"], new, pw, "luks")
     vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.find("driver").get("type") == "raw"  # type: ignore[union-attr]
     assert vda.find("backingStore") is None or len(vda.find("backingStore")) == 0  # type: ignore[arg-type]
     start_and_read(name, new, [(0x21, 0, MIB), (0x22, MIB, 64 * 1024), (0x21, MIB + 64 * 1024, 64 * 1024)])
+
+
+def test_luks_image_still_declared_qcow_gets_only_its_xml_fixed(lab: Lab, tmp_path: Path) -> None:
+    """The image was migrated by hand (it is LUKS) but the XML still says format='qcow', which libvirt
+    refuses: only the XML changes, with the same secret, and no file is written."""
+    passphrase = b"qcrypt luks test passphrase"  # of the qemu-img made fixture (tests/fixtures/manifest.json)
+    pw = lab.passphrase_file("pw", passphrase)
+    image = lab.folder / "web.qcow2"
+    image.write_bytes(gzip.decompress((FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz").read_bytes()))
+    lab.write(image, 0x71, 1536 * 1024, 256 * 1024, pw)
+    name = f"{lab.prefix}-xmlonly"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow", secret=lab.secret(passphrase))])
+    before_files = lab.files()
+    done = qcrypt_domain(lab, tmp_path, name, "--start", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (disk,) = as_json(done)["domains"][0]["disks"]
+    assert disk["xml_only"] is True and disk["new_path"] == str(image)
+    assert lab.files() == before_files
+    enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
+    assert enc is not None and enc.get("format") == "luks"
+    start_and_read(name, image, [(0x71, 1536 * 1024, 256 * 1024)])
 
 
 # -- refusals: nothing changes -----------------------------------------------------------------------------------
@@ -234,6 +259,31 @@ def test_wrong_passphrase_on_the_second_disk_rolls_everything_back(lab: Lab, tmp
     assert not list((tmp_path / "backups").glob("*")) if (tmp_path / "backups").exists() else True
 
 
+def test_replace_rolls_back_then_replaces_in_place(lab: Lab, tmp_path: Path) -> None:
+    """--replace: a failure on the second disk puts the first disk's original back under its name; once the
+    secret is right, both images are replaced in place (originals kept as *.qcrypt-orig) and the VM runs."""
+    name, pw = _two_disk_domain(lab, b"not the passphrase")
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    failed = qcrypt_domain(lab, tmp_path, name, "--replace")
+    assert failed.returncode == 4, failed.stdout + failed.stderr
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    vdb_secret = disk_of(before_xml, "vdb").find("encryption/secret").get("uuid")  # type: ignore[union-attr]
+    virsh("secret-set-value", "--secret", vdb_secret, "--file", "/dev/stdin", "--plain", stdin=PW)
+    done = qcrypt_domain(lab, tmp_path, name, "--replace", "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = lab.files()
+    assert after["a.qcow2.qcrypt-orig"] == before_files["a.qcow2"] != after["a.qcow2"]
+    assert after["b.qcow2.qcrypt-orig"] == before_files["b.qcow2"] != after["b.qcow2"]
+    assert "once the VM is confirmed good" in done.stdout and "a.qcow2.qcrypt-orig" in done.stdout
+    vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.find("source").get("file") == str(lab.folder / "a.qcow2")  # type: ignore[union-attr]
+    assert vda.find("source/encryption").get("format") == "luks"  # type: ignore[union-attr]
+    same_guest_data(lab, [f"driver=qcow2,file.filename={lab.folder / 'a.qcow2.qcrypt-orig'},encrypt.key-secret=s"],
+                    lab.folder / "a.qcow2", pw)
+    start_and_read(name, lab.folder / "a.qcow2", [(0x11, 0, MIB)])
+    start_and_read(name, lab.folder / "b.qcow2", [(0x12, 0, MIB)])
+
+
 def test_wrong_passphrase_on_the_only_disk(lab: Lab, tmp_path: Path) -> None:
     pw = lab.passphrase_file("pw", PW)
     web = lab.legacy_image("web.qcow2", pw)
@@ -263,7 +313,7 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     # --all --dry-run lists it too (and only plans)
     listed = qcrypt_domain(lab, tmp_path, "--all", "--dry-run", "--format", "json")
     names = {d["name"]: d["status"] for d in as_json(listed)["domains"]}
-    assert names[name] == "skipped" and listed.returncode == 11
+    assert names[name] == "skipped" and listed.returncode != 0  # 11, or another domain's failure code
     assert lab.files() == before_files
 
 
@@ -271,4 +321,4 @@ def test_usage_errors(lab: Lab, tmp_path: Path) -> None:
     done = qcrypt_domain(lab, tmp_path)
     assert done.returncode == 2 and "name one or more domains, or give --all" in done.stderr
     missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json")
-    assert missing.returncode == 12 and as_json(missing)["domains"][0]["status"] == "failed"
+    assert missing.returncode == 13 and as_json(missing)["domains"][0]["status"] == "failed"

@@ -148,7 +148,10 @@ def print_outcome(o: DomainOutcome) -> None:
     for d in o.disks:
         sizes = f"{human_size(d.virtual_size)} virtual, {human_size(d.allocated_size)} allocated"
         how = "flattened, " if d.flatten else ""
-        click.echo(f"  {d.target}: {d.source} -> {d.new_path} ({d.to}, {how}{sizes})")
+        if d.xml_only:
+            click.echo(f"  {d.target}: {d.source} is {d.to} already: only the XML changes (format='luks')")
+        else:
+            click.echo(f"  {d.target}: {d.source} -> {d.new_path} ({d.to}, {how}{sizes})")
         if d.secret_uuid:
             made = "new secret" if d.secret_created else "existing secret"
             frm = f", passphrase from the {d.passphrase_from}" if d.passphrase_from else ""

@@ -26,7 +26,8 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
     errors.QcryptIOError: 9,
     errors.PassphraseInputError: EXIT_USAGE,
     errors.DomainActiveError: 11,
-    errors.LibvirtError: 12,
+    errors.WorkerError: 12,
+    errors.LibvirtError: 13,
 }
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130

@@ -71,6 +71,7 @@ class DiskPlan:
     source_type: str
     legacy_layers: list[str]
     replace: bool = False  # the new image takes the source's name; the original is kept as *.qcrypt-orig
+    xml_only: bool = False  # the image is LUKS already: only the XML changes
     old_images: list[str] = field(default_factory=list)
     passphrase_from: str | None = None  # "libvirt secret" | "passphrase file"
 
@@ -79,7 +80,7 @@ class DiskPlan:
                 "virtual_size": self.virtual_size, "allocated_size": self.allocated_size,
                 "secret_uuid": self.secret_uuid, "secret_created": self.secret_created, "flatten": self.flatten,
                 "legacy_layers": self.legacy_layers, "old_images": self.old_images,
-                "passphrase_from": self.passphrase_from}
+                "passphrase_from": self.passphrase_from, "xml_only": self.xml_only}
 
     @property
     def work_bytes(self) -> int:
@@ -125,8 +126,19 @@ def legacy_layers(report: dict[str, Any]) -> list[str]:
     return [str(layer.get("path")) for layer in layers if layer.get("encryption") == LEGACY]
 
 
+LUKS_ENCRYPTIONS = ("luks1", "luks2")
+
+
+def xml_only(disk: DomainDisk, report: dict[str, Any]) -> bool:
+    """The image is LUKS already (migrated by hand) but the XML still says ``format='qcow'``: only the XML
+    needs the fix (libvirt refuses to start the domain until then)."""
+    return "qcow" in disk.layers[0].encryption and report.get("encryption") in LUKS_ENCRYPTIONS \
+        and not legacy_layers(report)
+
+
 def affected_disks(disks: tuple[DomainDisk, ...]) -> list[tuple[DomainDisk, dict[str, Any]]]:
-    """Local file/block disks whose image or backing chain uses legacy AES, with their scan reports."""
+    """Local file/block disks whose image or backing chain uses legacy AES, or whose LUKS image the XML still
+    declares as ``format='qcow'``, with their scan reports."""
     found = []
     for disk in disks:
         top = disk.layers[0]
@@ -138,7 +150,7 @@ def affected_disks(disks: tuple[DomainDisk, ...]) -> list[tuple[DomainDisk, dict
             if declared:  # the XML says legacy but the image cannot be read: do not guess
                 raise MigrationError(f"disk {disk.target}: {report['error']}")
             continue
-        if legacy_layers(report):
+        if legacy_layers(report) or xml_only(disk, report):
             found.append((disk, report))
     return found
 
@@ -185,6 +197,12 @@ def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
 
 def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> DiskPlan:
     top = disk.layers[0]
+    if xml_only(disk, report):
+        return DiskPlan(target=disk.target or "?", source=str(top.path), new_path=str(top.path),
+                        to="qcow2-luks" if report.get("format") == "qcow2" else "luks",
+                        virtual_size=int(report.get("virtual_size") or 0), allocated_size=0, secret_uuid=None,
+                        secret_created=False, flatten=False, source_type=top.source_type, legacy_layers=[],
+                        xml_only=True)
     to = target_for(disk, opts)
     if to not in ("luks", "qcow2-luks"):
         raise MigrationError(f"--to {to}: migrate-domain writes encrypted images only (luks or qcow2-luks)")
@@ -203,6 +221,8 @@ def check_space(plans: list[DiskPlan]) -> list[str]:
     """One line per output filesystem; raises QcryptIOError (after listing all) when one is too small."""
     needed: dict[int, tuple[str, int, int]] = {}
     for p in plans:
+        if p.xml_only:
+            continue
         folder = os.path.dirname(p.new_path) or "."
         st = os.statvfs(folder)
         device = os.stat(folder).st_dev
@@ -214,12 +234,14 @@ def check_space(plans: list[DiskPlan]) -> list[str]:
         lines.append(f"{folder}: needs up to {total} bytes, {free} free: {'ok' if ok else 'NOT ENOUGH'}")
         if not ok:
             short.append(folder)
-    return lines if not short else [*lines, f"not enough free space in {', '.join(short)}"]
+    if not short:
+        return lines or ["no new image to write"]
+    return [*lines, f"not enough free space in {', '.join(short)}"]
 
 
 def estimate_seconds(plans: list[DiskPlan], opts: DomainOptions) -> float:
     pbkdf = 0.0 if opts.iterations else opts.iter_time_ms / 1000
-    return sum(p.work_bytes / ESTIMATE_BYTES_PER_S + pbkdf for p in plans)
+    return sum(p.work_bytes / ESTIMATE_BYTES_PER_S + pbkdf for p in plans if not p.xml_only)
 
 
 # -- secrets and passphrases ---------------------------------------------------------------------------------------
@@ -230,6 +252,8 @@ def passphrase_for(conn: Connection, disk: DomainDisk, plan: DiskPlan, opts: Dom
     ref = next((layer.secret for layer in disk.layers if layer.secret), None)
     if ref:
         plan.secret_uuid = conn.secret_uuid(ref)
+        if plan.xml_only:
+            return bytearray()  # the secret opens the LUKS image already: its value is not needed
         try:
             value = conn.secret_value(plan.secret_uuid)
             plan.passphrase_from = "libvirt secret"
@@ -348,8 +372,11 @@ def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[s
     try:
         for (disk, _report), plan in zip(found, outcome.disks):  # every passphrase first: fail before writing
             passphrases.append(passphrase_for(conn, disk, plan, opts))
-        for plan, passphrase in zip(outcome.disks, passphrases):
-            _migrate_disk(plan, passphrase, opts, run)
+        for (_disk, report), plan, passphrase in zip(found, outcome.disks, passphrases):
+            if not plan.xml_only:
+                _migrate_disk(plan, passphrase, opts, run)
+            elif plan.secret_uuid is None:  # a new secret must open the image: check the passphrase now
+                check_luks_passphrase(plan.source, report, passphrase)
         new_root = copy.deepcopy(root)
         for plan, passphrase in zip(outcome.disks, passphrases):
             if plan.secret_uuid is None:
@@ -365,12 +392,22 @@ def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[s
 
 def _migrate_disk(plan: DiskPlan, passphrase: bytearray, opts: DomainOptions, run: _Run) -> None:
     migrate_opts = MigrateOptions(target=plan.to, output=None if plan.replace else plan.new_path,
-                                  passphrase=bytes(passphrase), iter_time_ms=opts.iter_time_ms,
+                                  passphrase=passphrase, iter_time_ms=opts.iter_time_ms,
                                   iterations=opts.iterations, flatten=plan.flatten, replace=plan.replace,
                                   progress=opts.progress)
     result = migrate_image(plan.source, migrate_opts)
     plan.old_images = [result.original_kept or plan.source] + [p for p in plan.legacy_layers if p != plan.source]
     run.outputs.append(plan)
+
+
+def check_luks_passphrase(path: str, report: dict[str, Any], passphrase: bytearray) -> None:
+    """Raise BadPassphraseError unless ``passphrase`` opens a keyslot of the LUKS image at ``path``."""
+    from qcrypt.migrate import source_luks
+
+    opened = source_luks(path, report, bytes(passphrase))
+    if opened:
+        master_key = opened[2]
+        master_key[:] = bytes(len(master_key))
 
 
 def save_backup(xml: str, name: str, backup_dir: str) -> str:
