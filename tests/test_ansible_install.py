@@ -15,7 +15,7 @@ import pytest
 
 from tests._ansible import REPO, Ansible
 
-pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.slow]
+pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def build_wheel(dist: Path) -> Path:

@@ -21,7 +21,8 @@ import pytest
 from tests._ansible import Ansible, Run, qcrypt_command
 from tests._libvirt import IMAGES_ROOT, Lab, disk_xml, ensure_libvirtd, node_of, qemu_reads, virsh
 
-pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.libvirt, pytest.mark.slow]
+pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.libvirt, pytest.mark.slow,
+              pytest.mark.timeout(900)]
 
 SECRET_VALUE = b"hv1-secret-value"
 PASSPHRASE = "hv2-vault-passphrase"

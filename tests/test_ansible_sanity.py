@@ -21,7 +21,7 @@ import pytest
 
 from tests._ansible import COLLECTION, ansible_tool
 
-pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.slow]
+pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
 GET_PIP = REPO / "tests" / "ansible" / "get_pip_offline.py"
