@@ -80,11 +80,13 @@ def state(name: str) -> str:
     return virsh("domstate", name).stdout.strip()
 
 
-def libvirt_view(lab: Lab, names: list[str]) -> dict[str, object]:
-    """What must not change in check mode: files, XML, states, secrets."""
-    return {"files": {p.relative_to(lab.folder).as_posix(): p.stat().st_mtime_ns for p in lab.folder.rglob("*")},
+def libvirt_view(lab: Lab, names: list[str], hosts: tuple[str, ...] = ("hv1", "hv2", "hv3")) -> dict[str, object]:
+    """What must not change in check mode: the hosts' files, the domains' XML and states, the lab's secrets."""
+    folders = [lab.folder / host for host in hosts]
+    return {"files": {p.relative_to(lab.folder).as_posix(): p.stat().st_mtime_ns
+                      for folder in folders for p in folder.rglob("*")},
             "xml": {n: lab.inactive_xml(n) for n in names}, "state": {n: state(n) for n in names},
-            "secrets": virsh("secret-list").stdout}
+            "secrets": sorted(lab.qcrypt_secrets())}
 
 
 def host_order(run: Run, hosts: list[str]) -> list[str]:
@@ -169,25 +171,30 @@ def test_audit_then_migrate_host_by_host(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_first_failure_stops_the_rollout(lab: Lab, tmp_path: Path) -> None:
-    """hv1's passphrase is wrong: qcrypt refuses, the task fails with its one-line message, hv2 is never run."""
-    first, second = f"{lab.prefix}-hv1-web", f"{lab.prefix}-hv2-app"
-    lab.define(first, [disk_xml("vda", legacy_disk(lab, "hv1", b"the-right-one"))])
-    lab.define(second, [disk_xml("vda", legacy_disk(lab, "hv2", PASSPHRASE.encode()))])
+    """Batches of two hosts: hv1's passphrase is wrong, so qcrypt refuses and the task fails with its one-line
+    message. Nothing changes anywhere: hv1 keeps its old disk and XML, hv2 (same batch; Ansible runs the included
+    per-domain tasks host after host) is stopped before its turn, and the next batch (hv3) never starts. Without
+    any_errors_fatal and max_fail_percentage 0, Ansible would go on with hv2 and hv3 (a batch not entirely
+    failed does not stop a play)."""
+    names = {host: f"{lab.prefix}-{host}-vm" for host in ("hv1", "hv2", "hv3")}
+    for host, name in names.items():
+        right = b"the-right-one" if host == "hv1" else PASSPHRASE.encode()
+        lab.define(name, [disk_xml("vda", legacy_disk(lab, host, right))])
     ansible = Ansible(tmp_path / "ansible")
-    inventory = ansible.inventory(
-        {host: {"qcrypt_scan_paths": [str(host_folder(lab, host))]} for host in ("hv1", "hv2")})
+    inventory = ansible.inventory({host: {"qcrypt_scan_paths": [str(host_folder(lab, host))]} for host in names})
     vault = ansible.vars_file("vault.json", {"qcrypt_passphrase": PASSPHRASE, "qcrypt_iter_time": 100,
-                                             "qcrypt_passphrases": {first: "a-wrong-passphrase"}})
-    before = libvirt_view(lab, [first, second])
+                                             "qcrypt_passphrases": {names["hv1"]: "a-wrong-passphrase"},
+                                             "qcrypt_serial": 2})
+    before = libvirt_view(lab, list(names.values()))
 
     run = ansible.playbook("qcrypt.qcrypt.migrate", inventory, "-e", f"@{vault}")
     assert run.rc != 0, run.explain()
     assert run.recap["hv1"]["failed"] == 1, run.explain()
-    assert "hv2" not in run.recap or run.recap["hv2"]["ok"] == 0, run.explain()
+    assert "hv3" not in run.recap or run.recap["hv3"]["ok"] == 0, run.explain()
     failure = re.search(r"^fatal: \[hv1\]: FAILED! => .*\"msg\": \"([^\"]*)\"", run.stdout, re.MULTILINE)
-    assert failure and failure.group(1).startswith(f"{first}: failed: "), run.explain()
+    assert failure and failure.group(1).startswith(f"{names['hv1']}: failed: "), run.explain()
     assert "passphrase" in failure.group(1)
-    assert libvirt_view(lab, [first, second]) == before
+    assert libvirt_view(lab, list(names.values())) == before, run.explain()
     assert "a-wrong-passphrase" not in run.stdout + run.stderr
 
 
@@ -210,5 +217,7 @@ def test_running_domain_is_shut_down_and_started_again(lab: Lab, tmp_path: Path)
     forced = ansible.playbook("qcrypt.qcrypt.migrate", inventory, "-e", '{"qcrypt_force_off_after_timeout": true}')
     assert forced.rc == 0, forced.explain()
     assert re.search(rf"TASK \[qcrypt.qcrypt.migrate : Force {name} off\] \*+\nchanged: \[hv1\]", forced.stdout)
+    # Its disk is clean: qcrypt_domain reports no change.
+    assert re.search(rf"TASK \[qcrypt.qcrypt.migrate : Migrate the disks of {name}\] \*+\nok: \[hv1\]", forced.stdout)
     assert re.search(rf"TASK \[qcrypt.qcrypt.migrate : Start {name}\] \*+\nchanged: \[hv1\]", forced.stdout)
     assert state(name) == "running"
