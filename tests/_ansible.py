@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,19 @@ class Run:
         return f"exit {self.rc}\n--- stdout (tail)\n{self.stdout[-6000:]}\n--- stderr (tail)\n{self.stderr[-3000:]}"
 
 
+def run_bounded(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in a session of its own; on timeout kill the whole session (Ansible's module processes too)."""
+    with subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=30)
+            raise
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
 class Ansible:
     """A private Ansible set-up in ``workdir``: collection path, config, temp folders, inventory."""
 
@@ -112,8 +126,7 @@ class Ansible:
     def playbook(self, playbook: str, inventory: Path, *options: str, timeout: float = PLAYBOOK_TIMEOUT_S) -> Run:
         """``ansible-playbook -i INVENTORY PLAYBOOK OPTIONS`` (playbook: a path or e.g. ``qcrypt.qcrypt.audit``)."""
         argv = [ansible_tool("ansible-playbook"), "-i", str(inventory), playbook, *options]
-        done = subprocess.run(argv, cwd=self.workdir, env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        done = run_bounded(argv, cwd=self.workdir, env=self.env, timeout=timeout)
         return Run(done.returncode, done.stdout, done.stderr)
 
     def module(self, module: str, args: dict[str, Any], *options: str, timeout: float = 120) -> dict[str, Any]:
@@ -121,8 +134,7 @@ class Ansible:
         argv = [ansible_tool("ansible"), "localhost", "-c", "local", "-i", "localhost,", "-m", module,
                 "-a", json.dumps(args), "-e", f"ansible_python_interpreter={sys.executable}", *options]
         env = {**self.env, "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.oneline"}
-        done = subprocess.run(argv, cwd=self.workdir, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        done = run_bounded(argv, cwd=self.workdir, env=env, timeout=timeout)
         match = re.search(r"^localhost \| ([A-Z!]+) => (\{.*\})\s*$", done.stdout, re.MULTILINE)
         assert match, f"no module result in:\n{done.stdout}\n{done.stderr}"
         result: dict[str, Any] = json.loads(match.group(2))

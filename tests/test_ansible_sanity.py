@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests._ansible import COLLECTION, ansible_tool
+from tests._ansible import COLLECTION, ansible_tool, run_bounded
 
 pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -66,8 +65,8 @@ def test_ansible_test_sanity_is_clean(tmp_path: Path) -> None:
     prepare_home(home, bootstrap_pip_version())
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     env = {**os.environ, "HOME": str(home)}
-    done = subprocess.run([ansible_test, "sanity", "--local", "--requirements", "--python", python, "--color", "no"],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=SANITY_TIMEOUT_S, check=False)
+    done = run_bounded([ansible_test, "sanity", "--local", "--requirements", "--python", python, "--color", "no"],
+                       cwd=tree, env=env, timeout=SANITY_TIMEOUT_S)
     output = done.stdout + done.stderr
     problems = [line for line in output.splitlines() if line.startswith(("ERROR", "FATAL"))]
     assert done.returncode == 0, "\n".join(problems) or output[-8000:]
