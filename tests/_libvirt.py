@@ -240,8 +240,10 @@ def qemu_reads(name: str, node: str, pattern: int, offset: int, length: int) -> 
         with open(log, "rb") as fh:
             fh.seek(start)
             text = fh.read().decode("utf-8", "replace")
-        if f"at offset {offset}" in text and "read " in text:
-            return "Pattern verification failed" not in text and "failed" not in text.lower()
+        if "Pattern verification failed" in text or "read failed" in text:
+            return False
+        if f"read {length}/{length} bytes at offset {offset}" in text:
+            return True
         if time.monotonic() > deadline:
             raise AssertionError(f"QEMU's qemu-io printed nothing for the read: {text[-500:]}")
         time.sleep(0.1)
