@@ -49,7 +49,8 @@ options:
     choices: [qcow2-luks, luks]
   replace:
     description:
-      - Replace the old image in place instead of writing the new one beside it (C(NAME.luks.qcow2)).
+      - The new images take the old names (qcrypt keeps the originals as C(NAME.qcrypt-orig)) instead of being
+        written beside them (C(NAME.luks.qcow2)).
     type: bool
     default: false
   start:
