@@ -221,3 +221,17 @@ def test_running_domain_is_shut_down_and_started_again(lab: Lab, tmp_path: Path)
     assert re.search(rf"TASK \[qcrypt.qcrypt.migrate : Migrate the disks of {name}\] \*+\nok: \[hv1\]", forced.stdout)
     assert re.search(rf"TASK \[qcrypt.qcrypt.migrate : Start {name}\] \*+\nchanged: \[hv1\]", forced.stdout)
     assert state(name) == "running"
+
+
+def test_domain_module_errors_are_one_line(tmp_path: Path) -> None:
+    """qcrypt's own message becomes the task's msg; a usage error (name and all) never reaches qcrypt."""
+    ensure_libvirtd()
+    ansible = Ansible(tmp_path / "ansible")
+    missing = f"qcrypt-ansible-test-{uuid.uuid4().hex[:6]}-nosuch"
+    result = ansible.module("qcrypt.qcrypt.qcrypt_domain", {"name": missing, "executable": qcrypt_command()})
+    assert result["failed"] is True and result["rc"] == 13, result["_stdout"]
+    assert result["msg"] == (f"{missing}: failed: domain {missing}: Domain not found: no domain with matching "
+                             f"name '{missing}'")
+    assert result["domains"][0]["status"] == "failed" and result["changed"] is False
+    both = ansible.module("qcrypt.qcrypt.qcrypt_domain", {"name": missing, "all": True})
+    assert both["failed"] is True and both["msg"] == "parameters are mutually exclusive: name|all"
