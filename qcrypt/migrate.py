@@ -9,14 +9,13 @@ interruption removes the temporary file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from qcrypt import luks, plausibility
+from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
@@ -321,7 +320,7 @@ class Digests:
         self.ranges: list[tuple[int, int, int, bytes]] = []
 
     def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
-        self.ranges.append((table, guest_offset, len(data), hashlib.sha256(data).digest()))
+        self.ranges.append((table, guest_offset, len(data), checksum.digest(data)))
 
 
 def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: SectorCipher | None,
@@ -340,7 +339,7 @@ def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: 
             _pwrite_fd(fd, base_offset + guest_offset, cipher.encrypt(plain, guest_offset // SECTOR))
         elif any(plain):
             _pwrite_fd(fd, base_offset + guest_offset, plain)
-        return guest_offset, length, hashlib.sha256(plain).digest()
+        return guest_offset, length, checksum.digest(plain)
 
     chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
     with contextlib.closing(ordered_map(one_chunk, chunks, workers=opts.workers)) as results:
@@ -475,7 +474,7 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
         plain = job.reader.read(guest_offset, length)
         padded = plain + bytes(-len(plain) % cs)
         _pwrite_fd(fd, host_offset, encrypt(padded, host_offset // SECTOR) if encrypt else padded)
-        return guest_offset, length, hashlib.sha256(plain).digest()
+        return guest_offset, length, checksum.digest(plain)
 
     def tasks() -> Iterator[tuple[int, int, int]]:
         nonlocal done
@@ -578,7 +577,7 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
 def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int, int, bytes]], table: int,
                   path: str, workers: int | None = None) -> None:
     def digest_of(guest_offset: int, length: int, expected: bytes) -> tuple[int, int, bool]:
-        return guest_offset, length, hashlib.sha256(read(guest_offset, length)).digest() == expected
+        return guest_offset, length, checksum.digest(read(guest_offset, length)) == expected
 
     mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
     with contextlib.closing(ordered_map(digest_of, mine, workers=workers)) as results:

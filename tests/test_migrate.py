@@ -402,10 +402,16 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
     assert info["snapshots"][0]["vm-state-size"] == 131072
 
 
-def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path) -> None:
-    """The read-back check compares digests of the source plaintext with what the output decodes to."""
+@pytest.mark.parametrize("digest_name", ["xxh3_128", "sha256"])
+def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path, digest_name: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back check compares digests of the source plaintext with what the output decodes to (with
+    XXH3-128, and with the SHA-256 fallback used where the xxhash wheel is missing)."""
     import qcrypt as api
+    from qcrypt import checksum
     from qcrypt import migrate as mig
+
+    monkeypatch.setattr(checksum, "_current", [(digest_name, checksum.AVAILABLE[digest_name])])
 
     source, _ = legacy
     out = tmp_path / "out.raw"
