@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, BinaryIO
 from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
+from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
 from qcrypt.imagefile import RawFile, open_image_file
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
@@ -34,6 +36,7 @@ CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE = 65536
 SECTOR = 512
 Progress = Callable[[int], None]
+EncryptFn = Callable[[bytes, int], bytes]
 
 
 @dataclass
@@ -69,6 +72,23 @@ class MigrateResult:
     backing_file: str | None = None
     plausibility: str | None = None
     luks_carried_over: bool = False
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of a migration (plan, passphrase check, LUKS setup, write, verify, sync,
+    commit), so the next bottleneck is visible (``qcrypt migrate --timings``, ``scripts/bench``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -219,10 +239,18 @@ class LuksOutput:
     header: luks.LuksHeader | None = None
     area: bytes | None = None  # phdr + key material
     pending: Future[tuple[luks.LuksHeader, bytearray]] | None = field(repr=False, default=None)
+    spot_check: SpotCheck | None = field(repr=False, default=None)
 
     @property
     def area_bytes(self) -> int:
         return self.payload_offset * SECTOR
+
+    def encrypt(self, plaintext: bytes | bytearray | memoryview, first_sector: int) -> bytes:
+        """Ciphertext of whole sectors, with a sample of them checked against OpenSSL's own XTS/CBC."""
+        ciphertext = self.cipher.encrypt(plaintext, first_sector)
+        if self.spot_check is not None:
+            self.spot_check.check(plaintext, ciphertext, first_sector)
+        return ciphertext
 
     def resolve(self) -> tuple[luks.LuksHeader, bytes]:
         """The header and its area, waiting for the background PBKDF2 if needed."""
@@ -236,6 +264,8 @@ class LuksOutput:
     def wipe(self) -> None:
         self.master_key[:] = bytes(len(self.master_key))
         self.cipher.wipe()
+        if self.spot_check is not None:
+            self.spot_check.wipe()
 
 
 def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -> tuple[luks.LuksHeader, bytes,
@@ -272,7 +302,8 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
             raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
                                  "--new-passphrase-file does not apply: add keys afterwards")
         header, area = _relayout(header, area, raw_target=raw_target)
-        return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area)
+        return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area,
+                          spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key))
     passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase
     if passphrase is None:
         raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
@@ -288,7 +319,8 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcrypt-luks-header")
     pending = background.submit(luks.create, master_key, passphrase, params)  # PBKDF2 releases the GIL
     background.shutdown(wait=False)
-    return LuksOutput(payload_offset, cipher, False, master_key, pending=pending)
+    return LuksOutput(payload_offset, cipher, False, master_key, pending=pending,
+                      spot_check=SpotCheck(cipher_name, cipher_mode, master_key))
 
 
 def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
@@ -323,7 +355,7 @@ class Digests:
         self.ranges.append((table, guest_offset, len(data), checksum.digest(data)))
 
 
-def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: SectorCipher | None,
+def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, encrypt: EncryptFn | None,
                opts: MigrateOptions, digests: Digests) -> int:
     """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse.
 
@@ -335,8 +367,8 @@ def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: 
     def one_chunk(guest_offset: int, length: int) -> tuple[int, int, bytes]:
         plain = stream.read_at(guest_offset, length)
         plain += bytes(length - len(plain))
-        if cipher is not None:
-            _pwrite_fd(fd, base_offset + guest_offset, cipher.encrypt(plain, guest_offset // SECTOR))
+        if encrypt is not None:
+            _pwrite_fd(fd, base_offset + guest_offset, encrypt(plain, guest_offset // SECTOR))
         elif any(plain):
             _pwrite_fd(fd, base_offset + guest_offset, plain)
         return guest_offset, length, checksum.digest(plain)
@@ -594,24 +626,29 @@ def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int
 def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     """Migrate ``source`` as ``opts`` say. The source is never modified."""
     source = os.fspath(source)
-    plan_ = plan(source, opts)
+    timer = PhaseTimer()
+    with timer("plan"):
+        plan_ = plan(source, opts)
     with open_image_file(source) as source_lock:  # held until the end: QEMU cannot start writing the source
-        hold_shared_locks(source_lock.fileno(), writing=False)
-        refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
-        for layer in plan_.report["backing_chain"]:
-            refuse_if_in_use(layer["path"])
-        return _migrate_locked(source, plan_, opts)
+        with timer("plan"):
+            hold_shared_locks(source_lock.fileno(), writing=False)
+            refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
+            for layer in plan_.report["backing_chain"]:
+                refuse_if_in_use(layer["path"])
+        return _migrate_locked(source, plan_, opts, timer)
 
 
-def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions) -> MigrateResult:
+def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer) -> MigrateResult:
     verdict = None
     if _uses_legacy(plan_.report):
-        verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+        with timer("passphrase check"):
+            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
-        luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
+        with timer("LUKS setup"):
+            luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
     try:
-        final, data_bytes, size = _write_verify_commit(plan_, opts, luks_out)
+        final, data_bytes, size = _write_verify_commit(plan_, opts, luks_out, timer)
     finally:
         if luks_out:
             luks_out.wipe()
@@ -620,25 +657,29 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions) -> MigrateRe
         verified=True, luks=luks_out.resolve()[0].describe() if luks_out else None,
         original_kept=final.original_kept,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
-        luks_carried_over=bool(luks_out and luks_out.carried_over),
+        luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
     )
 
 
-def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None
+def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer
                          ) -> tuple[Finalized, int, int]:
     with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
         out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
                                 and _is_encrypted(plan_.report))
-        digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
-        wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
+        with timer("write"):
+            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
+            wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
         known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
         try:
-            verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
+            with timer("verify"):
+                verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
-            wait_for_sync()
-        return out.commit(plan_.source), data_bytes, size
+            with timer("sync"):  # only what the fsync still needs after the read-back
+                wait_for_sync()
+        with timer("commit"):
+            return out.commit(plan_.source), data_bytes, size
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:
@@ -659,7 +700,7 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
-                written = write_flat(stream, out, base_offset=base, cipher=luks_out.cipher if luks_out else None,
+                written = write_flat(stream, out, base_offset=base, encrypt=luks_out.encrypt if luks_out else None,
                                      opts=opts, digests=digests)
                 if luks_out:
                     _pwrite(out, 0, luks_out.resolve()[1])
@@ -687,7 +728,7 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
     reader = opener.open(plan_.source)
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
-        encrypt = luks_out.cipher.encrypt if luks_out else None
+        encrypt = luks_out.encrypt if luks_out else None
         writer = Qcow2Writer(
             out, virtual_size=source.size, cluster_bits=source.cluster_size.bit_length() - 1,
             luks_area=luks_out.area if luks_out and luks_out.pending is None else None,

@@ -534,3 +534,20 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
                            "-c", "read -P 0x11 131072 4096", "-c", "read -P 0x22 0 4096"], capture_output=True,
                           text=True)
     assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout
+
+
+def test_timings_name_every_phase(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    """--timings prints one stderr line with the seconds of each phase, even with -q."""
+    import re
+
+    source, pw = legacy
+    out = tmp_path / "out.luks"
+    result = qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST,
+                    "-q", "--timings")
+    assert result.stdout == b""
+    line = result.stderr.decode().strip()
+    phases = re.findall(r"([a-zA-Z ]+?) (\d+\.\d\d) s", line.removeprefix("timings: "))
+    names = [name.strip(", (") for name, _ in phases]
+    assert names == ["plan", "passphrase check", "LUKS setup", "write", "verify", "sync", "commit", "total"]
+    seconds = [float(value) for _, value in phases]
+    assert abs(sum(seconds[:-1]) - seconds[-1]) < 0.02 and seconds[3] > 0
