@@ -494,8 +494,9 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
                     skip_zero_data: bool, encrypt: Callable[[bytes, int], bytes] | None = None) -> int:
     """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted.
 
-    Runs whose placement does not depend on their content (no skipping of zero data, no sharing) are
-    reserved here and read, decrypted, encrypted and written by forked workers (both cores).
+    Runs whose placement does not depend on their content (no skipping of zero data; with sharing, runs whose
+    clusters are all new) are reserved here and read, decrypted, encrypted and written by forked workers
+    (both cores); the rest is done here.
     """
     cs = job.reader.cluster_size
     size = job.reader.size
@@ -517,11 +518,17 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
             if kind == "zero":
                 writer.write_zero_clusters(job.table, first, count)
                 digests.add(job.table, guest_offset, bytes(length))
-            elif skip_zero_data or keys[0] is not None:
+            elif skip_zero_data:
                 _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
-            else:
+            elif keys[0] is None:
                 yield guest_offset, length, writer.reserve_clusters(job.table, first, count)
                 continue
+            else:  # sharable (snapshots): new clusters go to the workers, clusters seen before are only mapped
+                host_offset = writer.reserve_shareable(job.table, first, keys)
+                if host_offset is not None:
+                    yield guest_offset, length, host_offset
+                    continue
+                _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
             if opts.progress:
                 opts.progress(length)
 
