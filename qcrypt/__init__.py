@@ -22,6 +22,7 @@ from qcrypt.errors import (
     QcryptIOError,
     UnsupportedFeatureError,
     VerificationError,
+    WorkerError,
 )
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "QcryptIOError",
     "UnsupportedFeatureError",
     "VerificationError",
+    "WorkerError",
     "inspect",
     "open_image",
     "warn_if_legacy",

@@ -53,6 +53,10 @@ class MigrationError(QcryptError):
     """A migration cannot proceed as asked (e.g. an encrypted backing layer without --flatten)."""
 
 
+class WorkerError(QcryptError):
+    """A worker process died, or no work completed for the stall timeout: the operation was stopped."""
+
+
 class QcryptIOError(QcryptError, OSError):
     """An operating-system error while reading or writing (ENOSPC, EIO, permissions)."""
 

@@ -13,7 +13,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -26,7 +25,7 @@ from qcrypt.imagefile import RawFile, open_image_file
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
 from qcrypt.outputs import AtomicOutput, Finalized, io_error
-from qcrypt.parallel import ordered_map
+from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
 from qcrypt.scan import resolve_backing
@@ -57,6 +56,7 @@ class MigrateOptions:
     progress: Progress | None = None
     chunk_bytes: int = CHUNK_BYTES
     workers: int | None = None  # None = every core we may use
+    stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
 
 
 @dataclass
@@ -231,7 +231,7 @@ def _judge_layer(layer: QcowReader) -> plausibility.Verdict:
 @dataclass
 class LuksOutput:
     """The LUKS container being written. For a new container, the header (its keyslot PBKDF2 takes
-    --iter-time) is built in a background thread while the payload is encrypted: ``pending`` until then."""
+    --iter-time) is built in a background process while the payload is encrypted: ``pending`` until then."""
 
     payload_offset: int  # sectors; the header area is payload_offset * 512 bytes
     cipher: SectorCipher
@@ -239,7 +239,7 @@ class LuksOutput:
     master_key: bytearray = field(repr=False, default_factory=bytearray)  # wiped by wipe()
     header: luks.LuksHeader | None = None
     area: bytes | None = None  # phdr + key material
-    pending: Future[tuple[luks.LuksHeader, bytearray]] | None = field(repr=False, default=None)
+    pending: Background[tuple[luks.LuksHeader, bytearray]] | None = field(repr=False, default=None)
     spot_check: SpotCheck | None = field(repr=False, default=None)
 
     @property
@@ -272,6 +272,8 @@ class LuksOutput:
         return self.header, self.area
 
     def wipe(self) -> None:
+        if self.pending is not None:  # an error before the header was needed: stop its PBKDF2
+            self.pending.cancel()
         self.master_key[:] = bytes(len(self.master_key))
         self.cipher.wipe()
         if self.spot_check is not None:
@@ -326,9 +328,9 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
     master_key = luks.new_master_key(key_bits // 8)
     cipher_name, cipher_mode = luks.split_cipher(opts.cipher)
     cipher = make_sector_cipher(cipher_name, cipher_mode, master_key)
-    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcrypt-luks-header")
-    pending = background.submit(luks.create, master_key, passphrase, params)  # PBKDF2 releases the GIL
-    background.shutdown(wait=False)
+    # The process inherits the key and passphrase by fork (nothing secret is pickled, written or on argv).
+    pending = Background(lambda: luks.create(master_key, passphrase, params), what="the new keyslot's PBKDF2",
+                         stall_seconds=opts.stall_seconds + params.iter_time_ms / 1000)
     return LuksOutput(payload_offset, cipher, False, master_key, pending=pending,
                       spot_check=SpotCheck(cipher_name, cipher_mode, master_key))
 
@@ -396,13 +398,19 @@ def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, encrypt:
         return guest_offset, length, checksum.digest(plain)
 
     chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
-    with contextlib.closing(ordered_map(one_chunk, chunks, workers=opts.workers)) as results:
+    with contextlib.closing(ordered_map(one_chunk, chunks, workers=opts.workers, stall_seconds=opts.stall_seconds,
+                                        describe=_describe_run)) as results:
         for guest_offset, length, digest in results:
             digests.ranges.append((-1, guest_offset, length, digest))
             if opts.progress:
                 opts.progress(length)
     out.truncate(base_offset + padded)
     return padded
+
+
+def _describe_run(item: tuple[Any, ...]) -> str:
+    guest_offset, length = item[:2]
+    return f"guest bytes {guest_offset}..{guest_offset + length}"
 
 
 def _pwrite(out: BinaryIO, offset: int, data: bytes | memoryview) -> None:
@@ -554,7 +562,8 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
             if opts.progress:
                 opts.progress(length)
 
-    with contextlib.closing(ordered_map(parallel_run, tasks(), workers=opts.workers)) as results:
+    with contextlib.closing(ordered_map(parallel_run, tasks(), workers=opts.workers,
+                                        stall_seconds=opts.stall_seconds, describe=_describe_run)) as results:
         for guest_offset, length, digest in results:
             digests.ranges.append((job.table, guest_offset, length, digest))
             if opts.progress:
@@ -610,7 +619,7 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 
 
 def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
-           snapshots: list[Snapshot]) -> None:
+           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS) -> None:
     """Read the output back through our reader; every range must hash as the source plaintext did.
 
     ``passphrase`` is normally the KnownMasterKey we encrypted with: the header written on disk must carry
@@ -618,30 +627,31 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
     --test-passphrase accepting our keyslots is established by the test suite)."""
     if target in ("raw", "luks"):
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
-            _check_ranges(stream.read_at, digests.ranges, -1, output_path)
+            _check_ranges(stream.read_at, digests.ranges, -1, output_path, stall_seconds)
         return
     opener = Opener(passphrase, {})
     top = opener.open(output_path)
     try:
-        _check_ranges(top.read, digests.ranges, -1, output_path)
+        _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
         assert isinstance(top, QcowReader)
         written = top.image.snapshots()  # type: ignore[attr-defined]
         if len(written) != len(snapshots):
             raise VerificationError(f"{output_path}: snapshot count differs from the source")
         for table, snapshot in enumerate(written):
             snap_reader = QcowReader(top.image, top.cipher, top.iv_from_host, top.backing, snapshot)
-            _check_ranges(snap_reader.read, digests.ranges, table, output_path)
+            _check_ranges(snap_reader.read, digests.ranges, table, output_path, stall_seconds)
     finally:
         top.close()
 
 
 def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int, int, bytes]], table: int,
-                  path: str, workers: int | None = None) -> None:
+                  path: str, stall_seconds: float, workers: int | None = None) -> None:
     def digest_of(guest_offset: int, length: int, expected: bytes) -> tuple[int, int, bool]:
         return guest_offset, length, checksum.digest(read(guest_offset, length)) == expected
 
     mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
-    with contextlib.closing(ordered_map(digest_of, mine, workers=workers)) as results:
+    with contextlib.closing(ordered_map(digest_of, mine, workers=workers, stall_seconds=stall_seconds,
+                                        describe=_describe_run)) as results:
         for guest_offset, length, same in results:
             if same:
                 continue
@@ -701,7 +711,8 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
         known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
         try:
             with timer("verify"):
-                verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots)
+                verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots,
+                       stall_seconds=opts.stall_seconds)
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))

@@ -11,13 +11,13 @@ import errno
 import os
 import re
 import stat
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from qcrypt._signals import signals_deferred
 from qcrypt.errors import OutputExistsError, QcryptIOError
 from qcrypt.locking import hold_shared_locks
+from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background
 
 BACKUP_SUFFIX = ".qcrypt-orig"
 _PENDING: set[str] = set()  # temp files of this process not yet committed or removed
@@ -79,6 +79,9 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+FSYNC_STALL_FACTOR = 12  # flushing a huge image to slow storage reports no progress: allow an hour
+
+
 @dataclass
 class Finalized:
     path: str
@@ -138,26 +141,13 @@ class AtomicOutput:
             raise io_error(e, f"writing {self.temp_path}") from e
 
     def start_sync(self) -> Callable[[], None]:
-        """fsync in a background thread (os.fsync releases the GIL, so a read-back check can run meanwhile);
-        returns the function that waits for it and raises its error."""
+        """fsync in a background process (it shares the open file; a thread would make the read-back check's
+        forks unsafe), so a read-back check can run meanwhile; returns the function that waits for it and
+        raises its error."""
         self.file.flush()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.sync()
-            except BaseException as e:  # re-raised by wait()
-                errors.append(e)
-
-        thread = threading.Thread(target=run, name="qcrypt-fsync", daemon=True)
-        thread.start()
-
-        def wait() -> None:
-            thread.join()
-            if errors:
-                raise errors[0]
-
-        return wait
+        background = Background(self.sync, what=f"the fsync of {self.temp_path}",
+                                stall_seconds=FSYNC_STALL_FACTOR * DEFAULT_STALL_SECONDS)
+        return background.result
 
     def commit(self, source_path: str) -> Finalized:
         """Rename the verified temp file into place (keeping the original beside it with --replace)."""

@@ -1,60 +1,255 @@
-"""Use both cores for chunked work. cryptography's AES calls hold the GIL, so threads do not scale: we fork
-worker processes that inherit the already opened readers and ciphers (no secret is pickled or re-derived)
-and return only small results (digests); bulk data is read and written by the workers themselves with
+"""Use both cores for chunked work, with worker processes that can neither hang us nor be hung by us.
+
+cryptography's AES calls hold the GIL, so threads do not scale: we fork worker processes that inherit the
+already opened readers and ciphers (no secret is pickled, written to disk or put on a command line) and
+return only small results (digests); bulk data is read and written by the workers themselves with
 pread/pwrite at explicit offsets.
+
+Two rules keep this from hanging (issue 8):
+
+* **Fork only while this process runs a single thread.** A child inherits every lock in the state it had at
+  fork time, but not the threads that held them: a lock held by another thread at that instant (in OpenSSL,
+  malloc, a Python module) stays locked forever in the child, which blocks on its first use. qcrypt itself
+  therefore runs background work (the keyslot PBKDF2, the fsync) in forked processes too, never in threads;
+  an embedding program that has threads of its own gets the work done in its own process instead (slower,
+  never stuck).
+* **Never wait without a deadline.** Workers are watched with ``select``: a worker that dies, or a pool in
+  which no task completes for ``stall_seconds``, raises :class:`~qcrypt.errors.WorkerError` naming the task
+  it was on, and every worker is killed (their work only ever lands in a temporary file that is discarded).
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import logging
 import os
+import pickle
 import signal
+import socket
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Generic, TypeVar
 
 from qcrypt._signals import DEFERRED, signals_deferred
+from qcrypt.errors import WorkerError
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
-_task: Callable[..., Any] | None = None  # set in the parent just before the fork
-
-
+DEFAULT_STALL_SECONDS = 300.0  # no task completing for this long is a stall, not slowness
 PR_SET_PDEATHSIG = 1  # Linux prctl option
+_EXIT_TIMEOUT_S = 5.0
+
+
+def other_threads() -> list[str]:
+    """Names of the threads running beside the calling one."""
+    me = threading.current_thread()
+    return [t.name for t in threading.enumerate() if t is not me and t.is_alive()]
+
+
+def can_fork() -> bool:
+    """Forking is safe only when no other thread runs (and the platform has fork)."""
+    return hasattr(os, "fork") and not other_threads()
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: the kernel kills this worker if the parent dies (even by SIGKILL), so no worker
-    outlives an interrupted migration holding its pipes and files open."""
+    """In a worker: the kernel kills it if the parent dies (even by SIGKILL)."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: rely on the pool's own shutdown
-        return
+    except (OSError, AttributeError):  # not Linux: EOF on the socket still ends the worker
+        pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
 
-def _run(args: tuple[Any, ...]) -> Any:
-    assert _task is not None
-    return _task(*args)
+def _portable(error: BaseException) -> BaseException:
+    """The worker's exception if it survives pickling, else a WorkerError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return WorkerError(f"{type(error).__name__}: {error}")
 
 
-
-
-def _submit(executor: ProcessPoolExecutor, item: tuple[Any, ...]) -> Future[Any]:
-    """Submit with SIGINT/SIGTERM deferred: submit() may fork, and a Python signal handler that raises while
-    fork's at-fork callbacks run has its exception printed and dropped. The signals are also blocked at the
-    kernel level across the fork, so workers start with them blocked: the parent stops them (SIGKILL)."""
-    with signals_deferred():
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED)
+def _serve(task: Callable[..., Any], conn: Connection) -> None:
+    """A worker's life: run tasks until the parent says stop (None) or goes away (EOF)."""
+    while True:
         try:
-            return executor.submit(_run, item)
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        ticket, args = message
+        try:
+            reply = (ticket, True, task(*args))
+        except BaseException as e:  # handed to the parent, which raises it
+            reply = (ticket, False, _portable(e))
+        conn.send(reply)
+
+
+@dataclass
+class _Worker:
+    pid: int
+    conn: Connection
+    pending: deque[int] = field(default_factory=deque)  # tickets sent, oldest first
+    since: float = 0.0  # when its oldest pending task was sent
+
+    def exit_status(self, wait_s: float) -> str:
+        """Reap the worker (waiting up to ``wait_s``) and describe how it ended."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return "exited"
+            if pid:
+                if os.WIFSIGNALED(status):
+                    return f"killed by signal {os.WTERMSIG(status)}"
+                return f"exited with status {os.WEXITSTATUS(status)}"
+            if time.monotonic() >= deadline:
+                return "still running"
+            time.sleep(0.01)
+
+
+def _fork_worker(task: Callable[..., Any], inherited: list[_Worker]) -> _Worker:
+    parent_sock, child_sock = socket.socketpair()
+    parent_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        status = 1
+        try:
+            parent_sock.close()
+            for sibling in inherited:  # so that only the parent holds each worker's other end
+                sibling.conn.close()
+            _die_with_parent(parent_pid)
+            _serve(task, Connection(child_sock.detach()))
+            status = 0
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os._exit(status)
+    child_sock.close()
+    return _Worker(pid, Connection(parent_sock.detach()))
+
+
+class ForkPool(Generic[R]):
+    """Worker processes forked now, each running ``task(*args)`` for the argument tuples it is sent.
+
+    Use as a context manager: leaving it normally lets the workers finish; leaving it by an exception (or
+    calling :meth:`kill`) SIGKILLs them at once.
+    """
+
+    def __init__(self, task: Callable[..., R], workers: int, *, stall_seconds: float = DEFAULT_STALL_SECONDS,
+                 describe: Callable[[tuple[Any, ...]], str] = repr) -> None:
+        threads = other_threads()
+        if threads:
+            raise WorkerError(f"internal error: refusing to fork while other threads run ({', '.join(threads)})")
+        self.stall_seconds = stall_seconds
+        self.describe = describe
+        self.workers: list[_Worker] = []
+        self._sent: dict[int, tuple[Any, ...]] = {}
+        self._next_ticket = 0
+        # SIGINT/SIGTERM deferred (a Python handler raising inside fork's at-fork callbacks is lost) and blocked
+        # across the fork, so workers start with them blocked: the parent stops them with SIGKILL.
+        with signals_deferred():
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED)
+            try:
+                for _ in range(workers):
+                    self.workers.append(_fork_worker(task, self.workers))
+            except BaseException:
+                self.kill()
+                raise
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def __enter__(self) -> ForkPool[R]:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.kill()
+
+    def submit(self, args: tuple[Any, ...]) -> int:
+        """Send ``args`` to the least busy worker; returns the task's ticket."""
+        worker = min(self.workers, key=lambda w: len(w.pending))
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        if not worker.pending:
+            worker.since = time.monotonic()
+        worker.pending.append(ticket)
+        self._sent[ticket] = args
+        try:
+            worker.conn.send((ticket, args))
+        except OSError as e:
+            raise WorkerError(self._death_message(worker)) from e
+        return ticket
+
+    def busy(self) -> int:
+        return sum(len(w.pending) for w in self.workers)
+
+    def collect(self) -> list[tuple[int, bool, Any]]:
+        """Wait for at least one result: [(ticket, ok, value)]; raise WorkerError on a death or a stall."""
+        waiting = [w for w in self.workers if w.pending]
+        ready = wait([w.conn for w in waiting], timeout=self.stall_seconds)
+        if not ready:
+            raise WorkerError(self._stall_message(waiting))
+        results = []
+        for worker in waiting:
+            if worker.conn in ready:
+                results.append(self._receive(worker))
+        return results
+
+    def _receive(self, worker: _Worker) -> tuple[int, bool, Any]:
+        try:
+            ticket, ok, value = worker.conn.recv()
+        except (EOFError, OSError) as e:
+            raise WorkerError(self._death_message(worker)) from e
+        if worker.pending and worker.pending[0] == ticket:
+            worker.pending.popleft()
+        worker.since = time.monotonic()
+        del self._sent[ticket]
+        return ticket, ok, value
+
+    def _death_message(self, worker: _Worker) -> str:
+        on = self.describe(self._sent[worker.pending[0]])
+        return f"worker process {worker.pid} {worker.exit_status(_EXIT_TIMEOUT_S)} while processing {on}"
+
+    def _stall_message(self, waiting: list[_Worker]) -> str:
+        oldest = min(waiting, key=lambda w: w.since)
+        on = self.describe(self._sent[oldest.pending[0]])
+        return (f"no progress for {self.stall_seconds:.0f} s: worker process {oldest.pid} is stuck on {on} "
+                f"({len(waiting)} of {len(self.workers)} workers busy); stopped them all")
+
+    def close(self) -> None:
+        """Tell idle workers to exit and reap them; kill any that do not."""
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        for worker in self.workers:
+            if worker.exit_status(_EXIT_TIMEOUT_S) == "still running":
+                _kill(worker)
+            worker.conn.close()
+        self.workers = []
+
+    def kill(self) -> None:
+        """SIGKILL every worker now and reap it."""
+        for worker in self.workers:
+            _kill(worker)
+            worker.conn.close()
+        self.workers = []
+
+
+def _kill(worker: _Worker) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(worker.pid, signal.SIGKILL)
+    worker.exit_status(_EXIT_TIMEOUT_S)
 
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
@@ -82,44 +277,94 @@ def default_workers() -> int:
         return max(1, min(os.cpu_count() or 1, 8))
 
 
+def _in_process(task: Callable[..., R], items: Iterable[tuple[Any, ...]], workers: int) -> bool:
+    if workers <= 1 or not hasattr(os, "fork"):
+        return True
+    threads = other_threads()
+    if threads:
+        log.warning("running %d-way work in this process: other threads run (%s), so forking is unsafe",
+                    workers, ", ".join(threads))
+        return True
+    return False
+
+
 def ordered_map(task: Callable[..., R], items: Iterable[tuple[Any, ...]], *, workers: int | None = None,
-                in_flight: int = 6) -> Iterator[R]:
+                in_flight: int = 6, stall_seconds: float = DEFAULT_STALL_SECONDS,
+                describe: Callable[[tuple[Any, ...]], str] = repr) -> Iterator[R]:
     """``task(*item)`` for every item, results in order; at most ``in_flight`` items pending (bounded memory).
 
-    With one worker (or where fork is unavailable) everything runs in this process. Callers must close the
-    generator when they stop early (``with contextlib.closing(ordered_map(...))``): on an interrupt or error
-    the workers are killed at once (their work only ever lands in a temporary file that is discarded).
+    With one worker, where fork is unavailable, or while other threads run, everything runs in this process.
+    Callers must close the generator when they stop early (``with contextlib.closing(ordered_map(...))``): on
+    an interrupt or error the workers are killed at once. ``describe(item)`` names an item in the error raised
+    when a worker dies or no item completes for ``stall_seconds``.
     """
     workers = default_workers() if workers is None else workers
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if _in_process(task, items, workers):
         for item in items:
             yield task(*item)
         return
-    global _task
-    _task = task
-    pending: deque[Future[R]] = deque()
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_die_with_parent, initargs=(os.getpid(),))
-    completed = False
-    try:
-        for item in items:
-            pending.append(_submit(executor, item))
-            if len(pending) >= in_flight:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-        completed = True
-    finally:
-        _task = None
-        if completed:
-            executor.shutdown(wait=True)
-        else:
-            _kill_workers(executor)
+    with ForkPool(task, workers, stall_seconds=stall_seconds, describe=describe) as pool:
+        yield from _pump(pool, iter(items), max(in_flight, workers))
 
 
-def _kill_workers(executor: ProcessPoolExecutor) -> None:
-    """Stop now: workers block SIGTERM (see _submit), so SIGKILL them, then let the pool wind down."""
-    for process in list(getattr(executor, "_processes", {}).values()):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            process.kill()
-    executor.shutdown(wait=False, cancel_futures=True)
+def _pump(pool: ForkPool[R], items: Iterator[tuple[Any, ...]], in_flight: int) -> Iterator[R]:
+    done: dict[int, tuple[bool, Any]] = {}
+    next_out = 0
+    exhausted = False
+    while True:
+        while not exhausted and pool.busy() + len(done) < in_flight:
+            item = next(items, None)
+            if item is None:
+                exhausted = True
+            else:
+                pool.submit(item)
+        while next_out in done:
+            ok, value = done.pop(next_out)
+            next_out += 1
+            if not ok:
+                raise value
+            yield value
+        if exhausted and not pool.busy() and not done:
+            return
+        if pool.busy():
+            for ticket, ok, value in pool.collect():
+                done[ticket] = (ok, value)
+
+
+class Background(Generic[R]):
+    """``task(*args)`` in a forked process (a thread would make later forks unsafe): start it, go on,
+    then :meth:`result`. Runs at once in this process where forking is unsafe."""
+
+    def __init__(self, task: Callable[..., R], *args: Any, what: str,
+                 stall_seconds: float = DEFAULT_STALL_SECONDS) -> None:
+        self._value: tuple[bool, Any] | None = None
+        self._pool: ForkPool[R] | None = None
+        if not can_fork():
+            try:
+                self._value = (True, task(*args))
+            except Exception as e:
+                self._value = (False, e)
+            return
+        self._pool = ForkPool(task, 1, stall_seconds=stall_seconds, describe=lambda _args: what)
+        self._pool.submit(args)
+
+    def result(self) -> R:
+        """Wait for the task (a stall or a death raises WorkerError) and return its value or raise its error."""
+        if self._value is None:
+            assert self._pool is not None
+            try:
+                (_ticket, ok, value), *_ = self._pool.collect()
+            except BaseException:
+                self.cancel()
+                raise
+            self._pool.close()
+            self._pool, self._value = None, (ok, value)
+        ok, value = self._value
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        if self._pool is not None:
+            self._pool.kill()
+            self._pool = None

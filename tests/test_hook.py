@@ -30,7 +30,7 @@ LUKS_FIXTURE = FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz"  # qemu-img made; creati
 
 def _qemu_img(qemu_img: str, *args: str | os.PathLike[str], retries: int = 1) -> None:
     for attempt in range(retries):
-        done = subprocess.run([qemu_img, *map(str, args)], capture_output=True, text=True, check=False)
+        done = subprocess.run([qemu_img, *map(str, args)], capture_output=True, text=True, check=False, timeout=120)
         if done.returncode == 0:
             return
         if attempt == retries - 1:
@@ -412,7 +412,8 @@ def test_warn_if_legacy_never_raises(path: object) -> None:
 def test_warning_is_shown_by_default(images: Path) -> None:
     code = f"import qcrypt; print(qcrypt.warn_if_legacy({str(images / 'legacy.qcow2')!r}))"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False,
+                          timeout=120)
     assert done.returncode == 0
     assert done.stdout.strip() == "True"
     assert "LegacyEncryptionWarning" in done.stderr

@@ -21,11 +21,12 @@ def test_qemu_cannot_open_a_file_we_hold_for_writing(tmp_path: Path, qemu_io: st
     try:
         locking.hold_shared_locks(fd, writing=True)
         result = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True,
-                                text=True)
+                                text=True, timeout=120)
         assert result.returncode != 0 and 'Failed to get "write" lock' in result.stderr
     finally:
         os.close(fd)
-    free = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True)
+    free = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True,
+                          timeout=120)
     assert free.returncode == 0, free.stderr
 
 
@@ -46,7 +47,7 @@ def test_we_see_qemu_locks(tmp_path: Path, qemu_io: str) -> None:
             locking.refuse_if_in_use(str(path))
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=120)
 
 
 def test_atomic_output_commit_and_cleanup(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_atomic_output_commit_and_cleanup(tmp_path: Path) -> None:
 def test_stale_temp_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
     final = tmp_path / "out.luks"
     dead = subprocess.Popen(["true"])
-    dead.wait()
+    dead.wait(timeout=120)
     stale = Path(temp_name_for(str(final), dead.pid))
     stale.write_bytes(b"debris")
     alive = Path(temp_name_for(str(final), os.getpid()))

@@ -19,6 +19,7 @@ from qcrypt import luks
 from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, QcryptError, UnsupportedFeatureError
 from qcrypt.formats import luks1 as fmt
+from tests._images import CPU_USAGE_ATTEMPTS
 
 PASSPHRASE = "pässwörd 1\n".encode()  # byte exact: non-ASCII and a trailing newline are part of it
 OTHER_PASSPHRASE = b"another one"
@@ -81,13 +82,13 @@ def cryptsetup_format(cryptsetup: str, image: Path, keyfile: str, cipher: str, k
 
 def qemu_luks_create(qemu_img: str, image: Path, keyfile: str, options: str) -> None:
     """qemu-img create -f luks, retried: QEMU's benchmark sometimes fails on a busy machine."""
-    for attempt in range(3):
+    for attempt in range(CPU_USAGE_ATTEMPTS):
         result = run(qemu_img, "create", "-q", "-f", "luks", "--object", f"secret,id=s,file={keyfile}",
                      "-o", f"key-secret=s,iter-time=10{',' + options if options else ''}", str(image), "1M",
                      check=False)
         if result.returncode == 0:
             return
-        if attempt == 2 or "CPU usage" not in result.stderr:
+        if attempt == CPU_USAGE_ATTEMPTS - 1 or "CPU usage" not in result.stderr:
             raise AssertionError(f"qemu-img create failed: {result.stderr}")
     raise AssertionError("unreachable")
 

@@ -24,8 +24,10 @@ SIZE = 8 << 20
 FAST = ["--pbkdf-force-iterations", "1000"]
 
 
-def qcrypt(*args: str, stdin: bytes | None = None, check: bool = True, **kw: object) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True, **kw)
+def qcrypt(*args: str, stdin: bytes | None = None, check: bool = True, timeout: float = 120,
+           **kw: object) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True,
+                            timeout=timeout, **kw)
     if check and result.returncode != 0:
         raise AssertionError(f"qcrypt {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
     return result
@@ -52,7 +54,7 @@ def image_opts(path: Path, fmt: str, secret: bool | str) -> str:
 def qemu_compare(a: tuple[Path, str, bool | str], b: tuple[Path, str, bool | str], pw: Path) -> None:
     out = subprocess.run(
         [require_tool("qemu-img"), "compare", "--object", f"secret,id=s,file={pw}", "--image-opts",
-         image_opts(*a), image_opts(*b)], capture_output=True, text=True)
+         image_opts(*a), image_opts(*b)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
 
 
@@ -63,7 +65,7 @@ def qemu_check(path: Path, pw: Path | None) -> dict[str, object]:
                  f"driver=qcow2,file.filename={path},encrypt.key-secret=s"]
     else:
         args.append(str(path))
-    out = subprocess.run(args, capture_output=True, text=True)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0
@@ -71,7 +73,7 @@ def qemu_check(path: Path, pw: Path | None) -> dict[str, object]:
 
 
 def cryptsetup(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_tool("cryptsetup"), *args], capture_output=True, text=True)
+    return subprocess.run([require_tool("cryptsetup"), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -195,7 +197,8 @@ def test_snapshots_are_kept(tmp_path: Path, qemu_img: str) -> None:
     assert im.plaintext_sha256(migrated) == entry["plaintext_sha256"]
     for snap, digest in entry["snapshot_sha256"].items():
         assert im.plaintext_sha256(migrated, snapshot_name=snap) == digest
-    listing = subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True).stdout
+    listing = subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True,
+                             timeout=120).stdout
     assert [s["name"] for s in json.loads(listing)["snapshots"]] == ["snap-1", "snap-2"]
 
 
@@ -290,7 +293,7 @@ def test_source_in_use_is_refused(legacy: tuple[Path, Path], tmp_path: Path, qem
         assert result.returncode == 5 and b"QEMU" in result.stderr
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=120)
 
 
 def _start_and_kill(args: list[str], tmp_path: Path, sig: int) -> subprocess.Popen:
@@ -314,7 +317,7 @@ def big_legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     source = tmp_path / "big.qcow2"
     subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", "--object", f"secret,id=s,file={pw}",
-                    "-o", "encrypt.format=aes,encrypt.key-secret=s", str(raw), str(source)], check=True)
+                    "-o", "encrypt.format=aes,encrypt.key-secret=s", str(raw), str(source)], check=True, timeout=120)
     raw.unlink()
     return source, pw
 
@@ -352,7 +355,7 @@ def test_file_size_limit_gives_one_line_error(big_legacy: tuple[Path, Path], tmp
 
     out = tmp_path / "out.luks"
     result = subprocess.run([sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "luks", "-o", str(out),
-                             "--passphrase-file", str(pw), *FAST], capture_output=True, preexec_fn=limit)
+                             "--passphrase-file", str(pw), *FAST], capture_output=True, preexec_fn=limit, timeout=120)
     assert result.returncode == 9
     assert len(result.stderr.splitlines()) == 1 and b"file size limit" in result.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -393,12 +396,12 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
     qemu_check(out, pw)
     opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
     obj = ["--object", f"secret,id=s,file={pw}"]
-    subprocess.run([qemu_img, "snapshot", *obj, "-a", "with-ram", "--image-opts", opts], check=True)
+    subprocess.run([qemu_img, "snapshot", *obj, "-a", "with-ram", "--image-opts", opts], check=True, timeout=120)
     read = subprocess.run([qemu_io, *obj, "--image-opts", opts, "-c", "read -b -P 0x77 0 131072"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=120)
     assert "Pattern verification failed" not in read.stdout + read.stderr and read.returncode == 0
     info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True,
-                                     text=True).stdout)
+                                     text=True, timeout=120).stdout)
     assert info["snapshots"][0]["vm-state-size"] == 131072
 
 
@@ -522,7 +525,7 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}",
                     "-o", "encrypt.format=aes,encrypt.key-secret=s", "-b", "base.qcow2", "-F", "qcow2",
-                    str(tmp_path / "a" / "ov.qcow2")], check=True, cwd=tmp_path / "a")
+                    str(tmp_path / "a" / "ov.qcow2")], check=True, cwd=tmp_path / "a", timeout=120)
     overlay = im.Image(tmp_path / "a" / "ov.qcow2", "qcow2", PASSPHRASE)
     im.write_pattern(overlay, 0, 4096, 0x22)
     out = tmp_path / "b" / "out.qcow2"
@@ -532,7 +535,7 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
     opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
     read = subprocess.run([qemu_io, "--object", f"secret,id=s,file={tmp_path / 'pw'}", "--image-opts", opts,
                            "-c", "read -P 0x11 131072 4096", "-c", "read -P 0x22 0 4096"], capture_output=True,
-                          text=True)
+                          text=True, timeout=120)
     assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout
 
 

@@ -29,7 +29,7 @@ PASSPHRASE = b"writer test passphrase"
 
 
 def _run(argv: Sequence[str | Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, timeout=120)
 
 
 def _pattern(tag: object, length: int) -> bytes:

@@ -139,7 +139,7 @@ def test_fifo_backing_file_does_not_hang(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     overlay = tmp_path / "ov.qcow2"
     subprocess.run([require_tool("qemu-img"), "create", "-q", "-u", "-f", "qcow2", "-b", str(fifo), "-F", "raw",
-                    str(overlay), "1M"], check=True)
+                    str(overlay), "1M"], check=True, timeout=120)
     report = qcrypt.inspect(overlay)  # the autouse alarm fails the test if this blocks
     assert report["backing_chain"][0]["format"] == "special"
     assert qcrypt.inspect(fifo)["format"] == "special"

@@ -238,9 +238,10 @@ def test_luks1_layout_that_qemu_refuses(tmp_path: Path, qemu_img: str, cryptsetu
     path.write_bytes(tight.to_bytes() + bytes(area[luks.fmt.PHDR_SIZE : 1029 * 512]) + bytes(1 << 20))
     (tmp_path / "pw").write_bytes(b"pw")
     assert subprocess.run([cryptsetup, "open", "--test-passphrase", "--key-file", str(tmp_path / "pw"),
-                           str(path)], capture_output=True).returncode == 0
+                           str(path)], capture_output=True, timeout=120).returncode == 0
     refused = subprocess.run([qemu_img, "info", "--object", f"secret,id=s,file={tmp_path / 'pw'}", "--image-opts",
-                              f"driver=luks,file.filename={path},key-secret=s"], capture_output=True, text=True)
+                              f"driver=luks,file.filename={path},key-secret=s"], capture_output=True, text=True,
+                             timeout=120)
     assert refused.returncode != 0 and "overlapping" in refused.stderr
     codes = {f["code"] for f in scan.inspect(path)["findings"]}
     assert "luks1-qemu-refuses-layout" in codes

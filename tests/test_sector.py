@@ -426,6 +426,7 @@ def test_legacy_cipher_matches_openssl_cli() -> None:
                 input=chunk,
                 capture_output=True,
                 check=True,
+                timeout=120,
             ).stdout
             for i, chunk in enumerate(sectors_of(data))
         )

@@ -170,7 +170,7 @@ def test_odd_virtual_size_is_rounded_down_like_qemu(tmp_path: Path, qemu_img: st
         fh.seek(24)
         fh.write((197608).to_bytes(8, "big"))
     info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(image.path)], capture_output=True,
-                                     text=True, check=True).stdout)
+                                     text=True, check=True, timeout=120).stdout)
     with qcrypt.open_image(image.path) as stream:
         assert stream.size == info["virtual-size"] == 197120
         assert len(stream.read()) == 197120

@@ -25,6 +25,7 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
     errors.MigrationError: 8,
     errors.QcryptIOError: 9,
     errors.PassphraseInputError: EXIT_USAGE,
+    errors.WorkerError: 12,
 }
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130

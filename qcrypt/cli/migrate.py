@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import signal
-import sys
 from types import FrameType
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from qcrypt import scan as scanner
 from qcrypt.cli.main import handle_errors
-from qcrypt.cli.options import human_size
+from qcrypt.cli.options import human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import QcryptError
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate import migrate as run_migration
-from qcrypt.parallel import tune_malloc_for_streaming
+from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 
 CIPHERS = ("aes-xts-plain64", "aes-cbc-essiv:sha256", "aes-cbc-plain64")
 HASHES = ("sha256", "sha512", "sha1")
@@ -50,12 +48,17 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
               help="Overwrite an existing output; accept a legacy passphrase whose plaintext looks random.")
 @click.option("--replace", is_flag=True,
               help="Put the verified output under SOURCE's name; keep the original as SOURCE.qcrypt-orig.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None,
+              help="Worker processes [default: one per CPU, at most 8].")
+@click.option("--stall-timeout", "stall_seconds", type=click.FloatRange(1, 86400), default=DEFAULT_STALL_SECONDS,
+              show_default=True, help="Seconds without progress after which a worker counts as stuck (exit 12).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--timings", is_flag=True, help="Print the seconds each phase took to stderr (also with -q).")
 @handle_errors
 def migrate(source: str, target: str, output: str | None, passphrase_file: str | None,
             new_passphrase_file: str | None, cipher: str, key_bits: str | None, hash_name: str, iter_time_ms: int,
-            iterations: int | None, flatten: bool, force: bool, replace: bool, quiet: bool, timings: bool) -> None:
+            iterations: int | None, flatten: bool, force: bool, replace: bool, jobs: int | None, stall_seconds: float,
+            quiet: bool, timings: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
     if replace and output:
         raise click.UsageError("--replace puts the output under SOURCE's name: do not give -o")
@@ -72,14 +75,15 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     opts = MigrateOptions(
         target=target, output=output, passphrase=passphrase, new_passphrase=new_passphrase, cipher=cipher,
         key_bits=int(key_bits) if key_bits else None, hash_name=hash_name, iter_time_ms=iter_time_ms,
-        iterations=iterations, flatten=flatten, force=force, replace=replace,
+        iterations=iterations, flatten=flatten, force=force, replace=replace, workers=jobs,
+        stall_seconds=stall_seconds,
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(opts.chunk_bytes)
     total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=True if quiet else None,
-                  file=sys.stderr, desc="migrating", leave=False) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                          disable=True if quiet else None, desc="migrating", leave=False) as bar:
             opts.progress = bar.update
             result = run_migration(source, opts)
     finally:

@@ -5,6 +5,18 @@ from __future__ import annotations
 import sys
 
 import click
+from tqdm import tqdm
+
+# tqdm's monitor is a thread: a migration forks workers while it runs, and a fork beside another thread can
+# leave the child stuck on a lock that thread held (qcrypt.parallel). Bars refresh on update() anyway.
+tqdm.monitor_interval = 0
+
+
+def progress_bar(**kwargs: object) -> tqdm:
+    """A tqdm bar on stderr without tqdm's monitor thread (shown only on a terminal unless disabled)."""
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("disable", None)
+    return tqdm(**kwargs)
 
 format_opt = click.option(
     "--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,

@@ -8,11 +8,10 @@ import time
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from qcrypt import scan as scanner
 from qcrypt.cli.main import EXIT_FINDINGS, handle_errors
-from qcrypt.cli.options import human_size, style_severity
+from qcrypt.cli.options import human_size, progress_bar, style_severity
 from qcrypt.parallel import default_workers
 
 FAIL_ON = ("critical", "warning", "info", "never")
@@ -37,7 +36,7 @@ def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int | N
     Reads headers only: no passphrase is needed and nothing is written.
     """
     files = list(scanner.iter_files(paths))
-    with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr, leave=False) as bar:
+    with progress_bar(total=len(files), unit="img", leave=False) as bar:
         reports = scanner.scan_files(files, jobs=jobs or default_workers(), progress=lambda _report: bar.update())
     domains_without_image: list[dict[str, Any]] = []
     if libvirt_dir:
