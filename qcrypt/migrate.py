@@ -368,7 +368,6 @@ def _reused_buffer(length: int) -> memoryview:
     return memoryview(buffer)[:length]
 
 
-
 class Digests:
     """Streaming digests of the plaintext written, per (table, guest_offset, length) range."""
 
