@@ -554,3 +554,65 @@ def test_timings_name_every_phase(legacy: tuple[Path, Path], tmp_path: Path) -> 
     assert names == ["plan", "passphrase check", "LUKS setup", "write", "verify", "sync", "commit", "total"]
     seconds = [float(value) for _, value in phases]
     assert abs(sum(seconds[:-1]) - seconds[-1]) < 0.02 and seconds[3] > 0
+
+
+def _snapshot_fixture(tmp_path: Path) -> tuple[Path, bytes]:
+    name = "aes-qcow2-v3-snapshots-c4k.qcow2"
+    entry = im.manifest()["fixtures"][name]
+    return im.fixture_path(name, tmp_path), entry["passphrase"].encode()
+
+
+def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshot ranges whose clusters the output *and* the source share with the active table are not decrypted
+    twice; everything else still is."""
+    from qcrypt import migrate as mig
+
+    source, passphrase = _snapshot_fixture(tmp_path)
+    checked: dict[int, int] = {}
+    real_check = mig._check_ranges
+
+    def counting(read: object, ranges: list, table: int, *args: object, **kw: object) -> None:
+        checked[table] = checked.get(table, 0) + sum(1 for r in ranges if r[0] == table)
+        real_check(read, ranges, table, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mig, "_check_ranges", counting)
+    written: dict[int, int] = {}
+    real_verify = mig.verify
+
+    def recording(path: str, key: object, digests: mig.Digests, **kw: object) -> None:
+        for table, *_ in digests.ranges:
+            written[table] = written.get(table, 0) + 1
+        real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mig, "verify", recording)
+    opts = mig.MigrateOptions(target="qcow2-luks", output=str(tmp_path / "out.qcow2"), passphrase=passphrase,
+                              iterations=1000, workers=1)
+    mig.migrate(str(source), opts)
+    assert checked[-1] == written[-1]  # the active table: every range
+    snapshot_tables = [t for t in written if t >= 0]
+    assert snapshot_tables and all(checked.get(t, 0) <= written[t] for t in snapshot_tables)
+    assert sum(checked.get(t, 0) for t in snapshot_tables) < sum(written[t] for t in snapshot_tables)
+
+
+def test_verify_catches_a_cluster_shared_by_mistake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer bug that shares a snapshot cluster with the active table although the source does not (share
+    keys without the source's host offset) leaves the output's tables looking shared: the source's tables
+    disagree, so the range is read back in full and the wrong content is caught."""
+    import qcrypt as api
+    from qcrypt import migrate as mig
+
+    source, passphrase = _snapshot_fixture(tmp_path)
+    real_layer_job = mig._layer_job
+
+    def keyed_by_guest_cluster_only(table: int, reader: object, snapshot: object, share: bool) -> mig.Qcow2Job:
+        job = real_layer_job(table, reader, snapshot, share)  # type: ignore[arg-type]
+        job.clusters = ((g, kind, ("guest", g) if key is not None else None) for g, kind, key in job.clusters)
+        return job
+
+    monkeypatch.setattr(mig, "_layer_job", keyed_by_guest_cluster_only)
+    out = tmp_path / "out.qcow2"
+    opts = mig.MigrateOptions(target="qcow2-luks", output=str(out), passphrase=passphrase, iterations=1000,
+                              workers=1)
+    with pytest.raises(api.VerificationError, match="differ from the source"):
+        mig.migrate(str(source), opts)
+    assert not out.exists()
