@@ -17,7 +17,7 @@ import pytest
 
 from qcrypt.libvirt.connection import binding_available
 from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, virsh
-from tests.conftest import FIXTURES, IN_CI
+from tests.conftest import FIXTURES, IN_CI, require_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
 
@@ -210,6 +210,33 @@ def test_luks_image_still_declared_qcow_gets_only_its_xml_fixed(lab: Lab, tmp_pa
     start_and_read(name, image, [(0x71, 1536 * 1024, 256 * 1024)])
 
 
+def test_block_disk_gets_a_file_in_the_output_dir(lab: Lab, tmp_path: Path) -> None:
+    """A legacy image on a block device: without --output-dir a clear error and no change; with it, the new
+    image is a file there, the disk becomes a file disk, the device is untouched and the VM reads the data."""
+    require_tool("losetup")
+    pw = lab.passphrase_file("pw", PW)
+    device = lab.loop_device("lv.img", 48 * MIB)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", device, "32M")
+    lab.write(Path(device), 0x77, 5 * MIB, MIB, pw)
+    name = f"{lab.prefix}-block"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", device, encryption="qcow", secret=lab.secret(PW), block=True)])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    refused = qcrypt_domain(lab, tmp_path, name)
+    assert refused.returncode == 8 and "--output-dir" in refused.stdout
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    out = lab.folder / "out"
+    out.mkdir()
+    done = qcrypt_domain(lab, tmp_path, name, "--output-dir", str(out), "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = out / f"{Path(device).name}.luks.qcow2"
+    vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.get("type") == "file" and vda.find("source").attrib == {"file": str(new)}  # type: ignore[union-attr]
+    assert lab.files()["lv.img"] == before_files["lv.img"]  # the device's bytes are untouched
+    same_guest_data(lab, [f"driver=qcow2,file.filename={device},encrypt.key-secret=s"], new, pw)
+    start_and_read(name, new, [(0x77, 5 * MIB, MIB)])
+
+
 # -- refusals: nothing changes -----------------------------------------------------------------------------------
 
 
@@ -309,6 +336,10 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     assert done.returncode == 11, done.stderr
     (skipped,) = as_json(done)["domains"]
     assert skipped["status"] == "skipped" and skipped["reason"] == "running: shut it down first"
+    assert lab.files() == before_files
+    virsh("suspend", name)
+    paused = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
+    assert paused.returncode == 11 and "skipped (paused: shut it down first)" in paused.stdout
     assert lab.files() == before_files
     # --all --dry-run lists it too (and only plans)
     listed = qcrypt_domain(lab, tmp_path, "--all", "--dry-run", "--format", "json")
