@@ -140,7 +140,8 @@ def test_declared_qcow_disk_with_readable_secret(lab: Lab, tmp_path: Path, backe
     assert lab.files() == after
 
 
-def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", backends())
+def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Path, backend: str) -> None:
     pw = lab.passphrase_file("pw", PW)
     web = lab.legacy_image("web.qcow2", pw)
     lab.write(web, 0x61, 3 * MIB, MIB, pw)
@@ -149,10 +150,11 @@ def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Pa
     refused = virsh("start", name, check=False)
     assert "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators" in refused.stderr
 
-    missing = qcrypt_domain(lab, tmp_path, name, "--format", "json")
+    missing = qcrypt_domain(lab, tmp_path, name, "--format", "json", backend=backend)
     assert missing.returncode == 2 and "names no libvirt secret" in as_json(missing)["domains"][0]["reason"]
 
-    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--start", stdin=PW + b"\n")
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--start", stdin=PW + b"\n",
+                         backend=backend)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "new secret" in done.stdout and "started: the domain is running" in done.stdout
     assert PW.decode() not in done.stdout + done.stderr
@@ -254,17 +256,18 @@ def _two_disk_domain(lab: Lab, second_secret_value: bytes, *, private: bool = Fa
     return name, pw
 
 
-def test_private_secret_without_passphrase_file(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", backends())
+def test_private_secret_without_passphrase_file(lab: Lab, tmp_path: Path, backend: str) -> None:
     name, pw = _two_disk_domain(lab, PW, private=True)
     before_xml, before_files, secrets = lab.inactive_xml(name), lab.files(), lab.qcrypt_secrets()
-    done = qcrypt_domain(lab, tmp_path, name)
+    done = qcrypt_domain(lab, tmp_path, name, backend=backend)
     assert done.returncode == 2
     assert "private" in done.stdout and "--passphrase-file" in done.stdout
     assert "Traceback" not in done.stderr
     assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
     assert lab.qcrypt_secrets() == secrets and not (tmp_path / "backups").exists()
     # with the passphrase file it goes through (the private secret is kept and reused)
-    fixed = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json")
+    fixed = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", backend=backend)
     assert fixed.returncode == 0, fixed.stderr
     disks = as_json(fixed)["domains"][0]["disks"]
     assert [d["passphrase_from"] for d in disks] == ["libvirt secret", "passphrase file"]
@@ -348,8 +351,9 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     assert lab.files() == before_files
 
 
-def test_usage_errors(lab: Lab, tmp_path: Path) -> None:
-    done = qcrypt_domain(lab, tmp_path)
+@pytest.mark.parametrize("backend", backends())
+def test_usage_errors(lab: Lab, tmp_path: Path, backend: str) -> None:
+    done = qcrypt_domain(lab, tmp_path, backend=backend)
     assert done.returncode == 2 and "name one or more domains, or give --all" in done.stderr
-    missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json")
+    missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json", backend=backend)
     assert missing.returncode == 13 and as_json(missing)["domains"][0]["status"] == "failed"
