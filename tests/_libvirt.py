@@ -78,13 +78,14 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def disk_xml(target: str, path: Path, *, driver: str = "qcow2", encryption: str | None = None,
-             secret: str | None = None) -> str:
+def disk_xml(target: str, path: Path | str, *, driver: str = "qcow2", encryption: str | None = None,
+             secret: str | None = None, block: bool = False) -> str:
     enc = ""
     if encryption:
         enc = f"<encryption format='{encryption}'>" + (
             f"<secret type='passphrase' uuid='{secret}'/>" if secret else "") + "</encryption>"
-    return (f"<disk type='file' device='disk'><driver name='qemu' type='{driver}'/><source file='{path}'/>"
+    source = f"<source dev='{path}'/>" if block else f"<source file='{path}'/>"
+    return (f"<disk type='{'block' if block else 'file'}' device='disk'><driver name='qemu' type='{driver}'/>{source}"
             f"<target dev='{target}' bus='virtio'/>{enc}</disk>")
 
 
@@ -103,6 +104,7 @@ class Lab:
     prefix: str
     domains: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
+    loops: list[str] = field(default_factory=list)
 
     # -- images --------------------------------------------------------------------------------------------
 
@@ -140,6 +142,15 @@ class Lab:
         if backing_pw:
             opts += ",backing.encrypt.key-secret=s"
         return [*words, "--image-opts", opts]
+
+    def loop_device(self, name: str, size_bytes: int) -> str:
+        """A block device (loop) backed by a file of the lab folder."""
+        backing = self.folder / name
+        with open(backing, "wb") as fh:
+            fh.truncate(size_bytes)
+        device = run("losetup", "--find", "--show", backing).stdout.strip()
+        self.loops.append(device)
+        return device
 
     # -- secrets and domains ---------------------------------------------------------------------------------
 
@@ -200,6 +211,8 @@ class Lab:
                 (LOG_DIR / f"{name}.log").unlink()
         for secret in dict.fromkeys([*self.secrets, *self.qcrypt_secrets()]):
             virsh("secret-undefine", secret, check=False)
+        for device in self.loops:
+            run("losetup", "--detach", device, check=False)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from qcrypt.libvirt.connection import binding_available
 from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, virsh
-from tests.conftest import FIXTURES, IN_CI
+from tests.conftest import FIXTURES, IN_CI, require_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
 
@@ -140,7 +140,8 @@ def test_declared_qcow_disk_with_readable_secret(lab: Lab, tmp_path: Path, backe
     assert lab.files() == after
 
 
-def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", backends())
+def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Path, backend: str) -> None:
     pw = lab.passphrase_file("pw", PW)
     web = lab.legacy_image("web.qcow2", pw)
     lab.write(web, 0x61, 3 * MIB, MIB, pw)
@@ -149,10 +150,11 @@ def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Pa
     refused = virsh("start", name, check=False)
     assert "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators" in refused.stderr
 
-    missing = qcrypt_domain(lab, tmp_path, name, "--format", "json")
+    missing = qcrypt_domain(lab, tmp_path, name, "--format", "json", backend=backend)
     assert missing.returncode == 2 and "names no libvirt secret" in as_json(missing)["domains"][0]["reason"]
 
-    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--start", stdin=PW + b"\n")
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--start", stdin=PW + b"\n",
+                         backend=backend)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "new secret" in done.stdout and "started: the domain is running" in done.stdout
     assert PW.decode() not in done.stdout + done.stderr
@@ -210,6 +212,33 @@ def test_luks_image_still_declared_qcow_gets_only_its_xml_fixed(lab: Lab, tmp_pa
     start_and_read(name, image, [(0x71, 1536 * 1024, 256 * 1024)])
 
 
+def test_block_disk_gets_a_file_in_the_output_dir(lab: Lab, tmp_path: Path) -> None:
+    """A legacy image on a block device: without --output-dir a clear error and no change; with it, the new
+    image is a file there, the disk becomes a file disk, the device is untouched and the VM reads the data."""
+    require_tool("losetup")
+    pw = lab.passphrase_file("pw", PW)
+    device = lab.loop_device("lv.img", 48 * MIB)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", device, "32M")
+    lab.write(Path(device), 0x77, 5 * MIB, MIB, pw)
+    name = f"{lab.prefix}-block"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", device, encryption="qcow", secret=lab.secret(PW), block=True)])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    refused = qcrypt_domain(lab, tmp_path, name)
+    assert refused.returncode == 8 and "--output-dir" in refused.stdout
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    out = lab.folder / "out"
+    out.mkdir()
+    done = qcrypt_domain(lab, tmp_path, name, "--output-dir", str(out), "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = out / f"{Path(device).name}.luks.qcow2"
+    vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.get("type") == "file" and vda.find("source").attrib == {"file": str(new)}  # type: ignore[union-attr]
+    assert lab.files()["lv.img"] == before_files["lv.img"]  # the device's bytes are untouched
+    same_guest_data(lab, [f"driver=qcow2,file.filename={device},encrypt.key-secret=s"], new, pw)
+    start_and_read(name, new, [(0x77, 5 * MIB, MIB)])
+
+
 # -- refusals: nothing changes -----------------------------------------------------------------------------------
 
 
@@ -227,17 +256,18 @@ def _two_disk_domain(lab: Lab, second_secret_value: bytes, *, private: bool = Fa
     return name, pw
 
 
-def test_private_secret_without_passphrase_file(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", backends())
+def test_private_secret_without_passphrase_file(lab: Lab, tmp_path: Path, backend: str) -> None:
     name, pw = _two_disk_domain(lab, PW, private=True)
     before_xml, before_files, secrets = lab.inactive_xml(name), lab.files(), lab.qcrypt_secrets()
-    done = qcrypt_domain(lab, tmp_path, name)
+    done = qcrypt_domain(lab, tmp_path, name, backend=backend)
     assert done.returncode == 2
     assert "private" in done.stdout and "--passphrase-file" in done.stdout
     assert "Traceback" not in done.stderr
     assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
     assert lab.qcrypt_secrets() == secrets and not (tmp_path / "backups").exists()
     # with the passphrase file it goes through (the private secret is kept and reused)
-    fixed = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json")
+    fixed = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", backend=backend)
     assert fixed.returncode == 0, fixed.stderr
     disks = as_json(fixed)["domains"][0]["disks"]
     assert [d["passphrase_from"] for d in disks] == ["libvirt secret", "passphrase file"]
@@ -310,6 +340,10 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     (skipped,) = as_json(done)["domains"]
     assert skipped["status"] == "skipped" and skipped["reason"] == "running: shut it down first"
     assert lab.files() == before_files
+    virsh("suspend", name)
+    paused = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
+    assert paused.returncode == 11 and "skipped (paused: shut it down first)" in paused.stdout
+    assert lab.files() == before_files
     # --all --dry-run lists it too (and only plans)
     listed = qcrypt_domain(lab, tmp_path, "--all", "--dry-run", "--format", "json")
     names = {d["name"]: d["status"] for d in as_json(listed)["domains"]}
@@ -317,8 +351,9 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     assert lab.files() == before_files
 
 
-def test_usage_errors(lab: Lab, tmp_path: Path) -> None:
-    done = qcrypt_domain(lab, tmp_path)
+@pytest.mark.parametrize("backend", backends())
+def test_usage_errors(lab: Lab, tmp_path: Path, backend: str) -> None:
+    done = qcrypt_domain(lab, tmp_path, backend=backend)
     assert done.returncode == 2 and "name one or more domains, or give --all" in done.stderr
-    missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json")
+    missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json", backend=backend)
     assert missing.returncode == 13 and as_json(missing)["domains"][0]["status"] == "failed"

@@ -56,7 +56,7 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
                    "when needed and stdin is a terminal.")
 @click.option("--backup-dir", default=DEFAULT_BACKUP_DIR, show_default=True,
               help="Where the old domain XML is saved before the new one is defined.")
-@click.option("--output-dir", type=click.Path(file_okay=False),
+@click.option("--output-dir", type=click.Path(exists=True, file_okay=False),
               help="Folder for the new image files of block-device disks.")
 @click.option("--backend", type=click.Choice(["auto", "api", "virsh"]), default="auto", show_default=True,
               help="Talk to libvirt through its Python binding (api) or virsh; auto: the binding if installed.")

@@ -163,13 +163,9 @@ class VirshConnection:
 
 
 def _virsh_error(command: str, stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    detail = next((line for line in lines if not line.startswith("error: Failed to")), None)
-    if detail and detail.startswith("error: "):
-        detail = detail[len("error: "):]
-    first = lines[0][len("error: "):] if lines and lines[0].startswith("error: ") else (lines[0] if lines else "")
-    text = f"{first}: {detail}" if detail and detail != first else first or "failed without a message"
-    return f"virsh {command}: {text}"
+    """virsh's error lines ("error: what failed", "error: why"), joined into one line."""
+    lines = [line.strip().removeprefix("error: ") for line in stderr.splitlines() if line.strip()]
+    return f"virsh {command}: {': '.join(dict.fromkeys(lines[:3])) or 'failed without a message'}"
 
 
 # -- the Python binding -----------------------------------------------------------------------------------------
