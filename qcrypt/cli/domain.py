@@ -11,10 +11,9 @@ from types import FrameType
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from qcrypt.cli.main import exit_code_for, handle_errors
-from qcrypt.cli.options import format_opt, human_size
+from qcrypt.cli.options import format_opt, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import DomainActiveError
 from qcrypt.libvirt.connection import Connection, open_connection
@@ -116,8 +115,8 @@ def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_pr
     if show_progress and sys.stderr.isatty():
         planned = [fix_domain(conn, name, _planning(opts)) for name in names]
         total = sum(d.work_bytes for o in planned for d in o.disks) or None
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="migrating",
-              leave=False, disable=True if not show_progress else None) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="migrating", leave=False,
+                      disable=True if not show_progress else None) as bar:
         opts.progress = bar.update
         return [fix_domain(conn, name, opts) for name in names]
 
