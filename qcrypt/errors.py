@@ -63,3 +63,15 @@ class QcryptIOError(QcryptError, OSError):
 
 class PassphraseInputError(QcryptError):
     """A passphrase could not be obtained (no file and no terminal, unreadable or empty file)."""
+
+
+class LibvirtError(QcryptError):
+    """libvirt refused or failed a request (no such domain, define refused, daemon unreachable, timeout)."""
+
+
+class SecretPrivateError(LibvirtError):
+    """A libvirt secret exists but its value cannot be read back (``private='yes'``)."""
+
+
+class DomainActiveError(QcryptError):
+    """The domain is running or paused: its disks cannot be migrated until it is shut down."""

@@ -12,6 +12,11 @@ Three entry points:
 * :func:`warn_if_legacy` is the Python API for launchers: it issues a :class:`LegacyEncryptionWarning` when an
   image or its backing chain holds legacy encryption.
 
+What the hook cannot see: libvirt >= 9.0 refuses a domain whose XML says ``<encryption format='qcow'>``
+("old qcow/qcow2 encryption is not supported") before it calls any hook, so such domains never reach us;
+``qcrypt scan --libvirt-xml /etc/libvirt/qemu`` and ``qcrypt migrate-domain`` find and fix them. The hook
+does see legacy images that the XML does not declare (QEMU then refuses them itself).
+
 References: libvirt docs/hooks.rst and src/util/virhook.c (argv, stdin, exit-code consequences);
 formatdomain.rst / formatstorageencryption.rst (``<disk>``, ``<backingStore>``, ``<encryption>``);
 the team's formats.md section G and pitfalls 23-24.
@@ -25,12 +30,20 @@ import syslog
 import threading
 import time
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qcrypt.errors import FormatError
+from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported for hook users
+    LEGACY_XML_FORMATS,
+    MAX_BACKING_DEPTH,
+    MAX_XML_BYTES,
+    DiskLayer,
+    Domain,
+    DomainDisk,
+    parse_domain_xml,
+)
 
 Report = dict[str, Any]
 InspectFn = Callable[[str], Report]
@@ -38,15 +51,12 @@ SyslogSink = Callable[[int, str], None]
 LineSink = Callable[[str], None]
 
 DEFAULT_BUDGET_S = 0.5
-MAX_XML_BYTES = 16 * 1024 * 1024
-MAX_BACKING_DEPTH = 64
 SYSLOG_IDENT = "qcrypt-hook"
 STDERR_PREFIX = "qcrypt-hook: "
 LEGACY_ENCRYPTION = "aes-cbc-legacy"
 LUKS_ENCRYPTIONS = ("luks1", "luks2")
 CODE_LEGACY = "legacy-aes"
 CODE_LEGACY_BACKING = "legacy-aes-backing"
-LEGACY_XML_FORMATS = ("qcow", "default")  # libvirt's 'default' meant qcow AES for qcow/qcow2 images
 PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
 HOOK_OPERATIONS = ("prepare", "start", "migrate", "restore")  # libvirt qemu operations the hook acts on
 LEGACY_TEXT = "legacy QEMU AES encryption (qcow/qcow2 crypt_method 1), which current QEMU refuses to open"
@@ -60,60 +70,33 @@ class LegacyEncryptionWarning(UserWarning):
     """
 
 
-# -- the domain as the XML describes it -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiskLayer:
-    """One layer of a disk: index 0 is the disk's own ``<source>``, then each ``<backingStore>``."""
-
-    source_type: str  # file | block | network | volume | dir | ...
-    path: str | None  # a local file or block device to inspect; None when there is none
-    label: str | None  # what to show: the path, "rbd:pool/image", "pool/volume"; None without a source
-    format: str | None  # <driver type> for layer 0, <format type> for backing layers
-    encryption: tuple[str, ...] = ()  # <encryption format=...> values found at this layer
-    secret: str | None = None  # "uuid ..." or "usage ..." of <encryption><secret>, to find the passphrase
-
-
-@dataclass(frozen=True)
-class DomainDisk:
-    """A ``<disk>`` element: its target device, device kind and layers."""
-
-    target: str | None
-    device: str  # disk | cdrom | floppy | lun
-    layers: tuple[DiskLayer, ...]
-
-    @property
-    def driver_type(self) -> str | None:
-        return self.layers[0].format
-
-
-@dataclass(frozen=True)
-class Domain:
-    """The parts of a libvirt domain XML document the hook needs."""
-
-    name: str
-    disks: tuple[DomainDisk, ...]
+# -- what the hook reports ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class HookWarning:
-    """One affected disk: where it is, why it matters and the command that fixes it."""
+    """One affected disk: where it is, why it matters and the commands that fix it."""
 
     domain: str
     target: str
     path: str
     reason: str
-    command: str
+    command: str  # the fix of this disk alone (qcrypt migrate ..., or virsh edit when only the XML is wrong)
+    domain_command: str | None = None  # qcrypt migrate-domain DOMAIN: fixes every disk and the XML at once
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, str | None]:
         return {"domain": self.domain, "target": self.target, "path": self.path, "reason": self.reason,
-                "command": self.command}
+                "command": self.command, "domain_command": self.domain_command}
 
     def message(self) -> str:
         """The one-line text sent to syslog and stderr (control characters escaped)."""
-        when = "Fix: " if self.command.startswith("virsh ") else "Fix it with the VM shut off: "
-        text = f"domain '{self.domain}' disk {self.target} ({self.path}): {self.reason}. {when}{self.command}"
+        if self.command.startswith("virsh "):
+            fix = f"Fix: {self.command}"
+        elif self.domain_command:
+            fix = f"Fix it with the VM shut off: {self.domain_command} (or this disk alone: {self.command})"
+        else:
+            fix = f"Fix it with the VM shut off: {self.command}"
+        text = f"domain '{self.domain}' disk {self.target} ({self.path}): {self.reason}. {fix}"
         return printable(text)
 
 
@@ -132,104 +115,6 @@ class DomainCheck:
 def printable(text: str) -> str:
     """``text`` with control characters escaped, so one message stays one log line."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
-def _decode_xml(xml: str | bytes) -> str:
-    if isinstance(xml, str):
-        text = xml
-    else:
-        if len(xml) > MAX_XML_BYTES:
-            raise FormatError(f"larger than {MAX_XML_BYTES} bytes", field="domain XML")
-        encoding = "utf-16" if xml[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
-        try:
-            text = xml.decode(encoding)
-        except UnicodeDecodeError as e:
-            raise FormatError(f"not valid {encoding}: {e.reason}", field="domain XML") from e
-    if not text.strip():
-        raise FormatError("empty", field="domain XML")
-    return text
-
-
-def _refuse_declarations(text: str) -> None:
-    """Refuse DTDs outright: domain XML never has one, and entities are the expansion-bomb vector."""
-    if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        raise FormatError("DOCTYPE/ENTITY declarations refused (entity expansion)", field="domain XML")
-
-
-def parse_domain_xml(xml: str | bytes) -> Domain:
-    """Parse a domain XML document. Raises FormatError when it is empty, malformed or carries a DTD."""
-    text = _decode_xml(xml)
-    _refuse_declarations(text)
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise FormatError(f"malformed ({e})", field="domain XML") from e
-    if root.tag != "domain":
-        raise FormatError(f"expected a <domain> document, found <{root.tag}>", field="domain XML")
-    name = (root.findtext("name") or "").strip() or "?"
-    disks = tuple(_parse_disk(disk) for devices in root.findall("devices") for disk in devices.findall("disk"))
-    return Domain(name=name, disks=disks)
-
-
-def _parse_disk(disk: ET.Element) -> DomainDisk:
-    driver = disk.find("driver")
-    target = disk.find("target")
-    source = disk.find("source")
-    top = _layer(disk.get("type", "file"), source, driver.get("type") if driver is not None else None,
-                 (disk, source))
-    layers = [top, *_backing_layers(disk)]
-    return DomainDisk(target=target.get("dev") if target is not None else None,
-                      device=disk.get("device", "disk"), layers=tuple(layers))
-
-
-def _backing_layers(disk: ET.Element) -> list[DiskLayer]:
-    """Walk the nested ``<backingStore>`` elements; an empty ``<backingStore/>`` ends the chain."""
-    layers: list[DiskLayer] = []
-    store = disk.find("backingStore")
-    while store is not None and len(layers) < MAX_BACKING_DEPTH:
-        source = store.find("source")
-        if source is None and store.get("type") is None:
-            break
-        fmt = store.find("format")
-        layers.append(_layer(store.get("type", "file"), source, fmt.get("type") if fmt is not None else None,
-                             (store, source)))
-        store = store.find("backingStore")
-    return layers
-
-
-def _layer(source_type: str, source: ET.Element | None, fmt: str | None,
-           holders: tuple[ET.Element | None, ...]) -> DiskLayer:
-    path, label = _source_location(source_type, source)
-    encryptions = [enc for holder in holders if holder is not None for enc in holder.findall("encryption")]
-    formats = tuple(enc.get("format", "") for enc in encryptions)
-    secrets = [_secret_ref(secret) for enc in encryptions for secret in enc.findall("secret")]
-    return DiskLayer(source_type=source_type, path=path, label=label, format=fmt, encryption=formats,
-                     secret=next((s for s in secrets if s), None))
-
-
-def _secret_ref(secret: ET.Element) -> str | None:
-    if secret.get("uuid"):
-        return f"uuid {secret.get('uuid')}"
-    return f"usage {secret.get('usage')}" if secret.get("usage") else None
-
-
-def _source_location(source_type: str, source: ET.Element | None) -> tuple[str | None, str | None]:
-    """(local path to inspect, label to show) of a ``<source>`` element."""
-    if source is None:
-        return None, None
-    if source_type == "file":
-        path = source.get("file") or None
-        return path, path
-    if source_type == "block":
-        path = source.get("dev") or None
-        return path, path
-    if source_type == "network":
-        protocol, name = source.get("protocol", "network"), source.get("name", "")
-        return None, f"{protocol}:{name}"
-    if source_type == "volume":
-        return None, f"{source.get('pool', '?')}/{source.get('volume', '?')}"
-    label = source.get("dir") or source.get("file") or source.get("dev")
-    return None, label or None
 
 
 # -- inspection within a time budget --------------------------------------------------------------------
@@ -339,6 +224,11 @@ def suggested_output(path: str, target: str, *, local_dir: bool) -> str:
     return name if local_dir else os.path.join(os.path.dirname(path), name)
 
 
+def migrate_domain_command(domain: str) -> str:
+    """The ``qcrypt migrate-domain`` command line that fixes every disk of ``domain`` and its XML."""
+    return f"qcrypt migrate-domain {shlex.quote(domain)}"
+
+
 def migrate_command(path: str, *, to: str = "qcow2-luks", flatten: bool = False, block: bool = False) -> str:
     """The ``qcrypt migrate`` command line that replaces ``path`` by a LUKS-encrypted copy."""
     output = suggested_output(path, to, local_dir=block)
@@ -416,8 +306,11 @@ def _disk_warning(domain: str, disk: DomainDisk, found: _Inspections) -> HookWar
     reason = "; ".join(verdict.reasons)
     if top.secret:
         reason += f" (passphrase: libvirt secret {top.secret})"
+    command = _fix_command(domain, disk, verdict)
+    local = bool(top.path) and top.source_type in ("file", "block")
     return HookWarning(domain=domain, target=disk.target or "?", path=top.label or "(no source)",
-                       reason=reason, command=_fix_command(domain, disk, verdict))
+                       reason=reason, command=command,
+                       domain_command=migrate_domain_command(domain) if local and domain != "?" else None)
 
 
 def _fix_command(domain: str, disk: DomainDisk, verdict: _Verdict) -> str:
@@ -522,8 +415,9 @@ def emit(check: DomainCheck, *, domain_hint: str | None = None, syslog_to: Syslo
 # -- Python API -----------------------------------------------------------------------------------------------
 
 
-def legacy_message(report: Report) -> str | None:
-    """The warning text for one image's scan report, or None when it holds no legacy encryption."""
+def legacy_message(report: Report, domain: str | None = None) -> str | None:
+    """The warning text for one image's scan report, or None when it holds no legacy encryption. With the
+    libvirt ``domain`` that uses the image, the fix named first is ``qcrypt migrate-domain DOMAIN``."""
     codes = _codes(report)
     path = str(report.get("path"))
     if CODE_LEGACY in codes:
@@ -533,17 +427,22 @@ def legacy_message(report: Report) -> str | None:
     else:
         return None
     command = migrate_command(path, flatten=CODE_LEGACY_BACKING in codes)
+    if domain:
+        return printable(f"{where}. Fix it with the VM shut off: {migrate_domain_command(domain)} "
+                         f"(or this image alone: {command})")
     return printable(f"{where}. Fix it with the VM shut off: {command}")
 
 
-def warn_if_legacy(path: str | os.PathLike[str]) -> bool:
+def warn_if_legacy(path: str | os.PathLike[str], domain: str | None = None) -> bool:
     """Issue a LegacyEncryptionWarning and return True when ``path`` or its backing chain holds legacy AES.
 
-    Returns False silently otherwise. Never raises for any path (missing, a directory, garbage, a wrong
-    type); only a warnings filter set to "error" turns the warning into an exception, as usual.
+    ``domain``: the libvirt domain using the image, when the caller knows it; the warning then suggests
+    ``qcrypt migrate-domain DOMAIN``. Returns False silently otherwise. Never raises for any path (missing,
+    a directory, garbage, a wrong type); only a warnings filter set to "error" turns the warning into an
+    exception, as usual.
     """
     try:
-        message = legacy_message(_default_inspect(os.fsdecode(path)))
+        message = legacy_message(_default_inspect(os.fsdecode(path)), domain if isinstance(domain, str) else None)
     except Exception:
         return False
     if message is None:

@@ -9,15 +9,17 @@ interruption removes the temporary file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from qcrypt import luks, plausibility
+from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
+from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
 from qcrypt.imagefile import RawFile, open_image_file
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
@@ -26,7 +28,7 @@ from qcrypt.outputs import AtomicOutput, Finalized, io_error
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
-from qcrypt.scan import resolve_backing
+from qcrypt.scan import probe, resolve_backing
 from qcrypt.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
@@ -34,6 +36,7 @@ CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE = 65536
 SECTOR = 512
 Progress = Callable[[int], None]
+EncryptFn = Callable[[bytes, int], "bytes | memoryview"]
 
 
 @dataclass
@@ -63,7 +66,7 @@ class MigrateResult:
     target: str
     virtual_size: int
     data_bytes: int
-    verified: bool  # the output was read back and matched the source (verified_bytes compared)
+    verified: bool  # the output was read back and matched the source (verified_bytes accounted for)
     verified_bytes: int = 0
     luks: dict[str, Any] | None = None
     original_kept: str | None = None
@@ -71,6 +74,23 @@ class MigrateResult:
     backing_file: str | None = None
     plausibility: str | None = None
     luks_carried_over: bool = False
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of a migration (plan, passphrase check, LUKS setup, write, verify, sync,
+    commit), so the next bottleneck is visible (``qcrypt migrate --timings``, ``scripts/bench``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -221,10 +241,27 @@ class LuksOutput:
     header: luks.LuksHeader | None = None
     area: bytes | None = None  # phdr + key material
     pending: Background[tuple[luks.LuksHeader, bytearray]] | None = field(repr=False, default=None)
+    spot_check: SpotCheck | None = field(repr=False, default=None)
 
     @property
     def area_bytes(self) -> int:
         return self.payload_offset * SECTOR
+
+    def encrypt(self, plaintext: bytes | bytearray | memoryview, first_sector: int) -> bytes:
+        """Ciphertext of whole sectors, with a sample of them checked against OpenSSL's own XTS/CBC."""
+        ciphertext = self.cipher.encrypt(plaintext, first_sector)
+        if self.spot_check is not None:
+            self.spot_check.check(plaintext, ciphertext, first_sector)
+        return ciphertext
+
+    def encrypt_reusing(self, plaintext: bytes | bytearray | memoryview, first_sector: int) -> memoryview:
+        """Like :meth:`encrypt`, into a buffer this thread reuses: valid until its next call (for a pwrite
+        right after; saves a copy and a fresh allocation per chunk)."""
+        out = _reused_buffer(memoryview(plaintext).nbytes)
+        self.cipher.encrypt_into(plaintext, first_sector, out)
+        if self.spot_check is not None:
+            self.spot_check.check(plaintext, out, first_sector)
+        return out
 
     def resolve(self) -> tuple[luks.LuksHeader, bytes]:
         """The header and its area, waiting for the background PBKDF2 if needed."""
@@ -240,6 +277,8 @@ class LuksOutput:
             self.pending.cancel()
         self.master_key[:] = bytes(len(self.master_key))
         self.cipher.wipe()
+        if self.spot_check is not None:
+            self.spot_check.wipe()
 
 
 def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -> tuple[luks.LuksHeader, bytes,
@@ -276,7 +315,8 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
             raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
                                  "--new-passphrase-file does not apply: add keys afterwards")
         header, area = _relayout(header, area, raw_target=raw_target)
-        return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area)
+        return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area,
+                          spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key))
     passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase
     if passphrase is None:
         raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
@@ -292,7 +332,8 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
     # The process inherits the key and passphrase by fork (nothing secret is pickled, written or on argv).
     pending = Background(lambda: luks.create(master_key, passphrase, params), what="the new keyslot's PBKDF2",
                          stall_seconds=opts.stall_seconds + params.iter_time_ms / 1000)
-    return LuksOutput(payload_offset, cipher, False, master_key, pending=pending)
+    return LuksOutput(payload_offset, cipher, False, master_key, pending=pending,
+                      spot_check=SpotCheck(cipher_name, cipher_mode, master_key))
 
 
 def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
@@ -316,6 +357,17 @@ def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tupl
 
 # -- writing ------------------------------------------------------------------------------------------------------
 
+_thread_buffers = threading.local()
+
+
+def _reused_buffer(length: int) -> memoryview:
+    """A writable buffer of ``length`` bytes that this thread (in practice: each forked worker) reuses."""
+    buffer: bytearray | None = getattr(_thread_buffers, "buffer", None)
+    if buffer is None or len(buffer) < length:
+        buffer = bytearray(length)
+        _thread_buffers.buffer = buffer
+    return memoryview(buffer)[:length]
+
 
 class Digests:
     """Streaming digests of the plaintext written, per (table, guest_offset, length) range."""
@@ -324,14 +376,14 @@ class Digests:
         self.ranges: list[tuple[int, int, int, bytes]] = []
 
     def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
-        self.ranges.append((table, guest_offset, len(data), hashlib.sha256(data).digest()))
+        self.ranges.append((table, guest_offset, len(data), checksum.digest(data)))
 
     @property
     def total_bytes(self) -> int:
         return sum(length for _, _, length, _ in self.ranges)
 
 
-def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: SectorCipher | None,
+def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, encrypt: EncryptFn | None,
                opts: MigrateOptions, digests: Digests) -> int:
     """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse.
 
@@ -343,11 +395,11 @@ def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, cipher: 
     def one_chunk(guest_offset: int, length: int) -> tuple[int, int, bytes]:
         plain = stream.read_at(guest_offset, length)
         plain += bytes(length - len(plain))
-        if cipher is not None:
-            _pwrite_fd(fd, base_offset + guest_offset, cipher.encrypt(plain, guest_offset // SECTOR))
-        elif any(plain):
+        if encrypt is not None:
+            _pwrite_fd(fd, base_offset + guest_offset, encrypt(plain, guest_offset // SECTOR))
+        elif plain.count(0) != len(plain):  # C speed; any() would iterate a zero chunk byte by byte
             _pwrite_fd(fd, base_offset + guest_offset, plain)
-        return guest_offset, length, hashlib.sha256(plain).digest()
+        return guest_offset, length, checksum.digest(plain)
 
     chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
     with contextlib.closing(ordered_map(one_chunk, chunks, workers=opts.workers, stall_seconds=opts.stall_seconds,
@@ -473,11 +525,12 @@ def _flatten_job(reader: QcowReader) -> Qcow2Job:
 
 
 def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: Digests, *,
-                    skip_zero_data: bool, encrypt: Callable[[bytes, int], bytes] | None = None) -> int:
+                    skip_zero_data: bool, encrypt: EncryptFn | None = None) -> int:
     """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted.
 
-    Runs whose placement does not depend on their content (no skipping of zero data, no sharing) are
-    reserved here and read, decrypted, encrypted and written by forked workers (both cores).
+    Runs whose placement does not depend on their content (no skipping of zero data; with sharing, runs whose
+    clusters are all new) are reserved here and read, decrypted, encrypted and written by forked workers
+    (both cores); the rest is done here.
     """
     cs = job.reader.cluster_size
     size = job.reader.size
@@ -488,7 +541,7 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
         plain = job.reader.read(guest_offset, length)
         padded = plain + bytes(-len(plain) % cs)
         _pwrite_fd(fd, host_offset, encrypt(padded, host_offset // SECTOR) if encrypt else padded)
-        return guest_offset, length, hashlib.sha256(plain).digest()
+        return guest_offset, length, checksum.digest(plain)
 
     def tasks() -> Iterator[tuple[int, int, int]]:
         nonlocal done
@@ -499,11 +552,17 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
             if kind == "zero":
                 writer.write_zero_clusters(job.table, first, count)
                 digests.add(job.table, guest_offset, bytes(length))
-            elif skip_zero_data or keys[0] is not None:
+            elif skip_zero_data:
                 _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
-            else:
+            elif keys[0] is None:
                 yield guest_offset, length, writer.reserve_clusters(job.table, first, count)
                 continue
+            else:  # sharable (snapshots): new clusters go to the workers, clusters seen before are only mapped
+                host_offset = writer.reserve_shareable(job.table, first, keys)
+                if host_offset is not None:
+                    yield guest_offset, length, host_offset
+                    continue
+                _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
             if opts.progress:
                 opts.progress(length)
 
@@ -564,13 +623,18 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 
 
 def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
-           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS) -> int:
+           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
-    Returns the number of guest bytes compared (every recorded range, snapshots included).
+    Returns the guest bytes accounted for: compared, or (snapshot ranges) shared with the active table.
 
     ``passphrase`` is normally the KnownMasterKey we encrypted with: the header written on disk must carry
     its digest (re-deriving the keyslot would cost another --iter-time of PBKDF2; cryptsetup's
-    --test-passphrase accepting our keyslots is established by the test suite)."""
+    --test-passphrase accepting our keyslots is established by the test suite).
+
+    With ``source`` (a qcow2 with these snapshots), a snapshot range is not decrypted again when every one of
+    its clusters is shared with the active table in *both* images: the output's snapshot L2 entry points at the
+    same host cluster as its active L2 entry, and the source's do too. Both then read what the active table
+    reads there, which the active table's check has just compared with the source."""
     if target in ("raw", "luks"):
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
             return _check_ranges(stream.read_at, digests.ranges, -1, output_path, stall_seconds)
@@ -582,18 +646,64 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
         written = top.image.snapshots()  # type: ignore[attr-defined]
         if len(written) != len(snapshots):
             raise VerificationError(f"{output_path}: snapshot count differs from the source")
-        for table, snapshot in enumerate(written):
-            snap_reader = QcowReader(top.image, top.cipher, top.iv_from_host, top.backing, snapshot)
-            compared += _check_ranges(snap_reader.read, digests.ranges, table, output_path, stall_seconds)
+        shared = _SharedWithActive(top.image, source, written)
+        try:
+            for table, snapshot in enumerate(written):
+                snap_reader = QcowReader(top.image, top.cipher, top.iv_from_host, top.backing, snapshot)
+                mine = [r for r in digests.ranges if r[0] == table]
+                ranges = [r for r in mine if not shared.covers(table, r[1], r[2])]
+                compared += _check_ranges(snap_reader.read, ranges, table, output_path, stall_seconds)
+                compared += sum(r[2] for r in mine) - sum(r[2] for r in ranges)  # checked through the active table
+        finally:
+            shared.close()
     finally:
         top.close()
     return compared
 
 
+class _SharedWithActive:
+    """Which snapshot clusters both the output and the source share with their active table (see verify)."""
+
+    def __init__(self, output: Any, source: str | None, written: list[Snapshot]) -> None:
+        self.output = output
+        self.source = None
+        if source is not None and probe(source).format == "qcow2":
+            self.source = QCow2Image.open(source)
+            if len(self.source.snapshots()) != len(written):
+                self.source.close()
+                self.source = None
+        self.output_l1 = [output.l1_table(snapshot) for snapshot in written]
+        self.source_l1 = [self.source.l1_table(s) for s in self.source.snapshots()] if self.source else []
+
+    def covers(self, table: int, guest_offset: int, length: int) -> bool:
+        if self.source is None or length <= 0:
+            return False
+        cs = self.output.cluster_size
+        if cs != self.source.cluster_size:
+            return False
+        return all(self._shared(table, g) for g in range(guest_offset // cs, -(-(guest_offset + length) // cs)))
+
+    def _shared(self, table: int, guest_cluster: int) -> bool:
+        assert self.source is not None
+        if guest_cluster >= min(self.output.guest_clusters, self.source.guest_clusters):
+            return False  # VM state, or beyond a smaller active disk: no active counterpart
+        out_snap = self.output.map_cluster(guest_cluster, self.output_l1[table])
+        out_active = self.output.map_cluster(guest_cluster)
+        if out_snap.kind is not ClusterKind.NORMAL or out_snap != out_active:
+            return False
+        src_snap = self.source.map_cluster(guest_cluster, self.source_l1[table])
+        return src_snap.kind not in (ClusterKind.ZERO, ClusterKind.UNALLOCATED) and (
+            src_snap == self.source.map_cluster(guest_cluster))
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
 def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int, int, bytes]], table: int,
                   path: str, stall_seconds: float, workers: int | None = None) -> int:
     def digest_of(guest_offset: int, length: int, expected: bytes) -> tuple[int, int, bool]:
-        return guest_offset, length, hashlib.sha256(read(guest_offset, length)).digest() == expected
+        return guest_offset, length, checksum.digest(read(guest_offset, length)) == expected
 
     mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
     compared = 0
@@ -613,24 +723,29 @@ def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int
 def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     """Migrate ``source`` as ``opts`` say. The source is never modified."""
     source = os.fspath(source)
-    plan_ = plan(source, opts)
+    timer = PhaseTimer()
+    with timer("plan"):
+        plan_ = plan(source, opts)
     with open_image_file(source) as source_lock:  # held until the end: QEMU cannot start writing the source
-        hold_shared_locks(source_lock.fileno(), writing=False)
-        refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
-        for layer in plan_.report["backing_chain"]:
-            refuse_if_in_use(layer["path"])
-        return _migrate_locked(source, plan_, opts)
+        with timer("plan"):
+            hold_shared_locks(source_lock.fileno(), writing=False)
+            refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
+            for layer in plan_.report["backing_chain"]:
+                refuse_if_in_use(layer["path"])
+        return _migrate_locked(source, plan_, opts, timer)
 
 
-def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions) -> MigrateResult:
+def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer) -> MigrateResult:
     verdict = None
     if _uses_legacy(plan_.report):
-        verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+        with timer("passphrase check"):
+            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
-        luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
+        with timer("LUKS setup"):
+            luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
     try:
-        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out)
+        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out, timer)
     finally:
         if luks_out:
             luks_out.wipe()
@@ -640,31 +755,35 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions) -> MigrateRe
         luks=luks_out.resolve()[0].describe() if luks_out else None,
         original_kept=final.original_kept,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
-        luks_carried_over=bool(luks_out and luks_out.carried_over),
+        luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
     )
 
 
-def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None
+def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer
                          ) -> tuple[Finalized, int, int, tuple[int, int]]:
     """Write to a temp file, read it back (verify), and only then give it its final name.
-    The last item is (guest bytes verification compared, guest bytes written and recorded)."""
+    The last item is (guest bytes verification accounted for, guest bytes written and recorded)."""
     with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
         out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
                                 and _is_encrypted(plan_.report))
-        digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
-        wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
+        with timer("write"):
+            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
+            wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
         known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
         try:
-            compared = verify(out.temp_path, known_key, digests, target=opts.target, snapshots=plan_.snapshots,
-                              stall_seconds=opts.stall_seconds)
+            with timer("verify"):
+                compared = verify(out.temp_path, known_key, digests, target=opts.target,
+                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source)
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
-            wait_for_sync()
+            with timer("sync"):  # only what the fsync still needs after the read-back
+                wait_for_sync()
         if compared != digests.total_bytes:
             raise VerificationError(f"{plan_.final_path}: only {compared} of {digests.total_bytes} bytes were "
                                     "read back; the output was not kept")
-        return out.commit(plan_.source), data_bytes, size, (compared, digests.total_bytes)
+        with timer("commit"):
+            return out.commit(plan_.source), data_bytes, size, (compared, digests.total_bytes)
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:
@@ -685,7 +804,8 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
-                written = write_flat(stream, out, base_offset=base, cipher=luks_out.cipher if luks_out else None,
+                written = write_flat(stream, out, base_offset=base,
+                                     encrypt=luks_out.encrypt_reusing if luks_out else None,
                                      opts=opts, digests=digests)
                 if luks_out:
                     _pwrite(out, 0, luks_out.resolve()[1])
@@ -713,7 +833,7 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
     reader = opener.open(plan_.source)
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
-        encrypt = luks_out.cipher.encrypt if luks_out else None
+        encrypt = luks_out.encrypt if luks_out else None
         writer = Qcow2Writer(
             out, virtual_size=source.size, cluster_bits=source.cluster_size.bit_length() - 1,
             luks_area=luks_out.area if luks_out and luks_out.pending is None else None,
@@ -729,14 +849,15 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
             job, skip_zero = _flatten_job(source), True
         else:
             job, skip_zero = _layer_job(ACTIVE, source, None, share), False
-        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=encrypt)
+        reusing = luks_out.encrypt_reusing if luks_out else None
+        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=reusing)
         for table_index, snapshot in enumerate(plan_.snapshots):
             table = _add_snapshot(writer, snapshot, source.size)  # v2 entries may lack a disk size
             assert table == table_index
             assert isinstance(source, QcowReader)
             snap_reader = QcowReader(source.image, source.cipher, source.iv_from_host, source.backing, snapshot)
             done += write_qcow2_job(_layer_job(table, snap_reader, snapshot, True), writer, opts, digests,
-                                    skip_zero_data=False, encrypt=encrypt)
+                                    skip_zero_data=False, encrypt=reusing)
             done += _copy_vm_state(snapshot, snap_reader, writer, table, digests)
         if luks_out and luks_out.pending is not None:
             writer.set_luks_area(luks_out.resolve()[1])

@@ -231,6 +231,21 @@ class Qcow2Writer:
         self._fh.flush()
         return first * self.cluster_size
 
+    def reserve_shareable(self, table: int, first_guest_cluster: int, share_keys: Sequence[Hashable]) -> int | None:
+        """:meth:`reserve_clusters` for clusters that later tables may share: when no key of the run was seen
+        before (nor twice in it), allocate and map the clusters, remember their keys and return the host offset
+        (the caller writes the data, so workers can encrypt shared runs in parallel); otherwise do nothing and
+        return None (use :meth:`write_clusters`, which maps seen keys onto their clusters)."""
+        keys = [key for key in share_keys if key is not None]
+        if len(set(keys)) != len(keys) or any(key in self._shared for key in keys):
+            return None
+        host_offset = self.reserve_clusters(table, first_guest_cluster, len(share_keys))
+        first = host_offset >> self.cluster_bits
+        for index, key in enumerate(share_keys):
+            if key is not None:
+                self._shared[key] = first + index
+        return host_offset
+
     def write_zero_clusters(self, table: int, first_guest_cluster: int, count: int) -> None:
         """Mark ``count`` guest clusters as reading zeros (v3 zero flag, no host cluster; hides a backing file)."""
         self._check_open()

@@ -183,8 +183,9 @@ def test_legacy_file_disk(images: Path) -> None:
     assert "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f" in vda.reason
     assert vda.command == migrate(images / "legacy.qcow2", str(images / "legacy.luks.qcow2"))
     assert warned["vdc"].command == migrate(images / "legacy-v1.qcow", str(images / "legacy-v1.luks.qcow2"))
+    assert vda.domain_command == "qcrypt migrate-domain web"
     assert vda.as_dict() == {"domain": "web", "target": "vda", "path": vda.path, "reason": vda.reason,
-                             "command": vda.command}
+                             "command": vda.command, "domain_command": "qcrypt migrate-domain web"}
 
 
 @pytest.mark.interop
@@ -357,7 +358,7 @@ def test_emit_sends_each_line_to_syslog_and_stderr(images: Path) -> None:
     assert [line for _, line in sent] == [w.message() for w in check.warnings]
     assert lines == [f"qcrypt-hook: warning: {w.message()}" for w in check.warnings]
     assert "domain 'web' disk vda (" in lines[0]
-    assert "Fix it with the VM shut off: qcrypt migrate" in lines[0]
+    assert "Fix it with the VM shut off: qcrypt migrate-domain web (or this disk alone: qcrypt migrate " in lines[0]
 
 
 def test_emit_errors_and_notes_priorities() -> None:
@@ -418,6 +419,17 @@ def test_warn_if_legacy_warns_with_the_fix(images: Path) -> None:
     assert str(images / "legacy.qcow2") in text
     assert migrate(images / "legacy.qcow2", str(images / "legacy.luks.qcow2")) in text
     assert warning.filename == __file__  # stacklevel=2 points at the caller
+
+
+@pytest.mark.interop
+def test_warn_if_legacy_names_the_domain_when_told(images: Path) -> None:
+    with pytest.warns(hook.LegacyEncryptionWarning) as record:
+        assert hook.warn_if_legacy(images / "legacy.qcow2", domain="web 1") is True
+    text = str(record[0].message)
+    assert "Fix it with the VM shut off: qcrypt migrate-domain 'web 1' (or this image alone: qcrypt migrate " in text
+    with pytest.warns(hook.LegacyEncryptionWarning) as record:
+        hook.warn_if_legacy(images / "legacy.qcow2")
+    assert "migrate-domain" not in str(record[0].message)  # no domain known: no domain command
 
 
 @pytest.mark.interop

@@ -499,10 +499,16 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
 
 
 @pytest.mark.interop
-def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path) -> None:
-    """The read-back check compares digests of the source plaintext with what the output decodes to."""
+@pytest.mark.parametrize("digest_name", ["xxh3_128", "sha256"])
+def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path, digest_name: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back check compares digests of the source plaintext with what the output decodes to (with
+    XXH3-128, and with the SHA-256 fallback used where the xxhash wheel is missing)."""
     import qcrypt as api
+    from qcrypt import checksum
     from qcrypt import migrate as mig
+
+    monkeypatch.setattr(checksum, "_current", [(digest_name, checksum.AVAILABLE[digest_name])])
 
     source, _ = legacy
     out = tmp_path / "out.raw"
@@ -631,3 +637,82 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
                            "-c", "read -P 0x11 131072 4096", "-c", "read -P 0x22 0 4096"], capture_output=True,
                           text=True, timeout=TOOL_TIMEOUT)
     assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout
+
+
+def test_timings_name_every_phase(legacy: tuple[Path, Path], tmp_path: Path) -> None:
+    """--timings prints one stderr line with the seconds of each phase, even with -q."""
+    import re
+
+    source, pw = legacy
+    out = tmp_path / "out.luks"
+    result = qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST,
+                    "-q", "--timings")
+    assert result.stdout == b""
+    line = result.stderr.decode().strip()
+    phases = re.findall(r"([a-zA-Z ]+?) (\d+\.\d\d) s", line.removeprefix("timings: "))
+    names = [name.strip(", (") for name, _ in phases]
+    assert names == ["plan", "passphrase check", "LUKS setup", "write", "verify", "sync", "commit", "total"]
+    seconds = [float(value) for _, value in phases]
+    assert abs(sum(seconds[:-1]) - seconds[-1]) < 0.02 and seconds[3] > 0
+
+
+def _snapshot_fixture(tmp_path: Path) -> tuple[Path, bytes]:
+    name = "aes-qcow2-v3-snapshots-c4k.qcow2"
+    entry = im.manifest()["fixtures"][name]
+    return im.fixture_path(name, tmp_path), entry["passphrase"].encode()
+
+
+def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshot ranges whose clusters the output *and* the source share with the active table are not decrypted
+    twice; everything else still is."""
+    from qcrypt import migrate as mig
+
+    source, passphrase = _snapshot_fixture(tmp_path)
+    checked: dict[int, int] = {}
+    real_check = mig._check_ranges
+
+    def counting(read: object, ranges: list, table: int, *args: object, **kw: object) -> None:
+        checked[table] = checked.get(table, 0) + sum(1 for r in ranges if r[0] == table)
+        real_check(read, ranges, table, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mig, "_check_ranges", counting)
+    written: dict[int, int] = {}
+    real_verify = mig.verify
+
+    def recording(path: str, key: object, digests: mig.Digests, **kw: object) -> None:
+        for table, *_ in digests.ranges:
+            written[table] = written.get(table, 0) + 1
+        real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mig, "verify", recording)
+    opts = mig.MigrateOptions(target="qcow2-luks", output=str(tmp_path / "out.qcow2"), passphrase=passphrase,
+                              iterations=1000, workers=1)
+    mig.migrate(str(source), opts)
+    assert checked[-1] == written[-1]  # the active table: every range
+    snapshot_tables = [t for t in written if t >= 0]
+    assert snapshot_tables and all(checked.get(t, 0) <= written[t] for t in snapshot_tables)
+    assert sum(checked.get(t, 0) for t in snapshot_tables) < sum(written[t] for t in snapshot_tables)
+
+
+def test_verify_catches_a_cluster_shared_by_mistake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer bug that shares a snapshot cluster with the active table although the source does not (share
+    keys without the source's host offset) leaves the output's tables looking shared: the source's tables
+    disagree, so the range is read back in full and the wrong content is caught."""
+    import qcrypt as api
+    from qcrypt import migrate as mig
+
+    source, passphrase = _snapshot_fixture(tmp_path)
+    real_layer_job = mig._layer_job
+
+    def keyed_by_guest_cluster_only(table: int, reader: object, snapshot: object, share: bool) -> mig.Qcow2Job:
+        job = real_layer_job(table, reader, snapshot, share)  # type: ignore[arg-type]
+        job.clusters = ((g, kind, ("guest", g) if key is not None else None) for g, kind, key in job.clusters)
+        return job
+
+    monkeypatch.setattr(mig, "_layer_job", keyed_by_guest_cluster_only)
+    out = tmp_path / "out.qcow2"
+    opts = mig.MigrateOptions(target="qcow2-luks", output=str(out), passphrase=passphrase, iterations=1000,
+                              workers=1)
+    with pytest.raises(api.VerificationError, match="differ from the source"):
+        mig.migrate(str(source), opts)
+    assert not out.exists()

@@ -579,3 +579,31 @@ def test_a_cluster_shared_more_than_65535_times_is_refused() -> None:
     writer.write_clusters(ACTIVE, 0, bytes(512 * (count - 1)), share_keys=["same"] * (count - 1))
     with pytest.raises(MigrationError, match="more than 65535"):
         writer.write_clusters(ACTIVE, count - 1, bytes(512), share_keys=["same"])
+
+
+@interop
+def test_reserve_shareable_hands_out_new_runs_only(tmp_path: Path, qemu_img: str) -> None:
+    """Runs of new keys are reserved for the caller to write (migrate's workers); a run with a key seen
+    before, or repeated, is refused untouched and then goes through write_clusters, which shares it."""
+    import os
+
+    cs = 65536
+    size = 8 * cs
+    a, b, c = _pattern("a", cs), _pattern("b", cs), _pattern("c", cs)
+    out = tmp_path / "shareable.qcow2"
+    with out.open("w+b") as fh:
+        writer = Qcow2Writer(fh, virtual_size=size)
+        snap = writer.add_snapshot_table(id="1", name="old", date_sec=1, date_nsec=0, vm_clock_nsec=0,
+                                         vm_state_size=0, disk_size=size)
+        host_offset = writer.reserve_shareable(ACTIVE, 0, ["ka", "kb"])
+        assert host_offset is not None
+        os.pwrite(fh.fileno(), a + b, host_offset)  # the caller writes the reserved clusters
+        assert writer.reserve_shareable(snap, 0, ["ka", "kc"]) is None  # ka was seen
+        assert writer.reserve_shareable(snap, 0, ["kc", "kc"]) is None  # kc twice in one run
+        writer.write_clusters(snap, 0, a + c, share_keys=["ka", "kc"])  # ka shared, kc written
+        writer.finish()
+        assert writer.bytes_written == 3 * cs
+    _check_clean(qemu_img, out)
+    _assert_identical(qemu_img, "-f", "qcow2", "-F", "raw", out, _raw(tmp_path / "a.raw", a + b + bytes(size - 2 * cs)))
+    assert _snapshot_raw(qemu_img, ["-f", "qcow2", str(out)], "old", size, tmp_path / "old.raw") == (
+        a + c + bytes(size - 2 * cs))

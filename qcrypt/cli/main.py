@@ -25,7 +25,9 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
     errors.MigrationError: 8,
     errors.QcryptIOError: 9,
     errors.PassphraseInputError: EXIT_USAGE,
+    errors.DomainActiveError: 11,
     errors.WorkerError: 12,
+    errors.LibvirtError: 13,
 }
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130
@@ -59,6 +61,8 @@ def handle_errors(func: F) -> F:
 def _run_guarded(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return func(*args, **kwargs)
+    except click.ClickException:
+        raise  # usage errors: click prints them and exits 2
     except errors.QcryptError as e:
         click.echo(f"qcrypt: error: {e}", err=True)
         sys.exit(exit_code_for(e))
@@ -86,7 +90,7 @@ def cli() -> None:
     """Find and migrate QEMU legacy qcow/qcow2 AES-encrypted images to LUKS."""
 
 
-COMMANDS = (("scan", "scan"), ("info", "info"), ("migrate", "migrate"), ("hook", "hook"))
+COMMANDS = (("scan", "scan"), ("info", "info"), ("migrate", "migrate"), ("domain", "migrate_domain"), ("hook", "hook"))
 
 
 def _register() -> None:

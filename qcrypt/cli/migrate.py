@@ -53,11 +53,12 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--stall-timeout", "stall_seconds", type=click.FloatRange(1, 86400), default=DEFAULT_STALL_SECONDS,
               show_default=True, help="Seconds without progress after which a worker counts as stuck (exit 12).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--timings", is_flag=True, help="Print the seconds each phase took to stderr (also with -q).")
 @handle_errors
 def migrate(source: str, target: str, output: str | None, passphrase_file: str | None,
             new_passphrase_file: str | None, cipher: str, key_bits: str | None, hash_name: str, iter_time_ms: int,
             iterations: int | None, flatten: bool, force: bool, replace: bool, jobs: int | None, stall_seconds: float,
-            quiet: bool) -> None:
+            quiet: bool, timings: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
     if replace and output:
         raise click.UsageError("--replace puts the output under SOURCE's name: do not give -o")
@@ -89,6 +90,14 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
         wipe(passphrase, new_passphrase)
     if not quiet:
         print_result(result, report, passphrase_file)
+    if timings:
+        click.echo(format_timings(result.phase_seconds), err=True)
+
+
+def format_timings(phase_seconds: dict[str, float]) -> str:
+    """One line: ``timings: plan 0.05 s, ..., commit 0.00 s (total 1.23 s)``."""
+    phases = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in phase_seconds.items())
+    return f"timings: {phases} (total {sum(phase_seconds.values()):.2f} s)"
 
 
 def _allocated_estimate(source: str, report: dict[str, Any]) -> int | None:

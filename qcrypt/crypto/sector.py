@@ -20,7 +20,8 @@ Speed: no Python loop runs per sector. Each call works in chunks of up to :data:
 * CBC decrypt: one AES-ECB decryption of the chunk, then two numpy XORs (previous ciphertext block, and
   the per-sector IV over block 0);
 * CBC encrypt: 32 AES-ECB calls per chunk, call ``j`` encrypting block ``j`` of every sector at once;
-* XTS: one ECB call for all tweaks of the chunk, tweak expansion in numpy (:mod:`qcrypt.crypto._gf`), XOR,
+* XTS: one ECB call for all first tweaks of the chunk, the other tweaks computed in numpy straight in the
+  data's layout (:mod:`qcrypt.crypto._gf`), XOR,
   one ECB call over the chunk, XOR.
 
 The fastest path is ``encrypt_into``/``decrypt_into`` with a reused output buffer (or in place);
@@ -56,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
-from qcrypt.crypto._gf import BLOCKS_PER_SECTOR, U64Array, expand_tweaks
+from qcrypt.crypto._gf import BLOCKS_PER_SECTOR, U64Array, tweak_table
 from qcrypt.crypto.secret import wipe as wipe_buffer
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
 
@@ -107,10 +108,9 @@ class _Scratch:
         self.iv_out = bytearray(block_bytes + BLOCK_BYTES)
         self.iv_out_words = _words(self.iv_out)
         self.tweaks = np.empty((CHUNK_SECTORS, BLOCKS_PER_SECTOR, WORDS_PER_BLOCK), dtype="<u8")
-        self.tweak_lo = np.empty((BLOCKS_PER_SECTOR, CHUNK_SECTORS), dtype="<u8")
-        self.tweak_hi = np.empty((BLOCKS_PER_SECTOR, CHUNK_SECTORS), dtype="<u8")
-        self.fold_carry = np.empty((BLOCKS_PER_SECTOR // 2, CHUNK_SECTORS), dtype="<u8")
-        self.fold_tmp = np.empty((BLOCKS_PER_SECTOR // 2, CHUNK_SECTORS), dtype="<u8")
+        self.tweak_carry = np.empty((CHUNK_SECTORS, BLOCKS_PER_SECTOR - 1), dtype="<u8")
+        self.tweak_fold = np.empty((CHUNK_SECTORS, BLOCKS_PER_SECTOR - 1), dtype="<u8")
+        self.tweak_tmp = np.empty((CHUNK_SECTORS, BLOCKS_PER_SECTOR - 1), dtype="<u8")
         self.offsets = np.arange(CHUNK_SECTORS, dtype="<u8")
 
 
@@ -435,12 +435,8 @@ class _XtsCipher(SectorCipher):
         ivs = self._iv_gen.fill(first_sector, n, scratch)
         _ecb(self._tweak_aes.encryptor(), _bytes_of(ivs), scratch.iv_out)
         first = scratch.iv_out_words[: n * WORDS_PER_BLOCK].reshape(n, WORDS_PER_BLOCK)
-        lo, hi = scratch.tweak_lo[:, :n], scratch.tweak_hi[:, :n]
-        lo[0], hi[0] = first[:, 0], first[:, 1]
-        expand_tweaks(lo, hi, scratch.fold_carry[:, :n], scratch.fold_tmp[:, :n])
         tweaks = scratch.tweaks[:n]
-        tweaks[:, :, 0] = lo.T
-        tweaks[:, :, 1] = hi.T
+        tweak_table(first, tweaks, scratch.tweak_carry[:n], scratch.tweak_fold[:n], scratch.tweak_tmp[:n])
         return tweaks
 
 

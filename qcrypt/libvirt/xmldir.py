@@ -1,7 +1,5 @@
-"""libvirt domain XML for the auditor: which domains use which images (``qcrypt scan --libvirt-xml DIR``).
-
-Domain XML parsing itself lives in :mod:`qcrypt.hook` (``parse_domain_xml``), shared with the VM-start hook.
-"""
+"""A folder of libvirt domain XML files for the auditor: which domains use which images
+(``qcrypt scan --libvirt-xml DIR``)."""
 
 from __future__ import annotations
 
@@ -9,9 +7,7 @@ import os
 from typing import Any
 
 from qcrypt.errors import FormatError
-from qcrypt.hook import LEGACY_XML_FORMATS, Domain, parse_domain_xml
-
-MAX_XML_BYTES = 16 * 1024 * 1024
+from qcrypt.libvirt.domainxml import LEGACY_XML_FORMATS, MAX_XML_BYTES, Domain, parse_domain_xml
 
 
 def read_domains(xml_dir: str) -> tuple[list[Domain], list[str]]:

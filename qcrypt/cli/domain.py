@@ -1,0 +1,189 @@
+"""``qcrypt migrate-domain``: fix whole libvirt domains (every legacy-AES disk to LUKS, then the XML)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import click
+
+from qcrypt.cli.main import exit_code_for, handle_errors
+from qcrypt.cli.options import format_opt, human_size, progress_bar
+from qcrypt.cli.passphrase import get_passphrase, wipe
+from qcrypt.errors import DomainActiveError
+from qcrypt.libvirt.connection import Connection, open_connection
+from qcrypt.libvirt.domain_migrate import (
+    DEFAULT_BACKUP_DIR,
+    DomainOptions,
+    DomainOutcome,
+    domains_to_fix,
+)
+from qcrypt.libvirt.domain_migrate import (
+    migrate_domain as fix_domain,
+)
+from qcrypt.parallel import tune_malloc_for_streaming
+
+STATUSES = ("migrated", "unchanged", "planned", "skipped", "failed")
+EXIT_SKIPPED = exit_code_for(DomainActiveError("running"))
+
+
+def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command("migrate-domain")
+@click.argument("domains", nargs=-1)
+@click.option("-c", "--connect", "uri", help="libvirt URI, as virsh -c (default: libvirt's default URI).")
+@click.option("--all", "all_domains", is_flag=True, help="Every domain of the connection with an affected disk.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (and the XML change as a diff); change nothing.")
+@click.option("--to", "target", type=click.Choice(["qcow2-luks", "luks"]),
+              help="Target of every affected disk [default: qcow2-luks, luks for raw-driver disks].")
+@click.option("--replace", is_flag=True,
+              help="New images take the old names (originals kept as NAME.qcrypt-orig) instead of NAME.luks.qcow2.")
+@click.option("--start", is_flag=True, help="Start each fixed domain and report whether it runs.")
+@click.option("--iter-time", "iter_time_ms", type=click.IntRange(1, 60000), default=2000, show_default=True,
+              help="Milliseconds of PBKDF2 per unlock of the new keyslots.")
+@click.option("--pbkdf-force-iterations", "iterations", type=click.IntRange(1000, 2**31 - 1), default=None,
+              help="Use exactly this many PBKDF2 iterations (no benchmark).")
+@click.option("--passphrase-file", type=click.Path(allow_dash=True, dir_okay=False),
+              help="Passphrase for disks whose libvirt secret is private or missing ('-' = stdin). Prompted "
+                   "when needed and stdin is a terminal.")
+@click.option("--backup-dir", default=DEFAULT_BACKUP_DIR, show_default=True,
+              help="Where the old domain XML is saved before the new one is defined.")
+@click.option("--output-dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder for the new image files of block-device disks.")
+@click.option("--backend", type=click.Choice(["auto", "api", "virsh"]), default="auto", show_default=True,
+              help="Talk to libvirt through its Python binding (api) or virsh; auto: the binding if installed.")
+@format_opt
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (JSON is still printed).")
+@handle_errors
+def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool, dry_run: bool, target: str | None,
+                   replace: bool, start: bool, iter_time_ms: int, iterations: int | None,
+                   passphrase_file: str | None, backup_dir: str, output_dir: str | None, backend: str,
+                   output_format: str, quiet: bool) -> None:
+    """Migrate every legacy-AES disk of each DOMAIN (shut off) to LUKS and define the new XML, or change nothing.
+
+    Passphrases come from the libvirt secrets the disks name; the new LUKS keyslots use the same value, so the
+    same secrets keep working. The old images are kept."""
+    if bool(domains) == all_domains:
+        raise click.UsageError("name one or more domains, or give --all")
+    fallback, cached = _fallback_passphrase(passphrase_file)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    tune_malloc_for_streaming(4 * 1024 * 1024)
+    conn = open_connection(uri, backend)
+    try:
+        names = list(dict.fromkeys(domains)) if domains else domains_to_fix(conn)
+        opts = DomainOptions(to=target, replace=replace, dry_run=dry_run, start=start, iter_time_ms=iter_time_ms,
+                             iterations=iterations, backup_dir=backup_dir, output_dir=output_dir,
+                             fallback_passphrase=fallback)
+        outcomes = _run_all(conn, names, opts, show_progress=not quiet and not dry_run)
+    finally:
+        conn.close()
+        wipe(*cached)
+    if output_format == "json":
+        click.echo(json.dumps(as_document(outcomes), indent=2))
+    elif not quiet:
+        for outcome in outcomes:
+            print_outcome(outcome)
+        if all_domains and not outcomes:
+            click.echo("No domain has a disk with legacy AES encryption.")
+    sys.exit(exit_status(outcomes))
+
+
+def _fallback_passphrase(path: str | None) -> tuple[Callable[[], bytearray] | None, list[bytearray]]:
+    """Read the fallback passphrase once, when a disk first needs it; None when there is no way to get one."""
+    if path is None and not sys.stdin.isatty():
+        return None, []
+    cached: list[bytearray] = []
+
+    def get() -> bytearray:
+        if not cached:
+            cached.append(get_passphrase(path, what="passphrase for disks whose libvirt secret is private or "
+                                         "missing"))
+        return bytearray(cached[0])
+
+    return get, cached
+
+
+def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_progress: bool) -> list[DomainOutcome]:
+    total = None
+    if show_progress and sys.stderr.isatty():
+        planned = [fix_domain(conn, name, _planning(opts)) for name in names]
+        total = sum(d.work_bytes for o in planned for d in o.disks) or None
+    with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="migrating", leave=False,
+                      disable=True if not show_progress else None) as bar:
+        opts.progress = bar.update
+        return [fix_domain(conn, name, opts) for name in names]
+
+
+def _planning(opts: DomainOptions) -> DomainOptions:
+    return DomainOptions(to=opts.to, replace=opts.replace, dry_run=True, iter_time_ms=opts.iter_time_ms,
+                         iterations=opts.iterations, backup_dir=opts.backup_dir, output_dir=opts.output_dir)
+
+
+def exit_status(outcomes: list[DomainOutcome]) -> int:
+    """Worst wins: a failure's own exit code, else 11 for a skipped (running/paused) domain, else 0."""
+    for outcome in outcomes:
+        if outcome.status == "failed" and outcome.error is not None:
+            return exit_code_for(outcome.error)
+    return EXIT_SKIPPED if any(o.status == "skipped" for o in outcomes) else 0
+
+
+def as_document(outcomes: list[DomainOutcome]) -> dict[str, Any]:
+    return {"domains": [o.as_dict() for o in outcomes],
+            "summary": {status: sum(o.status == status for o in outcomes) for status in STATUSES}}
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+
+
+def print_outcome(o: DomainOutcome) -> None:
+    click.echo(f"domain {o.name}: {o.status}" + (f" ({o.reason})" if o.reason else ""))
+    for d in o.disks:
+        sizes = f"{human_size(d.virtual_size)} virtual, {human_size(d.allocated_size)} allocated"
+        how = "flattened, " if d.flatten else ""
+        if d.xml_only:
+            click.echo(f"  {d.target}: {d.source} is {d.to} already: only the XML changes (format='luks')")
+        else:
+            click.echo(f"  {d.target}: {d.source} -> {d.new_path} ({d.to}, {how}{sizes})")
+        if d.secret_uuid:
+            made = "new secret" if d.secret_created else "existing secret"
+            frm = f", passphrase from the {d.passphrase_from}" if d.passphrase_from else ""
+            click.echo(f"      {made} {d.secret_uuid}{frm}")
+    if o.status == "planned":
+        _print_plan(o)
+    if o.status == "migrated":
+        _print_done(o)
+
+
+def _print_plan(o: DomainOutcome) -> None:
+    for line in o.space:
+        click.echo(f"  free space: {line}")
+    if o.estimated_seconds is not None:
+        click.echo(f"  estimated time: about {o.estimated_seconds:.0f} s")
+    click.echo("  XML change:")
+    for line in o.xml_diff.splitlines():
+        click.echo(f"    {line}")
+    click.echo("  dry run: nothing was written or defined")
+
+
+def _print_done(o: DomainOutcome) -> None:
+    click.echo(f"  old XML saved to {o.xml_backup}")
+    old = [path for d in o.disks for path in d.old_images]
+    if old:
+        click.echo(f"  old images kept: {', '.join(old)}")
+        click.echo("  once the VM is confirmed good, destroy them (their legacy ciphertext stays readable with the "
+                   f"old passphrase): shred -u {' '.join(shlex.quote(p) for p in old)} (or blkdiscard on thin "
+                   "storage)")
+        if any(d.flatten for d in o.disks):
+            click.echo("  backing files may be shared by other domains: check with 'qcrypt scan --libvirt-xml "
+                       "/etc/libvirt/qemu' before destroying them")
+    if o.started is True:
+        click.echo("  started: the domain is running")
+    elif o.started is False:
+        click.echo(f"  started: NO: {o.start_error or 'the domain is not running'}")

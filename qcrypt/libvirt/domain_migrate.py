@@ -1,0 +1,451 @@
+"""Fix a whole libvirt domain: migrate every legacy-AES disk to LUKS, then define the new XML, or change nothing.
+
+For one domain (:func:`migrate_domain`): read the inactive XML; find the file/block disks whose image, or a
+layer of its backing chain, uses legacy AES (declared in the XML or not); refuse a running or paused domain;
+get each disk's passphrase from the libvirt secret its ``<encryption>`` names (or the caller's fallback when
+the secret is private or missing); migrate each disk with :func:`qcrypt.migrate.migrate` (temp file, verified,
+atomic, locks; keyslot passphrase = the secret's value); create a secret for disks that had none; save the
+old XML to a backup file; define the new XML. Any failure before the define succeeds removes this run's new
+files and secrets: a domain is never half-migrated. The library never prints; progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcrypt.errors import (
+    DomainActiveError,
+    LibvirtError,
+    MigrationError,
+    OutputExistsError,
+    PassphraseInputError,
+    QcryptError,
+    QcryptIOError,
+    SecretPrivateError,
+)
+from qcrypt.libvirt import xmledit
+from qcrypt.libvirt.connection import SHUT_OFF, Connection
+from qcrypt.libvirt.domainxml import DomainDisk, domain_from_root, parse_domain_root
+from qcrypt.migrate import MigrateOptions
+from qcrypt.migrate import migrate as migrate_image
+
+LEGACY = "aes-cbc-legacy"
+DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
+ESTIMATE_BYTES_PER_S = 100 * 1024 * 1024  # conservative migrate rate on 2 cores (docs/BENCHMARKS.md)
+LUKS_HEADER_BYTES = 16 * 1024 * 1024  # upper bound of a LUKS1 header area plus qcow2 metadata slack
+NEW_SECRET = "(new secret)"
+PassphraseSource = Callable[[], bytearray]
+
+
+@dataclass
+class DomainOptions:
+    to: str | None = None  # None: qcow2-luks for qcow/qcow2 disks, luks for raw-driver disks
+    replace: bool = False
+    dry_run: bool = False
+    start: bool = False
+    iter_time_ms: int = 2000
+    iterations: int | None = None
+    backup_dir: str = DEFAULT_BACKUP_DIR
+    output_dir: str | None = None  # where new images of block disks go (a block device has no "beside")
+    fallback_passphrase: PassphraseSource | None = field(default=None, repr=False)
+    progress: Callable[[int], None] | None = None
+
+
+@dataclass
+class DiskPlan:
+    target: str
+    source: str
+    new_path: str
+    to: str
+    virtual_size: int
+    allocated_size: int | None
+    secret_uuid: str | None
+    secret_created: bool
+    flatten: bool
+    source_type: str
+    legacy_layers: list[str]
+    replace: bool = False  # the new image takes the source's name; the original is kept as *.qcrypt-orig
+    xml_only: bool = False  # the image is LUKS already: only the XML changes
+    old_images: list[str] = field(default_factory=list)
+    passphrase_from: str | None = None  # "libvirt secret" | "passphrase file"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "source": self.source, "new_path": self.new_path, "to": self.to,
+                "virtual_size": self.virtual_size, "allocated_size": self.allocated_size,
+                "secret_uuid": self.secret_uuid, "secret_created": self.secret_created, "flatten": self.flatten,
+                "legacy_layers": self.legacy_layers, "old_images": self.old_images,
+                "passphrase_from": self.passphrase_from, "xml_only": self.xml_only}
+
+    @property
+    def work_bytes(self) -> int:
+        """Bytes the migration reads and writes (for progress and the time estimate)."""
+        if self.to in ("luks", "raw") or self.allocated_size is None:
+            return self.virtual_size
+        return self.allocated_size
+
+
+@dataclass
+class DomainOutcome:
+    name: str
+    status: str = "unchanged"  # migrated | unchanged | planned | skipped | failed
+    reason: str | None = None
+    disks: list[DiskPlan] = field(default_factory=list)
+    xml_backup: str | None = None
+    xml_diff: str = ""
+    started: bool | None = None
+    start_error: str | None = None
+    space: list[str] = field(default_factory=list)
+    estimated_seconds: float | None = None
+    error: QcryptError | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "reason": self.reason,
+                "disks": [d.as_dict() for d in self.disks], "xml_backup": self.xml_backup,
+                "xml_diff": self.xml_diff, "started": self.started, "start_error": self.start_error,
+                "free_space": self.space, "estimated_seconds": self.estimated_seconds}
+
+
+# -- which disks -------------------------------------------------------------------------------------------------
+
+
+def _inspect(path: str) -> dict[str, Any]:
+    from qcrypt.scan import inspect
+
+    return inspect(path)
+
+
+def legacy_layers(report: dict[str, Any]) -> list[str]:
+    """Paths of the image's layers (itself first, then its backing chain) that use legacy AES."""
+    layers = [report, *list(report.get("backing_chain") or [])]
+    return [str(layer.get("path")) for layer in layers if layer.get("encryption") == LEGACY]
+
+
+LUKS_ENCRYPTIONS = ("luks1", "luks2")
+
+
+def xml_only(disk: DomainDisk, report: dict[str, Any]) -> bool:
+    """The image is LUKS already (migrated by hand) but the XML still says ``format='qcow'``: only the XML
+    needs the fix (libvirt refuses to start the domain until then)."""
+    return "qcow" in disk.layers[0].encryption and report.get("encryption") in LUKS_ENCRYPTIONS \
+        and not legacy_layers(report)
+
+
+def affected_disks(disks: tuple[DomainDisk, ...]) -> list[tuple[DomainDisk, dict[str, Any]]]:
+    """Local file/block disks whose image or backing chain uses legacy AES, or whose LUKS image the XML still
+    declares as ``format='qcow'``, with their scan reports."""
+    found = []
+    for disk in disks:
+        top = disk.layers[0]
+        if top.source_type not in ("file", "block") or not top.path:
+            continue
+        report = _inspect(top.path)
+        declared = any(fmt in ("qcow", "default") for fmt in top.encryption)
+        if report.get("error"):
+            if declared:  # the XML says legacy but the image cannot be read: do not guess
+                raise MigrationError(f"disk {disk.target}: {report['error']}")
+            continue
+        if legacy_layers(report) or xml_only(disk, report):
+            found.append((disk, report))
+    return found
+
+
+# -- planning ----------------------------------------------------------------------------------------------------
+
+
+def target_for(disk: DomainDisk, opts: DomainOptions) -> str:
+    if opts.to:
+        return opts.to
+    return "luks" if disk.driver_type == "raw" else "qcow2-luks"
+
+
+def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
+    from qcrypt.hook import suggested_output
+
+    path = disk.layers[0].path
+    assert path is not None
+    if disk.layers[0].source_type == "block":
+        if not opts.output_dir:
+            raise MigrationError(f"disk {disk.target} is the block device {path}: give --output-dir DIR for its "
+                                 "new image file")
+        return os.path.join(os.path.abspath(opts.output_dir), suggested_output(path, to, local_dir=True))
+    if opts.replace:
+        return path
+    return suggested_output(path, to, local_dir=False)
+
+
+def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
+    from qcrypt.scan import describe
+
+    paths = [report["path"]] + ([layer["path"] for layer in report.get("backing_chain") or []] if flatten else [])
+    total = 0
+    for path in paths:
+        try:
+            allocated = describe(path).get("allocated_bytes")
+        except (QcryptError, OSError):
+            return None
+        if allocated is None:
+            return None
+        total += allocated
+    return min(total, report["virtual_size"]) if report.get("virtual_size") else total
+
+
+def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> DiskPlan:
+    top = disk.layers[0]
+    if xml_only(disk, report):
+        return DiskPlan(target=disk.target or "?", source=str(top.path), new_path=str(top.path),
+                        to="qcow2-luks" if report.get("format") == "qcow2" else "luks",
+                        virtual_size=int(report.get("virtual_size") or 0), allocated_size=0, secret_uuid=None,
+                        secret_created=False, flatten=False, source_type=top.source_type, legacy_layers=[],
+                        xml_only=True)
+    to = target_for(disk, opts)
+    if to not in ("luks", "qcow2-luks"):
+        raise MigrationError(f"--to {to}: migrate-domain writes encrypted images only (luks or qcow2-luks)")
+    legacy = legacy_layers(report)
+    flatten = any(path != report["path"] for path in legacy) or (to == "luks" and bool(report["backing_file"]))
+    new_path = new_path_for(disk, to, opts)
+    if not opts.replace and os.path.lexists(new_path):
+        raise OutputExistsError(f"disk {disk.target}: {new_path} exists already (move it away, or use --replace)")
+    return DiskPlan(target=disk.target or "?", source=str(top.path), new_path=new_path, to=to,
+                    virtual_size=int(report.get("virtual_size") or 0), allocated_size=_allocated(report, flatten),
+                    secret_uuid=None, secret_created=False, flatten=flatten, source_type=top.source_type,
+                    legacy_layers=legacy, replace=opts.replace and top.source_type == "file")
+
+
+def check_space(plans: list[DiskPlan]) -> list[str]:
+    """One line per output filesystem; raises QcryptIOError (after listing all) when one is too small."""
+    needed: dict[int, tuple[str, int, int]] = {}
+    for p in plans:
+        if p.xml_only:
+            continue
+        folder = os.path.dirname(p.new_path) or "."
+        st = os.statvfs(folder)
+        device = os.stat(folder).st_dev
+        _, total, free = needed.get(device, (folder, 0, st.f_bavail * st.f_frsize))
+        needed[device] = (folder, total + p.work_bytes + LUKS_HEADER_BYTES, free)
+    lines, short = [], []
+    for folder, total, free in needed.values():
+        ok = free >= total
+        lines.append(f"{folder}: needs up to {total} bytes, {free} free: {'ok' if ok else 'NOT ENOUGH'}")
+        if not ok:
+            short.append(folder)
+    if not short:
+        return lines or ["no new image to write"]
+    return [*lines, f"not enough free space in {', '.join(short)}"]
+
+
+def estimate_seconds(plans: list[DiskPlan], opts: DomainOptions) -> float:
+    pbkdf = 0.0 if opts.iterations else opts.iter_time_ms / 1000
+    return sum(p.work_bytes / ESTIMATE_BYTES_PER_S + pbkdf for p in plans if not p.xml_only)
+
+
+# -- secrets and passphrases ---------------------------------------------------------------------------------------
+
+
+def passphrase_for(conn: Connection, disk: DomainDisk, plan: DiskPlan, opts: DomainOptions) -> bytearray:
+    """The disk's secret value; the caller's fallback when the secret is private or the XML names none."""
+    ref = next((layer.secret for layer in disk.layers if layer.secret), None)
+    if ref:
+        plan.secret_uuid = conn.secret_uuid(ref)
+        if plan.xml_only:
+            return bytearray()  # the secret opens the LUKS image already: its value is not needed
+        try:
+            value = conn.secret_value(plan.secret_uuid)
+            plan.passphrase_from = "libvirt secret"
+            return value
+        except SecretPrivateError as e:
+            if opts.fallback_passphrase is None:
+                raise PassphraseInputError(f"disk {plan.target}: {e}: give its passphrase with --passphrase-file "
+                                           "FILE (or '-' for stdin)") from e
+    elif opts.fallback_passphrase is None:
+        raise PassphraseInputError(f"disk {plan.target} ({plan.source}) names no libvirt secret: give its "
+                                   "passphrase with --passphrase-file FILE (or '-' for stdin)")
+    plan.passphrase_from = "passphrase file"
+    assert opts.fallback_passphrase is not None
+    return bytearray(opts.fallback_passphrase())
+
+
+# -- one domain ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What this run created, so that a failure can undo it."""
+
+    conn: Connection
+    outputs: list[DiskPlan] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
+    backup: str | None = None
+
+    def undo(self) -> None:
+        for plan in reversed(self.outputs):
+            with contextlib.suppress(OSError):
+                if plan.replace:
+                    os.replace(plan.old_images[0], os.path.realpath(plan.source))  # the original goes back
+                else:
+                    os.unlink(plan.new_path)
+        for uuid in self.secrets:
+            with contextlib.suppress(LibvirtError):
+                self.conn.undefine_secret(uuid)
+        if self.backup:
+            with contextlib.suppress(OSError):
+                os.unlink(self.backup)
+
+
+def migrate_domain(conn: Connection, name: str, opts: DomainOptions) -> DomainOutcome:
+    """Plan (``opts.dry_run``) or carry out the fix of one domain. Errors land in the outcome, never raised."""
+    outcome = DomainOutcome(name=name)
+    try:
+        _migrate_domain(conn, name, opts, outcome)
+    except DomainActiveError as e:
+        outcome.status, outcome.reason, outcome.error = "skipped", str(e), e
+    except QcryptError as e:
+        outcome.status, outcome.reason, outcome.error = "failed", str(e), e
+    except OSError as e:
+        error = QcryptIOError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        outcome.status, outcome.reason, outcome.error = "failed", str(error), error
+    return outcome
+
+
+def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: DomainOutcome) -> None:
+    old_xml = conn.inactive_xml(name)
+    root = parse_domain_root(old_xml)
+    found = affected_disks(domain_from_root(root).disks)
+    if not found:
+        outcome.reason = "no disk uses legacy AES encryption: nothing to do"
+        return
+    state = conn.domain_state(name)
+    if state != SHUT_OFF:
+        raise DomainActiveError(f"{state}: shut it down first")
+    outcome.disks = [plan_disk(disk, report, opts) for disk, report in found]
+    outcome.space = check_space(outcome.disks)
+    outcome.estimated_seconds = round(estimate_seconds(outcome.disks, opts), 1)
+    if opts.dry_run:
+        _plan_only(conn, root, found, outcome)
+        return
+    if outcome.space[-1].startswith("not enough"):
+        raise QcryptIOError(outcome.space[-1])
+    run = _Run(conn)
+    try:
+        new_root = _carry_out(conn, root, found, opts, outcome, run)
+        old_text, new_text = xmledit.serialize(copy.deepcopy(root)), xmledit.serialize(new_root)
+        outcome.xml_diff = xmledit.unified_diff(name, old_text, new_text)
+        run.backup = save_backup(old_xml, name, opts.backup_dir)
+        conn.define_xml(new_text)
+    except BaseException:
+        run.undo()
+        raise
+    outcome.status, outcome.xml_backup = "migrated", run.backup
+    if opts.start:
+        _start(conn, name, outcome)
+
+
+def _plan_only(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[str, Any]]],
+               outcome: DomainOutcome) -> None:
+    new_root = copy.deepcopy(root)
+    for (disk, _report), plan in zip(found, outcome.disks):
+        ref = next((layer.secret for layer in disk.layers if layer.secret), None)
+        plan.secret_uuid = conn.secret_uuid(ref) if ref else NEW_SECRET
+        plan.secret_created = ref is None
+        xmledit.apply_change(new_root, _change(plan))
+    outcome.xml_diff = xmledit.unified_diff(outcome.name, xmledit.serialize(copy.deepcopy(root)),
+                                            xmledit.serialize(new_root))
+    outcome.status = "planned"
+    if outcome.space[-1].startswith("not enough"):
+        outcome.reason = outcome.space[-1]
+
+
+def _change(plan: DiskPlan) -> xmledit.DiskChange:
+    return xmledit.DiskChange(target=plan.target, new_path=plan.new_path,
+                              driver_type="raw" if plan.to == "luks" else "qcow2",
+                              secret_uuid=plan.secret_uuid or NEW_SECRET, flattened=plan.flatten)
+
+
+def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[str, Any]]], opts: DomainOptions,
+               outcome: DomainOutcome, run: _Run) -> Any:
+    passphrases = []
+    try:
+        for (disk, _report), plan in zip(found, outcome.disks):  # every passphrase first: fail before writing
+            passphrases.append(passphrase_for(conn, disk, plan, opts))
+        for (_disk, report), plan, passphrase in zip(found, outcome.disks, passphrases):
+            if not plan.xml_only:
+                _migrate_disk(plan, passphrase, opts, run)
+            elif plan.secret_uuid is None:  # a new secret must open the image: check the passphrase now
+                check_luks_passphrase(plan.source, report, passphrase)
+        new_root = copy.deepcopy(root)
+        for plan, passphrase in zip(outcome.disks, passphrases):
+            if plan.secret_uuid is None:
+                plan.secret_uuid = conn.create_volume_secret(plan.new_path, bytes(passphrase))
+                plan.secret_created = True
+                run.secrets.append(plan.secret_uuid)
+            xmledit.apply_change(new_root, _change(plan))
+        return new_root
+    finally:
+        for passphrase in passphrases:
+            passphrase[:] = bytes(len(passphrase))
+
+
+def _migrate_disk(plan: DiskPlan, passphrase: bytearray, opts: DomainOptions, run: _Run) -> None:
+    migrate_opts = MigrateOptions(target=plan.to, output=None if plan.replace else plan.new_path,
+                                  passphrase=passphrase, iter_time_ms=opts.iter_time_ms,
+                                  iterations=opts.iterations, flatten=plan.flatten, replace=plan.replace,
+                                  progress=opts.progress)
+    result = migrate_image(plan.source, migrate_opts)
+    plan.old_images = [result.original_kept or plan.source] + [p for p in plan.legacy_layers if p != plan.source]
+    run.outputs.append(plan)
+
+
+def check_luks_passphrase(path: str, report: dict[str, Any], passphrase: bytearray) -> None:
+    """Raise BadPassphraseError unless ``passphrase`` opens a keyslot of the LUKS image at ``path``."""
+    from qcrypt.migrate import source_luks
+
+    opened = source_luks(path, report, bytes(passphrase))
+    if opened:
+        master_key = opened[2]
+        master_key[:] = bytes(len(master_key))
+
+
+def save_backup(xml: str, name: str, backup_dir: str) -> str:
+    """Write the old XML to ``backup_dir/NAME-<UTC time>.xml`` (owner-only: it may hold passwords)."""
+    os.makedirs(backup_dir, mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    for attempt in range(100):
+        path = os.path.join(backup_dir, f"{safe}-{stamp}{f'-{attempt}' if attempt else ''}.xml")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(xml)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return path
+    raise QcryptIOError(f"cannot name a backup file in {backup_dir}")
+
+
+def _start(conn: Connection, name: str, outcome: DomainOutcome) -> None:
+    try:
+        conn.start(name)
+    except LibvirtError as e:
+        outcome.started, outcome.start_error = False, str(e)
+        return
+    outcome.started = conn.domain_state(name) == "running"
+
+
+def domains_to_fix(conn: Connection) -> list[str]:
+    """``--all``: every domain of the connection with an affected disk (unreadable XML is included, to fail
+    visibly rather than be skipped in silence)."""
+    names = []
+    for name in conn.domain_names():
+        try:
+            if affected_disks(domain_from_root(parse_domain_root(conn.inactive_xml(name))).disks):
+                names.append(name)
+        except QcryptError:
+            names.append(name)
+    return names

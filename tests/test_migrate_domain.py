@@ -1,0 +1,359 @@
+"""``qcrypt migrate-domain`` against a real libvirtd and QEMU (TCG): domains set up as a host upgrade leaves
+them, fixed by the CLI, then started by libvirt with QEMU reading the guest data through the new disks.
+Oracles: virsh dumpxml, qemu-img compare (with the secrets), QEMU's qemu-io inside the running domain."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qcrypt.libvirt.connection import binding_available
+from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, virsh
+from tests.conftest import FIXTURES, IN_CI, require_tool
+
+pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
+
+PW = b"old legacy passphrase"
+FAST = ["--pbkdf-force-iterations", "1000"]
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    ensure_libvirtd()
+    lab = new_lab()
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+
+
+def backends() -> list[Any]:
+    api = pytest.param("api", marks=pytest.mark.skipif(not binding_available() and not IN_CI,
+                                                         reason="libvirt Python binding not installed"))
+    return ["virsh", api]
+
+
+def qcrypt_domain(lab: Lab, tmp_path: Path, *args: str, stdin: bytes | None = None, backend: str = "virsh"
+                  ) -> subprocess.CompletedProcess[str]:
+    words = [sys.executable, "-m", "qcrypt", "migrate-domain", "-c", "qemu:///system", "--backend", backend,
+             "--backup-dir", str(tmp_path / "backups"), *FAST, *args]
+    return subprocess.run(words, input=(stdin or b"").decode(), capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def as_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"not JSON ({done.returncode}): {done.stdout!r} {done.stderr!r}") from e
+
+
+def disk_of(xml: str, target: str) -> ET.Element:
+    root = ET.fromstring(xml)
+    return next(d for d in root.iterfind("devices/disk") if d.find("target").get("dev") == target)  # type: ignore[union-attr]
+
+
+def same_guest_data(lab: Lab, old: list[str], new: Path, pw: Path, driver: str = "qcow2") -> None:
+    """qemu-img compare: the new LUKS image shows the guest what the old one did."""
+    opened = (f"driver=luks,file.filename={new},key-secret=s" if driver == "luks"
+              else f"driver=qcow2,file.filename={new},encrypt.key-secret=s")
+    done = run("qemu-img", "compare", "-U", "--object", f"secret,id=s,file={pw}", "--image-opts", *old, opened,
+               check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def start_and_read(name: str, path: Path, reads: list[tuple[int, int, int]]) -> None:
+    """The domain runs, and QEMU reads every (pattern, offset, length) through the disk at ``path``."""
+    assert virsh("domstate", name).stdout.strip() == "running"
+    node = node_of(name, path)
+    for pattern, offset, length in reads:
+        assert qemu_reads(name, node, pattern, offset, length), (pattern, offset)
+    pattern, offset, length = reads[0]
+    assert not qemu_reads(name, node, pattern ^ 0xFF, offset, length)  # the oracle can say no
+
+
+# -- the whole story: dry run, fix, start, read, rerun ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_declared_qcow_disk_with_readable_secret(lab: Lab, tmp_path: Path, backend: str) -> None:
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x33, 0, MIB, pw)
+    lab.write(web, 0x44, 9 * MIB, 512 * 1024, pw)
+    plain = lab.plain_image("data.qcow2")
+    lab.write(plain, 0x5A, MIB, 64 * 1024)
+    secret = lab.secret(PW)
+    name = f"{lab.prefix}-web"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=secret),
+                                       disk_xml("vdb", plain)])
+    refused = virsh("start", name, check=False)
+    assert "old qcow/qcow2 encryption is not supported" in refused.stderr  # what operators see (README)
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+
+    dry = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json", backend=backend)
+    assert dry.returncode == 0, dry.stderr
+    (planned,) = as_json(dry)["domains"]
+    assert planned["status"] == "planned" and planned["xml_backup"] is None
+    assert "+        <encryption format=\"luks\">" in planned["xml_diff"] and "format=\"qcow\"" in planned["xml_diff"]
+    assert [d["target"] for d in planned["disks"]] == ["vda"]
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files  # the dry run changed nothing
+
+    done = qcrypt_domain(lab, tmp_path, name, "--start", "--format", "json", backend=backend)
+    assert done.returncode == 0, done.stderr
+    document = as_json(done)
+    assert document["summary"] == {"migrated": 1, "unchanged": 0, "planned": 0, "skipped": 0, "failed": 0}
+    (result,) = document["domains"]
+    (disk,) = result["disks"]
+    new = lab.folder / "web.luks.qcow2"
+    assert disk["new_path"] == str(new) and disk["secret_uuid"] == secret and disk["secret_created"] is False
+    assert result["started"] is True
+    assert Path(result["xml_backup"]).read_text().strip() == before_xml.strip()  # the old XML, as libvirt had it
+    # the new XML, as libvirt now has it
+    vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.find("source").get("file") == str(new)  # type: ignore[union-attr]
+    assert vda.find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+    enc = vda.find("source/encryption")
+    assert enc is not None and enc.get("format") == "luks" and vda.find("encryption") is None
+    assert enc.find("secret").get("uuid") == secret  # type: ignore[union-attr]
+    assert ET.tostring(disk_of(lab.inactive_xml(name), "vdb")) == ET.tostring(disk_of(before_xml, "vdb"))
+    # the images: the plain disk and the old image untouched, the new one the same guest data (qemu-img)
+    after = lab.files()
+    assert after["data.qcow2"] == before_files["data.qcow2"] and after["web.qcow2"] == before_files["web.qcow2"]
+    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], new, pw)
+    # QEMU inside the running VM reads the guest data through the new disk
+    start_and_read(name, new, [(0x33, 0, MIB), (0x44, 9 * MIB, 512 * 1024), (0x00, 4 * MIB, MIB)])
+    start_and_read(name, plain, [(0x5A, MIB, 64 * 1024)])
+
+    virsh("destroy", name)
+    rerun = qcrypt_domain(lab, tmp_path, name, backend=backend)
+    assert rerun.returncode == 0 and "unchanged" in rerun.stdout and "nothing to do" in rerun.stdout
+    assert lab.files() == after
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Path, backend: str) -> None:
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x61, 3 * MIB, MIB, pw)
+    name = f"{lab.prefix}-noenc"
+    lab.define(name, [disk_xml("vda", web)])  # libvirt accepts it: nothing declares the encryption
+    refused = virsh("start", name, check=False)
+    assert "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators" in refused.stderr
+
+    missing = qcrypt_domain(lab, tmp_path, name, "--format", "json", backend=backend)
+    assert missing.returncode == 2 and "names no libvirt secret" in as_json(missing)["domains"][0]["reason"]
+
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--start", stdin=PW + b"\n",
+                         backend=backend)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "new secret" in done.stdout and "started: the domain is running" in done.stdout
+    assert PW.decode() not in done.stdout + done.stderr
+    new = lab.folder / "web.luks.qcow2"
+    (created,) = lab.qcrypt_secrets()
+    assert f"<volume>{new}</volume>" in virsh("secret-dumpxml", created).stdout  # usage volume = the new path
+    assert "private" in virsh("secret-get-value", created, check=False).stderr  # never readable back
+    enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
+    assert enc is not None and enc.find("secret").get("uuid") == created  # type: ignore[union-attr]
+    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], new, pw)
+    start_and_read(name, new, [(0x61, 3 * MIB, MIB)])
+
+
+def test_legacy_base_under_plain_overlay_is_flattened_to_raw_luks(lab: Lab, tmp_path: Path) -> None:
+    pw = lab.passphrase_file("pw", PW)
+    base = lab.legacy_image("base.qcow2", pw)
+    lab.write(base, 0x21, 0, 2 * MIB, pw)
+    overlay = lab.plain_image("overlay.qcow2", backing=base)
+    lab.write(overlay, 0x22, MIB, 64 * 1024, backing_pw=pw)
+    secret = lab.secret(PW)
+    name = f"{lab.prefix}-chain"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", overlay, encryption="qcow", secret=secret)])
+    done = qcrypt_domain(lab, tmp_path, name, "--format", "json", "--start", "--to", "luks")
+    assert done.returncode == 0, done.stderr
+    (disk,) = as_json(done)["domains"][0]["disks"]
+    assert disk["flatten"] is True and str(base) in disk["legacy_layers"] and disk["to"] == "luks"
+    new = lab.folder / "overlay.luks"
+    info = json.loads(run("qemu-img", "info", "-U", "--output", "json", new).stdout)
+    assert info["format"] == "luks" and "backing-filename" not in info
+    same_guest_data(lab, [f"driver=qcow2,file.filename={overlay},backing.encrypt.key-secret=s"], new, pw, "luks")
+    vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.find("driver").get("type") == "raw"  # type: ignore[union-attr]
+    assert vda.find("backingStore") is None or len(vda.find("backingStore")) == 0  # type: ignore[arg-type]
+    start_and_read(name, new, [(0x21, 0, MIB), (0x22, MIB, 64 * 1024), (0x21, MIB + 64 * 1024, 64 * 1024)])
+
+
+def test_luks_image_still_declared_qcow_gets_only_its_xml_fixed(lab: Lab, tmp_path: Path) -> None:
+    """The image was migrated by hand (it is LUKS) but the XML still says format='qcow', which libvirt
+    refuses: only the XML changes, with the same secret, and no file is written."""
+    passphrase = b"qcrypt luks test passphrase"  # of the qemu-img made fixture (tests/fixtures/manifest.json)
+    pw = lab.passphrase_file("pw", passphrase)
+    image = lab.folder / "web.qcow2"
+    image.write_bytes(gzip.decompress((FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz").read_bytes()))
+    lab.write(image, 0x71, 1536 * 1024, 256 * 1024, pw)
+    name = f"{lab.prefix}-xmlonly"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow", secret=lab.secret(passphrase))])
+    before_files = lab.files()
+    done = qcrypt_domain(lab, tmp_path, name, "--start", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (disk,) = as_json(done)["domains"][0]["disks"]
+    assert disk["xml_only"] is True and disk["new_path"] == str(image)
+    assert lab.files() == before_files
+    enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
+    assert enc is not None and enc.get("format") == "luks"
+    start_and_read(name, image, [(0x71, 1536 * 1024, 256 * 1024)])
+
+
+def test_block_disk_gets_a_file_in_the_output_dir(lab: Lab, tmp_path: Path) -> None:
+    """A legacy image on a block device: without --output-dir a clear error and no change; with it, the new
+    image is a file there, the disk becomes a file disk, the device is untouched and the VM reads the data."""
+    require_tool("losetup")
+    pw = lab.passphrase_file("pw", PW)
+    device = lab.loop_device("lv.img", 48 * MIB)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", device, "32M")
+    lab.write(Path(device), 0x77, 5 * MIB, MIB, pw)
+    name = f"{lab.prefix}-block"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", device, encryption="qcow", secret=lab.secret(PW), block=True)])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    refused = qcrypt_domain(lab, tmp_path, name)
+    assert refused.returncode == 8 and "--output-dir" in refused.stdout
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    out = lab.folder / "out"
+    out.mkdir()
+    done = qcrypt_domain(lab, tmp_path, name, "--output-dir", str(out), "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = out / f"{Path(device).name}.luks.qcow2"
+    vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.get("type") == "file" and vda.find("source").attrib == {"file": str(new)}  # type: ignore[union-attr]
+    assert lab.files()["lv.img"] == before_files["lv.img"]  # the device's bytes are untouched
+    same_guest_data(lab, [f"driver=qcow2,file.filename={device},encrypt.key-secret=s"], new, pw)
+    start_and_read(name, new, [(0x77, 5 * MIB, MIB)])
+
+
+# -- refusals: nothing changes -----------------------------------------------------------------------------------
+
+
+def _two_disk_domain(lab: Lab, second_secret_value: bytes, *, private: bool = False) -> tuple[str, Path]:
+    pw = lab.passphrase_file("pw", PW)
+    first = lab.legacy_image("a.qcow2", pw)
+    lab.write(first, 0x11, 0, MIB, pw)
+    second = lab.legacy_image("b.qcow2", pw)
+    lab.write(second, 0x12, 0, MIB, pw)
+    name = f"{lab.prefix}-two"
+    lab.define_as_after_upgrade(name, [
+        disk_xml("vda", first, encryption="qcow", secret=lab.secret(PW)),
+        disk_xml("vdb", second, encryption="qcow", secret=lab.secret(second_secret_value, private=private)),
+    ])
+    return name, pw
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_private_secret_without_passphrase_file(lab: Lab, tmp_path: Path, backend: str) -> None:
+    name, pw = _two_disk_domain(lab, PW, private=True)
+    before_xml, before_files, secrets = lab.inactive_xml(name), lab.files(), lab.qcrypt_secrets()
+    done = qcrypt_domain(lab, tmp_path, name, backend=backend)
+    assert done.returncode == 2
+    assert "private" in done.stdout and "--passphrase-file" in done.stdout
+    assert "Traceback" not in done.stderr
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    assert lab.qcrypt_secrets() == secrets and not (tmp_path / "backups").exists()
+    # with the passphrase file it goes through (the private secret is kept and reused)
+    fixed = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", backend=backend)
+    assert fixed.returncode == 0, fixed.stderr
+    disks = as_json(fixed)["domains"][0]["disks"]
+    assert [d["passphrase_from"] for d in disks] == ["libvirt secret", "passphrase file"]
+
+
+def test_wrong_passphrase_on_the_second_disk_rolls_everything_back(lab: Lab, tmp_path: Path) -> None:
+    """The first disk migrates, the second one's secret is wrong: nothing is defined, the new file of the
+    first disk is removed, no secret or backup remains."""
+    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    before_xml, before_files, secrets = lab.inactive_xml(name), lab.files(), lab.qcrypt_secrets()
+    done = qcrypt_domain(lab, tmp_path, name, "--format", "json")
+    assert done.returncode == 4, done.stderr
+    (failed,) = as_json(done)["domains"]
+    assert failed["status"] == "failed" and "passphrase is probably wrong" in failed["reason"]
+    assert failed["xml_backup"] is None
+    assert lab.inactive_xml(name) == before_xml
+    assert lab.files() == before_files  # a.luks.qcow2 was written and verified, then removed again
+    assert lab.qcrypt_secrets() == secrets
+    assert not list((tmp_path / "backups").glob("*")) if (tmp_path / "backups").exists() else True
+
+
+def test_replace_rolls_back_then_replaces_in_place(lab: Lab, tmp_path: Path) -> None:
+    """--replace: a failure on the second disk puts the first disk's original back under its name; once the
+    secret is right, both images are replaced in place (originals kept as *.qcrypt-orig) and the VM runs."""
+    name, pw = _two_disk_domain(lab, b"not the passphrase")
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    failed = qcrypt_domain(lab, tmp_path, name, "--replace")
+    assert failed.returncode == 4, failed.stdout + failed.stderr
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    vdb_secret = disk_of(before_xml, "vdb").find("encryption/secret").get("uuid")  # type: ignore[union-attr]
+    virsh("secret-set-value", "--secret", vdb_secret, "--file", "/dev/stdin", "--plain", stdin=PW)
+    done = qcrypt_domain(lab, tmp_path, name, "--replace", "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = lab.files()
+    assert after["a.qcow2.qcrypt-orig"] == before_files["a.qcow2"] != after["a.qcow2"]
+    assert after["b.qcow2.qcrypt-orig"] == before_files["b.qcow2"] != after["b.qcow2"]
+    assert "once the VM is confirmed good" in done.stdout and "a.qcow2.qcrypt-orig" in done.stdout
+    vda = disk_of(lab.inactive_xml(name), "vda")
+    assert vda.find("source").get("file") == str(lab.folder / "a.qcow2")  # type: ignore[union-attr]
+    assert vda.find("source/encryption").get("format") == "luks"  # type: ignore[union-attr]
+    same_guest_data(lab, [f"driver=qcow2,file.filename={lab.folder / 'a.qcow2.qcrypt-orig'},encrypt.key-secret=s"],
+                    lab.folder / "a.qcow2", pw)
+    start_and_read(name, lab.folder / "a.qcow2", [(0x11, 0, MIB)])
+    start_and_read(name, lab.folder / "b.qcow2", [(0x12, 0, MIB)])
+
+
+def test_wrong_passphrase_on_the_only_disk(lab: Lab, tmp_path: Path) -> None:
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x33, 0, MIB, pw)
+    name = f"{lab.prefix}-wrong"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(b"wrong"))])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    done = qcrypt_domain(lab, tmp_path, name)
+    assert done.returncode == 4 and "passphrase is probably wrong" in done.stdout
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+
+
+def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> None:
+    pw = lab.passphrase_file("pw", PW)
+    plain = lab.plain_image("boot.qcow2")
+    web = lab.legacy_image("web.qcow2", pw)
+    name = f"{lab.prefix}-busy"
+    lab.define(name, [disk_xml("vda", plain)])
+    virsh("start", name)
+    lab.define(name, [disk_xml("vda", plain), disk_xml("vdb", web)])  # the next boot's config gets a legacy disk
+    before_files = lab.files()
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json")
+    assert done.returncode == 11, done.stderr
+    (skipped,) = as_json(done)["domains"]
+    assert skipped["status"] == "skipped" and skipped["reason"] == "running: shut it down first"
+    assert lab.files() == before_files
+    virsh("suspend", name)
+    paused = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
+    assert paused.returncode == 11 and "skipped (paused: shut it down first)" in paused.stdout
+    assert lab.files() == before_files
+    # --all --dry-run lists it too (and only plans)
+    listed = qcrypt_domain(lab, tmp_path, "--all", "--dry-run", "--format", "json")
+    names = {d["name"]: d["status"] for d in as_json(listed)["domains"]}
+    assert names[name] == "skipped" and listed.returncode != 0  # 11, or another domain's failure code
+    assert lab.files() == before_files
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_usage_errors(lab: Lab, tmp_path: Path, backend: str) -> None:
+    done = qcrypt_domain(lab, tmp_path, backend=backend)
+    assert done.returncode == 2 and "name one or more domains, or give --all" in done.stderr
+    missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json", backend=backend)
+    assert missing.returncode == 13 and as_json(missing)["domains"][0]["status"] == "failed"
