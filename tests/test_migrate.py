@@ -639,6 +639,7 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
     assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout
 
 
+@pytest.mark.interop
 def test_timings_name_every_phase(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     """--timings prints one stderr line with the seconds of each phase, even with -q."""
     import re
@@ -671,18 +672,18 @@ def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatc
     checked: dict[int, int] = {}
     real_check = mig._check_ranges
 
-    def counting(read: object, ranges: list, table: int, *args: object, **kw: object) -> None:
+    def counting(read: object, ranges: list, table: int, *args: object, **kw: object) -> int:
         checked[table] = checked.get(table, 0) + sum(1 for r in ranges if r[0] == table)
-        real_check(read, ranges, table, *args, **kw)  # type: ignore[arg-type]
+        return real_check(read, ranges, table, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mig, "_check_ranges", counting)
     written: dict[int, int] = {}
     real_verify = mig.verify
 
-    def recording(path: str, key: object, digests: mig.Digests, **kw: object) -> None:
+    def recording(path: str, key: object, digests: mig.Digests, **kw: object) -> int:
         for table, *_ in digests.ranges:
             written[table] = written.get(table, 0) + 1
-        real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
+        return real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mig, "verify", recording)
     opts = mig.MigrateOptions(target="qcow2-luks", output=str(tmp_path / "out.qcow2"), passphrase=passphrase,
