@@ -26,7 +26,38 @@ from qcrypt.crypto.sector import (
 )
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
 from tests._compare import assert_same_bytes
-from tests.conftest import require_tool
+from tests.conftest import IN_CI, require_tool
+
+
+@pytest.fixture(autouse=True, scope="module", params=["native", "numpy"])
+def xts_path(request: pytest.FixtureRequest) -> Any:
+    """Every test here runs twice: XTS through the compiled accelerator (qcrypt/crypto/_xts.c) and through
+    the numpy path, which must give the same bytes. CI must have built the accelerator."""
+    if request.param == "native" and not sector.native_xts_available():
+        if IN_CI:
+            pytest.fail("the XTS accelerator (qcrypt/crypto/_xts.c) was not built: CI must test it")
+        pytest.skip("XTS accelerator not built (needs gcc, python3-dev, libssl-dev at install)")
+    previous = sector.use_native_xts(request.param == "native")
+    yield request.param
+    sector.use_native_xts(previous)
+
+
+def test_the_chosen_xts_path_is_the_one_used(xts_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = sector._native_xts_crypt
+
+    def counting(*args: Any) -> None:
+        calls.append(1)
+        real(*args)  # type: ignore[misc]
+
+    if real is not None:
+        monkeypatch.setattr(sector, "_native_xts_crypt", counting)
+    key = bytes(range(64))
+    data = os.urandom(8 * SECTOR_SIZE)
+    for mode in ("xts-plain64", "xts-plain"):
+        cipher = make_sector_cipher("aes", mode, key)
+        assert cipher.decrypt(cipher.encrypt(data, 3), 3) == data
+    assert len(calls) == (4 if xts_path == "native" else 0)
 
 SECTOR_LIMIT = 1 << 64
 

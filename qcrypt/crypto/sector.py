@@ -47,6 +47,7 @@ until they are garbage-collected. Reprs never show keys.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -60,6 +61,24 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from qcrypt.crypto._gf import BLOCKS_PER_SECTOR, U64Array, tweak_table
 from qcrypt.crypto.secret import wipe as wipe_buffer
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
+
+try:  # optional accelerator: OpenSSL's XTS over many sectors per call (setup.py builds it when it can)
+    from qcrypt.crypto._xts import xts_crypt as _native_xts_crypt
+except ImportError:  # no compiler or OpenSSL headers at install time: the numpy path gives the same bytes
+    _native_xts_crypt = None
+_native_xts = {"enabled": _native_xts_crypt is not None and not os.environ.get("QCRYPT_PURE_PYTHON")}
+
+
+def native_xts_available() -> bool:
+    """Whether the compiled XTS accelerator is installed (it is used unless QCRYPT_PURE_PYTHON is set)."""
+    return _native_xts_crypt is not None
+
+
+def use_native_xts(enabled: bool) -> bool:
+    """Turn the accelerator on or off for this process (tests compare both paths); returns the old setting."""
+    previous = _native_xts["enabled"]
+    _native_xts["enabled"] = enabled and _native_xts_crypt is not None
+    return previous
 
 __all__ = [
     "CHUNK_SECTORS",
@@ -409,16 +428,37 @@ class _XtsCipher(SectorCipher):
         self._data_aes = _AesEcb(key_view[:half])
         self._tweak_aes = _AesEcb(key_view[half:])
         self._iv_gen = iv_gen
+        # the accelerator knows the counter IVs only (plain64, plain); ESSIV tweaks take the numpy path
+        self._native_key: bytearray | None = bytearray(key) if iv_gen.name in ("plain64", "plain") else None
 
     def wipe(self) -> None:
         self._data_aes.wipe()
         self._tweak_aes.wipe()
+        self._drop_native_key()
+
+    def _drop_native_key(self) -> None:
+        if self._native_key is not None:
+            wipe_buffer(self._native_key)
+            self._native_key = None
 
     def _encrypt_chunk(self, source: memoryview, first_sector: int, out_words: U64Array) -> None:
-        self._xts(self._data_aes.encryptor(), source, first_sector, out_words)
+        if not self._native(source, first_sector, out_words, encrypt=True):
+            self._xts(self._data_aes.encryptor(), source, first_sector, out_words)
 
     def _decrypt_chunk(self, source: memoryview, first_sector: int, out_words: U64Array) -> None:
-        self._xts(self._data_aes.decryptor(), source, first_sector, out_words)
+        if not self._native(source, first_sector, out_words, encrypt=False):
+            self._xts(self._data_aes.decryptor(), source, first_sector, out_words)
+
+    def _native(self, source: memoryview, first_sector: int, out: U64Array, *, encrypt: bool) -> bool:
+        """The chunk through the accelerator, if installed and enabled; False: use the numpy path."""
+        if self._native_key is None or not _native_xts["enabled"] or _native_xts_crypt is None:
+            return False
+        try:
+            _native_xts_crypt(self._native_key, source, out, first_sector, encrypt, self._iv_gen.name == "plain")
+        except ValueError:  # e.g. identical key halves, which OpenSSL refuses to encrypt with
+            self._drop_native_key()
+            return False
+        return True
 
     def _xts(self, data_context: CipherContext, source: memoryview, first_sector: int, out: U64Array) -> None:
         n = len(source) // SECTOR_SIZE
