@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from qcrypt.crypto.kdf import (
 )
 from qcrypt.crypto.secret import secret, wipe
 from qcrypt.errors import UnsupportedFeatureError
+from tests._pbkdf import measured_rate
 
 KAT = [
     pytest.param("sha1", b"password", b"salt", 1, 20, "0c60c80f961f0e71f3a9b524af6012062fe037a6", id="rfc6070-1"),
@@ -63,29 +63,17 @@ def test_supported_hashes_include_luks_basics() -> None:
     assert digest_size("sha512") == 64
 
 
-def _measured_rate(hash_name: str, key_bytes: int) -> float:
-    """PBKDF2 iterations per CPU second, timed here with hashlib directly (about 0.1 s)."""
-    iterations = 20_000
-    while True:
-        start = time.thread_time()
-        hashlib.pbkdf2_hmac(hash_name, b"password", bytes(32), iterations, key_bytes)
-        elapsed = time.thread_time() - start
-        if elapsed >= 0.05:
-            return iterations / elapsed
-        iterations *= 4
-
-
 def test_benchmark_is_short_and_positive() -> None:
     start = time.perf_counter()
     rate = benchmark_pbkdf2("sha256", 64)
     assert time.perf_counter() - start < 2.0
-    reference = _measured_rate("sha256", 64)
+    reference = measured_rate("sha256", 64)
     assert reference / 3 <= rate <= reference * 3, (rate, reference)
 
 
 def test_iterations_for_respects_minimum_and_scale() -> None:
     assert iterations_for("sha1", 32, 1, minimum=10**8) == 10**8
-    expected = _measured_rate("sha512", 64) * 10 // 1000
+    expected = measured_rate("sha512", 64) * 10 // 1000
     assert max(1000, expected // 3) <= iterations_for("sha512", 64, 10) <= max(1000, expected * 3)
     assert scale_iterations(400_000, 2000, 1000) == 800_000
     assert scale_iterations(400_000, 125, 1000) == 50_000

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import random
@@ -22,6 +21,7 @@ from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, Qcryp
 from qcrypt.formats import luks1 as fmt
 from tests._compare import assert_same_bytes
 from tests._images import CPU_USAGE_ATTEMPTS
+from tests._pbkdf import measured_rate
 
 PASSPHRASE = "pässwörd 1\n".encode()  # byte exact: non-ASCII and a trailing newline are part of it
 OTHER_PASSPHRASE = b"another one"
@@ -222,18 +222,6 @@ def test_layout_matches_cryptsetup(cryptsetup: str, tmp_path: Path, cipher: str,
     assert bytes(area[fmt.PHDR_SIZE:8 * 512]) == bytes(8 * 512 - fmt.PHDR_SIZE)
 
 
-def _measured_rate(hash_name: str, key_bytes: int) -> float:
-    """PBKDF2 iterations per CPU second, timed with hashlib directly."""
-    iterations = 20_000
-    while True:
-        start = time.thread_time()
-        hashlib.pbkdf2_hmac(hash_name, b"password", bytes(32), iterations, key_bytes)
-        elapsed = time.thread_time() - start
-        if elapsed >= 0.05:
-            return iterations / elapsed
-        iterations *= 4
-
-
 def test_create_defaults_and_benchmarked_iterations() -> None:
     params = luks.LuksParams(iter_time_ms=20)
     master_key = luks.new_master_key(64)
@@ -241,7 +229,7 @@ def test_create_defaults_and_benchmarked_iterations() -> None:
     assert (header.cipher, header.key_bits, header.hash_spec, header.payload_offset) == (
         "aes-xts-plain64", 512, "sha256", 4096)
     assert [s.key_material_offset for s in header.keyslots] == [8 + 504 * i for i in range(8)]
-    rate = _measured_rate(header.hash_spec, header.key_bytes)  # timed here, independently of kdf's benchmark
+    rate = measured_rate(header.hash_spec, header.key_bytes)  # timed here, independently of kdf's benchmark
     assert max(1000, rate * 0.020 / 3) <= header.keyslots[0].iterations <= max(1000, rate * 0.020 * 3)
     assert max(1000, rate * 0.125 / 3) <= header.mk_digest_iter <= max(1000, rate * 0.125 * 3)
     assert header.uuid == header.uuid.lower() and len(header.uuid) == 36
