@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import IN_CI
+from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTION = REPO / "ansible"
@@ -34,13 +32,7 @@ RECAP_FIELDS = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", 
 
 def ansible_tool(name: str) -> str:
     """An ansible-core command installed next to this Python (the test extra); missing fails in CI."""
-    found = shutil.which(name, path=str(VENV_BIN)) or shutil.which(name)
-    if found:
-        return found
-    if IN_CI:
-        pytest.fail(f"{name} is required in CI (pip install -e '.[test]' installs ansible-core)")
-    pytest.skip(f"{name} not installed (pip install -e '.[test]')")
-    raise AssertionError  # unreachable
+    return require_tool(name, first_in=str(VENV_BIN), hint=" (pip install -e '.[test]' installs ansible-core)")
 
 
 def qcrypt_command() -> str:

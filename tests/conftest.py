@@ -79,16 +79,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                            "the interop marker (add @pytest.mark.interop)")
 
 
-def require_tool(name: str) -> str:
-    """Path of ``name``; skip outside CI when missing, fail in CI (interop tests must run there)."""
+def require_tool(name: str, *, first_in: str | None = None, hint: str = "") -> str:
+    """Path of ``name`` (looked up in ``first_in`` first, then PATH and the sbin folders); skip outside CI when
+    missing, fail in CI (interop tests must run there). ``hint`` says how to install it."""
     if _current["item"] is not None:
         _current["tools"].add(name)
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
+    found = ((first_in and shutil.which(name, path=first_in)) or shutil.which(name)
+             or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin"))
     if found:
         return found
     if IN_CI:
-        pytest.fail(f"{name} is required in CI but was not found")
-    pytest.skip(f"{name} not installed")
+        pytest.fail(f"{name} is required in CI but was not found{hint}")
+    pytest.skip(f"{name} not installed{hint}")
     raise AssertionError  # unreachable
 
 

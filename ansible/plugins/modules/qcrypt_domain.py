@@ -71,17 +71,8 @@ options:
     description:
       - File on the managed host holding that passphrase (one trailing newline is ignored).
     type: path
-  executable:
-    description:
-      - Path of the C(qcrypt) command on the managed host.
-      - By default C(qcrypt) is looked up in E(PATH), then in C(/opt/qcrypt/bin) (where the
-        P(qcrypt.qcrypt.install#role) role installs it).
-    type: path
-  timeout:
-    description:
-      - Seconds after which qcrypt is stopped (it then removes its unfinished files) and the task fails.
-    type: int
-    default: 3600
+extends_documentation_fragment:
+  - qcrypt.qcrypt.qcrypt_cli
 attributes:
   check_mode:
     support: full

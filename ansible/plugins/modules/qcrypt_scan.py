@@ -37,17 +37,8 @@ options:
       - Also return the report as the host fact C(qcrypt_scan).
     type: bool
     default: false
-  executable:
-    description:
-      - Path of the C(qcrypt) command on the managed host.
-      - By default C(qcrypt) is looked up in E(PATH), then in C(/opt/qcrypt/bin) (where the
-        P(qcrypt.qcrypt.install#role) role installs it).
-    type: path
-  timeout:
-    description:
-      - Seconds after which the scan is stopped and the task fails.
-    type: int
-    default: 3600
+extends_documentation_fragment:
+  - qcrypt.qcrypt.qcrypt_cli
 attributes:
   check_mode:
     support: full
