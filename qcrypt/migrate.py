@@ -24,7 +24,7 @@ from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, Ver
 from qcrypt.imagefile import RawFile, open_image_file
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
-from qcrypt.outputs import AtomicOutput, Finalized, io_error
+from qcrypt.outputs import AtomicOutput, Finalized, Placement, io_error
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
@@ -57,6 +57,7 @@ class MigrateOptions:
     chunk_bytes: int = CHUNK_BYTES
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
+    keep_placement: bool = False  # the result's placement stays open (the caller undoes or closes it)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class MigrateResult:
     plausibility: str | None = None
     luks_carried_over: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
+    placement: Placement | None = field(default=None, repr=False)  # with opts.keep_placement: close() it
 
 
 class PhaseTimer:
@@ -732,10 +734,11 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
             refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
             for layer in plan_.report["backing_chain"]:
                 refuse_if_in_use(layer["path"])
-        return _migrate_locked(source, plan_, opts, timer)
+        return _migrate_locked(source, plan_, opts, timer, source_lock.fileno())
 
 
-def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer) -> MigrateResult:
+def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, source_fd: int
+                    ) -> MigrateResult:
     verdict = None
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
@@ -745,10 +748,14 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         with timer("LUKS setup"):
             luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
     try:
-        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out, timer)
+        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out, timer,
+                                                                            source_fd)
     finally:
         if luks_out:
             luks_out.wipe()
+    if final.placement is not None and not opts.keep_placement:
+        final.placement.close()
+        final.placement = None
     return MigrateResult(
         source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
         verified=compared == recorded, verified_bytes=compared,
@@ -756,15 +763,17 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         original_kept=final.original_kept,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
+        placement=final.placement,
     )
 
 
-def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer
-                         ) -> tuple[Finalized, int, int, tuple[int, int]]:
+def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer,
+                         source_fd: int) -> tuple[Finalized, int, int, tuple[int, int]]:
     """Write to a temp file, read it back (verify), and only then give it its final name.
     The last item is (guest bytes verification accounted for, guest bytes written and recorded)."""
-    with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
-        out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
+    with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace,
+                      source_fd=source_fd) as out:
+        out.copy_ownership_from(os.fstat(source_fd), plaintext_from_encrypted=luks_out is None
                                 and _is_encrypted(plan_.report))
         with timer("write"):
             digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
@@ -783,7 +792,7 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
             raise VerificationError(f"{plan_.final_path}: only {compared} of {digests.total_bytes} bytes were "
                                     "read back; the output was not kept")
         with timer("commit"):
-            return out.commit(plan_.source), data_bytes, size, (compared, digests.total_bytes)
+            return out.commit(), data_bytes, size, (compared, digests.total_bytes)
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:
