@@ -24,7 +24,7 @@ from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, Ver
 from qcrypt.imagefile import RawFile, open_image_file
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
-from qcrypt.outputs import AtomicOutput, Finalized, Placement, io_error
+from qcrypt.outputs import AtomicOutput, Finalized, Placement, file_id, io_error
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
@@ -70,13 +70,15 @@ class MigrateResult:
     verified: bool  # the output was read back and matched the source (verified_bytes accounted for)
     verified_bytes: int = 0
     luks: dict[str, Any] | None = None
-    original_kept: str | None = None
+    original_kept: str | None = None  # --replace: NAME.qcrypt-orig, checked to be the source read at the end
+    original_changed: bool = False  # --replace: NAME.qcrypt-orig is no longer the source qcrypt read
     snapshots: list[str] = field(default_factory=list)
     backing_file: str | None = None
     plausibility: str | None = None
     luks_carried_over: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
     placement: Placement | None = field(default=None, repr=False)  # with opts.keep_placement: close() it
+    source_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the source file qcrypt opened and read
 
 
 class PhaseTimer:
@@ -753,17 +755,20 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
     finally:
         if luks_out:
             luks_out.wipe()
-    if final.placement is not None and not opts.keep_placement:
-        final.placement.close()
-        final.placement = None
+    original_changed = False
+    if final.placement is not None:
+        original_changed = final.original_kept is not None and not final.placement.original_intact()
+        if not opts.keep_placement:
+            final.placement.close()
+            final.placement = None
     return MigrateResult(
         source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
         verified=compared == recorded, verified_bytes=compared,
         luks=luks_out.resolve()[0].describe() if luks_out else None,
-        original_kept=final.original_kept,
+        original_kept=final.original_kept, original_changed=original_changed,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
-        placement=final.placement,
+        placement=final.placement, source_id=file_id(os.fstat(source_fd)),
     )
 
 
