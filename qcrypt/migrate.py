@@ -20,8 +20,8 @@ from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
-from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
-from qcrypt.imagefile import RawFile, open_image_file
+from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, QcryptIOError, VerificationError
+from qcrypt.imagefile import RawFile, open_image_file, pinned
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
 from qcrypt.outputs import AtomicOutput, Finalized, Placement, file_id, io_error
@@ -728,10 +728,16 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     """Migrate ``source`` as ``opts`` say. The source is never modified."""
     source = os.fspath(source)
     timer = PhaseTimer()
-    with timer("plan"):
-        plan_ = plan(source, opts)
-    with open_image_file(source) as source_lock:  # held until the end: QEMU cannot start writing the source
+    # Opened once, first, and held until the end (QEMU cannot start writing the source); every later open of
+    # the source's name must reach this very file (a tenant's swap of the name fails the migration).
+    try:
+        source_lock = open_image_file(source)
+    except (OSError, FormatError):
+        plan(source, opts)  # says why the source cannot be migrated, as for any other unreadable image
+        raise
+    with source_lock, pinned(source, source_lock.fileno()):
         with timer("plan"):
+            plan_ = plan(source, opts)
             hold_shared_locks(source_lock.fileno(), writing=False)
             refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
             for layer in plan_.report["backing_chain"]:

@@ -152,6 +152,32 @@ def test_replace_in_the_tenants_own_folder_names_the_checked_original(tmp_path: 
 
 
 @pytest.mark.interop
+def test_source_swapped_after_it_was_opened_is_never_read(tmp_path: Path, users: Users,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """After qcrypt opened the source (and checked the passphrase), the tenant puts a symlink to a root-only file
+    under its name: the migration must not read that file into the tenant's output."""
+    folder = tmp_path / "tenant"
+    source, pw = tenant_image(folder, users)
+    secret = root_only_file(tmp_path)
+    secret.write_bytes(b"ROOT-ONLY-SECRET" * 4096)
+    out = folder / "out.raw"
+    original = migration.check_legacy_passphrase
+
+    def check_then_swap(*args: Any, **kwargs: Any) -> Any:
+        verdict = original(*args, **kwargs)
+        source.rename(folder / "moved.qcow2")
+        source.symlink_to(secret)
+        return verdict
+
+    monkeypatch.setattr(migration, "check_legacy_passphrase", check_then_swap)
+    done = run_migrate(str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw))
+    assert not out.exists() or b"ROOT-ONLY-SECRET" not in out.read_bytes()
+    assert done.exit_code == EXIT_UNSAFE_PATH, done.output
+    assert "is no longer the file qcrypt opened" in done.output
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.interop
 def test_thousands_of_precreated_temp_names_do_not_stop_migrate(tmp_path: Path, users: Users) -> None:
     """A tenant pre-creates 3,000 temp names (among them the one this very process would have used): migrate
     still works, and none of the tenant's files is removed by root."""
