@@ -116,9 +116,10 @@ def _has_acl(folder_fd: int) -> bool:
 
 
 def other_writers(st: os.stat_result, owner_uid: int, *, folder_fd: int | None = None) -> str | None:
-    """Who besides root and ``owner_uid`` could rename or remove another user's entries in a folder with this
-    stat (None: nobody). A sticky folder lets a writer touch only their own entries (and its owner all)."""
-    allowed = {0, owner_uid}
+    """Who besides root, ``owner_uid`` and the user running qcrypt could rename or remove another user's entries
+    in a folder with this stat (None: nobody). A sticky folder lets a writer touch only their own entries (and
+    its owner all)."""
+    allowed = {0, owner_uid, os.geteuid()}
     if st.st_uid not in allowed:
         return f"its owner (uid {st.st_uid})"
     if st.st_mode & stat.S_ISVTX:

@@ -267,3 +267,21 @@ def test_stale_temp_cleanup_touches_only_its_own_debris(tmp_path: Path, users: U
     assert secret.read_bytes().startswith(b"root:")
     with contextlib.suppress(FileNotFoundError):
         hard_link.unlink()
+
+
+def _folder_stat(uid: int, gid: int, mode: int) -> os.stat_result:
+    return os.stat_result((stat.S_IFDIR | mode, 1, 1, 2, uid, gid, 4096, 0, 0, 0))
+
+
+def test_who_else_can_write_a_folder(users: Users) -> None:
+    """The rule behind the refusal, case by case (root runs qcrypt; the tenant owns the image)."""
+    from qcrypt.outputs import other_writers
+
+    t = users.tenant
+    assert other_writers(_folder_stat(0, 0, 0o755), t) is None
+    assert other_writers(_folder_stat(t, users.tenant_gid, 0o775), t) is None  # the tenant's own group
+    assert other_writers(_folder_stat(0, 0, 0o1777), t) is None  # sticky: others touch only their own entries
+    assert other_writers(_folder_stat(0, 0, 0o777), t) == "every user"
+    assert users.group_name in str(other_writers(_folder_stat(0, users.group, 0o770), t))
+    assert other_writers(_folder_stat(users.other, users.other, 0o700), t) == f"its owner (uid {users.other})"
+    assert other_writers(_folder_stat(users.other, users.other, 0o1777), t) is not None  # its owner renames all
