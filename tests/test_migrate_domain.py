@@ -364,6 +364,34 @@ def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tm
     assert not (lab.folder / "a.qcow2.qcrypt-orig").exists()
 
 
+def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file before disk b fails: the undo must
+    not move that symlink under a.qcow2 (the domain would open the root-only file), and it says what it could
+    not undo."""
+    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    target = _root_only_file(lab)
+    first, kept = lab.folder / "a.qcow2", lab.folder / "a.qcow2.qcrypt-orig"
+    real_migrate = domain_migrate.migrate_image
+
+    def migrate_image(source: str, opts: MigrateOptions) -> MigrateResult:
+        if source.endswith("b.qcow2"):
+            kept.rename(lab.folder / "a-moved.qcow2")
+            kept.symlink_to(target)
+        return real_migrate(source, opts)
+
+    monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
+    outcome = _migrate_in_process(lab, tmp_path, name)
+    assert outcome.status == "failed"
+    assert not first.is_symlink() and first.read_bytes()[:4] == b"QFI\xfb"  # still qcrypt's new image
+    assert target.read_bytes().startswith(b"root:")
+    assert len(outcome.undo_errors) == 1 and "no longer the original" in outcome.undo_errors[0]
+    printed = StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_outcome(outcome)
+    assert "NOT undone" in printed.getvalue()
+
+
 def test_advice_never_names_an_original_the_tenant_swapped(lab: Lab, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """After the originals were kept, the tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file:

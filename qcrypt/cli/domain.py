@@ -155,6 +155,8 @@ def print_outcome(o: DomainOutcome) -> None:
             made = "new secret" if d.secret_created else "existing secret"
             frm = f", passphrase from the {d.passphrase_from}" if d.passphrase_from else ""
             click.echo(f"      {made} {d.secret_uuid}{frm}")
+    for problem in o.undo_errors:
+        click.echo(f"  NOT undone: {problem}")
     if o.status == "planned":
         _print_plan(o)
     if o.status == "migrated":

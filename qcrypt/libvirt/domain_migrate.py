@@ -107,6 +107,7 @@ class DomainOutcome:
     xml_diff: str = ""
     started: bool | None = None
     start_error: str | None = None
+    undo_errors: list[str] = field(default_factory=list)  # what a failed run could not put back, and why
     space: list[str] = field(default_factory=list)
     estimated_seconds: float | None = None
     error: QcryptError | None = field(default=None, repr=False)
@@ -115,7 +116,7 @@ class DomainOutcome:
         return {"name": self.name, "status": self.status, "reason": self.reason,
                 "disks": [d.as_dict() for d in self.disks], "xml_backup": self.xml_backup,
                 "xml_diff": self.xml_diff, "started": self.started, "start_error": self.start_error,
-                "free_space": self.space, "estimated_seconds": self.estimated_seconds}
+                "free_space": self.space, "estimated_seconds": self.estimated_seconds, "undo_errors": self.undo_errors}
 
 
 # -- which disks -------------------------------------------------------------------------------------------------
@@ -289,19 +290,26 @@ class _Run:
     secrets: list[str] = field(default_factory=list)
     backup: str | None = None
 
-    def undo(self) -> None:
+    def undo(self) -> list[str]:
         """Put every original back under its name (--replace) or remove the new image: through the folder
-        descriptor opened before the migration, on names checked by inode, never on a path resolved again."""
+        descriptor opened before the migration, on names checked by inode, never on a path resolved again.
+        Returns what could not be undone, and why."""
+        problems = []
         for plan in reversed(self.outputs):
             if plan.placement is not None:
-                with contextlib.suppress(OSError, UnsafePathError):
+                try:
                     plan.placement.undo()
+                except UnsafePathError as e:
+                    problems.append(str(e))
+                except OSError as e:
+                    problems.append(f"disk {plan.target}: {e.strerror or e}")
         for uuid in self.secrets:
             with contextlib.suppress(LibvirtError):
                 self.conn.undefine_secret(uuid)
         if self.backup:
             with contextlib.suppress(OSError):
                 os.unlink(self.backup)
+        return problems
 
     def close(self) -> None:
         for plan in self.outputs:
@@ -352,7 +360,7 @@ def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: D
             run.backup = save_backup(old_xml, name, opts.backup_dir)
             conn.define_xml(new_text)
         except BaseException:
-            run.undo()
+            outcome.undo_errors = run.undo()
             raise
         for plan in outcome.disks:
             _check_old_images(plan)
