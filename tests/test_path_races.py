@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from qcrypt import migrate as migration
+from qcrypt import outputs
 from qcrypt.cli.migrate import migrate as migrate_command
 from qcrypt.migrate import MigrateOptions
 from qcrypt.outputs import remove_stale_temps, temp_name_for
@@ -149,6 +150,30 @@ def test_replace_in_the_tenants_own_folder_names_the_checked_original(tmp_path: 
     kept = folder / "disk.qcow2.qcrypt-orig"
     assert kept.read_bytes() == before and f"shred -u {kept}" in done.output
     assert source.stat().st_uid == users.tenant  # the output keeps the image's owner
+
+
+@pytest.mark.interop
+def test_advice_never_names_an_original_swapped_after_the_commit(tmp_path: Path, users: Users,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after the commit the tenant swaps disk.qcow2.qcrypt-orig for a symlink to a root-only file: the
+    printed summary gives no 'shred -u' and says why."""
+    folder = tmp_path / "tenant"
+    source, pw = tenant_image(folder, users)
+    secret = root_only_file(tmp_path)
+    kept = folder / "disk.qcow2.qcrypt-orig"
+
+    class Swapping(outputs.AtomicOutput):
+        def commit(self, *args: Any) -> outputs.Finalized:
+            done = super().commit(*args)
+            kept.rename(folder / "moved.qcow2")
+            kept.symlink_to(secret)
+            return done
+
+    monkeypatch.setattr(migration, "AtomicOutput", Swapping)
+    done = run_migrate(str(source), "--to", "qcow2-luks", "--replace", "--passphrase-file", str(pw), *FAST)
+    assert done.exit_code == 0, done.output
+    assert "shred" not in done.output and "no longer holds the file qcrypt read" in done.output
+    assert secret.read_bytes().startswith(b"root:")
 
 
 @pytest.mark.interop
