@@ -26,13 +26,23 @@ from qcrypt.cli.migrate import migrate as migrate_command
 from qcrypt.migrate import MigrateOptions
 from qcrypt.outputs import remove_stale_temps, temp_name_for
 from tests import _images as im
+from tests.conftest import IN_CI
 
 PASSPHRASE = "correct horse battery staple, longer than 16 bytes"
 SIZE = 1 << 20
 FAST = ["--pbkdf-force-iterations", "1000"]
 EXIT_UNSAFE_PATH = 14
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (qcrypt's setting: root over tenant files)")
+
+
+@pytest.fixture(autouse=True)
+def _as_root() -> None:
+    """These tests need root (qcrypt's setting: root over tenant files) to make users and chown to them; in CI
+    their absence is a failure, not a skip."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the path race tests must run as root in CI")
+        pytest.skip("needs root")
 
 
 @dataclass
