@@ -12,6 +12,7 @@ import secrets
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ PASSPHRASE = "correct horse battery staple, longer than 16 bytes"
 SIZE = 1 << 20
 FAST = ["--pbkdf-force-iterations", "1000"]
 EXIT_UNSAFE_PATH = 14
-
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +63,7 @@ def users() -> Iterator[Users]:
     try:
         for words in (["groupadd", group], ["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", tenant],
                       ["useradd", "-M", "-N", "-G", group, "-s", "/usr/sbin/nologin", other]):
-            subprocess.run(words, check=True, capture_output=True, timeout=60)
+            _user_db(words)
             made.append(words)
         yield Users(pwd.getpwnam(tenant).pw_uid, pwd.getpwnam(tenant).pw_gid, pwd.getpwnam(other).pw_uid,
                     _gid(group), group)
@@ -71,6 +71,18 @@ def users() -> Iterator[Users]:
         for words in reversed(made):
             undo = ["groupdel", words[1]] if words[0] == "groupadd" else ["userdel", words[-1]]
             subprocess.run(undo, capture_output=True, timeout=60, check=False)
+
+
+def _user_db(words: list[str]) -> None:
+    """Run a useradd/groupadd, again while another process holds the user database's lock (exit 1 or 10)."""
+    deadline = time.monotonic() + 30
+    while True:
+        done = subprocess.run(words, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode == 0:
+            return
+        if done.returncode not in (1, 10) or time.monotonic() > deadline:
+            raise AssertionError(f"{words}: exit {done.returncode}: {done.stderr.strip()}")
+        time.sleep(0.2)
 
 
 def _gid(name: str) -> int:
