@@ -271,6 +271,7 @@ class AtomicOutput:
         self.overwrite = overwrite
         self.replace_source = replace_source
         self.committed = False
+        self._ownership: tuple[int, int, int] | None = None  # (mode, uid, gid) the output gets at the commit
         self.source_fd = source_fd
         self.source_st = os.fstat(source_fd) if source_fd is not None else None
         if replace_source and self.source_st is None:
@@ -329,11 +330,21 @@ class AtomicOutput:
 
     def copy_ownership_from(self, st: os.stat_result, *, plaintext_from_encrypted: bool = False) -> None:
         """Permission bits never wider than the source's (``st``: its fstat), and owner-only for a decrypted copy
-        of an encrypted image; owner and group kept when we may."""
+        of an encrypted image; owner and group kept when we may. Applied by :meth:`commit`: until then the
+        temporary file stays ours and 0600, so nobody else can open it while it is written and verified (and
+        the debris of a killed run is recognisably ours)."""
         mode = stat.S_IMODE(st.st_mode) & 0o777
-        os.fchmod(self.file.fileno(), mode & 0o600 if plaintext_from_encrypted else mode)
+        self._ownership = (mode & 0o600 if plaintext_from_encrypted else mode, st.st_uid, st.st_gid)
+
+    def _apply_ownership(self) -> None:
+        if self._ownership is None:
+            return
+        mode, uid, gid = self._ownership
+        fd = self.file.fileno()
         with contextlib.suppress(PermissionError):
-            os.fchown(self.file.fileno(), st.st_uid, st.st_gid)
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)  # after the chown, which may clear set-id bits
+        os.fsync(fd)
 
     def sync(self) -> None:
         try:
@@ -361,6 +372,7 @@ class AtomicOutput:
             if not is_file_at(self.folder_fd, self.temp_name, self.temp_id):
                 raise UnsafePathError(f"{self.temp_path} is no longer the file qcrypt wrote (it was renamed or "
                                       "replaced meanwhile); nothing was replaced")
+            self._apply_ownership()
             if self.replace_source:
                 self._keep_original()
                 os.rename(self.temp_name, self.name, src_dir_fd=self.folder_fd, dst_dir_fd=self.folder_fd)

@@ -225,6 +225,25 @@ def test_source_swapped_after_it_was_opened_is_never_read(tmp_path: Path, users:
 
 
 @pytest.mark.interop
+def test_the_tenant_cannot_open_the_output_before_it_is_committed(tmp_path: Path, users: Users,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """While written and verified, the temporary output is root's and 0600 (the tenant could otherwise change it
+    between verification and commit); at the commit it gets the image owner's ownership and mode."""
+    folder = tmp_path / "tenant"
+    source, pw = tenant_image(folder, users)
+    source.chmod(0o640)
+    seen: list[os.stat_result] = []
+    _after_verify(monkeypatch, lambda: seen.extend(p.stat() for p in folder.iterdir() if p.name.endswith(".tmp")))
+    done = run_migrate(str(source), "--to", "luks", "-o", str(folder / "out.luks"), "--passphrase-file", str(pw),
+                       *FAST)
+    assert done.exit_code == 0, done.output
+    (temp,) = seen
+    assert temp.st_uid == 0 and stat.S_IMODE(temp.st_mode) == 0o600
+    out = (folder / "out.luks").stat()
+    assert (out.st_uid, out.st_gid, stat.S_IMODE(out.st_mode)) == (users.tenant, users.tenant_gid, 0o640)
+
+
+@pytest.mark.interop
 def test_thousands_of_precreated_temp_names_do_not_stop_migrate(tmp_path: Path, users: Users) -> None:
     """A tenant pre-creates 3,000 temp names (among them the one this very process would have used): migrate
     still works, and none of the tenant's files is removed by root."""
