@@ -161,7 +161,7 @@ def refuse_shared_folder(folder_fd: int, folder: str, owner_uid: int) -> None:
         raise UnsafePathError(
             f"{folder} is writable by {who}, not only by root and the image's owner ({_user_name(owner_uid)}): "
             "names there could be swapped while qcrypt renames and links them. Remove the others' write access "
-            "(or set the sticky bit), or migrate to a private folder with -o")
+            "(or set the sticky bit), or write the output to a private folder")
 
 
 def _lstat_at(folder_fd: int, name: str) -> os.stat_result | None:
