@@ -75,3 +75,8 @@ class SecretPrivateError(LibvirtError):
 
 class DomainActiveError(QcryptError):
     """The domain is running or paused: its disks cannot be migrated until it is shut down."""
+
+
+class UnsafePathError(QcryptError):
+    """A folder qcrypt would rename or link in is writable by users other than root and the image's owner, or
+    a file changed under its name while qcrypt worked: nothing was renamed, linked or replaced."""

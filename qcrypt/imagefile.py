@@ -6,9 +6,10 @@ import contextlib
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from typing import BinaryIO, TypeVar
 
-from qcrypt.errors import FormatError
+from qcrypt.errors import FormatError, UnsafePathError
 from qcrypt.formats._parse import file_size_of
 
 T = TypeVar("T", bound="ImageFile")
@@ -33,13 +34,38 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
     return b"".join(pieces)
 
 
+_PINNED: dict[str, tuple[int, int]] = {}  # abspath -> (st_dev, st_ino) every open of it must reach
+
+
+@contextlib.contextmanager
+def pinned(path: str, fd: int) -> Iterator[None]:
+    """While active, every :func:`open_image_file` of ``path`` must reach the file open as ``fd`` (a name that
+    now leads elsewhere, e.g. a tenant's symlink swapped in, raises UnsafePathError): a path resolved once."""
+    key = os.path.abspath(path)
+    st = os.fstat(fd)
+    previous = _PINNED.get(key)
+    _PINNED[key] = (st.st_dev, st.st_ino)
+    try:
+        yield
+    finally:
+        if previous is None:
+            _PINNED.pop(key, None)
+        else:
+            _PINNED[key] = previous
+
+
 def open_image_file(path: str) -> BinaryIO:
     """Open ``path`` for reading only if it is a regular file or a block device.
 
     Opened non-blocking first, so a FIFO (or a device that would block) cannot hang a scan or the hook."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
+        mode = st.st_mode
+        expected = _PINNED.get(os.path.abspath(path)) if _PINNED else None
+        if expected is not None and (st.st_dev, st.st_ino) != expected:
+            raise UnsafePathError(f"{path} is no longer the file qcrypt opened (another file was put under its "
+                                  "name meanwhile); nothing was written")
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise FormatError("not a regular file or block device", path=path, field="file type")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)

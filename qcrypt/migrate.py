@@ -20,11 +20,11 @@ from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
-from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
-from qcrypt.imagefile import RawFile, open_image_file
+from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, QcryptIOError, VerificationError
+from qcrypt.imagefile import RawFile, open_image_file, pinned
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
-from qcrypt.outputs import AtomicOutput, Finalized, io_error
+from qcrypt.outputs import AtomicOutput, Finalized, Placement, file_id, io_error
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
@@ -57,6 +57,7 @@ class MigrateOptions:
     chunk_bytes: int = CHUNK_BYTES
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
+    keep_placement: bool = False  # the result's placement stays open (the caller undoes or closes it)
 
 
 @dataclass
@@ -69,12 +70,15 @@ class MigrateResult:
     verified: bool  # the output was read back and matched the source (verified_bytes accounted for)
     verified_bytes: int = 0
     luks: dict[str, Any] | None = None
-    original_kept: str | None = None
+    original_kept: str | None = None  # --replace: NAME.qcrypt-orig, checked to be the source read at the end
+    original_changed: bool = False  # --replace: NAME.qcrypt-orig is no longer the source qcrypt read
     snapshots: list[str] = field(default_factory=list)
     backing_file: str | None = None
     plausibility: str | None = None
     luks_carried_over: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
+    placement: Placement | None = field(default=None, repr=False)  # with opts.keep_placement: close() it
+    source_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the source file qcrypt opened and read
 
 
 class PhaseTimer:
@@ -724,18 +728,25 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     """Migrate ``source`` as ``opts`` say. The source is never modified."""
     source = os.fspath(source)
     timer = PhaseTimer()
-    with timer("plan"):
-        plan_ = plan(source, opts)
-    with open_image_file(source) as source_lock:  # held until the end: QEMU cannot start writing the source
+    # Opened once, first, and held until the end (QEMU cannot start writing the source); every later open of
+    # the source's name must reach this very file (a tenant's swap of the name fails the migration).
+    try:
+        source_lock = open_image_file(source)
+    except (OSError, FormatError):
+        plan(source, opts)  # says why the source cannot be migrated, as for any other unreadable image
+        raise
+    with source_lock, pinned(source, source_lock.fileno()):
         with timer("plan"):
+            plan_ = plan(source, opts)
             hold_shared_locks(source_lock.fileno(), writing=False)
             refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
             for layer in plan_.report["backing_chain"]:
                 refuse_if_in_use(layer["path"])
-        return _migrate_locked(source, plan_, opts, timer)
+        return _migrate_locked(source, plan_, opts, timer, source_lock.fileno())
 
 
-def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer) -> MigrateResult:
+def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, source_fd: int
+                    ) -> MigrateResult:
     verdict = None
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
@@ -745,26 +756,35 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         with timer("LUKS setup"):
             luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
     try:
-        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out, timer)
+        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out, timer,
+                                                                            source_fd)
     finally:
         if luks_out:
             luks_out.wipe()
+    original_changed = False
+    if final.placement is not None:
+        original_changed = final.original_kept is not None and not final.placement.original_intact()
+        if not opts.keep_placement:
+            final.placement.close()
+            final.placement = None
     return MigrateResult(
         source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
         verified=compared == recorded, verified_bytes=compared,
         luks=luks_out.resolve()[0].describe() if luks_out else None,
-        original_kept=final.original_kept,
+        original_kept=final.original_kept, original_changed=original_changed,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
+        placement=final.placement, source_id=file_id(os.fstat(source_fd)),
     )
 
 
-def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer
-                         ) -> tuple[Finalized, int, int, tuple[int, int]]:
+def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer,
+                         source_fd: int) -> tuple[Finalized, int, int, tuple[int, int]]:
     """Write to a temp file, read it back (verify), and only then give it its final name.
     The last item is (guest bytes verification accounted for, guest bytes written and recorded)."""
-    with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace) as out:
-        out.copy_ownership_from(plan_.source, plaintext_from_encrypted=luks_out is None
+    with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace,
+                      source_fd=source_fd) as out:
+        out.copy_ownership_from(os.fstat(source_fd), plaintext_from_encrypted=luks_out is None
                                 and _is_encrypted(plan_.report))
         with timer("write"):
             digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
@@ -783,7 +803,7 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
             raise VerificationError(f"{plan_.final_path}: only {compared} of {digests.total_bytes} bytes were "
                                     "read back; the output was not kept")
         with timer("commit"):
-            return out.commit(plan_.source), data_bytes, size, (compared, digests.total_bytes)
+            return out.commit(), data_bytes, size, (compared, digests.total_bytes)
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:

@@ -58,11 +58,13 @@ def test_atomic_output_commit_and_cleanup(tmp_path: Path) -> None:
     os.chmod(source, 0o604)
     final = tmp_path / "out"
     with AtomicOutput(str(final), overwrite=False, replace_source=False) as out:
-        out.copy_ownership_from(str(source))
+        out.copy_ownership_from(source.stat())
         out.file.write(b"data")
         out.sync()
         assert not final.exists()
-        out.commit(str(source))
+        done = out.commit()
+        assert done.placement is not None
+        done.placement.close()
     assert final.read_bytes() == b"data" and final.stat().st_mode & 0o777 == 0o604
     with pytest.raises(OutputExistsError):
         AtomicOutput(str(final), overwrite=False, replace_source=False)
@@ -76,9 +78,13 @@ def test_stale_temp_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
     final = tmp_path / "out.luks"
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=120)
-    stale = Path(temp_name_for(str(final), dead.pid))
+    stale = tmp_path / temp_name_for(final.name, dead.pid, "0123456789abcdef")
     stale.write_bytes(b"debris")
-    alive = Path(temp_name_for(str(final), os.getpid()))
+    alive = tmp_path / temp_name_for(final.name, os.getpid(), "0123456789abcdef")
     alive.write_bytes(b"in progress")
-    assert remove_stale_temps(str(final)) == [str(stale)]
+    folder_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert remove_stale_temps(folder_fd, str(tmp_path), final.name) == [str(stale)]
+    finally:
+        os.close(folder_fd)
     assert alive.exists() and not stale.exists()

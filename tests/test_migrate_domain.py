@@ -4,19 +4,25 @@ Oracles: virsh dumpxml, qemu-img compare (with the secrets), QEMU's qemu-io insi
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qcrypt.libvirt.connection import binding_available
-from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, virsh
+from qcrypt.cli.domain import print_outcome
+from qcrypt.libvirt import domain_migrate
+from qcrypt.libvirt.connection import binding_available, open_connection
+from qcrypt.libvirt.domain_migrate import DomainOptions, DomainOutcome, migrate_domain
+from qcrypt.migrate import MigrateOptions, MigrateResult
+from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, sha256, virsh
 from tests.conftest import FIXTURES, IN_CI, require_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
@@ -312,6 +318,114 @@ def test_replace_rolls_back_then_replaces_in_place(lab: Lab, tmp_path: Path) -> 
                     lab.folder / "a.qcow2", pw)
     start_and_read(name, lab.folder / "a.qcow2", [(0x11, 0, MIB)])
     start_and_read(name, lab.folder / "b.qcow2", [(0x12, 0, MIB)])
+
+
+def _root_only_file(lab: Lab) -> Path:
+    """A root-only file on the images' filesystem (as /etc/passwd is on a one-disk host)."""
+    vault = lab.folder / "etc"
+    vault.mkdir(mode=0o700)
+    target = vault / "passwd"
+    target.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    return target
+
+
+def _migrate_in_process(lab: Lab, tmp_path: Path, name: str) -> DomainOutcome:
+    conn = open_connection("qemu:///system", "virsh")
+    try:
+        return migrate_domain(conn, name, DomainOptions(replace=True, iterations=1000,
+                                                        backup_dir=str(tmp_path / "backups")))
+    finally:
+        conn.close()
+
+
+def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--replace migrates disk a, then disk b fails (its secret is wrong), so a's original goes back. Just before
+    the failure the tenant puts a symlink to a root-only file under a.qcow2: the undo must put the original back
+    under a.qcow2 in the image folder, never rename it over the symlink's target."""
+    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    target = _root_only_file(lab)
+    target_before, target_inode = target.read_bytes(), target.stat().st_ino
+    first = lab.folder / "a.qcow2"
+    original = sha256(first)
+    real_migrate = domain_migrate.migrate_image
+
+    def migrate_image(source: str, opts: MigrateOptions) -> MigrateResult:
+        if source.endswith("b.qcow2"):  # disk a is done: the tenant's move, then b fails
+            first.rename(lab.folder / "a-moved.qcow2")
+            first.symlink_to(target)
+        return real_migrate(source, opts)
+
+    monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
+    outcome = _migrate_in_process(lab, tmp_path, name)
+    assert outcome.status == "failed" and "passphrase is probably wrong" in str(outcome.reason)
+    assert target.read_bytes() == target_before and target.stat().st_ino == target_inode
+    assert not first.is_symlink() and sha256(first) == original  # the original is back under its name
+    assert not (lab.folder / "a.qcow2.qcrypt-orig").exists()
+
+
+def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file before disk b fails: the undo must
+    not move that symlink under a.qcow2 (the domain would open the root-only file), and it says what it could
+    not undo."""
+    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    target = _root_only_file(lab)
+    first, kept = lab.folder / "a.qcow2", lab.folder / "a.qcow2.qcrypt-orig"
+    real_migrate = domain_migrate.migrate_image
+
+    def migrate_image(source: str, opts: MigrateOptions) -> MigrateResult:
+        if source.endswith("b.qcow2"):
+            kept.rename(lab.folder / "a-moved.qcow2")
+            kept.symlink_to(target)
+        return real_migrate(source, opts)
+
+    monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
+    outcome = _migrate_in_process(lab, tmp_path, name)
+    assert outcome.status == "failed"
+    assert not first.is_symlink() and first.read_bytes()[:4] == b"QFI\xfb"  # still qcrypt's new image
+    assert target.read_bytes().startswith(b"root:")
+    assert len(outcome.undo_errors) == 1 and "no longer the original" in outcome.undo_errors[0]
+    printed = StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_outcome(outcome)
+    assert "NOT undone" in printed.getvalue()
+
+
+def test_advice_never_names_an_original_the_tenant_swapped(lab: Lab, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the originals were kept, the tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file:
+    the printed 'shred -u' names only b's original, and a's is reported as not checked."""
+    name, _pw = _two_disk_domain(lab, PW)
+    target = _root_only_file(lab)
+    kept = lab.folder / "a.qcow2.qcrypt-orig"
+
+    class SwappingConnection:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self.conn, attr)
+
+        def define_xml(self, xml: str) -> None:
+            kept.rename(lab.folder / "a-moved.qcow2")
+            kept.symlink_to(target)
+            self.conn.define_xml(xml)
+
+    conn = open_connection("qemu:///system", "virsh")
+    try:
+        outcome = migrate_domain(SwappingConnection(conn), name,  # type: ignore[arg-type]
+                                 DomainOptions(replace=True, iterations=1000, backup_dir=str(tmp_path / "backups")))
+    finally:
+        conn.close()
+    assert outcome.status == "migrated", outcome.reason
+    printed = StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_outcome(outcome)
+    shred = next(line for line in printed.getvalue().splitlines() if "shred -u" in line)
+    assert str(kept) not in shred and str(lab.folder / "b.qcow2.qcrypt-orig") in shred
+    assert "not checked" in printed.getvalue() and str(kept) in printed.getvalue()
+    assert target.read_bytes().startswith(b"root:")
 
 
 def test_wrong_passphrase_on_the_only_disk(lab: Lab, tmp_path: Path) -> None:

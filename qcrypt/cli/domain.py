@@ -155,6 +155,8 @@ def print_outcome(o: DomainOutcome) -> None:
             made = "new secret" if d.secret_created else "existing secret"
             frm = f", passphrase from the {d.passphrase_from}" if d.passphrase_from else ""
             click.echo(f"      {made} {d.secret_uuid}{frm}")
+    for problem in o.undo_errors:
+        click.echo(f"  NOT undone: {problem}")
     if o.status == "planned":
         _print_plan(o)
     if o.status == "migrated":
@@ -175,11 +177,18 @@ def _print_plan(o: DomainOutcome) -> None:
 def _print_done(o: DomainOutcome) -> None:
     click.echo(f"  old XML saved to {o.xml_backup}")
     old = [path for d in o.disks for path in d.old_images]
+    checked = [path for d in o.disks for path in d.old_images if path not in d.unchecked_images]
+    unchecked = [path for d in o.disks for path in d.unchecked_images]
     if old:
         click.echo(f"  old images kept: {', '.join(old)}")
+    if checked:
         click.echo("  once the VM is confirmed good, destroy them (their legacy ciphertext stays readable with the "
-                   f"old passphrase): shred -u {' '.join(shlex.quote(p) for p in old)} (or blkdiscard on thin "
+                   f"old passphrase): shred -u {' '.join(shlex.quote(p) for p in checked)} (or blkdiscard on thin "
                    "storage)")
+    if unchecked:
+        click.echo(f"  not checked to be the files qcrypt read (a backing layer, a block device, or a name that "
+                   f"changed since): {', '.join(unchecked)}: qcrypt gives no command to destroy these; check what "
+                   "each one is (ls -l, qcrypt info) and who else uses it first")
         if any(d.flatten for d in o.disks):
             click.echo("  backing files may be shared by other domains: check with 'qcrypt scan --libvirt-xml "
                        "/etc/libvirt/qemu' before destroying them")

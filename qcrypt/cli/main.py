@@ -28,6 +28,7 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
     errors.DomainActiveError: 11,
     errors.WorkerError: 12,
     errors.LibvirtError: 13,
+    errors.UnsafePathError: 14,
 }
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130

@@ -116,7 +116,11 @@ def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_fil
     checked = "verified by reading it back." if r.verified else "NOT verified."
     click.echo(f"Migrated {r.source} ({source_report['format']}, {source_report['encryption']}) -> {r.output} "
                f"({kind}): {human_size(r.virtual_size)} virtual, {human_size(r.data_bytes)} processed, {checked}")
-    if r.original_kept:
+    if r.original_kept and r.original_changed:
+        click.echo(f"The original was kept as {r.original_kept}, but that name no longer holds the file qcrypt read "
+                   "(it was renamed or replaced since): qcrypt gives no command to destroy it; check what it is "
+                   "first.")
+    elif r.original_kept:
         click.echo(f"The original is kept as {r.original_kept}. Once the VM runs from the new image, destroy it "
                    f"with 'shred -u {r.original_kept}' (or blkdiscard on thin storage): its legacy ciphertext "
                    "is weakly protected and stays readable with the old passphrase.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,14 @@ from qcrypt.errors import (
     QcryptError,
     QcryptIOError,
     SecretPrivateError,
+    UnsafePathError,
 )
 from qcrypt.libvirt import xmledit
 from qcrypt.libvirt.connection import SHUT_OFF, Connection
 from qcrypt.libvirt.domainxml import DomainDisk, domain_from_root, parse_domain_root
 from qcrypt.migrate import MigrateOptions
 from qcrypt.migrate import migrate as migrate_image
+from qcrypt.outputs import Placement, file_id
 
 LEGACY = "aes-cbc-legacy"
 DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
@@ -74,13 +77,17 @@ class DiskPlan:
     xml_only: bool = False  # the image is LUKS already: only the XML changes
     old_images: list[str] = field(default_factory=list)
     passphrase_from: str | None = None  # "libvirt secret" | "passphrase file"
+    unchecked_images: list[str] = field(default_factory=list)  # old images not checked to be what qcrypt read
+    placement: Placement | None = field(default=None, repr=False)  # the new image, by folder descriptor
+    source_id: tuple[int, int] | None = field(default=None, repr=False)  # the source file qcrypt read
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.target, "source": self.source, "new_path": self.new_path, "to": self.to,
                 "virtual_size": self.virtual_size, "allocated_size": self.allocated_size,
                 "secret_uuid": self.secret_uuid, "secret_created": self.secret_created, "flatten": self.flatten,
                 "legacy_layers": self.legacy_layers, "old_images": self.old_images,
-                "passphrase_from": self.passphrase_from, "xml_only": self.xml_only}
+                "passphrase_from": self.passphrase_from, "xml_only": self.xml_only,
+                "unchecked_images": self.unchecked_images}
 
     @property
     def work_bytes(self) -> int:
@@ -100,6 +107,7 @@ class DomainOutcome:
     xml_diff: str = ""
     started: bool | None = None
     start_error: str | None = None
+    undo_errors: list[str] = field(default_factory=list)  # what a failed run could not put back, and why
     space: list[str] = field(default_factory=list)
     estimated_seconds: float | None = None
     error: QcryptError | None = field(default=None, repr=False)
@@ -108,7 +116,7 @@ class DomainOutcome:
         return {"name": self.name, "status": self.status, "reason": self.reason,
                 "disks": [d.as_dict() for d in self.disks], "xml_backup": self.xml_backup,
                 "xml_diff": self.xml_diff, "started": self.started, "start_error": self.start_error,
-                "free_space": self.space, "estimated_seconds": self.estimated_seconds}
+                "free_space": self.space, "estimated_seconds": self.estimated_seconds, "undo_errors": self.undo_errors}
 
 
 # -- which disks -------------------------------------------------------------------------------------------------
@@ -282,19 +290,32 @@ class _Run:
     secrets: list[str] = field(default_factory=list)
     backup: str | None = None
 
-    def undo(self) -> None:
+    def undo(self) -> list[str]:
+        """Put every original back under its name (--replace) or remove the new image: through the folder
+        descriptor opened before the migration, on names checked by inode, never on a path resolved again.
+        Returns what could not be undone, and why."""
+        problems = []
         for plan in reversed(self.outputs):
-            with contextlib.suppress(OSError):
-                if plan.replace:
-                    os.replace(plan.old_images[0], os.path.realpath(plan.source))  # the original goes back
-                else:
-                    os.unlink(plan.new_path)
+            if plan.placement is not None:
+                try:
+                    plan.placement.undo()
+                except UnsafePathError as e:
+                    problems.append(str(e))
+                except OSError as e:
+                    problems.append(f"disk {plan.target}: {e.strerror or e}")
         for uuid in self.secrets:
             with contextlib.suppress(LibvirtError):
                 self.conn.undefine_secret(uuid)
         if self.backup:
             with contextlib.suppress(OSError):
                 os.unlink(self.backup)
+        return problems
+
+    def close(self) -> None:
+        for plan in self.outputs:
+            if plan.placement is not None:
+                plan.placement.close()
+                plan.placement = None
 
 
 def migrate_domain(conn: Connection, name: str, opts: DomainOptions) -> DomainOutcome:
@@ -332,14 +353,19 @@ def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: D
         raise QcryptIOError(outcome.space[-1])
     run = _Run(conn)
     try:
-        new_root = _carry_out(conn, root, found, opts, outcome, run)
-        old_text, new_text = xmledit.serialize(copy.deepcopy(root)), xmledit.serialize(new_root)
-        outcome.xml_diff = xmledit.unified_diff(name, old_text, new_text)
-        run.backup = save_backup(old_xml, name, opts.backup_dir)
-        conn.define_xml(new_text)
-    except BaseException:
-        run.undo()
-        raise
+        try:
+            new_root = _carry_out(conn, root, found, opts, outcome, run)
+            old_text, new_text = xmledit.serialize(copy.deepcopy(root)), xmledit.serialize(new_root)
+            outcome.xml_diff = xmledit.unified_diff(name, old_text, new_text)
+            run.backup = save_backup(old_xml, name, opts.backup_dir)
+            conn.define_xml(new_text)
+        except BaseException:
+            outcome.undo_errors = run.undo()
+            raise
+        for plan in outcome.disks:
+            _check_old_images(plan)
+    finally:
+        run.close()
     outcome.status, outcome.xml_backup = "migrated", run.backup
     if opts.start:
         _start(conn, name, outcome)
@@ -394,10 +420,29 @@ def _migrate_disk(plan: DiskPlan, passphrase: bytearray, opts: DomainOptions, ru
     migrate_opts = MigrateOptions(target=plan.to, output=None if plan.replace else plan.new_path,
                                   passphrase=passphrase, iter_time_ms=opts.iter_time_ms,
                                   iterations=opts.iterations, flatten=plan.flatten, replace=plan.replace,
-                                  progress=opts.progress)
+                                  progress=opts.progress, keep_placement=True)
     result = migrate_image(plan.source, migrate_opts)
+    plan.placement, plan.source_id = result.placement, result.source_id
     plan.old_images = [result.original_kept or plan.source] + [p for p in plan.legacy_layers if p != plan.source]
     run.outputs.append(plan)
+
+
+def _check_old_images(plan: DiskPlan) -> None:
+    """Which old images may be named in destructive advice: only the file qcrypt read, still under the name
+    printed (the kept NAME.qcrypt-orig checked through its folder descriptor; the source path followed as
+    shred would follow it). Backing layers qcrypt did not keep itself are never checked."""
+    if plan.xml_only or not plan.old_images:
+        return
+    first, *layers = plan.old_images
+    if plan.replace:
+        ok = plan.placement is not None and plan.placement.original_intact()
+    else:
+        try:
+            st = os.stat(first)
+        except OSError:
+            st = None
+        ok = st is not None and stat.S_ISREG(st.st_mode) and file_id(st) == plan.source_id
+    plan.unchecked_images = ([] if ok else [first]) + layers
 
 
 def check_luks_passphrase(path: str, report: dict[str, Any], passphrase: bytearray) -> None:
