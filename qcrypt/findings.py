@@ -27,7 +27,6 @@ LUKS2_CHECKSUM = "luks2-checksum-mismatch"
 LUKS1_UNALIGNED_PAYLOAD = "luks1-unaligned-payload"
 LUKS_NO_ACTIVE_KEYSLOT = "luks-no-active-keyslot"
 LUKS1_QEMU_REFUSES_LAYOUT = "luks1-qemu-refuses-layout"
-QEMU_KEYSLOT_ALIGN_SECTORS = 8  # QEMU rounds each keyslot's key material up to 4 KiB
 QCOW2_UNKNOWN_INCOMPATIBLE = "qcow2-unknown-incompatible-features"
 QCOW2_CORRUPT = "qcow2-corrupt"
 QCOW2_DIRTY = "qcow2-dirty"
@@ -145,24 +144,24 @@ def grade_luks1(header: LuksHeader, *, raw: bool) -> list[Finding]:
     found += _qemu_layout(header)
     if raw and header.payload_offset % CRYPTSETUP_ALIGN_SECTORS:
         found.append(Finding(LUKS1_UNALIGNED_PAYLOAD, "info",
-                             f"payload offset {header.payload_offset} sectors is not 1 MiB aligned (QEMU layout): "
+                             f"payload offset {header.payload_offset} sectors is not 1 MiB aligned: "
                              "'cryptsetup convert --type luks2' refuses it"))
     return found
 
 
 def _qemu_layout(header: LuksHeader) -> list[Finding]:
-    """cryptsetup accepts a payload right after the last key material; QEMU first rounds it up to 4 KiB."""
+    """cryptsetup accepts layouts QEMU's stricter checks refuse (luks.qemu_keyslot_problems)."""
+    from qcrypt import luks
+
     if header.payload_offset == 0:
         return [Finding(LUKS1_QEMU_REFUSES_LAYOUT, "warning",
                         "detached header (payload offset 0): QEMU's luks driver cannot open it")]
-    align = QEMU_KEYSLOT_ALIGN_SECTORS
-    rounded = -(-header.material_sectors // align) * align
-    overlapping = [s.index for s in header.keyslots if s.key_material_offset + rounded > header.payload_offset]
-    if not overlapping:
+    problems = luks.qemu_keyslot_problems(header) + luks.qemu_payload_problems(header)
+    if not problems:
         return []
     return [Finding(LUKS1_QEMU_REFUSES_LAYOUT, "warning",
-                    f"keyslot(s) {overlapping} reach the payload once QEMU rounds key material to 4 KiB: "
-                    "cryptsetup opens it, QEMU refuses it ('qcrypt migrate --to luks' rewrites the layout)")]
+                    "; ".join(problems) + ": cryptsetup opens it, QEMU refuses it ('qcrypt migrate --to luks' or "
+                    "'--to qcow2-luks' writes a layout QEMU accepts)")]
 
 
 def grade_luks2(info: Luks2Info) -> list[Finding]:

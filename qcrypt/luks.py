@@ -271,6 +271,53 @@ def check_cipher(cipher_name: str, cipher_mode: str, key_bytes: int, *, path: st
 
 
 # ---------------------------------------------------------------------------------------------------------
+# QEMU's layout rules (stricter than cryptsetup's)
+
+
+def qemu_material_sectors(header: LuksHeader) -> int:
+    """Sectors QEMU reserves for one slot's key material: cryptsetup's count rounded up to 4 KiB."""
+    return _round_up(header.material_sectors, fmt.ALIGN_KEYSLOTS_SECTORS)
+
+
+def qemu_keyslot_problems(header: LuksHeader) -> list[str]:
+    """Why QEMU's luks driver refuses the keyslot placement (empty when it accepts it).
+
+    QEMU checks every slot, active or not: its key material must start at or after sector 8 (the first
+    4 KiB hold the header), and no two slots may overlap once each is rounded up to 4 KiB. cryptsetup only
+    needs sector 2 and the unrounded size, so layouts of older cryptsetup versions open there but not in QEMU.
+    """
+    problems = []
+    length = qemu_material_sectors(header)
+    early = [s.index for s in header.keyslots if s.key_material_offset < fmt.ALIGN_KEYSLOTS_SECTORS]
+    if early:
+        problems.append(f"keyslot(s) {early} start before sector {fmt.ALIGN_KEYSLOTS_SECTORS} (QEMU: overlapping "
+                        "with the LUKS header)")
+    pairs = [(a.index, b.index) for a, b in itertools.combinations(header.keyslots, 2)
+             if a.key_material_offset < b.key_material_offset + length
+             and b.key_material_offset < a.key_material_offset + length]
+    if pairs:
+        shown = ", ".join(f"{a}/{b}" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
+        problems.append(f"keyslots {shown} overlap once QEMU rounds key material to 4 KiB")
+    return problems
+
+
+def qemu_payload_problems(header: LuksHeader) -> list[str]:
+    """Why QEMU refuses where the payload starts (detached header, or key material reaching the payload)."""
+    if header.payload_offset == 0:
+        return ["detached header (payload offset 0)"]
+    length = qemu_material_sectors(header)
+    reaching = [s.index for s in header.keyslots if s.key_material_offset + length > header.payload_offset]
+    if reaching:
+        return [f"keyslot(s) {reaching} reach the payload once QEMU rounds key material to 4 KiB"]
+    return []
+
+
+def qemu_keyslot_offsets(key_bytes: int) -> list[int]:
+    """Where QEMU (and today's cryptsetup) place the 8 slots' key material: from sector 8, 4 KiB apart."""
+    return _layout(key_bytes, 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Reading and validation
 
 

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from qcrypt import checksum, luks, plausibility
@@ -341,16 +341,29 @@ def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
 
 
 def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tuple[luks.LuksHeader, bytes]:
-    """Keep keyslots byte for byte; only place the payload where the target container wants it."""
-    align = luks.fmt.ALIGN_KEYSLOTS_SECTORS  # QEMU rounds each slot's material up to 4 KiB
-    material_sectors = -(-header.material_sectors // align) * align
-    material_end = max(s.key_material_offset + material_sectors for s in header.keyslots)
+    """Keep every keyslot's key material byte for byte, placed the way QEMU accepts it, and put the payload
+    where the target container wants it.
+
+    Key material is encrypted with sector numbers counted from its own start, so it can move: a source laid
+    out by an older cryptsetup (material from sector 2, slots touching once rounded to 4 KiB) gets today's
+    offsets (sector 8, 4 KiB steps); a layout QEMU already accepts keeps its offsets."""
+    slots = header.keyslots
+    if luks.qemu_keyslot_problems(header):
+        offsets = luks.qemu_keyslot_offsets(header.key_bytes)
+        slots = tuple(replace(slot, key_material_offset=offset) for slot, offset in zip(slots, offsets))
+    material_end = max(s.key_material_offset + luks.qemu_material_sectors(header) for s in slots)
     payload = material_end
     if raw_target:
         payload = -(-material_end // luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS) * luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
-    new_header = luks.LuksHeader(**{**header.__dict__, "payload_offset": payload})
+    new_header = replace(header, keyslots=slots, payload_offset=payload)
+    problems = luks.qemu_keyslot_problems(new_header) + luks.qemu_payload_problems(new_header)
+    if problems:  # never write an output QEMU refuses
+        raise MigrationError(f"cannot lay out the LUKS header for QEMU: {'; '.join(problems)}")
     blob = bytearray(payload * SECTOR)
-    blob[: len(area)] = area[: payload * SECTOR]
+    length = header.material_sectors * SECTOR
+    for old, new in zip(header.keyslots, slots):
+        source_start, target_start = old.key_material_offset * SECTOR, new.key_material_offset * SECTOR
+        blob[target_start : target_start + length] = area[source_start : source_start + length]
     blob[: luks.fmt.PHDR_SIZE] = new_header.to_bytes()
     return new_header, bytes(blob)
 
