@@ -20,7 +20,13 @@ from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
-from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
+from qcrypt.errors import (
+    BadPassphraseError,
+    MigrationError,
+    QcryptIOError,
+    UnsupportedFeatureError,
+    VerificationError,
+)
 from qcrypt.imagefile import RawFile, open_image_file
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
@@ -28,7 +34,7 @@ from qcrypt.outputs import AtomicOutput, Finalized, io_error
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
-from qcrypt.scan import probe, resolve_backing
+from qcrypt.scan import probe, report_error, resolve_backing
 from qcrypt.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
@@ -110,8 +116,7 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
     if opts.target not in TARGETS:
         raise MigrationError(f"unknown target {opts.target!r} (choose from {', '.join(TARGETS)})")
     report = inspect_image(source)
-    if report.get("error"):
-        raise MigrationError(f"cannot migrate {source}: {report['error']}")
+    refuse_unreadable_source(source, report)
     if report["encryption"] == "luks2":
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
     final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
@@ -288,20 +293,36 @@ def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -
         return None
     if passphrase is None:
         raise BadPassphraseError(f"{source} is LUKS-encrypted: a passphrase is required")
+    return _with_luks_region(source, report, lambda read_at, size: _read_luks_area(read_at, size, source,
+                                                                                    passphrase))
+
+
+def _with_luks_region(source: str, report: dict[str, Any], use: Callable[[luks.ReadAt, int], Any]) -> Any:
+    """``use(read_at, region_size)`` over the LUKS region of a raw LUKS or qcow2-LUKS source."""
     if report["format"] == "qcow2":
         with QCow2Image.open(source) as image:
             region = image.crypto_header()
             assert region is not None
-            read_at = luks.file_reader(image.fh, *region, path=source)
-            return _read_luks_area(read_at, region[1], source, passphrase)
+            return use(luks.file_reader(image.fh, *region, path=source), region[1])
     with RawFile.open(source) as raw:
-        read_at = luks.file_reader(raw.fh, 0, raw.file_size, path=source)
-        return _read_luks_area(read_at, raw.file_size, source, passphrase)
+        return use(luks.file_reader(raw.fh, 0, raw.file_size, path=source), raw.file_size)
+
+
+def refuse_unreadable_source(source: str, report: dict[str, Any]) -> None:
+    """Raise, before any passphrase is asked for, what ``qcrypt info`` would raise for an image that cannot be
+    parsed, and the UnsupportedFeatureError naming what qcrypt lacks for a LUKS1 source it cannot unlock."""
+    if report.get("error"):
+        raise report_error(report)
+    if report["encryption"] == "luks1":
+        header = _with_luks_region(source, report, lambda read_at, size: luks.read_header(read_at, size,
+                                                                                          path=source))
+        luks.require_supported(header, path=source)
 
 
 def _read_luks_area(read_at: Callable[[int, int], bytes], region_size: int, path: str, passphrase: bytes
                     ) -> tuple[luks.LuksHeader, bytes, bytearray]:
     header = luks.read_header(read_at, region_size, path=path)
+    luks.require_supported(header, path=path)
     master_key = luks.unlock(header, read_at, passphrase)
     end = max(s.key_material_offset + header.material_sectors for s in header.keyslots) * SECTOR
     return header, read_at(0, min(region_size, end)), master_key
@@ -314,6 +335,11 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
         if opts.new_passphrase is not None:
             raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
                                  "--new-passphrase-file does not apply: add keys afterwards")
+        qemu_lacks = luks.qemu_unsupported(header)
+        if qemu_lacks:  # the output would keep them: QEMU could not open it
+            raise UnsupportedFeatureError(f"LUKS1 with {' and '.join(qemu_lacks)}, which QEMU does not implement: "
+                                          "a LUKS output keeps the source's algorithms", path=plan_.source,
+                                          field=luks.UNSUPPORTED_FIELD)
         header, area = _relayout(header, area, raw_target=raw_target)
         return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area,
                           spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key))

@@ -119,6 +119,7 @@ Secret = bytes | KnownMasterKey
 def _unlock(header: object, read_at: object, passphrase: Secret | None, path: str) -> SectorCipher:
     from qcrypt import luks
 
+    luks.require_supported(header, path=path)  # type: ignore[arg-type]
     if passphrase is None:
         raise PassphraseRequiredError(f"{path}: LUKS-encrypted: a passphrase is required")
     if isinstance(passphrase, KnownMasterKey):

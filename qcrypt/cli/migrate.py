@@ -13,7 +13,7 @@ from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import QcryptError
-from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
+from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source
 from qcrypt.migrate import migrate as run_migration
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 
@@ -65,6 +65,7 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     if passphrase_file == "-" and new_passphrase_file == "-":
         raise click.UsageError("only one passphrase can come from stdin")
     report = scanner.inspect(source)
+    refuse_unreadable_source(source, report)  # before asking for any passphrase; the error info and scan show
     encrypted = report["encryption"] != "none" or any(
         layer["encryption"] != "none" for layer in report.get("backing_chain", []))
     passphrase = get_passphrase(passphrase_file, what="source passphrase") if encrypted else None
