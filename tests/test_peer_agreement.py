@@ -248,3 +248,42 @@ def test_luks1_with_algorithms_qcrypt_lacks_is_luks1_and_refused_the_same_way(tm
     assert len(lines) == 1  # one message for one problem, whatever the target
     no_passphrase = qcrypt("migrate", str(source), "--to", "qcow2", "-o", str(tmp_path / "o"), check=False)
     assert (no_passphrase.returncode, no_passphrase.stderr.decode().strip()) == (3, lines.pop())
+
+
+# -- smaller ones ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("options", ["data_file_raw=on", "data_file_raw=off", "extended_l2=on"])
+def test_allocated_bytes_with_an_external_data_file(tmp_path: Path, options: str) -> None:
+    """With an external data file, guest cluster 0 may live at host offset 0 (QEMU's rule)."""
+    image = tmp_path / "ext.qcow2"
+    created = qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'ext.data'},{options}",
+                       str(image), "1M")
+    assert created.returncode == 0, created.stderr
+    written = subprocess.run([require_tool("qemu-io"), "-c", "write -q -P 0x11 0 4k", "-c",
+                              "write -q -P 0x22 512k 64k", str(image)], capture_output=True, text=True,
+                             timeout=TOOL_TIMEOUT)
+    assert written.returncode == 0, written.stderr
+    mapped = json.loads(qemu_img("map", "--output=json", str(image)).stdout)
+    expected = sum(extent["length"] for extent in mapped if extent["data"])
+    code, report, err = info_json(image)
+    assert code == 0, err
+    assert report is not None and report["allocated_bytes"] == expected
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("target", ["qcow2-luks", "qcow2", "luks"])
+def test_empty_luks_payload_migrates(tmp_path: Path, target: str) -> None:
+    source = im.make_luks_qemu(tmp_path / "empty.luks", 0, passphrase=PASSPHRASE).path
+    pw = secret_file(tmp_path, "pw", PASSPHRASE)
+    out = tmp_path / "out.img"
+    qcrypt("migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw))
+    driver, key = {"qcow2-luks": ("qcow2", ",encrypt.key-secret=s"), "qcow2": ("qcow2", ""),
+                   "luks": ("luks", ",key-secret=s")}[target]
+    opened = qemu_img("info", "--output=json", "--object", f"secret,id=s,file={pw}", "--image-opts",
+                      f"driver={driver},file.filename={out}{key}")
+    assert opened.returncode == 0, opened.stderr
+    assert json.loads(opened.stdout)["virtual-size"] == 0
+    if driver == "qcow2":
+        qemu_check(out, pw if target == "qcow2-luks" else None)
