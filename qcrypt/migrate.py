@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
@@ -50,6 +50,9 @@ class MigrateOptions:
     target: str
     output: str | None = None
     passphrase: bytes | None = field(default=None, repr=False)
+    # one layer's own passphrase, by its path (any spelling of it): QEMU takes one secret per layer. Layers not
+    # named here use ``passphrase``.
+    passphrases: dict[str, bytes] = field(default_factory=dict, repr=False)
     new_passphrase: bytes | None = field(default=None, repr=False)
     cipher: str = "aes-xts-plain64"
     key_bits: int | None = None
@@ -63,6 +66,14 @@ class MigrateOptions:
     chunk_bytes: int = CHUNK_BYTES
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
+
+    def layer_passphrases(self) -> dict[str, Secret]:
+        """``passphrases`` keyed by real path, as the chain opener looks layers up."""
+        return {os.path.realpath(path): secret for path, secret in self.passphrases.items()}
+
+    def passphrase_for(self, path: str) -> bytes | None:
+        """The passphrase that unlocks the layer at ``path``."""
+        return self.layer_passphrases().get(os.path.realpath(path), self.passphrase)  # type: ignore[return-value]
 
 
 @dataclass
@@ -124,10 +135,21 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
         raise MigrationError("an output path is required (-o OUT), or --replace")
     if not opts.replace:
         _refuse_output_over_inputs(final_path, [source] + [layer["path"] for layer in report["backing_chain"]])
+    _check_layer_passphrases(source, report, opts)
     keep_backing, backing_format, snapshots = _chain_plan(source, report, opts)
     if keep_backing:
         keep_backing = backing_name_for(source, keep_backing, final_path)
     return Plan(source, report, final_path, keep_backing, backing_format, snapshots)
+
+
+def _check_layer_passphrases(source: str, report: dict[str, Any], opts: MigrateOptions) -> None:
+    """Every path given a passphrase of its own must be a layer of the source's chain (a typo would otherwise
+    silently fall back to the default passphrase)."""
+    layers = {os.path.realpath(path) for path in [source, *(layer["path"] for layer in report["backing_chain"])]}
+    strangers = [path for path in opts.passphrases if os.path.realpath(path) not in layers]
+    if strangers:
+        raise MigrationError(f"{strangers[0]} is given a passphrase but is not a layer of {source}'s chain "
+                             f"(layers: {', '.join([source, *(layer['path'] for layer in report['backing_chain'])])})")
 
 
 def backing_name_for(source: str, backing_file: str, output: str) -> str:
@@ -188,21 +210,24 @@ def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
 # -- passphrase plausibility (legacy AES has no key check) ------------------------------------------------------
 
 
-def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool) -> str | None:
-    """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced."""
-    opener = Opener(passphrase, {})
+def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool,
+                            passphrases: Mapping[str, Secret] | None = None) -> str | None:
+    """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced.
+    ``passphrases`` maps a layer's real path to its own passphrase (else ``passphrase``)."""
+    opener = Opener(passphrase, passphrases or {})
     reader = opener.open(source)
     try:
-        verdicts = [_judge_layer(layer) for layer in _legacy_layers(reader)]
+        verdicts = [(layer.image.path, _judge_layer(layer)) for layer in _legacy_layers(reader)]
     finally:
         reader.close()
-    bad = [v for v in verdicts if not v.plausible]
+    bad = [(path, v) for path, v in verdicts if not v.plausible]
     if bad and not force:
+        path, verdict = bad[0]
         raise BadPassphraseError(
-            f"the passphrase is probably wrong: {bad[0].reason} (legacy AES has no key check). If the disk's "
-            "content really is random (e.g. encrypted inside the guest), rerun with --force"
+            f"{path}: the passphrase is probably wrong: {verdict.reason} (legacy AES has no key check). If the "
+            "disk's content really is random (e.g. encrypted inside the guest), rerun with --force"
         )
-    return "; ".join(v.reason for v in verdicts) or None
+    return "; ".join(v.reason for _, v in verdicts) or None
 
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
@@ -323,13 +348,16 @@ def _read_luks_area(read_at: Callable[[int, int], bytes], region_size: int, path
                     ) -> tuple[luks.LuksHeader, bytes, bytearray]:
     header = luks.read_header(read_at, region_size, path=path)
     luks.require_supported(header, path=path)
-    master_key = luks.unlock(header, read_at, passphrase)
+    try:
+        master_key = luks.unlock(header, read_at, passphrase)
+    except BadPassphraseError as e:
+        raise BadPassphraseError(f"{path}: {e}") from None
     end = max(s.key_material_offset + header.material_sectors for s in header.keyslots) * SECTOR
     return header, read_at(0, min(region_size, end)), master_key
 
 
 def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) -> LuksOutput:
-    carried = source_luks(plan_.source, plan_.report, opts.passphrase)
+    carried = source_luks(plan_.source, plan_.report, opts.passphrase_for(plan_.source))
     if carried:
         header, area, master_key = carried
         if opts.new_passphrase is not None:
@@ -343,7 +371,7 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
         header, area = _relayout(header, area, raw_target=raw_target)
         return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area,
                           spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key))
-    passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase
+    passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase_for(plan_.source)
     if passphrase is None:
         raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
     key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
@@ -662,7 +690,8 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 
 
 def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
-           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None) -> int:
+           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None,
+           backing_passphrase: Secret | None = None, backing_passphrases: Mapping[str, Secret] | None = None) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
     Returns the guest bytes accounted for: compared, or (snapshot ranges) shared with the active table.
 
@@ -673,11 +702,17 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
     With ``source`` (a qcow2 with these snapshots), a snapshot range is not decrypted again when every one of
     its clusters is shared with the active table in *both* images: the output's snapshot L2 entry points at the
     same host cluster as its active L2 entry, and the source's do too. Both then read what the active table
-    reads there, which the active table's check has just compared with the source."""
+    reads there, which the active table's check has just compared with the source.
+
+    A kept backing chain opens with the source's passphrases (``backing_passphrase`` and, per layer by real
+    path, ``backing_passphrases``): only the output itself uses ``passphrase``."""
     if target in ("raw", "luks"):
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
             return _check_ranges(stream.read_at, digests.ranges, -1, output_path, stall_seconds)
-    opener = Opener(passphrase, {})
+    layers = dict(backing_passphrases or {})
+    if passphrase is not None:
+        layers[os.path.realpath(output_path)] = passphrase
+    opener = Opener(backing_passphrase, layers)
     top = opener.open(output_path)
     try:
         compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
@@ -778,7 +813,8 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
     verdict = None
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
-            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force,
+                                              passphrases=opts.layer_passphrases())
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         with timer("LUKS setup"):
@@ -812,7 +848,8 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
         try:
             with timer("verify"):
                 compared = verify(out.temp_path, known_key, digests, target=opts.target,
-                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source)
+                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source,
+                                  backing_passphrase=opts.passphrase, backing_passphrases=opts.layer_passphrases())
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
@@ -839,7 +876,7 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
     digests = Digests()
     try:
         if opts.target in ("raw", "luks"):
-            with open_image(plan_.source, opts.passphrase) as stream:
+            with open_image(plan_.source, opts.passphrase, passphrases=opts.layer_passphrases()) as stream:
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
@@ -868,7 +905,7 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
                  digests: Digests) -> tuple[int, int]:
     from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
 
-    opener = Opener(opts.passphrase, {})
+    opener = Opener(opts.passphrase, opts.layer_passphrases())
     reader = opener.open(plan_.source)
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)

@@ -287,3 +287,113 @@ def test_empty_luks_payload_migrates(tmp_path: Path, target: str) -> None:
     assert json.loads(opened.stdout)["virtual-size"] == 0
     if driver == "qcow2":
         qemu_check(out, pw if target == "qcow2-luks" else None)
+
+
+# -- chains: a legacy overlay over a LUKS base, a passphrase per layer -----------------------------------------
+
+
+def _to_raw(opts: str, secrets: dict[str, Path], raw: Path) -> None:
+    objects = [arg for sid, file in secrets.items() for arg in ("--object", f"secret,id={sid},file={file}")]
+    out = qemu_img("convert", *objects, "--image-opts", opts, "-O", "raw", str(raw))
+    assert out.returncode == 0, out.stderr
+
+
+def _same_as(opts: str, secrets: dict[str, Path], reference: Path) -> None:
+    objects = [arg for sid, file in secrets.items() for arg in ("--object", f"secret,id={sid},file={file}")]
+    out = qemu_img("compare", *objects, "--image-opts", opts, f"driver=raw,file.filename={reference}")
+    assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
+
+
+def _rebase(top: Path, base: Path, pw: Path) -> None:
+    """``qemu-img rebase -u``: only the overlay's backing name changes (its key opens the overlay)."""
+    rebased = qemu_img("rebase", "--object", f"secret,id=s,file={pw}", "--image-opts",
+                       f"driver=qcow2,file.filename={top},encrypt.key-secret=s", "-u", "-b", base.name, "-F", "qcow2")
+    assert rebased.returncode == 0, rebased.stderr
+
+
+def _legacy_chain(tmp_path: Path, base_passphrase: str, top_passphrase: str) -> tuple[Path, Path]:
+    """A legacy AES base and a legacy AES overlay over it, both written; and the chain's guest view as raw."""
+    base = im.make_qcow2(tmp_path / "base.qcow2", 1 << 20, cluster_size=4096, encrypt="aes",
+                         passphrase=base_passphrase)
+    im.write_pattern(base, 0, 65536, 0x11)
+    im.write_data(base, 262144, b"base layer text " * 4096)
+    top = im.make_qcow2(tmp_path / "top.qcow2", 1 << 20, cluster_size=4096, encrypt="aes",
+                        passphrase=top_passphrase, backing=base)
+    im.write_data(top, 32768, b"overlay text .. " * 4096)
+    reference = tmp_path / "reference.raw"
+    secrets = {"b": secret_file(tmp_path, "ref-b.pw", base_passphrase),
+               "t": secret_file(tmp_path, "ref-t.pw", top_passphrase)}
+    _to_raw(f"driver=qcow2,file.filename={top.path},encrypt.key-secret=t,backing.encrypt.key-secret=b", secrets,
+            reference)
+    return top.path, reference
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("target", ["qcow2-luks", "qcow2"])
+def test_legacy_overlay_over_a_migrated_luks_base(tmp_path: Path, target: str) -> None:
+    """The README's route: migrate the base, rebase the overlay onto it (-u), migrate the overlay."""
+    top, reference = _legacy_chain(tmp_path, PASSPHRASE, PASSPHRASE)
+    pw = secret_file(tmp_path, "pw", PASSPHRASE)
+    base_luks = tmp_path / "base.luks.qcow2"
+    qcrypt("migrate", str(tmp_path / "base.qcow2"), "--to", "qcow2-luks", "-o", str(base_luks),
+           "--passphrase-file", str(pw), "--pbkdf-force-iterations", "1000")
+    _rebase(top, base_luks, pw)
+    chain = f"driver=qcow2,file.filename={top},encrypt.key-secret=s,backing.encrypt.key-secret=s"
+    _same_as(chain, {"s": pw}, reference)  # QEMU reads the rebased chain
+    out = tmp_path / "top.new.qcow2"
+    result = qcrypt("migrate", str(top), "--to", target, "-o", str(out), "--passphrase-file", str(pw),
+                    "--pbkdf-force-iterations", "1000")
+    assert b"verified" in result.stdout
+    assert im.qemu_img_info(out)["backing-filename"] == base_luks.name
+    own = ",encrypt.key-secret=s" if target == "qcow2-luks" else ""
+    _same_as(f"driver=qcow2,file.filename={out}{own},backing.encrypt.key-secret=s", {"s": pw}, reference)
+
+
+@pytest.mark.interop
+def test_a_passphrase_per_layer_when_flattening(tmp_path: Path) -> None:
+    top, reference = _legacy_chain(tmp_path, "the base's own secret", PASSPHRASE)
+    base = tmp_path / "base.qcow2"
+    base_pw, top_pw = secret_file(tmp_path, "base.pw", "the base's own secret"), secret_file(tmp_path, "pw", PASSPHRASE)
+    out = tmp_path / "flat.qcow2"
+    for default, wrong_layer in ((top_pw, base), (base_pw, top)):
+        refused = qcrypt("migrate", str(top), "--to", "qcow2-luks", "--flatten", "-o", str(out), "--passphrase-file",
+                         str(default), "--pbkdf-force-iterations", "1000", check=False)
+        line = refused.stderr.decode().strip()
+        assert refused.returncode == 4 and f"error: {wrong_layer}: the passphrase is probably wrong" in line, line
+        assert not out.exists()
+    stranger = qcrypt("migrate", str(top), "--to", "qcow2-luks", "--flatten", "-o", str(out), "--passphrase-file",
+                      str(top_pw), "--layer-passphrase-file", str(reference), str(base_pw), check=False)
+    assert stranger.returncode == 8 and b"not a layer of" in stranger.stderr and not out.exists()
+    qcrypt("migrate", str(top), "--to", "qcow2-luks", "--flatten", "-o", str(out), "--passphrase-file", str(top_pw),
+           "--layer-passphrase-file", str(base), str(base_pw), "--pbkdf-force-iterations", "1000")
+    assert "backing-filename" not in im.qemu_img_info(out)
+    qemu_check(out, top_pw)  # the new keyslot takes the top layer's passphrase
+    _same_as(f"driver=qcow2,file.filename={out},encrypt.key-secret=s", {"s": top_pw}, reference)
+
+
+@pytest.mark.interop
+def test_a_passphrase_per_layer_over_a_luks_base(tmp_path: Path) -> None:
+    """Base and overlay with different secrets, base already LUKS: the API and the CLI take both."""
+    from qcrypt.migrate import MigrateOptions, migrate
+
+    top, reference = _legacy_chain(tmp_path, "the base's own secret", PASSPHRASE)
+    base_pw, top_pw = secret_file(tmp_path, "base.pw", "the base's own secret"), secret_file(tmp_path, "pw", PASSPHRASE)
+    base_luks = tmp_path / "base.luks.qcow2"
+    qcrypt("migrate", str(tmp_path / "base.qcow2"), "--to", "qcow2-luks", "-o", str(base_luks),
+           "--passphrase-file", str(base_pw), "--pbkdf-force-iterations", "1000")
+    _rebase(top, base_luks, top_pw)
+    out = tmp_path / "top.new.qcow2"
+    refused = qcrypt("migrate", str(top), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(top_pw),
+                     check=False)
+    line = refused.stderr.decode().strip()
+    assert refused.returncode == 4 and f"error: {base_luks}: the passphrase opens no keyslot" in line, line
+    qcrypt("migrate", str(top), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(top_pw),
+           "--layer-passphrase-file", str(base_luks), str(base_pw), "--pbkdf-force-iterations", "1000")
+    secrets = {"t": top_pw, "b": base_pw}
+    _same_as(f"driver=qcow2,file.filename={out},encrypt.key-secret=t,backing.encrypt.key-secret=b", secrets,
+             reference)
+    api_out = tmp_path / "api.qcow2"
+    result = migrate(str(top), MigrateOptions(target="qcow2", output=str(api_out), passphrase=PASSPHRASE.encode(),
+                                              passphrases={str(base_luks): b"the base's own secret"}))
+    assert result.verified and result.backing_file == base_luks.name
+    _same_as(f"driver=qcow2,file.filename={api_out},backing.encrypt.key-secret=b", secrets, reference)
