@@ -27,7 +27,7 @@ LUKS2_CHECKSUM = "luks2-checksum-mismatch"
 LUKS1_UNALIGNED_PAYLOAD = "luks1-unaligned-payload"
 LUKS_NO_ACTIVE_KEYSLOT = "luks-no-active-keyslot"
 LUKS1_QEMU_REFUSES_LAYOUT = "luks1-qemu-refuses-layout"
-QEMU_KEYSLOT_ALIGN_SECTORS = 8  # QEMU rounds each keyslot's key material up to 4 KiB
+LUKS1_UNSUPPORTED_ALGORITHM = "luks1-unsupported-algorithm"
 QCOW2_UNKNOWN_INCOMPATIBLE = "qcow2-unknown-incompatible-features"
 QCOW2_CORRUPT = "qcow2-corrupt"
 QCOW2_DIRTY = "qcow2-dirty"
@@ -54,12 +54,14 @@ class Finding:
         return {"code": self.code, "severity": self.severity, "message": self.message}
 
 
-def legacy_aes(format_name: str, snapshot_count: int) -> Finding:
+def legacy_aes(format_name: str, snapshot_count: int, *, parseable: bool = True) -> Finding:
     snaps = f"; its {snapshot_count} internal snapshot(s) hold legacy ciphertext too" if snapshot_count else ""
+    advice = ("migrate with 'qcrypt migrate'" if parseable else
+              "its header cannot be parsed (see the unparseable finding): qcrypt cannot migrate it as it is")
     return Finding(
         LEGACY_AES, "critical",
         f"{format_name} legacy AES-CBC encryption (passphrase used as key, predictable IVs): QEMU system "
-        f"emulators refuse it; migrate with 'qcrypt migrate'{snaps}",
+        f"emulators refuse it; {advice}{snaps}",
     )
 
 
@@ -142,27 +144,47 @@ def grade_luks1(header: LuksHeader, *, raw: bool) -> list[Finding]:
                              "to brute-force"))
     if not active:
         found.append(Finding(LUKS_NO_ACTIVE_KEYSLOT, "warning", "no active keyslot: the data cannot be opened"))
+    found += _algorithms(header)
     found += _qemu_layout(header)
     if raw and header.payload_offset % CRYPTSETUP_ALIGN_SECTORS:
         found.append(Finding(LUKS1_UNALIGNED_PAYLOAD, "info",
-                             f"payload offset {header.payload_offset} sectors is not 1 MiB aligned (QEMU layout): "
+                             f"payload offset {header.payload_offset} sectors is not 1 MiB aligned: "
                              "'cryptsetup convert --type luks2' refuses it"))
     return found
 
 
+def _algorithms(header: LuksHeader) -> list[Finding]:
+    """A well-formed LUKS1 header may name algorithms only cryptsetup (kernel, libgcrypt) implements."""
+    from qcrypt import luks
+
+    qemu_lacks, qcrypt_lacks = luks.qemu_unsupported(header), luks.qcrypt_unsupported(header)
+    if qemu_lacks and qcrypt_lacks:
+        return [Finding(LUKS1_UNSUPPORTED_ALGORITHM, "warning",
+                        f"{' and '.join(qemu_lacks)}: cryptsetup opens it, QEMU's luks driver cannot, and qcrypt "
+                        f"cannot unlock or migrate it ({' and '.join(qcrypt_lacks)})")]
+    if qemu_lacks:
+        return [Finding(LUKS1_UNSUPPORTED_ALGORITHM, "warning",
+                        f"{' and '.join(qemu_lacks)}: cryptsetup opens it, QEMU's luks driver cannot")]
+    if qcrypt_lacks:
+        return [Finding(LUKS1_UNSUPPORTED_ALGORITHM, "info",
+                        f"{' and '.join(qcrypt_lacks)}: QEMU and cryptsetup open it; qcrypt cannot unlock or "
+                        "migrate it")]
+    return []
+
+
 def _qemu_layout(header: LuksHeader) -> list[Finding]:
-    """cryptsetup accepts a payload right after the last key material; QEMU first rounds it up to 4 KiB."""
+    """cryptsetup accepts layouts QEMU's stricter checks refuse (luks.qemu_keyslot_problems)."""
+    from qcrypt import luks
+
     if header.payload_offset == 0:
         return [Finding(LUKS1_QEMU_REFUSES_LAYOUT, "warning",
                         "detached header (payload offset 0): QEMU's luks driver cannot open it")]
-    align = QEMU_KEYSLOT_ALIGN_SECTORS
-    rounded = -(-header.material_sectors // align) * align
-    overlapping = [s.index for s in header.keyslots if s.key_material_offset + rounded > header.payload_offset]
-    if not overlapping:
+    problems = luks.qemu_keyslot_problems(header) + luks.qemu_payload_problems(header)
+    if not problems:
         return []
     return [Finding(LUKS1_QEMU_REFUSES_LAYOUT, "warning",
-                    f"keyslot(s) {overlapping} reach the payload once QEMU rounds key material to 4 KiB: "
-                    "cryptsetup opens it, QEMU refuses it ('qcrypt migrate --to luks' rewrites the layout)")]
+                    "; ".join(problems) + ": cryptsetup opens it, QEMU refuses it ('qcrypt migrate --to luks' or "
+                    "'--to qcow2-luks' writes a layout QEMU accepts)")]
 
 
 def grade_luks2(info: Luks2Info) -> list[Finding]:

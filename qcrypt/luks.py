@@ -241,6 +241,11 @@ def split_cipher(cipher: str) -> tuple[str, str]:
 # md5 is refused as a LUKS hash_spec (PBKDF2), but cryptsetup and QEMU use it for ESSIV (aes-cbc-essiv:md5);
 # the sector cipher then refuses digests that make no AES key (sha1, sha512, ...).
 ESSIV_ONLY_HASHES = ("md5",)
+# Hashes QEMU's luks driver knows (for PBKDF2, AF and ESSIV), lowercase as it requires.
+QEMU_HASH_BYTES = {"md5": 16, "sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64, "ripemd160": 20}
+QEMU_HASHES = tuple(QEMU_HASH_BYTES)
+MAX_KEY_BYTES = 512  # bounds the key material read per slot (4000 stripes: 2 MiB at most)
+UNSUPPORTED_FIELD = "cipher"  # the field named by require_supported's error
 
 
 def _parse_mode(cipher_mode: str, path: str | None = None) -> tuple[str, str, str | None]:
@@ -268,6 +273,53 @@ def check_cipher(cipher_name: str, cipher_mode: str, key_bytes: int, *, path: st
     if key_bytes not in valid:
         raise FormatError(f"{key_bytes} is not a valid key size for {cipher_name}-{chain} "
                           f"(valid: {', '.join(map(str, valid))} bytes)", path=path, field="key_bytes")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# QEMU's layout rules (stricter than cryptsetup's)
+
+
+def qemu_material_sectors(header: LuksHeader) -> int:
+    """Sectors QEMU reserves for one slot's key material: cryptsetup's count rounded up to 4 KiB."""
+    return _round_up(header.material_sectors, fmt.ALIGN_KEYSLOTS_SECTORS)
+
+
+def qemu_keyslot_problems(header: LuksHeader) -> list[str]:
+    """Why QEMU's luks driver refuses the keyslot placement (empty when it accepts it).
+
+    QEMU checks every slot, active or not: its key material must start at or after sector 8 (the first
+    4 KiB hold the header), and no two slots may overlap once each is rounded up to 4 KiB. cryptsetup only
+    needs sector 2 and the unrounded size, so layouts of older cryptsetup versions open there but not in QEMU.
+    """
+    problems = []
+    length = qemu_material_sectors(header)
+    early = [s.index for s in header.keyslots if s.key_material_offset < fmt.ALIGN_KEYSLOTS_SECTORS]
+    if early:
+        problems.append(f"keyslot(s) {early} start before sector {fmt.ALIGN_KEYSLOTS_SECTORS} (QEMU: overlapping "
+                        "with the LUKS header)")
+    pairs = [(a.index, b.index) for a, b in itertools.combinations(header.keyslots, 2)
+             if a.key_material_offset < b.key_material_offset + length
+             and b.key_material_offset < a.key_material_offset + length]
+    if pairs:
+        shown = ", ".join(f"{a}/{b}" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
+        problems.append(f"keyslots {shown} overlap once QEMU rounds key material to 4 KiB")
+    return problems
+
+
+def qemu_payload_problems(header: LuksHeader) -> list[str]:
+    """Why QEMU refuses where the payload starts (detached header, or key material reaching the payload)."""
+    if header.payload_offset == 0:
+        return ["detached header (payload offset 0)"]
+    length = qemu_material_sectors(header)
+    reaching = [s.index for s in header.keyslots if s.key_material_offset + length > header.payload_offset]
+    if reaching:
+        return [f"keyslot(s) {reaching} reach the payload once QEMU rounds key material to 4 KiB"]
+    return []
+
+
+def qemu_keyslot_offsets(key_bytes: int) -> list[int]:
+    """Where QEMU (and today's cryptsetup) place the 8 slots' key material: from sector 8, 4 KiB apart."""
+    return _layout(key_bytes, 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,12 +362,72 @@ def _header_from(raw: construct.Container, path: str) -> LuksHeader:
 
 
 def _check_names(header: LuksHeader, path: str) -> None:
-    if header.hash_spec != header.hash_spec.lower():
-        raise FormatError(f"{header.hash_spec!r} must be lowercase (QEMU rejects other spellings)",
-                          path=path, field="hash_spec")
+    """What makes a LUKS1 header well-formed whatever its algorithms: names present, a key size that can exist.
+    Which algorithms QEMU and qcrypt implement is a separate question (:func:`qemu_unsupported`,
+    :func:`qcrypt_unsupported`): cryptsetup reads headers naming any cipher its kernel and libraries know."""
+    for field_name, value in (("cipher_name", header.cipher_name), ("cipher_mode", header.cipher_mode),
+                              ("hash_spec", header.hash_spec)):
+        if not value:
+            raise FormatError("is empty", path=path, field=field_name)
+    if not 1 <= header.key_bytes <= MAX_KEY_BYTES:
+        raise FormatError(f"{header.key_bytes} is outside 1..{MAX_KEY_BYTES}", path=path, field="key_bytes")
+
+
+def _qemu_mode_problem(cipher_mode: str, essiv_key_bytes: tuple[int, ...]) -> str | None:
+    if cipher_mode == "ecb":
+        return None
+    chain, dash, iv_spec = cipher_mode.partition("-")
+    ivgen, _colon, iv_hash = iv_spec.partition(":")
+    if not dash or chain not in CHAIN_MODES:
+        return f"mode {cipher_mode!r}"
+    if ivgen not in IV_GENERATORS:
+        return f"IV generator {iv_spec!r}"
+    if ivgen == "essiv" and (iv_hash not in QEMU_HASHES or QEMU_HASH_BYTES[iv_hash] not in essiv_key_bytes):
+        return f"ESSIV hash {iv_hash!r}"  # ESSIV keys the cipher with the digest: its size must be a key size
+    return None
+
+
+def qemu_unsupported(header: LuksHeader) -> list[str]:
+    """The parts of the header's algorithms QEMU's luks driver does not implement (empty if it opens it)."""
+    parts = []
+    if header.cipher_name not in CIPHER_KEY_BYTES:
+        parts.append(f"cipher {header.cipher_name!r}")
+    mode_problem = _qemu_mode_problem(header.cipher_mode, CIPHER_KEY_BYTES.get(header.cipher_name, (16, 24, 32)))
+    if mode_problem:
+        parts.append(mode_problem)
+    elif header.cipher_name in CIPHER_KEY_BYTES:
+        try:
+            check_cipher(header.cipher_name, header.cipher_mode, header.key_bytes)
+        except FormatError:
+            parts.append(f"a {header.key_bits}-bit key for {header.cipher}")
+    if header.hash_spec not in QEMU_HASHES:
+        parts.append(f"hash {header.hash_spec!r}")
+    return parts
+
+
+def qcrypt_unsupported(header: LuksHeader) -> list[str]:
+    """The parts of the header's algorithms qcrypt cannot unlock or migrate (empty if it can)."""
+    parts = []
+    key = os.urandom(header.key_bytes)
+    try:
+        make_sector_cipher(header.cipher_name, header.cipher_mode, key).wipe()
+    except UnsupportedFeatureError as e:
+        parts.append({"cipher_name": f"cipher {header.cipher_name!r}",
+                      "key_bytes": f"a {header.key_bits}-bit key for {header.cipher}"}.get(
+                          e.field or "", f"mode {header.cipher_mode!r}"))
     if header.hash_spec not in supported_hashes():
-        raise UnsupportedFeatureError(f"unsupported hash {header.hash_spec!r}", path=path, field="hash_spec")
-    check_cipher(header.cipher_name, header.cipher_mode, header.key_bytes, path=path)
+        parts.append(f"hash {header.hash_spec!r}")
+    return parts
+
+
+def require_supported(header: LuksHeader, *, path: str) -> None:
+    """Raise UnsupportedFeatureError (naming the file and what is missing) unless qcrypt can unlock it."""
+    parts = qcrypt_unsupported(header)
+    if parts:
+        who = "QEMU and qcrypt do not implement (cryptsetup does)" if qemu_unsupported(header) else (
+            "qcrypt does not implement (QEMU and cryptsetup do)")
+        raise UnsupportedFeatureError(f"LUKS1 with {' and '.join(parts)}, which {who}: qcrypt cannot unlock it",
+                                      path=path, field=UNSUPPORTED_FIELD)
 
 
 def _check_slot(slot: LuksKeyslot, header: LuksHeader, region_size: int, path: str) -> None:

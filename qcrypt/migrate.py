@@ -12,15 +12,22 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
-from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, QcryptIOError, VerificationError
+from qcrypt.errors import (
+    BadPassphraseError,
+    FormatError,
+    MigrationError,
+    QcryptIOError,
+    UnsupportedFeatureError,
+    VerificationError,
+)
 from qcrypt.imagefile import RawFile, open_image_file, pinned
 from qcrypt.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.model import ClusterKind, Snapshot
@@ -28,7 +35,7 @@ from qcrypt.outputs import AtomicOutput, Finalized, Placement, file_id, io_error
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 from qcrypt.qcow2 import QCow2Image
 from qcrypt.scan import inspect as inspect_image
-from qcrypt.scan import probe, resolve_backing
+from qcrypt.scan import probe, report_error, resolve_backing
 from qcrypt.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
@@ -44,6 +51,9 @@ class MigrateOptions:
     target: str
     output: str | None = None
     passphrase: bytes | None = field(default=None, repr=False)
+    # one layer's own passphrase, by its path (any spelling of it): QEMU takes one secret per layer. Layers not
+    # named here use ``passphrase``.
+    passphrases: dict[str, bytes] = field(default_factory=dict, repr=False)
     new_passphrase: bytes | None = field(default=None, repr=False)
     cipher: str = "aes-xts-plain64"
     key_bits: int | None = None
@@ -58,6 +68,14 @@ class MigrateOptions:
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
     keep_placement: bool = False  # the result's placement stays open (the caller undoes or closes it)
+
+    def layer_passphrases(self) -> dict[str, Secret]:
+        """``passphrases`` keyed by real path, as the chain opener looks layers up."""
+        return {os.path.realpath(path): secret for path, secret in self.passphrases.items()}
+
+    def passphrase_for(self, path: str) -> bytes | None:
+        """The passphrase that unlocks the layer at ``path``."""
+        return self.layer_passphrases().get(os.path.realpath(path), self.passphrase)  # type: ignore[return-value]
 
 
 @dataclass
@@ -114,8 +132,7 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
     if opts.target not in TARGETS:
         raise MigrationError(f"unknown target {opts.target!r} (choose from {', '.join(TARGETS)})")
     report = inspect_image(source)
-    if report.get("error"):
-        raise MigrationError(f"cannot migrate {source}: {report['error']}")
+    refuse_unreadable_source(source, report)
     if report["encryption"] == "luks2":
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
     final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
@@ -123,10 +140,21 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
         raise MigrationError("an output path is required (-o OUT), or --replace")
     if not opts.replace:
         _refuse_output_over_inputs(final_path, [source] + [layer["path"] for layer in report["backing_chain"]])
+    _check_layer_passphrases(source, report, opts)
     keep_backing, backing_format, snapshots = _chain_plan(source, report, opts)
     if keep_backing:
         keep_backing = backing_name_for(source, keep_backing, final_path)
     return Plan(source, report, final_path, keep_backing, backing_format, snapshots)
+
+
+def _check_layer_passphrases(source: str, report: dict[str, Any], opts: MigrateOptions) -> None:
+    """Every path given a passphrase of its own must be a layer of the source's chain (a typo would otherwise
+    silently fall back to the default passphrase)."""
+    layers = {os.path.realpath(path) for path in [source, *(layer["path"] for layer in report["backing_chain"])]}
+    strangers = [path for path in opts.passphrases if os.path.realpath(path) not in layers]
+    if strangers:
+        raise MigrationError(f"{strangers[0]} is given a passphrase but is not a layer of {source}'s chain "
+                             f"(layers: {', '.join([source, *(layer['path'] for layer in report['backing_chain'])])})")
 
 
 def backing_name_for(source: str, backing_file: str, output: str) -> str:
@@ -187,21 +215,24 @@ def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
 # -- passphrase plausibility (legacy AES has no key check) ------------------------------------------------------
 
 
-def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool) -> str | None:
-    """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced."""
-    opener = Opener(passphrase, {})
+def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool,
+                            passphrases: Mapping[str, Secret] | None = None) -> str | None:
+    """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced.
+    ``passphrases`` maps a layer's real path to its own passphrase (else ``passphrase``)."""
+    opener = Opener(passphrase, passphrases or {})
     reader = opener.open(source)
     try:
-        verdicts = [_judge_layer(layer) for layer in _legacy_layers(reader)]
+        verdicts = [(layer.image.path, _judge_layer(layer)) for layer in _legacy_layers(reader)]
     finally:
         reader.close()
-    bad = [v for v in verdicts if not v.plausible]
+    bad = [(path, v) for path, v in verdicts if not v.plausible]
     if bad and not force:
+        path, verdict = bad[0]
         raise BadPassphraseError(
-            f"the passphrase is probably wrong: {bad[0].reason} (legacy AES has no key check). If the disk's "
-            "content really is random (e.g. encrypted inside the guest), rerun with --force"
+            f"{path}: the passphrase is probably wrong: {verdict.reason} (legacy AES has no key check). If the "
+            "disk's content really is random (e.g. encrypted inside the guest), rerun with --force"
         )
-    return "; ".join(v.reason for v in verdicts) or None
+    return "; ".join(v.reason for _, v in verdicts) or None
 
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
@@ -292,36 +323,60 @@ def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -
         return None
     if passphrase is None:
         raise BadPassphraseError(f"{source} is LUKS-encrypted: a passphrase is required")
+    return _with_luks_region(source, report, lambda read_at, size: _read_luks_area(read_at, size, source,
+                                                                                    passphrase))
+
+
+def _with_luks_region(source: str, report: dict[str, Any], use: Callable[[luks.ReadAt, int], Any]) -> Any:
+    """``use(read_at, region_size)`` over the LUKS region of a raw LUKS or qcow2-LUKS source."""
     if report["format"] == "qcow2":
         with QCow2Image.open(source) as image:
             region = image.crypto_header()
             assert region is not None
-            read_at = luks.file_reader(image.fh, *region, path=source)
-            return _read_luks_area(read_at, region[1], source, passphrase)
+            return use(luks.file_reader(image.fh, *region, path=source), region[1])
     with RawFile.open(source) as raw:
-        read_at = luks.file_reader(raw.fh, 0, raw.file_size, path=source)
-        return _read_luks_area(read_at, raw.file_size, source, passphrase)
+        return use(luks.file_reader(raw.fh, 0, raw.file_size, path=source), raw.file_size)
+
+
+def refuse_unreadable_source(source: str, report: dict[str, Any]) -> None:
+    """Raise, before any passphrase is asked for, what ``qcrypt info`` would raise for an image that cannot be
+    parsed, and the UnsupportedFeatureError naming what qcrypt lacks for a LUKS1 source it cannot unlock."""
+    if report.get("error"):
+        raise report_error(report)
+    if report["encryption"] == "luks1":
+        header = _with_luks_region(source, report, lambda read_at, size: luks.read_header(read_at, size,
+                                                                                          path=source))
+        luks.require_supported(header, path=source)
 
 
 def _read_luks_area(read_at: Callable[[int, int], bytes], region_size: int, path: str, passphrase: bytes
                     ) -> tuple[luks.LuksHeader, bytes, bytearray]:
     header = luks.read_header(read_at, region_size, path=path)
-    master_key = luks.unlock(header, read_at, passphrase)
+    luks.require_supported(header, path=path)
+    try:
+        master_key = luks.unlock(header, read_at, passphrase)
+    except BadPassphraseError as e:
+        raise BadPassphraseError(f"{path}: {e}") from None
     end = max(s.key_material_offset + header.material_sectors for s in header.keyslots) * SECTOR
     return header, read_at(0, min(region_size, end)), master_key
 
 
 def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) -> LuksOutput:
-    carried = source_luks(plan_.source, plan_.report, opts.passphrase)
+    carried = source_luks(plan_.source, plan_.report, opts.passphrase_for(plan_.source))
     if carried:
         header, area, master_key = carried
         if opts.new_passphrase is not None:
             raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
                                  "--new-passphrase-file does not apply: add keys afterwards")
+        qemu_lacks = luks.qemu_unsupported(header)
+        if qemu_lacks:  # the output would keep them: QEMU could not open it
+            raise UnsupportedFeatureError(f"LUKS1 with {' and '.join(qemu_lacks)}, which QEMU does not implement: "
+                                          "a LUKS output keeps the source's algorithms", path=plan_.source,
+                                          field=luks.UNSUPPORTED_FIELD)
         header, area = _relayout(header, area, raw_target=raw_target)
         return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area,
                           spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key))
-    passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase
+    passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase_for(plan_.source)
     if passphrase is None:
         raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
     key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
@@ -345,16 +400,29 @@ def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
 
 
 def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tuple[luks.LuksHeader, bytes]:
-    """Keep keyslots byte for byte; only place the payload where the target container wants it."""
-    align = luks.fmt.ALIGN_KEYSLOTS_SECTORS  # QEMU rounds each slot's material up to 4 KiB
-    material_sectors = -(-header.material_sectors // align) * align
-    material_end = max(s.key_material_offset + material_sectors for s in header.keyslots)
+    """Keep every keyslot's key material byte for byte, placed the way QEMU accepts it, and put the payload
+    where the target container wants it.
+
+    Key material is encrypted with sector numbers counted from its own start, so it can move: a source laid
+    out by an older cryptsetup (material from sector 2, slots touching once rounded to 4 KiB) gets today's
+    offsets (sector 8, 4 KiB steps); a layout QEMU already accepts keeps its offsets."""
+    slots = header.keyslots
+    if luks.qemu_keyslot_problems(header):
+        offsets = luks.qemu_keyslot_offsets(header.key_bytes)
+        slots = tuple(replace(slot, key_material_offset=offset) for slot, offset in zip(slots, offsets))
+    material_end = max(s.key_material_offset + luks.qemu_material_sectors(header) for s in slots)
     payload = material_end
     if raw_target:
         payload = -(-material_end // luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS) * luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
-    new_header = luks.LuksHeader(**{**header.__dict__, "payload_offset": payload})
+    new_header = replace(header, keyslots=slots, payload_offset=payload)
+    problems = luks.qemu_keyslot_problems(new_header) + luks.qemu_payload_problems(new_header)
+    if problems:  # never write an output QEMU refuses
+        raise MigrationError(f"cannot lay out the LUKS header for QEMU: {'; '.join(problems)}")
     blob = bytearray(payload * SECTOR)
-    blob[: len(area)] = area[: payload * SECTOR]
+    length = header.material_sectors * SECTOR
+    for old, new in zip(header.keyslots, slots):
+        source_start, target_start = old.key_material_offset * SECTOR, new.key_material_offset * SECTOR
+        blob[target_start : target_start + length] = area[source_start : source_start + length]
     blob[: luks.fmt.PHDR_SIZE] = new_header.to_bytes()
     return new_header, bytes(blob)
 
@@ -627,7 +695,8 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 
 
 def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
-           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None) -> int:
+           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None,
+           backing_passphrase: Secret | None = None, backing_passphrases: Mapping[str, Secret] | None = None) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
     Returns the guest bytes accounted for: compared, or (snapshot ranges) shared with the active table.
 
@@ -638,11 +707,17 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
     With ``source`` (a qcow2 with these snapshots), a snapshot range is not decrypted again when every one of
     its clusters is shared with the active table in *both* images: the output's snapshot L2 entry points at the
     same host cluster as its active L2 entry, and the source's do too. Both then read what the active table
-    reads there, which the active table's check has just compared with the source."""
+    reads there, which the active table's check has just compared with the source.
+
+    A kept backing chain opens with the source's passphrases (``backing_passphrase`` and, per layer by real
+    path, ``backing_passphrases``): only the output itself uses ``passphrase``."""
     if target in ("raw", "luks"):
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
             return _check_ranges(stream.read_at, digests.ranges, -1, output_path, stall_seconds)
-    opener = Opener(passphrase, {})
+    layers = dict(backing_passphrases or {})
+    if passphrase is not None:
+        layers[os.path.realpath(output_path)] = passphrase
+    opener = Opener(backing_passphrase, layers)
     top = opener.open(output_path)
     try:
         compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
@@ -750,7 +825,8 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
     verdict = None
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
-            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force,
+                                              passphrases=opts.layer_passphrases())
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         with timer("LUKS setup"):
@@ -793,7 +869,8 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
         try:
             with timer("verify"):
                 compared = verify(out.temp_path, known_key, digests, target=opts.target,
-                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source)
+                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source,
+                                  backing_passphrase=opts.passphrase, backing_passphrases=opts.layer_passphrases())
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
@@ -820,7 +897,7 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
     digests = Digests()
     try:
         if opts.target in ("raw", "luks"):
-            with open_image(plan_.source, opts.passphrase) as stream:
+            with open_image(plan_.source, opts.passphrase, passphrases=opts.layer_passphrases()) as stream:
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
@@ -849,7 +926,7 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
                  digests: Digests) -> tuple[int, int]:
     from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
 
-    opener = Opener(opts.passphrase, {})
+    opener = Opener(opts.passphrase, opts.layer_passphrases())
     reader = opener.open(plan_.source)
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)

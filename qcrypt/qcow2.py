@@ -361,9 +361,14 @@ class QCow2Image(ImageFile):
         if entry & fmt.L2E_STD_RESERVED_MASK:
             raise self._fail("L2 entry", f"reserved bits set ({entry:#x})")
         host_offset = entry & fmt.L2E_OFFSET_MASK
-        if not host_offset:
+        if not host_offset and not self._data_file_cluster_at_zero(entry):
             return UNALLOCATED
         return self._normal(host_offset)
+
+    def _data_file_cluster_at_zero(self, entry: int) -> bool:
+        """With an external data file, offset 0 is a real place: an entry with the COPIED flag maps there
+        (QEMU's rule; data_file_raw images map guest cluster 0 so)."""
+        return bool(self.header.incompatible_features & fmt.INCOMPAT_DATA_FILE and entry & fmt.OFLAG_COPIED)
 
     def _normal(self, host_offset: int) -> ClusterMapping:
         if host_offset % self.header.cluster_size:
@@ -392,7 +397,7 @@ class QCow2Image(ImageFile):
         host_offset = entry & fmt.L2E_OFFSET_MASK
         if entry & (fmt.L2E_STD_RESERVED_MASK | fmt.OFLAG_ZERO):
             raise self._fail("L2 entry", f"reserved bits set ({entry:#x})")
-        if alloc and not host_offset:
+        if alloc and not host_offset and not self._data_file_cluster_at_zero(entry):
             raise self._fail("L2 entry", "allocated subclusters without a host offset")
         if zero == 0xFFFFFFFF:
             return ZERO

@@ -539,6 +539,8 @@ class Qcow2Writer:
     # -- finish -----------------------------------------------------------------------------------------
 
     def _write_l1(self, t: _Table) -> int:
+        if not len(t.l1):  # an empty disk: no L1 table at all (offset 0), as qemu-img writes it
+            return 0
         entries = self._with_copied(t.l1, fmt.L1E_OFFSET_MASK).tobytes()
         return self._write_new_clusters(entries, "L1 table")
 
@@ -636,10 +638,12 @@ class Qcow2Writer:
 
 
 def _check_geometry(size: int, cluster_bits: int, *, what: str = "virtual size") -> None:
+    """Sizes are whole sectors; a disk may be empty (qemu-img creates 0-byte disks), a LUKS area may not."""
     if not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
         raise MigrationError(f"cluster_bits {cluster_bits} is outside 9..21")
-    if size <= 0 or size % SECTOR_SIZE:
-        raise MigrationError(f"{what} {size} must be a positive multiple of 512")
+    if size < 0 or size % SECTOR_SIZE or (size == 0 and what != "virtual size"):
+        raise MigrationError(f"{what} {size} must be a {'' if what == 'virtual size' else 'positive '}"
+                             "multiple of 512")
     if size > 1 << 62:
         raise MigrationError(f"{what} {size} is too large")
 

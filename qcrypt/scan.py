@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qcrypt import findings as F
-from qcrypt.errors import FormatError, QcryptError
+from qcrypt.errors import FormatError, QcryptError, QcryptIOError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.imagefile import ImageFile, RawFile, open_image_file
@@ -26,6 +26,7 @@ SEVERITIES = ("ok", "info", "warning", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 MAX_CHAIN_DEPTH = 64
 PROBE_BYTES = 8
+CRYPT_METHOD_OFFSET = {"qcow2": 32, "qcow": 36}  # header byte offset of crypt_method
 
 Report = dict[str, Any]
 
@@ -85,6 +86,7 @@ def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *
 
     read_at = luks.file_reader(image.fh, offset, length, path=image.path)
     version = int.from_bytes(read_at(6, 2), "big") if length >= 8 else 0
+    info.encryption = "luks2" if version == 2 else "luks1"  # what the header says, even if it fails to parse
     if version == 2:
         hdr2 = luks2.read_luks2(read_at, length, path=image.path)
         info.encryption = "luks2"
@@ -148,15 +150,44 @@ def inspect_one(path: str) -> ImageInfo:
         info.format, info.error = "missing", "no such file"
     except QcryptError as e:
         info.error = str(e)
-        info.findings.append(F.unparseable(info.format, str(e)))
+        _unparseable(info, str(e))
     except OSError as e:
         info.error = e.strerror or str(e)
         info.findings.append(F.unreadable(info.error))
     except (ValueError, TypeError, ArithmeticError, LookupError, RecursionError, MemoryError) as e:
         # a parser bug must not abort a fleet scan: report the file as unparseable and go on
         info.error = f"{path}: internal error while parsing ({type(e).__name__}: {e})"
-        info.findings.append(F.unparseable(info.format, info.error))
+        _unparseable(info, info.error)
     return info
+
+
+def _unparseable(info: ImageInfo, error: str) -> None:
+    """An image whose headers do not parse still says how it is encrypted: keep that (a legacy AES image with
+    a damaged header is still legacy AES, not "none")."""
+    info.findings.append(F.unparseable(info.format, error))
+    if info.encryption == "none":
+        info.encryption = _declared_encryption(info.path, info.format, info.format_version)
+    if info.encryption == "aes-cbc-legacy" and not any(f.code == F.LEGACY_AES for f in info.findings):
+        info.findings.append(F.legacy_aes(info.format, 0, parseable=False))
+
+
+def _declared_encryption(path: str, format_name: str, version: int | None) -> str:
+    """The encryption a header's fixed fields declare: qcow/qcow2 crypt_method, the LUKS version."""
+    if format_name == "luks":
+        return "luks2" if version == 2 else "luks1"
+    if format_name not in ("qcow", "qcow2"):
+        return "none"
+    try:
+        with open_image_file(path) as fh:
+            method_field = os.pread(fh.fileno(), 4, CRYPT_METHOD_OFFSET[format_name])
+    except OSError:
+        return "none"
+    method = int.from_bytes(method_field, "big") if len(method_field) == 4 else 0
+    if method == qcow2_fmt.CRYPT_AES:
+        return "aes-cbc-legacy"
+    if method == qcow2_fmt.CRYPT_LUKS and format_name == "qcow2":
+        return "luks1"  # QEMU's qcow2 encryption is LUKS1 only
+    return "none"
 
 
 def _size_of(path: str, st: os.stat_result) -> int:
@@ -254,6 +285,17 @@ def inspect(path: str | os.PathLike[str]) -> Report:
     info = inspect_one(path)
     chain, chain_findings = walk_chain(info)
     return build_report(info, chain, chain_findings)
+
+
+def report_error(report: Report) -> Exception:
+    """The one error ``qcrypt info`` and ``qcrypt migrate`` raise for an image whose report has an ``error``:
+    the same text (naming the file once) and so the same exit code as ``scan`` shows."""
+    path, error = report["path"], report["error"]
+    if report["format"] == "missing":
+        return FileNotFoundError(2, "No such file or directory", path)
+    if any(f["code"] == F.UNREADABLE for f in report["findings"]):
+        return QcryptIOError(f"{path}: {error}")
+    return FormatError(error.removeprefix(f"{path}: "), path=path)
 
 
 def has_legacy(report: Report) -> bool:
@@ -369,9 +411,7 @@ def describe(path: str | os.PathLike[str]) -> Report:
     path = os.fspath(path)
     info = inspect_one(path)
     if info.error:
-        if info.format == "missing":
-            raise FileNotFoundError(2, "No such file or directory", path)
-        raise FormatError(info.error.removeprefix(f"{path}: "), path=path)
+        raise report_error(build_report(info, [], []))
     chain, chain_findings = walk_chain(info)
     report = build_report(info, chain, chain_findings)
     report["cluster_size"] = info.cluster_size

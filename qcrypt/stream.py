@@ -119,6 +119,7 @@ Secret = bytes | KnownMasterKey
 def _unlock(header: object, read_at: object, passphrase: Secret | None, path: str) -> SectorCipher:
     from qcrypt import luks
 
+    luks.require_supported(header, path=path)  # type: ignore[arg-type]
     if passphrase is None:
         raise PassphraseRequiredError(f"{path}: LUKS-encrypted: a passphrase is required")
     if isinstance(passphrase, KnownMasterKey):
@@ -126,7 +127,10 @@ def _unlock(header: object, read_at: object, passphrase: Secret | None, path: st
             raise BadPassphraseError(f"{path}: the master key does not match the header's digest")
         master_key = bytearray(passphrase.key)
     else:
-        master_key = luks.unlock(header, read_at, passphrase)  # type: ignore[arg-type]
+        try:
+            master_key = luks.unlock(header, read_at, passphrase)  # type: ignore[arg-type]
+        except BadPassphraseError as e:  # name the layer: a chain may hold several passphrases
+            raise BadPassphraseError(f"{path}: {e}") from None
     try:
         return make_sector_cipher(header.cipher_name, header.cipher_mode, master_key)  # type: ignore[attr-defined]
     finally:

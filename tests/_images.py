@@ -89,6 +89,7 @@ _LUKS_FORMAT_SPARE_BYTES = 20 << 20  # enough for any LUKS1 header and a default
 _INCOMPAT_OFFSET = 72
 _LUKS1_PHDR_BYTES = 592
 _LUKS1_PAYLOAD_OFFSET = 104
+_LUKS1_KEY_BYTES_OFFSET = 108
 _LUKS1_SLOTS_OFFSET = 208
 _LUKS1_SLOT_BYTES = 48
 _LUKS1_SLOT_DISABLED = 0x0000DEAD
@@ -367,6 +368,32 @@ def zero_disabled_luks1_slots(path: Path) -> None:
                 end = next(start for start in starts if start > offset)
                 handle.seek(offset * SECTOR_BYTES)
                 handle.write(bytes((end - offset) * SECTOR_BYTES))
+
+
+def relayout_luks1(path: Path, slot_offsets: Sequence[int], payload_offset: int) -> None:
+    """Rewrite a raw LUKS1 file as an older cryptsetup would have laid it out: keyslot ``i``'s key material moved
+    to sector ``slot_offsets[i]`` and the payload to sector ``payload_offset`` (raw LUKS IVs count from the
+    payload, so moved ciphertext still decrypts). Used for layouts today's cryptsetup no longer writes."""
+    record_note(f"python: move {Path(path).name}'s keyslots to sectors {list(slot_offsets)} and its payload to "
+                f"sector {payload_offset}")
+    with open(path, "r+b") as handle:
+        data = bytearray(handle.read())
+        (old_payload,) = struct.unpack_from(">I", data, _LUKS1_PAYLOAD_OFFSET)
+        (key_bytes,) = struct.unpack_from(">I", data, _LUKS1_KEY_BYTES_OFFSET)
+        material = -(-key_bytes * 4000 // SECTOR_BYTES) * SECTOR_BYTES
+        out = bytearray(payload_offset * SECTOR_BYTES)
+        out[:_LUKS1_PHDR_BYTES] = data[:_LUKS1_PHDR_BYTES]
+        for index, new_offset in enumerate(slot_offsets):
+            field = _LUKS1_SLOTS_OFFSET + _LUKS1_SLOT_BYTES * index + 40
+            (old_offset,) = struct.unpack_from(">I", data, field)
+            start = old_offset * SECTOR_BYTES
+            out[new_offset * SECTOR_BYTES : new_offset * SECTOR_BYTES + material] = data[start : start + material]
+            struct.pack_into(">I", out, field, new_offset)
+        struct.pack_into(">I", out, _LUKS1_PAYLOAD_OFFSET, payload_offset)
+        out += data[old_payload * SECTOR_BYTES :]
+        handle.seek(0)
+        handle.write(out)
+        handle.truncate(len(out))
 
 
 def make_luks2(

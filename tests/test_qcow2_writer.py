@@ -472,8 +472,8 @@ def _writer(**kwargs: object) -> Qcow2Writer:
     [
         ({"cluster_bits": 8}, "outside 9..21"),
         ({"cluster_bits": 22}, "outside 9..21"),
-        ({"virtual_size": 0}, "positive multiple of 512"),
-        ({"virtual_size": 1000}, "positive multiple of 512"),
+        ({"virtual_size": -512}, "multiple of 512"),  # 0 is allowed: qemu-img makes empty disks too
+        ({"virtual_size": 1000}, "multiple of 512"),
         ({"virtual_size": 1 << 40, "cluster_bits": 9}, "L1 table above 32 MiB"),
         ({"encrypt": lambda data, sector: data}, "go together"),
         ({"backing_format": "raw"}, "needs a backing file"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 from typing import Any
@@ -13,7 +14,7 @@ from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import QcryptError
-from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
+from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source
 from qcrypt.migrate import migrate as run_migration
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 
@@ -32,6 +33,10 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output path (not with --replace).")
 @click.option("--passphrase-file", type=click.Path(allow_dash=True, dir_okay=False),
               help="Source passphrase file ('-' = stdin). Prompted when missing and stdin is a terminal.")
+@click.option("--layer-passphrase-file", "layer_passphrase_files", nargs=2, multiple=True, metavar="LAYER FILE",
+              type=(click.Path(exists=True, dir_okay=False), click.Path(allow_dash=True, dir_okay=False)),
+              help="Passphrase file for one layer of SOURCE's backing chain (or SOURCE itself); repeat it per "
+                   "layer. Layers not named use --passphrase-file.")
 @click.option("--new-passphrase-file", type=click.Path(allow_dash=True, dir_okay=False),
               help="Passphrase for the new LUKS keyslot (default: the source passphrase).")
 @click.option("--cipher", type=click.Choice(CIPHERS), default="aes-xts-plain64", show_default=True)
@@ -56,24 +61,39 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--timings", is_flag=True, help="Print the seconds each phase took to stderr (also with -q).")
 @handle_errors
 def migrate(source: str, target: str, output: str | None, passphrase_file: str | None,
-            new_passphrase_file: str | None, cipher: str, key_bits: str | None, hash_name: str, iter_time_ms: int,
+            layer_passphrase_files: tuple[tuple[str, str], ...], new_passphrase_file: str | None, cipher: str,
+            key_bits: str | None, hash_name: str, iter_time_ms: int,
             iterations: int | None, flatten: bool, force: bool, replace: bool, jobs: int | None, stall_seconds: float,
             quiet: bool, timings: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
     if replace and output:
         raise click.UsageError("--replace puts the output under SOURCE's name: do not give -o")
-    if passphrase_file == "-" and new_passphrase_file == "-":
+    files = [passphrase_file, new_passphrase_file, *(file for _layer, file in layer_passphrase_files)]
+    if files.count("-") > 1:
         raise click.UsageError("only one passphrase can come from stdin")
     report = scanner.inspect(source)
-    encrypted = report["encryption"] != "none" or any(
-        layer["encryption"] != "none" for layer in report.get("backing_chain", []))
-    passphrase = get_passphrase(passphrase_file, what="source passphrase") if encrypted else None
-    new_passphrase = None
-    if target in ("luks", "qcow2-luks") and (new_passphrase_file or not encrypted):
-        new_passphrase = get_passphrase(new_passphrase_file, what="new LUKS passphrase",
-                                        option="--new-passphrase-file", confirm=True)
+    refuse_unreadable_source(source, report)  # before asking for any passphrase; the error info and scan show
+    own = {os.path.realpath(layer) for layer, _file in layer_passphrase_files}
+    layers = [report, *report.get("backing_chain", [])]
+    encrypted = [layer["path"] for layer in layers if layer["encryption"] != "none"]
+    needs_default = passphrase_file is not None or any(os.path.realpath(path) not in own for path in encrypted)
+    passphrase = layer_passphrases = new_passphrase = None
+    try:
+        passphrase = get_passphrase(passphrase_file, what="source passphrase") if needs_default else None
+        layer_passphrases = {layer: get_passphrase(file, what=f"passphrase of {layer}",
+                                                   option="--layer-passphrase-file LAYER")
+                             for layer, file in layer_passphrase_files}
+        top_passphrase = next((secret for layer, secret in layer_passphrases.items()
+                               if os.path.realpath(layer) == os.path.realpath(source)), passphrase)
+        if target in ("luks", "qcow2-luks") and (new_passphrase_file or top_passphrase is None):
+            new_passphrase = get_passphrase(new_passphrase_file, what="new LUKS passphrase",
+                                            option="--new-passphrase-file", confirm=True)
+    except BaseException:
+        wipe(passphrase, new_passphrase, *(layer_passphrases or {}).values())
+        raise
     opts = MigrateOptions(
-        target=target, output=output, passphrase=passphrase, new_passphrase=new_passphrase, cipher=cipher,
+        target=target, output=output, passphrase=passphrase, passphrases=layer_passphrases,  # type: ignore[arg-type]
+        new_passphrase=new_passphrase, cipher=cipher,
         key_bits=int(key_bits) if key_bits else None, hash_name=hash_name, iter_time_ms=iter_time_ms,
         iterations=iterations, flatten=flatten, force=force, replace=replace, workers=jobs,
         stall_seconds=stall_seconds,
@@ -87,7 +107,7 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
             opts.progress = bar.update
             result = run_migration(source, opts)
     finally:
-        wipe(passphrase, new_passphrase)
+        wipe(passphrase, new_passphrase, *layer_passphrases.values())
     if not quiet:
         print_result(result, report, passphrase_file)
     if timings:
