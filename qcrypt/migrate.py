@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from qcrypt import checksum, luks, plausibility
+from qcrypt import findings as F
+from qcrypt.backing import BackingRefusedError, ChainRules
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
@@ -57,6 +59,9 @@ class MigrateOptions:
     chunk_bytes: int = CHUNK_BYTES
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
+    rules: ChainRules | None = None  # where backing files may be besides the source's folder (qcrypt.backing)
+    source_format: str | None = None  # the format the domain XML declares for the source: never probed then
+    accept_unverified_passphrase: bool = False  # go on when no legacy data cluster can judge the passphrase
 
 
 @dataclass
@@ -109,9 +114,12 @@ class Plan:
 def plan(source: str, opts: MigrateOptions) -> Plan:
     if opts.target not in TARGETS:
         raise MigrationError(f"unknown target {opts.target!r} (choose from {', '.join(TARGETS)})")
-    report = inspect_image(source)
+    report = inspect_image(source, rules=opts.rules, declared_format=opts.source_format)
     if report.get("error"):
         raise MigrationError(f"cannot migrate {source}: {report['error']}")
+    refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
+    if refused:  # never copy a file its owner could not read, a device or a host file into the output
+        raise BackingRefusedError(F.Finding(**refused[0]))
     if report["encryption"] == "luks2":
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
     final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
@@ -183,21 +191,36 @@ def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
 # -- passphrase plausibility (legacy AES has no key check) ------------------------------------------------------
 
 
-def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool) -> str | None:
-    """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced."""
-    opener = Opener(passphrase, {})
-    reader = opener.open(source)
+UNVERIFIED_OPTION = "--accept-unverified-passphrase"
+
+
+def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool, accept_unverified: bool = False,
+                            rules: ChainRules | None = None, source_format: str | None = None) -> str | None:
+    """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced.
+
+    A legacy layer without any data cluster cannot judge the passphrase: that is "unverified", not "verified",
+    and refused (MigrationError, exit 8) unless ``accept_unverified``."""
+    opener = Opener(passphrase, {}, rules)
+    reader = opener.open(source, source_format)
     try:
-        verdicts = [_judge_layer(layer) for layer in _legacy_layers(reader)]
+        verdicts = [(layer.image.path, _judge_layer(layer)) for layer in _legacy_layers(reader)]
     finally:
         reader.close()
-    bad = [v for v in verdicts if not v.plausible]
+    bad = [v for _, v in verdicts if v.samples and not v.plausible]
     if bad and not force:
         raise BadPassphraseError(
             f"the passphrase is probably wrong: {bad[0].reason} (legacy AES has no key check). If the disk's "
             "content really is random (e.g. encrypted inside the guest), rerun with --force"
         )
-    return "; ".join(v.reason for v in verdicts) or None
+    unjudged = [path for path, v in verdicts if not v.samples]
+    if unjudged and not any(v.samples for _, v in verdicts) and not accept_unverified:
+        raise MigrationError(
+            f"the passphrase cannot be verified: legacy layer {unjudged[0]} holds no data cluster to check it "
+            "against (legacy AES has no key check), so a wrong passphrase would go unnoticed. If you are sure of "
+            f"it, rerun with {UNVERIFIED_OPTION}"
+        )
+    return "; ".join(v.reason if v.samples else f"UNVERIFIED: {path} holds no data cluster to check the "
+                     "passphrase against" for path, v in verdicts) or None
 
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
@@ -623,7 +646,8 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 
 
 def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
-           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None) -> int:
+           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None,
+           rules: ChainRules | None = None) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
     Returns the guest bytes accounted for: compared, or (snapshot ranges) shared with the active table.
 
@@ -638,7 +662,7 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
     if target in ("raw", "luks"):
         with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
             return _check_ranges(stream.read_at, digests.ranges, -1, output_path, stall_seconds)
-    opener = Opener(passphrase, {})
+    opener = Opener(passphrase, {}, rules)
     top = opener.open(output_path)
     try:
         compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
@@ -739,7 +763,9 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
     verdict = None
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
-            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force,
+                                              accept_unverified=opts.accept_unverified_passphrase, rules=opts.rules,
+                                              source_format=opts.source_format)
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         with timer("LUKS setup"):
@@ -773,7 +799,8 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
         try:
             with timer("verify"):
                 compared = verify(out.temp_path, known_key, digests, target=opts.target,
-                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source)
+                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source,
+                                  rules=_output_rules(plan_, opts))
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
@@ -784,6 +811,13 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
                                     "read back; the output was not kept")
         with timer("commit"):
             return out.commit(plan_.source), data_bytes, size, (compared, digests.total_bytes)
+
+
+def _output_rules(plan_: Plan, opts: MigrateOptions) -> ChainRules:
+    """The output keeps the source's backing file (which the source's rules allowed): reading it back may reach
+    the source's folder, wherever the output lives."""
+    rules = opts.rules or ChainRules()
+    return rules.with_dirs([os.path.dirname(os.path.realpath(plan_.source))])
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:
@@ -800,7 +834,7 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
     digests = Digests()
     try:
         if opts.target in ("raw", "luks"):
-            with open_image(plan_.source, opts.passphrase) as stream:
+            with open_image(plan_.source, opts.passphrase, container=opts.source_format, rules=opts.rules) as stream:
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
@@ -829,8 +863,8 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
                  digests: Digests) -> tuple[int, int]:
     from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
 
-    opener = Opener(opts.passphrase, {})
-    reader = opener.open(plan_.source)
+    opener = Opener(opts.passphrase, {}, opts.rules)
+    reader = opener.open(plan_.source, opts.source_format)
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
         encrypt = luks_out.encrypt if luks_out else None
