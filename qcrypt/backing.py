@@ -18,11 +18,12 @@ A backing file that breaks a rule is reported as a finding by ``scan``/``info``/
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from qcrypt import findings as F
@@ -108,16 +109,27 @@ class ChainContext:
 
     image: str  # the top image, as given
     storage: tuple[str, ...]  # real folders the chain may reach
-    owner: Owner
-    rules: ChainRules
+    owner_stat: os.stat_result = field(repr=False)
+    rules: ChainRules = field(default_factory=ChainRules)
 
     @classmethod
     def for_top(cls, image: str, fh: BinaryIO, rules: ChainRules | None = None) -> ChainContext:
+        """The context of the top image open as ``fh``. Its storage is the folder of its real file (not for a
+        block device: /dev is nobody's image folder) plus ``rules.allow_dirs``."""
         rules = rules or ChainRules()
-        real = fd_path(fh.fileno())
-        own_dir = os.path.dirname(real) if real else os.path.dirname(os.path.realpath(image))
-        storage = tuple(dict.fromkeys([own_dir, *(os.path.realpath(d) for d in rules.allow_dirs)]))
-        return cls(image, storage, Owner.of(os.fstat(fh.fileno())), rules)
+        st = os.fstat(fh.fileno())
+        own: list[str] = []
+        if not stat.S_ISBLK(st.st_mode):
+            real = fd_path(fh.fileno())
+            own.append(os.path.dirname(real) if real else os.path.dirname(os.path.realpath(image)))
+        storage = tuple(dict.fromkeys([*own, *(os.path.realpath(d) for d in rules.allow_dirs)]))
+        return cls(image, storage, st, rules)
+
+    @functools.cached_property
+    def owner(self) -> Owner:
+        """Looked up only when a backing file is to be judged (a user database may be slow: the hook has a
+        budget)."""
+        return Owner.of(self.owner_stat)
 
     def in_storage(self, real: str) -> bool:
         return any(real == d or real.startswith(d.rstrip("/") + "/") for d in self.storage)
