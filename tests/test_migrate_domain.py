@@ -430,3 +430,26 @@ def test_guest_written_header_on_a_raw_disk_is_guest_data(lab: Lab, tmp_path: Pa
                              text=True, timeout=120, check=False)
     assert advised.returncode == 0 and "backing-outside-storage" in advised.stdout
     assert marker.decode() not in advised.stdout + warning.message()
+
+
+def test_legacy_disk_without_data_needs_an_explicit_choice(lab: Lab, tmp_path: Path) -> None:
+    """No data cluster, nothing to check a passphrase against: refused (exit 8, nothing changes) until the
+    operator accepts it, and then reported as NOT verified."""
+    pw = lab.passphrase_file("pw", PW)
+    empty = lab.legacy_image("empty.qcow2", pw, size="1M")
+    name = f"{lab.prefix}-empty"
+    lab.define(name, [disk_xml("vda", empty)])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    wrong = b"not the passphrase\n"
+    refused = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--format", "json", stdin=wrong)
+    assert refused.returncode == 8, refused.stdout + refused.stderr
+    reason = as_json(refused)["domains"][0]["reason"]
+    assert "cannot be verified" in reason and "--accept-unverified-passphrase" in reason
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files and lab.qcrypt_secrets() == []
+
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--accept-unverified-passphrase",
+                         stdin=PW + b"\n")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the legacy passphrase was NOT verified" in done.stdout
+    again = as_json(qcrypt_domain(lab, tmp_path, name, "--format", "json"))
+    assert again["domains"][0]["status"] == "unchanged"  # fixed: nothing legacy is left

@@ -336,3 +336,27 @@ def test_legacy_image_without_data_needs_an_explicit_choice(folder: Path) -> Non
                   *FAST)
     assert done.returncode == 0, done.stderr
     assert "NOT verified" not in done.stdout
+
+
+def test_the_reader_itself_refuses_what_the_scan_reports(tenant: tuple[int, int], folder: Path) -> None:
+    """Defence in depth: qcrypt.open_image (what migrate reads through) applies the rules on its own, so a name
+    swapped after the scan cannot slip a file past them."""
+    import qcrypt
+    from qcrypt.backing import BackingRefusedError, ChainRules
+
+    uid, gid = tenant
+    vm, elsewhere = folder / "vm", folder / "elsewhere"
+    vm.mkdir()
+    elsewhere.mkdir()
+    marker = secret_file(vm / "secret.raw")
+    image = overlay(vm / "tenant.qcow2", "secret.raw")
+    os.chown(image, uid, gid)
+    with pytest.raises(BackingRefusedError, match="not readable by the image's owner"):
+        qcrypt.open_image(image)
+    shutil.move(vm / "secret.raw", elsewhere / "secret.raw")
+    (elsewhere / "secret.raw").chmod(0o644)
+    (vm / "secret.raw").symlink_to(elsewhere / "secret.raw")  # readable now, but outside the image's folder
+    with pytest.raises(BackingRefusedError, match="outside the image's storage"):
+        qcrypt.open_image(image)
+    with qcrypt.open_image(image, rules=ChainRules(allow_dirs=(str(elsewhere),))) as disk:
+        assert disk.read(len(marker)) == marker
