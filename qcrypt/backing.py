@@ -7,8 +7,8 @@ the name a second time:
 
 * it lies in the image's storage: the folder of the top image's real file and below, or a folder the
   administrator named (``--allow-backing-dir``), or it is a layer the domain XML declares (``<backingStore>``);
-* the image's owner could read it: the file and every folder on the way are checked against the owner's uid,
-  gid and supplementary groups (root-owned images pass);
+* the image's owner could read it (declared layers too): the file and every folder on the way are checked
+  against the owner's uid, gid and supplementary groups (root-owned images pass);
 * it is a regular file (not on a kernel pseudo filesystem such as /proc), or a block device the domain XML
   declares as a ``<backingStore type='block'>`` layer.
 
@@ -158,12 +158,13 @@ def open_backing(layer: str, backing_path: str, ctx: ChainContext) -> tuple[Bina
         reason = special_reason(path_fd, st, allow_block=bool(declared and declared.block))
         if reason:
             raise BackingRefusedError(F.backing_special(layer, real, reason))
-        if declared is None:  # a layer the XML declares is the administrator's choice
-            if not ctx.in_storage(real):
-                raise BackingRefusedError(F.backing_outside(layer, backing_path, real, ctx.storage))
-            problem = owner_cannot_read(real, st, ctx.owner)
-            if problem:
-                raise BackingRefusedError(F.backing_not_owner_readable(layer, real, ctx.owner.describe(), problem))
+        if declared is None and not ctx.in_storage(real):  # a layer the XML declares may be anywhere
+            raise BackingRefusedError(F.backing_outside(layer, backing_path, real, ctx.storage))
+        # Even a declared layer: its path may cross a folder the tenant writes (a swapped symlink), and what the
+        # owner could not read must not end up in their disk.
+        problem = owner_cannot_read(real, st, ctx.owner)
+        if problem:
+            raise BackingRefusedError(F.backing_not_owner_readable(layer, real, ctx.owner.describe(), problem))
         return reopen_for_reading(path_fd, backing_path, allow_block=bool(declared and declared.block)), declared
     finally:
         os.close(path_fd)

@@ -360,3 +360,25 @@ def test_the_reader_itself_refuses_what_the_scan_reports(tenant: tuple[int, int]
         qcrypt.open_image(image)
     with qcrypt.open_image(image, rules=ChainRules(allow_dirs=(str(elsewhere),))) as disk:
         assert disk.read(len(marker)) == marker
+
+
+def test_a_declared_layer_still_needs_the_owners_permission(tenant: tuple[int, int], folder: Path) -> None:
+    """The XML declares the base, but its path crosses the tenant's folder, where a symlink now leads to a
+    root-only file: declared or not, the owner could not read it, so it is not followed."""
+    uid, gid = tenant
+    vm, hidden = folder / "vm", folder / "hidden"
+    vm.mkdir()
+    hidden.mkdir()
+    marker = secret_file(hidden / "shadow")
+    (vm / "base.raw").symlink_to(hidden / "shadow")  # the tenant swapped the declared base for a symlink
+    image = overlay(vm / "tenant.qcow2", "base.raw")
+    os.chown(image, uid, gid)
+    xml = (f"<domain type='qemu'><name>t</name><devices><disk type='file' device='disk'>"
+           f"<driver name='qemu' type='qcow2'/><source file='{image}'/>"
+           f"<backingStore type='file'><format type='raw'/><source file='{vm / 'base.raw'}'/><backingStore/>"
+           "</backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>")
+    disk = hook.parse_domain_xml(xml).disks[0]
+    report = scan.inspect(image, rules=disk.chain_rules(), declared_format="qcow2")
+    assert codes(report) == ["backing-not-owner-readable"] and report["backing_chain"] == []
+    (warning,) = hook.check_domain_xml(xml).warnings
+    assert "not readable by the image's owner" in warning.reason and marker.decode() not in warning.message()
