@@ -78,6 +78,7 @@ class MigrateResult:
     snapshots: list[str] = field(default_factory=list)
     backing_file: str | None = None
     plausibility: str | None = None
+    passphrase_verified: bool | None = None  # legacy sources: False when nothing could check the passphrase
     luks_carried_over: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
 
@@ -194,12 +195,20 @@ def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
 UNVERIFIED_OPTION = "--accept-unverified-passphrase"
 
 
+@dataclass(frozen=True)
+class PassphraseCheck:
+    """What the legacy passphrase check found: ``verified`` is False when no layer had data to judge it by."""
+
+    summary: str
+    verified: bool
+
+
 def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool, accept_unverified: bool = False,
-                            rules: ChainRules | None = None, source_format: str | None = None) -> str | None:
+                            rules: ChainRules | None = None, source_format: str | None = None) -> PassphraseCheck:
     """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced.
 
-    A legacy layer without any data cluster cannot judge the passphrase: that is "unverified", not "verified",
-    and refused (MigrationError, exit 8) unless ``accept_unverified``."""
+    A legacy layer without any data cluster cannot judge the passphrase: when no layer has data, that is
+    "unverified", not "verified", and refused (MigrationError, exit 8) unless ``accept_unverified``."""
     opener = Opener(passphrase, {}, rules)
     reader = opener.open(source, source_format)
     try:
@@ -219,8 +228,9 @@ def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: boo
             "against (legacy AES has no key check), so a wrong passphrase would go unnoticed. If you are sure of "
             f"it, rerun with {UNVERIFIED_OPTION}"
         )
-    return "; ".join(v.reason if v.samples else f"UNVERIFIED: {path} holds no data cluster to check the "
-                     "passphrase against" for path, v in verdicts) or None
+    summary = "; ".join(v.reason if v.samples else f"{path}: no data cluster to check the passphrase against"
+                        for path, v in verdicts)
+    return PassphraseCheck(summary, verified=any(v.samples and v.plausible for _, v in verdicts))
 
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
@@ -780,7 +790,9 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         verified=compared == recorded, verified_bytes=compared,
         luks=luks_out.resolve()[0].describe() if luks_out else None,
         original_kept=final.original_kept,
-        snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
+        snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing,
+        plausibility=verdict.summary if verdict else None,
+        passphrase_verified=verdict.verified if verdict else None,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
     )
 

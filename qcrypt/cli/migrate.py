@@ -130,9 +130,9 @@ def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_fil
         click.echo(f"The original is kept as {r.original_kept}. Once the VM runs from the new image, destroy it "
                    f"with 'shred -u {r.original_kept}' (or blkdiscard on thin storage): its legacy ciphertext "
                    "is weakly protected and stays readable with the old passphrase.")
-    if r.plausibility and "UNVERIFIED" in r.plausibility:
-        click.echo("The legacy passphrase was NOT verified (no data cluster to check it against; accepted with "
-                   "--accept-unverified-passphrase).")
+    if r.passphrase_verified is False:
+        click.echo(f"The legacy passphrase was NOT verified ({r.plausibility}): check the guest's data before "
+                   "destroying the original.")
     if r.backing_file:
         click.echo(f"Backing file kept: {r.backing_file}")
     if r.snapshots:

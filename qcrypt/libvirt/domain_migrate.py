@@ -417,8 +417,7 @@ def _migrate_disk(plan: DiskPlan, passphrase: bytearray, opts: DomainOptions, ru
                                   progress=opts.progress, rules=plan.rules, source_format=plan.source_format,
                                   accept_unverified_passphrase=opts.accept_unverified_passphrase)
     result = migrate_image(plan.source, migrate_opts)
-    if result.plausibility is not None:
-        plan.passphrase_verified = "UNVERIFIED" not in result.plausibility
+    plan.passphrase_verified = result.passphrase_verified
     plan.old_images = [result.original_kept or plan.source] + [p for p in plan.legacy_layers if p != plan.source]
     run.outputs.append(plan)
 
