@@ -5,6 +5,7 @@ Codes are part of the public interface (JSON, Prometheus, hook): never rename on
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,11 @@ BACKING_LOOP = "backing-loop"
 BACKING_NOT_LOCAL = "backing-not-local"
 BACKING_TOO_DEEP = "backing-too-deep"
 LEGACY_COMPRESSED_PLAINTEXT = "legacy-aes-compressed-plaintext"
+BACKING_OUTSIDE_STORAGE = "backing-outside-storage"
+BACKING_NOT_OWNER_READABLE = "backing-not-owner-readable"
+BACKING_SPECIAL_FILE = "backing-special-file"
+SPECIAL_FILE = "special-file"
+BACKING_REFUSED = (BACKING_OUTSIDE_STORAGE, BACKING_NOT_OWNER_READABLE, BACKING_SPECIAL_FILE)
 
 MIN_PBKDF2_ITERATIONS = 1000
 CRYPTSETUP_ALIGN_SECTORS = 2048
@@ -100,6 +106,32 @@ def backing_not_local(name: str) -> Finding:
 
 def backing_too_deep(depth: int) -> Finding:
     return Finding(BACKING_TOO_DEEP, "warning", f"backing chain deeper than {depth} layers; not followed further")
+
+
+def backing_outside(image: str, name: str, real: str, storage: tuple[str, ...]) -> Finding:
+    where = real if real == name else f"{name} ({real})"
+    return Finding(BACKING_OUTSIDE_STORAGE, "warning",
+                   f"backing file {where} of {image} lies outside the image's storage ({', '.join(storage)}): "
+                   "not followed. If the administrator trusts that folder, rerun with --allow-backing-dir "
+                   f"{os.path.dirname(real) or real}")
+
+
+def backing_not_owner_readable(image: str, real: str, owner: str, problem: str) -> Finding:
+    return Finding(BACKING_NOT_OWNER_READABLE, "critical",
+                   f"backing file {real} of {image} is not readable by the image's owner {owner}: {problem}; "
+                   "not followed (its content would end up in their disk). Someone who can write the image "
+                   "named it: check the image; if the file really is its base, let the owner read it")
+
+
+def backing_special(image: str, real: str, reason: str) -> Finding:
+    return Finding(BACKING_SPECIAL_FILE, "critical",
+                   f"backing file {real} of {image} is {reason}: never read. If it really is the disk's base, "
+                   "declare it in the domain XML (<backingStore type='block'>); otherwise remove the reference")
+
+
+def special_file(reason: str) -> Finding:
+    return Finding(SPECIAL_FILE, "info", f"{reason}, not a disk image file: never read (name a block device "
+                                         "explicitly to inspect it)")
 
 
 def grade_qcow2_features(image: QCow2Image) -> list[Finding]:

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcrypt import findings as F
+from qcrypt.backing import ChainRules
 from qcrypt.errors import FormatError
 from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported for hook users
     LEGACY_XML_FORMATS,
@@ -42,6 +44,7 @@ from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported fo
     DiskLayer,
     Domain,
     DomainDisk,
+    declared_format,
     parse_domain_xml,
 )
 
@@ -61,6 +64,7 @@ PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
 HOOK_OPERATIONS = ("prepare", "start", "migrate", "restore")  # libvirt qemu operations the hook acts on
 LEGACY_TEXT = "legacy QEMU AES encryption (qcow/qcow2 crypt_method 1), which current QEMU refuses to open"
 _MAX_LISTED_PATHS = 3
+CHECK_COMMAND = "qcrypt info "  # the advice for a backing file qcrypt refused to follow
 
 
 class LegacyEncryptionWarning(UserWarning):
@@ -92,6 +96,8 @@ class HookWarning:
         """The one-line text sent to syslog and stderr (control characters escaped)."""
         if self.command.startswith("virsh "):
             fix = f"Fix: {self.command}"
+        elif self.command.startswith(CHECK_COMMAND):
+            fix = f"Check it: {self.command}"
         elif self.domain_command:
             fix = f"Fix it with the VM shut off: {self.domain_command} (or this disk alone: {self.command})"
         else:
@@ -244,6 +250,14 @@ class _Verdict:
     reasons: list[str] = field(default_factory=list)
     flatten: bool = False
     xml_only: bool = False  # the image is fine (LUKS); only the XML still says qcow
+    refused: bool = False  # a backing file broke the chain rules: look before migrating anything
+
+
+def _refused_reasons(report: Report | None, verdict: _Verdict) -> None:
+    for finding in (report or {}).get("findings") or ():
+        if isinstance(finding, dict) and finding.get("code") in F.BACKING_REFUSED:
+            verdict.reasons.append(str(finding.get("message")))
+            verdict.refused = True
 
 
 def _image_reasons(report: Report | None, verdict: _Verdict) -> None:
@@ -297,6 +311,7 @@ def _disk_warning(domain: str, disk: DomainDisk, found: _Inspections) -> HookWar
     top = disk.layers[0]
     report = found.report(top.path)
     verdict = _Verdict()
+    _refused_reasons(report, verdict)
     _image_reasons(report, verdict)
     mentioned = {_norm(_first_legacy_layer(report))} if report and verdict.flatten else set()
     _backing_store_reasons(disk, found, verdict, mentioned)
@@ -307,7 +322,7 @@ def _disk_warning(domain: str, disk: DomainDisk, found: _Inspections) -> HookWar
     if top.secret:
         reason += f" (passphrase: libvirt secret {top.secret})"
     command = _fix_command(domain, disk, verdict)
-    local = bool(top.path) and top.source_type in ("file", "block")
+    local = bool(top.path) and top.source_type in ("file", "block") and not verdict.refused
     return HookWarning(domain=domain, target=disk.target or "?", path=top.label or "(no source)",
                        reason=reason, command=command,
                        domain_command=migrate_domain_command(domain) if local and domain != "?" else None)
@@ -315,6 +330,8 @@ def _disk_warning(domain: str, disk: DomainDisk, found: _Inspections) -> HookWar
 
 def _fix_command(domain: str, disk: DomainDisk, verdict: _Verdict) -> str:
     top = disk.layers[0]
+    if verdict.refused and top.path:  # migrate refuses this chain: the operator looks first
+        return CHECK_COMMAND + shlex.quote(top.path)
     if verdict.xml_only and not verdict.flatten and len(verdict.reasons) == 1:
         return f"virsh edit {shlex.quote(domain)}"
     to = "luks" if disk.driver_type == "raw" else "qcow2-luks"
@@ -332,13 +349,40 @@ def _local_paths(domain: Domain) -> list[str]:
     return list(dict.fromkeys(p for p in [*tops, *backing] if p))
 
 
+def declared_inspect(domain: Domain, rules: ChainRules | None = None) -> InspectFn:
+    """The hook's inspection: each disk layer is read as the format its XML declares (a raw disk is never
+    parsed as an image, whatever the guest wrote in it), and backing chains reach only the image's folder,
+    ``rules`` and the layers the disk's ``<backingStore>`` declares."""
+    from qcrypt.scan import inspect
+
+    plans: dict[str, tuple[str | None, ChainRules]] = {}
+    for disk in domain.disks:
+        disk_rules = disk.chain_rules(rules)
+        for layer in disk.layers:
+            if not layer.path:
+                continue
+            fmt = declared_format(layer)
+            known = plans.get(_norm(layer.path))
+            if known is None or (fmt == "raw" and known[0] != "raw"):
+                plans[_norm(layer.path)] = (fmt, disk_rules)
+
+    def inspect_declared(path: str) -> Report:
+        fmt, disk_rules = plans.get(_norm(path), (None, rules or ChainRules()))
+        return inspect(path, rules=disk_rules, declared_format=fmt)
+
+    return inspect_declared
+
+
 def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
-                 inspect_fn: InspectFn | None = None) -> DomainCheck:
-    """Inspect a parsed domain's disks within ``budget_s`` seconds; one warning per affected disk."""
+                 inspect_fn: InspectFn | None = None, rules: ChainRules | None = None) -> DomainCheck:
+    """Inspect a parsed domain's disks within ``budget_s`` seconds; one warning per affected disk.
+
+    By default each disk is read as its XML declares it (see :func:`declared_inspect`); ``rules`` adds folders
+    backing files may be in."""
     started = time.monotonic()
     if inspect_fn is None:
         import qcrypt.scan  # noqa: F401 - loaded before the clock starts: the budget is for reading images
-    found, missed = inspect_within(_local_paths(domain), inspect_fn or _default_inspect, budget_s)
+    found, missed = inspect_within(_local_paths(domain), inspect_fn or declared_inspect(domain, rules), budget_s)
     check = DomainCheck(domain=domain.name, errors=list(found.failures))
     seen: set[tuple[str, str]] = set()
     for disk in domain.disks:
@@ -356,12 +400,12 @@ def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
 
 
 def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
-                     inspect_fn: InspectFn | None = None) -> DomainCheck:
+                     inspect_fn: InspectFn | None = None, rules: ChainRules | None = None) -> DomainCheck:
     """Parse and check a domain XML document. Never raises: problems land in ``errors``."""
     started = time.monotonic()
     try:
         domain = parse_domain_xml(xml)
-        return check_domain(domain, budget_s=budget_s, inspect_fn=inspect_fn)
+        return check_domain(domain, budget_s=budget_s, inspect_fn=inspect_fn, rules=rules)
     except FormatError as e:
         return DomainCheck(domain=None, errors=[str(e)], elapsed_s=time.monotonic() - started)
     except Exception as e:  # the hook must survive its own bugs

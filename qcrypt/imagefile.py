@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from typing import BinaryIO, TypeVar
 
@@ -54,26 +57,99 @@ def pinned(path: str, fd: int) -> Iterator[None]:
             _PINNED[key] = previous
 
 
-def open_image_file(path: str) -> BinaryIO:
-    """Open ``path`` for reading only if it is a regular file or a block device.
+def _check_pinned(path: str, st: os.stat_result) -> None:
+    expected = _PINNED.get(os.path.abspath(path)) if _PINNED else None
+    if expected is not None and (st.st_dev, st.st_ino) != expected:
+        raise UnsafePathError(f"{path} is no longer the file qcrypt opened (another file was put under its "
+                              "name meanwhile); nothing was written")
 
-    Opened non-blocking first, so a FIFO (or a device that would block) cannot hang a scan or the hook."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+# Kernel pseudo filesystems (statfs f_type): their "regular" files (/proc/kmsg, sysfs attributes) can block on
+# read or have side effects, and are never a disk image.
+PSEUDO_FILESYSTEMS = {
+    0x9FA0: "proc", 0x62656572: "sysfs", 0x64626720: "debugfs", 0x74726163: "tracefs", 0x73636673: "securityfs",
+    0x27E0EB: "cgroup", 0x63677270: "cgroup2", 0x62656570: "configfs", 0xCAFE4A11: "bpf", 0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs", 0x42494E4D: "binfmt_misc", 0x65735543: "fusectl", 0xF97CFF8C: "selinuxfs",
+    0x43415D53: "smackfs", 0x1CD1: "devpts",
+}
+
+
+class SpecialFileError(FormatError):
+    """A path names something that is not a disk image file (FIFO, socket, device, a /proc or /sys file):
+    it is never opened for reading."""
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def filesystem_type(fd: int) -> int | None:
+    """statfs ``f_type`` of the filesystem holding ``fd`` (works on O_PATH descriptors), or None."""
+    try:
+        libc = _libc()
+        buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+        if libc.fstatfs(fd, buf) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
+
+
+def special_reason(fd: int, st: os.stat_result, *, allow_block: bool) -> str | None:
+    """Why the file behind ``fd`` must not be read, or None for a regular file (or an allowed block device)."""
+    mode = st.st_mode
+    if stat.S_ISBLK(mode):
+        return None if allow_block else "a block device"
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "not a regular file")
+        return kind
+    fs = PSEUDO_FILESYSTEMS.get(filesystem_type(fd) or 0)
+    return f"a file of the kernel's {fs} filesystem" if fs else None
+
+
+def open_path(path: str) -> int:
+    """An O_PATH descriptor of ``path`` (symlinks followed): it names the file without opening it, so a
+    device's open routine (a tape rewinding, a watchdog arming) or a FIFO never runs."""
+    return os.open(path, os.O_PATH | os.O_CLOEXEC)
+
+
+def reopen_for_reading(path_fd: int, path: str, *, allow_block: bool = True) -> BinaryIO:
+    """Open the file that the O_PATH descriptor ``path_fd`` names for reading, if it is a regular file (not on
+    a kernel pseudo filesystem) or, with ``allow_block``, a block device. Refused files are never opened.
+
+    The file is reopened through /proc/self/fd, so it is the very inode that was checked, whatever happens to
+    the name meanwhile; it is opened non-blocking, and checked again before the first read."""
+    reason = special_reason(path_fd, os.fstat(path_fd), allow_block=allow_block)
+    if reason:
+        raise SpecialFileError(f"{reason}: never read", path=path, field="file type")
+    checked = os.fstat(path_fd)
+    fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        mode = st.st_mode
-        expected = _PINNED.get(os.path.abspath(path)) if _PINNED else None
-        if expected is not None and (st.st_dev, st.st_ino) != expected:
-            raise UnsafePathError(f"{path} is no longer the file qcrypt opened (another file was put under its "
-                                  "name meanwhile); nothing was written")
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise FormatError("not a regular file or block device", path=path, field="file type")
+        if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+            raise SpecialFileError("changed while it was being opened", path=path, field="file type")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb")
     except BaseException:
         with contextlib.suppress(OSError):  # fdopen may already own (and have closed) fd when interrupted
             os.close(fd)
         raise
+
+
+def open_image_file(path: str, *, allow_block: bool = True) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file or (``allow_block``) a block device.
+
+    FIFOs, sockets, character devices and files of kernel pseudo filesystems (/proc/kmsg blocks on read) are
+    refused without being opened for reading, so none of them can hang a scan or the hook."""
+    path_fd = open_path(path)
+    try:
+        _check_pinned(path, os.fstat(path_fd))
+        return reopen_for_reading(path_fd, path, allow_block=allow_block)
+    finally:
+        os.close(path_fd)
 
 
 class ImageFile:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from qcrypt import checksum, luks, plausibility
+from qcrypt import findings as F
+from qcrypt.backing import BackingRefusedError, ChainRules
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
@@ -68,6 +70,9 @@ class MigrateOptions:
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
     keep_placement: bool = False  # the result's placement stays open (the caller undoes or closes it)
+    rules: ChainRules | None = None  # where backing files may be besides the source's folder (qcrypt.backing)
+    source_format: str | None = None  # the format the domain XML declares for the source: never probed then
+    accept_unverified_passphrase: bool = False  # go on when no legacy data cluster can judge the passphrase
 
     def layer_passphrases(self) -> dict[str, Secret]:
         """``passphrases`` keyed by real path, as the chain opener looks layers up."""
@@ -93,6 +98,7 @@ class MigrateResult:
     snapshots: list[str] = field(default_factory=list)
     backing_file: str | None = None
     plausibility: str | None = None
+    passphrase_verified: bool | None = None  # legacy sources: False when nothing could check the passphrase
     luks_carried_over: bool = False
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
     placement: Placement | None = field(default=None, repr=False)  # with opts.keep_placement: close() it
@@ -131,8 +137,11 @@ class Plan:
 def plan(source: str, opts: MigrateOptions) -> Plan:
     if opts.target not in TARGETS:
         raise MigrationError(f"unknown target {opts.target!r} (choose from {', '.join(TARGETS)})")
-    report = inspect_image(source)
+    report = inspect_image(source, rules=opts.rules, declared_format=opts.source_format)
     refuse_unreadable_source(source, report)
+    refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
+    if refused:  # never copy a file its owner could not read, a device or a host file into the output
+        raise BackingRefusedError(F.Finding(**refused[0]))
     if report["encryption"] == "luks2":
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
     final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
@@ -215,24 +224,52 @@ def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
 # -- passphrase plausibility (legacy AES has no key check) ------------------------------------------------------
 
 
-def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool,
-                            passphrases: Mapping[str, Secret] | None = None) -> str | None:
+UNVERIFIED_OPTION = "--accept-unverified-passphrase"
+
+
+@dataclass(frozen=True)
+class PassphraseCheck:
+    """What the legacy passphrase check found: ``verified`` is False when no layer had data to judge it by."""
+
+    summary: str
+    verified: bool
+
+
+def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool, accept_unverified: bool = False,
+                            rules: ChainRules | None = None, source_format: str | None = None,
+                            passphrases: Mapping[str, Secret] | None = None) -> PassphraseCheck:
     """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced.
-    ``passphrases`` maps a layer's real path to its own passphrase (else ``passphrase``)."""
-    opener = Opener(passphrase, passphrases or {})
-    reader = opener.open(source)
+    ``passphrases`` maps a layer's real path to its own passphrase (else ``passphrase``).
+
+    A legacy layer without any data cluster cannot judge the passphrase: when no layer has data, that is
+    "unverified", not "verified", and refused (MigrationError, exit 8) unless ``accept_unverified``."""
+    opener = Opener(passphrase, passphrases or {}, rules)
+    reader = opener.open(source, source_format)
     try:
         verdicts = [(layer.image.path, _judge_layer(layer)) for layer in _legacy_layers(reader)]
     finally:
         reader.close()
-    bad = [(path, v) for path, v in verdicts if not v.plausible]
+    bad = [(path, v) for path, v in verdicts if v.samples and not v.plausible]
     if bad and not force:
         path, verdict = bad[0]
         raise BadPassphraseError(
             f"{path}: the passphrase is probably wrong: {verdict.reason} (legacy AES has no key check). If the "
             "disk's content really is random (e.g. encrypted inside the guest), rerun with --force"
         )
-    return "; ".join(v.reason for _, v in verdicts) or None
+    # A passphrase counts as checked when some layer it unlocks had data to judge; a layer with its own
+    # passphrase and no data leaves that passphrase unchecked, whatever the other layers say.
+    judged = {bytes(opener.passphrase_for(path) or b"") for path, v in verdicts if v.samples}
+    unjudged = [path for path, v in verdicts
+                if not v.samples and bytes(opener.passphrase_for(path) or b"") not in judged]
+    if unjudged and not accept_unverified:
+        raise MigrationError(
+            f"the passphrase cannot be verified: legacy layer {unjudged[0]} holds no data cluster to check it "
+            "against (legacy AES has no key check), so a wrong passphrase would go unnoticed. If you are sure of "
+            f"it, rerun with {UNVERIFIED_OPTION}"
+        )
+    summary = "; ".join(v.reason if v.samples else f"{path}: no data cluster to check the passphrase against"
+                        for path, v in verdicts)
+    return PassphraseCheck(summary, verified=not unjudged and not bad)
 
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
@@ -696,7 +733,8 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 
 def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
            snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None,
-           backing_passphrase: Secret | None = None, backing_passphrases: Mapping[str, Secret] | None = None) -> int:
+           backing_passphrase: Secret | None = None, backing_passphrases: Mapping[str, Secret] | None = None,
+           rules: ChainRules | None = None) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
     Returns the guest bytes accounted for: compared, or (snapshot ranges) shared with the active table.
 
@@ -717,7 +755,7 @@ def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, tar
     layers = dict(backing_passphrases or {})
     if passphrase is not None:
         layers[os.path.realpath(output_path)] = passphrase
-    opener = Opener(backing_passphrase, layers)
+    opener = Opener(backing_passphrase, layers, rules)
     top = opener.open(output_path)
     try:
         compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
@@ -826,7 +864,9 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
             verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force,
-                                              passphrases=opts.layer_passphrases())
+                                              passphrases=opts.layer_passphrases(),
+                                              accept_unverified=opts.accept_unverified_passphrase, rules=opts.rules,
+                                              source_format=opts.source_format)
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         with timer("LUKS setup"):
@@ -848,7 +888,9 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         verified=compared == recorded, verified_bytes=compared,
         luks=luks_out.resolve()[0].describe() if luks_out else None,
         original_kept=final.original_kept, original_changed=original_changed,
-        snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
+        snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing,
+        plausibility=verdict.summary if verdict else None,
+        passphrase_verified=verdict.verified if verdict else None,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
         placement=final.placement, source_id=file_id(os.fstat(source_fd)),
     )
@@ -870,7 +912,8 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
             with timer("verify"):
                 compared = verify(out.temp_path, known_key, digests, target=opts.target,
                                   snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source,
-                                  backing_passphrase=opts.passphrase, backing_passphrases=opts.layer_passphrases())
+                                  backing_passphrase=opts.passphrase, backing_passphrases=opts.layer_passphrases(),
+                                  rules=_output_rules(plan_, opts))
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
@@ -881,6 +924,13 @@ def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput
                                     "read back; the output was not kept")
         with timer("commit"):
             return out.commit(), data_bytes, size, (compared, digests.total_bytes)
+
+
+def _output_rules(plan_: Plan, opts: MigrateOptions) -> ChainRules:
+    """The output keeps the source's backing file (which the source's rules allowed): reading it back may reach
+    the source's folder, wherever the output lives."""
+    rules = opts.rules or ChainRules()
+    return rules.with_dirs([os.path.dirname(os.path.realpath(plan_.source))])
 
 
 def _is_encrypted(report: dict[str, Any]) -> bool:
@@ -897,7 +947,8 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
     digests = Digests()
     try:
         if opts.target in ("raw", "luks"):
-            with open_image(plan_.source, opts.passphrase, passphrases=opts.layer_passphrases()) as stream:
+            with open_image(plan_.source, opts.passphrase, passphrases=opts.layer_passphrases(),
+                            container=opts.source_format, rules=opts.rules) as stream:
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
@@ -926,8 +977,8 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
                  digests: Digests) -> tuple[int, int]:
     from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
 
-    opener = Opener(opts.passphrase, opts.layer_passphrases())
-    reader = opener.open(plan_.source)
+    opener = Opener(opts.passphrase, opts.layer_passphrases(), opts.rules)
+    reader = opener.open(plan_.source, opts.source_format)
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
         encrypt = luks_out.encrypt if luks_out else None

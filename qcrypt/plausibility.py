@@ -83,7 +83,8 @@ def _sector_structure(sectors: np.ndarray) -> str | None:
 
 
 def judge(samples: Iterable[tuple[int, bytes]]) -> Verdict:
-    """``samples`` = (guest_offset, plaintext) pairs; plausible if any shows disk structure."""
+    """``samples`` = (guest_offset, plaintext) pairs; plausible if any shows disk structure. No sample at all
+    is not plausible either: nothing was checked (``samples`` == 0 tells the caller why)."""
     count = 0
     for guest_offset, data in samples:
         count += 1
@@ -91,7 +92,7 @@ def judge(samples: Iterable[tuple[int, bytes]]) -> Verdict:
         if found:
             return Verdict(True, f"{found} at guest offset {guest_offset}", count)
     if count == 0:
-        return Verdict(True, "no encrypted data clusters to check", 0)
+        return Verdict(False, "no encrypted data cluster to check: the passphrase is unverified", 0)
     return Verdict(False, f"all {count} sampled clusters decrypt to random-looking data", count)
 
 

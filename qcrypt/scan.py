@@ -11,13 +11,14 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from qcrypt import findings as F
+from qcrypt.backing import BackingRefusedError, ChainContext, ChainRules, open_backing
 from qcrypt.errors import FormatError, QcryptError, QcryptIOError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
-from qcrypt.imagefile import ImageFile, RawFile, open_image_file
+from qcrypt.imagefile import ImageFile, RawFile, SpecialFileError, open_image_file
 from qcrypt.model import ClusterKind
 from qcrypt.qcow1 import QCowImage
 from qcrypt.qcow2 import QCow2Image, feature_names
@@ -40,9 +41,16 @@ class Probe:
 
 
 def probe(path: str) -> Probe:
-    """Recognise the container from its magic (qcow and qcow2 share one; LUKS1/2 dispatch on version)."""
+    """Recognise the container from its magic (qcow and qcow2 share one; LUKS1/2 dispatch on version).
+
+    Only for files nobody declared a format for: a disk the domain XML declares raw is never probed."""
     with open_image_file(path) as fh:
-        head = fh.read(PROBE_BYTES)
+        return probe_file(fh)
+
+
+def probe_file(fh: BinaryIO) -> Probe:
+    """:func:`probe` on an open file (its position is not used)."""
+    head = os.pread(fh.fileno(), PROBE_BYTES, 0)
     if head[:4] == qcow2_fmt.MAGIC and len(head) == 8:
         version = int.from_bytes(head[4:8], "big")
         return Probe("qcow" if version == 1 else "qcow2", version)
@@ -68,17 +76,37 @@ class ImageInfo:
     luks: dict[str, Any] | None = None
     findings: list[F.Finding] = field(default_factory=list)
     error: str | None = None
+    declared_format: str | None = None  # the format the domain XML (or the layer above) declares
+    chain_context: ChainContext | None = field(default=None, repr=False)  # set when the file was opened
 
 
 # -- per-format inspection -----------------------------------------------------------------------------
 
 
-def open_image(path: str) -> ImageFile:
-    """Open a qcow2 or qcow file with the right reader (raises FormatError for anything else)."""
-    kind = probe(path)
-    if kind.format == "qcow":
-        return QCowImage.open(path)
-    return QCow2Image.open(path)
+def open_image(path: str, fh: BinaryIO | None = None, declared_format: str | None = None) -> ImageFile:
+    """Open a qcow2 or qcow file with the right reader (raises FormatError for anything else). With ``fh``,
+    that open file is used (and owned by the result); ``declared_format`` ("qcow" or "qcow2") skips probing."""
+    if fh is None:
+        fh = open_image_file(path)
+    try:
+        kind = declared_format or probe_file(fh).format
+        return QCowImage(fh, path) if kind == "qcow" else QCow2Image(fh, path)
+    except BaseException:
+        fh.close()
+        raise
+
+
+QCOW_FORMATS = ("qcow", "qcow2")
+
+
+def declared_container(declared_format: str | None, fh: BinaryIO) -> Probe:
+    """What to read a file as: its declared format when there is one (a raw disk's content is guest data,
+    never parsed as an image; "luks" = raw driver with LUKS encryption declared), else what its magic says."""
+    if declared_format is None:
+        return probe_file(fh)
+    if declared_format in QCOW_FORMATS or declared_format == "luks":
+        return Probe(declared_format)
+    return Probe("raw")
 
 
 def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool) -> None:
@@ -124,28 +152,30 @@ def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo) -> None:
         info.findings.append(F.legacy_aes(info.format, info.snapshot_count))
 
 
-def inspect_one(path: str) -> ImageInfo:
-    """Inspect one file's own headers (not its backing chain). Errors become ``info.error``."""
-    info = ImageInfo(path=path, format="raw")
+def inspect_one(path: str, *, fh: BinaryIO | None = None, declared_format: str | None = None,
+                rules: ChainRules | None = None, allow_block: bool = True) -> ImageInfo:
+    """Inspect one file's own headers (not its backing chain). Errors become ``info.error``.
+
+    ``fh``: the file, already opened (a backing layer opened by the chain rules); it stays open.
+    ``declared_format``: the format the domain XML declares ("raw" content is never parsed as an image).
+    ``allow_block``: read a block device (explicitly named ones are; those found in a folder walk are not)."""
+    info = ImageInfo(path=path, format="raw", declared_format=declared_format)
+    own = fh is None
     try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            info.format, info.error = "directory", "is a directory"
-            return info
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            info.format, info.error = "special", "not a regular file or block device (FIFO, socket, ...)"
-            return info
-        kind = probe(path)
-        info.format = kind.format
-        info.format_version = kind.version
-        if kind.format in ("qcow", "qcow2"):
-            with open_image(path) as image:
-                _inspect_qcow(image, info)
-        elif kind.format == "luks":
-            with RawFile.open(path) as raw:
-                _inspect_luks(raw, 0, raw.file_size, info, raw=True)
-        else:
-            info.virtual_size = _size_of(path, st)
+        if fh is None:
+            if stat.S_ISDIR(os.stat(path).st_mode):
+                info.format, info.error = "directory", "is a directory"
+                return info
+            fh = open_image_file(path, allow_block=allow_block)
+            info.chain_context = ChainContext.for_top(path, fh, rules)
+        try:
+            _inspect_open(path, fh, info)
+        finally:
+            if own:
+                fh.close()
+    except SpecialFileError as e:
+        info.format, info.error = "special", str(e)
+        info.findings.append(F.special_file(str(e).removeprefix(f"{path}: file type: ")))
     except FileNotFoundError:
         info.format, info.error = "missing", "no such file"
     except QcryptError as e:
@@ -190,10 +220,30 @@ def _declared_encryption(path: str, format_name: str, version: int | None) -> st
     return "none"
 
 
-def _size_of(path: str, st: os.stat_result) -> int:
+def _inspect_open(path: str, fh: BinaryIO, info: ImageInfo) -> None:
+    kind = declared_container(info.declared_format, fh)
+    info.format = kind.format
+    info.format_version = kind.version
+    if kind.format in QCOW_FORMATS:
+        image = open_image(path, _dup(fh), kind.format)
+        with image:
+            _inspect_qcow(image, info)
+    elif kind.format == "luks":
+        with RawFile(_dup(fh), path) as raw:
+            _inspect_luks(raw, 0, raw.file_size, info, raw=True)
+    else:
+        info.virtual_size = _size_of(fh)
+
+
+def _dup(fh: BinaryIO) -> BinaryIO:
+    """A second file object on the same open file (the readers close theirs)."""
+    return os.fdopen(os.dup(fh.fileno()), "rb")
+
+
+def _size_of(fh: BinaryIO) -> int:
+    st = os.fstat(fh.fileno())
     if stat.S_ISBLK(st.st_mode):
-        with open(path, "rb") as fh:
-            return fh.seek(0, os.SEEK_END)
+        return os.lseek(fh.fileno(), 0, os.SEEK_END)
     return st.st_size
 
 
@@ -210,29 +260,50 @@ def resolve_backing(image_path: str, backing_file: str) -> str | None:
 
 
 def walk_chain(top: ImageInfo) -> tuple[list[ImageInfo], list[F.Finding]]:
-    """Inspect every layer below ``top``; catch loops, missing files and non-local backing files."""
+    """Inspect every layer below ``top`` that the chain rules let qcrypt open (see qcrypt.backing); catch
+    refused backing files, loops, missing files and non-local backing files."""
     chain: list[ImageInfo] = []
     problems: list[F.Finding] = []
-    seen = {os.path.realpath(top.path)}
+    ctx = top.chain_context
+    if ctx is None:
+        return chain, problems
+    seen: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError):
+        st = os.stat(top.path)
+        seen.add((st.st_dev, st.st_ino))
     current = top
     while current.backing_file:
         backing = resolve_backing(current.path, current.backing_file)
         if backing is None:
             problems.append(F.backing_not_local(current.backing_file))
             break
-        real = os.path.realpath(backing)
-        if real in seen:
-            problems.append(F.backing_loop(backing))
-            break
         if len(chain) >= MAX_CHAIN_DEPTH:
             problems.append(F.backing_too_deep(MAX_CHAIN_DEPTH))
             break
-        seen.add(real)
-        layer = inspect_one(backing)
-        chain.append(layer)
-        if layer.format == "missing":
+        try:
+            fh, declared = open_backing(current.path, backing, ctx)
+        except FileNotFoundError:
+            chain.append(ImageInfo(path=backing, format="missing", error="no such file"))
             problems.append(F.backing_missing(backing))
             break
+        except BackingRefusedError as e:
+            problems.append(e.finding)
+            break
+        except OSError as e:
+            layer = ImageInfo(path=backing, format="raw", error=e.strerror or str(e))
+            layer.findings.append(F.unreadable(layer.error or ""))
+            chain.append(layer)
+            break
+        with fh:
+            st = os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino) in seen:
+                problems.append(F.backing_loop(backing))
+                break
+            seen.add((st.st_dev, st.st_ino))
+            layer_format = declared.format if declared and declared.format else (
+                "raw" if current.backing_format == "raw" else None)
+            layer = inspect_one(backing, fh=fh, declared_format=layer_format)
+        chain.append(layer)
         current = layer
     return chain, problems
 
@@ -272,8 +343,13 @@ def build_report(info: ImageInfo, chain: list[ImageInfo], chain_findings: list[F
     return report
 
 
-def inspect(path: str | os.PathLike[str]) -> Report:
-    """The scan report of one image, backing chain included. Never raises for bad input."""
+def inspect(path: str | os.PathLike[str], *, rules: ChainRules | None = None,
+            declared_format: str | None = None, allow_block: bool = True) -> Report:
+    """The scan report of one image, backing chain included. Never raises for bad input.
+
+    ``rules``: where backing files may be (beyond the image's folder; see qcrypt.backing).
+    ``declared_format``: the disk's format as the domain XML declares it (its ``<driver type>``; "luks" for a
+    raw driver with ``<encryption format='luks'>``): the file is read as that, never probed."""
     try:
         path = os.fspath(path)
         os.stat(path)
@@ -282,7 +358,7 @@ def inspect(path: str | os.PathLike[str]) -> Report:
         return build_report(bad, [], [])
     except OSError:
         pass  # inspect_one reports missing or unreadable files
-    info = inspect_one(path)
+    info = inspect_one(path, declared_format=declared_format, rules=rules, allow_block=allow_block)
     chain, chain_findings = walk_chain(info)
     return build_report(info, chain, chain_findings)
 
@@ -307,7 +383,11 @@ def has_legacy(report: Report) -> bool:
 
 
 def iter_files(paths: Iterable[str]) -> Iterator[str]:
-    """Every file under ``paths`` once (by device and inode), following symlinks without looping."""
+    """Every file under ``paths`` once (by device and inode), following symlinks without looping.
+
+    FIFOs, sockets and character devices met in a folder are skipped; block devices and /proc-like files
+    (regular files on a kernel pseudo filesystem, e.g. behind a symlink) are listed and then reported as
+    ``special`` without being read (see :func:`scan_files`)."""
     seen_files: set[tuple[int, int]] = set()
     seen_dirs: set[tuple[int, int]] = set()
     for top in paths:
@@ -332,17 +412,18 @@ def _walk(path: str, seen_files: set[tuple[int, int]], seen_dirs: set[tuple[int,
             return
         for name in names:
             yield from _walk(os.path.join(path, name), seen_files, seen_dirs)
-    elif stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        if key not in seen_files:
-            seen_files.add(key)
-            yield path
+    elif (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)) and key not in seen_files:
+        seen_files.add(key)
+        yield path
 
 
 SCAN_BATCH = 64  # images per task when inspecting in worker processes
 
 
-def _inspect_batch(paths: list[str]) -> list[Report]:
-    return [inspect(path) for path in paths]
+def _inspect_batch(paths: list[str], rules: ChainRules | None, declared: dict[str, str], named: frozenset[str]
+                   ) -> list[Report]:
+    return [inspect(path, rules=rules, declared_format=declared.get(os.path.realpath(path)),
+                    allow_block=path in named) for path in paths]
 
 
 def scan(
@@ -350,9 +431,13 @@ def scan(
     *,
     jobs: int = 1,
     progress: Callable[[Report], None] | None = None,
+    rules: ChainRules | None = None,
+    declared: dict[str, str] | None = None,
 ) -> list[Report]:
     """Inspect every file under ``paths``; ``progress`` is called once per finished image."""
-    return scan_files(list(iter_files(paths)), jobs=jobs, progress=progress)
+    paths = list(paths)
+    return scan_files(list(iter_files(paths)), jobs=jobs, progress=progress, rules=rules, declared=declared,
+                      named=paths)
 
 
 def scan_files(
@@ -360,15 +445,25 @@ def scan_files(
     *,
     jobs: int = 1,
     progress: Callable[[Report], None] | None = None,
+    rules: ChainRules | None = None,
+    declared: dict[str, str] | None = None,
+    named: Iterable[str] | None = None,
 ) -> list[Report]:
     """Inspect ``files`` (already walked by :func:`iter_files`), in order.
+
+    ``rules``: where backing files may be besides each image's folder. ``declared``: real path -> format the
+    domain XML declares for it (never probed then). ``named``: the paths the operator named; only those are
+    read when they are block devices (a block device met in a folder walk is reported, not read). None means
+    every file was named.
 
     With ``jobs`` > 1, batches of images are inspected in forked worker processes (parsing holds the GIL,
     so threads would not help).
     """
     from qcrypt.parallel import ordered_map
 
-    batches = [(files[i : i + SCAN_BATCH],) for i in range(0, len(files), SCAN_BATCH)]
+    named_set = frozenset(files if named is None else named)
+    batches = [(files[i : i + SCAN_BATCH], rules, declared or {}, named_set)
+               for i in range(0, len(files), SCAN_BATCH)]
     workers = jobs if len(batches) > 1 else 1
     reports: list[Report] = []
     with contextlib.closing(ordered_map(_inspect_batch, batches, workers=workers, in_flight=2 * workers)) as results:
@@ -406,10 +501,10 @@ def _add_compressed_finding(report: Report, image: ImageFile) -> None:
         report["severity"] = severity_of([finding, *(F.Finding(**f) for f in report["findings"])])
 
 
-def describe(path: str | os.PathLike[str]) -> Report:
+def describe(path: str | os.PathLike[str], *, rules: ChainRules | None = None) -> Report:
     """Everything ``qcrypt info`` shows: the scan report plus layout details. Raises FormatError if unparseable."""
     path = os.fspath(path)
-    info = inspect_one(path)
+    info = inspect_one(path, rules=rules)
     if info.error:
         raise report_error(build_report(info, [], []))
     chain, chain_findings = walk_chain(info)

@@ -14,15 +14,16 @@ import io
 import os
 import zlib
 from collections.abc import Mapping
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
+from qcrypt.backing import ChainContext, ChainRules, open_backing
 from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
-from qcrypt.imagefile import ImageFile, RawFile
+from qcrypt.imagefile import ImageFile, RawFile, open_image_file
 from qcrypt.model import ClusterKind, ClusterMapping, Snapshot
 from qcrypt.qcow2 import QCow2Image
-from qcrypt.scan import MAX_CHAIN_DEPTH, probe, resolve_backing
+from qcrypt.scan import MAX_CHAIN_DEPTH, declared_container, resolve_backing
 from qcrypt.scan import open_image as open_container
 
 SECTOR = 512
@@ -57,8 +58,8 @@ class PassphraseRequiredError(BadPassphraseError):
 class RawReader:
     """A raw file: guest offset = file offset."""
 
-    def __init__(self, path: str) -> None:
-        self.file = RawFile.open(path)
+    def __init__(self, path: str, fh: BinaryIO | None = None) -> None:
+        self.file = RawFile(fh, path) if fh is not None else RawFile.open(path)
         self.size = self.file.file_size
 
     def read(self, guest_offset: int, length: int) -> bytes:
@@ -71,10 +72,10 @@ class RawReader:
 class RawLuksReader:
     """A raw LUKS1 file: payload at payload_offset sectors, IV = payload-relative sector."""
 
-    def __init__(self, path: str, passphrase: Secret | None) -> None:
+    def __init__(self, path: str, passphrase: Secret | None, fh: BinaryIO | None = None) -> None:
         from qcrypt import luks
 
-        self.file = RawFile.open(path)
+        self.file = RawFile(fh, path) if fh is not None else RawFile.open(path)
         try:
             read_at = luks.file_reader(self.file.fh, 0, self.file.file_size, path=path)
             if int.from_bytes(read_at(6, 2), "big") == 2:
@@ -287,32 +288,52 @@ def _zstd_decompress(raw: bytes, cluster_size: int, path: str) -> bytes:
 
 class Opener:
     """Opens an image and its backing chain as layer readers (loops and depth caught), unlocking
-    encrypted layers with the passphrase given for each."""
+    encrypted layers with the passphrase given for each. Backing files are opened only as ``rules`` allow
+    (qcrypt.backing: the image's storage, its owner's permissions, no special files), and every layer is read
+    through the descriptor that was checked."""
 
-    def __init__(self, passphrase: Secret | None, passphrases: Mapping[str, Secret]) -> None:
+    def __init__(self, passphrase: Secret | None, passphrases: Mapping[str, Secret],
+                 rules: ChainRules | None = None) -> None:
         self.passphrase = passphrase
         self.passphrases = passphrases
-        self.seen: set[str] = set()
+        self.rules = rules
+        self.context: ChainContext | None = None
+        self.seen: set[tuple[int, int]] = set()
 
     def passphrase_for(self, path: str) -> Secret | None:
         return self.passphrases.get(os.path.realpath(path), self.passphrase)
 
     def open(self, path: str, format_hint: str | None = None, snapshot: str | None = None) -> LayerReader:
-        real = os.path.realpath(path)
-        if real in self.seen:
-            raise FormatError("backing chain loops", path=path, field="backing_file")
-        if len(self.seen) >= MAX_CHAIN_DEPTH:
-            raise FormatError(f"backing chain deeper than {MAX_CHAIN_DEPTH}", path=path, field="backing_file")
-        self.seen.add(real)
-        kind = "raw" if format_hint == "raw" else probe(path).format
-        if kind == "raw":
-            return RawReader(path)
-        if kind == "luks":
-            return RawLuksReader(path, self.passphrase_for(path))
-        return self._open_qcow(path, snapshot)
+        """The top image ``path``; ``format_hint`` is its declared format (never probed then)."""
+        fh = open_image_file(path)
+        try:
+            self.context = ChainContext.for_top(path, fh, self.rules)
+        except BaseException:
+            fh.close()
+            raise
+        return self._open_layer(path, fh, format_hint, snapshot)
 
-    def _open_qcow(self, path: str, snapshot_name: str | None = None) -> LayerReader:
-        image = open_container(path)
+    def _open_layer(self, path: str, fh: BinaryIO, format_hint: str | None,
+                    snapshot: str | None = None) -> LayerReader:
+        try:
+            st = os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino) in self.seen:
+                raise FormatError("backing chain loops", path=path, field="backing_file")
+            if len(self.seen) >= MAX_CHAIN_DEPTH:
+                raise FormatError(f"backing chain deeper than {MAX_CHAIN_DEPTH}", path=path, field="backing_file")
+            self.seen.add((st.st_dev, st.st_ino))
+            kind = declared_container(format_hint, fh).format
+        except BaseException:
+            fh.close()
+            raise
+        if kind == "raw":
+            return RawReader(path, fh)
+        if kind == "luks":
+            return RawLuksReader(path, self.passphrase_for(path), fh)
+        return self._open_qcow(path, fh, kind, snapshot)
+
+    def _open_qcow(self, path: str, fh: BinaryIO, kind: str, snapshot_name: str | None = None) -> LayerReader:
+        image = open_container(path, fh, kind)
         try:
             snapshot = find_snapshot(image, snapshot_name) if snapshot_name is not None else None
             cipher, iv_from_host = self._layer_cipher(image)
@@ -322,7 +343,10 @@ class Opener:
                 if backing_path is None:
                     raise UnsupportedFeatureError(f"backing file {image.backing_file!r} is not a local file",
                                                   path=path, field="backing_file")
-                backing = self.open(backing_path, image.backing_format)
+                assert self.context is not None
+                backing_fh, declared = open_backing(path, backing_path, self.context)
+                hint = declared.format if declared and declared.format else image.backing_format
+                backing = self._open_layer(backing_path, backing_fh, hint)
             return QcowReader(image, cipher, iv_from_host, backing, snapshot)
         except BaseException:
             image.close()
@@ -422,15 +446,18 @@ def open_image(
     passphrases: Mapping[str | os.PathLike[str], Passphrase | KnownMasterKey] | None = None,
     container: str | None = None,
     snapshot: str | None = None,
+    rules: ChainRules | None = None,
 ) -> GuestStream:
     """Open the guest plaintext of an image (qcow2, qcow, raw LUKS1, raw), following its backing chain.
 
     ``passphrase`` unlocks every encrypted layer unless ``passphrases`` maps a layer's path to its own.
     Raises :class:`qcrypt.BadPassphraseError` when a LUKS passphrase opens no keyslot. ``container="raw"``
     reads the file as a raw disk whatever its first bytes say (QEMU's ``format=raw``). ``snapshot`` (an id
-    or name) reads a qcow2 internal snapshot instead of the active layer.
+    or name) reads a qcow2 internal snapshot instead of the active layer. Backing files are followed only as
+    ``rules`` allow (see :mod:`qcrypt.backing`): a refused one raises
+    :class:`qcrypt.backing.BackingRefusedError`.
     """
     path = os.fspath(path)
     per_layer = {os.path.realpath(os.fspath(k)): _secret(v) for k, v in (passphrases or {}).items()}
-    opener = Opener(_secret(passphrase) if passphrase is not None else None, per_layer)
+    opener = Opener(_secret(passphrase) if passphrase is not None else None, per_layer, rules)
     return GuestStream(opener.open(path, container, snapshot), path)

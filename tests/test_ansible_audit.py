@@ -46,8 +46,9 @@ def legacy_by_qemu_img(path: Path) -> bool:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> dict[str, dict[str, object]]:
-    """hv1: two domains on legacy disks (one through a backing chain) and one clean; hv2: clean images, and an
-    XML declaring format='qcow' on an image that is gone; hv3: its scan fails; hv4: unreachable."""
+    """hv1: two domains on legacy disks (one through a backing chain) and one clean; hv2: clean images, an image
+    whose backing file is a root-only file outside its folder, and an XML declaring format='qcow' on an image
+    that is gone; hv3: its scan fails; hv4: unreachable."""
     hv1, hv2 = tmp_path / "hv1", tmp_path / "hv2"
     for host in (hv1, hv2):
         (host / "images").mkdir(parents=True)
@@ -63,6 +64,11 @@ def fleet(tmp_path: Path) -> dict[str, dict[str, object]]:
     (hv1 / "xml" / f"{PREFIX}db.xml").write_text(domain_xml(f"{PREFIX}db", [(plain.path, "qcow2")]))
     img.fixture_path("luks-qcow2-v3-c64k.qcow2", hv2 / "images")  # made by qemu-img (LUKS key derivation is slow)
     img.make_qcow2(hv2 / "images" / "plain.qcow2", 4 * MIB)
+    host_file = tmp_path / "host-secret"
+    host_file.write_bytes(b"HOST-SECRET" * 100)
+    host_file.chmod(0o600)
+    img.run([img.tool("qemu-img"), "create", "-q", "-u", "-f", "qcow2", "-b", str(host_file), "-F", "raw",
+             str(hv2 / "images" / "evil.qcow2"), "1M"])
     (hv2 / "xml" / f"{PREFIX}gone.xml").write_text(
         domain_xml(f"{PREFIX}gone", [(hv2 / "images" / "deleted.qcow2", "qcow2")], encryption="qcow"))
     return {
@@ -103,12 +109,18 @@ def test_audit_writes_one_fleet_report(tmp_path: Path, fleet: dict[str, dict[str
     assert hosts["hv3"]["status"] == "failed" and "no-such-folder" in hosts["hv3"]["error"]
     assert hosts["hv3"]["error"].count("\n") == 0
     assert hosts["hv4"]["status"] == "failed"
-    assert report["totals"] == {"hosts": 4, "hosts_failed": 2, "hosts_affected": 2, "images": 7, "legacy_images": 4,
-                                "affected_domains": 2, "domains_with_missing_images": 1}
+    (refused,) = hosts["hv2"]["refused_backing"]
+    assert refused["path"].endswith("/evil.qcow2") and refused["findings"] == ["backing-outside-storage"]
+    assert f"--allow-backing-dir {tmp_path}" in refused["messages"][0]
+    assert report["totals"] == {"hosts": 4, "hosts_failed": 2, "hosts_affected": 2, "images": 8, "legacy_images": 4,
+                                "affected_domains": 2, "domains_with_missing_images": 1, "refused_backing": 1}
 
     markdown = (reports / "fleet-report.md").read_text()
     assert f"| hv1 | scanned | 5 | 4 | 4 | 0 | {PREFIX}app, {PREFIX}web | - |" in markdown
-    assert f"| hv2 | scanned | 2 | 0 | 0 | 0 | - | {PREFIX}gone |" in markdown
+    assert f"| hv2 | scanned | 3 | 0 | 0 | 1 | - | {PREFIX}gone |" in markdown  # evil.qcow2: a warning
+    assert "## Backing files not followed" in markdown
+    assert f"| hv2 | {refused['path']} | - | backing-outside-storage | backing file {tmp_path}" in markdown
+    assert "HOST-SECRET" not in markdown
     assert "| hv3 | failed: Error: " in markdown
     assert f"| hv1 | {expected_legacy[0]} |" in markdown
     assert run.recap["hv1"]["changed"] == 0 and run.recap["hv1"]["failed"] == 0
@@ -170,3 +182,14 @@ def _gone_or_zombie(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_scan_module_refused_backing_and_allowed_folders(tmp_path: Path, fleet: dict[str, dict[str, object]]) -> None:
+    ansible = Ansible(tmp_path / "ansible")
+    args = {"paths": fleet["hv2"]["qcrypt_scan_paths"], "libvirt_xml": "", "executable": qcrypt_command()}
+    result = ansible.module("qcrypt.qcrypt.qcrypt_scan", args)
+    assert [Path(i["path"]).name for i in result["refused_backing"]] == ["evil.qcow2"], result["_stdout"]
+    allowed = ansible.module("qcrypt.qcrypt.qcrypt_scan", {**args, "allow_backing_dirs": [str(tmp_path)]})
+    assert allowed["refused_backing"] == [], allowed["_stdout"]
+    evil = next(i for i in allowed["report"]["images"] if i["path"].endswith("/evil.qcow2"))
+    assert evil["backing_chain"][0]["path"] == str(tmp_path / "host-secret")  # root owns it: root may read it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -471,3 +472,98 @@ def test_usage_errors(lab: Lab, tmp_path: Path, backend: str) -> None:
     assert done.returncode == 2 and "name one or more domains, or give --all" in done.stderr
     missing = qcrypt_domain(lab, tmp_path, f"{lab.prefix}-absent", "--format", "json", backend=backend)
     assert missing.returncode == 13 and as_json(missing)["domains"][0]["status"] == "failed"
+
+
+# -- the XML's driver type is the format ----------------------------------------------------------------------
+
+
+def test_guest_written_header_on_a_raw_disk_is_guest_data(lab: Lab, tmp_path: Path) -> None:
+    """A guest writes a legacy qcow2 header naming a root-only host file into sector 0 of its raw disk. The
+    domain XML says raw: migrate-domain (and its dry run), the hook and scan --libvirt-xml treat the disk as the
+    guest data it is, and nothing of the host file reaches anything. Declared qcow2 instead, the header is
+    believed, and its backing file is refused everywhere."""
+    from qcrypt import hook
+
+    host_file = tmp_path / "root-only"  # pytest's tmp folders are root-only
+    marker = b"HOST-SECRET-" + os.urandom(8).hex().encode()
+    host_file.write_bytes(marker * 4096)
+    host_file.chmod(0o600)
+    pw = lab.passphrase_file("pw", PW)
+    fake = tmp_path / "fake.qcow2"
+    run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", "-b", host_file, "-F", "raw", fake, "1M")
+    disk = lab.folder / "guest.raw"
+    with open(disk, "wb") as fh:
+        fh.truncate(4 * MIB)
+        fh.write(fake.read_bytes())  # what the guest wrote through its own disk
+    name = f"{lab.prefix}-rawhdr"
+    lab.define(name, [disk_xml("vda", disk, driver="raw")])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+
+    for extra in (["--dry-run"], ["--start"]):
+        done = qcrypt_domain(lab, tmp_path, name, "--format", "json", "--passphrase-file", str(pw), *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+        (outcome,) = as_json(done)["domains"]
+        assert (outcome["status"], outcome["disks"]) == ("unchanged", []), outcome
+        assert marker.decode() not in done.stdout + done.stderr
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    assert virsh("domstate", name).stdout.strip() == "shut off"
+
+    check = hook.check_domain_xml(before_xml)
+    assert (check.warnings, check.errors) == ([], [])
+
+    xml_dir = tmp_path / "xml"
+    xml_dir.mkdir()
+    (xml_dir / f"{name}.xml").write_text(before_xml, encoding="utf-8")
+    scanned = subprocess.run([sys.executable, "-m", "qcrypt", "scan", "--libvirt-xml", str(xml_dir), "--format",
+                              "json", str(disk)], capture_output=True, text=True, timeout=120, check=False)
+    assert scanned.returncode == 0, scanned.stdout + scanned.stderr
+    (report,) = json.loads(scanned.stdout)["images"]
+    assert (report["format"], report["encryption"], report["findings"]) == ("raw", "none", [])
+    assert report["virtual_size"] == 4 * MIB and report["domains"] == [name]
+    # without the XML, the auditor does say what the bytes look like (and still refuses the host file)
+    probed = subprocess.run([sys.executable, "-m", "qcrypt", "scan", "--format", "json", str(disk)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    (probed_report,) = json.loads(probed.stdout)["images"]
+    assert probed_report["encryption"] == "aes-cbc-legacy" and probed_report["backing_chain"] == []
+    assert "backing-outside-storage" in [f["code"] for f in probed_report["findings"]]
+
+    # declared qcow2 (the administrator's word), the header is the image's: its backing file is refused
+    lab.define(name, [disk_xml("vda", disk, driver="qcow2")])
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--format", "json", "--passphrase-file", str(pw), *extra)
+        assert done.returncode == 8, done.stdout + done.stderr
+        (outcome,) = as_json(done)["domains"]
+        assert outcome["status"] == "failed" and "outside the image's storage" in outcome["reason"]
+        assert f"--allow-backing-dir {tmp_path}" in outcome["reason"]
+    assert lab.files() == before_files
+    (warning,) = hook.check_domain_xml(lab.inactive_xml(name)).warnings
+    assert "outside the image's storage" in warning.reason and warning.domain_command is None
+    assert warning.command == f"qcrypt info {disk}" and "Check it: qcrypt info" in warning.message()
+    advised = subprocess.run([sys.executable, "-m", "qcrypt", *warning.command.split()[1:]], capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert advised.returncode == 0 and "backing-outside-storage" in advised.stdout
+    assert marker.decode() not in advised.stdout + warning.message()
+
+
+def test_legacy_disk_without_data_needs_an_explicit_choice(lab: Lab, tmp_path: Path) -> None:
+    """No data cluster, nothing to check a passphrase against: refused (exit 8, nothing changes) until the
+    operator accepts it, and then reported as NOT verified."""
+    pw = lab.passphrase_file("pw", PW)
+    empty = lab.legacy_image("empty.qcow2", pw, size="1M")
+    name = f"{lab.prefix}-empty"
+    lab.define(name, [disk_xml("vda", empty)])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    wrong = b"not the passphrase\n"
+    refused = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--format", "json", stdin=wrong)
+    assert refused.returncode == 8, refused.stdout + refused.stderr
+    reason = as_json(refused)["domains"][0]["reason"]
+    assert "cannot be verified" in reason and "--accept-unverified-passphrase" in reason
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files and lab.qcrypt_secrets() == []
+
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--accept-unverified-passphrase",
+                         stdin=PW + b"\n")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the legacy passphrase was NOT verified" in done.stdout
+    again = as_json(qcrypt_domain(lab, tmp_path, name, "--format", "json"))
+    assert again["domains"][0]["status"] == "unchanged"  # fixed: nothing legacy is left

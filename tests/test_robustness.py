@@ -145,7 +145,8 @@ def test_fifo_backing_file_does_not_hang(tmp_path: Path) -> None:
     subprocess.run([require_tool("qemu-img"), "create", "-q", "-u", "-f", "qcow2", "-b", str(fifo), "-F", "raw",
                     str(overlay), "1M"], check=True, timeout=120)
     report = qcrypt.inspect(overlay)  # the autouse alarm fails the test if this blocks
-    assert report["backing_chain"][0]["format"] == "special"
+    assert report["backing_chain"] == []  # never opened for reading: refused, and said so
+    assert "backing-special-file" in [f["code"] for f in report["findings"]]
     assert qcrypt.inspect(fifo)["format"] == "special"
-    with pytest.raises(qcrypt.FormatError, match="not a regular file"):
+    with pytest.raises(qcrypt.QcryptError, match="a FIFO: never read"):
         qcrypt.open_image(overlay)

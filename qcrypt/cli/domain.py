@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from qcrypt.cli.main import exit_code_for, handle_errors
-from qcrypt.cli.options import format_opt, human_size, progress_bar
+from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, format_opt, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import DomainActiveError
 from qcrypt.libvirt.connection import Connection, open_connection
@@ -59,12 +59,16 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
               help="Folder for the new image files of block-device disks.")
 @click.option("--backend", type=click.Choice(["auto", "api", "virsh"]), default="auto", show_default=True,
               help="Talk to libvirt through its Python binding (api) or virsh; auto: the binding if installed.")
+@allow_backing_dir_opt
+@click.option("--accept-unverified-passphrase", is_flag=True,
+              help="Go on when a disk's legacy layers hold no data cluster to check its passphrase against.")
 @format_opt
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (JSON is still printed).")
 @handle_errors
 def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool, dry_run: bool, target: str | None,
                    replace: bool, start: bool, iter_time_ms: int, iterations: int | None,
                    passphrase_file: str | None, backup_dir: str, output_dir: str | None, backend: str,
+                   allow_backing_dirs: tuple[str, ...], accept_unverified_passphrase: bool,
                    output_format: str, quiet: bool) -> None:
     """Migrate every legacy-AES disk of each DOMAIN (shut off) to LUKS and define the new XML, or change nothing.
 
@@ -77,10 +81,12 @@ def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool,
     tune_malloc_for_streaming(4 * 1024 * 1024)
     conn = open_connection(uri, backend)
     try:
-        names = list(dict.fromkeys(domains)) if domains else domains_to_fix(conn)
+        rules = chain_rules(allow_backing_dirs)
+        names = list(dict.fromkeys(domains)) if domains else domains_to_fix(conn, rules)
         opts = DomainOptions(to=target, replace=replace, dry_run=dry_run, start=start, iter_time_ms=iter_time_ms,
                              iterations=iterations, backup_dir=backup_dir, output_dir=output_dir,
-                             fallback_passphrase=fallback)
+                             fallback_passphrase=fallback, rules=rules,
+                             accept_unverified_passphrase=accept_unverified_passphrase)
         outcomes = _run_all(conn, names, opts, show_progress=not quiet and not dry_run)
     finally:
         conn.close()
@@ -123,7 +129,8 @@ def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_pr
 
 def _planning(opts: DomainOptions) -> DomainOptions:
     return DomainOptions(to=opts.to, replace=opts.replace, dry_run=True, iter_time_ms=opts.iter_time_ms,
-                         iterations=opts.iterations, backup_dir=opts.backup_dir, output_dir=opts.output_dir)
+                         iterations=opts.iterations, backup_dir=opts.backup_dir, output_dir=opts.output_dir,
+                         rules=opts.rules)
 
 
 def exit_status(outcomes: list[DomainOutcome]) -> int:
@@ -151,6 +158,9 @@ def print_outcome(o: DomainOutcome) -> None:
             click.echo(f"  {d.target}: {d.source} is {d.to} already: only the XML changes (format='luks')")
         else:
             click.echo(f"  {d.target}: {d.source} -> {d.new_path} ({d.to}, {how}{sizes})")
+        if d.passphrase_verified is False:
+            click.echo("      the legacy passphrase was NOT verified (no data cluster to check it against; "
+                       "accepted with --accept-unverified-passphrase)")
         if d.secret_uuid:
             made = "new secret" if d.secret_created else "existing secret"
             frm = f", passphrase from the {d.passphrase_from}" if d.passphrase_from else ""

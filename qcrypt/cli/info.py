@@ -9,16 +9,17 @@ import click
 
 from qcrypt import scan as scanner
 from qcrypt.cli.main import handle_errors
-from qcrypt.cli.options import SEVERITY_COLOURS, format_opt, human_size
+from qcrypt.cli.options import SEVERITY_COLOURS, allow_backing_dir_opt, chain_rules, format_opt, human_size
 
 
 @click.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @format_opt
+@allow_backing_dir_opt
 @handle_errors
-def info(image: str, output_format: str) -> None:
+def info(image: str, output_format: str, allow_backing_dirs: tuple[str, ...]) -> None:
     """Describe IMAGE: format, encryption, findings, layout, snapshots, backing chain, LUKS keyslots."""
-    report = scanner.describe(image)
+    report = scanner.describe(image, rules=chain_rules(allow_backing_dirs))
     if output_format == "json":
         click.echo(json.dumps(report, indent=2))
     else:

@@ -9,9 +9,11 @@ from typing import Any
 
 import click
 
+from qcrypt import findings
 from qcrypt import scan as scanner
+from qcrypt.backing import BackingRefusedError, ChainRules
 from qcrypt.cli.main import handle_errors
-from qcrypt.cli.options import human_size, progress_bar
+from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import QcryptError
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source
@@ -59,20 +61,28 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
               show_default=True, help="Seconds without progress after which a worker counts as stuck (exit 12).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--timings", is_flag=True, help="Print the seconds each phase took to stderr (also with -q).")
+@allow_backing_dir_opt
+@click.option("--accept-unverified-passphrase", is_flag=True,
+              help="Go on when the legacy layers hold no data cluster to check the passphrase against.")
 @handle_errors
 def migrate(source: str, target: str, output: str | None, passphrase_file: str | None,
             layer_passphrase_files: tuple[tuple[str, str], ...], new_passphrase_file: str | None, cipher: str,
             key_bits: str | None, hash_name: str, iter_time_ms: int,
             iterations: int | None, flatten: bool, force: bool, replace: bool, jobs: int | None, stall_seconds: float,
-            quiet: bool, timings: bool) -> None:
+            quiet: bool, timings: bool, allow_backing_dirs: tuple[str, ...],
+            accept_unverified_passphrase: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
     if replace and output:
         raise click.UsageError("--replace puts the output under SOURCE's name: do not give -o")
     files = [passphrase_file, new_passphrase_file, *(file for _layer, file in layer_passphrase_files)]
     if files.count("-") > 1:
         raise click.UsageError("only one passphrase can come from stdin")
-    report = scanner.inspect(source)
+    rules = chain_rules(allow_backing_dirs)
+    report = scanner.inspect(source, rules=rules)
     refuse_unreadable_source(source, report)  # before asking for any passphrase; the error info and scan show
+    refused = [f for f in report["findings"] if f["code"] in findings.BACKING_REFUSED]
+    if refused:  # before asking for any passphrase
+        raise BackingRefusedError(findings.Finding(**refused[0]))
     own = {os.path.realpath(layer) for layer, _file in layer_passphrase_files}
     layers = [report, *report.get("backing_chain", [])]
     encrypted = [layer["path"] for layer in layers if layer["encryption"] != "none"]
@@ -96,11 +106,11 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
         new_passphrase=new_passphrase, cipher=cipher,
         key_bits=int(key_bits) if key_bits else None, hash_name=hash_name, iter_time_ms=iter_time_ms,
         iterations=iterations, flatten=flatten, force=force, replace=replace, workers=jobs,
-        stall_seconds=stall_seconds,
+        stall_seconds=stall_seconds, rules=rules, accept_unverified_passphrase=accept_unverified_passphrase,
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(opts.chunk_bytes)
-    total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report)
+    total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report, rules)
     try:
         with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                           disable=True if quiet else None, desc="migrating", leave=False) as bar:
@@ -120,12 +130,12 @@ def format_timings(phase_seconds: dict[str, float]) -> str:
     return f"timings: {phases} (total {sum(phase_seconds.values()):.2f} s)"
 
 
-def _allocated_estimate(source: str, report: dict[str, Any]) -> int | None:
+def _allocated_estimate(source: str, report: dict[str, Any], rules: ChainRules) -> int | None:
     """Bytes a qcow2 target will process (allocated data of the source, snapshots aside), for the ETA."""
     if report["format"] not in ("qcow", "qcow2"):
         return report["virtual_size"]
     try:
-        return scanner.describe(source)["allocated_bytes"]
+        return scanner.describe(source, rules=rules)["allocated_bytes"]
     except (QcryptError, OSError):
         return None
 
@@ -144,6 +154,9 @@ def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_fil
         click.echo(f"The original is kept as {r.original_kept}. Once the VM runs from the new image, destroy it "
                    f"with 'shred -u {r.original_kept}' (or blkdiscard on thin storage): its legacy ciphertext "
                    "is weakly protected and stays readable with the old passphrase.")
+    if r.passphrase_verified is False:
+        click.echo(f"The legacy passphrase was NOT verified ({r.plausibility}): check the guest's data before "
+                   "destroying the original.")
     if r.backing_file:
         click.echo(f"Backing file kept: {r.backing_file}")
     if r.snapshots:

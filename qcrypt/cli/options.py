@@ -7,6 +7,8 @@ import sys
 import click
 from tqdm import tqdm
 
+from qcrypt.backing import ChainRules
+
 # tqdm's monitor is a thread: a migration forks workers while it runs, and a fork beside another thread can
 # leave the child stuck on a lock that thread held (qcrypt.parallel). Bars refresh on update() anyway.
 tqdm.monitor_interval = 0
@@ -41,6 +43,17 @@ def stderr_is_tty() -> bool:
 
 
 SEVERITY_COLOURS = {"ok": "green", "info": "cyan", "warning": "yellow", "critical": "red"}
+
+
+allow_backing_dir_opt = click.option(
+    "--allow-backing-dir", "allow_backing_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+    help="A folder backing files may be in besides the image's own folder (repeatable). Backing files the "
+         "image's owner cannot read, and special files, are refused anyway.")
+
+
+def chain_rules(allow_backing_dirs: tuple[str, ...]) -> ChainRules:
+    """The backing-chain rules of --allow-backing-dir (see docs/SECURITY.md)."""
+    return ChainRules(allow_dirs=tuple(allow_backing_dirs))
 
 
 def style_severity(severity: str) -> str:

@@ -11,7 +11,7 @@ import click
 
 from qcrypt import scan as scanner
 from qcrypt.cli.main import EXIT_FINDINGS, handle_errors
-from qcrypt.cli.options import human_size, progress_bar, style_severity
+from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar, style_severity
 from qcrypt.parallel import default_workers
 
 FAIL_ON = ("critical", "warning", "info", "never")
@@ -28,20 +28,27 @@ FAIL_ON = ("critical", "warning", "info", "never")
 @click.option("--libvirt-xml", "libvirt_dir", type=click.Path(exists=True, file_okay=False),
               help="Folder of libvirt domain XML files: name the domains using each image.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only findings (table format), nothing for clean images.")
+@allow_backing_dir_opt
 @handle_errors
 def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int | None, libvirt_dir: str | None,
-         quiet: bool) -> None:
+         quiet: bool, allow_backing_dirs: tuple[str, ...]) -> None:
     """Find legacy-encrypted images (also in backing chains) and grade LUKS settings.
 
-    Reads headers only: no passphrase is needed and nothing is written.
+    Reads headers only: no passphrase is needed and nothing is written. With --libvirt-xml, a disk's format is
+    the one its domain XML declares (a raw disk is never parsed as an image).
     """
-    files = list(scanner.iter_files(paths))
-    with progress_bar(total=len(files), unit="img", leave=False) as bar:
-        reports = scanner.scan_files(files, jobs=jobs or default_workers(), progress=lambda _report: bar.update())
-    domains_without_image: list[dict[str, Any]] = []
+    rules = chain_rules(allow_backing_dirs)
+    declared: dict[str, str] = {}
     if libvirt_dir:
         from qcrypt import libvirt
 
+        declared, rules = libvirt.declared_formats(libvirt_dir, rules)
+    files = list(scanner.iter_files(paths))
+    with progress_bar(total=len(files), unit="img", leave=False) as bar:
+        reports = scanner.scan_files(files, jobs=jobs or default_workers(), progress=lambda _report: bar.update(),
+                                     rules=rules, declared=declared, named=paths)
+    domains_without_image: list[dict[str, Any]] = []
+    if libvirt_dir:
         domains_without_image = libvirt.annotate_reports(reports, libvirt_dir)
     summary = scanner.summarize(reports)
     if output_format == "json":

@@ -11,6 +11,6 @@ The VM-start hook (:mod:`qcrypt.hook`) builds on the model here.
 
 from __future__ import annotations
 
-from qcrypt.libvirt.xmldir import annotate_reports, read_domains
+from qcrypt.libvirt.xmldir import annotate_reports, declared_formats, read_domains
 
-__all__ = ["annotate_reports", "read_domains"]
+__all__ = ["annotate_reports", "declared_formats", "read_domains"]

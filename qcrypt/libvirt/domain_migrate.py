@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcrypt import findings as F
+from qcrypt.backing import BackingRefusedError, ChainRules
 from qcrypt.errors import (
     DomainActiveError,
     LibvirtError,
@@ -33,7 +35,7 @@ from qcrypt.errors import (
 )
 from qcrypt.libvirt import xmledit
 from qcrypt.libvirt.connection import SHUT_OFF, Connection
-from qcrypt.libvirt.domainxml import DomainDisk, domain_from_root, parse_domain_root
+from qcrypt.libvirt.domainxml import DomainDisk, declared_format, domain_from_root, parse_domain_root
 from qcrypt.migrate import MigrateOptions
 from qcrypt.migrate import migrate as migrate_image
 from qcrypt.outputs import Placement, file_id
@@ -58,6 +60,8 @@ class DomainOptions:
     output_dir: str | None = None  # where new images of block disks go (a block device has no "beside")
     fallback_passphrase: PassphraseSource | None = field(default=None, repr=False)
     progress: Callable[[int], None] | None = None
+    rules: ChainRules | None = None  # --allow-backing-dir (each disk adds its declared <backingStore> layers)
+    accept_unverified_passphrase: bool = False  # legacy layers without data cannot check the passphrase
 
 
 @dataclass
@@ -80,6 +84,9 @@ class DiskPlan:
     unchecked_images: list[str] = field(default_factory=list)  # old images not checked to be what qcrypt read
     placement: Placement | None = field(default=None, repr=False)  # the new image, by folder descriptor
     source_id: tuple[int, int] | None = field(default=None, repr=False)  # the source file qcrypt read
+    source_format: str | None = None  # the disk's format as its XML declares it
+    passphrase_verified: bool | None = None  # after migrating a legacy disk: did its data confirm the passphrase
+    rules: ChainRules | None = field(default=None, repr=False)  # where its backing chain may reach
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.target, "source": self.source, "new_path": self.new_path, "to": self.to,
@@ -87,7 +94,7 @@ class DiskPlan:
                 "secret_uuid": self.secret_uuid, "secret_created": self.secret_created, "flatten": self.flatten,
                 "legacy_layers": self.legacy_layers, "old_images": self.old_images,
                 "passphrase_from": self.passphrase_from, "xml_only": self.xml_only,
-                "unchecked_images": self.unchecked_images}
+                "unchecked_images": self.unchecked_images, "passphrase_verified": self.passphrase_verified}
 
     @property
     def work_bytes(self) -> int:
@@ -122,10 +129,10 @@ class DomainOutcome:
 # -- which disks -------------------------------------------------------------------------------------------------
 
 
-def _inspect(path: str) -> dict[str, Any]:
+def _inspect(path: str, rules: ChainRules | None = None, declared: str | None = None) -> dict[str, Any]:
     from qcrypt.scan import inspect
 
-    return inspect(path)
+    return inspect(path, rules=rules, declared_format=declared)
 
 
 def legacy_layers(report: dict[str, Any]) -> list[str]:
@@ -144,20 +151,30 @@ def xml_only(disk: DomainDisk, report: dict[str, Any]) -> bool:
         and not legacy_layers(report)
 
 
-def affected_disks(disks: tuple[DomainDisk, ...]) -> list[tuple[DomainDisk, dict[str, Any]]]:
+def affected_disks(disks: tuple[DomainDisk, ...], rules: ChainRules | None = None
+                   ) -> list[tuple[DomainDisk, dict[str, Any]]]:
     """Local file/block disks whose image or backing chain uses legacy AES, or whose LUKS image the XML still
-    declares as ``format='qcow'``, with their scan reports."""
+    declares as ``format='qcow'``, with their scan reports.
+
+    Each disk is read as the format its XML declares (a raw disk is guest data, never parsed as an image), and
+    its backing chain is followed only within ``rules`` and its declared ``<backingStore>`` layers. A legacy
+    disk whose chain holds a refused backing file raises BackingRefusedError (exit 8)."""
     found = []
     for disk in disks:
         top = disk.layers[0]
         if top.source_type not in ("file", "block") or not top.path:
             continue
-        report = _inspect(top.path)
+        report = _inspect(top.path, disk.chain_rules(rules), declared_format(top))
         declared = any(fmt in ("qcow", "default") for fmt in top.encryption)
         if report.get("error"):
             if declared:  # the XML says legacy but the image cannot be read: do not guess
                 raise MigrationError(f"disk {disk.target}: {report['error']}")
             continue
+        refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
+        if refused and (legacy_layers(report) or declared):
+            finding = F.Finding(**refused[0])
+            raise BackingRefusedError(F.Finding(finding.code, finding.severity,
+                                                f"disk {disk.target}: {finding.message}"))
         if legacy_layers(report) or xml_only(disk, report):
             found.append((disk, report))
     return found
@@ -187,14 +204,14 @@ def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
     return suggested_output(path, to, local_dir=False)
 
 
-def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
+def _allocated(report: dict[str, Any], flatten: bool, rules: ChainRules | None) -> int | None:
     from qcrypt.scan import describe
 
     paths = [report["path"]] + ([layer["path"] for layer in report.get("backing_chain") or []] if flatten else [])
     total = 0
     for path in paths:
         try:
-            allocated = describe(path).get("allocated_bytes")
+            allocated = describe(path, rules=rules).get("allocated_bytes")
         except (QcryptError, OSError):
             return None
         if allocated is None:
@@ -220,9 +237,11 @@ def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> 
     if not opts.replace and os.path.lexists(new_path):
         raise OutputExistsError(f"disk {disk.target}: {new_path} exists already (move it away, or use --replace)")
     return DiskPlan(target=disk.target or "?", source=str(top.path), new_path=new_path, to=to,
-                    virtual_size=int(report.get("virtual_size") or 0), allocated_size=_allocated(report, flatten),
+                    virtual_size=int(report.get("virtual_size") or 0),
+                    allocated_size=_allocated(report, flatten, disk.chain_rules(opts.rules)),
                     secret_uuid=None, secret_created=False, flatten=flatten, source_type=top.source_type,
-                    legacy_layers=legacy, replace=opts.replace and top.source_type == "file")
+                    legacy_layers=legacy, replace=opts.replace and top.source_type == "file",
+                    source_format=declared_format(top), rules=disk.chain_rules(opts.rules))
 
 
 def check_space(plans: list[DiskPlan]) -> list[str]:
@@ -336,7 +355,7 @@ def migrate_domain(conn: Connection, name: str, opts: DomainOptions) -> DomainOu
 def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: DomainOutcome) -> None:
     old_xml = conn.inactive_xml(name)
     root = parse_domain_root(old_xml)
-    found = affected_disks(domain_from_root(root).disks)
+    found = affected_disks(domain_from_root(root).disks, opts.rules)
     if not found:
         outcome.reason = "no disk uses legacy AES encryption: nothing to do"
         return
@@ -420,9 +439,12 @@ def _migrate_disk(plan: DiskPlan, passphrase: bytearray, opts: DomainOptions, ru
     migrate_opts = MigrateOptions(target=plan.to, output=None if plan.replace else plan.new_path,
                                   passphrase=passphrase, iter_time_ms=opts.iter_time_ms,
                                   iterations=opts.iterations, flatten=plan.flatten, replace=plan.replace,
-                                  progress=opts.progress, keep_placement=True)
+                                  progress=opts.progress, keep_placement=True, rules=plan.rules,
+                                  source_format=plan.source_format,
+                                  accept_unverified_passphrase=opts.accept_unverified_passphrase)
     result = migrate_image(plan.source, migrate_opts)
     plan.placement, plan.source_id = result.placement, result.source_id
+    plan.passphrase_verified = result.passphrase_verified
     plan.old_images = [result.original_kept or plan.source] + [p for p in plan.legacy_layers if p != plan.source]
     run.outputs.append(plan)
 
@@ -483,13 +505,13 @@ def _start(conn: Connection, name: str, outcome: DomainOutcome) -> None:
     outcome.started = conn.domain_state(name) == "running"
 
 
-def domains_to_fix(conn: Connection) -> list[str]:
+def domains_to_fix(conn: Connection, rules: ChainRules | None = None) -> list[str]:
     """``--all``: every domain of the connection with an affected disk (unreadable XML is included, to fail
     visibly rather than be skipped in silence)."""
     names = []
     for name in conn.domain_names():
         try:
-            if affected_disks(domain_from_root(parse_domain_root(conn.inactive_xml(name))).disks):
+            if affected_disks(domain_from_root(parse_domain_root(conn.inactive_xml(name))).disks, rules):
                 names.append(name)
         except QcryptError:
             names.append(name)

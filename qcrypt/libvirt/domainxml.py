@@ -9,6 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from qcrypt.backing import ChainRules, DeclaredLayer
 from qcrypt.errors import FormatError
 
 MAX_XML_BYTES = 16 * 1024 * 1024
@@ -29,6 +30,16 @@ class DiskLayer:
     secret: str | None = None  # "uuid ..." or "usage ..." of <encryption><secret>, to find the passphrase
 
 
+def declared_format(layer: DiskLayer) -> str | None:
+    """The format a layer's XML declares, as qcrypt reads it: the ``<driver type>`` (or ``<format type>``),
+    except "luks" for a raw layer whose ``<encryption format='luks'>`` says its content is a LUKS container.
+    A declared raw layer is never parsed as an image, whatever its first bytes (the guest wrote them)."""
+    fmt = (layer.format or "").strip().lower() or None
+    if fmt == "raw" and "luks" in layer.encryption:
+        return "luks"
+    return fmt
+
+
 @dataclass(frozen=True)
 class DomainDisk:
     """A ``<disk>`` element: its target device, device kind and layers."""
@@ -40,6 +51,17 @@ class DomainDisk:
     @property
     def driver_type(self) -> str | None:
         return self.layers[0].format
+
+    def declared_backing(self) -> tuple[DeclaredLayer, ...]:
+        """The ``<backingStore>`` layers with a local path: the administrator declared them, so the chain may
+        reach them (a block device included) wherever they are."""
+        return tuple(DeclaredLayer(layer.path, declared_format(layer), layer.source_type == "block")
+                     for layer in self.layers[1:] if layer.path)
+
+    def chain_rules(self, base: ChainRules | None = None) -> ChainRules:
+        """``base`` (the operator's --allow-backing-dir) plus this disk's declared ``<backingStore>`` layers."""
+        base = base or ChainRules()
+        return ChainRules(allow_dirs=base.allow_dirs, declared=(*base.declared, *self.declared_backing()))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from qcrypt.backing import ChainRules, DeclaredLayer
 from qcrypt.errors import FormatError
-from qcrypt.libvirt.domainxml import LEGACY_XML_FORMATS, MAX_XML_BYTES, Domain, parse_domain_xml
+from qcrypt.libvirt.domainxml import LEGACY_XML_FORMATS, MAX_XML_BYTES, Domain, declared_format, parse_domain_xml
 
 
 def read_domains(xml_dir: str) -> tuple[list[Domain], list[str]]:
@@ -23,6 +24,26 @@ def read_domains(xml_dir: str) -> tuple[list[Domain], list[str]]:
         except (OSError, FormatError) as e:
             problems.append(f"{path}: {e}")
     return domains, problems
+
+
+def declared_formats(xml_dir: str, rules: ChainRules | None = None) -> tuple[dict[str, str], ChainRules]:
+    """What the domain XML files in ``xml_dir`` declare: real path -> format of every local disk layer (a path
+    two domains declare differently counts as raw, the reading that never parses guest data), and ``rules``
+    plus every declared ``<backingStore>`` layer."""
+    domains, _problems = read_domains(xml_dir)
+    formats: dict[str, str] = {}
+    declared: list[DeclaredLayer] = []
+    for domain in domains:
+        for disk in domain.disks:
+            for layer in disk.layers:
+                fmt = declared_format(layer)
+                if not layer.path or not fmt:
+                    continue
+                real = os.path.realpath(layer.path)
+                formats[real] = fmt if formats.get(real, fmt) == fmt else "raw"
+            declared += disk.declared_backing()
+    rules = rules or ChainRules()
+    return formats, ChainRules(allow_dirs=rules.allow_dirs, declared=(*rules.declared, *declared))
 
 
 def annotate_reports(reports: list[dict[str, Any]], xml_dir: str) -> list[dict[str, Any]]:

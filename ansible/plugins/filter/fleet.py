@@ -12,7 +12,8 @@ NOT_SCANNED = "not scanned (host unreachable or skipped)"
 def _host_entry(host, result):
     """One host's line of the report, from its registered ``qcrypt_scan`` result (or the lack of one)."""
     entry = {"host": host, "status": "scanned", "error": None, "images": 0, "legacy_images": 0,
-             "by_severity": {}, "affected_domains": [], "domains_with_missing_images": [], "legacy": []}
+             "by_severity": {}, "affected_domains": [], "domains_with_missing_images": [], "legacy": [],
+             "refused_backing": []}
     if not isinstance(result, dict) or not result:
         entry.update(status="failed", error=NOT_SCANNED)
         return entry
@@ -28,6 +29,7 @@ def _host_entry(host, result):
         affected_domains=list(result.get("affected_domains") or []),
         domains_with_missing_images=[dict(item) for item in missing],
         legacy=[dict(image) for image in result.get("legacy_images") or []],
+        refused_backing=[dict(image) for image in result.get("refused_backing") or []],
     )
     return entry
 
@@ -51,6 +53,7 @@ def fleet_report(hostvars, hosts, variable="qcrypt_audit_scan", generated_at=Non
         "legacy_images": sum(e["legacy_images"] for e in entries),
         "affected_domains": sum(len(e["affected_domains"]) for e in entries),
         "domains_with_missing_images": sum(len(e["domains_with_missing_images"]) for e in entries),
+        "refused_backing": sum(len(e["refused_backing"]) for e in entries),
     }
     return {"generated_at": generated_at, "hosts": entries, "totals": totals}
 
@@ -98,6 +101,16 @@ def _image_rows(report):
     return rows
 
 
+def _refused_rows(report):
+    rows = ["| host | image | domains | findings | message |", "|---|---|---|---|---|"]
+    for e in report["hosts"]:
+        for image in e.get("refused_backing") or []:
+            cells = (e["host"], image.get("path"), _names(image.get("domains")), _names(image.get("findings")),
+                     " / ".join(str(m) for m in image.get("messages") or []))
+            rows.append("| %s | %s | %s | %s | %s |" % tuple(_cell(c) for c in cells))
+    return rows
+
+
 def fleet_markdown(report):
     """The fleet report as a Markdown page: per-host counts, then every legacy image and its domains."""
     t = report["totals"]
@@ -111,6 +124,11 @@ def fleet_markdown(report):
     image_rows = _image_rows(report)
     if len(image_rows) > 2:
         lines += ["", "## Legacy-encrypted images", ""] + image_rows
+    refused_rows = _refused_rows(report)
+    if len(refused_rows) > 2:
+        lines += ["", "## Backing files not followed", "",
+                  "qcrypt refused these images' backing files (outside the image's storage, not readable by the "
+                  "image's owner, or a special file): check each image before migrating it.", ""] + refused_rows
     return "\n".join(lines) + "\n"
 
 

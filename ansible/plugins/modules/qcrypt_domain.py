@@ -71,6 +71,20 @@ options:
     description:
       - File on the managed host holding that passphrase (one trailing newline is ignored).
     type: path
+  allow_backing_dirs:
+    description:
+      - Folders backing files may be in besides each image's own folder (qcrypt's C(--allow-backing-dir)). A
+        legacy disk whose chain reaches a backing file elsewhere (or one its owner cannot read, or a special
+        file) is refused and the task fails.
+    type: list
+    elements: path
+    default: []
+  accept_unverified_passphrase:
+    description:
+      - Migrate a legacy disk even when it holds no data cluster to check its passphrase against
+        (qcrypt's C(--accept-unverified-passphrase)). Off by default, so such a disk fails the task.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - qcrypt.qcrypt.qcrypt_cli
 attributes:
@@ -193,6 +207,10 @@ def migrate_arguments(params, check_mode):
         arguments += ["--passphrase-file", "-"]
     elif params["passphrase_file"]:
         arguments += ["--passphrase-file", params["passphrase_file"]]
+    for folder in params.get("allow_backing_dirs") or []:
+        arguments += ["--allow-backing-dir", folder]
+    if params.get("accept_unverified_passphrase"):
+        arguments.append("--accept-unverified-passphrase")
     if params["all"]:
         return arguments + ["--all"]
     return arguments + ["--", params["name"]]
@@ -221,6 +239,8 @@ def main():
         "iter_time": {"type": "int"},
         "passphrase": {"type": "str", "no_log": True},
         "passphrase_file": {"type": "path", "no_log": False},
+        "allow_backing_dirs": {"type": "list", "elements": "path", "default": []},
+        "accept_unverified_passphrase": {"type": "bool", "default": False},
     }
     argument_spec.update(COMMON_ARGUMENT_SPEC)
     module = AnsibleModule(

@@ -32,6 +32,14 @@ options:
     description:
       - Worker processes inspecting images (qcrypt's C(--jobs)). By default one per CPU.
     type: int
+  allow_backing_dirs:
+    description:
+      - Folders backing files may be in besides each image's own folder (qcrypt's C(--allow-backing-dir)).
+      - A backing file elsewhere, one the image's owner cannot read, or a special file is not followed and is
+        reported (see RV(refused_backing)).
+    type: list
+    elements: path
+    default: []
   as_facts:
     description:
       - Also return the report as the host fact C(qcrypt_scan).
@@ -109,6 +117,15 @@ affected_domains:
   type: list
   elements: str
   sample: ["web"]
+refused_backing:
+  description:
+    - Images whose backing file qcrypt refused to follow (outside the image's storage, not readable by the
+      image's owner, or a special file), with the domains that use them and qcrypt's messages.
+  returned: success
+  type: list
+  elements: dict
+  sample: [{"path": "/var/lib/libvirt/images/t.qcow2", "domains": ["t"], "findings": ["backing-not-owner-readable"],
+            "messages": ["backing file /root/secret of /var/lib/libvirt/images/t.qcow2 is not readable by ..."]}]
 ansible_facts:
   description: With O(as_facts=true).
   returned: when O(as_facts=true)
@@ -128,6 +145,7 @@ from ansible_collections.qcrypt.qcrypt.plugins.module_utils.qcrypt_cli import (
 )
 
 LEGACY_CODES = ("legacy-aes", "legacy-aes-backing")
+REFUSED_BACKING_CODES = ("backing-outside-storage", "backing-not-owner-readable", "backing-special-file")
 
 
 def legacy_images(report):
@@ -140,12 +158,26 @@ def legacy_images(report):
     return found
 
 
+def refused_backing(report):
+    """The images whose backing file qcrypt refused to follow, with the domains that use them."""
+    found = []
+    for image in report.get("images", []):
+        refused = [f for f in image.get("findings", []) if f.get("code") in REFUSED_BACKING_CODES]
+        if refused:
+            found.append({"path": image.get("path"), "domains": image.get("domains", []),
+                          "findings": [f.get("code") for f in refused],
+                          "messages": [f.get("message") for f in refused]})
+    return found
+
+
 def scan_arguments(params):
     arguments = ["scan", "--format", "json", "--fail-on", "never"]
     if params["jobs"] is not None:
         arguments += ["--jobs", str(params["jobs"])]
     if params["libvirt_xml"]:
         arguments += ["--libvirt-xml", params["libvirt_xml"]]
+    for folder in params.get("allow_backing_dirs") or []:
+        arguments += ["--allow-backing-dir", folder]
     return arguments + ["--"] + list(params["paths"])
 
 
@@ -154,6 +186,7 @@ def main():
         "paths": {"type": "list", "elements": "path", "default": ["/var/lib/libvirt/images"]},
         "libvirt_xml": {"type": "path", "default": "/etc/libvirt/qemu"},
         "jobs": {"type": "int"},
+        "allow_backing_dirs": {"type": "list", "elements": "path", "default": []},
         "as_facts": {"type": "bool", "default": False},
     }
     argument_spec.update(COMMON_ARGUMENT_SPEC)
@@ -170,7 +203,7 @@ def main():
     legacy = legacy_images(report)
     affected = sorted({name for image in legacy for name in image["domains"]})
     result = {"changed": False, "report": report, "summary": report.get("summary", {}), "legacy_images": legacy,
-              "affected_domains": affected}
+              "affected_domains": affected, "refused_backing": refused_backing(report)}
     if module.params["as_facts"]:
         result["ansible_facts"] = {"qcrypt_scan": report}
     module.exit_json(**result)
