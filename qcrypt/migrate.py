@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
+from qcrypt.crypto.secret import disable_core_dumps
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
@@ -721,7 +722,11 @@ def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int
 
 
 def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
-    """Migrate ``source`` as ``opts`` say. The source is never modified."""
+    """Migrate ``source`` as ``opts`` say. The source is never modified.
+
+    Turns core dumps off for the calling process first (it is about to hold passphrases and master keys).
+    """
+    disable_core_dumps()
     source = os.fspath(source)
     timer = PhaseTimer()
     with timer("plan"):

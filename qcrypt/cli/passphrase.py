@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from qcrypt.crypto.secret import disable_core_dumps
 from qcrypt.errors import PassphraseInputError
 
 
@@ -45,7 +46,10 @@ def read_passphrase_file(path: str) -> bytearray:
 
 def get_passphrase(path: str | None, *, what: str, option: str = "--passphrase-file",
                    confirm: bool = False) -> bytearray:
-    """From ``path`` if given, else a hidden prompt when stdin is a terminal, else an error."""
+    """From ``path`` if given, else a hidden prompt when stdin is a terminal, else an error.
+
+    Core dumps are turned off for the process before the passphrase is read."""
+    disable_core_dumps()
     if path is not None:
         return read_passphrase_file(path)
     if not sys.stdin.isatty():

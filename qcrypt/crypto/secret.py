@@ -32,3 +32,43 @@ def secret(buf: Buffer) -> Iterator[Buffer]:
         yield buf
     finally:
         wipe(buf)
+
+
+PR_SET_DUMPABLE = 4  # Linux prctl options
+PR_GET_DUMPABLE = 3
+
+
+def disable_core_dumps() -> None:
+    """Keep this process's memory (passphrases, master keys) out of core dumps, as cryptsetup does.
+
+    Sets RLIMIT_CORE to 0 (soft and hard: no core file, whatever the core pattern) and, on Linux, clears
+    the "dumpable" flag (``prctl(PR_SET_DUMPABLE, 0)``: no core through a core-pattern pipe either, and no
+    ptrace or /proc/PID/mem access by the same non-root user). Forked workers inherit both. Call it before
+    the first secret is read; calling it again is harmless. Best effort where the platform lacks either.
+    """
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+def core_dumps_disabled() -> bool:
+    """True when this process would write no core: RLIMIT_CORE 0 and (on Linux) not dumpable."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_CORE)[0] != 0:
+        return False
+    try:
+        import ctypes
+
+        return int(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return True

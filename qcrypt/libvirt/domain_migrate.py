@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcrypt.crypto.secret import disable_core_dumps
 from qcrypt.errors import (
     DomainActiveError,
     LibvirtError,
@@ -369,6 +370,7 @@ def _change(plan: DiskPlan) -> xmledit.DiskChange:
 def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[str, Any]]], opts: DomainOptions,
                outcome: DomainOutcome, run: _Run) -> Any:
     passphrases = []
+    disable_core_dumps()  # secrets (libvirt secret values, passphrases) stay out of core dumps
     try:
         for (disk, _report), plan in zip(found, outcome.disks):  # every passphrase first: fail before writing
             passphrases.append(passphrase_for(conn, disk, plan, opts))
