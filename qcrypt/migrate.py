@@ -9,6 +9,7 @@ interruption removes the temporary file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -19,7 +20,8 @@ from typing import Any, BinaryIO
 from qcrypt import checksum, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.secret import disable_core_dumps
-from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
+from qcrypt.crypto.secret import wipe as wipe_secret
+from qcrypt.crypto.sector import SectorCipher, legacy_aes_key, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import BadPassphraseError, MigrationError, QcryptIOError, VerificationError
 from qcrypt.imagefile import RawFile, open_image_file
@@ -46,6 +48,9 @@ class MigrateOptions:
     output: str | None = None
     passphrase: bytes | None = field(default=None, repr=False)
     new_passphrase: bytes | None = field(default=None, repr=False)
+    # Tried when ``passphrase`` opens nothing: a keyfile's content without its trailing line ending (the CLI
+    # sets it when a --passphrase-file ends in one). MigrateResult.passphrase_fallback_used says which worked.
+    passphrase_fallback: bytes | None = field(default=None, repr=False)
     cipher: str = "aes-xts-plain64"
     key_bits: int | None = None
     hash_name: str = "sha256"
@@ -75,6 +80,7 @@ class MigrateResult:
     backing_file: str | None = None
     plausibility: str | None = None
     luks_carried_over: bool = False
+    passphrase_fallback_used: bool = False  # MigrateOptions.passphrase_fallback opened the source, not passphrase
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
 
 
@@ -199,6 +205,40 @@ def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: boo
             "content really is random (e.g. encrypted inside the guest), rerun with --force"
         )
     return "; ".join(v.reason for v in verdicts) or None
+
+
+def _has_fallback(opts: MigrateOptions) -> bool:
+    return (opts.passphrase is not None and opts.passphrase_fallback is not None
+            and bytes(opts.passphrase_fallback) != bytes(opts.passphrase))
+
+
+def check_legacy_with_fallback(source: str, opts: MigrateOptions) -> tuple[str | None, bool]:
+    """The plausibility verdict and whether ``opts.passphrase_fallback`` is the one to use.
+
+    The exact passphrase wins when its plaintext looks like a disk; else the fallback when its plaintext
+    does; else the exact passphrase again under --force (or the refusal, naming both tries). Where both give
+    the same legacy key (the first 16 bytes), there is nothing to choose."""
+    fallback = opts.passphrase_fallback
+    assert opts.passphrase is not None and fallback is not None
+    exact_key, fallback_key = legacy_aes_key(opts.passphrase), legacy_aes_key(fallback)
+    try:
+        if exact_key == fallback_key:
+            return check_legacy_passphrase(source, opts.passphrase, force=opts.force), False
+    finally:
+        wipe_secret(exact_key)
+        wipe_secret(fallback_key)
+    try:
+        return check_legacy_passphrase(source, opts.passphrase, force=False), False
+    except BadPassphraseError as exact_error:
+        try:
+            return check_legacy_passphrase(source, fallback, force=False), True
+        except BadPassphraseError:
+            if opts.force:
+                return check_legacy_passphrase(source, opts.passphrase, force=True), False
+            error = BadPassphraseError(f"{exact_error} (tried the passphrase file's exact bytes, and without its "
+                                       "trailing newline)")
+            error.fallback_tried = True  # type: ignore[attr-defined]
+            raise error from None
 
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
@@ -728,6 +768,21 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
     """
     disable_core_dumps()
     source = os.fspath(source)
+    try:
+        return _migrate_once(source, opts)
+    except BadPassphraseError as exact_error:
+        if not _has_fallback(opts) or getattr(exact_error, "fallback_tried", False):
+            raise
+        retry = dataclasses.replace(opts, passphrase=opts.passphrase_fallback, passphrase_fallback=None)
+        try:
+            result = _migrate_once(source, retry)
+        except BadPassphraseError as e:
+            raise BadPassphraseError(f"{exact_error}; without the passphrase file's trailing newline: {e}") from None
+        result.passphrase_fallback_used = True
+        return result
+
+
+def _migrate_once(source: str, opts: MigrateOptions) -> MigrateResult:
     timer = PhaseTimer()
     with timer("plan"):
         plan_ = plan(source, opts)
@@ -742,9 +797,25 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
 
 def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer) -> MigrateResult:
     verdict = None
+    fallback_used = False
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
-            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+            if _has_fallback(opts):
+                verdict, fallback_used = check_legacy_with_fallback(source, opts)
+                chosen = opts.passphrase_fallback if fallback_used else opts.passphrase
+                opts = dataclasses.replace(opts, passphrase=chosen, passphrase_fallback=None)
+            else:
+                verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+        try:
+            return _convert(source, plan_, opts, timer, verdict, fallback_used)
+        except BadPassphraseError as e:
+            e.fallback_tried = True  # type: ignore[attr-defined]  # the legacy check chose: no second run
+            raise
+    return _convert(source, plan_, opts, timer, verdict, fallback_used)
+
+
+def _convert(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, verdict: str | None,
+             fallback_used: bool) -> MigrateResult:
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         with timer("LUKS setup"):
@@ -761,6 +832,7 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         original_kept=final.original_kept,
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
+        passphrase_fallback_used=fallback_used,
     )
 
 

@@ -11,7 +11,7 @@ import click
 from qcrypt import scan as scanner
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size, progress_bar
-from qcrypt.cli.passphrase import get_passphrase, wipe
+from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
 from qcrypt.errors import QcryptError
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate import migrate as run_migration
@@ -68,12 +68,16 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     encrypted = report["encryption"] != "none" or any(
         layer["encryption"] != "none" for layer in report.get("backing_chain", []))
     passphrase = get_passphrase(passphrase_file, what="source passphrase") if encrypted else None
+    fallback = without_line_ending(passphrase) if passphrase is not None and passphrase_file else None
     new_passphrase = None
     if target in ("luks", "qcow2-luks") and (new_passphrase_file or not encrypted):
         new_passphrase = get_passphrase(new_passphrase_file, what="new LUKS passphrase",
                                         option="--new-passphrase-file", confirm=True)
+        if new_passphrase_file and without_line_ending(new_passphrase) is not None:
+            _note_newline_kept(new_passphrase_file)
     opts = MigrateOptions(
-        target=target, output=output, passphrase=passphrase, new_passphrase=new_passphrase, cipher=cipher,
+        target=target, output=output, passphrase=passphrase, passphrase_fallback=fallback,
+        new_passphrase=new_passphrase, cipher=cipher,
         key_bits=int(key_bits) if key_bits else None, hash_name=hash_name, iter_time_ms=iter_time_ms,
         iterations=iterations, flatten=flatten, force=force, replace=replace, workers=jobs,
         stall_seconds=stall_seconds,
@@ -87,11 +91,23 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
             opts.progress = bar.update
             result = run_migration(source, opts)
     finally:
-        wipe(passphrase, new_passphrase)
+        wipe(passphrase, fallback, new_passphrase)
+    if fallback is not None and result.luks and not result.luks_carried_over and new_passphrase is None \
+            and not result.passphrase_fallback_used:
+        _note_newline_kept(str(passphrase_file))
+    if result.passphrase_fallback_used:
+        click.echo(f"qcrypt: note: {source} opened with {passphrase_file} WITHOUT its trailing newline; every byte "
+                   "of it opened nothing. cryptsetup --key-file and QEMU's secret,file= use every byte: write the "
+                   "file without the newline (printf %s) before giving it to them", err=True)
     if not quiet:
         print_result(result, report, passphrase_file)
     if timings:
         click.echo(format_timings(result.phase_seconds), err=True)
+
+
+def _note_newline_kept(path: str) -> None:
+    click.echo(f"qcrypt: note: the new keyslot's passphrase is every byte of {path}, its trailing newline "
+               "included (as cryptsetup --key-file and QEMU's secret,file= read it)", err=True)
 
 
 def format_timings(phase_seconds: dict[str, float]) -> str:

@@ -72,3 +72,16 @@ def core_dumps_disabled() -> bool:
         return int(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return True
+
+
+def without_line_ending(data: bytes | bytearray) -> bytearray | None:
+    """A copy of ``data`` without its one trailing line ending ("\\n" or "\\r\\n"); None when it has none or
+    nothing would be left. The second candidate of a keyfile: the exact bytes are tried first, as cryptsetup's
+    --key-file and QEMU's secret,file= use them."""
+    if data.endswith(b"\r\n"):
+        cut = 2
+    elif data.endswith(b"\n"):
+        cut = 1
+    else:
+        return None
+    return bytearray(data[:-cut]) if len(data) > cut else None
