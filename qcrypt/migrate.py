@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from qcrypt import checksum, luks, plausibility
+from qcrypt import checksum, findings, luks, plausibility
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.secret import disable_core_dumps
 from qcrypt.crypto.secret import wipe as wipe_secret
@@ -56,6 +56,7 @@ class MigrateOptions:
     hash_name: str = "sha256"
     iter_time_ms: int = 2000
     iterations: int | None = None  # forced PBKDF2 iterations (tests, reproducible benchmarks)
+    allow_weak: bool = False  # create a LUKS container with settings the scanner grades (findings.grade_new_luks)
     flatten: bool = False
     force: bool = False
     replace: bool = False
@@ -81,6 +82,7 @@ class MigrateResult:
     plausibility: str | None = None
     luks_carried_over: bool = False
     passphrase_fallback_used: bool = False  # MigrateOptions.passphrase_fallback opened the source, not passphrase
+    weak_findings: list[dict[str, Any]] = field(default_factory=list)  # what --allow-weak let through
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
 
 
@@ -103,6 +105,25 @@ class PhaseTimer:
 # -- planning -------------------------------------------------------------------------------------------------
 
 
+def new_luks_weaknesses(report: dict[str, Any], opts: MigrateOptions) -> list[findings.Finding]:
+    """What the scanner would grade in the LUKS container this migration creates (none when it creates none:
+    another target, or a LUKS source whose header and keyslots carry over unchanged)."""
+    if opts.target not in ("luks", "qcow2-luks") or report.get("encryption") == "luks1":
+        return []
+    key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
+    return findings.grade_new_luks(opts.cipher, opts.hash_name, key_bits, opts.iterations)
+
+
+def refuse_weak_settings(report: dict[str, Any], opts: MigrateOptions) -> None:
+    """MigrationError when the new container would carry a scanner finding and ``opts.allow_weak`` is off."""
+    weak = new_luks_weaknesses(report, opts)
+    if weak and not opts.allow_weak:
+        raise MigrationError(
+            "refusing to create a LUKS container that 'qcrypt scan' grades as weak: "
+            + "; ".join(f"{f.code} ({f.message})" for f in weak)
+            + ". Use the defaults (aes-xts-plain64, 512-bit key, sha256), or rerun with --allow-weak")
+
+
 @dataclass
 class Plan:
     source: str
@@ -121,6 +142,7 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
         raise MigrationError(f"cannot migrate {source}: {report['error']}")
     if report["encryption"] == "luks2":
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
+    refuse_weak_settings(report, opts)
     final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
     if not final_path:
         raise MigrationError("an output path is required (-o OUT), or --replace")
@@ -833,6 +855,7 @@ def _convert(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, 
         snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing, plausibility=verdict,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
         passphrase_fallback_used=fallback_used,
+        weak_findings=[f.as_dict() for f in new_luks_weaknesses(plan_.report, opts)],
     )
 
 

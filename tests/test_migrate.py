@@ -135,15 +135,17 @@ def test_plaintext_exports(legacy: tuple[Path, Path], tmp_path: Path, target: st
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("cipher,bits,hash_name", [("aes-cbc-essiv:sha256", "256", "sha512"),
-                                                   ("aes-cbc-plain64", "128", "sha1"),
-                                                   ("aes-xts-plain64", "256", "sha256")])
-def test_cipher_options(legacy: tuple[Path, Path], tmp_path: Path, cipher: str, bits: str, hash_name: str) -> None:
+@pytest.mark.parametrize("cipher,bits,hash_name,weak", [("aes-cbc-essiv:sha256", "256", "sha512", False),
+                                                        ("aes-cbc-plain64", "128", "sha1", True),
+                                                        ("aes-xts-plain64", "256", "sha256", True)])
+def test_cipher_options(legacy: tuple[Path, Path], tmp_path: Path, cipher: str, bits: str, hash_name: str,
+                        weak: bool) -> None:
     source, pw = legacy
     new_pw = secret_file(tmp_path, "new", "a brand new passphrase", newline=True)
     out = tmp_path / "out.luks"
     qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
-           "--new-passphrase-file", str(new_pw), "--cipher", cipher, "--key-size", bits, "--hash", hash_name, *FAST)
+           "--new-passphrase-file", str(new_pw), "--cipher", cipher, "--key-size", bits, "--hash", hash_name, *FAST,
+           *(["--allow-weak"] if weak else []))
     dump = cryptsetup("luksDump", str(out)).stdout
     cipher_name, mode = cipher.split("-", 1)
     assert f"Cipher name:   \t{cipher_name}" in dump

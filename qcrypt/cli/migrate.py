@@ -13,7 +13,7 @@ from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
 from qcrypt.errors import QcryptError
-from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
+from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_weak_settings
 from qcrypt.migrate import migrate as run_migration
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 
@@ -43,6 +43,9 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
               help="Milliseconds of PBKDF2 per unlock (as cryptsetup); at least 1000 iterations.")
 @click.option("--pbkdf-force-iterations", "iterations", type=click.IntRange(1000, 2**31 - 1), default=None,
               help="Use exactly this many PBKDF2 iterations (no benchmark).")
+@click.option("--allow-weak", is_flag=True,
+              help="Create the LUKS container even with settings 'qcrypt scan' grades as weak (CBC with plain "
+                   "IVs, SHA-1, keys under AES-256); refused otherwise.")
 @click.option("--flatten", is_flag=True, help="Fold the backing chain into one standalone image.")
 @click.option("--force", is_flag=True,
               help="Overwrite an existing output; accept a legacy passphrase whose plaintext looks random.")
@@ -57,8 +60,8 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @handle_errors
 def migrate(source: str, target: str, output: str | None, passphrase_file: str | None,
             new_passphrase_file: str | None, cipher: str, key_bits: str | None, hash_name: str, iter_time_ms: int,
-            iterations: int | None, flatten: bool, force: bool, replace: bool, jobs: int | None, stall_seconds: float,
-            quiet: bool, timings: bool) -> None:
+            iterations: int | None, allow_weak: bool, flatten: bool, force: bool, replace: bool, jobs: int | None,
+            stall_seconds: float, quiet: bool, timings: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
     if replace and output:
         raise click.UsageError("--replace puts the output under SOURCE's name: do not give -o")
@@ -67,6 +70,9 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     report = scanner.inspect(source)
     encrypted = report["encryption"] != "none" or any(
         layer["encryption"] != "none" for layer in report.get("backing_chain", []))
+    refuse_weak_settings(report, MigrateOptions(  # before any passphrase is asked for
+        target=target, cipher=cipher, key_bits=int(key_bits) if key_bits else None, hash_name=hash_name,
+        iterations=iterations, allow_weak=allow_weak))
     passphrase = get_passphrase(passphrase_file, what="source passphrase") if encrypted else None
     fallback = without_line_ending(passphrase) if passphrase is not None and passphrase_file else None
     new_passphrase = None
@@ -79,7 +85,7 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
         target=target, output=output, passphrase=passphrase, passphrase_fallback=fallback,
         new_passphrase=new_passphrase, cipher=cipher,
         key_bits=int(key_bits) if key_bits else None, hash_name=hash_name, iter_time_ms=iter_time_ms,
-        iterations=iterations, flatten=flatten, force=force, replace=replace, workers=jobs,
+        iterations=iterations, allow_weak=allow_weak, flatten=flatten, force=force, replace=replace, workers=jobs,
         stall_seconds=stall_seconds,
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -95,6 +101,9 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     if fallback is not None and result.luks and not result.luks_carried_over and new_passphrase is None \
             and not result.passphrase_fallback_used:
         _note_newline_kept(str(passphrase_file))
+    if result.weak_findings:
+        click.echo("qcrypt: warning: --allow-weak: the new LUKS container has settings 'qcrypt scan' grades as "
+                   f"weak: {', '.join(f['code'] for f in result.weak_findings)}", err=True)
     if result.passphrase_fallback_used:
         click.echo(f"qcrypt: note: {source} opened with {passphrase_file} WITHOUT its trailing newline; every byte "
                    "of it opened nothing. cryptsetup --key-file and QEMU's secret,file= use every byte: write the "
