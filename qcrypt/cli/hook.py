@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,8 @@ from qcrypt import hook as hooklib
 from qcrypt.cli.main import handle_errors
 from qcrypt.errors import QcryptError
 
-EXIT_FOREIGN = 1
+EXIT_FOREIGN = 1  # every refusal of install/uninstall
+_MAX_LISTED_UNSAFE = 5
 
 
 def _stderr_line(line: str) -> None:
@@ -143,14 +146,102 @@ def render_script(python: str, pythonpath: str | None) -> str:
     )
 
 
-def current_script(python: str | None = None) -> str:
-    """The script this installation writes (python = the running interpreter by default)."""
+def script_parameters(python: str | None = None) -> tuple[str, str | None]:
+    """(interpreter, PYTHONPATH or None) the script of this installation names (python = the running one)."""
     # sys.executable as is, not resolved: a venv's bin/python is a symlink whose target lacks the venv's packages
     interpreter = os.path.abspath(python or sys.executable or "")
     if not (python or sys.executable):
         raise QcryptError("cannot tell which Python runs qcrypt (sys.executable is empty)")
-    pythonpath = str(package_root()) if needs_pythonpath(interpreter) else None
-    return render_script(interpreter, pythonpath)
+    return interpreter, str(package_root()) if needs_pythonpath(interpreter) else None
+
+
+def current_script(python: str | None = None) -> str:
+    """The script this installation writes (python = the running interpreter by default)."""
+    return render_script(*script_parameters(python))
+
+
+# -- who else could change what the root hook runs -------------------------------------------------------------
+
+_MAX_TREE_ENTRIES = 10_000  # qcrypt's own package tree holds about a hundred
+
+
+def _changeable_by_others(path: str, *, on_import_path: bool) -> str | None:
+    """Why a user other than root could change ``path`` (not following a final symlink), or None.
+
+    An owner other than root, a group other than root's with write permission, or write permission for
+    everyone. A sticky world-writable folder (``/tmp``) is fine as an ancestor (nobody can rename a root-owned
+    entry in it) but not as a folder Python imports from (anyone could add a module that shadows another)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # nothing there: nothing to take over (an import of it fails, it is not run)
+    mode = st.st_mode
+    if st.st_uid != 0:
+        return f"{path} (owner uid {st.st_uid})"
+    if stat.S_ISLNK(mode):
+        return None  # a root-owned link cannot be changed; its target is checked on its own
+    sticky_ancestor = stat.S_ISDIR(mode) and bool(mode & stat.S_ISVTX) and not on_import_path
+    if mode & stat.S_IWOTH and not sticky_ancestor:
+        return f"{path} (mode {stat.S_IMODE(mode):04o}: writable by every user)"
+    if mode & stat.S_IWGRP and st.st_gid != 0 and not sticky_ancestor:
+        return f"{path} (mode {stat.S_IMODE(mode):04o}: writable by group {st.st_gid})"
+    return None
+
+
+def _with_ancestors(path: str) -> list[str]:
+    """``path`` (absolute, normalised) and every folder above it, up to ``/``."""
+    chain = [os.path.normpath(os.path.abspath(path))]
+    while chain[-1] != os.path.dirname(chain[-1]):
+        chain.append(os.path.dirname(chain[-1]))
+    return chain
+
+
+def _package_tree(root: str) -> list[str]:
+    """Every folder and file under ``root`` (qcrypt's own package), bounded."""
+    entries = [root]
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        entries += [os.path.join(folder, name) for name in [*dirs, *files]]
+        if len(entries) > _MAX_TREE_ENTRIES:
+            break
+    return entries
+
+
+def hook_import_path(python: str, pythonpath: str | None) -> list[str]:
+    """The folders the hook's Python imports from (its sys.path with libvirt's bare environment and cwd /)."""
+    env = dict(_BARE_ENV, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    probe = "import sys, json; print(json.dumps([p for p in sys.path if p]))"
+    try:
+        done = subprocess.run([python, "-c", probe], env=env, cwd="/", capture_output=True, text=True,
+                              timeout=_PROBE_TIMEOUT_S, check=False)
+        paths = json.loads(done.stdout) if done.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, ValueError):
+        paths = []
+    return [str(p) for p in paths if isinstance(p, str)]
+
+
+def unsafe_paths(python: str, pythonpath: str | None) -> list[str]:
+    """Paths a user other than root could change to run code as root through the hook: the interpreter (as
+    named and resolved) and every folder above it, every folder on the hook's import path and above it, and
+    qcrypt's own package tree and the folders above it. Each as ``path (why)``; empty when none."""
+    found: dict[str, str] = {}
+
+    def check(paths: list[str], *, on_import_path: bool) -> None:
+        for path in paths:
+            if path not in found:
+                why = _changeable_by_others(path, on_import_path=on_import_path)
+                if why:
+                    found[path] = why
+
+    for interpreter in dict.fromkeys([python, os.path.realpath(python)]):
+        check(_with_ancestors(interpreter), on_import_path=False)
+    package = str(Path(__file__).resolve().parents[1])  # <root>/qcrypt
+    imports = [*hook_import_path(python, pythonpath), *([pythonpath] if pythonpath else [])]
+    for folder in dict.fromkeys([*imports, package]):
+        check([folder], on_import_path=True)
+        check(_with_ancestors(folder)[1:], on_import_path=False)
+    check(_package_tree(package), on_import_path=True)
+    return list(found.values())
 
 
 def is_ours(path: Path) -> bool:
@@ -262,13 +353,29 @@ def _name_option(func: click.decorators.FC) -> click.decorators.FC:
 @hook.command(name="install")
 @_hooks_dir_option
 @_name_option
+@click.option("--allow-writable-paths", is_flag=True,
+              help="Install even when users other than root can change the Python or qcrypt the hook runs "
+                   "(a warning instead of a refusal; those users can then run code as root).")
 @handle_errors
-def install(hooks_dir: str, name: str) -> None:
+def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
     """Install the warn-only hook as HOOKS_DIR/qemu.d/NAME (libvirt >= 6.5 runs every script there).
 
     An existing qemu script or any file not written by qcrypt is never touched. Re-running is harmless.
+    Refused when a user other than root could change what the hook runs (the interpreter, the folders it
+    imports from, qcrypt's own files), unless --allow-writable-paths.
     """
-    status, path = install_script(hooks_dir, name)
+    python, pythonpath = script_parameters()
+    unsafe = unsafe_paths(python, pythonpath)
+    if unsafe:
+        listed = ", ".join(unsafe[:_MAX_LISTED_UNSAFE]) + (f" and {len(unsafe) - _MAX_LISTED_UNSAFE} more"
+                                                           if len(unsafe) > _MAX_LISTED_UNSAFE else "")
+        what = (f"the hook runs as root, but users other than root can change what it runs: {listed}. Make "
+                "them root's and not group/other-writable (or install qcrypt where only root can write)")
+        if not allow_writable_paths:
+            click.echo(f"qcrypt: error: {what}; nothing installed (--allow-writable-paths overrides)", err=True)
+            sys.exit(EXIT_FOREIGN)
+        click.echo(f"qcrypt: warning: {what}; installing anyway (--allow-writable-paths)", err=True)
+    status, path = install_script(hooks_dir, name, render_script(python, pythonpath))
     if status == "no-hooks-dir":
         click.echo(f"qcrypt: error: neither {hooks_dir} nor its parent exists (is libvirt installed? "
                    "use --hooks-dir)", err=True)
