@@ -21,6 +21,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -61,9 +63,12 @@ def run_libvirt(argv: Sequence[str], stdin: BinaryIO | None, *, budget_s: float 
                 syslog_to: hooklib.SyslogSink | None = None) -> int:
     """Run the hook for libvirt's ``argv`` (object, operation, sub-operation, extra). Always returns 0.
 
+    Reading, parsing and checking end within ``hooklib.RUN_BUDGET_S`` of the call (image reads within
+    ``budget_s``), and at most ``hooklib.MAX_LOG_LINES`` lines (plus one summary) are logged.
     Only the operations in ``HOOK_OPERATIONS`` read stdin; the others return at once. Anything printed to
     stdout by accident is swallowed; every exception, KeyboardInterrupt and SystemExit included, is logged.
     """
+    started = time.monotonic()
     args = [str(a) for a in argv]
     domain_hint = args[0] if args and args[0] != "-" else None
     operation = args[1] if len(args) > 1 else ""
@@ -75,7 +80,7 @@ def run_libvirt(argv: Sequence[str], stdin: BinaryIO | None, *, budget_s: float 
             if xml is None:
                 check = hooklib.DomainCheck(domain=domain_hint, errors=["no domain XML: stdin is a terminal or closed"])
             else:
-                check = hooklib.check_domain_xml(xml, budget_s=budget_s)
+                check = hooklib.check_domain_xml(xml, budget_s=budget_s, deadline=started + hooklib.RUN_BUDGET_S)
             hooklib.emit(check, domain_hint=domain_hint, syslog_to=syslog_to, stderr_to=_stderr_line)
     except BaseException as e:  # the hook must never fail a VM operation
         failure = hooklib.DomainCheck(domain=domain_hint, errors=[f"internal error: {type(e).__name__}: {e}"])
@@ -419,10 +424,33 @@ def uninstall(hooks_dir: str, name: str) -> None:
     click.echo("Restart libvirtd (or virtqemud) so it forgets the hook.")
 
 
+HARD_LIMIT_S = hooklib.RUN_BUDGET_S + 1.0  # the whole hook process, reading stdin and logging included
+
+
+def start_watchdog(argv: Sequence[str], limit_s: float = HARD_LIMIT_S) -> threading.Timer:
+    """A timer that logs one line and ends the process (exit 0) if the hook still runs after ``limit_s``:
+    whatever holds it (a stdin that never closes, a read stuck in the kernel), the VM operation goes on."""
+    domain_hint = str(argv[0]) if argv and argv[0] != "-" else None
+
+    def stop() -> None:
+        with contextlib.suppress(BaseException):
+            hooklib.emit(hooklib.DomainCheck(domain=domain_hint, errors=[
+                f"hook stopped after {limit_s:g} s (its time limit); nothing was checked further"]),
+                stderr_to=_stderr_line)
+            sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(limit_s, stop)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def main() -> None:
     """``python -m qcrypt.cli.hook``: ``libvirt ...`` bypasses click and always exits 0; else the group."""
     argv = sys.argv[1:]
     if argv[:1] == ["libvirt"]:
+        start_watchdog(argv[1:])
         run_libvirt(argv[1:], _stdin_binary())
         with contextlib.suppress(BaseException):
             sys.stderr.flush()
