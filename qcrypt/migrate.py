@@ -234,21 +234,23 @@ def _has_fallback(opts: MigrateOptions) -> bool:
             and bytes(opts.passphrase_fallback) != bytes(opts.passphrase))
 
 
+def _same_legacy_key(passphrase: bytes, other: bytes) -> bool:
+    """True when both give the same legacy AES key (its first 16 bytes): nothing to choose between them."""
+    key, other_key = legacy_aes_key(passphrase), legacy_aes_key(other)
+    try:
+        return key == other_key
+    finally:
+        wipe_secret(key)
+        wipe_secret(other_key)
+
+
 def check_legacy_with_fallback(source: str, opts: MigrateOptions) -> tuple[str | None, bool]:
     """The plausibility verdict and whether ``opts.passphrase_fallback`` is the one to use.
 
     The exact passphrase wins when its plaintext looks like a disk; else the fallback when its plaintext
-    does; else the exact passphrase again under --force (or the refusal, naming both tries). Where both give
-    the same legacy key (the first 16 bytes), there is nothing to choose."""
+    does; else the exact passphrase again under --force (or the refusal, naming both tries)."""
     fallback = opts.passphrase_fallback
     assert opts.passphrase is not None and fallback is not None
-    exact_key, fallback_key = legacy_aes_key(opts.passphrase), legacy_aes_key(fallback)
-    try:
-        if exact_key == fallback_key:
-            return check_legacy_passphrase(source, opts.passphrase, force=opts.force), False
-    finally:
-        wipe_secret(exact_key)
-        wipe_secret(fallback_key)
     try:
         return check_legacy_passphrase(source, opts.passphrase, force=False), False
     except BadPassphraseError as exact_error:
@@ -820,20 +822,28 @@ def _migrate_once(source: str, opts: MigrateOptions) -> MigrateResult:
 def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer) -> MigrateResult:
     verdict = None
     fallback_used = False
+    chosen_by_legacy = False
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
-            if _has_fallback(opts):
+            exact, fallback = opts.passphrase, opts.passphrase_fallback
+            if exact is not None and fallback is not None and _has_fallback(opts) \
+                    and not _same_legacy_key(exact, fallback):
                 verdict, fallback_used = check_legacy_with_fallback(source, opts)
                 chosen = opts.passphrase_fallback if fallback_used else opts.passphrase
                 opts = dataclasses.replace(opts, passphrase=chosen, passphrase_fallback=None)
+                chosen_by_legacy = True
             else:
-                verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
-        try:
-            return _convert(source, plan_, opts, timer, verdict, fallback_used)
-        except BadPassphraseError as e:
+                try:
+                    verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force)
+                except BadPassphraseError as e:
+                    e.fallback_tried = True  # type: ignore[attr-defined]  # the same legacy key either way
+                    raise
+    try:
+        return _convert(source, plan_, opts, timer, verdict, fallback_used)
+    except BadPassphraseError as e:
+        if chosen_by_legacy:
             e.fallback_tried = True  # type: ignore[attr-defined]  # the legacy check chose: no second run
-            raise
-    return _convert(source, plan_, opts, timer, verdict, fallback_used)
+        raise
 
 
 def _convert(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, verdict: str | None,

@@ -19,11 +19,20 @@ PASSPHRASE = "core dump test passphrase, over 16 bytes"
 WAIT_S = 20.0
 
 
-def _in_child(body: str) -> str:
-    """Run ``body`` (Python) in a fresh interpreter whose core limit starts unlimited; its stdout."""
-    def allow_cores() -> None:
-        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+def allow_cores() -> None:
+    """In a child before exec: the soft core limit as high as the hard one (which must allow cores)."""
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
 
+
+@pytest.fixture(autouse=True)
+def cores_allowed() -> None:
+    """These tests need a hard core limit above 0 (qcrypt itself only ever lowers the soft one)."""
+    assert resource.getrlimit(resource.RLIMIT_CORE)[1] != 0, "RLIMIT_CORE hard limit is 0: cannot test"
+
+
+def _in_child(body: str) -> str:
+    """Run ``body`` (Python) in a fresh interpreter whose soft core limit starts at the hard one; its stdout."""
     done = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=60,
                           preexec_fn=allow_cores, check=True)
     return done.stdout.strip()
@@ -40,9 +49,10 @@ def test_helper_turns_dumps_off_for_the_process_and_its_forks() -> None:
         "if pid == 0:\n"
         "    os.write(w, b'1' if core_dumps_disabled() else b'0'); os._exit(0)\n"
         "os.waitpid(pid, 0)\n"
-        "print(before, core_dumps_disabled(), resource.getrlimit(resource.RLIMIT_CORE), os.read(r, 1).decode())\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_CORE)\n"
+        "print(before, core_dumps_disabled(), soft, hard != 0, os.read(r, 1).decode())\n"
     )
-    assert _in_child(body) == "False True (0, 0) 1"
+    assert _in_child(body) == "False True 0 True 1"
 
 
 def test_the_test_process_itself_is_untouched() -> None:
@@ -68,8 +78,8 @@ def _plain_core_pattern() -> bool:
 @pytest.mark.interop
 def test_killed_migrate_holding_a_passphrase_leaves_no_core(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
     """migrate reads the source passphrase, then waits on the new-passphrase FIFO: killed there with SIGABRT
-    (core-dumping by default) while its core limit started unlimited, it writes no core, and its limits say
-    why. The old code left both the passphrase and a core file behind."""
+    (core-dumping by default) while its soft core limit started at the hard one, it writes no core, and its
+    limits say why. The old code left a core file (with the passphrase in it) behind."""
     image = im.make_qcow2(tmp_path / "legacy.qcow2", 1 << 20, encrypt="aes", passphrase=PASSPHRASE)
     im.write_pattern(image, 0, 64 << 10, 0x5A)
     pw = tmp_path / "pw"
@@ -79,9 +89,6 @@ def test_killed_migrate_holding_a_passphrase_leaves_no_core(tmp_path: Path, qemu
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 
-    def allow_cores() -> None:
-        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-
     proc = subprocess.Popen([sys.executable, "-m", "qcrypt", "migrate", str(image.path), "--to", "luks", "-o",
                              str(tmp_path / "out.luks"), "--passphrase-file", str(pw), "--new-passphrase-file",
                              str(fifo), "--pbkdf-force-iterations", "1000"],
@@ -89,7 +96,7 @@ def test_killed_migrate_holding_a_passphrase_leaves_no_core(tmp_path: Path, qemu
                             preexec_fn=allow_cores)
     try:
         deadline = time.monotonic() + WAIT_S
-        while "0" not in _core_limit(proc.pid).split()[4:6] and time.monotonic() < deadline:
+        while _core_limit(proc.pid).split()[4] != "0" and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         limit = _core_limit(proc.pid)
@@ -103,5 +110,5 @@ def test_killed_migrate_holding_a_passphrase_leaves_no_core(tmp_path: Path, qemu
     assert proc.returncode == -signal.SIGABRT
     if _plain_core_pattern():  # the kernel would have written the core into cwd
         assert list(cwd.iterdir()) == []
-    assert limit.split()[4:6] == ["0", "0"], limit
+    assert limit.split()[4] == "0", limit  # the soft limit: what the kernel applies
 

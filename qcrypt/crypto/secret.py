@@ -41,15 +41,16 @@ PR_GET_DUMPABLE = 3
 def disable_core_dumps() -> None:
     """Keep this process's memory (passphrases, master keys) out of core dumps, as cryptsetup does.
 
-    Sets RLIMIT_CORE to 0 (soft and hard: no core file, whatever the core pattern) and, on Linux, clears
-    the "dumpable" flag (``prctl(PR_SET_DUMPABLE, 0)``: no core through a core-pattern pipe either, and no
-    ptrace or /proc/PID/mem access by the same non-root user). Forked workers inherit both. Call it before
-    the first secret is read; calling it again is harmless. Best effort where the platform lacks either.
+    Sets the soft RLIMIT_CORE to 0 (no core file; the hard limit is left alone, so a program embedding
+    qcrypt can restore its own setting later) and, on Linux, clears the "dumpable" flag
+    (``prctl(PR_SET_DUMPABLE, 0)``: no core through a core-pattern pipe either, and no ptrace or
+    /proc/PID/mem access by the same non-root user). Forked workers inherit both. Call it before the first
+    secret is read; calling it again is harmless. Best effort where the platform lacks either.
     """
     try:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     except (ImportError, OSError, ValueError):
         pass
     try:
