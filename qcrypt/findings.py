@@ -22,6 +22,7 @@ LUKS_LOW_ITERATIONS = "luks-low-iterations"
 LUKS_PREDICTABLE_IV = "luks-predictable-iv"
 LUKS_ECB = "luks-ecb"
 LUKS_SHA1 = "luks-sha1"
+LUKS_SHORT_KEY = "luks-short-key"
 LUKS_PLAIN_IV_WRAPS = "luks-plain-iv-wraps"
 LUKS2_NOT_QEMU = "luks2-not-qemu"
 LUKS2_CHECKSUM = "luks2-checksum-mismatch"
@@ -46,7 +47,8 @@ BACKING_SPECIAL_FILE = "backing-special-file"
 SPECIAL_FILE = "special-file"
 BACKING_REFUSED = (BACKING_OUTSIDE_STORAGE, BACKING_NOT_OWNER_READABLE, BACKING_SPECIAL_FILE)
 
-MIN_PBKDF2_ITERATIONS = 1000
+MIN_PBKDF2_ITERATIONS = 1000  # cryptsetup's minimum for a LUKS1 keyslot
+STRONG_CIPHER_KEY_BITS = 256  # cryptsetup's default: AES-256 (a 512-bit XTS key holds two 256-bit keys)
 CRYPTSETUP_ALIGN_SECTORS = 2048
 
 
@@ -165,8 +167,31 @@ def _grade_cipher(cipher: str, hash_name: str) -> list[Finding]:
     return found
 
 
+def _grade_key_bits(cipher: str, key_bits: int) -> list[Finding]:
+    """A cipher key under 256 bits (XTS splits its key in two): below cryptsetup's default of AES-256."""
+    mode = cipher.split("-", 1)[1] if "-" in cipher else ""
+    cipher_bits = key_bits // 2 if mode.startswith("xts") else key_bits
+    if cipher_bits >= STRONG_CIPHER_KEY_BITS:
+        return []
+    return [Finding(LUKS_SHORT_KEY, "info",
+                    f"{cipher} with a {key_bits}-bit key uses {cipher_bits}-bit cipher keys: below cryptsetup's "
+                    "default of 256 (aes-xts-plain64 with a 512-bit key)")]
+
+
+def grade_new_luks(cipher: str, hash_name: str, key_bits: int, iterations: int | None) -> list[Finding]:
+    """What the scanner would report about a LUKS1 container made with these settings (the same rules as
+    :func:`grade_luks1`): ``qcrypt migrate`` refuses to create one with any of them unless --allow-weak.
+    ``iterations``: a forced keyslot count; None when --iter-time measures it (never below the minimum)."""
+    found = _grade_cipher(cipher, hash_name) + _grade_key_bits(cipher, key_bits)
+    if iterations is not None and iterations < MIN_PBKDF2_ITERATIONS:
+        found.append(Finding(LUKS_LOW_ITERATIONS, "warning",
+                             f"PBKDF2 iterations below {MIN_PBKDF2_ITERATIONS} in the new keyslot: passphrases "
+                             "are cheap to brute-force"))
+    return found
+
+
 def grade_luks1(header: LuksHeader, *, raw: bool) -> list[Finding]:
-    found = _grade_cipher(header.cipher, header.hash_spec)
+    found = _grade_cipher(header.cipher, header.hash_spec) + _grade_key_bits(header.cipher, header.key_bits)
     active = [k for k in header.keyslots if k.active]
     low = [k.index for k in active if k.iterations < MIN_PBKDF2_ITERATIONS]
     if low or header.mk_digest_iter < MIN_PBKDF2_ITERATIONS:

@@ -53,7 +53,9 @@ InspectFn = Callable[[str], Report]
 SyslogSink = Callable[[int, str], None]
 LineSink = Callable[[str], None]
 
-DEFAULT_BUDGET_S = 0.5
+DEFAULT_BUDGET_S = 0.5  # seconds of image reads
+RUN_BUDGET_S = 1.0  # seconds for the whole check: parsing the XML, reading images, deciding (plus logging)
+MAX_LOG_LINES = 20  # lines one run sends to syslog (and stderr); one more says how many were left out
 SYSLOG_IDENT = "qcrypt-hook"
 STDERR_PREFIX = "qcrypt-hook: "
 LEGACY_ENCRYPTION = "aes-cbc-legacy"
@@ -374,22 +376,35 @@ def declared_inspect(domain: Domain, rules: ChainRules | None = None) -> Inspect
 
 
 def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
-                 inspect_fn: InspectFn | None = None, rules: ChainRules | None = None) -> DomainCheck:
+                 inspect_fn: InspectFn | None = None, rules: ChainRules | None = None,
+                 deadline: float | None = None) -> DomainCheck:
     """Inspect a parsed domain's disks within ``budget_s`` seconds; one warning per affected disk.
 
     By default each disk is read as its XML declares it (see :func:`declared_inspect`); ``rules`` adds folders
-    backing files may be in."""
+    backing files may be in. ``deadline`` (time.monotonic()) bounds the whole check: image reads stop there at
+    the latest, and so does deciding about the disks (the disks left are counted in a note)."""
     started = time.monotonic()
+    if deadline is None:
+        deadline = started + RUN_BUDGET_S
     if inspect_fn is None:
         import qcrypt.scan  # noqa: F401 - loaded before the clock starts: the budget is for reading images
+    budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
     found, missed = inspect_within(_local_paths(domain), inspect_fn or declared_inspect(domain, rules), budget_s)
     check = DomainCheck(domain=domain.name, errors=list(found.failures))
     seen: set[tuple[str, str]] = set()
-    for disk in domain.disks:
+    unchecked = domain.disks_skipped
+    for index, disk in enumerate(domain.disks):
+        if time.monotonic() >= deadline:
+            unchecked += len(domain.disks) - index
+            break
         warning = _disk_warning(domain.name, disk, found)
         if warning and (warning.target, warning.path) not in seen:
             seen.add((warning.target, warning.path))
             check.warnings.append(warning)
+    if unchecked:
+        check.cut_short = True
+        check.notes.append(f"domain '{domain.name}': {unchecked} of {len(domain.disks) + domain.disks_skipped} "
+                           f"disk(s) not checked: the hook's time limit ({RUN_BUDGET_S:g} s) was reached")
     if missed:
         check.cut_short = True
         listed = ", ".join(missed[:_MAX_LISTED_PATHS]) + (", ..." if len(missed) > _MAX_LISTED_PATHS else "")
@@ -400,12 +415,17 @@ def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
 
 
 def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
-                     inspect_fn: InspectFn | None = None, rules: ChainRules | None = None) -> DomainCheck:
-    """Parse and check a domain XML document. Never raises: problems land in ``errors``."""
+                     inspect_fn: InspectFn | None = None, rules: ChainRules | None = None,
+                     deadline: float | None = None) -> DomainCheck:
+    """Parse and check a domain XML document. Never raises: problems land in ``errors``.
+
+    The whole check, parsing included, ends by ``deadline`` (time.monotonic(); default RUN_BUDGET_S from now)."""
     started = time.monotonic()
+    if deadline is None:
+        deadline = started + RUN_BUDGET_S
     try:
-        domain = parse_domain_xml(xml)
-        return check_domain(domain, budget_s=budget_s, inspect_fn=inspect_fn, rules=rules)
+        domain = parse_domain_xml(xml, deadline=deadline)
+        return check_domain(domain, budget_s=budget_s, inspect_fn=inspect_fn, rules=rules, deadline=deadline)
     except FormatError as e:
         return DomainCheck(domain=None, errors=[str(e)], elapsed_s=time.monotonic() - started)
     except Exception as e:  # the hook must survive its own bugs
@@ -439,21 +459,28 @@ def _safe_call(sink: Callable[..., None] | None, *args: Any) -> None:
 
 
 def emit(check: DomainCheck, *, domain_hint: str | None = None, syslog_to: SyslogSink | None = None,
-         stderr_to: LineSink | None = None) -> None:
-    """Send each warning (LOG_WARNING), note (LOG_NOTICE) and error (LOG_ERR) to syslog and stderr."""
+         stderr_to: LineSink | None = None, max_lines: int = MAX_LOG_LINES) -> None:
+    """Send each warning (LOG_WARNING), note (LOG_NOTICE) and error (LOG_ERR) to syslog and stderr.
+
+    At most ``max_lines`` of them; when there are more, one last line (LOG_WARNING) says how many were left out."""
     to_syslog = syslog_to if syslog_to is not None else syslog_sink
     name = check.domain or domain_hint or "?"
-    for warning in check.warnings:
-        line = warning.message()
-        _safe_call(to_syslog, syslog.LOG_WARNING, line)
-        _safe_call(stderr_to, f"{STDERR_PREFIX}warning: {line}")
-    for note in check.notes:
-        _safe_call(to_syslog, syslog.LOG_NOTICE, printable(note))
-        _safe_call(stderr_to, f"{STDERR_PREFIX}{printable(note)}")
-    for error in check.errors:
-        line = printable(f"domain '{name}': {error}")
-        _safe_call(to_syslog, syslog.LOG_ERR, line)
-        _safe_call(stderr_to, f"{STDERR_PREFIX}error: {line}")
+    warned = [(syslog.LOG_WARNING, w.message(), "warning: ") for w in check.warnings]
+    others = [(syslog.LOG_NOTICE, printable(note), "") for note in check.notes]
+    others += [(syslog.LOG_ERR, printable(f"domain '{name}': {error}"), "error: ") for error in check.errors]
+    lines = warned + others
+    if len(lines) > max_lines:  # notes and errors (why the check was cut short) keep up to half the lines
+        kept_others = others[:max_lines - min(len(warned), max_lines // 2)]
+        kept = warned[:max_lines - len(kept_others)] + kept_others
+        counts = {"warning": len(warned) - len(kept) + len(kept_others), "note or error": len(others)
+                  - len(kept_others)}
+        listed = ", ".join(f"{n} {kind}(s)" for kind, n in counts.items() if n)
+        summary = printable(f"domain '{name}': {len(lines) - len(kept)} more line(s) not logged ({listed}): the "
+                            f"hook logs at most {max_lines} per run")
+        lines = [*kept, (syslog.LOG_WARNING, summary, "")]
+    for priority, line, label in lines:
+        _safe_call(to_syslog, priority, line)
+        _safe_call(stderr_to, f"{STDERR_PREFIX}{label}{line}")
 
 
 # -- Python API -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ interruption removes the temporary file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -20,7 +21,9 @@ from qcrypt import checksum, luks, plausibility
 from qcrypt import findings as F
 from qcrypt.backing import BackingRefusedError, ChainRules
 from qcrypt.crypto.kdf import benchmark_pbkdf2
-from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
+from qcrypt.crypto.secret import disable_core_dumps
+from qcrypt.crypto.secret import wipe as wipe_secret
+from qcrypt.crypto.sector import SectorCipher, legacy_aes_key, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import (
     BadPassphraseError,
@@ -57,11 +60,15 @@ class MigrateOptions:
     # named here use ``passphrase``.
     passphrases: dict[str, bytes] = field(default_factory=dict, repr=False)
     new_passphrase: bytes | None = field(default=None, repr=False)
+    # Tried when ``passphrase`` opens nothing: a keyfile's content without its trailing line ending (the CLI
+    # sets it when a --passphrase-file ends in one). MigrateResult.passphrase_fallback_used says which worked.
+    passphrase_fallback: bytes | None = field(default=None, repr=False)
     cipher: str = "aes-xts-plain64"
     key_bits: int | None = None
     hash_name: str = "sha256"
     iter_time_ms: int = 2000
     iterations: int | None = None  # forced PBKDF2 iterations (tests, reproducible benchmarks)
+    allow_weak: bool = False  # create a LUKS container with settings the scanner grades (findings.grade_new_luks)
     flatten: bool = False
     force: bool = False
     replace: bool = False
@@ -100,6 +107,8 @@ class MigrateResult:
     plausibility: str | None = None
     passphrase_verified: bool | None = None  # legacy sources: False when nothing could check the passphrase
     luks_carried_over: bool = False
+    passphrase_fallback_used: bool = False  # MigrateOptions.passphrase_fallback opened the source, not passphrase
+    weak_findings: list[dict[str, Any]] = field(default_factory=list)  # what --allow-weak let through
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
     placement: Placement | None = field(default=None, repr=False)  # with opts.keep_placement: close() it
     source_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the source file qcrypt opened and read
@@ -124,6 +133,25 @@ class PhaseTimer:
 # -- planning -------------------------------------------------------------------------------------------------
 
 
+def new_luks_weaknesses(report: dict[str, Any], opts: MigrateOptions) -> list[F.Finding]:
+    """What the scanner would grade in the LUKS container this migration creates (none when it creates none:
+    another target, or a LUKS source whose header and keyslots carry over unchanged)."""
+    if opts.target not in ("luks", "qcow2-luks") or report.get("encryption") == "luks1":
+        return []
+    key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
+    return F.grade_new_luks(opts.cipher, opts.hash_name, key_bits, opts.iterations)
+
+
+def refuse_weak_settings(report: dict[str, Any], opts: MigrateOptions) -> None:
+    """MigrationError when the new container would carry a scanner finding and ``opts.allow_weak`` is off."""
+    weak = new_luks_weaknesses(report, opts)
+    if weak and not opts.allow_weak:
+        raise MigrationError(
+            "refusing to create a LUKS container that 'qcrypt scan' grades as weak: "
+            + "; ".join(f"{f.code} ({f.message})" for f in weak)
+            + ". Use the defaults (aes-xts-plain64, 512-bit key, sha256), or rerun with --allow-weak")
+
+
 @dataclass
 class Plan:
     source: str
@@ -144,6 +172,7 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
         raise BackingRefusedError(F.Finding(**refused[0]))
     if report["encryption"] == "luks2":
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
+    refuse_weak_settings(report, opts)
     final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
     if not final_path:
         raise MigrationError("an output path is required (-o OUT), or --replace")
@@ -270,6 +299,48 @@ def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: boo
     summary = "; ".join(v.reason if v.samples else f"{path}: no data cluster to check the passphrase against"
                         for path, v in verdicts)
     return PassphraseCheck(summary, verified=not unjudged and not bad)
+
+
+def _check_legacy(source: str, passphrase: bytes | None, opts: MigrateOptions, *, force: bool) -> PassphraseCheck:
+    return check_legacy_passphrase(source, passphrase, force=force, passphrases=opts.layer_passphrases(),
+                                   accept_unverified=opts.accept_unverified_passphrase, rules=opts.rules,
+                                   source_format=opts.source_format)
+
+
+def _has_fallback(opts: MigrateOptions) -> bool:
+    return (opts.passphrase is not None and opts.passphrase_fallback is not None
+            and bytes(opts.passphrase_fallback) != bytes(opts.passphrase))
+
+
+def _same_legacy_key(passphrase: bytes, other: bytes) -> bool:
+    """True when both give the same legacy AES key (its first 16 bytes): nothing to choose between them."""
+    key, other_key = legacy_aes_key(passphrase), legacy_aes_key(other)
+    try:
+        return key == other_key
+    finally:
+        wipe_secret(key)
+        wipe_secret(other_key)
+
+
+def check_legacy_with_fallback(source: str, opts: MigrateOptions) -> tuple[PassphraseCheck, bool]:
+    """The plausibility verdict and whether ``opts.passphrase_fallback`` is the one to use.
+
+    The exact passphrase wins when its plaintext looks like a disk; else the fallback when its plaintext
+    does; else the exact passphrase again under --force (or the refusal, naming both tries)."""
+    fallback = opts.passphrase_fallback
+    assert opts.passphrase is not None and fallback is not None
+    try:
+        return _check_legacy(source, opts.passphrase, opts, force=False), False
+    except BadPassphraseError as exact_error:
+        try:
+            return _check_legacy(source, fallback, opts, force=False), True
+        except BadPassphraseError:
+            if opts.force:
+                return _check_legacy(source, opts.passphrase, opts, force=True), False
+            error = BadPassphraseError(f"{exact_error} (tried the passphrase file's exact bytes, and without its "
+                                       "trailing newline)")
+            error.fallback_tried = True  # type: ignore[attr-defined]
+            raise error from None
 
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
@@ -838,8 +909,27 @@ def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int
 
 
 def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
-    """Migrate ``source`` as ``opts`` say. The source is never modified."""
+    """Migrate ``source`` as ``opts`` say. The source is never modified.
+
+    Turns core dumps off for the calling process first (it is about to hold passphrases and master keys).
+    """
+    disable_core_dumps()
     source = os.fspath(source)
+    try:
+        return _migrate_once(source, opts)
+    except BadPassphraseError as exact_error:
+        if not _has_fallback(opts) or getattr(exact_error, "fallback_tried", False):
+            raise
+        retry = dataclasses.replace(opts, passphrase=opts.passphrase_fallback, passphrase_fallback=None)
+        try:
+            result = _migrate_once(source, retry)
+        except BadPassphraseError as e:
+            raise BadPassphraseError(f"{exact_error}; without the passphrase file's trailing newline: {e}") from None
+        result.passphrase_fallback_used = True
+        return result
+
+
+def _migrate_once(source: str, opts: MigrateOptions) -> MigrateResult:
     timer = PhaseTimer()
     # Opened once, first, and held until the end (QEMU cannot start writing the source); every later open of
     # the source's name must reach this very file (a tenant's swap of the name fails the migration).
@@ -861,12 +951,33 @@ def migrate(source: str, opts: MigrateOptions) -> MigrateResult:
 def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, source_fd: int
                     ) -> MigrateResult:
     verdict = None
+    fallback_used = False
+    chosen_by_legacy = False
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
-            verdict = check_legacy_passphrase(source, opts.passphrase, force=opts.force,
-                                              passphrases=opts.layer_passphrases(),
-                                              accept_unverified=opts.accept_unverified_passphrase, rules=opts.rules,
-                                              source_format=opts.source_format)
+            exact, fallback = opts.passphrase, opts.passphrase_fallback
+            if exact is not None and fallback is not None and _has_fallback(opts) \
+                    and not _same_legacy_key(exact, fallback):
+                verdict, fallback_used = check_legacy_with_fallback(source, opts)
+                chosen = opts.passphrase_fallback if fallback_used else opts.passphrase
+                opts = dataclasses.replace(opts, passphrase=chosen, passphrase_fallback=None)
+                chosen_by_legacy = True
+            else:
+                try:
+                    verdict = _check_legacy(source, opts.passphrase, opts, force=opts.force)
+                except BadPassphraseError as e:
+                    e.fallback_tried = True  # type: ignore[attr-defined]  # the same legacy key either way
+                    raise
+    try:
+        return _convert(source, plan_, opts, timer, verdict, fallback_used, source_fd)
+    except BadPassphraseError as e:
+        if chosen_by_legacy:
+            e.fallback_tried = True  # type: ignore[attr-defined]  # the legacy check chose: no second run
+        raise
+
+
+def _convert(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, verdict: PassphraseCheck | None,
+             fallback_used: bool, source_fd: int) -> MigrateResult:
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         with timer("LUKS setup"):
@@ -893,6 +1004,8 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         passphrase_verified=verdict.verified if verdict else None,
         luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
         placement=final.placement, source_id=file_id(os.fstat(source_fd)),
+        passphrase_fallback_used=fallback_used,
+        weak_findings=[f.as_dict() for f in new_luks_weaknesses(plan_.report, opts)],
     )
 
 

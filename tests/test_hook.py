@@ -499,3 +499,81 @@ def test_inspection_thread_is_a_daemon(images: Path) -> None:
         assert seen and seen[0].is_alive() and seen[0].daemon
     finally:
         release.set()
+
+
+# -- the whole run is bounded: XML size and parse time, disk count, log lines ---------------------------------------
+
+
+def declared_disks_xml(count: int) -> str:
+    """``count`` disks that declare legacy encryption on files that do not exist (one warning each, no reads)."""
+    disks = "".join(f"<disk type='file'><driver type='qcow2'/><source file='/nonexistent/d{i:06d}.qcow2'/>"
+                    f"<target dev='vd{i}'/><encryption format='qcow'/></disk>" for i in range(count))
+    return f"<domain><name>many</name><devices>{disks}</devices></domain>"
+
+
+def test_log_lines_are_capped_with_one_summary() -> None:
+    check = hook.check_domain_xml(declared_disks_xml(100), deadline=time.monotonic() + 60)
+    assert len(check.warnings) == 100 and not check.cut_short
+    sent: list[tuple[int, str]] = []
+    lines: list[str] = []
+    hook.emit(check, syslog_to=lambda p, line: sent.append((p, line)), stderr_to=lines.append)
+    assert len(sent) == len(lines) == hook.MAX_LOG_LINES + 1
+    assert [line for _, line in sent[:-1]] == [w.message() for w in check.warnings[:hook.MAX_LOG_LINES]]
+    assert sent[-1] == (syslog.LOG_WARNING, "domain 'many': 80 more line(s) not logged (80 warning(s)): the hook "
+                                            f"logs at most {hook.MAX_LOG_LINES} per run")
+
+
+def test_notes_and_errors_keep_their_place_when_lines_are_capped() -> None:
+    check = hook.DomainCheck(domain="d", notes=["cut short"], errors=["e1", "e2"])
+    check.warnings = [hook.HookWarning("d", f"vd{i}", f"/p{i}", "legacy", "qcrypt migrate x") for i in range(50)]
+    sent: list[tuple[int, str]] = []
+    hook.emit(check, syslog_to=lambda p, line: sent.append((p, line)), max_lines=10)
+    assert [p for p, _ in sent] == [syslog.LOG_WARNING] * 7 + [syslog.LOG_NOTICE, syslog.LOG_ERR, syslog.LOG_ERR,
+                                                             syslog.LOG_WARNING]
+    assert sent[-1][1] == "domain 'd': 43 more line(s) not logged (43 warning(s)): the hook logs at most 10 per run"
+
+
+def test_parsing_and_deciding_stop_at_the_deadline() -> None:
+    xml = declared_disks_xml(20_000)  # about 3 MiB
+    with pytest.raises(FormatError, match="not parsed within the time limit"):
+        hook.parse_domain_xml(xml, deadline=time.monotonic())
+    started = time.monotonic()
+    check = hook.check_domain_xml(xml, deadline=started + 0.3)
+    assert time.monotonic() - started < 1.0
+    assert check.cut_short or check.errors  # cut while parsing (an error) or while deciding (a note)
+    if not check.errors:
+        assert "disk(s) not checked: the hook's time limit" in check.notes[0]
+        assert len(check.warnings) < 20_000
+
+
+def test_a_16_mib_domain_xml_costs_the_hook_about_a_second(tmp_path: Path) -> None:
+    """A real hook process (what the installed script runs) on a 16 MiB XML of 118,000 declared disks: done
+    within its time limit (plus interpreter start-up) and at most MAX_LOG_LINES + 1 lines."""
+    xml = declared_disks_xml(118_000).encode()
+    assert len(xml) > 15 << 20
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "many", "prepare", "begin", "-"],
+                          input=xml, capture_output=True, cwd="/", timeout=60, check=False,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])})
+    elapsed = time.monotonic() - started
+    assert (done.returncode, done.stdout) == (0, b"")
+    assert 1 <= len(done.stderr.splitlines()) <= hook.MAX_LOG_LINES + 1, done.stderr[-2000:]
+    assert b"time limit" in done.stderr
+    assert elapsed < 4.0, elapsed  # 1 s of work + start-up; the old hook took 6 to 12 s here
+
+
+def test_a_stdin_that_never_closes_cannot_hold_the_hook() -> None:
+    """libvirt closes stdin after the XML; if something keeps it open, the watchdog ends the hook with exit 0."""
+    read_end, write_end = os.pipe()
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "stuck", "start", "begin", "-"],
+                              stdin=read_end, capture_output=True, cwd="/", timeout=30, check=False,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])})
+        elapsed = time.monotonic() - started
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert (done.returncode, done.stdout) == (0, b"")
+    assert b"domain 'stuck': hook stopped after 2 s (its time limit)" in done.stderr
+    assert elapsed < 6.0

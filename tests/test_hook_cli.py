@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -325,3 +327,61 @@ def test_install_self_test(hooks_dir: Path, tmp_path: Path) -> None:
     broken.chmod(0o755)
     assert "ModuleNotFoundError" in (hookcli.self_test(broken) or "")
     assert hookcli.self_test(hooks_dir / "qemu.d" / "50-qcrypt") is None
+
+
+# -- refusing a hook that others could change ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def package_copy(tmp_path: Path) -> Path:
+    """A copy of this qcrypt package in its own folder (root-owned, 0755): what a source checkout looks like."""
+    root = tmp_path / "src"
+    root.mkdir(mode=0o755)
+    shutil.copytree(hookcli.package_root() / "qcrypt", root / "qcrypt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def install_from(package: Path, hooks: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``qcrypt hook install`` run from the copy (PYTHONPATH, as from a source tree), cwd /."""
+    return subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "install", "--hooks-dir", str(hooks), *args],
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package)}, cwd="/", capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("spoil,why", [
+    (lambda root: root.chmod(0o777), "mode 0777: writable by every user"),
+    (lambda root: root.chmod(0o1777), "mode 1777: writable by every user"),  # sticky: still a place to add modules
+    (lambda root: (root / "qcrypt" / "hook.py").chmod(0o666), "mode 0666: writable by every user"),
+    (lambda root: os.chown(root / "qcrypt" / "cli", 0, 4242) or (root / "qcrypt" / "cli").chmod(0o775),
+     "writable by group 4242"),
+    (lambda root: os.chown(root / "qcrypt" / "crypto" / "kdf.py", 4242, 0), "owner uid 4242"),
+])
+def test_install_refuses_a_package_others_can_change(package_copy: Path, hooks_dir: Path, spoil: Any,
+                                                     why: str) -> None:
+    spoil(package_copy)
+    refused = install_from(package_copy, hooks_dir)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr.startswith("qcrypt: error: the hook runs as root, but users other than root can change")
+    assert why in refused.stderr and "nothing installed" in refused.stderr
+    assert not (hooks_dir / "qemu.d").exists() and _qemu_untouched(hooks_dir)
+    forced = install_from(package_copy, hooks_dir, "--allow-writable-paths")
+    assert forced.returncode == 0, forced.stderr
+    assert "warning" in forced.stderr and why in forced.stderr and "installing anyway" in forced.stderr
+    assert f"PYTHONPATH={package_copy} " in (hooks_dir / "qemu.d" / "50-qcrypt").read_text()
+
+
+def test_install_from_a_root_owned_copy_is_accepted(package_copy: Path, hooks_dir: Path) -> None:
+    done = install_from(package_copy, hooks_dir)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "Self-test passed" in done.stdout
+    assert f"PYTHONPATH={package_copy} " in (hooks_dir / "qemu.d" / "50-qcrypt").read_text()
+
+
+def test_a_sticky_ancestor_is_fine_but_not_an_import_folder(tmp_path: Path) -> None:
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert hookcli._changeable_by_others(str(sticky), on_import_path=False) is None
+    assert "writable by every user" in (hookcli._changeable_by_others(str(sticky), on_import_path=True) or "")
+    assert hookcli._changeable_by_others(str(tmp_path / "missing"), on_import_path=True) is None

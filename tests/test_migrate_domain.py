@@ -171,7 +171,10 @@ def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Pa
     assert "private" in virsh("secret-get-value", created, check=False).stderr  # never readable back
     enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
     assert enc is not None and enc.find("secret").get("uuid") == created  # type: ignore[union-attr]
-    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], new, pw)
+    # the new keyslot (and secret) hold every byte given, the newline included, as cryptsetup --key-file would:
+    # the legacy key is the same either way (its first 16 bytes), so the exact bytes open the source
+    pw_with_newline = lab.passphrase_file("pw-nl", PW + b"\n")
+    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], new, pw_with_newline)
     start_and_read(name, new, [(0x61, 3 * MIB, MIB)])
 
 
@@ -244,6 +247,24 @@ def test_block_disk_gets_a_file_in_the_output_dir(lab: Lab, tmp_path: Path) -> N
     assert lab.files()["lv.img"] == before_files["lv.img"]  # the device's bytes are untouched
     same_guest_data(lab, [f"driver=qcow2,file.filename={device},encrypt.key-secret=s"], new, pw)
     start_and_read(name, new, [(0x77, 5 * MIB, MIB)])
+
+
+def test_passphrase_file_with_a_newline_the_key_lacks(lab: Lab, tmp_path: Path) -> None:
+    """A short legacy key made without a newline, given in a file that ends in one: the exact bytes open
+    nothing, the content without the newline does; the run says so, and the new keyslot and secret take it."""
+    short = b"short pw"  # under 16 bytes: the newline would be part of the legacy key
+    key = lab.passphrase_file("key", short)
+    web = lab.legacy_image("nl.qcow2", key, size="4M")
+    lab.write(web, 0x3C, 0, MIB, key)
+    name = f"{lab.prefix}-newline"
+    lab.define(name, [disk_xml("vda", web)])
+    echoed = lab.passphrase_file("echoed", short + b"\n")
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(echoed), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (disk,) = as_json(done)["domains"][0]["disks"]
+    assert disk["passphrase_from"] == "passphrase file without its trailing newline"
+    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], lab.folder / "nl.luks.qcow2",
+                    key)
 
 
 # -- refusals: nothing changes -----------------------------------------------------------------------------------

@@ -76,7 +76,11 @@ def test_grading_of_luks_weaknesses(unpacked: dict[str, Path]) -> None:
     assert "luks-predictable-iv" in codes("luks1-cs-aes-cbc-plain64-256-sha512.luks")
     assert "luks-sha1" in codes("luks1-cs-aes-xts-plain64-512-sha1.luks")
     assert "luks1-unaligned-payload" in codes("luks1-qemu-aes-xts-plain64-512.luks")
-    assert codes("luks1-cs-aes-xts-plain64-256-sha256.luks") == set()
+    # XTS splits its key in two: 256 bits are two AES-128 keys, under cryptsetup's default AES-256
+    assert codes("luks1-cs-aes-xts-plain64-256-sha256.luks") == {"luks-short-key"}
+    assert "luks-short-key" in codes("luks1-cs-aes-cbc-essiv-sha256-128-sha512.luks")
+    assert codes("luks1-cs-aes-cbc-essiv-sha256-256-sha256.luks") == set()
+    assert codes("luks1-cs-aes-xts-plain64-512-sha1.luks") == {"luks-sha1"}
     assert "luks2-not-qemu" in codes("luks2-argon2id.luks")
 
 

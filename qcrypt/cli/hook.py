@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -29,7 +33,8 @@ from qcrypt import hook as hooklib
 from qcrypt.cli.main import handle_errors
 from qcrypt.errors import QcryptError
 
-EXIT_FOREIGN = 1
+EXIT_FOREIGN = 1  # every refusal of install/uninstall
+_MAX_LISTED_UNSAFE = 5
 
 
 def _stderr_line(line: str) -> None:
@@ -58,9 +63,12 @@ def run_libvirt(argv: Sequence[str], stdin: BinaryIO | None, *, budget_s: float 
                 syslog_to: hooklib.SyslogSink | None = None) -> int:
     """Run the hook for libvirt's ``argv`` (object, operation, sub-operation, extra). Always returns 0.
 
+    Reading, parsing and checking end within ``hooklib.RUN_BUDGET_S`` of the call (image reads within
+    ``budget_s``), and at most ``hooklib.MAX_LOG_LINES`` lines (plus one summary) are logged.
     Only the operations in ``HOOK_OPERATIONS`` read stdin; the others return at once. Anything printed to
     stdout by accident is swallowed; every exception, KeyboardInterrupt and SystemExit included, is logged.
     """
+    started = time.monotonic()
     args = [str(a) for a in argv]
     domain_hint = args[0] if args and args[0] != "-" else None
     operation = args[1] if len(args) > 1 else ""
@@ -72,7 +80,7 @@ def run_libvirt(argv: Sequence[str], stdin: BinaryIO | None, *, budget_s: float 
             if xml is None:
                 check = hooklib.DomainCheck(domain=domain_hint, errors=["no domain XML: stdin is a terminal or closed"])
             else:
-                check = hooklib.check_domain_xml(xml, budget_s=budget_s)
+                check = hooklib.check_domain_xml(xml, budget_s=budget_s, deadline=started + hooklib.RUN_BUDGET_S)
             hooklib.emit(check, domain_hint=domain_hint, syslog_to=syslog_to, stderr_to=_stderr_line)
     except BaseException as e:  # the hook must never fail a VM operation
         failure = hooklib.DomainCheck(domain=domain_hint, errors=[f"internal error: {type(e).__name__}: {e}"])
@@ -143,14 +151,102 @@ def render_script(python: str, pythonpath: str | None) -> str:
     )
 
 
-def current_script(python: str | None = None) -> str:
-    """The script this installation writes (python = the running interpreter by default)."""
+def script_parameters(python: str | None = None) -> tuple[str, str | None]:
+    """(interpreter, PYTHONPATH or None) the script of this installation names (python = the running one)."""
     # sys.executable as is, not resolved: a venv's bin/python is a symlink whose target lacks the venv's packages
     interpreter = os.path.abspath(python or sys.executable or "")
     if not (python or sys.executable):
         raise QcryptError("cannot tell which Python runs qcrypt (sys.executable is empty)")
-    pythonpath = str(package_root()) if needs_pythonpath(interpreter) else None
-    return render_script(interpreter, pythonpath)
+    return interpreter, str(package_root()) if needs_pythonpath(interpreter) else None
+
+
+def current_script(python: str | None = None) -> str:
+    """The script this installation writes (python = the running interpreter by default)."""
+    return render_script(*script_parameters(python))
+
+
+# -- who else could change what the root hook runs -------------------------------------------------------------
+
+_MAX_TREE_ENTRIES = 10_000  # qcrypt's own package tree holds about a hundred
+
+
+def _changeable_by_others(path: str, *, on_import_path: bool) -> str | None:
+    """Why a user other than root could change ``path`` (not following a final symlink), or None.
+
+    An owner other than root, a group other than root's with write permission, or write permission for
+    everyone. A sticky world-writable folder (``/tmp``) is fine as an ancestor (nobody can rename a root-owned
+    entry in it) but not as a folder Python imports from (anyone could add a module that shadows another)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None  # nothing there: nothing to take over (an import of it fails, it is not run)
+    mode = st.st_mode
+    if st.st_uid != 0:
+        return f"{path} (owner uid {st.st_uid})"
+    if stat.S_ISLNK(mode):
+        return None  # a root-owned link cannot be changed; its target is checked on its own
+    sticky_ancestor = stat.S_ISDIR(mode) and bool(mode & stat.S_ISVTX) and not on_import_path
+    if mode & stat.S_IWOTH and not sticky_ancestor:
+        return f"{path} (mode {stat.S_IMODE(mode):04o}: writable by every user)"
+    if mode & stat.S_IWGRP and st.st_gid != 0 and not sticky_ancestor:
+        return f"{path} (mode {stat.S_IMODE(mode):04o}: writable by group {st.st_gid})"
+    return None
+
+
+def _with_ancestors(path: str) -> list[str]:
+    """``path`` (absolute, normalised) and every folder above it, up to ``/``."""
+    chain = [os.path.normpath(os.path.abspath(path))]
+    while chain[-1] != os.path.dirname(chain[-1]):
+        chain.append(os.path.dirname(chain[-1]))
+    return chain
+
+
+def _package_tree(root: str) -> list[str]:
+    """Every folder and file under ``root`` (qcrypt's own package), bounded."""
+    entries = [root]
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        entries += [os.path.join(folder, name) for name in [*dirs, *files]]
+        if len(entries) > _MAX_TREE_ENTRIES:
+            break
+    return entries
+
+
+def hook_import_path(python: str, pythonpath: str | None) -> list[str]:
+    """The folders the hook's Python imports from (its sys.path with libvirt's bare environment and cwd /)."""
+    env = dict(_BARE_ENV, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    probe = "import sys, json; print(json.dumps([p for p in sys.path if p]))"
+    try:
+        done = subprocess.run([python, "-c", probe], env=env, cwd="/", capture_output=True, text=True,
+                              timeout=_PROBE_TIMEOUT_S, check=False)
+        paths = json.loads(done.stdout) if done.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, ValueError):
+        paths = []
+    return [str(p) for p in paths if isinstance(p, str)]
+
+
+def unsafe_paths(python: str, pythonpath: str | None) -> list[str]:
+    """Paths a user other than root could change to run code as root through the hook: the interpreter (as
+    named and resolved) and every folder above it, every folder on the hook's import path and above it, and
+    qcrypt's own package tree and the folders above it. Each as ``path (why)``; empty when none."""
+    found: dict[str, str] = {}
+
+    def check(paths: list[str], *, on_import_path: bool) -> None:
+        for path in paths:
+            if path not in found:
+                why = _changeable_by_others(path, on_import_path=on_import_path)
+                if why:
+                    found[path] = why
+
+    for interpreter in dict.fromkeys([python, os.path.realpath(python)]):
+        check(_with_ancestors(interpreter), on_import_path=False)
+    package = str(Path(__file__).resolve().parents[1])  # <root>/qcrypt
+    imports = [*hook_import_path(python, pythonpath), *([pythonpath] if pythonpath else [])]
+    for folder in dict.fromkeys([*imports, package]):
+        check([folder], on_import_path=True)
+        check(_with_ancestors(folder)[1:], on_import_path=False)
+    check(_package_tree(package), on_import_path=True)
+    return list(found.values())
 
 
 def is_ours(path: Path) -> bool:
@@ -262,13 +358,29 @@ def _name_option(func: click.decorators.FC) -> click.decorators.FC:
 @hook.command(name="install")
 @_hooks_dir_option
 @_name_option
+@click.option("--allow-writable-paths", is_flag=True,
+              help="Install even when users other than root can change the Python or qcrypt the hook runs "
+                   "(a warning instead of a refusal; those users can then run code as root).")
 @handle_errors
-def install(hooks_dir: str, name: str) -> None:
+def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
     """Install the warn-only hook as HOOKS_DIR/qemu.d/NAME (libvirt >= 6.5 runs every script there).
 
     An existing qemu script or any file not written by qcrypt is never touched. Re-running is harmless.
+    Refused when a user other than root could change what the hook runs (the interpreter, the folders it
+    imports from, qcrypt's own files), unless --allow-writable-paths.
     """
-    status, path = install_script(hooks_dir, name)
+    python, pythonpath = script_parameters()
+    unsafe = unsafe_paths(python, pythonpath)
+    if unsafe:
+        listed = ", ".join(unsafe[:_MAX_LISTED_UNSAFE]) + (f" and {len(unsafe) - _MAX_LISTED_UNSAFE} more"
+                                                           if len(unsafe) > _MAX_LISTED_UNSAFE else "")
+        what = (f"the hook runs as root, but users other than root can change what it runs: {listed}. Make "
+                "them root's and not group/other-writable (or install qcrypt where only root can write)")
+        if not allow_writable_paths:
+            click.echo(f"qcrypt: error: {what}; nothing installed (--allow-writable-paths overrides)", err=True)
+            sys.exit(EXIT_FOREIGN)
+        click.echo(f"qcrypt: warning: {what}; installing anyway (--allow-writable-paths)", err=True)
+    status, path = install_script(hooks_dir, name, render_script(python, pythonpath))
     if status == "no-hooks-dir":
         click.echo(f"qcrypt: error: neither {hooks_dir} nor its parent exists (is libvirt installed? "
                    "use --hooks-dir)", err=True)
@@ -312,10 +424,33 @@ def uninstall(hooks_dir: str, name: str) -> None:
     click.echo("Restart libvirtd (or virtqemud) so it forgets the hook.")
 
 
+HARD_LIMIT_S = hooklib.RUN_BUDGET_S + 1.0  # the whole hook process, reading stdin and logging included
+
+
+def start_watchdog(argv: Sequence[str], limit_s: float = HARD_LIMIT_S) -> threading.Timer:
+    """A timer that logs one line and ends the process (exit 0) if the hook still runs after ``limit_s``:
+    whatever holds it (a stdin that never closes, a read stuck in the kernel), the VM operation goes on."""
+    domain_hint = str(argv[0]) if argv and argv[0] != "-" else None
+
+    def stop() -> None:
+        with contextlib.suppress(BaseException):
+            hooklib.emit(hooklib.DomainCheck(domain=domain_hint, errors=[
+                f"hook stopped after {limit_s:g} s (its time limit); nothing was checked further"]),
+                stderr_to=_stderr_line)
+            sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(limit_s, stop)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def main() -> None:
     """``python -m qcrypt.cli.hook``: ``libvirt ...`` bypasses click and always exits 0; else the group."""
     argv = sys.argv[1:]
     if argv[:1] == ["libvirt"]:
+        start_watchdog(argv[1:])
         run_libvirt(argv[1:], _stdin_binary())
         with contextlib.suppress(BaseException):
             sys.stderr.flush()

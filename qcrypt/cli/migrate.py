@@ -14,9 +14,9 @@ from qcrypt import scan as scanner
 from qcrypt.backing import BackingRefusedError, ChainRules
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
-from qcrypt.cli.passphrase import get_passphrase, wipe
+from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
 from qcrypt.errors import QcryptError
-from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source
+from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source, refuse_weak_settings
 from qcrypt.migrate import migrate as run_migration
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 
@@ -50,6 +50,9 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
               help="Milliseconds of PBKDF2 per unlock (as cryptsetup); at least 1000 iterations.")
 @click.option("--pbkdf-force-iterations", "iterations", type=click.IntRange(1000, 2**31 - 1), default=None,
               help="Use exactly this many PBKDF2 iterations (no benchmark).")
+@click.option("--allow-weak", is_flag=True,
+              help="Create the LUKS container even with settings 'qcrypt scan' grades as weak (CBC with plain "
+                   "IVs, SHA-1, keys under AES-256); refused otherwise.")
 @click.option("--flatten", is_flag=True, help="Fold the backing chain into one standalone image.")
 @click.option("--force", is_flag=True,
               help="Overwrite an existing output; accept a legacy passphrase whose plaintext looks random.")
@@ -68,7 +71,8 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 def migrate(source: str, target: str, output: str | None, passphrase_file: str | None,
             layer_passphrase_files: tuple[tuple[str, str], ...], new_passphrase_file: str | None, cipher: str,
             key_bits: str | None, hash_name: str, iter_time_ms: int,
-            iterations: int | None, flatten: bool, force: bool, replace: bool, jobs: int | None, stall_seconds: float,
+            iterations: int | None, allow_weak: bool, flatten: bool, force: bool, replace: bool, jobs: int | None,
+            stall_seconds: float,
             quiet: bool, timings: bool, allow_backing_dirs: tuple[str, ...],
             accept_unverified_passphrase: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
@@ -83,13 +87,17 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     refused = [f for f in report["findings"] if f["code"] in findings.BACKING_REFUSED]
     if refused:  # before asking for any passphrase
         raise BackingRefusedError(findings.Finding(**refused[0]))
+    refuse_weak_settings(report, MigrateOptions(  # before any passphrase is asked for
+        target=target, cipher=cipher, key_bits=int(key_bits) if key_bits else None, hash_name=hash_name,
+        iterations=iterations, allow_weak=allow_weak))
     own = {os.path.realpath(layer) for layer, _file in layer_passphrase_files}
     layers = [report, *report.get("backing_chain", [])]
     encrypted = [layer["path"] for layer in layers if layer["encryption"] != "none"]
     needs_default = passphrase_file is not None or any(os.path.realpath(path) not in own for path in encrypted)
-    passphrase = layer_passphrases = new_passphrase = None
+    passphrase = layer_passphrases = new_passphrase = fallback = None
     try:
         passphrase = get_passphrase(passphrase_file, what="source passphrase") if needs_default else None
+        fallback = without_line_ending(passphrase) if passphrase is not None and passphrase_file else None
         layer_passphrases = {layer: get_passphrase(file, what=f"passphrase of {layer}",
                                                    option="--layer-passphrase-file LAYER")
                              for layer, file in layer_passphrase_files}
@@ -98,14 +106,17 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
         if target in ("luks", "qcow2-luks") and (new_passphrase_file or top_passphrase is None):
             new_passphrase = get_passphrase(new_passphrase_file, what="new LUKS passphrase",
                                             option="--new-passphrase-file", confirm=True)
+            if new_passphrase_file and without_line_ending(new_passphrase) is not None:
+                _note_newline_kept(new_passphrase_file)
     except BaseException:
-        wipe(passphrase, new_passphrase, *(layer_passphrases or {}).values())
+        wipe(passphrase, fallback, new_passphrase, *(layer_passphrases or {}).values())
         raise
     opts = MigrateOptions(
-        target=target, output=output, passphrase=passphrase, passphrases=layer_passphrases,  # type: ignore[arg-type]
+        target=target, output=output, passphrase=passphrase, passphrase_fallback=fallback,
+        passphrases=layer_passphrases,  # type: ignore[arg-type]
         new_passphrase=new_passphrase, cipher=cipher,
         key_bits=int(key_bits) if key_bits else None, hash_name=hash_name, iter_time_ms=iter_time_ms,
-        iterations=iterations, flatten=flatten, force=force, replace=replace, workers=jobs,
+        iterations=iterations, allow_weak=allow_weak, flatten=flatten, force=force, replace=replace, workers=jobs,
         stall_seconds=stall_seconds, rules=rules, accept_unverified_passphrase=accept_unverified_passphrase,
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -117,11 +128,26 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
             opts.progress = bar.update
             result = run_migration(source, opts)
     finally:
-        wipe(passphrase, new_passphrase, *layer_passphrases.values())
+        wipe(passphrase, fallback, new_passphrase, *layer_passphrases.values())
+    if fallback is not None and result.luks and not result.luks_carried_over and new_passphrase is None \
+            and not result.passphrase_fallback_used:
+        _note_newline_kept(str(passphrase_file))
+    if result.weak_findings:
+        click.echo("qcrypt: warning: --allow-weak: the new LUKS container has settings 'qcrypt scan' grades as "
+                   f"weak: {', '.join(f['code'] for f in result.weak_findings)}", err=True)
+    if result.passphrase_fallback_used:
+        click.echo(f"qcrypt: note: {source} opened with {passphrase_file} WITHOUT its trailing newline; every byte "
+                   "of it opened nothing. cryptsetup --key-file and QEMU's secret,file= use every byte: write the "
+                   "file without the newline (printf %s) before giving it to them", err=True)
     if not quiet:
         print_result(result, report, passphrase_file)
     if timings:
         click.echo(format_timings(result.phase_seconds), err=True)
+
+
+def _note_newline_kept(path: str) -> None:
+    click.echo(f"qcrypt: note: the new keyslot's passphrase is every byte of {path}, its trailing newline "
+               "included (as cryptsetup --key-file and QEMU's secret,file= read it)", err=True)
 
 
 def format_timings(phase_seconds: dict[str, float]) -> str:

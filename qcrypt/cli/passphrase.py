@@ -1,8 +1,12 @@
 """Passphrase input for the CLI: a file, standard input, or a hidden prompt; never an argv value.
 
-Newline rule (the same for every passphrase qcrypt reads): ONE trailing line ending ("\\n" or "\\r\\n") is
-removed from a file's or stdin's content, so ``echo secret > pw`` works; every other byte, trailing spaces
-included, is part of the passphrase. Prompted passphrases never contain the Enter key.
+Keyfile rule (the peers' rule first): a passphrase file's or stdin's content is used byte for byte, as
+cryptsetup's ``--key-file`` and QEMU's ``--object secret,file=`` use it, up to cryptsetup's default keyfile
+limit of 8 MiB. When those exact bytes open nothing and the content ends in a line ending ("\\n" or "\\r\\n"),
+the content without that one line ending is tried next (so ``echo secret > pw`` still opens a keyslot made
+with ``secret``), and qcrypt says which one worked (:func:`without_line_ending` makes that candidate; the
+library tries it through ``MigrateOptions.passphrase_fallback``). A new keyslot's passphrase is the exact
+bytes, as ``cryptsetup luksFormat --key-file`` would use them. Prompted passphrases never contain the Enter key.
 """
 
 from __future__ import annotations
@@ -11,41 +15,53 @@ import sys
 
 import click
 
+from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
 from qcrypt.errors import PassphraseInputError
 
+__all__ = ["MAX_KEYFILE_BYTES", "get_passphrase", "read_passphrase_file", "wipe", "without_line_ending"]
 
-def strip_line_ending(data: bytearray) -> bytearray:
-    """Remove one trailing line ending, in place (the passphrase stays in one wipeable buffer)."""
-    if data.endswith(b"\r\n"):
-        del data[-2:]
-    elif data.endswith(b"\n"):
-        del data[-1:]
-    return data
+MAX_KEYFILE_BYTES = 8 * 1024 * 1024  # cryptsetup's default --keyfile-size limit (8192 kB)
 
 
 def read_passphrase_file(path: str) -> bytearray:
-    """The passphrase in ``path`` ('-' = stdin), with one trailing line ending removed."""
+    """Every byte of ``path`` ('-' = stdin), at most 8 MiB, as cryptsetup's --key-file reads it."""
+    data = bytearray(MAX_KEYFILE_BYTES + 1)
     try:
-        data = bytearray(64 * 1024 + 1)
         if path == "-":
-            size = sys.stdin.buffer.readinto(data)
+            size = _read_all(sys.stdin.buffer.readinto, data)
         else:
             with open(path, "rb") as fh:
-                size = fh.readinto(data)
-        del data[size:]
+                size = _read_all(fh.readinto, data)
     except OSError as e:
         raise PassphraseInputError(f"cannot read the passphrase file {path}: {e.strerror}") from e
-    if len(data) > 64 * 1024:
-        raise PassphraseInputError(f"passphrase file {path} is larger than 64 KiB")
-    passphrase = strip_line_ending(data)
-    if not passphrase:
+    if size > MAX_KEYFILE_BYTES:
+        data[:] = bytes(len(data))
+        raise PassphraseInputError(f"passphrase file {path} is larger than 8 MiB (cryptsetup's keyfile limit)")
+    del data[size:]
+    if not data:
         raise PassphraseInputError(f"passphrase file {path} is empty")
-    return passphrase
+    return data
+
+
+def _read_all(readinto: object, data: bytearray) -> int:
+    """Fill ``data`` from a reader until EOF or full (pipes return short reads); the byte count."""
+    view = memoryview(data)
+    size = 0
+    while size < len(data):
+        got = readinto(view[size:])  # type: ignore[operator]
+        if not got:
+            break
+        size += got
+    view.release()
+    return size
 
 
 def get_passphrase(path: str | None, *, what: str, option: str = "--passphrase-file",
                    confirm: bool = False) -> bytearray:
-    """From ``path`` if given, else a hidden prompt when stdin is a terminal, else an error."""
+    """From ``path`` if given (exact bytes), else a hidden prompt when stdin is a terminal, else an error.
+
+    Core dumps are turned off for the process before the passphrase is read."""
+    disable_core_dumps()
     if path is not None:
         return read_passphrase_file(path)
     if not sys.stdin.isatty():

@@ -22,7 +22,9 @@ from typing import Any
 
 from qcrypt import findings as F
 from qcrypt.backing import BackingRefusedError, ChainRules
+from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
 from qcrypt.errors import (
+    BadPassphraseError,
     DomainActiveError,
     LibvirtError,
     MigrationError,
@@ -46,6 +48,8 @@ ESTIMATE_BYTES_PER_S = 100 * 1024 * 1024  # conservative migrate rate on 2 cores
 LUKS_HEADER_BYTES = 16 * 1024 * 1024  # upper bound of a LUKS1 header area plus qcow2 metadata slack
 NEW_SECRET = "(new secret)"
 PassphraseSource = Callable[[], bytearray]
+PASSPHRASE_FILE = "passphrase file"
+PASSPHRASE_FILE_STRIPPED = "passphrase file without its trailing newline"
 
 
 @dataclass
@@ -80,7 +84,7 @@ class DiskPlan:
     replace: bool = False  # the new image takes the source's name; the original is kept as *.qcrypt-orig
     xml_only: bool = False  # the image is LUKS already: only the XML changes
     old_images: list[str] = field(default_factory=list)
-    passphrase_from: str | None = None  # "libvirt secret" | "passphrase file"
+    passphrase_from: str | None = None  # "libvirt secret" | PASSPHRASE_FILE | PASSPHRASE_FILE_STRIPPED
     unchecked_images: list[str] = field(default_factory=list)  # old images not checked to be what qcrypt read
     placement: Placement | None = field(default=None, repr=False)  # the new image, by folder descriptor
     source_id: tuple[int, int] | None = field(default=None, repr=False)  # the source file qcrypt read
@@ -292,7 +296,7 @@ def passphrase_for(conn: Connection, disk: DomainDisk, plan: DiskPlan, opts: Dom
     elif opts.fallback_passphrase is None:
         raise PassphraseInputError(f"disk {plan.target} ({plan.source}) names no libvirt secret: give its "
                                    "passphrase with --passphrase-file FILE (or '-' for stdin)")
-    plan.passphrase_from = "passphrase file"
+    plan.passphrase_from = PASSPHRASE_FILE
     assert opts.fallback_passphrase is not None
     return bytearray(opts.fallback_passphrase())
 
@@ -414,6 +418,7 @@ def _change(plan: DiskPlan) -> xmledit.DiskChange:
 def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[str, Any]]], opts: DomainOptions,
                outcome: DomainOutcome, run: _Run) -> Any:
     passphrases = []
+    disable_core_dumps()  # secrets (libvirt secret values, passphrases) stay out of core dumps
     try:
         for (disk, _report), plan in zip(found, outcome.disks):  # every passphrase first: fail before writing
             passphrases.append(passphrase_for(conn, disk, plan, opts))
@@ -421,7 +426,7 @@ def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[s
             if not plan.xml_only:
                 _migrate_disk(plan, passphrase, opts, run)
             elif plan.secret_uuid is None:  # a new secret must open the image: check the passphrase now
-                check_luks_passphrase(plan.source, report, passphrase)
+                _check_xml_only_passphrase(plan, report, passphrase)
         new_root = copy.deepcopy(root)
         for plan, passphrase in zip(outcome.disks, passphrases):
             if plan.secret_uuid is None:
@@ -435,14 +440,33 @@ def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[s
             passphrase[:] = bytes(len(passphrase))
 
 
+def _file_fallback(plan: DiskPlan, passphrase: bytearray) -> bytearray | None:
+    """For a passphrase from the caller's file: its content without the trailing newline (tried second)."""
+    return without_line_ending(passphrase) if plan.passphrase_from == PASSPHRASE_FILE else None
+
+
+def _use_fallback(plan: DiskPlan, passphrase: bytearray, fallback: bytearray) -> None:
+    """The file's content without its newline opened the image: the new keyslot and secret take that value."""
+    passphrase[:] = fallback
+    plan.passphrase_from = PASSPHRASE_FILE_STRIPPED
+
+
 def _migrate_disk(plan: DiskPlan, passphrase: bytearray, opts: DomainOptions, run: _Run) -> None:
+    fallback = _file_fallback(plan, passphrase)
     migrate_opts = MigrateOptions(target=plan.to, output=None if plan.replace else plan.new_path,
-                                  passphrase=passphrase, iter_time_ms=opts.iter_time_ms,
+                                  passphrase=passphrase, passphrase_fallback=fallback,
+                                  iter_time_ms=opts.iter_time_ms,
                                   iterations=opts.iterations, flatten=plan.flatten, replace=plan.replace,
                                   progress=opts.progress, keep_placement=True, rules=plan.rules,
                                   source_format=plan.source_format,
                                   accept_unverified_passphrase=opts.accept_unverified_passphrase)
-    result = migrate_image(plan.source, migrate_opts)
+    try:
+        result = migrate_image(plan.source, migrate_opts)
+        if result.passphrase_fallback_used and fallback is not None:
+            _use_fallback(plan, passphrase, fallback)
+    finally:
+        if fallback is not None:
+            fallback[:] = bytes(len(fallback))
     plan.placement, plan.source_id = result.placement, result.source_id
     plan.passphrase_verified = result.passphrase_verified
     plan.old_images = [result.original_kept or plan.source] + [p for p in plan.legacy_layers if p != plan.source]
@@ -465,6 +489,20 @@ def _check_old_images(plan: DiskPlan) -> None:
             st = None
         ok = st is not None and stat.S_ISREG(st.st_mode) and file_id(st) == plan.source_id
     plan.unchecked_images = ([] if ok else [first]) + layers
+
+
+def _check_xml_only_passphrase(plan: DiskPlan, report: dict[str, Any], passphrase: bytearray) -> None:
+    fallback = _file_fallback(plan, passphrase)
+    try:
+        check_luks_passphrase(plan.source, report, passphrase)
+    except BadPassphraseError:
+        if fallback is None:
+            raise
+        check_luks_passphrase(plan.source, report, fallback)
+        _use_fallback(plan, passphrase, fallback)
+    finally:
+        if fallback is not None:
+            fallback[:] = bytes(len(fallback))
 
 
 def check_luks_passphrase(path: str, report: dict[str, Any], passphrase: bytearray) -> None:

@@ -6,6 +6,7 @@ References: libvirt formatdomain.rst / formatstorageencryption.rst; the team's f
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from qcrypt.errors import FormatError
 
 MAX_XML_BYTES = 16 * 1024 * 1024
 MAX_BACKING_DEPTH = 64
+PARSE_CHUNK_CHARS = 64 * 1024  # with a deadline, the parser is fed this much between two looks at the clock
 LEGACY_XML_FORMATS = ("qcow", "default")  # libvirt's 'default' meant qcow AES for qcow/qcow2 images
 
 
@@ -70,6 +72,7 @@ class Domain:
 
     name: str
     disks: tuple[DomainDisk, ...]
+    disks_skipped: int = 0  # <disk> elements left unread because a deadline passed (domain_from_root)
 
 
 def _decode_xml(xml: str | bytes) -> str:
@@ -94,12 +97,13 @@ def _refuse_declarations(text: str) -> None:
         raise FormatError("DOCTYPE/ENTITY declarations refused (entity expansion)", field="domain XML")
 
 
-def parse_domain_root(xml: str | bytes) -> ET.Element:
-    """The ``<domain>`` element of a document. Raises FormatError when it is empty, malformed or has a DTD."""
+def parse_domain_root(xml: str | bytes, *, deadline: float | None = None) -> ET.Element:
+    """The ``<domain>`` element of a document. Raises FormatError when it is empty, malformed or has a DTD,
+    or (with ``deadline``, a time.monotonic() value) when parsing it would run past the deadline."""
     text = _decode_xml(xml)
     _refuse_declarations(text)
     try:
-        root = ET.fromstring(text)
+        root = ET.fromstring(text) if deadline is None else _parse_by(text, deadline)
     except ET.ParseError as e:
         raise FormatError(f"malformed ({e})", field="domain XML") from e
     if root.tag != "domain":
@@ -107,16 +111,34 @@ def parse_domain_root(xml: str | bytes) -> ET.Element:
     return root
 
 
-def parse_domain_xml(xml: str | bytes) -> Domain:
-    """Parse a domain XML document. Raises FormatError when it is empty, malformed or carries a DTD."""
-    return domain_from_root(parse_domain_root(xml))
+def _parse_by(text: str, deadline: float) -> ET.Element:
+    """Parse ``text`` in chunks, giving up (FormatError) once ``deadline`` has passed."""
+    parser = ET.XMLParser()
+    for start in range(0, len(text), PARSE_CHUNK_CHARS):
+        if time.monotonic() >= deadline:
+            raise FormatError(f"not parsed within the time limit ({len(text)} characters, "
+                              f"{start} parsed)", field="domain XML")
+        parser.feed(text[start:start + PARSE_CHUNK_CHARS])
+    return parser.close()
 
 
-def domain_from_root(root: ET.Element) -> Domain:
-    """The model of a parsed ``<domain>`` element."""
+def parse_domain_xml(xml: str | bytes, *, deadline: float | None = None) -> Domain:
+    """Parse a domain XML document. Raises FormatError when it is empty, malformed or carries a DTD, or
+    when it cannot be parsed before ``deadline`` (time.monotonic()); disks left unread at the deadline are
+    counted in ``disks_skipped``."""
+    return domain_from_root(parse_domain_root(xml, deadline=deadline), deadline=deadline)
+
+
+def domain_from_root(root: ET.Element, *, deadline: float | None = None) -> Domain:
+    """The model of a parsed ``<domain>`` element (the disks read before ``deadline``, when one is given)."""
     name = (root.findtext("name") or "").strip() or "?"
-    disks = tuple(_parse_disk(disk) for devices in root.findall("devices") for disk in devices.findall("disk"))
-    return Domain(name=name, disks=disks)
+    elements = [disk for devices in root.findall("devices") for disk in devices.findall("disk")]
+    disks: list[DomainDisk] = []
+    for element in elements:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        disks.append(_parse_disk(element))
+    return Domain(name=name, disks=tuple(disks), disks_skipped=len(elements) - len(disks))
 
 
 def _parse_disk(disk: ET.Element) -> DomainDisk:

@@ -35,15 +35,16 @@ def qcrypt_command(module):
 def run_qcrypt(module, arguments, stdin_text=None):
     """Run ``qcrypt ARGUMENTS`` with the module's ``timeout``; return (rc, stdout, stderr).
 
-    ``stdin_text`` (a passphrase) goes to the process on standard input, followed by one newline that qcrypt
-    strips; it never appears on the command line.
+    ``stdin_text`` (a passphrase) goes to the process on standard input exactly as given (no newline added:
+    qcrypt uses every byte, as cryptsetup's --key-file does); it never appears on the command line.
     """
     timeout_s = module.params["timeout"]
     if timeout_s < 1:
         module.fail_json(msg="timeout must be at least 1 second")
     argv = [module.get_bin_path("timeout", required=True), "--kill-after=%d" % KILL_AFTER_S, str(timeout_s),
             qcrypt_command(module)] + list(arguments)
-    rc, stdout, stderr = module.run_command(argv, data=stdin_text, environ_update={"LC_ALL": "C.UTF-8"})
+    rc, stdout, stderr = module.run_command(argv, data=stdin_text, binary_data=True,
+                                            environ_update={"LC_ALL": "C.UTF-8"})
     if rc in TIMED_OUT_CODES:
         module.fail_json(msg="qcrypt %s did not finish within %d s and was stopped" % (arguments[0], timeout_s),
                          rc=rc, stderr=stderr)

@@ -69,7 +69,8 @@ options:
     type: str
   passphrase_file:
     description:
-      - File on the managed host holding that passphrase (one trailing newline is ignored).
+      - File on the managed host holding that passphrase, used byte for byte as cryptsetup's --key-file uses
+        a keyfile; when that opens nothing and the file ends in a newline, qcrypt tries it without the newline.
     type: path
   allow_backing_dirs:
     description:
