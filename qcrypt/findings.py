@@ -39,6 +39,7 @@ BACKING_LOOP = "backing-loop"
 BACKING_NOT_LOCAL = "backing-not-local"
 BACKING_TOO_DEEP = "backing-too-deep"
 LEGACY_COMPRESSED_PLAINTEXT = "legacy-aes-compressed-plaintext"
+LIMIT_EXCEEDED = "limit-exceeded"
 
 MIN_PBKDF2_ITERATIONS = 1000
 CRYPTSETUP_ALIGN_SECTORS = 2048
@@ -70,14 +71,20 @@ def legacy_aes_backing(paths: list[str]) -> Finding:
     )
 
 
-def legacy_compressed_plaintext(clusters: int) -> Finding:
+def legacy_compressed_plaintext(clusters: int, *, at_least: bool = False) -> Finding:
+    count = f"at least {clusters}" if at_least else f"{clusters}"
     return Finding(LEGACY_COMPRESSED_PLAINTEXT, "critical",
-                   f"{clusters} compressed cluster(s) are stored unencrypted (QEMU never encrypts compressed "
+                   f"{count} compressed cluster(s) are stored unencrypted (QEMU never encrypts compressed "
                    "clusters of legacy AES images): their data is readable without the passphrase")
 
 
 def unparseable(format_name: str, error: str) -> Finding:
     return Finding(UNPARSEABLE, "warning", f"looks like {format_name} but cannot be parsed: {error}")
+
+
+def limit_exceeded(error: str) -> Finding:
+    return Finding(LIMIT_EXCEEDED, "warning",
+                   f"its header declares more than qcrypt inspects (see docs/SECURITY-limits.md): {error}")
 
 
 def unreadable(error: str) -> Finding:

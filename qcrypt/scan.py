@@ -13,18 +13,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from qcrypt import findings as F
-from qcrypt.errors import FormatError, QcryptError
+from qcrypt import limits
+from qcrypt.errors import FormatError, LimitExceededError, QcryptError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.imagefile import ImageFile, RawFile, open_image_file
-from qcrypt.model import ClusterKind
 from qcrypt.qcow1 import QCowImage
-from qcrypt.qcow2 import QCow2Image, feature_names
+from qcrypt.qcow2 import QCow2Image, WalkBudget, feature_names
 
 SEVERITIES = ("ok", "info", "warning", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
-MAX_CHAIN_DEPTH = 64
+MAX_CHAIN_DEPTH = limits.MAX_CHAIN_DEPTH
 PROBE_BYTES = 8
 
 Report = dict[str, Any]
@@ -80,11 +82,15 @@ def open_image(path: str) -> ImageFile:
     return QCow2Image.open(path)
 
 
-def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool) -> None:
+def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool,
+                  layer: bool = False) -> None:
     from qcrypt import luks, luks2
 
     read_at = luks.file_reader(image.fh, offset, length, path=image.path)
     version = int.from_bytes(read_at(6, 2), "big") if length >= 8 else 0
+    if version == 2 and layer:  # a layer below the top: its kind is all the chain needs (JSON not parsed)
+        info.encryption = "luks2"
+        return
     if version == 2:
         hdr2 = luks2.read_luks2(read_at, length, path=image.path)
         info.encryption = "luks2"
@@ -103,27 +109,33 @@ def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *
 
 
 
-def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo) -> None:
+def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo, *, layer: bool) -> None:
     h = image.header
     info.format_version = h.version
     info.virtual_size = image.virtual_size
     info.cluster_size = image.cluster_size
     info.backing_file = image.backing_file
     info.backing_format = image.backing_format
-    info.snapshot_count = len(image.snapshots())
+    if h.crypt_method == qcow2_fmt.CRYPT_AES:  # known before anything that may fail below
+        info.encryption = "aes-cbc-legacy"
     if isinstance(image, QCow2Image):
+        info.snapshot_count = image.check_snapshot_table()
+        if not layer:  # the layers of a chain are not described: their snapshot entries need no parsing
+            info.snapshot_count = len(image.snapshots())
         info.features = feature_names(h)
         info.findings += F.grade_qcow2_features(image)
         crypto = image.crypto_header()
         if crypto:
-            _inspect_luks(image, crypto[0], crypto[1], info, raw=False)
+            _inspect_luks(image, crypto[0], crypto[1], info, raw=False, layer=layer)
     if h.crypt_method == qcow2_fmt.CRYPT_AES:
-        info.encryption = "aes-cbc-legacy"
         info.findings.append(F.legacy_aes(info.format, info.snapshot_count))
 
 
-def inspect_one(path: str) -> ImageInfo:
-    """Inspect one file's own headers (not its backing chain). Errors become ``info.error``."""
+def inspect_one(path: str, *, layer: bool = False) -> ImageInfo:
+    """Inspect one file's own headers (not its backing chain). Errors become ``info.error``.
+
+    ``layer``: the file is a layer below the top of a chain; only what the chain report needs is read (the
+    snapshot count from the header, the LUKS version), so that a deep chain costs what one image does."""
     info = ImageInfo(path=path, format="raw")
     try:
         st = os.stat(path)
@@ -138,7 +150,7 @@ def inspect_one(path: str) -> ImageInfo:
         info.format_version = kind.version
         if kind.format in ("qcow", "qcow2"):
             with open_image(path) as image:
-                _inspect_qcow(image, info)
+                _inspect_qcow(image, info, layer=layer)
         elif kind.format == "luks":
             with RawFile.open(path) as raw:
                 _inspect_luks(raw, 0, raw.file_size, info, raw=True)
@@ -146,6 +158,11 @@ def inspect_one(path: str) -> ImageInfo:
             info.virtual_size = _size_of(path, st)
     except FileNotFoundError:
         info.format, info.error = "missing", "no such file"
+    except LimitExceededError as e:
+        info.error = str(e)
+        info.findings.append(F.limit_exceeded(str(e)))
+        if info.encryption == "aes-cbc-legacy":  # legacy AES stays reported whatever else is wrong
+            info.findings.append(F.legacy_aes(info.format, info.snapshot_count))
     except QcryptError as e:
         info.error = str(e)
         info.findings.append(F.unparseable(info.format, str(e)))
@@ -197,7 +214,7 @@ def walk_chain(top: ImageInfo) -> tuple[list[ImageInfo], list[F.Finding]]:
             problems.append(F.backing_too_deep(MAX_CHAIN_DEPTH))
             break
         seen.add(real)
-        layer = inspect_one(backing)
+        layer = inspect_one(backing, layer=True)
         chain.append(layer)
         if layer.format == "missing":
             problems.append(F.backing_missing(backing))
@@ -352,16 +369,25 @@ def summarize(reports: list[Report]) -> dict[str, Any]:
 # -- details for one image (qcrypt info) -------------------------------------------------------------------
 
 
-def _add_compressed_finding(report: Report, image: ImageFile) -> None:
+def _add_finding(report: Report, finding: F.Finding) -> None:
+    report["findings"].append(finding.as_dict())
+    report["severity"] = severity_of([F.Finding(**f) for f in report["findings"]])
+
+
+def _add_compressed_finding(report: Report, image: ImageFile, budget: WalkBudget) -> None:
     """Legacy AES images keep compressed clusters in plaintext (formats.md B.1): count them, snapshots too."""
-    tables = [None, *image.snapshots()]  # type: ignore[attr-defined]
-    compressed = {m.host_offset for table in tables
-                  for _, m in image.iter_mappings(table)  # type: ignore[attr-defined]
-                  if m.kind is ClusterKind.COMPRESSED}
-    if compressed:
-        finding = F.legacy_compressed_plaintext(len(compressed))
-        report["findings"].append(finding.as_dict())
-        report["severity"] = severity_of([finding, *(F.Finding(**f) for f in report["findings"])])
+    at_least = False
+    if isinstance(image, QCowImage):
+        usage = image.table_usage(budget)
+        count, at_least = len(usage.compressed_offsets), usage.compressed_truncated
+    else:
+        assert isinstance(image, QCow2Image)
+        tables = [None, *image.snapshots()]
+        usages = [image.table_usage(table, budget) for table in tables]
+        count = len(np.unique(np.concatenate([u.compressed_offsets for u in usages])))
+        at_least = any(u.compressed_truncated for u in usages)
+    if count:
+        _add_finding(report, F.legacy_compressed_plaintext(count, at_least=at_least))
 
 
 def describe(path: str | os.PathLike[str]) -> Report:
@@ -380,10 +406,15 @@ def describe(path: str | os.PathLike[str]) -> Report:
     report["snapshots"] = []
     if info.format in ("qcow", "qcow2"):
         with open_image(path) as image:
-            report["allocated_bytes"] = image.allocated_bytes()
             report["snapshots"] = [s.describe() for s in image.snapshots()]
-            if info.encryption == "aes-cbc-legacy":
-                _add_compressed_finding(report, image)
+            budget = WalkBudget()
+            try:
+                report["allocated_bytes"] = image.allocated_bytes(budget)
+                if info.encryption == "aes-cbc-legacy":
+                    _add_compressed_finding(report, image, budget)
+            except LimitExceededError as e:  # the header was fine: only the layout is too big to count here
+                _add_finding(report, F.limit_exceeded(f"{e}; allocated bytes and compressed clusters were not "
+                                                      "(fully) counted"))
     report["features"] = info.features
     if info.luks is not None:
         report["luks"] = info.luks
