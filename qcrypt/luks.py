@@ -27,6 +27,7 @@ from qcrypt.crypto.kdf import (
     MAX_ITERATIONS,
     benchmark_pbkdf2,
     check_hash,
+    check_pbkdf2_cost,
     iterations_for,
     pbkdf2,
     scale_iterations,
@@ -37,6 +38,7 @@ from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.errors import (
     BadPassphraseError,
     FormatError,
+    LimitExceededError,
     MigrationError,
     QcryptIOError,
     UnsupportedFeatureError,
@@ -417,10 +419,22 @@ def _candidate_slots(header: LuksHeader, slot: int | None) -> list[LuksKeyslot]:
 
 def _first_opening(header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray,
                    slot: int | None) -> tuple[int, bytearray]:
+    """The first slot ``passphrase`` opens. Slots whose PBKDF2 would cost more than the allowed time at this
+    machine's measured rate are skipped, and named if no other slot opens."""
+    check_pbkdf2_cost(header.hash_spec, header.mk_digest_iter, fmt.DIGEST_SIZE, what="mk_digest_iter")
+    skipped: list[str] = []
     for candidate in _candidate_slots(header, slot):
+        try:
+            check_pbkdf2_cost(header.hash_spec, candidate.iterations, header.key_bytes,
+                              what=f"keyslot {candidate.index} iterations")
+        except LimitExceededError as e:
+            skipped.append(str(e))
+            continue
         master_key = _open_slot(header, read_at, passphrase, candidate)
         if master_key is not None:
             return candidate.index, master_key
+    if skipped:
+        raise LimitExceededError(f"the passphrase opens no keyslot that was tried; skipped: {'; '.join(skipped)}")
     raise BadPassphraseError("the passphrase opens no keyslot")
 
 

@@ -8,10 +8,12 @@ from typing import Any
 
 import click
 
+from qcrypt import limits
 from qcrypt import scan as scanner
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
+from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
 from qcrypt.errors import QcryptError
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate import migrate as run_migration
@@ -52,18 +54,22 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
               help="Worker processes [default: one per CPU, at most 8].")
 @click.option("--stall-timeout", "stall_seconds", type=click.FloatRange(1, 86400), default=DEFAULT_STALL_SECONDS,
               show_default=True, help="Seconds without progress after which a worker counts as stuck (exit 12).")
+@click.option("--max-pbkdf2-seconds", "max_pbkdf2_seconds", type=click.FloatRange(1, 86400),
+              default=limits.MAX_PBKDF2_SECONDS, show_default=True,
+              help="Skip a source keyslot whose PBKDF2 would take longer than this here (its header sets the cost).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--timings", is_flag=True, help="Print the seconds each phase took to stderr (also with -q).")
 @handle_errors
 def migrate(source: str, target: str, output: str | None, passphrase_file: str | None,
             new_passphrase_file: str | None, cipher: str, key_bits: str | None, hash_name: str, iter_time_ms: int,
             iterations: int | None, flatten: bool, force: bool, replace: bool, jobs: int | None, stall_seconds: float,
-            quiet: bool, timings: bool) -> None:
+            max_pbkdf2_seconds: float, quiet: bool, timings: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
     if replace and output:
         raise click.UsageError("--replace puts the output under SOURCE's name: do not give -o")
     if passphrase_file == "-" and new_passphrase_file == "-":
         raise click.UsageError("only one passphrase can come from stdin")
+    set_max_pbkdf2_seconds(max_pbkdf2_seconds)
     report = scanner.inspect(source)
     encrypted = report["encryption"] != "none" or any(
         layer["encryption"] != "none" for layer in report.get("backing_chain", []))
