@@ -214,13 +214,13 @@ class QCow2Image(ImageFile):
         offset = self.header.header_length
         end = self._extension_area_end()
         while offset + 8 <= end:
-            if len(extensions) >= limits.MAX_HEADER_EXTENSIONS:
-                raise LimitExceededError(f"more than {limits.MAX_HEADER_EXTENSIONS} header extensions",
-                                         path=self.path, field="header extension")
             eh = parse(fmt.ExtensionHeader, self.fh, offset, 8, path=self.path, what="header extension",
                        file_size=self.file_size)
             if eh.type == fmt.EXT_END:
                 break
+            if len(extensions) >= limits.MAX_HEADER_EXTENSIONS:
+                raise LimitExceededError(f"more than {limits.MAX_HEADER_EXTENSIONS} header extensions",
+                                         path=self.path, field="header extension")
             if offset + 8 + eh.length > end:
                 raise self._fail("header extension", f"extension {eh.type:#x} runs past the extension area")
             if eh.type in extensions:
