@@ -41,21 +41,25 @@ class Outcome:
         assert "Traceback" not in self.stderr and "internal error" not in self.stderr, self.stderr
 
 
-def _guards() -> None:
-    resource.setrlimit(resource.RLIMIT_CPU, (CPU_GUARD_SECONDS, CPU_GUARD_SECONDS + 5))
-    resource.setrlimit(resource.RLIMIT_AS, (AS_GUARD_BYTES, AS_GUARD_BYTES))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _guards(cpu_seconds: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
+        resource.setrlimit(resource.RLIMIT_AS, (AS_GUARD_BYTES, AS_GUARD_BYTES))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
 
 
 def run_bounded(argv: Sequence[str], *, wall_seconds: float = 120, stdin: bytes | None = None,
-                while_running: Callable[[subprocess.Popen[bytes]], None] | None = None) -> Outcome:
+                while_running: Callable[[subprocess.Popen[bytes]], None] | None = None,
+                cpu_guard_seconds: int = CPU_GUARD_SECONDS) -> Outcome:
     """Run ``argv`` (a child of this Python) under the guards; ``while_running`` may signal it."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
         inp.write(stdin or b"")
         inp.seek(0)
         started = time.monotonic()
         child = subprocess.Popen([sys.executable, *argv], stdin=inp, stdout=out, stderr=err,
-                                 preexec_fn=_guards)
+                                 preexec_fn=_guards(cpu_guard_seconds))
         timer = threading.Timer(wall_seconds, child.kill)
         timer.start()
         try:
