@@ -174,8 +174,8 @@ class QCow2Image(ImageFile):
         needed = -(-h.size // (h.cluster_size * h.l2_entries))
         if h.l1_size < needed:
             raise self._fail("l1_size", f"L1 table is too small ({h.l1_size} < {needed} entries)")
-        if h.l1_size * 8 > fmt.MAX_L1_BYTES:
-            raise self._fail("l1_size", f"{h.l1_size} entries exceed the 32 MiB limit")
+        if h.l1_size * 8 > limits.MAX_L1_BYTES:
+            raise LimitExceededError(f"{h.l1_size} entries exceed the 32 MiB limit", path=self.path, field="l1_size")
         self._check_table("l1_table_offset", h.l1_table_offset, h.l1_size * 8)
 
     def _check_table(self, field: str, offset: int, length: int) -> None:
@@ -277,8 +277,9 @@ class QCow2Image(ImageFile):
         """The refcount table (u64 entries; bits 9-63 = refcount block offset, 0 = all counts 0)."""
         h = self.header
         length = h.refcount_table_clusters * h.cluster_size
-        if length > fmt.MAX_REFTABLE_BYTES:
-            raise self._fail("refcount_table_clusters", f"{h.refcount_table_clusters} clusters exceed 8 MiB")
+        if length > limits.MAX_REFTABLE_BYTES:
+            raise LimitExceededError(f"{h.refcount_table_clusters} clusters exceed 8 MiB", path=self.path,
+                                     field="refcount_table_clusters")
         self._check_table("refcount_table_offset", h.refcount_table_offset, length)
         raw = read_exact(self.fh, h.refcount_table_offset, length, path=self.path, what="refcount table",
                          file_size=self.file_size)

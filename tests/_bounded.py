@@ -66,6 +66,10 @@ def run_bounded(argv: Sequence[str], *, wall_seconds: float = 120, stdin: bytes 
             if while_running is not None:
                 while_running(child)
             _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:  # e.g. the test's own alarm: never leave the child running
+            child.kill()
+            child.wait()
+            raise
         finally:
             timer.cancel()
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
