@@ -88,6 +88,12 @@ def test_snapshot_table_bomb_is_a_finding(tmp_path: Path) -> None:
     info = qcrypt_bounded("info", str(image.path))
     info.assert_bounded()
     assert info.returncode == 3 and "snapshot table" in info.stderr
+    xml = (f"<domain type='kvm'><name>web</name><devices><disk type='file' device='disk'>"
+           f"<driver name='qemu' type='qcow2'/><source file='{image.path}'/><target dev='vda'/></disk>"
+           "</devices></domain>")
+    hook = qcrypt_bounded("hook", "libvirt", "web", "prepare", "begin", "-", stdin=xml.encode())
+    hook.assert_bounded()
+    assert hook.returncode == 0
 
 
 def test_snapshot_l1_bomb_stays_within_the_walk_budget(tmp_path: Path) -> None:
