@@ -30,6 +30,11 @@ MAX_SNAPSHOT_TABLE_BYTES = 16 * MiB
 few KiB (about 100 bytes per snapshot), and 16 MiB keeps the parsed table, its names and their JSON well inside
 the memory budget."""
 
+MAX_SNAPSHOT_L1_TOTAL_BYTES = 256 * MiB
+"""The L1 tables of all snapshots together. Each may be 32 MiB, but on a sparse file a thousand of them cost
+nothing to declare; migrate holds them all while it verifies the snapshots it copied. 256 MiB of L1 tables
+describe petabytes of snapshot disks (a 1 TiB disk has a 16 KiB L1 with 64 KiB clusters)."""
+
 MAX_HEADER_EXTENSIONS = 128
 """qcow2 header extensions. QEMU knows six types and each may appear once; unknown types are kept, but a header
 listing thousands of them only costs time (their total size is bounded by the first cluster)."""

@@ -329,7 +329,13 @@ class QCow2Image(ImageFile):
         if not self.check_snapshot_table():
             return []
         table = _TableReader(self, self.header.snapshots_offset)
-        return [self._read_snapshot(index, table) for index in range(self.header.nb_snapshots)]
+        snapshots = [self._read_snapshot(index, table) for index in range(self.header.nb_snapshots)]
+        l1_bytes = sum(snapshot.l1_size * 8 for snapshot in snapshots)
+        if l1_bytes > limits.MAX_SNAPSHOT_L1_TOTAL_BYTES:
+            raise LimitExceededError(f"the snapshots' L1 tables ({l1_bytes} bytes together) exceed the limit of "
+                                     f"{limits.MAX_SNAPSHOT_L1_TOTAL_BYTES >> 20} MiB", path=self.path,
+                                     field="snapshot table")
+        return snapshots
 
     def _read_snapshot(self, index: int, table: _TableReader) -> Snapshot:
         what = f"snapshot {index}"

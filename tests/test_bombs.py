@@ -96,9 +96,10 @@ def test_snapshot_table_bomb_is_a_finding(tmp_path: Path) -> None:
     assert hook.returncode == 0
 
 
-def test_snapshot_l1_bomb_stays_within_the_walk_budget(tmp_path: Path) -> None:
-    """1024 snapshots of a legacy image, each with its own 32 MiB L1 (all holes): ``info`` counts compressed
-    clusters of every table, but reads at most 256 MiB of tables and keeps at most two L1 tables."""
+def test_snapshot_l1_bomb_is_refused(tmp_path: Path) -> None:
+    """1024 snapshots of a legacy image, each with its own 32 MiB L1 (holes in a sparse file): ``info`` used to
+    keep every table while counting compressed clusters (32 GiB). The snapshots' L1 tables together are
+    limited to 256 MiB."""
     image = im.make_qcow2(tmp_path / "l1s.qcow2", 1 << 20, encrypt="aes", passphrase=PASSPHRASE)
     count, l1_entries = 1024, limits.MAX_L1_BYTES // 8
     table, first_l1 = 512 << 10, 1 << 20
@@ -108,12 +109,40 @@ def test_snapshot_l1_bomb_stays_within_the_walk_budget(tmp_path: Path) -> None:
     _put(image.path, table, entries)
     _set_snapshot_table(image.path, table, count)
     assert os.stat(image.path).st_blocks * 512 < 2 << 20  # sparse
+    report, _ = _scan_json(image.path)
+    assert {LIMIT_EXCEEDED, "legacy-aes"} <= set(_codes(report)) and "L1 tables" in report["error"]
+    info = qcrypt_bounded("info", str(image.path))
+    info.assert_bounded()
+    assert info.returncode == 3 and "L1 tables" in info.stderr
+    secret = tmp_path / "pw"
+    secret.write_text(PASSPHRASE)
+    out = tmp_path / "out.qcow2"
+    migrate = qcrypt_bounded("migrate", str(image.path), "--to", "qcow2", "-o", str(out), "--passphrase-file",
+                             str(secret), "-q")
+    migrate.assert_bounded()
+    assert migrate.returncode == 8 and "L1 tables" in migrate.stderr and not out.exists()
+
+
+def test_table_walk_of_info_stays_within_its_budget(tmp_path: Path) -> None:
+    """An L1 of 131072 entries, each pointing at its own L2 table (holes of an 8 GiB sparse file): counting the
+    allocated bytes would read 8 GiB. ``info`` stops at 256 MiB of tables and says so."""
+    image = im.make_qcow2(tmp_path / "wide.qcow2", 1 << 20)
+    l1_entries = 131072
+    first_l2 = 4 << 20
+    new_l1 = 2 << 20
+    _grow(image.path, first_l2 + l1_entries * 65536)
+    _put(image.path, new_l1, b"".join((first_l2 + i * 65536).to_bytes(8, "big") for i in range(l1_entries)))
+    _u64(image.path, 24, l1_entries * 8192 * 65536)
+    _u32(image.path, 36, l1_entries)
+    _u64(image.path, 40, new_l1)
+    assert os.stat(image.path).st_blocks * 512 < 4 << 20  # sparse
     outcome = qcrypt_bounded("info", "--format", "json", str(image.path))
     outcome.assert_bounded()
     assert outcome.returncode == 0, outcome.stderr
     report = json.loads(outcome.stdout)
-    assert len(report["snapshots"]) == count
-    assert LIMIT_EXCEEDED in _codes(report) and "legacy-aes" in _codes(report)
+    assert report["allocated_bytes"] is None and LIMIT_EXCEEDED in _codes(report)
+    table = qcrypt_bounded("info", str(image.path))
+    assert table.returncode == 0 and "unknown (see findings)" in table.stdout
 
 
 # -- time bombs --------------------------------------------------------------------------------------------------
