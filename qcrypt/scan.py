@@ -390,6 +390,18 @@ def _add_compressed_finding(report: Report, image: ImageFile, budget: WalkBudget
         _add_finding(report, F.legacy_compressed_plaintext(count, at_least=at_least))
 
 
+def allocated_bytes_of(path: str) -> int | None:
+    """Guest bytes backed by data in ``path``'s own active table (not its chain), within the inspection budget:
+    the progress and time estimates of migrate and migrate-domain. None when it cannot be counted cheaply."""
+    try:
+        if probe(path).format not in ("qcow", "qcow2"):
+            return None
+        with open_image(path) as image:
+            return image.allocated_bytes(WalkBudget())
+    except (QcryptError, OSError):
+        return None
+
+
 def describe(path: str | os.PathLike[str]) -> Report:
     """Everything ``qcrypt info`` shows: the scan report plus layout details. Raises FormatError if unparseable."""
     path = os.fspath(path)

@@ -14,7 +14,6 @@ from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
-from qcrypt.errors import QcryptError
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate import migrate as run_migration
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
@@ -110,10 +109,7 @@ def _allocated_estimate(source: str, report: dict[str, Any]) -> int | None:
     """Bytes a qcow2 target will process (allocated data of the source, snapshots aside), for the ETA."""
     if report["format"] not in ("qcow", "qcow2"):
         return report["virtual_size"]
-    try:
-        return scanner.describe(source)["allocated_bytes"]
-    except (QcryptError, OSError):
-        return None
+    return scanner.allocated_bytes_of(source)
 
 
 def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_file: str | None) -> None:

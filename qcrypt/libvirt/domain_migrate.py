@@ -180,15 +180,12 @@ def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
 
 
 def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
-    from qcrypt.scan import describe
+    from qcrypt.scan import allocated_bytes_of
 
     paths = [report["path"]] + ([layer["path"] for layer in report.get("backing_chain") or []] if flatten else [])
     total = 0
     for path in paths:
-        try:
-            allocated = describe(path).get("allocated_bytes")
-        except (QcryptError, OSError):
-            return None
+        allocated = allocated_bytes_of(path)  # each layer's own tables, within the inspection budget
         if allocated is None:
             return None
         total += allocated
