@@ -60,6 +60,11 @@ keyslot above it is skipped (and named in the error); ``migrate --max-pbkdf2-sec
 MAX_PBKDF2_ITERATIONS = 2**31 - 1
 """The most PBKDF2 iterations this Python can run in one call (the header field is a u32)."""
 
+MAX_LUKS1_KEY_MATERIAL_END = 16 * MiB
+"""Where the key material of any LUKS1 keyslot may end, from the start of the LUKS header. cryptsetup and QEMU
+lay the eight slots out one after the other from 4 KiB on (about 2 MiB for 512-bit keys); migrate copies this
+area, so a slot placed terabytes away in a sparse file must not make it read terabytes."""
+
 MAX_LUKS2_KEYSLOTS = 32
 """LUKS2 keyslots described: cryptsetup's own maximum (LUKS2_KEYSLOTS_MAX)."""
 

@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 import construct
 
+from qcrypt import limits
 from qcrypt.crypto.af import af_merge, af_split
 from qcrypt.crypto.kdf import (
     MAX_ITERATIONS,
@@ -331,6 +332,10 @@ def _check_slot(slot: LuksKeyslot, header: LuksHeader, region_size: int, path: s
         raise FormatError(f"key material at sector {slot.key_material_offset} overlaps the header",
                           path=path, field=f"{name} key_material_offset")
     end_bytes = (slot.key_material_offset + header.material_sectors) * SECTOR
+    if end_bytes > limits.MAX_LUKS1_KEY_MATERIAL_END:
+        raise LimitExceededError(f"key material ends at byte {end_bytes}, beyond the limit of "
+                                 f"{limits.MAX_LUKS1_KEY_MATERIAL_END >> 20} MiB", path=path,
+                                 field=f"{name} key_material_offset")
     if end_bytes > region_size:
         raise FormatError(f"key material ends at byte {end_bytes}, past the end of the LUKS region "
                           f"({region_size} bytes)", path=path, field=f"{name} key_material_offset")

@@ -281,6 +281,22 @@ def _migrate_args(source: Path, secret: Path, out: Path, *extra: str) -> list[st
     return ["migrate", str(source), "--to", "qcow2", "-o", str(out), "--passphrase-file", str(secret), "-q", *extra]
 
 
+def test_luks1_key_material_far_away_is_refused(tmp_path: Path) -> None:
+    """A detached-header LUKS1 (payload offset 0) whose disabled slot 7 keeps its key material 2 TiB away in a
+    sparse file: migrate --to luks copied the key-material area, all 2 TiB of it, into memory."""
+    source, secret = _luks_with_iterations(tmp_path, 1000)
+    _u32(source, 104, 0)  # payload offset
+    _u32(source, 208 + 7 * 48 + 40, 0xFFFF0000)  # slot 7 key_material_offset (sectors)
+    _grow(source, (0xFFFF0000 + 2048) * 512)
+    report, _ = _scan_json(source)
+    assert LIMIT_EXCEEDED in _codes(report) and "keyslot 7" in report["error"]
+    out = tmp_path / "out.luks"
+    outcome = qcrypt_bounded("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file",
+                             str(secret), "--new-passphrase-file", str(secret), "-q")
+    outcome.assert_bounded()
+    assert outcome.returncode == 8 and "key material" in outcome.stderr and not out.exists()
+
+
 @pytest.mark.parametrize("iterations", [0xFFFFFFFF, 0x7FFFFFFF])
 def test_keyslot_iterations_beyond_the_limits_are_a_clean_error(tmp_path: Path, iterations: int) -> None:
     source, secret = _luks_with_iterations(tmp_path, iterations)
