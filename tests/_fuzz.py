@@ -25,7 +25,10 @@ MIGRATE_MAX_VIRTUAL = 64 << 20
 QCOW2_FIELDS = [(8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (48, 8), (56, 4), (60, 4), (64, 8),
                 (72, 8), (96, 4), (100, 4)]
 QCOW1_FIELDS = [(8, 8), (16, 4), (24, 8), (32, 1), (33, 1), (36, 4), (40, 8)]
-LUKS1_FIELDS = [(104, 4), (108, 4), (164, 4)] + [(208 + 48 * i + f, 4) for i in range(8) for f in (0, 4, 40, 44)]
+LUKS1_ITERATIONS = [(164, 4)] + [(208 + 48 * i + 4, 4) for i in range(8)]  # weighted: PBKDF2 costs
+LUKS1_FIELDS = [(104, 4), (108, 4)] + [(208 + 48 * i + f, 4) for i in range(8) for f in (0, 40, 44)]
+LUKS1_FIELDS += LUKS1_ITERATIONS * 3
+CRYPTO_HEADER_EXTENSION = 0x0537BE77
 SNAPSHOT_FIELDS = [(0, 8), (8, 4), (12, 2), (14, 2), (32, 4), (36, 4), (40, 8)]
 
 
@@ -49,6 +52,16 @@ def _tables(data: bytearray) -> list[tuple[int, int]]:
     header_length = _u(data, 100, 4) if _u(data, 4, 4) == 3 else 72
     if header_length + 8 <= len(data):
         places += [(header_length, 4), (header_length + 4, 4)]
+    offset = header_length
+    while offset + 8 <= min(len(data), 65536):  # the LUKS header of a qcow2-luks image: its fields too
+        ext_type, ext_length = _u(data, offset, 4), _u(data, offset + 4, 4)
+        if ext_type == 0:
+            break
+        if ext_type == CRYPTO_HEADER_EXTENSION:
+            luks = _u(data, offset + 8, 8)
+            places += [(luks + off, width) for off, width in LUKS1_FIELDS if luks + off + width <= len(data)]
+            break
+        offset += 8 + (ext_length + 7) // 8 * 8
     l1 = _u(data, 40, 8)
     if l1 and l1 + 32 <= len(data):
         places += [(l1 + 8 * i, 8) for i in range(4)]
