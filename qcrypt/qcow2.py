@@ -8,6 +8,7 @@ References:
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from qcrypt.imagefile import ImageFile
 from qcrypt.model import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extension, Snapshot
 
 L2_CACHE_TABLES = 64
+_SNAPSHOT_HEADER = struct.Struct(fmt.SNAPSHOT_HEADER_FORMAT)
 SNAPSHOT_READ_BYTES = 64 * 1024  # the snapshot table is read in pieces of this size (it is usually tiny)
 COMPRESSED_OFFSETS_KEPT = 1 << 20  # compressed clusters counted one by one (8 MiB of offsets) before "at least"
 
@@ -338,32 +340,31 @@ class QCow2Image(ImageFile):
         return snapshots
 
     def _read_snapshot(self, index: int, table: _TableReader) -> Snapshot:
-        what = f"snapshot {index}"
-        start = table.position
-        c = parse_bytes(fmt.SnapshotHeaderCompiled, table.take(fmt.SNAPSHOT_HEADER_SIZE, what), path=self.path,
-                        what=what)
-        if c.extra_data_size > limits.MAX_SNAPSHOT_EXTRA:
-            raise LimitExceededError(f"extra data size {c.extra_data_size} exceeds {limits.MAX_SNAPSHOT_EXTRA}",
-                                     path=self.path, field=what)
-        rest = table.take(c.extra_data_size + c.id_str_size + c.name_size, what)
-        table.skip(-(fmt.SNAPSHOT_HEADER_SIZE + len(rest)) % 8)  # padding to 8 bytes (may end the file)
-        entry = table.view(start, fmt.SNAPSHOT_HEADER_SIZE + len(rest))
-        extra = rest[: c.extra_data_size]
-        disk_size = None
-        if len(extra) >= fmt.SNAPSHOT_EXTRA_DISK_SIZE_END - 8:
-            disk_size = int.from_bytes(extra[8:16], "big")
-        strings = rest[c.extra_data_size :]
-        snap_id = _decode_name(strings[: c.id_str_size], self.path, f"{what} id")
-        name = _decode_name(strings[c.id_str_size :], self.path, f"{what} name")
-        if c.l1_size * 8 > limits.MAX_L1_BYTES:
-            raise LimitExceededError(f"L1 size {c.l1_size} exceeds the 32 MiB limit", path=self.path, field=what)
-        self._check_table(f"{what} l1_table_offset", c.l1_table_offset, c.l1_size * 8)
-        vm_state = int.from_bytes(extra[:8], "big") if len(extra) >= 8 else c.vm_state_size
+        start = table.need(fmt.SNAPSHOT_HEADER_SIZE, index)
+        (l1_table_offset, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec, vm_state_size,
+         extra_size) = _SNAPSHOT_HEADER.unpack_from(table.buffer, start)
+        if extra_size > limits.MAX_SNAPSHOT_EXTRA:
+            raise LimitExceededError(f"extra data size {extra_size} exceeds {limits.MAX_SNAPSHOT_EXTRA}",
+                                     path=self.path, field=f"snapshot {index}")
+        length = fmt.SNAPSHOT_HEADER_SIZE + extra_size + id_size + name_size
+        start = table.need(length, index)
+        table.position = start + length + -length % 8  # padding to 8 bytes (may end the file)
+        entry = bytes(table.buffer[start : start + length])
+        extra_end = fmt.SNAPSHOT_HEADER_SIZE + extra_size
+        disk_size = int.from_bytes(entry[48:56], "big") if extra_size >= 16 else None
+        snap_id = _decode_name(entry[extra_end : extra_end + id_size], self.path, f"snapshot {index} id")
+        name = _decode_name(entry[extra_end + id_size :], self.path, f"snapshot {index} name")
+        if l1_size * 8 > limits.MAX_L1_BYTES:
+            raise LimitExceededError(f"L1 size {l1_size} exceeds the 32 MiB limit", path=self.path,
+                                     field=f"snapshot {index}")
+        if l1_size:
+            self._check_table(f"snapshot {index} l1_table_offset", l1_table_offset, l1_size * 8)
+        vm_state = int.from_bytes(entry[40:48], "big") if extra_size >= 8 else vm_state_size
         if vm_state > self.file_size:
             raise LimitExceededError(f"VM state of {vm_state} bytes is larger than the file ({self.file_size})",
-                                     path=self.path, field=f"{what} vm_state_size")
-        return Snapshot(index, snap_id, name, c.l1_table_offset, c.l1_size, disk_size, c.date_sec,
-                        c.date_nsec, c.vm_clock_nsec, c.vm_state_size, entry)
+                                     path=self.path, field=f"snapshot {index} vm_state_size")
+        return Snapshot(index, snap_id, name, l1_table_offset, l1_size, disk_size, date_sec, date_nsec,
+                        vm_clock_nsec, vm_state_size, entry)
 
     # -- L1/L2 -------------------------------------------------------------------------------------
     def l1_table(self, snapshot: Snapshot | None = None) -> np.ndarray:
@@ -638,28 +639,24 @@ class _TableReader:
         self.buffer = bytearray()
         self.position = 0
 
-    def take(self, length: int, what: str) -> bytes:
+    def need(self, length: int, index: int) -> int:
+        """Make ``length`` bytes from the current position available in ``buffer``; returns the position."""
         end = self.position + length
+        if end > len(self.buffer):
+            self._fill(end, index)
+        return self.position
+
+    def _fill(self, end: int, index: int) -> None:
         if end > limits.MAX_SNAPSHOT_TABLE_BYTES:
             raise self.image._table_too_big(end)
-        if end > len(self.buffer):
-            want = max(end - len(self.buffer), SNAPSHOT_READ_BYTES)
-            want = min(want, limits.MAX_SNAPSHOT_TABLE_BYTES - len(self.buffer),
-                       self.image.file_size - self.offset - len(self.buffer))
-            if end - len(self.buffer) > want:
-                raise FormatError(f"table entry runs past the end of the file ({self.image.file_size})",
-                                  path=self.image.path, field=what)
-            self.buffer += read_exact(self.image.fh, self.offset + len(self.buffer), want, path=self.image.path,
-                                      what=what, file_size=self.image.file_size)
-        data = bytes(self.buffer[self.position : end])
-        self.position = end
-        return data
-
-    def skip(self, length: int) -> None:
-        self.position += length
-
-    def view(self, start: int, length: int) -> bytes:
-        return bytes(self.buffer[start : start + length])
+        file_left = self.image.file_size - self.offset - len(self.buffer)
+        want = min(max(end - len(self.buffer), SNAPSHOT_READ_BYTES),
+                   limits.MAX_SNAPSHOT_TABLE_BYTES - len(self.buffer), file_left)
+        if end - len(self.buffer) > want:
+            raise FormatError(f"table entry runs past the end of the file ({self.image.file_size})",
+                              path=self.image.path, field=f"snapshot {index}")
+        self.buffer += read_exact(self.image.fh, self.offset + len(self.buffer), want, path=self.image.path,
+                                  what=f"snapshot {index}", file_size=self.image.file_size)
 
 
 def _decode_name(raw: bytes, path: str, what: str) -> str:

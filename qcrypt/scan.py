@@ -21,6 +21,7 @@ from qcrypt.errors import FormatError, LimitExceededError, QcryptError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.imagefile import ImageFile, RawFile, open_image_file
+from qcrypt.model import Snapshot
 from qcrypt.qcow1 import QCowImage
 from qcrypt.qcow2 import QCow2Image, WalkBudget, feature_names
 
@@ -66,6 +67,7 @@ class ImageInfo:
     cluster_size: int | None = None
     features: dict[str, list[str]] | None = None
     snapshot_count: int = 0
+    snapshots: list[Snapshot] = field(default_factory=list)  # parsed for the top image only (not in reports)
     luks: dict[str, Any] | None = None
     findings: list[F.Finding] = field(default_factory=list)
     error: str | None = None
@@ -121,7 +123,8 @@ def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo, *, layer: bool
     if isinstance(image, QCow2Image):
         info.snapshot_count = image.check_snapshot_table()
         if not layer:  # the layers of a chain are not described: their snapshot entries need no parsing
-            info.snapshot_count = len(image.snapshots())
+            info.snapshots = image.snapshots()
+            info.snapshot_count = len(info.snapshots)
         info.features = feature_names(h)
         info.findings += F.grade_qcow2_features(image)
         crypto = image.crypto_header()
@@ -374,7 +377,8 @@ def _add_finding(report: Report, finding: F.Finding) -> None:
     report["severity"] = severity_of([F.Finding(**f) for f in report["findings"]])
 
 
-def _add_compressed_finding(report: Report, image: ImageFile, budget: WalkBudget) -> None:
+def _add_compressed_finding(report: Report, image: ImageFile, snapshots: list[Snapshot], budget: WalkBudget
+                            ) -> None:
     """Legacy AES images keep compressed clusters in plaintext (formats.md B.1): count them, snapshots too."""
     at_least = False
     if isinstance(image, QCowImage):
@@ -382,7 +386,7 @@ def _add_compressed_finding(report: Report, image: ImageFile, budget: WalkBudget
         count, at_least = len(usage.compressed_offsets), usage.compressed_truncated
     else:
         assert isinstance(image, QCow2Image)
-        tables = [None, *image.snapshots()]
+        tables = [None, *snapshots]
         usages = [image.table_usage(table, budget) for table in tables]
         count = len(np.unique(np.concatenate([u.compressed_offsets for u in usages])))
         at_least = any(u.compressed_truncated for u in usages)
@@ -418,12 +422,12 @@ def describe(path: str | os.PathLike[str]) -> Report:
     report["snapshots"] = []
     if info.format in ("qcow", "qcow2"):
         with open_image(path) as image:
-            report["snapshots"] = [s.describe() for s in image.snapshots()]
+            report["snapshots"] = [s.describe() for s in info.snapshots]
             budget = WalkBudget()
             try:
                 report["allocated_bytes"] = image.allocated_bytes(budget)
                 if info.encryption == "aes-cbc-legacy":
-                    _add_compressed_finding(report, image, budget)
+                    _add_compressed_finding(report, image, info.snapshots, budget)
             except LimitExceededError as e:  # the header was fine: only the layout is too big to count here
                 _add_finding(report, F.limit_exceeded(f"{e}; allocated bytes and compressed clusters were not "
                                                       "(fully) counted"))

@@ -89,6 +89,23 @@ def _hostile_json(rng: random.Random, room: int) -> bytes:
     return text.encode()[: room - 1] + b"\0"
 
 
+def _compound(data: bytearray, rng: random.Random, file_size: int) -> list[tuple[int, bytes]]:
+    """Several qcow2 fields set together, as a bomb would: many snapshots, a huge L1, one L2 shared by many L1
+    entries (the file is grown sparse so that the tables lie inside it)."""
+    far = (file_size // 2) & ~0xFFFF
+    style = rng.randrange(3)
+    if style == 0:  # a flood of (all-zero, valid) snapshot entries in the sparse part
+        return [(60, rng.choice([1000, 65536, 65537]).to_bytes(4, "big")), (64, far.to_bytes(8, "big"))]
+    if style == 1:  # a huge L1 of holes, and a virtual size that needs it all
+        entries = rng.choice([1 << 20, 4 << 20])
+        span = 1 << (_u(data, 20, 4) * 2 - 3) if 9 <= _u(data, 20, 4) <= 21 else 1 << 29
+        return [(36, entries.to_bytes(4, "big")), (40, far.to_bytes(8, "big")),
+                (24, min(entries * span, 1 << 62).to_bytes(8, "big"))]
+    l1, size = _u(data, 40, 8), _u(data, 24, 8)  # every L1 entry pointing at the first L2 table
+    count = max(1, min(_u(data, 36, 4), (len(data) - l1) // 8 if l1 < len(data) else 0))
+    return [(l1, data[l1 : l1 + 8] * count), (24, max(size, 1).to_bytes(8, "big"))]
+
+
 def mutate(path: Path, kind: str, rng: random.Random) -> bool:
     """Mutate ``path`` in place; True if it was grown sparse-huge."""
     data = bytearray(path.read_bytes()[: 8 << 20])
@@ -103,6 +120,9 @@ def mutate(path: Path, kind: str, rng: random.Random) -> bool:
     for _ in range(rng.randint(1, 3)):
         offset, width = rng.choice(places)
         writes.append((offset, _value(rng, width, file_size).to_bytes(width, "big")))
+    if kind.startswith("qcow2") and rng.random() < 0.25:
+        grown, file_size = True, max(file_size, 1 << 30)
+        writes += _compound(data, rng, file_size)
     if kind == "luks2" and rng.random() < 0.7:
         hdr_size = rng.choice([0x4000, 0x400000])
         writes = [(8, hdr_size.to_bytes(8, "big")), (4096, _hostile_json(rng, hdr_size - 4096))]

@@ -65,6 +65,19 @@ def _set_snapshot_table(path: Path, table_offset: int, count: int) -> None:
     _u64(path, 64, table_offset)
 
 
+def test_snapshot_struct_format_matches_the_declaration() -> None:
+    """The reader's struct format for snapshot entries and the construct declaration agree field by field."""
+    from qcrypt.formats import qcow2 as fmt
+
+    values = (0x1122334455667788, 0x99AABBCC, 0xDDEE, 0x0102, 0x03040506, 0x0708090A, 0x0B0C0D0E0F101112,
+              0x13141516, 0x1718191A)
+    raw = struct.pack(fmt.SNAPSHOT_HEADER_FORMAT, *values)
+    assert len(raw) == fmt.SNAPSHOT_HEADER_SIZE == fmt.SnapshotHeader.sizeof()
+    parsed = fmt.SnapshotHeader.parse(raw)
+    assert tuple(v for k, v in parsed.items() if not k.startswith("_")) == values
+    assert SNAPSHOT_ENTRY.format == fmt.SNAPSHOT_HEADER_FORMAT
+
+
 # -- memory bombs ------------------------------------------------------------------------------------------------
 
 

@@ -148,7 +148,9 @@ SnapshotHeader = Struct(  # 40 bytes, then extra data, id string, name, padding 
     "extra_data_size" / Int32ub,
 )
 SNAPSHOT_HEADER_SIZE = 40
-SnapshotHeaderCompiled = SnapshotHeader.compile()  # the same declaration, parsed ~4x faster (tables of 65536)
+# The same 40 bytes as a struct format, for the reader's hot loop (a table may hold 65536 entries: construct
+# costs ~13 us per entry, struct ~0.2 us). tests/test_bombs.py checks that both agree field by field.
+SNAPSHOT_HEADER_FORMAT = ">QIHHIIQII"
 SNAPSHOT_EXTRA_DISK_SIZE_END = 24  # extra: vm_state_size_large u64, disk_size u64, icount u64
 
 SnapshotExtra = Struct(
