@@ -52,14 +52,14 @@ def _guards(cpu_seconds: int) -> Callable[[], None]:
 
 def run_bounded(argv: Sequence[str], *, wall_seconds: float = 120, stdin: bytes | None = None,
                 while_running: Callable[[subprocess.Popen[bytes]], None] | None = None,
-                cpu_guard_seconds: int = CPU_GUARD_SECONDS) -> Outcome:
+                cpu_guard_seconds: int = CPU_GUARD_SECONDS, env: dict[str, str] | None = None) -> Outcome:
     """Run ``argv`` (a child of this Python) under the guards; ``while_running`` may signal it."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
         inp.write(stdin or b"")
         inp.seek(0)
         started = time.monotonic()
         child = subprocess.Popen([sys.executable, *argv], stdin=inp, stdout=out, stderr=err,
-                                 preexec_fn=_guards(cpu_guard_seconds))
+                                 preexec_fn=_guards(cpu_guard_seconds), env={**os.environ, **(env or {})})
         timer = threading.Timer(wall_seconds, child.kill)
         timer.start()
         try:
