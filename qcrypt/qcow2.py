@@ -24,6 +24,7 @@ from qcrypt.model import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extensi
 L2_CACHE_TABLES = 64
 _SNAPSHOT_HEADER = struct.Struct(fmt.SNAPSHOT_HEADER_FORMAT)
 SNAPSHOT_READ_BYTES = 64 * 1024  # the snapshot table is read in pieces of this size (it is usually tiny)
+SPARSE_L2_ENTRIES = 32  # an L2 table with at most this many used entries is decoded entry by entry
 COMPRESSED_OFFSETS_KEPT = 1 << 20  # compressed clusters counted one by one (8 MiB of offsets) before "at least"
 
 
@@ -542,7 +543,12 @@ class QCow2Image(ImageFile):
 
     def _count_l2(self, l2: np.ndarray, count: int) -> tuple[int, int, np.ndarray]:
         """(whole data clusters, bytes of allocated subclusters, compressed host offsets) of the first ``count``
-        entries, with the same checks as :meth:`decode_l2_entry` (vectorized)."""
+        entries, with the same checks as :meth:`decode_l2_entry`: entry by entry for a sparse table, vectorized
+        for a dense one (numpy's fixed cost per call only pays off beyond a few dozen entries)."""
+        pairs = l2.reshape(-1, 2)[:count] if self.header.extended_l2 else None
+        used = np.flatnonzero((pairs[:, 0] | pairs[:, 1]) if pairs is not None else l2[:count])
+        if len(used) <= SPARSE_L2_ENTRIES:
+            return self._count_sparse(l2, used.tolist())
         if self.header.extended_l2:
             pairs = l2.reshape(-1, 2)[:count]
             entries, bitmaps = pairs[:, 0], pairs[:, 1]
@@ -578,6 +584,20 @@ class QCow2Image(ImageFile):
         whole = int(compressed.sum()) + int((subclusters == fmt.SUBCLUSTERS).sum())
         partial = int(subclusters[subclusters != fmt.SUBCLUSTERS].sum()) * (self.header.cluster_size // fmt.SUBCLUSTERS)
         return whole, partial, self._compressed_offsets(entries[compressed])
+
+    def _count_sparse(self, l2: np.ndarray, used: list[int]) -> tuple[int, int, np.ndarray]:
+        whole, subclusters, compressed = 0, 0, []
+        for l2_index in used:
+            m = self.decode_l2_entry(l2, l2_index)
+            if m.kind is ClusterKind.NORMAL:
+                whole += 1
+            elif m.kind is ClusterKind.COMPRESSED:
+                whole += 1
+                compressed.append(m.host_offset)
+            elif m.kind is ClusterKind.SUBCLUSTERS:
+                subclusters += bin(m.alloc_bitmap).count("1")
+        sc_size = self.header.cluster_size // fmt.SUBCLUSTERS
+        return whole, subclusters * sc_size, np.array(compressed, dtype=np.uint64)
 
     def _check_compressed(self, entries: np.ndarray, bitmaps: np.ndarray | None) -> None:
         if bitmaps is not None and (bitmaps != 0).any():
