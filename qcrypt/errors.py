@@ -33,6 +33,10 @@ class UnsupportedFeatureError(FormatError):
     """The file is valid but uses something qcrypt does not implement (e.g. an unknown feature bit)."""
 
 
+class LimitExceededError(FormatError):
+    """A header declares a count, size or cost beyond one of qcrypt's limits (``qcrypt.limits``)."""
+
+
 class BadPassphraseError(QcryptError):
     """The passphrase opens no keyslot, or (legacy AES) the plaintext does not look like a disk."""
 

@@ -46,6 +46,7 @@ BACKING_NOT_OWNER_READABLE = "backing-not-owner-readable"
 BACKING_SPECIAL_FILE = "backing-special-file"
 SPECIAL_FILE = "special-file"
 BACKING_REFUSED = (BACKING_OUTSIDE_STORAGE, BACKING_NOT_OWNER_READABLE, BACKING_SPECIAL_FILE)
+LIMIT_EXCEEDED = "limit-exceeded"
 
 MIN_PBKDF2_ITERATIONS = 1000  # cryptsetup's minimum for a LUKS1 keyslot
 STRONG_CIPHER_KEY_BITS = 256  # cryptsetup's default: AES-256 (a 512-bit XTS key holds two 256-bit keys)
@@ -80,14 +81,20 @@ def legacy_aes_backing(paths: list[str]) -> Finding:
     )
 
 
-def legacy_compressed_plaintext(clusters: int) -> Finding:
+def legacy_compressed_plaintext(clusters: int, *, at_least: bool = False) -> Finding:
+    count = f"at least {clusters}" if at_least else f"{clusters}"
     return Finding(LEGACY_COMPRESSED_PLAINTEXT, "critical",
-                   f"{clusters} compressed cluster(s) are stored unencrypted (QEMU never encrypts compressed "
+                   f"{count} compressed cluster(s) are stored unencrypted (QEMU never encrypts compressed "
                    "clusters of legacy AES images): their data is readable without the passphrase")
 
 
 def unparseable(format_name: str, error: str) -> Finding:
     return Finding(UNPARSEABLE, "warning", f"looks like {format_name} but cannot be parsed: {error}")
+
+
+def limit_exceeded(error: str) -> Finding:
+    return Finding(LIMIT_EXCEEDED, "warning",
+                   f"its header declares more than qcrypt inspects (see docs/SECURITY.md, 'Limits'): {error}")
 
 
 def unreadable(error: str) -> Finding:

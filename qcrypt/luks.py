@@ -22,11 +22,13 @@ from typing import BinaryIO
 
 import construct
 
+from qcrypt import limits
 from qcrypt.crypto.af import af_merge, af_split
 from qcrypt.crypto.kdf import (
     MAX_ITERATIONS,
     benchmark_pbkdf2,
     check_hash,
+    check_pbkdf2_cost,
     iterations_for,
     pbkdf2,
     scale_iterations,
@@ -37,6 +39,7 @@ from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.errors import (
     BadPassphraseError,
     FormatError,
+    LimitExceededError,
     MigrationError,
     QcryptIOError,
     UnsupportedFeatureError,
@@ -441,6 +444,10 @@ def _check_slot(slot: LuksKeyslot, header: LuksHeader, region_size: int, path: s
         raise FormatError(f"key material at sector {slot.key_material_offset} overlaps the header",
                           path=path, field=f"{name} key_material_offset")
     end_bytes = (slot.key_material_offset + header.material_sectors) * SECTOR
+    if end_bytes > limits.MAX_LUKS1_KEY_MATERIAL_END:
+        raise LimitExceededError(f"key material ends at byte {end_bytes}, beyond the limit of "
+                                 f"{limits.MAX_LUKS1_KEY_MATERIAL_END >> 20} MiB", path=path,
+                                 field=f"{name} key_material_offset")
     if end_bytes > region_size:
         raise FormatError(f"key material ends at byte {end_bytes}, past the end of the LUKS region "
                           f"({region_size} bytes)", path=path, field=f"{name} key_material_offset")
@@ -529,10 +536,22 @@ def _candidate_slots(header: LuksHeader, slot: int | None) -> list[LuksKeyslot]:
 
 def _first_opening(header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray,
                    slot: int | None) -> tuple[int, bytearray]:
+    """The first slot ``passphrase`` opens. Slots whose PBKDF2 would cost more than the allowed time at this
+    machine's measured rate are skipped, and named if no other slot opens."""
+    check_pbkdf2_cost(header.hash_spec, header.mk_digest_iter, fmt.DIGEST_SIZE, what="mk_digest_iter")
+    skipped: list[str] = []
     for candidate in _candidate_slots(header, slot):
+        try:
+            check_pbkdf2_cost(header.hash_spec, candidate.iterations, header.key_bytes,
+                              what=f"keyslot {candidate.index} iterations")
+        except LimitExceededError as e:
+            skipped.append(str(e))
+            continue
         master_key = _open_slot(header, read_at, passphrase, candidate)
         if master_key is not None:
             return candidate.index, master_key
+    if skipped:
+        raise LimitExceededError(f"the passphrase opens no keyslot that was tried; skipped: {'; '.join(skipped)}")
     raise BadPassphraseError("the passphrase opens no keyslot")
 
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qcrypt.errors import FormatError, UnsupportedFeatureError
+from qcrypt import limits
+from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
 from qcrypt.formats import luks2 as fmt
 from qcrypt.formats._parse import parse_bytes
 from qcrypt.formats.luks_extra import Luks2BinaryHeaderRaw
@@ -109,11 +110,17 @@ def _load_json(json_area: bytes, path: str) -> dict[str, Any]:
     return metadata
 
 
+SECTION_LIMITS = {"keyslots": limits.MAX_LUKS2_KEYSLOTS, "segments": limits.MAX_LUKS2_SEGMENTS}
+
+
 def _section(metadata: dict[str, Any], name: str, path: str) -> list[tuple[int, dict[str, Any]]]:
     """The numbered objects of ``metadata[name]`` sorted by index, type-checked."""
     section = metadata.get(name, {})
     if not isinstance(section, dict):
         raise FormatError("not a JSON object", path=path, field=f"json {name}")
+    if len(section) > SECTION_LIMITS[name]:
+        raise LimitExceededError(f"{len(section)} entries exceed the limit of {SECTION_LIMITS[name]}", path=path,
+                                 field=f"json {name}")
     items = []
     for key, value in section.items():
         if not (isinstance(key, str) and _is_decimal(key, 10) and isinstance(value, dict)):

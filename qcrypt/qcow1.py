@@ -10,13 +10,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from qcrypt import limits
+from qcrypt.errors import LimitExceededError
 from qcrypt.formats import qcow1 as fmt
 from qcrypt.formats._parse import parse, read_exact
 from qcrypt.imagefile import ImageFile
 from qcrypt.model import UNALLOCATED, ClusterKind, ClusterMapping, Extension, Snapshot
-from qcrypt.qcow2 import _decode_name
+from qcrypt.qcow2 import COMPRESSED_OFFSETS_KEPT, TableUsage, WalkBudget, _decode_name, used_entries
 
-MAX_L1_BYTES = 32 * 1024 * 1024
+MAX_L1_BYTES = limits.MAX_L1_BYTES
+L1E_OFFSET_MASK = (1 << 64) - 1  # qcow v1 L1 entries are plain offsets
 
 
 class QCowImage(ImageFile):
@@ -46,7 +49,7 @@ class QCowImage(ImageFile):
         if h.crypt_method > fmt.CRYPT_AES:
             raise self._fail("crypt_method", f"unknown method {h.crypt_method}")
         if self.l1_size * 8 > MAX_L1_BYTES:
-            raise self._fail("size", "L1 table would exceed 32 MiB")
+            raise LimitExceededError("L1 table would exceed 32 MiB", path=self.path, field="size")
         if h.l1_table_offset + self.l1_size * 8 > self.file_size:
             raise self._fail("l1_table_offset", f"L1 table at {h.l1_table_offset:#x} ends beyond the file")
 
@@ -132,19 +135,49 @@ class QCowImage(ImageFile):
             raise self._fail("L2 entry", f"data cluster offset {entry:#x} is not cluster-aligned")
         return ClusterMapping(ClusterKind.NORMAL, entry)
 
+    def _used_l1_entries(self) -> Iterator[tuple[int, int]]:
+        indexes, offsets = used_entries(self.l1_table(), L1E_OFFSET_MASK, self.path)
+        return ((int(i), int(o)) for i, o in zip(indexes, offsets, strict=True))
+
     def iter_mappings(self, snapshot: Snapshot | None = None) -> Iterator[tuple[int, ClusterMapping]]:
         """Every allocated guest cluster, in guest order (a generator: one L2 table in memory)."""
-        l1 = self.l1_table()
         total = self.guest_clusters
-        for l1_index, l2_offset in enumerate(int(v) for v in l1):
-            if not l2_offset:
-                continue
+        for l1_index, l2_offset in self._used_l1_entries():
             l2 = self._read_l2(l2_offset)
             first = l1_index * self.l2_entries
             for l2_index in np.flatnonzero(l2[: max(0, min(self.l2_entries, total - first))]):
                 yield first + int(l2_index), self._decode(int(l2[l2_index]))
 
-    def allocated_bytes(self) -> int:
-        cs = self.cluster_size
-        return sum(min(cs, self.header.size - g * cs) for g, _ in self.iter_mappings())
+    def table_usage(self, budget: WalkBudget | None = None) -> TableUsage:
+        """Allocated guest bytes and compressed host offsets, vectorized per L2 table, within ``budget``."""
+        cs, total = self.cluster_size, self.guest_clusters
+        if budget is not None:
+            budget.charge(self.l1_size * 8, self.path)
+        allocated, kept = 0, 0
+        compressed: list[np.ndarray] = []
+        for l1_index, l2_offset in self._used_l1_entries():
+            if budget is not None:
+                budget.charge(self.l2_entries * 8, self.path)
+            l2 = self._read_l2_uncached(l2_offset)
+            first = l1_index * self.l2_entries
+            entries = l2[: max(0, min(self.l2_entries, total - first))]
+            is_compressed = (entries & np.uint64(fmt.L2E_COMPRESSED)) != 0
+            offsets = entries[is_compressed] & np.uint64((1 << (63 - self.header.cluster_bits)) - 1)
+            if (offsets >= np.uint64(self.file_size)).any():
+                raise self._fail("L2 entry", "compressed data is beyond the file")
+            normal = entries[~is_compressed]
+            unaligned = np.flatnonzero(normal % np.uint64(cs))
+            if len(unaligned):
+                raise self._fail("L2 entry", f"data cluster offset {int(normal[unaligned[0]]):#x} is not "
+                                 "cluster-aligned")
+            allocated += int(np.count_nonzero(entries)) * cs
+            if first + len(entries) == total and entries[-1:].any():
+                allocated -= total * cs - self.header.size  # the disk's last cluster is only partly inside it
+            if len(offsets) and kept < COMPRESSED_OFFSETS_KEPT:
+                compressed.append(np.unique(offsets)[: COMPRESSED_OFFSETS_KEPT - kept])
+                kept += len(compressed[-1])
+        offsets = np.unique(np.concatenate(compressed)) if compressed else np.zeros(0, dtype=np.uint64)
+        return TableUsage(allocated, offsets, kept >= COMPRESSED_OFFSETS_KEPT)
 
+    def allocated_bytes(self, budget: WalkBudget | None = None) -> int:
+        return self.table_usage(budget).allocated_bytes

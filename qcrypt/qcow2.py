@@ -8,18 +8,66 @@ References:
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from qcrypt.errors import FormatError, UnsupportedFeatureError
+from qcrypt import limits
+from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as fmt
 from qcrypt.formats._parse import parse, parse_bytes, read_exact
 from qcrypt.imagefile import ImageFile
 from qcrypt.model import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extension, Snapshot
 
 L2_CACHE_TABLES = 64
+_SNAPSHOT_HEADER = struct.Struct(fmt.SNAPSHOT_HEADER_FORMAT)
+SNAPSHOT_READ_BYTES = 64 * 1024  # the snapshot table is read in pieces of this size (it is usually tiny)
+SPARSE_L2_ENTRIES = 32  # an L2 table with at most this many used entries is decoded entry by entry
+COMPRESSED_OFFSETS_KEPT = 1 << 20  # compressed clusters counted one by one (8 MiB of offsets) before "at least"
+
+
+def used_entries(table: np.ndarray, offset_mask: int, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(indexes, offsets) of the entries of an L1 table that point at an L2 table; FormatError if two point at
+    the same one. QEMU gives every L1 entry of a table its own L2 table: a shared one maps the same data again
+    and again (an image of a few MiB could claim petabytes of data, and days of work, this way)."""
+    indexes = np.flatnonzero(table & np.uint64(offset_mask))
+    offsets = table[indexes] & np.uint64(offset_mask)
+    ordered = np.sort(offsets)
+    if len(ordered) > 1 and (ordered[1:] == ordered[:-1]).any():
+        raise FormatError("two entries of one L1 table point at the same L2 table", path=path, field="L1 entry")
+    return indexes, offsets
+
+
+class WalkBudget:
+    """What one inspection may spend reading L1/L2 tables (``limits.MAX_WALK_TABLE_BYTES`` and
+    ``MAX_WALK_TABLES``); shared by every table of an image. ``None`` limits mean unlimited (migrate)."""
+
+    def __init__(self, table_bytes: int | None = limits.MAX_WALK_TABLE_BYTES,
+                 tables: int | None = limits.MAX_WALK_TABLES) -> None:
+        self.table_bytes = table_bytes
+        self.tables = tables
+
+    def charge(self, length: int, path: str) -> None:
+        """Account for reading one table of ``length`` bytes; raise LimitExceededError once over budget."""
+        if self.table_bytes is not None:
+            self.table_bytes -= length
+        if self.tables is not None:
+            self.tables -= 1
+        if (self.table_bytes is not None and self.table_bytes < 0) or (self.tables is not None and self.tables < 0):
+            raise LimitExceededError(
+                f"its L1/L2 tables exceed what one inspection reads ({limits.MAX_WALK_TABLES} tables, "
+                f"{limits.MAX_WALK_TABLE_BYTES >> 20} MiB)", path=path, field="L1/L2 tables")
+
+
+@dataclass(frozen=True)
+class TableUsage:
+    """What one L1 table maps: guest bytes backed by data, and the host offsets of its compressed clusters."""
+
+    allocated_bytes: int
+    compressed_offsets: np.ndarray  # unique, at most COMPRESSED_OFFSETS_KEPT of them
+    compressed_truncated: bool = False  # True: there may be more than those
 
 
 @dataclass(frozen=True)
@@ -87,7 +135,7 @@ class QCow2Image(ImageFile):
         self.extensions = self._read_extensions()
         self.backing_file = self._read_backing_file()
         self._check_l1_geometry()
-        self._l1_cache: dict[int, np.ndarray] = {}
+        self._l1_cache: dict[tuple[int, int], np.ndarray] = {}
         self._read_l2 = functools.lru_cache(maxsize=L2_CACHE_TABLES)(self._read_l2_uncached)
 
     # -- header ------------------------------------------------------------------------------------
@@ -129,8 +177,8 @@ class QCow2Image(ImageFile):
         needed = -(-h.size // (h.cluster_size * h.l2_entries))
         if h.l1_size < needed:
             raise self._fail("l1_size", f"L1 table is too small ({h.l1_size} < {needed} entries)")
-        if h.l1_size * 8 > fmt.MAX_L1_BYTES:
-            raise self._fail("l1_size", f"{h.l1_size} entries exceed the 32 MiB limit")
+        if h.l1_size * 8 > limits.MAX_L1_BYTES:
+            raise LimitExceededError(f"{h.l1_size} entries exceed the 32 MiB limit", path=self.path, field="l1_size")
         self._check_table("l1_table_offset", h.l1_table_offset, h.l1_size * 8)
 
     def _check_table(self, field: str, offset: int, length: int) -> None:
@@ -173,6 +221,9 @@ class QCow2Image(ImageFile):
                        file_size=self.file_size)
             if eh.type == fmt.EXT_END:
                 break
+            if len(extensions) >= limits.MAX_HEADER_EXTENSIONS:
+                raise LimitExceededError(f"more than {limits.MAX_HEADER_EXTENSIONS} header extensions",
+                                         path=self.path, field="header extension")
             if offset + 8 + eh.length > end:
                 raise self._fail("header extension", f"extension {eh.type:#x} runs past the extension area")
             if eh.type in extensions:
@@ -229,8 +280,9 @@ class QCow2Image(ImageFile):
         """The refcount table (u64 entries; bits 9-63 = refcount block offset, 0 = all counts 0)."""
         h = self.header
         length = h.refcount_table_clusters * h.cluster_size
-        if length > fmt.MAX_REFTABLE_BYTES:
-            raise self._fail("refcount_table_clusters", f"{h.refcount_table_clusters} clusters exceed 8 MiB")
+        if length > limits.MAX_REFTABLE_BYTES:
+            raise LimitExceededError(f"{h.refcount_table_clusters} clusters exceed 8 MiB", path=self.path,
+                                     field="refcount_table_clusters")
         self._check_table("refcount_table_offset", h.refcount_table_offset, length)
         raw = read_exact(self.fh, h.refcount_table_offset, length, path=self.path, what="refcount table",
                          file_size=self.file_size)
@@ -257,52 +309,77 @@ class QCow2Image(ImageFile):
         return (byte >> (block_index * bits % 8)) & ((1 << bits) - 1)
 
     # -- snapshots ---------------------------------------------------------------------------------
-    def snapshots(self) -> list[Snapshot]:
+    def check_snapshot_table(self) -> int:
+        """The snapshot count, checked against the limits and the file size without parsing the entries."""
         h = self.header
         if h.nb_snapshots == 0:
-            return []
-        if h.nb_snapshots > fmt.MAX_SNAPSHOTS:
-            raise self._fail("nb_snapshots", f"{h.nb_snapshots} exceeds {fmt.MAX_SNAPSHOTS}")
-        self._check_table("snapshots_offset", h.snapshots_offset, fmt.SNAPSHOT_HEADER_SIZE)
-        offset = h.snapshots_offset
-        result = []
-        for index in range(h.nb_snapshots):
-            snapshot, offset = self._read_snapshot(index, offset)
-            result.append(snapshot)
-        return result
+            return 0
+        if h.nb_snapshots > limits.MAX_SNAPSHOTS:
+            raise LimitExceededError(f"{h.nb_snapshots} snapshots exceed the limit of {limits.MAX_SNAPSHOTS}",
+                                     path=self.path, field="nb_snapshots")
+        min_bytes = h.nb_snapshots * fmt.SNAPSHOT_HEADER_SIZE
+        if min_bytes > limits.MAX_SNAPSHOT_TABLE_BYTES:
+            raise self._table_too_big(min_bytes)
+        self._check_table("snapshots_offset", h.snapshots_offset, min_bytes)
+        return h.nb_snapshots
 
-    def _read_snapshot(self, index: int, offset: int) -> tuple[Snapshot, int]:
-        what = f"snapshot {index}"
-        c = parse(fmt.SnapshotHeader, self.fh, offset, fmt.SNAPSHOT_HEADER_SIZE, path=self.path, what=what,
-                  file_size=self.file_size)
-        if c.extra_data_size > fmt.MAX_SNAPSHOT_EXTRA:
-            raise self._fail(what, f"extra data size {c.extra_data_size} exceeds 1024")
-        total = fmt.SNAPSHOT_HEADER_SIZE + c.extra_data_size + c.id_str_size + c.name_size
-        entry = read_exact(self.fh, offset, total, path=self.path, what=what, file_size=self.file_size)
-        extra = entry[fmt.SNAPSHOT_HEADER_SIZE : fmt.SNAPSHOT_HEADER_SIZE + c.extra_data_size]
-        disk_size = None
-        if len(extra) >= fmt.SNAPSHOT_EXTRA_DISK_SIZE_END - 8:
-            disk_size = int.from_bytes(extra[8:16], "big")
-        strings = entry[fmt.SNAPSHOT_HEADER_SIZE + c.extra_data_size :]
-        snap_id = _decode_name(strings[: c.id_str_size], self.path, f"{what} id")
-        name = _decode_name(strings[c.id_str_size :], self.path, f"{what} name")
-        if c.l1_size * 8 > fmt.MAX_L1_BYTES:
-            raise self._fail(what, f"L1 size {c.l1_size} exceeds the 32 MiB limit")
-        self._check_table(f"{what} l1_table_offset", c.l1_table_offset, c.l1_size * 8)
-        padded = (total + 7) // 8 * 8
-        snapshot = Snapshot(index, snap_id, name, c.l1_table_offset, c.l1_size, disk_size, c.date_sec,
-                            c.date_nsec, c.vm_clock_nsec, c.vm_state_size, entry)
-        return snapshot, offset + padded
+    def _table_too_big(self, length: int) -> LimitExceededError:
+        return LimitExceededError(f"the snapshot table ({length} bytes or more) exceeds the limit of "
+                                  f"{limits.MAX_SNAPSHOT_TABLE_BYTES >> 20} MiB", path=self.path,
+                                  field="snapshot table")
+
+    def snapshots(self) -> list[Snapshot]:
+        if not self.check_snapshot_table():
+            return []
+        table = _TableReader(self, self.header.snapshots_offset)
+        snapshots = [self._read_snapshot(index, table) for index in range(self.header.nb_snapshots)]
+        l1_bytes = sum(snapshot.l1_size * 8 for snapshot in snapshots)
+        if l1_bytes > limits.MAX_SNAPSHOT_L1_TOTAL_BYTES:
+            raise LimitExceededError(f"the snapshots' L1 tables ({l1_bytes} bytes together) exceed the limit of "
+                                     f"{limits.MAX_SNAPSHOT_L1_TOTAL_BYTES >> 20} MiB", path=self.path,
+                                     field="snapshot table")
+        return snapshots
+
+    def _read_snapshot(self, index: int, table: _TableReader) -> Snapshot:
+        start = table.need(fmt.SNAPSHOT_HEADER_SIZE, index)
+        (l1_table_offset, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec, vm_state_size,
+         extra_size) = _SNAPSHOT_HEADER.unpack_from(table.buffer, start)
+        if extra_size > limits.MAX_SNAPSHOT_EXTRA:
+            raise LimitExceededError(f"extra data size {extra_size} exceeds {limits.MAX_SNAPSHOT_EXTRA}",
+                                     path=self.path, field=f"snapshot {index}")
+        length = fmt.SNAPSHOT_HEADER_SIZE + extra_size + id_size + name_size
+        start = table.need(length, index)
+        table.position = start + length + -length % 8  # padding to 8 bytes (may end the file)
+        entry = bytes(table.buffer[start : start + length])
+        extra_end = fmt.SNAPSHOT_HEADER_SIZE + extra_size
+        disk_size = int.from_bytes(entry[48:56], "big") if extra_size >= 16 else None
+        snap_id = _decode_name(entry[extra_end : extra_end + id_size], self.path, f"snapshot {index} id")
+        name = _decode_name(entry[extra_end + id_size :], self.path, f"snapshot {index} name")
+        if l1_size * 8 > limits.MAX_L1_BYTES:
+            raise LimitExceededError(f"L1 size {l1_size} exceeds the 32 MiB limit", path=self.path,
+                                     field=f"snapshot {index}")
+        if l1_size:
+            self._check_table(f"snapshot {index} l1_table_offset", l1_table_offset, l1_size * 8)
+        vm_state = int.from_bytes(entry[40:48], "big") if extra_size >= 8 else vm_state_size
+        if vm_state > self.file_size:
+            raise LimitExceededError(f"VM state of {vm_state} bytes is larger than the file ({self.file_size})",
+                                     path=self.path, field=f"snapshot {index} vm_state_size")
+        return Snapshot(index, snap_id, name, l1_table_offset, l1_size, disk_size, date_sec, date_nsec,
+                        vm_clock_nsec, vm_state_size, entry)
 
     # -- L1/L2 -------------------------------------------------------------------------------------
     def l1_table(self, snapshot: Snapshot | None = None) -> np.ndarray:
         """The active (or a snapshot's) L1 table as big-endian u64 entries."""
         offset = snapshot.l1_table_offset if snapshot else self.header.l1_table_offset
         size = snapshot.l1_size if snapshot else self.header.l1_size
-        key = offset
+        key = (offset, size)
         if key not in self._l1_cache:
             raw = read_exact(self.fh, offset, size * 8, path=self.path, what="L1 table",
                              file_size=self.file_size)
+            if snapshot is not None:  # keep the active table and one snapshot table (each up to 32 MiB)
+                active = (self.header.l1_table_offset, self.header.l1_size)
+                for old in [k for k in self._l1_cache if k != active]:
+                    del self._l1_cache[old]
             self._l1_cache[key] = np.frombuffer(raw, dtype=">u8")
         return self._l1_cache[key]
 
@@ -413,14 +490,9 @@ class QCow2Image(ImageFile):
         """Every guest cluster that is not UNALLOCATED, in guest order, as (guest_cluster, mapping).
 
         A generator: memory stays bounded by one L2 table whatever the image size."""
-        l1 = self.l1_table(snapshot)
-        size = snapshot.virtual_size if snapshot and snapshot.virtual_size else self.header.size
-        total = -(-size // self.header.cluster_size)
+        total = self._table_clusters(snapshot)
         per_l2 = self.header.l2_entries
-        for l1_index in range(min(len(l1), -(-total // per_l2))):
-            l2_offset = self.l2_offset(l1, l1_index)
-            if not l2_offset:
-                continue
+        for l1_index, l2_offset in self._used_l1_entries(self.l1_table(snapshot), total):
             l2 = self._read_l2(l2_offset)
             first = l1_index * per_l2
             for l2_index in self._nonzero_indexes(l2, min(per_l2, total - first)):
@@ -428,25 +500,188 @@ class QCow2Image(ImageFile):
                 if mapping.kind is not ClusterKind.UNALLOCATED:
                     yield first + l2_index, mapping
 
+    def _table_clusters(self, snapshot: Snapshot | None) -> int:
+        size = snapshot.virtual_size if snapshot and snapshot.virtual_size else self.header.size
+        return -(-size // self.header.cluster_size)
+
+    def _used_l1_entries(self, l1: np.ndarray, total_clusters: int) -> Iterator[tuple[int, int]]:
+        """(L1 index, L2 offset) of the L1 entries that cover guest clusters below ``total_clusters`` and point
+        at an L2 table, checked as a whole first (vectorized: a 32 MiB L1 costs milliseconds, not seconds)."""
+        used = l1[: min(len(l1), -(-total_clusters // self.header.l2_entries))]
+        reserved = np.flatnonzero(used & np.uint64(fmt.L1E_RESERVED_MASK))
+        if len(reserved):
+            index = int(reserved[0])
+            raise self._fail("L1 entry", f"entry {index} has reserved bits set ({int(used[index]):#x})")
+        indexes, targets = used_entries(used, fmt.L1E_OFFSET_MASK, self.path)
+        return ((int(i), int(o)) for i, o in zip(indexes, targets, strict=True))
+
+    def table_usage(self, snapshot: Snapshot | None = None, budget: WalkBudget | None = None) -> TableUsage:
+        """Allocated guest bytes and compressed host offsets of the active (or a snapshot's) table.
+
+        Vectorized per L2 table and bounded by ``budget`` (LimitExceededError beyond it); the L2 tables are
+        read once each, outside the L2 cache (memory stays at one table)."""
+        h = self.header
+        cs = self.header.cluster_size
+        if budget is not None:
+            budget.charge((snapshot.l1_size if snapshot else h.l1_size) * 8, self.path)
+        total = self._table_clusters(snapshot)
+        size = snapshot.virtual_size if snapshot and snapshot.virtual_size else h.size
+        per_l2 = h.l2_entries
+        allocated = 0
+        compressed: list[np.ndarray] = []
+        kept = 0
+        for l1_index, l2_offset in self._used_l1_entries(self.l1_table(snapshot), total):
+            if budget is not None:
+                budget.charge(cs, self.path)
+            l2 = self._read_l2_uncached(l2_offset)
+            first = l1_index * per_l2
+            count = min(per_l2, total - first)
+            full, partial_bytes, offsets = self._count_l2(l2, count)
+            allocated += full * cs + partial_bytes
+            if first + count == total and size % cs:  # the last cluster of the disk is only partly inside it
+                allocated -= self._last_cluster_excess(l2, count - 1, size % cs)
+            if len(offsets) and kept < COMPRESSED_OFFSETS_KEPT:
+                compressed.append(np.unique(offsets)[: COMPRESSED_OFFSETS_KEPT - kept])
+                kept += len(compressed[-1])
+        offsets = np.unique(np.concatenate(compressed)) if compressed else np.zeros(0, dtype=np.uint64)
+        return TableUsage(allocated, offsets, kept >= COMPRESSED_OFFSETS_KEPT)
+
+    def _count_l2(self, l2: np.ndarray, count: int) -> tuple[int, int, np.ndarray]:
+        """(whole data clusters, bytes of allocated subclusters, compressed host offsets) of the first ``count``
+        entries, with the same checks as :meth:`decode_l2_entry`: entry by entry for a sparse table, vectorized
+        for a dense one (numpy's fixed cost per call only pays off beyond a few dozen entries)."""
+        pairs = l2.reshape(-1, 2)[:count] if self.header.extended_l2 else None
+        used = np.flatnonzero((pairs[:, 0] | pairs[:, 1]) if pairs is not None else l2[:count])
+        if len(used) <= SPARSE_L2_ENTRIES:
+            return self._count_sparse(l2, used.tolist())
+        if self.header.extended_l2:
+            pairs = l2.reshape(-1, 2)[:count]
+            entries, bitmaps = pairs[:, 0], pairs[:, 1]
+        else:
+            entries, bitmaps = l2[:count], None
+        compressed = (entries & np.uint64(fmt.OFLAG_COMPRESSED)) != 0
+        self._check_compressed(entries[compressed], bitmaps[compressed] if bitmaps is not None else None)
+        plain = entries[~compressed]
+        host = plain & np.uint64(fmt.L2E_OFFSET_MASK)
+        if bitmaps is None:
+            flagged = (plain & np.uint64(fmt.OFLAG_ZERO)) != 0
+            if flagged.any() and self.header.version < 3:
+                raise self._fail("L2 entry", "zero flag in a version 2 image")
+            normal = ~flagged
+            bad = normal & ((plain & np.uint64(fmt.L2E_STD_RESERVED_MASK)) != 0)
+            if bad.any():
+                raise self._fail("L2 entry", f"reserved bits set ({int(plain[np.flatnonzero(bad)[0]]):#x})")
+            data = normal & (host != 0)
+            self._check_aligned(host[data])
+            return int(compressed.sum() + data.sum()), 0, self._compressed_offsets(entries[compressed])
+        plain_bitmaps = bitmaps[~compressed]
+        alloc = plain_bitmaps & np.uint64(0xFFFFFFFF)
+        zero = plain_bitmaps >> np.uint64(32)
+        if ((alloc & zero) != 0).any():
+            raise self._fail("L2 entry", "subclusters both allocated and zero")
+        if ((plain & np.uint64(fmt.L2E_STD_RESERVED_MASK | fmt.OFLAG_ZERO)) != 0).any():
+            raise self._fail("L2 entry", "reserved bits set")
+        if ((alloc != 0) & (host == 0)).any():
+            raise self._fail("L2 entry", "allocated subclusters without a host offset")
+        counted = (alloc != 0) & (zero != 0xFFFFFFFF)
+        self._check_aligned(host[counted])
+        subclusters = _popcount32(alloc[counted])
+        whole = int(compressed.sum()) + int((subclusters == fmt.SUBCLUSTERS).sum())
+        partial = int(subclusters[subclusters != fmt.SUBCLUSTERS].sum()) * (self.header.cluster_size // fmt.SUBCLUSTERS)
+        return whole, partial, self._compressed_offsets(entries[compressed])
+
+    def _count_sparse(self, l2: np.ndarray, used: list[int]) -> tuple[int, int, np.ndarray]:
+        whole, subclusters, compressed = 0, 0, []
+        for l2_index in used:
+            m = self.decode_l2_entry(l2, l2_index)
+            if m.kind is ClusterKind.NORMAL:
+                whole += 1
+            elif m.kind is ClusterKind.COMPRESSED:
+                whole += 1
+                compressed.append(m.host_offset)
+            elif m.kind is ClusterKind.SUBCLUSTERS:
+                subclusters += bin(m.alloc_bitmap).count("1")
+        sc_size = self.header.cluster_size // fmt.SUBCLUSTERS
+        return whole, subclusters * sc_size, np.array(compressed, dtype=np.uint64)
+
+    def _check_compressed(self, entries: np.ndarray, bitmaps: np.ndarray | None) -> None:
+        if bitmaps is not None and (bitmaps != 0).any():
+            raise self._fail("L2 entry", "compressed cluster with a non-zero subcluster bitmap")
+        beyond = self._compressed_offsets(entries) >= np.uint64(self.file_size)
+        if beyond.any():
+            raise self._fail("L2 entry", "compressed data is beyond the file")
+
+    def _compressed_offsets(self, entries: np.ndarray) -> np.ndarray:
+        x = 62 - (self.header.cluster_bits - 8)
+        return entries & np.uint64((1 << x) - 1)
+
+    def _check_aligned(self, host_offsets: np.ndarray) -> None:
+        unaligned = np.flatnonzero(host_offsets % np.uint64(self.header.cluster_size))
+        if len(unaligned):
+            raise self._fail("L2 entry", f"data cluster offset {int(host_offsets[unaligned[0]]):#x} is not "
+                             "cluster-aligned")
+
+    def _last_cluster_excess(self, l2: np.ndarray, l2_index: int, inside: int) -> int:
+        """Bytes counted for the disk's last (partial) cluster beyond ``inside`` bytes of it."""
+        m = self.decode_l2_entry(l2, l2_index)
+        cs = self.header.cluster_size
+        if m.kind in (ClusterKind.NORMAL, ClusterKind.COMPRESSED):
+            return cs - inside
+        if m.kind is ClusterKind.SUBCLUSTERS:
+            counted = bin(m.alloc_bitmap).count("1") * (cs // fmt.SUBCLUSTERS)
+            return counted - min(inside, counted)
+        return 0
+
     def _nonzero_indexes(self, l2: np.ndarray, count: int) -> list[int]:
         if self.header.extended_l2:
             pairs = l2.reshape(-1, 2)[:count]
             return [int(i) for i in np.flatnonzero((pairs[:, 0] != 0) | (pairs[:, 1] != 0))]
         return [int(i) for i in np.flatnonzero(l2[:count])]
 
-    def allocated_bytes(self) -> int:
+    def allocated_bytes(self, budget: WalkBudget | None = None) -> int:
         """Guest bytes backed by data (normal or compressed) clusters in the active L1/L2."""
-        cs = self.header.cluster_size
-        sc_size = cs // fmt.SUBCLUSTERS
-        total = 0
-        for guest_cluster, m in self.iter_mappings():
-            span = min(cs, self.header.size - guest_cluster * cs)
-            if m.kind in (ClusterKind.NORMAL, ClusterKind.COMPRESSED):
-                total += span
-            elif m.kind is ClusterKind.SUBCLUSTERS:
-                total += min(span, bin(m.alloc_bitmap).count("1") * sc_size)
-        return total
+        return self.table_usage(None, budget).allocated_bytes
 
+
+_M1, _M2, _M4 = np.uint64(0x55555555), np.uint64(0x33333333), np.uint64(0x0F0F0F0F)
+
+
+def _popcount32(values: np.ndarray) -> np.ndarray:
+    """Bits set in each (32-bit) value of a uint64 array."""
+    v = values - ((values >> np.uint64(1)) & _M1)
+    v = (v & _M2) + ((v >> np.uint64(2)) & _M2)
+    v = (v + (v >> np.uint64(4))) & _M4
+    return ((v * np.uint64(0x01010101)) & np.uint64(0xFFFFFFFF)) >> np.uint64(24)
+
+
+class _TableReader:
+    """Sequential reads of a table that starts at ``offset``: pieces of SNAPSHOT_READ_BYTES, at most
+    ``limits.MAX_SNAPSHOT_TABLE_BYTES`` in all and never past the end of the file."""
+
+    def __init__(self, image: QCow2Image, offset: int) -> None:
+        self.image = image
+        self.offset = offset
+        self.buffer = bytearray()
+        self.position = 0
+
+    def need(self, length: int, index: int) -> int:
+        """Make ``length`` bytes from the current position available in ``buffer``; returns the position."""
+        end = self.position + length
+        if end > len(self.buffer):
+            self._fill(end, index)
+        return self.position
+
+    def _fill(self, end: int, index: int) -> None:
+        if end > limits.MAX_SNAPSHOT_TABLE_BYTES:
+            raise self.image._table_too_big(end)
+        file_left = self.image.file_size - self.offset - len(self.buffer)
+        want = min(max(end - len(self.buffer), SNAPSHOT_READ_BYTES),
+                   limits.MAX_SNAPSHOT_TABLE_BYTES - len(self.buffer), file_left)
+        if end - len(self.buffer) > want:
+            raise FormatError(f"table entry runs past the end of the file ({self.image.file_size})",
+                              path=self.image.path, field=f"snapshot {index}")
+        self.buffer += read_exact(self.image.fh, self.offset + len(self.buffer), want, path=self.image.path,
+                                  what=f"snapshot {index}", file_size=self.image.file_size)
 
 
 def _decode_name(raw: bytes, path: str, what: str) -> str:

@@ -13,19 +13,22 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from qcrypt import findings as F
+from qcrypt import limits
 from qcrypt.backing import BackingRefusedError, ChainContext, ChainRules, open_backing
-from qcrypt.errors import FormatError, QcryptError, QcryptIOError
+from qcrypt.errors import FormatError, LimitExceededError, QcryptError, QcryptIOError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.imagefile import ImageFile, RawFile, SpecialFileError, open_image_file
-from qcrypt.model import ClusterKind
+from qcrypt.model import Snapshot
 from qcrypt.qcow1 import QCowImage
-from qcrypt.qcow2 import QCow2Image, feature_names
+from qcrypt.qcow2 import QCow2Image, WalkBudget, feature_names
 
 SEVERITIES = ("ok", "info", "warning", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
-MAX_CHAIN_DEPTH = 64
+MAX_CHAIN_DEPTH = limits.MAX_CHAIN_DEPTH
 PROBE_BYTES = 8
 CRYPT_METHOD_OFFSET = {"qcow2": 32, "qcow": 36}  # header byte offset of crypt_method
 
@@ -73,6 +76,7 @@ class ImageInfo:
     cluster_size: int | None = None
     features: dict[str, list[str]] | None = None
     snapshot_count: int = 0
+    snapshots: list[Snapshot] = field(default_factory=list)  # parsed for the top image only (not in reports)
     luks: dict[str, Any] | None = None
     findings: list[F.Finding] = field(default_factory=list)
     error: str | None = None
@@ -109,12 +113,15 @@ def declared_container(declared_format: str | None, fh: BinaryIO) -> Probe:
     return Probe("raw")
 
 
-def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool) -> None:
+def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool,
+                  layer: bool = False) -> None:
     from qcrypt import luks, luks2
 
     read_at = luks.file_reader(image.fh, offset, length, path=image.path)
     version = int.from_bytes(read_at(6, 2), "big") if length >= 8 else 0
     info.encryption = "luks2" if version == 2 else "luks1"  # what the header says, even if it fails to parse
+    if version == 2 and layer:  # a layer below the top: its kind is all the chain needs (JSON not parsed)
+        return
     if version == 2:
         hdr2 = luks2.read_luks2(read_at, length, path=image.path)
         info.encryption = "luks2"
@@ -133,32 +140,38 @@ def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *
 
 
 
-def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo) -> None:
+def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo, *, layer: bool) -> None:
     h = image.header
     info.format_version = h.version
     info.virtual_size = image.virtual_size
     info.cluster_size = image.cluster_size
     info.backing_file = image.backing_file
     info.backing_format = image.backing_format
-    info.snapshot_count = len(image.snapshots())
+    if h.crypt_method == qcow2_fmt.CRYPT_AES:  # known before anything that may fail below
+        info.encryption = "aes-cbc-legacy"
     if isinstance(image, QCow2Image):
+        info.snapshot_count = image.check_snapshot_table()
+        if not layer:  # the layers of a chain are not described: their snapshot entries need no parsing
+            info.snapshots = image.snapshots()
+            info.snapshot_count = len(info.snapshots)
         info.features = feature_names(h)
         info.findings += F.grade_qcow2_features(image)
         crypto = image.crypto_header()
         if crypto:
-            _inspect_luks(image, crypto[0], crypto[1], info, raw=False)
+            _inspect_luks(image, crypto[0], crypto[1], info, raw=False, layer=layer)
     if h.crypt_method == qcow2_fmt.CRYPT_AES:
-        info.encryption = "aes-cbc-legacy"
         info.findings.append(F.legacy_aes(info.format, info.snapshot_count))
 
 
 def inspect_one(path: str, *, fh: BinaryIO | None = None, declared_format: str | None = None,
-                rules: ChainRules | None = None, allow_block: bool = True) -> ImageInfo:
+                rules: ChainRules | None = None, allow_block: bool = True, layer: bool = False) -> ImageInfo:
     """Inspect one file's own headers (not its backing chain). Errors become ``info.error``.
 
     ``fh``: the file, already opened (a backing layer opened by the chain rules); it stays open.
     ``declared_format``: the format the domain XML declares ("raw" content is never parsed as an image).
-    ``allow_block``: read a block device (explicitly named ones are; those found in a folder walk are not)."""
+    ``allow_block``: read a block device (explicitly named ones are; those found in a folder walk are not).
+    ``layer``: the file is a layer below the top of a chain; only what the chain report needs is read (the
+    snapshot count from the header, the LUKS version), so that a deep chain costs what one image does."""
     info = ImageInfo(path=path, format="raw", declared_format=declared_format)
     own = fh is None
     try:
@@ -169,7 +182,7 @@ def inspect_one(path: str, *, fh: BinaryIO | None = None, declared_format: str |
             fh = open_image_file(path, allow_block=allow_block)
             info.chain_context = ChainContext.for_top(path, fh, rules)
         try:
-            _inspect_open(path, fh, info)
+            _inspect_open(path, fh, info, layer=layer)
         finally:
             if own:
                 fh.close()
@@ -178,6 +191,13 @@ def inspect_one(path: str, *, fh: BinaryIO | None = None, declared_format: str |
         info.findings.append(F.special_file(str(e).removeprefix(f"{path}: file type: ")))
     except FileNotFoundError:
         info.format, info.error = "missing", "no such file"
+    except LimitExceededError as e:
+        info.error = str(e)
+        info.findings.append(F.limit_exceeded(str(e)))
+        if info.encryption == "none":
+            info.encryption = _declared_encryption(info.path, info.format, info.format_version)
+        if info.encryption == "aes-cbc-legacy":  # legacy AES stays reported whatever else is wrong
+            info.findings.append(F.legacy_aes(info.format, info.snapshot_count))
     except QcryptError as e:
         info.error = str(e)
         _unparseable(info, str(e))
@@ -220,14 +240,14 @@ def _declared_encryption(path: str, format_name: str, version: int | None) -> st
     return "none"
 
 
-def _inspect_open(path: str, fh: BinaryIO, info: ImageInfo) -> None:
+def _inspect_open(path: str, fh: BinaryIO, info: ImageInfo, *, layer: bool = False) -> None:
     kind = declared_container(info.declared_format, fh)
     info.format = kind.format
     info.format_version = kind.version
     if kind.format in QCOW_FORMATS:
         image = open_image(path, _dup(fh), kind.format)
         with image:
-            _inspect_qcow(image, info)
+            _inspect_qcow(image, info, layer=layer)
     elif kind.format == "luks":
         with RawFile(_dup(fh), path) as raw:
             _inspect_luks(raw, 0, raw.file_size, info, raw=True)
@@ -302,7 +322,7 @@ def walk_chain(top: ImageInfo) -> tuple[list[ImageInfo], list[F.Finding]]:
             seen.add((st.st_dev, st.st_ino))
             layer_format = declared.format if declared and declared.format else (
                 "raw" if current.backing_format == "raw" else None)
-            layer = inspect_one(backing, fh=fh, declared_format=layer_format)
+            layer = inspect_one(backing, fh=fh, declared_format=layer_format, layer=True)
         chain.append(layer)
         current = layer
     return chain, problems
@@ -489,16 +509,38 @@ def summarize(reports: list[Report]) -> dict[str, Any]:
 # -- details for one image (qcrypt info) -------------------------------------------------------------------
 
 
-def _add_compressed_finding(report: Report, image: ImageFile) -> None:
+def _add_finding(report: Report, finding: F.Finding) -> None:
+    report["findings"].append(finding.as_dict())
+    report["severity"] = severity_of([F.Finding(**f) for f in report["findings"]])
+
+
+def _add_compressed_finding(report: Report, image: ImageFile, snapshots: list[Snapshot], budget: WalkBudget
+                            ) -> None:
     """Legacy AES images keep compressed clusters in plaintext (formats.md B.1): count them, snapshots too."""
-    tables = [None, *image.snapshots()]  # type: ignore[attr-defined]
-    compressed = {m.host_offset for table in tables
-                  for _, m in image.iter_mappings(table)  # type: ignore[attr-defined]
-                  if m.kind is ClusterKind.COMPRESSED}
-    if compressed:
-        finding = F.legacy_compressed_plaintext(len(compressed))
-        report["findings"].append(finding.as_dict())
-        report["severity"] = severity_of([finding, *(F.Finding(**f) for f in report["findings"])])
+    at_least = False
+    if isinstance(image, QCowImage):
+        usage = image.table_usage(budget)
+        count, at_least = len(usage.compressed_offsets), usage.compressed_truncated
+    else:
+        assert isinstance(image, QCow2Image)
+        tables = [None, *snapshots]
+        usages = [image.table_usage(table, budget) for table in tables]
+        count = len(np.unique(np.concatenate([u.compressed_offsets for u in usages])))
+        at_least = any(u.compressed_truncated for u in usages)
+    if count:
+        _add_finding(report, F.legacy_compressed_plaintext(count, at_least=at_least))
+
+
+def allocated_bytes_of(path: str) -> int | None:
+    """Guest bytes backed by data in ``path``'s own active table (not its chain), within the inspection budget:
+    the progress and time estimates of migrate and migrate-domain. None when it cannot be counted cheaply."""
+    try:
+        if probe(path).format not in ("qcow", "qcow2"):
+            return None
+        with open_image(path) as image:
+            return image.allocated_bytes(WalkBudget())
+    except (QcryptError, OSError):
+        return None
 
 
 def describe(path: str | os.PathLike[str], *, rules: ChainRules | None = None) -> Report:
@@ -515,10 +557,15 @@ def describe(path: str | os.PathLike[str], *, rules: ChainRules | None = None) -
     report["snapshots"] = []
     if info.format in ("qcow", "qcow2"):
         with open_image(path) as image:
-            report["allocated_bytes"] = image.allocated_bytes()
-            report["snapshots"] = [s.describe() for s in image.snapshots()]
-            if info.encryption == "aes-cbc-legacy":
-                _add_compressed_finding(report, image)
+            report["snapshots"] = [s.describe() for s in info.snapshots]
+            budget = WalkBudget()
+            try:
+                report["allocated_bytes"] = image.allocated_bytes(budget)
+                if info.encryption == "aes-cbc-legacy":
+                    _add_compressed_finding(report, image, info.snapshots, budget)
+            except LimitExceededError as e:  # the header was fine: only the layout is too big to count here
+                _add_finding(report, F.limit_exceeded(f"{e}; allocated bytes and compressed clusters were not "
+                                                      "(fully) counted"))
     report["features"] = info.features
     if info.luks is not None:
         report["luks"] = info.luks

@@ -7,6 +7,7 @@ failures are QcryptError subclasses (and, for unreadable files, OSError).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -19,11 +20,18 @@ import pytest
 
 import qcrypt
 from qcrypt import scan
+from tests import _bounded
 from tests import _images as im
 from tests.conftest import require_tool
 
 SEED = 20261124
 MUTATIONS_PER_IMAGE = 60
+FUZZ_SEED = 20261205
+FUZZ_CASES_PER_BASE = 30
+FUZZ_CPU_SECONDS = 2.0  # scan + info of one file, this process's own CPU time (no interpreter start-up)
+FUZZ_MIGRATE_SECONDS = 15.0
+FUZZ_RSS_MIB = 256
+FUZZ_WALL_SECONDS = 200  # about 20 s here; far more only when cases hang (then the guards stop the child)
 PASSPHRASE = "robustness test"
 
 
@@ -67,7 +75,7 @@ def _exercise(path: Path, passphrase: str | None) -> None:
     assert report["severity"] in scan.SEVERITIES
     assert report["format"] in ("qcow2", "qcow", "luks", "raw")
     if "error" in report:
-        assert any(f["code"] == "unparseable" for f in report["findings"])
+        assert any(f["code"] in ("unparseable", "limit-exceeded") for f in report["findings"])
         assert "internal error" not in report["error"]  # a parser bug hidden by scan's safety net
     try:
         scan.describe(path)
@@ -150,3 +158,51 @@ def test_fifo_backing_file_does_not_hang(tmp_path: Path) -> None:
     assert qcrypt.inspect(fifo)["format"] == "special"
     with pytest.raises(qcrypt.QcryptError, match="a FIFO: never read"):
         qcrypt.open_image(overlay)
+
+
+@pytest.fixture(scope="module")
+def fuzz_bases(images: list[tuple[Path, str | None]], tmp_path_factory: pytest.TempPathFactory
+               ) -> list[dict[str, str | None]]:
+    require_tool("cryptsetup")
+    base = tmp_path_factory.mktemp("fuzz")
+    kinds = {"plain.qcow2": "qcow2", "legacy.qcow2": "qcow2", "ext.qcow2": "qcow2", "v1.qcow": "qcow",
+             "luks.qcow2": "qcow2-luks"}
+    bases = [{"path": str(path), "kind": kinds[path.name], "passphrase": passphrase} for path, passphrase in images]
+    luks1 = im.make_luks_qemu(base / "raw.luks", 1 << 20, passphrase=PASSPHRASE)
+    luks2 = im.make_luks2(base / "raw.luks2", 1 << 20, passphrase=PASSPHRASE)
+    bases += [{"path": str(luks1.path), "kind": "luks1", "passphrase": PASSPHRASE},
+              {"path": str(luks2.path), "kind": "luks2", "passphrase": PASSPHRASE}]
+    return bases
+
+
+@pytest.mark.interop
+def test_fuzzed_header_quantities_stay_within_the_limits(fuzz_bases: list[dict[str, str | None]],
+                                                           tmp_path: Path) -> None:
+    """Seeded field-aware mutations of qcow2, qcow, LUKS1 and LUKS2 headers (counts, sizes, offsets, iterations,
+    LUKS2 metadata; files grown sparse-huge so that big offsets fit): scan and info of each case stay within
+    2 s of CPU and 256 MiB, end with a report (a finding when something is wrong) or a clean error, and migrate
+    (where cheap) ends with a clean error or a verified output."""
+    signal.alarm(FUZZ_WALL_SECONDS + 30)  # the whole run, not one image: the child has its own guards too
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"seed": FUZZ_SEED, "bases": fuzz_bases, "cases_per_base": FUZZ_CASES_PER_BASE,
+                                "work": str(tmp_path)}))
+    outcome = _bounded.run_bounded(["-m", "tests._fuzz", str(spec)], wall_seconds=FUZZ_WALL_SECONDS,
+                                   cpu_guard_seconds=FUZZ_WALL_SECONDS)
+    assert outcome.returncode == 0, outcome.stderr[-3000:]
+    cases = [json.loads(line) for line in outcome.stdout.splitlines()]
+    assert len(cases) == FUZZ_CASES_PER_BASE * len(fuzz_bases)
+    findings_seen: set[str] = set()
+    for case in cases:
+        name = f"{case['base']} case {case['case']}"
+        assert case["inspect_cpu"] <= FUZZ_CPU_SECONDS, f"{name}: {case['inspect_cpu']:.2f} s"
+        assert case["inspect_rss_mib"] <= FUZZ_RSS_MIB, f"{name}: {case['inspect_rss_mib']:.0f} MiB"
+        if case["scan_error"]:
+            assert "internal error" not in case["scan_error"], name
+            assert {"unparseable", "limit-exceeded", "unreadable"} & set(case["scan_codes"]), name
+        findings_seen.update(case["scan_codes"])
+        for command in ("info", "migrate"):
+            assert not case.get(command, "").startswith("CRASH"), f"{name}: {command}: {case[command]}"
+        if "migrate" in case:
+            assert case["migrate_wall"] <= FUZZ_MIGRATE_SECONDS, f"{name}: migrate took {case['migrate_wall']:.1f} s"
+    assert "limit-exceeded" in findings_seen and "unparseable" in findings_seen  # the mutations reach both
+    assert any("migrate" in case for case in cases)

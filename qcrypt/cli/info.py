@@ -39,7 +39,9 @@ def print_info(r: dict[str, Any]) -> None:
     _row("severity", click.style(r["severity"], fg=SEVERITY_COLOURS.get(r["severity"])))
     if r["cluster_size"]:
         _row("cluster size", r["cluster_size"])
-        _row("allocated", f"{human_size(r['allocated_bytes'])} ({r['allocated_bytes']} bytes)")
+        allocated = r["allocated_bytes"]
+        _row("allocated", "unknown (see findings)" if allocated is None
+             else f"{human_size(allocated)} ({allocated} bytes)")
     if r.get("features"):
         for mask, names in r["features"].items():
             if names:

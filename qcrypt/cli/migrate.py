@@ -9,13 +9,13 @@ from typing import Any
 
 import click
 
-from qcrypt import findings
+from qcrypt import findings, limits
 from qcrypt import scan as scanner
-from qcrypt.backing import BackingRefusedError, ChainRules
+from qcrypt.backing import BackingRefusedError
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
-from qcrypt.errors import QcryptError
+from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
 from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source, refuse_weak_settings
 from qcrypt.migrate import migrate as run_migration
 from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
@@ -62,6 +62,9 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
               help="Worker processes [default: one per CPU, at most 8].")
 @click.option("--stall-timeout", "stall_seconds", type=click.FloatRange(1, 86400), default=DEFAULT_STALL_SECONDS,
               show_default=True, help="Seconds without progress after which a worker counts as stuck (exit 12).")
+@click.option("--max-pbkdf2-seconds", "max_pbkdf2_seconds", type=click.FloatRange(1, 86400),
+              default=limits.MAX_PBKDF2_SECONDS, show_default=True,
+              help="Skip a source keyslot whose PBKDF2 would take longer than this here (its header sets the cost).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--timings", is_flag=True, help="Print the seconds each phase took to stderr (also with -q).")
 @allow_backing_dir_opt
@@ -72,7 +75,7 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
             layer_passphrase_files: tuple[tuple[str, str], ...], new_passphrase_file: str | None, cipher: str,
             key_bits: str | None, hash_name: str, iter_time_ms: int,
             iterations: int | None, allow_weak: bool, flatten: bool, force: bool, replace: bool, jobs: int | None,
-            stall_seconds: float,
+            stall_seconds: float, max_pbkdf2_seconds: float,
             quiet: bool, timings: bool, allow_backing_dirs: tuple[str, ...],
             accept_unverified_passphrase: bool) -> None:
     """Decrypt SOURCE and write it as --to says, verified, atomically; SOURCE is never modified."""
@@ -81,6 +84,7 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     files = [passphrase_file, new_passphrase_file, *(file for _layer, file in layer_passphrase_files)]
     if files.count("-") > 1:
         raise click.UsageError("only one passphrase can come from stdin")
+    set_max_pbkdf2_seconds(max_pbkdf2_seconds)
     rules = chain_rules(allow_backing_dirs)
     report = scanner.inspect(source, rules=rules)
     refuse_unreadable_source(source, report)  # before asking for any passphrase; the error info and scan show
@@ -121,7 +125,7 @@ def migrate(source: str, target: str, output: str | None, passphrase_file: str |
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(opts.chunk_bytes)
-    total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report, rules)
+    total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report)
     try:
         with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                           disable=True if quiet else None, desc="migrating", leave=False) as bar:
@@ -156,14 +160,11 @@ def format_timings(phase_seconds: dict[str, float]) -> str:
     return f"timings: {phases} (total {sum(phase_seconds.values()):.2f} s)"
 
 
-def _allocated_estimate(source: str, report: dict[str, Any], rules: ChainRules) -> int | None:
+def _allocated_estimate(source: str, report: dict[str, Any]) -> int | None:
     """Bytes a qcow2 target will process (allocated data of the source, snapshots aside), for the ETA."""
     if report["format"] not in ("qcow", "qcow2"):
         return report["virtual_size"]
-    try:
-        return scanner.describe(source, rules=rules)["allocated_bytes"]
-    except (QcryptError, OSError):
-        return None
+    return scanner.allocated_bytes_of(source)
 
 
 def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_file: str | None) -> None:

@@ -208,16 +208,13 @@ def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
     return suggested_output(path, to, local_dir=False)
 
 
-def _allocated(report: dict[str, Any], flatten: bool, rules: ChainRules | None) -> int | None:
-    from qcrypt.scan import describe
+def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
+    from qcrypt.scan import allocated_bytes_of
 
     paths = [report["path"]] + ([layer["path"] for layer in report.get("backing_chain") or []] if flatten else [])
     total = 0
     for path in paths:
-        try:
-            allocated = describe(path, rules=rules).get("allocated_bytes")
-        except (QcryptError, OSError):
-            return None
+        allocated = allocated_bytes_of(path)  # each layer's own tables, within the inspection budget
         if allocated is None:
             return None
         total += allocated
@@ -242,7 +239,7 @@ def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> 
         raise OutputExistsError(f"disk {disk.target}: {new_path} exists already (move it away, or use --replace)")
     return DiskPlan(target=disk.target or "?", source=str(top.path), new_path=new_path, to=to,
                     virtual_size=int(report.get("virtual_size") or 0),
-                    allocated_size=_allocated(report, flatten, disk.chain_rules(opts.rules)),
+                    allocated_size=_allocated(report, flatten),
                     secret_uuid=None, secret_created=False, flatten=flatten, source_type=top.source_type,
                     legacy_layers=legacy, replace=opts.replace and top.source_type == "file",
                     source_format=declared_format(top), rules=disk.chain_rules(opts.rules))
