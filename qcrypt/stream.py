@@ -273,8 +273,8 @@ def _zstd_decompress(raw: bytes, cluster_size: int, path: str) -> bytes:
     try:
         import zstandard
     except ImportError as e:
-        raise UnsupportedFeatureError("zstd-compressed clusters need the 'zstandard' package "
-                                      "(pip install 'qcrypt[zstd]')", path=path, field="compression_type") from e
+        raise UnsupportedFeatureError("zstd-compressed clusters need the 'zstandard' package (into qcrypt's "
+                                      "environment: pip install zstandard)", path=path, field="compression_type") from e
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw))
         return reader.read(cluster_size)

@@ -33,6 +33,49 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130
 
+# What each exit code means: `qcrypt --help`, the man page and README ("Exit codes") show this table.
+EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success (scan: nothing at or above --fail-on)"),
+    (EXIT_FINDINGS, "scan: an image at or above --fail-on"),
+    (EXIT_USAGE, "usage error, a path that does not exist, no passphrase available"),
+    (EXIT_CODES[errors.FormatError],
+     "an image could not be parsed (FormatError), its header is beyond one of the limits of docs/SECURITY.md "
+     "(LimitExceededError, e.g. a keyslot whose PBKDF2 would exceed --max-pbkdf2-seconds), or it uses something "
+     "qcrypt does not implement (a LUKS1 cipher, mode or hash; the message names the file and the part); scan "
+     "shows the same text in its error field, and info and migrate exit 3 with it before asking for a passphrase"),
+    (EXIT_CODES[errors.BadPassphraseError],
+     "wrong passphrase (LUKS: opens no keyslot; legacy: plaintext looks random)"),
+    (EXIT_CODES[errors.ImageInUseError], "the image is in use by a QEMU process"),
+    (EXIT_CODES[errors.OutputExistsError], "the output exists (use --force)"),
+    (EXIT_CODES[errors.VerificationError], "verification failed (the output was not kept)"),
+    (EXIT_CODES[errors.MigrationError],
+     "the migration cannot proceed as asked (e.g. legacy backing layer without --flatten; a backing file "
+     "outside the image's storage, not readable by its owner, or special; a legacy passphrase nothing can verify "
+     "without --accept-unverified-passphrase; weak LUKS settings without --allow-weak)"),
+    (EXIT_CODES[errors.QcryptIOError], "I/O error (ENOSPC, EIO, file-size limit)"),
+    (EXIT_OTHER, "any other error (an internal error: set QCRYPT_DEBUG=1 for its traceback)"),
+    (EXIT_CODES[errors.DomainActiveError],
+     "migrate-domain: a domain is running or paused (refused: shut it down first)"),
+    (EXIT_CODES[errors.WorkerError],
+     "a worker died, or made no progress for --stall-timeout seconds (all stopped, nothing kept)"),
+    (EXIT_CODES[errors.LibvirtError],
+     "migrate-domain: libvirt refused or failed a request (no such domain, define refused, no daemon)"),
+    (EXIT_CODES[errors.UnsafePathError],
+     "unsafe path: the output's folder is writable by users other than root and the image's owner, or a name "
+     "qcrypt worked on was swapped meanwhile (nothing was replaced)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C, SIGTERM)"),
+)
+
+# The environment variables qcrypt reads: `qcrypt --help`, the man page and README show this table.
+ENVIRONMENT: tuple[tuple[str, str], ...] = (
+    ("QCRYPT_DEBUG=1", "an internal error (exit 10) shows its Python traceback, not one line"),
+    ("QCRYPT_PURE_PYTHON=1", "the XTS accelerator stays off (the numpy path: same bytes, slower)"),
+    ("_QCRYPT_COMPLETE", "shell completion, see README (Install): _QCRYPT_COMPLETE=bash_source qcrypt"),
+)
+EXIT_NOTE = "qcrypt hook libvirt always exits 0."
+
+DISTRIBUTION = "qcow-crypt-migrate"  # the name on package indexes (pyproject.toml); the command stays qcrypt
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -85,8 +128,49 @@ def _run_guarded(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         sys.exit(EXIT_OTHER)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="qcrypt")
+def version_text() -> str:
+    """``qcrypt --version``: the version, whether the XTS accelerator is active, Python's and OpenSSL's versions."""
+    import platform
+
+    from cryptography import __version__ as cryptography_version
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    from qcrypt import __version__
+    from qcrypt.crypto import sector
+
+    if sector.native_xts_enabled():
+        accelerator = "active"
+    elif sector.native_xts_available():
+        accelerator = "built, off (QCRYPT_PURE_PYTHON is set): numpy path"
+    else:
+        accelerator = "not built (it needs gcc, Python's and OpenSSL's headers at install): numpy path"
+    return (f"qcrypt {__version__} ({DISTRIBUTION})\n"
+            f"XTS accelerator: {accelerator}\n"
+            f"Python {platform.python_version()}, cryptography {cryptography_version} "
+            f"({backend.openssl_version_text()})")
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(version_text())
+    ctx.exit()
+
+
+def _help_epilog() -> str:
+    r"""Exit codes and environment for ``qcrypt --help`` (``\b``: click keeps these lines as they are)."""
+    lines = ["\b", "Exit codes:"]
+    lines += [f"  {code:<4} {meaning}" for code, meaning in EXIT_CODE_MEANINGS]
+    lines += [f"  {EXIT_NOTE}"]
+    lines += ["", "\b", "Environment:"]
+    lines += [f"  {name:<21} {meaning}" for name, meaning in ENVIRONMENT]
+    lines += ["", "\b", "Manual: man qcrypt (see README, Install)."]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_help_epilog())
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version, whether the XTS accelerator is active, and exit.")
 def cli() -> None:
     """Find and migrate QEMU legacy qcow/qcow2 AES-encrypted images to LUKS."""
 

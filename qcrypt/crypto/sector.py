@@ -74,6 +74,11 @@ def native_xts_available() -> bool:
     return _native_xts_crypt is not None
 
 
+def native_xts_enabled() -> bool:
+    """Whether the accelerator is used now: installed, and not turned off (QCRYPT_PURE_PYTHON, use_native_xts)."""
+    return bool(_native_xts["enabled"])
+
+
 def use_native_xts(enabled: bool) -> bool:
     """Turn the accelerator on or off for this process (tests compare both paths); returns the old setting."""
     previous = _native_xts["enabled"]
