@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import syslog
 import threading
 import time
@@ -52,6 +53,7 @@ LineSink = Callable[[str], None]
 
 DEFAULT_BUDGET_S = 0.5
 SYSLOG_IDENT = "qcrypt-hook"
+SYSLOG_SOCKET = "/dev/log"  # where syslog(3) sends its lines
 STDERR_PREFIX = "qcrypt-hook: "
 LEGACY_ENCRYPTION = "aes-cbc-legacy"
 LUKS_ENCRYPTIONS = ("luks1", "luks2")
@@ -372,13 +374,22 @@ def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
 # -- reporting --------------------------------------------------------------------------------------------
 
 
-def send_to_syslog(priority: int, message: str) -> None:
-    """Log one line as ``qcrypt-hook`` to the daemon facility (journald picks it up)."""
-    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_DAEMON)
+def send_to_syslog(priority: int, message: str, ident: str = SYSLOG_IDENT) -> None:
+    """Log one line as ``ident`` to the daemon facility (journald picks it up). Without a socket at
+    :data:`SYSLOG_SOCKET` the line is lost (syslog(3) says nothing): see :func:`syslog_listening`."""
+    syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_DAEMON)
     try:
         syslog.syslog(priority, message)
     finally:
         syslog.closelog()
+
+
+def syslog_listening() -> bool:
+    """True when something listens at the syslog socket (a syslog daemon or journald)."""
+    try:
+        return stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode)
+    except OSError:
+        return False
 
 
 syslog_sink: SyslogSink = send_to_syslog
