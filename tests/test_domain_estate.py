@@ -5,14 +5,19 @@ registered in libvirt. Oracles: virsh, qemu-img, ``qcrypt scan --libvirt-xml``, 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import syslog
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._libvirt import CONFIG_DIR, Lab, disk_xml, run, sha256, virsh
+from tests._libvirt import CONFIG_DIR, Lab, disk_xml, reload_libvirtd, run, sha256, virsh
 from tests.test_migrate_domain import MIB, PW, as_json, backends, qcrypt_domain, same_guest_data
 from tests.test_migrate_domain import lab as lab
 
@@ -140,7 +145,7 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     revert = virsh("snapshot-revert", name, "before-upgrade", check=False)
     assert revert.returncode != 0 and "encrypt.key-secret' is required" in revert.stderr and str(new) in revert.stderr
     assert sha256(web) == old_sha  # the old file is not touched
-    assert "old qcow/qcow2 encryption" not in lab.inactive_xml(name) and str(new) in lab.inactive_xml(name)
+    assert "format='qcow'" not in lab.inactive_xml(name) and str(new) in lab.inactive_xml(name)  # still the new disk
     offline = virsh("snapshot-create-as", name, "another", check=False)
     assert offline.returncode != 0 and "encrypt.key-secret' is required" in offline.stderr
     assert virsh("snapshot-delete", name, "before-upgrade").returncode == 0
@@ -149,3 +154,130 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     run("qemu-img", "snapshot", "-a", "before-upgrade", "--object", f"secret,id=s,file={pw}", "--image-opts",
         f"driver=qcow2,file.filename={new},encrypt.key-secret=s")
     run("qemu-io", *lab.image_opts(new, pw), "-c", f"read -P 0x41 0 {MIB}")
+
+
+# -- the record and the way back --------------------------------------------------------------------------------
+
+DEV_LOG = "/dev/log"
+
+
+@pytest.fixture
+def syslog_listener() -> Iterator[socket.socket]:
+    """A datagram listener bound at /dev/log for the test (none runs in this sandbox; a live one is never
+    taken over)."""
+    if os.path.exists(DEV_LOG):
+        pytest.skip(f"{DEV_LOG} exists (a syslog daemon runs here): not taking it over")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(DEV_LOG)
+    except OSError as e:
+        listener.close()
+        pytest.skip(f"cannot bind {DEV_LOG}: {e}")
+    listener.settimeout(5)
+    try:
+        yield listener
+    finally:
+        listener.close()
+        os.unlink(DEV_LOG)
+
+
+def records_of(listener: socket.socket, domain: str, *, until_one: bool) -> list[str]:
+    """The qcrypt-migrate-domain lines about ``domain`` received within 5 s (or until the first one); other
+    programs on this machine may log meanwhile."""
+    found: list[str] = []
+    deadline = time.monotonic() + (5 if until_one else 1)
+    while time.monotonic() < deadline and not (until_one and found):
+        listener.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            line = listener.recv(65536).decode("utf-8", "replace")
+        except TimeoutError:
+            break
+        if "qcrypt-migrate-domain[" in line and f"'{domain}'" in line:
+            found.append(line)
+    return found
+
+
+def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
+                                                      syslog_listener: socket.socket) -> None:
+    """One line per redefined domain (ident qcrypt-migrate-domain, facility daemon, notice): domain, disk, old
+    and new paths, the secret (UUID, never its value), the backup file. Nothing for an unchanged domain."""
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    name = f"{lab.prefix}-rec"
+    lab.define(name, [disk_xml("vda", web)])  # no secret: qcrypt creates one
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = as_json(done)["domains"]
+    (record,) = records_of(syslog_listener, name, until_one=True)
+    new, secret = lab.folder / "web.luks.qcow2", result["disks"][0]["secret_uuid"]
+    assert record.startswith(f"<{syslog.LOG_DAEMON | syslog.LOG_NOTICE}>") and "qcrypt-migrate-domain[" in record
+    assert (f"domain '{name}' redefined by migrate-domain: disk vda: {web} -> {new} (qcow2-luks), secret {secret} "
+            f"(new), old image kept as {web}; old XML saved to {result['xml_backup']}") in record
+    assert PW.decode() not in record
+    assert result["record"] == "logged to syslog as 'qcrypt-migrate-domain' (journalctl -t qcrypt-migrate-domain)"
+
+    rerun = qcrypt_domain(lab, tmp_path, name)
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stdout
+    assert records_of(syslog_listener, name, until_one=False) == []  # an unchanged domain is not recorded
+
+
+def test_without_a_syslog_socket_the_summary_says_there_is_no_record(lab: Lab, tmp_path: Path) -> None:
+    if os.path.exists(DEV_LOG):
+        pytest.skip(f"{DEV_LOG} exists here")
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    name = f"{lab.prefix}-norec"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
+    done = qcrypt_domain(lab, tmp_path, name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "  record: not logged: no syslog socket at /dev/log (this summary is the only record)" in done.stdout
+
+
+def test_the_way_back(lab: Lab, tmp_path: Path) -> None:
+    """README "Undoing migrate-domain", step by step, on libvirt 9: 'virsh define' of the backup is refused
+    (as documented); putting it back as libvirt's config file and reloading restores the old definition, the
+    snapshot XML backup restores the snapshot, the new secret and image go, the original is untouched, and a
+    new migrate-domain works from there."""
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x51, 0, MIB, pw)
+    run("qemu-img", "snapshot", "-c", "s1", "--object", f"secret,id=s,file={pw}", "--image-opts",
+        f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
+    name = f"{lab.prefix}-back"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW)),
+                                       disk_xml("vdb", lab.legacy_image("data.qcow2", pw))])
+    snapshot = ("<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>"
+                "<memory snapshot='no'/><disks>"
+                f"<disk name='vda' snapshot='internal'/></disks>{lab.inactive_xml(name)}</domainsnapshot>")
+    virsh("snapshot-create", name, "--xmlfile", "/dev/stdin", "--redefine", "--current", stdin=snapshot.encode())
+    before_xml, before_snapshot = lab.inactive_xml(name), virsh("snapshot-dumpxml", name, "s1").stdout
+    originals = {p: sha256(lab.folder / p) for p in ("web.qcow2", "data.qcow2")}
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = as_json(done)["domains"]
+    backup, (snap,) = result["xml_backup"], result["snapshots"]
+    assert snap["status"] == "redefined", snap
+
+    refused = virsh("define", backup, check=False)  # libvirt 9 refuses the old XML (README)
+    assert refused.returncode != 0 and "old qcow/qcow2 encryption is not supported" in refused.stderr
+
+    # the way back, as README gives it
+    run("install", "-m", "0600", backup, CONFIG_DIR / f"{name}.xml")
+    reload_libvirtd()
+    deadline = time.monotonic() + 30
+    while str(web) not in lab.inactive_xml(name):
+        assert time.monotonic() < deadline, "libvirtd did not reload the old definition"
+        time.sleep(0.2)
+    virsh("snapshot-create", name, "--xmlfile", snap["backup"], "--redefine", "--current")
+    for disk in result["disks"]:
+        if disk["secret_created"]:
+            virsh("secret-undefine", disk["secret_uuid"])
+        Path(disk["new_path"]).unlink()
+
+    assert lab.inactive_xml(name) == before_xml
+    assert virsh("snapshot-dumpxml", name, "s1").stdout == before_snapshot
+    assert virsh("snapshot-current", name, "--name").stdout.strip() == "s1"
+    assert {p: sha256(lab.folder / p) for p in originals} == originals
+    assert sorted(lab.qcrypt_secrets()) == sorted(s for s in lab.secrets if s in lab.qcrypt_secrets())
+    again = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start")
+    assert again.returncode == 0 and "started: the domain is running" in again.stdout, again.stdout + again.stderr
