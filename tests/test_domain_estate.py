@@ -46,21 +46,25 @@ def scan_users(*paths: Path | str) -> dict[str, list[str] | None]:
 def test_shared_base_without_backing_store_is_never_advised_for_destruction(lab: Lab, tmp_path: Path) -> None:
     """Two domains, each a legacy overlay over one legacy base, no <backingStore> in their XML; a third image
     (no domain) uses the first domain's overlay. Scan names both domains as users of the base; after
-    migrate-domain of the first, the summary names every user and gives no command to destroy a used file."""
+    migrate-domain of the first, the summary names every user and gives no command to destroy a used file. A
+    third domain's raw disk whose guest data looks like an overlay of the base is not taken for a user."""
     pw = lab.passphrase_file("pw", PW)
     base = lab.legacy_image("base.qcow2", pw)
     lab.write(base, 0x21, 0, MIB, pw)
     top1, top2 = legacy_overlay(lab, "top1.qcow2", base, pw), legacy_overlay(lab, "top2.qcow2", base, pw)
     lab.write(top1, 0x31, MIB, MIB, pw, pw)
     clone = lab.plain_image("clone.qcow2", backing=top1)
+    guest = lab.plain_image("guest.raw", backing=base)  # a raw disk whose guest data looks like an overlay
     secret = lab.secret(PW)
-    one, two = f"{lab.prefix}-one", f"{lab.prefix}-two"
+    one, two, three = f"{lab.prefix}-one", f"{lab.prefix}-two", f"{lab.prefix}-three"
     for name, top in ((one, top1), (two, top2)):
         lab.define_as_after_upgrade(name, [disk_xml("vda", top, encryption="qcow", secret=secret)])
+    lab.define(three, [disk_xml("vda", guest, driver="raw")])
     assert "backingStore" not in lab.inactive_xml(one) or "<backingStore/>" in lab.inactive_xml(one)
 
     users = scan_users(lab.folder)
     assert users[str(base)] == sorted([one, two]) and users[str(top1)] == [one] and users[str(clone)] is None
+    assert users[str(guest)] == [three]  # its content is guest data: it makes no domain a user of the base
 
     done = qcrypt_domain(lab, tmp_path, one)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -541,7 +541,7 @@ def find_old_image_users(conn: Connection, outcome: DomainOutcome) -> None:
             outcome.users_unknown.append(f"domain {other}: {e}")
     by_domain = usage.domain_users(domains)
     folders = sorted({os.path.dirname(p) for d in outcome.disks for p in d.old_images})
-    by_image = usage.folder_users(folders)
+    by_image = usage.folder_users(folders, skip=usage.raw_disk_paths(domains))
     outcome.users_checked = [f"the {len(names)} domains of this libvirt connection (XML and image headers)",
                              f"the images in {', '.join(folders)}"]
     outcome.users_unknown += [f"{folder}: more than {usage.MAX_FOLDER_ENTRIES} entries or unreadable"

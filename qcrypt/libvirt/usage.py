@@ -61,9 +61,17 @@ class FolderUsers:
     incomplete: list[str] = field(default_factory=list)  # folders with more entries than were inspected
 
 
-def folder_users(folders: Iterable[str], inspect: Inspect = _default_inspect) -> FolderUsers:
-    """For the regular files directly in ``folders`` (symlinks not followed), the files their backing chains
-    name. A folder with more than MAX_FOLDER_ENTRIES entries is listed as incomplete."""
+def raw_disk_paths(domains: Iterable[Domain]) -> set[str]:
+    """Real paths of the files domains use as raw disks: guest data, never read as an image."""
+    return {os.path.realpath(str(disk.layers[0].path)) for domain in domains for disk in domain.disks
+            if disk.layers[0].path and disk.layers[0].source_type == "file" and disk.driver_type == "raw"}
+
+
+def folder_users(folders: Iterable[str], inspect: Inspect = _default_inspect, *,
+                 skip: set[str] | frozenset[str] = frozenset()) -> FolderUsers:
+    """For the regular files directly in ``folders`` (symlinks not followed; the real paths in ``skip``, raw
+    disks, left out), the files their backing chains name. A folder with more than MAX_FOLDER_ENTRIES entries
+    is listed as incomplete."""
     found = FolderUsers()
     for folder in dict.fromkeys(folders):
         try:
@@ -79,6 +87,8 @@ def folder_users(folders: Iterable[str], inspect: Inspect = _default_inspect) ->
                 if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
                     continue
             except OSError:
+                continue
+            if os.path.realpath(entry.path) in skip:
                 continue
             for path in chain_paths(inspect(entry.path)):
                 found.users.setdefault(os.path.realpath(path), set()).add(entry.path)
