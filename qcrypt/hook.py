@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qcrypt.errors import FormatError
@@ -60,7 +60,9 @@ LUKS_ENCRYPTIONS = ("luks1", "luks2")
 CODE_LEGACY = "legacy-aes"
 CODE_LEGACY_BACKING = "legacy-aes-backing"
 PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
-HOOK_OPERATIONS = ("prepare", "start", "migrate", "restore")  # libvirt qemu operations the hook acts on
+# libvirt qemu operations the hook acts on: "prepare" runs once before every QEMU start (a plain start, a restore,
+# an incoming migration); "start", "migrate" and "restore" come with the same XML and would repeat each warning
+HOOK_OPERATIONS = ("prepare",)
 LEGACY_TEXT = "legacy QEMU AES encryption (qcow/qcow2 crypt_method 1), which current QEMU refuses to open"
 _MAX_LISTED_PATHS = 3
 
@@ -226,9 +228,11 @@ def suggested_output(path: str, target: str, *, local_dir: bool) -> str:
     return name if local_dir else os.path.join(os.path.dirname(path), name)
 
 
-def migrate_domain_command(domain: str) -> str:
-    """The ``qcrypt migrate-domain`` command line that fixes every disk of ``domain`` and its XML."""
-    return f"qcrypt migrate-domain {shlex.quote(domain)}"
+def migrate_domain_command(domain: str, *, needs_passphrase: bool = False) -> str:
+    """The ``qcrypt migrate-domain`` command line that fixes every disk of ``domain`` and its XML;
+    ``needs_passphrase``: a disk names no libvirt secret, so the passphrase must be given."""
+    command = f"qcrypt migrate-domain {shlex.quote(domain)}"
+    return f"{command} --passphrase-file {PASSPHRASE_PLACEHOLDER}" if needs_passphrase else command
 
 
 def migrate_command(path: str, *, to: str = "qcow2-luks", flatten: bool = False, block: bool = False) -> str:
@@ -343,11 +347,16 @@ def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
     found, missed = inspect_within(_local_paths(domain), inspect_fn or _default_inspect, budget_s)
     check = DomainCheck(domain=domain.name, errors=list(found.failures))
     seen: set[tuple[str, str]] = set()
+    secretless = False  # an affected disk names no libvirt secret: migrate-domain needs the passphrase given
     for disk in domain.disks:
         warning = _disk_warning(domain.name, disk, found)
         if warning and (warning.target, warning.path) not in seen:
             seen.add((warning.target, warning.path))
             check.warnings.append(warning)
+            secretless |= warning.domain_command is not None and not any(layer.secret for layer in disk.layers)
+    if secretless:
+        command = migrate_domain_command(domain.name, needs_passphrase=True)
+        check.warnings = [replace(w, domain_command=command) if w.domain_command else w for w in check.warnings]
     if missed:
         check.cut_short = True
         listed = ", ".join(missed[:_MAX_LISTED_PATHS]) + (", ..." if len(missed) > _MAX_LISTED_PATHS else "")

@@ -185,9 +185,10 @@ def syslog_listener() -> Iterator[socket.socket]:
         os.unlink(DEV_LOG)
 
 
-def records_of(listener: socket.socket, domain: str, *, until_one: bool) -> list[str]:
-    """The qcrypt-migrate-domain lines about ``domain`` received within 5 s (or until the first one); other
-    programs on this machine may log meanwhile."""
+def records_of(listener: socket.socket, domain: str, *, until_one: bool, ident: str = "qcrypt-migrate-domain"
+               ) -> list[str]:
+    """The ``ident`` lines about ``domain`` received within 5 s (or until the first one); other programs on this
+    machine may log meanwhile."""
     found: list[str] = []
     deadline = time.monotonic() + (5 if until_one else 1)
     while time.monotonic() < deadline and not (until_one and found):
@@ -196,7 +197,7 @@ def records_of(listener: socket.socket, domain: str, *, until_one: bool) -> list
             line = listener.recv(65536).decode("utf-8", "replace")
         except TimeoutError:
             break
-        if "qcrypt-migrate-domain[" in line and f"'{domain}'" in line:
+        if f"{ident}[" in line and f"'{domain}'" in line:
             found.append(line)
     return found
 
@@ -285,3 +286,50 @@ def test_the_way_back(lab: Lab, tmp_path: Path) -> None:
     assert sorted(lab.qcrypt_secrets()) == sorted(s for s in lab.secrets if s in lab.qcrypt_secrets())
     again = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start")
     assert again.returncode == 0 and "started: the domain is running" in again.stdout, again.stdout + again.stderr
+
+
+# -- the VM-start hook in the real libvirtd ------------------------------------------------------------------------
+
+HOOKS_DIR = Path("/etc/libvirt/hooks")
+
+
+def qcrypt_hook(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qcrypt", "hook", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_hook_in_libvirtd_warns_once_per_start_and_uninstall_leaves_nothing(lab: Lab, syslog_listener: socket.socket
+                                                                             ) -> None:
+    """Installed in the real libvirtd's hooks folder and picked up by a reload (SIGHUP, as the install says):
+    a start of a domain with a legacy disk gives one warning (not one per hook operation), whose migrate-domain
+    hint carries --passphrase-file because the disk names no secret; uninstall removes the folders install
+    created."""
+    if HOOKS_DIR.exists():
+        pytest.skip(f"{HOOKS_DIR} exists on this host: not installing a test hook into it")
+    script_name = f"50-{lab.prefix}"
+    try:
+        installed = qcrypt_hook("install", "--name", script_name)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert "systemctl reload libvirtd" in installed.stdout and "restart" not in installed.stdout
+        assert "Warnings go to syslog/journal as 'qcrypt-hook'" in installed.stdout  # the listener is there
+        reload_libvirtd()
+        pw = lab.passphrase_file("pw", PW)
+        web = lab.legacy_image("web.qcow2", pw)
+        name = f"{lab.prefix}-hooked"
+        lab.define(name, [disk_xml("vda", web)])  # no <encryption>: libvirt accepts it, QEMU refuses the start
+        deadline = time.monotonic() + 10
+        while True:  # the reload is asynchronous: start until the hook has run once
+            refused = virsh("start", name, check=False)
+            assert refused.returncode != 0 and "AES-CBC encrypted qcow2 images is no longer supported" in refused.stderr
+            lines = records_of(syslog_listener, name, until_one=False, ident="qcrypt-hook")
+            if lines or time.monotonic() > deadline:
+                break
+        assert len(lines) == 1, lines
+        fix = f"Fix it with the VM shut off: qcrypt migrate-domain {name} --passphrase-file PASSPHRASE_FILE "
+        assert fix in lines[0]
+    finally:
+        removed = qcrypt_hook("uninstall", "--name", script_name)
+        reload_libvirtd()
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert f"empty folder removed: {HOOKS_DIR}" in removed.stdout and "systemctl reload libvirtd" in removed.stdout
+    assert not HOOKS_DIR.exists()
