@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
+import socket
 import syslog
 import threading
 import time
@@ -394,11 +394,14 @@ def send_to_syslog(priority: int, message: str, ident: str = SYSLOG_IDENT) -> No
 
 
 def syslog_listening() -> bool:
-    """True when something listens at the syslog socket (a syslog daemon or journald)."""
-    try:
-        return stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode)
-    except OSError:
-        return False
+    """True when something listens at the syslog socket (a syslog daemon or journald): a datagram socket
+    connects to it (a socket file left behind by a daemon that is gone refuses the connection)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(SYSLOG_SOCKET)
+        except OSError:
+            return False
+    return True
 
 
 syslog_sink: SyslogSink = send_to_syslog

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -352,11 +353,28 @@ def test_install_says_where_warnings_go(hooks_dir: Path) -> None:
     """With no syslog socket the warnings reach no log: install says so instead of pointing at syslog."""
     if os.path.exists(hooklib.SYSLOG_SOCKET):
         pytest.skip(f"{hooklib.SYSLOG_SOCKET} exists here")
-    done = CliRunner().invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
-    assert done.exit_code == 0, done.output
-    assert "Warnings go to syslog" not in done.stdout
-    assert f"No syslog socket at {hooklib.SYSLOG_SOCKET} on this host: the warnings reach no log" in done.stdout
-    assert "qcrypt scan --libvirt-xml /etc/libvirt/qemu" in done.stdout
+    def install() -> str:
+        done = CliRunner().invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
+        assert done.exit_code == 0, done.output
+        return done.stdout
+
+    nothing = install()
+    assert "Warnings go to syslog" not in nothing
+    assert f"No syslog socket at {hooklib.SYSLOG_SOCKET} on this host: the warnings reach no log" in nothing
+    assert "qcrypt scan --libvirt-xml /etc/libvirt/qemu" in nothing
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(hooklib.SYSLOG_SOCKET)
+    except OSError as e:
+        listener.close()
+        pytest.skip(f"cannot bind {hooklib.SYSLOG_SOCKET}: {e}")
+    try:
+        assert "Warnings go to syslog/journal as 'qcrypt-hook'" in install()
+        listener.close()  # the socket file stays, nobody listens: a daemon that is gone
+        assert f"No syslog socket at {hooklib.SYSLOG_SOCKET}" in install()
+    finally:
+        listener.close()
+        os.unlink(hooklib.SYSLOG_SOCKET)
 
 
 @pytest.mark.parametrize("entry", ["click", "module"])
