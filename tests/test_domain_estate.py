@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import syslog
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -165,45 +166,66 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
 DEV_LOG = "/dev/log"
 
 
+class SyslogListener:
+    """A datagram listener bound at /dev/log for one test, drained by a thread all along: every program on this
+    machine logs to it meanwhile, and a full queue would block their syslog(3) calls (and ours)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(DEV_LOG)
+        self.sock.settimeout(0.1)
+        self.lines: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            try:
+                line = self.sock.recv(65536).decode("utf-8", "replace")
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.lines.append(line)
+
+    def records_of(self, domain: str, *, ident: str = "qcrypt-migrate-domain", wait_s: float = 5,
+                   count: int = 1) -> list[str]:
+        """The ``ident`` lines about ``domain`` received so far, waiting up to ``wait_s`` for ``count`` of them."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.lock:
+                found = [line for line in self.lines if f"{ident}[" in line and f"'{domain}'" in line]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+        os.unlink(DEV_LOG)
+
+
 @pytest.fixture
-def syslog_listener() -> Iterator[socket.socket]:
-    """A datagram listener bound at /dev/log for the test (none runs in this sandbox; a live one is never
-    taken over)."""
+def syslog_listener() -> Iterator[SyslogListener]:
+    """/dev/log for the test (none runs in this sandbox; a live one is never taken over)."""
     if os.path.exists(DEV_LOG):
         pytest.skip(f"{DEV_LOG} exists (a syslog daemon runs here): not taking it over")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        listener.bind(DEV_LOG)
+        listener = SyslogListener()
     except OSError as e:
-        listener.close()
         pytest.skip(f"cannot bind {DEV_LOG}: {e}")
-    listener.settimeout(5)
     try:
         yield listener
     finally:
         listener.close()
-        os.unlink(DEV_LOG)
-
-
-def records_of(listener: socket.socket, domain: str, *, until_one: bool, ident: str = "qcrypt-migrate-domain"
-               ) -> list[str]:
-    """The ``ident`` lines about ``domain`` received within 5 s (or until the first one); other programs on this
-    machine may log meanwhile."""
-    found: list[str] = []
-    deadline = time.monotonic() + (5 if until_one else 1)
-    while time.monotonic() < deadline and not (until_one and found):
-        listener.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            line = listener.recv(65536).decode("utf-8", "replace")
-        except TimeoutError:
-            break
-        if f"{ident}[" in line and f"'{domain}'" in line:
-            found.append(line)
-    return found
 
 
 def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
-                                                      syslog_listener: socket.socket) -> None:
+                                                      syslog_listener: SyslogListener) -> None:
     """One line per redefined domain (ident qcrypt-migrate-domain, facility daemon, notice): domain, disk, old
     and new paths, the secret (UUID, never its value), the backup file. Nothing for an unchanged domain."""
     pw = lab.passphrase_file("pw", PW)
@@ -213,7 +235,7 @@ def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
     done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json")
     assert done.returncode == 0, done.stdout + done.stderr
     (result,) = as_json(done)["domains"]
-    (record,) = records_of(syslog_listener, name, until_one=True)
+    (record,) = syslog_listener.records_of(name)
     new, secret = lab.folder / "web.luks.qcow2", result["disks"][0]["secret_uuid"]
     assert record.startswith(f"<{syslog.LOG_DAEMON | syslog.LOG_NOTICE}>") and "qcrypt-migrate-domain[" in record
     assert (f"domain '{name}' redefined by migrate-domain: disk vda: {web} -> {new} (qcow2-luks), secret {secret} "
@@ -223,7 +245,7 @@ def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
 
     rerun = qcrypt_domain(lab, tmp_path, name)
     assert rerun.returncode == 0 and "nothing to do" in rerun.stdout
-    assert records_of(syslog_listener, name, until_one=False) == []  # an unchanged domain is not recorded
+    assert len(syslog_listener.records_of(name, wait_s=1, count=2)) == 1  # an unchanged domain is not recorded
 
 
 def syslog_listens() -> bool:
@@ -307,8 +329,8 @@ def qcrypt_hook(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, check=False)
 
 
-def test_hook_in_libvirtd_warns_once_per_start_and_uninstall_leaves_nothing(lab: Lab, syslog_listener: socket.socket
-                                                                             ) -> None:
+def test_hook_in_libvirtd_warns_once_per_start_and_uninstall_leaves_nothing(lab: Lab,
+                                                                             syslog_listener: SyslogListener) -> None:
     """Installed in the real libvirtd's hooks folder and picked up by a reload (SIGHUP, as the install says):
     a start of a domain with a legacy disk gives one warning (not one per hook operation), whose migrate-domain
     hint carries --passphrase-file because the disk names no secret; uninstall removes the folders install
@@ -327,12 +349,13 @@ def test_hook_in_libvirtd_warns_once_per_start_and_uninstall_leaves_nothing(lab:
         name = f"{lab.prefix}-hooked"
         lab.define(name, [disk_xml("vda", web)])  # no <encryption>: libvirt accepts it, QEMU refuses the start
         deadline = time.monotonic() + 10
-        while True:  # the reload is asynchronous: start until the hook has run once
+        while True:  # the reload is asynchronous: start until the hook has run for one start
             refused = virsh("start", name, check=False)
             assert refused.returncode != 0 and "AES-CBC encrypted qcow2 images is no longer supported" in refused.stderr
-            lines = records_of(syslog_listener, name, until_one=False, ident="qcrypt-hook")
+            lines = syslog_listener.records_of(name, ident="qcrypt-hook", wait_s=2)
             if lines or time.monotonic() > deadline:
                 break
+        lines = syslog_listener.records_of(name, ident="qcrypt-hook", wait_s=1, count=2)  # a second one, if any
         assert len(lines) == 1, lines
         fix = f"Fix it with the VM shut off: qcrypt migrate-domain {name} --passphrase-file PASSPHRASE_FILE "
         assert fix in lines[0]
