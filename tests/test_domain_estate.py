@@ -144,6 +144,7 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     assert vda.find("source/encryption").get("format") == "luks"  # type: ignore[union-attr]
     assert str(web) not in ET.tostring(redefined, encoding="unicode")
     assert virsh("snapshot-current", name, "--name").stdout.strip() == "before-upgrade"
+    assert virsh("snapshot-list", name, "--name").stdout.split() == ["before-upgrade"]
 
     # libvirt 9 with the snapshot of a LUKS qcow2 disk, as measured (README "Snapshots")
     old_sha = sha256(web)
