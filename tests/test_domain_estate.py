@@ -162,6 +162,32 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     run("qemu-io", *lab.image_opts(new, pw), "-c", f"read -P 0x41 0 {MIB}")
 
 
+def test_snapshot_the_new_image_cannot_hold_keeps_its_images_out_of_the_shred_advice(lab: Lab, tmp_path: Path
+                                                                                     ) -> None:
+    """--to luks: a raw LUKS image has no internal snapshots, so the registered snapshot is not redefined, the
+    plan and the summary say so, and the old image it still names is kept out of the shred command."""
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    run("qemu-img", "snapshot", "-c", "s1", "--object", f"secret,id=s,file={pw}", "--image-opts",
+        f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
+    name = f"{lab.prefix}-rawsnap"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
+    snapshot = ("<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>"
+                f"<memory snapshot='no'/><disks><disk name='vda' snapshot='internal'/></disks>"
+                f"{lab.inactive_xml(name)}</domainsnapshot>")
+    virsh("snapshot-create", name, "--xmlfile", "/dev/stdin", "--redefine", stdin=snapshot.encode())
+    old_snapshot = virsh("snapshot-dumpxml", name, "s1", "--security-info").stdout
+    reason = "snapshot s1: not redefined: disk vda's new image (luks) cannot hold internal snapshots"
+    dry = qcrypt_domain(lab, tmp_path, name, "--to", "luks", "--dry-run")
+    assert dry.returncode == 0 and reason in dry.stdout, dry.stdout + dry.stderr
+    done = qcrypt_domain(lab, tmp_path, name, "--to", "luks")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert reason in done.stdout
+    assert f"still in use, keep: {web} (used by libvirt snapshot s1 of this domain)" in done.stdout
+    assert "shred" not in done.stdout
+    assert virsh("snapshot-dumpxml", name, "s1", "--security-info").stdout == old_snapshot
+
+
 # -- the record and the way back --------------------------------------------------------------------------------
 
 DEV_LOG = "/dev/log"

@@ -558,11 +558,14 @@ def find_old_image_users(conn: Connection, outcome: DomainOutcome) -> None:
                              f"the images in {', '.join(folders)}"]
     outcome.users_unknown += [f"{folder}: more than {usage.MAX_FOLDER_ENTRIES} entries or unreadable"
                               for folder in by_image.incomplete]
+    stale = [f"libvirt snapshot {snap.name} of this domain" for snap in outcome.snapshots
+             if snap.status == "not redefined"]  # its saved definition still names the old images
     for plan in outcome.disks:
         for path in plan.old_images:
             real = os.path.realpath(path)
             users = [f"domain {n}" for n in sorted(by_domain.get(real, ()))]
             users += [f"image {p}" for p in sorted(by_image.users.get(real, ())) if os.path.realpath(p) not in old]
+            users += stale
             if users:
                 plan.image_users[path] = users
 
