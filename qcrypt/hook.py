@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import syslog
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qcrypt import findings as F
@@ -57,13 +58,16 @@ DEFAULT_BUDGET_S = 0.5  # seconds of image reads
 RUN_BUDGET_S = 1.0  # seconds for the whole check: parsing the XML, reading images, deciding (plus logging)
 MAX_LOG_LINES = 20  # lines one run sends to syslog (and stderr); one more says how many were left out
 SYSLOG_IDENT = "qcrypt-hook"
+SYSLOG_SOCKET = "/dev/log"  # where syslog(3) sends its lines
 STDERR_PREFIX = "qcrypt-hook: "
 LEGACY_ENCRYPTION = "aes-cbc-legacy"
 LUKS_ENCRYPTIONS = ("luks1", "luks2")
 CODE_LEGACY = "legacy-aes"
 CODE_LEGACY_BACKING = "legacy-aes-backing"
 PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
-HOOK_OPERATIONS = ("prepare", "start", "migrate", "restore")  # libvirt qemu operations the hook acts on
+# libvirt qemu operations the hook acts on: "prepare" runs once before every QEMU start (a plain start, a restore,
+# an incoming migration); "start", "migrate" and "restore" come with the same XML and would repeat each warning
+HOOK_OPERATIONS = ("prepare",)
 LEGACY_TEXT = "legacy QEMU AES encryption (qcow/qcow2 crypt_method 1), which current QEMU refuses to open"
 _MAX_LISTED_PATHS = 3
 CHECK_COMMAND = "qcrypt info "  # the advice for a backing file qcrypt refused to follow
@@ -232,9 +236,11 @@ def suggested_output(path: str, target: str, *, local_dir: bool) -> str:
     return name if local_dir else os.path.join(os.path.dirname(path), name)
 
 
-def migrate_domain_command(domain: str) -> str:
-    """The ``qcrypt migrate-domain`` command line that fixes every disk of ``domain`` and its XML."""
-    return f"qcrypt migrate-domain {shlex.quote(domain)}"
+def migrate_domain_command(domain: str, *, needs_passphrase: bool = False) -> str:
+    """The ``qcrypt migrate-domain`` command line that fixes every disk of ``domain`` and its XML;
+    ``needs_passphrase``: a disk names no libvirt secret, so the passphrase must be given."""
+    command = f"qcrypt migrate-domain {shlex.quote(domain)}"
+    return f"{command} --passphrase-file {PASSPHRASE_PLACEHOLDER}" if needs_passphrase else command
 
 
 def migrate_command(path: str, *, to: str = "qcow2-luks", flatten: bool = False, block: bool = False) -> str:
@@ -393,6 +399,7 @@ def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
     check = DomainCheck(domain=domain.name, errors=list(found.failures))
     seen: set[tuple[str, str]] = set()
     unchecked = domain.disks_skipped
+    secretless = False  # an affected disk names no libvirt secret: migrate-domain needs the passphrase given
     for index, disk in enumerate(domain.disks):
         if time.monotonic() >= deadline:
             unchecked += len(domain.disks) - index
@@ -401,6 +408,10 @@ def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
         if warning and (warning.target, warning.path) not in seen:
             seen.add((warning.target, warning.path))
             check.warnings.append(warning)
+            secretless |= warning.domain_command is not None and not any(layer.secret for layer in disk.layers)
+    if secretless:
+        command = migrate_domain_command(domain.name, needs_passphrase=True)
+        check.warnings = [replace(w, domain_command=command) if w.domain_command else w for w in check.warnings]
     if unchecked:
         check.cut_short = True
         check.notes.append(f"domain '{domain.name}': {unchecked} of {len(domain.disks) + domain.disks_skipped} "
@@ -436,13 +447,25 @@ def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
 # -- reporting --------------------------------------------------------------------------------------------
 
 
-def send_to_syslog(priority: int, message: str) -> None:
-    """Log one line as ``qcrypt-hook`` to the daemon facility (journald picks it up)."""
-    syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID, syslog.LOG_DAEMON)
+def send_to_syslog(priority: int, message: str, ident: str = SYSLOG_IDENT) -> None:
+    """Log one line as ``ident`` to the daemon facility (journald picks it up). Without a socket at
+    :data:`SYSLOG_SOCKET` the line is lost (syslog(3) says nothing): see :func:`syslog_listening`."""
+    syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_DAEMON)
     try:
         syslog.syslog(priority, message)
     finally:
         syslog.closelog()
+
+
+def syslog_listening() -> bool:
+    """True when something listens at the syslog socket (a syslog daemon or journald): a datagram socket
+    connects to it (a socket file left behind by a daemon that is gone refuses the connection)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(SYSLOG_SOCKET)
+        except OSError:
+            return False
+    return True
 
 
 syslog_sink: SyslogSink = send_to_syslog

@@ -204,7 +204,7 @@ class Lab:
     def cleanup(self) -> None:
         for name in self.domains:
             virsh("destroy", name, check=False)
-            virsh("undefine", name, check=False)
+            virsh("undefine", name, "--snapshots-metadata", check=False)
             with contextlib.suppress(FileNotFoundError):
                 (CONFIG_DIR / f"{name}.xml").unlink()
             with contextlib.suppress(FileNotFoundError):

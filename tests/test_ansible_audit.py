@@ -123,6 +123,10 @@ def test_audit_writes_one_fleet_report(tmp_path: Path, fleet: dict[str, dict[str
     assert "HOST-SECRET" not in markdown
     assert "| hv3 | failed: Error: " in markdown
     assert f"| hv1 | {expected_legacy[0]} |" in markdown
+    # the base is app's through its overlay's header alone (the XML has no <backingStore>): never "-"
+    base = next(image for image in hosts["hv1"]["legacy"] if image["path"].endswith("/base.qcow2"))
+    assert base["domains"] == [f"{PREFIX}app"]
+    assert f"| hv1 | {base['path']} | {PREFIX}app | legacy-aes |" in markdown
     assert run.recap["hv1"]["changed"] == 0 and run.recap["hv1"]["failed"] == 0
 
 

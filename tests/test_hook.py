@@ -13,6 +13,7 @@ import syslog
 import threading
 import time
 import warnings
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -183,9 +184,23 @@ def test_legacy_file_disk(images: Path) -> None:
     assert "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f" in vda.reason
     assert vda.command == migrate(images / "legacy.qcow2", str(images / "legacy.luks.qcow2"))
     assert warned["vdc"].command == migrate(images / "legacy-v1.qcow", str(images / "legacy-v1.luks.qcow2"))
-    assert vda.domain_command == "qcrypt migrate-domain web"
+    # vdc names no libvirt secret: migrate-domain needs the passphrase given, for the whole domain
+    fix = "qcrypt migrate-domain web --passphrase-file PASSPHRASE_FILE"
+    assert vda.domain_command == warned["vdc"].domain_command == fix
     assert vda.as_dict() == {"domain": "web", "target": "vda", "path": vda.path, "reason": vda.reason,
-                             "command": vda.command, "domain_command": "qcrypt migrate-domain web"}
+                             "command": vda.command, "domain_command": fix}
+
+
+@pytest.mark.interop
+def test_domain_hint_without_passphrase_file_when_every_affected_disk_names_a_secret(images: Path) -> None:
+    root = ET.fromstring(domain_xml("legacy-file.xml", images))
+    devices = root.find("devices")
+    assert devices is not None
+    for disk in devices.findall("disk"):
+        if disk.find("target").get("dev") == "vdc":  # type: ignore[union-attr]
+            devices.remove(disk)
+    check = hook.check_domain_xml(ET.tostring(root, encoding="unicode"))
+    assert [(w.target, w.domain_command) for w in check.warnings] == [("vda", "qcrypt migrate-domain web")]
 
 
 @pytest.mark.interop
@@ -355,7 +370,8 @@ def test_emit_sends_each_line_to_syslog_and_stderr(images: Path) -> None:
     assert [line for _, line in sent] == [w.message() for w in check.warnings]
     assert lines == [f"qcrypt-hook: warning: {w.message()}" for w in check.warnings]
     assert "domain 'web' disk vda (" in lines[0]
-    assert "Fix it with the VM shut off: qcrypt migrate-domain web (or this disk alone: qcrypt migrate " in lines[0]
+    assert ("Fix it with the VM shut off: qcrypt migrate-domain web --passphrase-file PASSPHRASE_FILE (or this disk "
+            "alone: qcrypt migrate ") in lines[0]
 
 
 def test_emit_errors_and_notes_priorities() -> None:

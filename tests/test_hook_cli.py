@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def run_hook(args: list[str], xml: str | bytes | None) -> tuple[int, str, str]:
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("operation", ["prepare", "start", "migrate", "restore"])
+@pytest.mark.parametrize("operation", ["prepare"])
 def test_warns_on_stderr_and_syslog_never_stdout(images: Path, syslog_lines: list[tuple[int, str]],  # noqa: F811
                                                  operation: str) -> None:
     code, out, err = run_hook(["web", operation, "begin", "-"], domain_xml("legacy-file.xml", images))
@@ -54,7 +55,8 @@ def test_warns_on_stderr_and_syslog_never_stdout(images: Path, syslog_lines: lis
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("operation", ["stopped", "release", "started", "reconnect", "attach", "", "bogus"])
+@pytest.mark.parametrize("operation", ["start", "migrate", "restore",  # libvirt calls 'prepare' before these too
+                                       "stopped", "release", "started", "reconnect", "attach", "", "bogus"])
 def test_other_operations_do_nothing(images: Path, syslog_lines: list[tuple[int, str]],  # noqa: F811
                                      operation: str) -> None:
     assert run_hook(["web", operation, "end", "-"], domain_xml("legacy-file.xml", images)) == (0, "", "")
@@ -92,8 +94,8 @@ def test_bad_input_is_logged_and_exit_is_zero(syslog_lines: list[tuple[int, str]
 
 @pytest.mark.interop
 def test_missing_files_are_fine(images: Path, syslog_lines: list[tuple[int, str]]) -> None:  # noqa: F811
-    assert run_hook(["clean", "start", "begin", "-"], domain_xml("plain.xml", images / "gone")) == (0, "", "")
-    code, out, err = run_hook(["placements", "start", "begin", "-"],
+    assert run_hook(["clean", "prepare", "begin", "-"], domain_xml("plain.xml", images / "gone")) == (0, "", "")
+    code, out, err = run_hook(["placements", "prepare", "begin", "-"],
                               domain_xml("encryption-placements.xml", images / "gone"))
     assert (code, out) == (0, "")
     assert "disk vda (" in err  # declared <encryption format='qcow'> on a missing file still warns
@@ -121,12 +123,12 @@ def test_internal_errors_never_escape(images: Path) -> None:  # noqa: F811
     def interrupted(_priority: int, _line: str) -> None:
         raise KeyboardInterrupt
 
-    assert hookcli.run_libvirt(["web", "start", "begin", "-"],
+    assert hookcli.run_libvirt(["web", "prepare", "begin", "-"],
                                io.BytesIO(domain_xml("legacy-file.xml", images).encode()), syslog_to=interrupted) == 0
     closed = io.BytesIO(b"<domain/>")
     closed.close()  # reading raises ValueError: reported as an internal error, still exit 0
     lines: list[str] = []
-    assert hookcli.run_libvirt(["web", "start"], closed, syslog_to=lambda _p, line: lines.append(line)) == 0
+    assert hookcli.run_libvirt(["web", "prepare"], closed, syslog_to=lambda _p, line: lines.append(line)) == 0
     assert lines == ["domain 'web': internal error: ValueError: I/O operation on closed file."]
 
 
@@ -134,7 +136,7 @@ def test_internal_errors_never_escape(images: Path) -> None:  # noqa: F811
 def test_module_entry_point_real_process(images: Path) -> None:  # noqa: F811
     """What the installed script runs: a real process, stdout checked at the file-descriptor level."""
     env = {**BARE_ENV, "PYTHONPATH": str(hookcli.package_root())}
-    for operation in ("migrate", "restore", "prepare"):
+    for operation in ("prepare",):
         done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "web", operation, "begin", "-"],
                               input=domain_xml("legacy-file.xml", images).encode(), capture_output=True, env=env,
                               cwd="/", timeout=60, check=False)
@@ -181,7 +183,7 @@ def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:  # noqa: 
     assert first.exit_code == 0, first.output
     script = hooks_dir / "qemu.d" / "50-qcrypt"
     assert f"qcrypt hook installed: {script}" in first.stdout
-    assert "systemctl restart libvirtd" in first.stdout
+    assert "systemctl reload libvirtd" in first.stdout and "restart" not in first.stdout
     assert "virtqemud" in first.stdout
     assert stat.S_IMODE(script.stat().st_mode) == 0o755
     content = script.read_bytes()
@@ -202,15 +204,16 @@ def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:  # noqa: 
     assert (restore.returncode, restore.stdout) == (0, b"")
     quiet = run_script(script, ["web", "release", "end", "shutdown"], domain_xml("legacy-file.xml", images))
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, b"", b"")
-    broken = run_script(script, ["web", "start", "begin", "-"], "<domain>")
+    broken = run_script(script, ["web", "prepare", "begin", "-"], "<domain>")
     assert (broken.returncode, broken.stdout) == (0, b"")
     assert b"malformed" in broken.stderr
 
     removed = runner.invoke(hookcli.hook, ["uninstall", "--hooks-dir", str(hooks_dir)])
     assert removed.exit_code == 0
     assert "qcrypt hook removed" in removed.stdout
-    assert not script.exists()
-    assert _qemu_untouched(hooks_dir)
+    assert not script.exists() and not script.parent.exists()  # the empty qemu.d/ install created
+    assert f"empty folder removed: {script.parent}" in removed.stdout and "systemctl reload libvirtd" in removed.stdout
+    assert _qemu_untouched(hooks_dir)  # the hooks folder holds the site's script: it stays
     absent = runner.invoke(hookcli.hook, ["uninstall", "--hooks-dir", str(hooks_dir)])
     assert (absent.exit_code, "not installed" in absent.stdout) == (0, True)
 
@@ -221,7 +224,7 @@ def test_script_with_source_tree_pythonpath_and_bare_env(hooks_dir: Path, images
     script_text = hookcli.render_script(sys.executable, str(hookcli.package_root()))
     status, script = hookcli.install_script(hooks_dir, "60-qcrypt-src", script=script_text)
     assert status == "installed"
-    done = run_script(script, ["overlay", "start", "begin", "-"], domain_xml("own-backing.xml", images))
+    done = run_script(script, ["overlay", "prepare", "begin", "-"], domain_xml("own-backing.xml", images))
     assert (done.returncode, done.stdout) == (0, b"")
     assert b"--flatten" in done.stderr
 
@@ -277,7 +280,7 @@ def test_rendered_script_shape() -> None:
     lines = script.splitlines()
     assert lines[0] == "#!/bin/sh"
     assert lines[1] == hookcli.SCRIPT_MARKER
-    assert "    prepare|start|migrate|restore) ;;" in lines
+    assert "    prepare) ;;" in lines
     assert "QCRYPT_PYTHON=/opt/py/bin/python3" in lines
     assert 'PYTHONPATH=/opt/src "$QCRYPT_PYTHON" -m qcrypt.cli.hook libvirt "$@" >/dev/null || true' in lines
     assert lines[-1] == "exit 0"
@@ -385,3 +388,63 @@ def test_a_sticky_ancestor_is_fine_but_not_an_import_folder(tmp_path: Path) -> N
     assert hookcli._changeable_by_others(str(sticky), on_import_path=False) is None
     assert "writable by every user" in (hookcli._changeable_by_others(str(sticky), on_import_path=True) or "")
     assert hookcli._changeable_by_others(str(tmp_path / "missing"), on_import_path=True) is None
+
+
+def test_uninstall_removes_the_folders_install_created(tmp_path: Path) -> None:
+    hooks = tmp_path / "libvirt" / "hooks"
+    hooks.parent.mkdir()
+    runner = CliRunner()
+    status, script = hookcli.install_script(hooks, "50-qcrypt", script=hookcli.render_script("/no/python", None))
+    assert status == "installed" and script.is_file()
+    removed = runner.invoke(hookcli.hook, ["uninstall", "--hooks-dir", str(hooks)])
+    assert removed.exit_code == 0, removed.output
+    assert not hooks.exists() and hooks.parent.is_dir()
+    assert f"empty folder removed: {hooks / 'qemu.d'}" in removed.stdout
+    assert f"empty folder removed: {hooks}" in removed.stdout
+    other = hooks / "qemu.d" / "10-site"  # a folder holding another script is left alone
+    other.parent.mkdir(parents=True)
+    other.write_text(QEMU_SCRIPT)
+    hookcli.install_script(hooks, "50-qcrypt", script=hookcli.render_script("/no/python", None))
+    kept = runner.invoke(hookcli.hook, ["uninstall", "--hooks-dir", str(hooks)])
+    assert kept.exit_code == 0 and "empty folder" not in kept.stdout and other.read_text() == QEMU_SCRIPT
+
+
+def test_install_says_where_warnings_go(hooks_dir: Path) -> None:
+    """With no syslog socket the warnings reach no log: install says so instead of pointing at syslog."""
+    if os.path.exists(hooklib.SYSLOG_SOCKET):
+        pytest.skip(f"{hooklib.SYSLOG_SOCKET} exists here")
+    def install() -> str:
+        done = CliRunner().invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
+        assert done.exit_code == 0, done.output
+        return done.stdout
+
+    nothing = install()
+    assert "Warnings go to syslog" not in nothing
+    assert f"No syslog socket at {hooklib.SYSLOG_SOCKET} on this host: the warnings reach no log" in nothing
+    assert "qcrypt scan --libvirt-xml /etc/libvirt/qemu" in nothing
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(hooklib.SYSLOG_SOCKET)
+    except OSError as e:
+        listener.close()
+        pytest.skip(f"cannot bind {hooklib.SYSLOG_SOCKET}: {e}")
+    try:
+        assert "Warnings go to syslog/journal as 'qcrypt-hook'" in install()
+        listener.close()  # the socket file stays, nobody listens: a daemon that is gone
+        assert f"No syslog socket at {hooklib.SYSLOG_SOCKET}" in install()
+    finally:
+        listener.close()
+        os.unlink(hooklib.SYSLOG_SOCKET)
+
+
+@pytest.mark.parametrize("entry", ["click", "module"])
+def test_hook_libvirt_help(entry: str) -> None:
+    if entry == "click":
+        result = CliRunner().invoke(hookcli.hook, ["libvirt", "--help"])
+        code, out = result.exit_code, result.stdout
+    else:
+        done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "--help"], capture_output=True,
+                              text=True, timeout=60, check=False)
+        code, out = done.returncode, done.stdout
+    assert code == 0 and out.startswith("Usage: qcrypt hook libvirt DOMAIN OPERATION SUBOPERATION EXTRA")
+    assert "prepare" in out and "qcrypt hook install" in out

@@ -93,3 +93,59 @@ def test_diff_shows_only_the_change() -> None:
 def test_unknown_target_is_a_format_error() -> None:
     with pytest.raises(FormatError, match="no <disk> with target dev='vdz'"):
         xmledit.apply_change(parse_domain_root(DOMAIN), xmledit.DiskChange("vdz", "/x", "qcow2", UUID, False))
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------------
+
+SNAPSHOT = """<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>
+<disks><disk name='vda' snapshot='{mode}'/><disk name='vdb' snapshot='internal'/></disks>
+<domain type='qemu'><name>web</name><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/i/web.qcow2'/>
+<target dev='vda' bus='virtio'/><encryption format='qcow'><secret type='passphrase' uuid='{uuid}'/></encryption></disk>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/i/data.qcow2'/>
+<target dev='vdb' bus='virtio'/></disk></devices></domain></domainsnapshot>"""
+
+
+def test_snapshot_definition_follows_the_disk_change() -> None:
+    from qcrypt.libvirt.domainxml import parse_snapshot_root
+
+    root = parse_snapshot_root(SNAPSHOT.format(mode="internal", uuid=UUID))
+    change = xmledit.DiskChange("vda", "/i/web.luks.qcow2", "qcow2", UUID, flattened=False)
+    new = xmledit.change_snapshot(root, [change])
+    vda, vdb = new.findall("domain/devices/disk")
+    assert vda.find("source").get("file") == "/i/web.luks.qcow2"  # type: ignore[union-attr]
+    assert vda.find("source/encryption").get("format") == "luks" and vda.find("encryption") is None  # type: ignore[union-attr]
+    assert vdb.find("source").get("file") == "/i/data.qcow2"  # type: ignore[union-attr]
+    assert root.find("domain/devices/disk/source").get("file") == "/i/web.qcow2"  # type: ignore[union-attr]  # a copy
+    assert new.findtext("name") == "s1" and new.find("disks") is not None
+
+
+def test_snapshot_with_an_external_disk_snapshot_is_refused() -> None:
+    from qcrypt.libvirt.domainxml import parse_snapshot_root
+
+    root = parse_snapshot_root(SNAPSHOT.format(mode="external", uuid=UUID))
+    with pytest.raises(FormatError, match="disk vda has an external snapshot"):
+        xmledit.change_snapshot(root, [xmledit.DiskChange("vda", "/i/web.luks.qcow2", "qcow2", UUID, False)])
+
+
+@pytest.mark.parametrize("xml", ["<domain/>", "<!DOCTYPE x><domainsnapshot/>", ""])
+def test_snapshot_xml_refusals(xml: str) -> None:
+    from qcrypt.libvirt.domainxml import parse_snapshot_root
+
+    with pytest.raises(FormatError):
+        parse_snapshot_root(xml)
+
+
+def test_a_raw_luks_target_cannot_carry_internal_snapshots() -> None:
+    from qcrypt.libvirt.domain_migrate import DiskPlan, _snapshot_loss
+    from qcrypt.libvirt.domainxml import parse_snapshot_root
+
+    root = parse_snapshot_root(SNAPSHOT.format(mode="internal", uuid=UUID))
+
+    def plan(to: str) -> DiskPlan:
+        return DiskPlan(target="vda", source="/i/web.qcow2", new_path="/i/web.luks", to=to, virtual_size=0,
+                        allocated_size=0, secret_uuid=UUID, secret_created=False, flatten=False, source_type="file",
+                        legacy_layers=["/i/web.qcow2"])
+
+    assert _snapshot_loss(root, [plan("qcow2-luks")]) is None
+    assert _snapshot_loss(root, [plan("luks")]) == "disk vda's new image (luks) cannot hold internal snapshots"

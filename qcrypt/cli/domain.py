@@ -21,6 +21,7 @@ from qcrypt.libvirt.domain_migrate import (
     DEFAULT_BACKUP_DIR,
     DomainOptions,
     DomainOutcome,
+    destroyable,
     domains_to_fix,
 )
 from qcrypt.libvirt.domain_migrate import (
@@ -28,6 +29,10 @@ from qcrypt.libvirt.domain_migrate import (
 )
 from qcrypt.parallel import tune_malloc_for_streaming
 
+SNAPSHOT_LIMITS = ("internal snapshots of a LUKS qcow2 disk: libvirt 9 lists them, but 'virsh snapshot-revert' "
+                   "and 'snapshot-create' of the shut-off domain fail (libvirt runs qemu-img without the secret), "
+                   "'snapshot-delete' removes only libvirt's metadata, and a snapshot of the running domain crashed "
+                   "QEMU 7.2; use qemu-img snapshot with --object secret (README, 'Snapshots')")
 STATUSES = ("migrated", "unchanged", "planned", "skipped", "failed")
 EXIT_SKIPPED = exit_code_for(DomainActiveError("running"))
 
@@ -167,6 +172,11 @@ def print_outcome(o: DomainOutcome) -> None:
             click.echo(f"      {made} {d.secret_uuid}{frm}")
     for problem in o.undo_errors:
         click.echo(f"  NOT undone: {problem}")
+    for snap in o.snapshots:
+        saved = f" (old snapshot XML saved to {snap.backup})" if snap.backup else ""
+        click.echo(f"  snapshot {snap.name}: {snap.status}: {snap.detail}{saved}")
+    if o.snapshots and o.status in ("planned", "migrated"):
+        click.echo(f"  {SNAPSHOT_LIMITS}")
     if o.status == "planned":
         _print_plan(o)
     if o.status == "migrated":
@@ -187,21 +197,30 @@ def _print_plan(o: DomainOutcome) -> None:
 def _print_done(o: DomainOutcome) -> None:
     click.echo(f"  old XML saved to {o.xml_backup}")
     old = [path for d in o.disks for path in d.old_images]
-    checked = [path for d in o.disks for path in d.old_images if path not in d.unchecked_images]
-    unchecked = [path for d in o.disks for path in d.unchecked_images]
+    free = destroyable(o)
+    unchecked = [path for d in o.disks for path in d.unchecked_images if path not in d.image_users]
     if old:
         click.echo(f"  old images kept: {', '.join(old)}")
-    if checked:
+    for d in o.disks:
+        for path, users in d.image_users.items():
+            click.echo(f"  still in use, keep: {path} (used by {', '.join(users)})")
+    if o.users_checked:
+        click.echo(f"  other users looked for in: {'; '.join(o.users_checked)}")
+    for problem in o.users_unknown:
+        click.echo(f"  other users not known: {problem}: qcrypt gives no command to destroy the old images")
+    if free:
         click.echo("  once the VM is confirmed good, destroy them (their legacy ciphertext stays readable with the "
-                   f"old passphrase): shred -u {' '.join(shlex.quote(p) for p in checked)} (or blkdiscard on thin "
+                   f"old passphrase): shred -u {' '.join(shlex.quote(p) for p in free)} (or blkdiscard on thin "
                    "storage)")
     if unchecked:
         click.echo(f"  not checked to be the files qcrypt read (a backing layer, a block device, or a name that "
                    f"changed since): {', '.join(unchecked)}: qcrypt gives no command to destroy these; check what "
                    "each one is (ls -l, qcrypt info) and who else uses it first")
-        if any(d.flatten for d in o.disks):
-            click.echo("  backing files may be shared by other domains: check with 'qcrypt scan --libvirt-xml "
-                       "/etc/libvirt/qemu' before destroying them")
+    if old:
+        click.echo("  images in other folders, or on other hosts, may use them too: 'qcrypt scan --libvirt-xml "
+                   "/etc/libvirt/qemu FOLDER...' names the domains using each image")
+    if o.record:
+        click.echo(f"  record: {o.record}")
     if o.started is True:
         click.echo("  started: the domain is running")
     elif o.started is False:

@@ -35,6 +35,16 @@ from qcrypt.errors import QcryptError
 
 EXIT_FOREIGN = 1  # every refusal of install/uninstall
 _MAX_LISTED_UNSAFE = 5
+HELP_ARGV = (["--help"], ["-h"])  # libvirt always passes four arguments: a lone --help is a person asking
+LIBVIRT_HELP = """Usage: qcrypt hook libvirt DOMAIN OPERATION SUBOPERATION EXTRA  (domain XML on stdin)
+
+  What the installed libvirt qemu hook script runs (libvirt's hook protocol). On 'prepare' (once before
+  every QEMU start, restore or incoming migration) each disk of the domain is checked within a time budget;
+  a disk with legacy QEMU AES encryption is reported to syslog (ident qcrypt-hook) and stderr, with the
+  commands that fix it. Other operations do nothing. Never writes to stdout; always exits 0 (a failing hook
+  would block the VM).
+
+  Install it with 'qcrypt hook install'."""
 
 
 def _stderr_line(line: str) -> None:
@@ -314,6 +324,19 @@ def uninstall_script(hooks_dir: str | os.PathLike[str], name: str = DEFAULT_SCRI
     return "removed", target
 
 
+def remove_empty_folders(hooks_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``hooks_dir/qemu.d`` and then ``hooks_dir`` when they are empty (as install may have created them;
+    libvirt needs neither). Returns the folders removed."""
+    removed = []
+    for folder in (Path(hooks_dir) / "qemu.d", Path(hooks_dir)):
+        try:
+            folder.rmdir()  # only an empty folder, never a symlink's target
+        except OSError:
+            break
+        removed.append(folder)
+    return removed
+
+
 # -- click commands ---------------------------------------------------------------------------------------
 
 
@@ -322,7 +345,7 @@ def hook() -> None:
     """Warn at VM start about disks with legacy QEMU AES encryption (libvirt hook).
 
     \b
-    qcrypt hook install      install the libvirt qemu.d hook script (then restart libvirtd)
+    qcrypt hook install      install the libvirt qemu.d hook script (then reload libvirtd)
     qcrypt hook uninstall    remove it
     qcrypt hook libvirt ...  what the script runs (libvirt's hook protocol; always exits 0)
     """
@@ -336,6 +359,9 @@ def hook() -> None:
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def libvirt(argv: tuple[str, ...]) -> None:
     """libvirt qemu hook: OBJECT OPERATION SUBOPERATION EXTRA, domain XML on stdin. Always exits 0."""
+    if list(argv) in HELP_ARGV:
+        click.echo(LIBVIRT_HELP)
+        return
     run_libvirt(argv, _stdin_binary())
 
 
@@ -400,11 +426,21 @@ def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
     if os.path.exists(os.path.join(hooks_dir, "qemu")):
         click.echo(f"The existing {os.path.join(hooks_dir, 'qemu')} script is untouched and still runs first.")
     if status != "already-installed":
-        click.echo("Restart the daemon so it sees the hook (hooks are read at start): "
-                   "systemctl restart libvirtd  (or virtqemud with modular daemons).")
+        click.echo("Reload the daemon so it sees the hook (it reads the hooks at start and on reload; VMs keep "
+                   "running): systemctl reload libvirtd  (virtqemud with modular daemons; or kill -HUP its PID).")
         click.echo("qemu.d/ scripts need libvirt >= 6.5; with an older libvirt, call this script from the "
                    "qemu hook instead.")
-    click.echo("Warnings go to syslog/journal as 'qcrypt-hook' (journalctl -t qcrypt-hook).")
+    click.echo(where_warnings_go())
+
+
+def where_warnings_go() -> str:
+    """Where the hook's warnings end up on this host."""
+    if hooklib.syslog_listening():
+        return "Warnings go to syslog/journal as 'qcrypt-hook' (journalctl -t qcrypt-hook)."
+    return (f"No syslog socket at {hooklib.SYSLOG_SOCKET} on this host: the warnings reach no log (libvirt does not "
+            "keep a hook's stderr at its default log level). Start a syslog daemon or journald so that they are "
+            "kept; meanwhile 'qcrypt scan --libvirt-xml /etc/libvirt/qemu /var/lib/libvirt/images' lists the "
+            "affected domains.")
 
 
 @hook.command(name="uninstall")
@@ -421,7 +457,10 @@ def uninstall(hooks_dir: str, name: str) -> None:
         click.echo(f"qcrypt hook not installed: {path} does not exist")
         return
     click.echo(f"qcrypt hook removed: {path}")
-    click.echo("Restart libvirtd (or virtqemud) so it forgets the hook.")
+    for folder in remove_empty_folders(hooks_dir):
+        click.echo(f"empty folder removed: {folder}")
+    click.echo("Reload libvirtd so it forgets the hook: systemctl reload libvirtd  (virtqemud with modular "
+               "daemons; or kill -HUP its PID).")
 
 
 HARD_LIMIT_S = hooklib.RUN_BUDGET_S + 1.0  # the whole hook process, reading stdin and logging included
@@ -449,7 +488,7 @@ def start_watchdog(argv: Sequence[str], limit_s: float = HARD_LIMIT_S) -> thread
 def main() -> None:
     """``python -m qcrypt.cli.hook``: ``libvirt ...`` bypasses click and always exits 0; else the group."""
     argv = sys.argv[1:]
-    if argv[:1] == ["libvirt"]:
+    if argv[:1] == ["libvirt"] and argv[1:] not in HELP_ARGV:
         start_watchdog(argv[1:])
         run_libvirt(argv[1:], _stdin_binary())
         with contextlib.suppress(BaseException):

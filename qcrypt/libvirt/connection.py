@@ -39,6 +39,10 @@ class Connection(Protocol):
     def secret_value(self, uuid: str) -> bytearray: ...
     def create_volume_secret(self, volume: str, value: bytes) -> str: ...
     def undefine_secret(self, uuid: str) -> None: ...
+    def snapshot_names(self, name: str) -> list[str]: ...
+    def snapshot_xml(self, name: str, snapshot: str) -> str: ...
+    def current_snapshot(self, name: str) -> str | None: ...
+    def redefine_snapshot(self, name: str, xml: str, *, current: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -158,6 +162,25 @@ class VirshConnection:
     def undefine_secret(self, uuid: str) -> None:
         self.run("secret-undefine", "--secret", uuid)
 
+    def snapshot_names(self, name: str) -> list[str]:
+        out = self.run("snapshot-list", "--domain", name, "--name", "--topological")
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def snapshot_xml(self, name: str, snapshot: str) -> str:
+        return self.run("snapshot-dumpxml", "--domain", name, "--snapshotname", snapshot, "--security-info")
+
+    def current_snapshot(self, name: str) -> str | None:
+        try:
+            return self.run("snapshot-current", "--domain", name, "--name").strip() or None
+        except LibvirtError as e:
+            if "no current snapshot" in str(e) or "not have a current snapshot" in str(e):
+                return None
+            raise
+
+    def redefine_snapshot(self, name: str, xml: str, *, current: bool) -> None:
+        self.run("snapshot-create", "--domain", name, "--xmlfile", "/dev/stdin", "--redefine",
+                 *(["--current"] if current else []), stdin=xml.encode("utf-8"))
+
     def close(self) -> None:
         return
 
@@ -239,6 +262,27 @@ class ApiConnection:
     def undefine_secret(self, uuid: str) -> None:
         secret = self._call(f"libvirt secret {uuid}", self.conn.secretLookupByUUIDString, uuid)
         self._call(f"secret undefine {uuid}", secret.undefine)
+
+    def snapshot_names(self, name: str) -> list[str]:
+        flags = self.libvirt.VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL
+        return [s.getName() for s in self._call(f"snapshots of {name}", self._domain(name).listAllSnapshots, flags)]
+
+    def snapshot_xml(self, name: str, snapshot: str) -> str:
+        found = self._call(f"snapshot {snapshot} of {name}", self._domain(name).snapshotLookupByName, snapshot, 0)
+        return self._call(f"snapshot {snapshot} of {name}", found.getXMLDesc,
+                          self.libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
+
+    def current_snapshot(self, name: str) -> str | None:
+        domain = self._domain(name)
+        if not self._call(f"snapshots of {name}", domain.hasCurrentSnapshot, 0):
+            return None
+        return self._call(f"snapshots of {name}", domain.snapshotCurrent, 0).getName()
+
+    def redefine_snapshot(self, name: str, xml: str, *, current: bool) -> None:
+        flags = self.libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+        if current:
+            flags |= self.libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+        self._call(f"snapshot redefine of {name}", self._domain(name).snapshotCreateXML, xml, flags)
 
     def close(self) -> None:
         try:

@@ -15,12 +15,14 @@ import contextlib
 import copy
 import os
 import stat
+import syslog
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qcrypt import findings as F
+from qcrypt import hook as hooklib
 from qcrypt.backing import BackingRefusedError, ChainRules
 from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
 from qcrypt.errors import (
@@ -35,9 +37,15 @@ from qcrypt.errors import (
     SecretPrivateError,
     UnsafePathError,
 )
-from qcrypt.libvirt import xmledit
+from qcrypt.libvirt import usage, xmledit
 from qcrypt.libvirt.connection import SHUT_OFF, Connection
-from qcrypt.libvirt.domainxml import DomainDisk, declared_format, domain_from_root, parse_domain_root
+from qcrypt.libvirt.domainxml import (
+    DomainDisk,
+    declared_format,
+    domain_from_root,
+    parse_domain_root,
+    parse_snapshot_root,
+)
 from qcrypt.migrate import MigrateOptions
 from qcrypt.migrate import migrate as migrate_image
 from qcrypt.outputs import Placement, file_id
@@ -47,6 +55,7 @@ DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
 ESTIMATE_BYTES_PER_S = 100 * 1024 * 1024  # conservative migrate rate on 2 cores (docs/BENCHMARKS.md)
 LUKS_HEADER_BYTES = 16 * 1024 * 1024  # upper bound of a LUKS1 header area plus qcow2 metadata slack
 NEW_SECRET = "(new secret)"
+RECORD_IDENT = "qcrypt-migrate-domain"
 PassphraseSource = Callable[[], bytearray]
 PASSPHRASE_FILE = "passphrase file"
 PASSPHRASE_FILE_STRIPPED = "passphrase file without its trailing newline"
@@ -86,6 +95,7 @@ class DiskPlan:
     old_images: list[str] = field(default_factory=list)
     passphrase_from: str | None = None  # "libvirt secret" | PASSPHRASE_FILE | PASSPHRASE_FILE_STRIPPED
     unchecked_images: list[str] = field(default_factory=list)  # old images not checked to be what qcrypt read
+    image_users: dict[str, list[str]] = field(default_factory=dict)  # old image -> domains/images still using it
     placement: Placement | None = field(default=None, repr=False)  # the new image, by folder descriptor
     source_id: tuple[int, int] | None = field(default=None, repr=False)  # the source file qcrypt read
     source_format: str | None = None  # the disk's format as its XML declares it
@@ -98,7 +108,8 @@ class DiskPlan:
                 "secret_uuid": self.secret_uuid, "secret_created": self.secret_created, "flatten": self.flatten,
                 "legacy_layers": self.legacy_layers, "old_images": self.old_images,
                 "passphrase_from": self.passphrase_from, "xml_only": self.xml_only,
-                "unchecked_images": self.unchecked_images, "passphrase_verified": self.passphrase_verified}
+                "unchecked_images": self.unchecked_images, "passphrase_verified": self.passphrase_verified,
+                "old_image_users": self.image_users}
 
     @property
     def work_bytes(self) -> int:
@@ -106,6 +117,19 @@ class DiskPlan:
         if self.to in ("luks", "raw") or self.allocated_size is None:
             return self.virtual_size
         return self.allocated_size
+
+
+@dataclass
+class SnapshotOutcome:
+    """A snapshot libvirt has registered for the domain, and what became of its metadata."""
+
+    name: str
+    status: str  # planned | redefined | not redefined
+    detail: str
+    backup: str | None = None  # its old XML
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail, "backup": self.backup}
 
 
 @dataclass
@@ -119,6 +143,10 @@ class DomainOutcome:
     started: bool | None = None
     start_error: str | None = None
     undo_errors: list[str] = field(default_factory=list)  # what a failed run could not put back, and why
+    users_checked: list[str] = field(default_factory=list)  # where other users of the old images were looked for
+    users_unknown: list[str] = field(default_factory=list)  # why that look was incomplete (then: no shred advice)
+    record: str | None = None  # the syslog record of the change, or why there is none
+    snapshots: list[SnapshotOutcome] = field(default_factory=list)
     space: list[str] = field(default_factory=list)
     estimated_seconds: float | None = None
     error: QcryptError | None = field(default=None, repr=False)
@@ -127,7 +155,9 @@ class DomainOutcome:
         return {"name": self.name, "status": self.status, "reason": self.reason,
                 "disks": [d.as_dict() for d in self.disks], "xml_backup": self.xml_backup,
                 "xml_diff": self.xml_diff, "started": self.started, "start_error": self.start_error,
-                "free_space": self.space, "estimated_seconds": self.estimated_seconds, "undo_errors": self.undo_errors}
+                "free_space": self.space, "estimated_seconds": self.estimated_seconds, "undo_errors": self.undo_errors,
+                "users_checked": self.users_checked, "users_unknown": self.users_unknown, "record": self.record,
+                "snapshots": [s.as_dict() for s in self.snapshots]}
 
 
 # -- which disks -------------------------------------------------------------------------------------------------
@@ -387,6 +417,7 @@ def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: D
     finally:
         run.close()
     outcome.status, outcome.xml_backup = "migrated", run.backup
+    _after_define(conn, outcome)
     if opts.start:
         _start(conn, name, outcome)
 
@@ -402,6 +433,7 @@ def _plan_only(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[s
     outcome.xml_diff = xmledit.unified_diff(outcome.name, xmledit.serialize(copy.deepcopy(root)),
                                             xmledit.serialize(new_root))
     outcome.status = "planned"
+    redefine_snapshots(conn, outcome, dry_run=True)
     if outcome.space[-1].startswith("not enough"):
         outcome.reason = outcome.space[-1]
 
@@ -500,6 +532,142 @@ def _check_xml_only_passphrase(plan: DiskPlan, report: dict[str, Any], passphras
     finally:
         if fallback is not None:
             fallback[:] = bytes(len(fallback))
+
+
+# -- after the define: snapshots, who still uses the old images, and the record ---------------------------------------
+
+
+def _snapshot_loss(snapshot: Any, plans: list[DiskPlan]) -> str | None:
+    """Why the snapshot's internal data is not in the new images (None when every changed disk keeps it: a
+    qcow2-luks migration carries every internal snapshot over, or fails)."""
+    internal = {d.get("name") for d in snapshot.iterfind("disks/disk") if d.get("snapshot", "internal") == "internal"}
+    for plan in plans:
+        if plan.target in internal and not plan.xml_only and plan.to != "qcow2-luks":
+            return f"disk {plan.target}'s new image ({plan.to}) cannot hold internal snapshots"
+    return None
+
+
+def redefine_snapshots(conn: Connection, outcome: DomainOutcome, *, dry_run: bool = False) -> None:
+    """Redefine each snapshot libvirt has for the domain so that its saved definition names the new disks (a
+    revert would otherwise put the domain back on the old images). The old snapshot XML is saved beside the
+    domain's backup. A snapshot whose data the new images do not hold is left as it was, and said so."""
+    try:
+        names = conn.snapshot_names(outcome.name)
+        current = conn.current_snapshot(outcome.name) if names else None
+    except LibvirtError as e:
+        outcome.snapshots.append(SnapshotOutcome("?", "not redefined", f"listing the snapshots failed: {e}"))
+        return
+    changes = [_change(plan) for plan in outcome.disks]
+    for snap in names:
+        found = SnapshotOutcome(snap, "planned" if dry_run else "redefined", "its saved domain definition names "
+                                "the new disks" if not dry_run else "its saved domain definition will name the "
+                                "new disks")
+        outcome.snapshots.append(found)
+        try:
+            old_xml = conn.snapshot_xml(outcome.name, snap)
+            root = parse_snapshot_root(old_xml)
+            new_root = xmledit.change_snapshot(root, changes)
+            loss = _snapshot_loss(root, outcome.disks)
+            if loss:
+                found.status, found.detail = "not redefined", f"{loss}: it still names the old images"
+                continue
+            if dry_run:
+                continue
+            assert outcome.xml_backup is not None
+            found.backup = save_backup(old_xml, f"{outcome.name}.snapshot-{snap}", os.path.dirname(outcome.xml_backup))
+            conn.redefine_snapshot(outcome.name, xmledit.serialize(new_root), current=snap == current)
+        except (QcryptError, OSError) as e:
+            found.status, found.detail = "not redefined", f"{e}: it still names the old images"
+
+
+# -- after the define: who still uses the old images, and the record -----------------------------------------------
+
+
+def _after_define(conn: Connection, outcome: DomainOutcome) -> None:
+    """Snapshots, other users of the old images, the record: the domain is migrated whatever happens here, so a
+    failure is reported in the outcome, never raised (and never a reason to name an old image for shredding)."""
+    try:
+        redefine_snapshots(conn, outcome)
+    except (QcryptError, OSError) as e:
+        outcome.snapshots.append(SnapshotOutcome("?", "not redefined", str(e)))
+    try:
+        find_old_image_users(conn, outcome)
+    except (QcryptError, OSError) as e:
+        outcome.users_unknown.append(str(e))
+    outcome.record = log_change(outcome)
+
+
+def find_old_image_users(conn: Connection, outcome: DomainOutcome) -> None:
+    """Name, for each old image, the defined domains (this one with its new XML included) and the images in
+    the old images' folders that still use it, through domain XML and image headers alike. Another old image
+    of the same disk is not a user (they go together). Anything unreadable makes the look incomplete."""
+    old = {os.path.realpath(p) for d in outcome.disks for p in d.old_images}
+    if not old:
+        return
+    domains = []
+    try:
+        names = conn.domain_names()
+    except LibvirtError as e:
+        names = []
+        outcome.users_unknown.append(f"listing the domains: {e}")
+    for other in names:
+        try:
+            domains.append(domain_from_root(parse_domain_root(conn.inactive_xml(other))))
+        except QcryptError as e:
+            outcome.users_unknown.append(f"domain {other}: {e}")
+    by_domain = usage.domain_users(domains)
+    folders = sorted({os.path.dirname(p) for d in outcome.disks for p in d.old_images})
+    by_image = usage.folder_users(folders, skip=usage.raw_disk_paths(domains))
+    outcome.users_checked = [f"the {len(names)} domains of this libvirt connection (XML and image headers)",
+                             f"the images in {', '.join(folders)}"]
+    outcome.users_unknown += [f"{folder}: more than {usage.MAX_FOLDER_ENTRIES} entries or unreadable"
+                              for folder in by_image.incomplete]
+    stale = [f"libvirt snapshot {snap.name} of this domain" for snap in outcome.snapshots
+             if snap.status == "not redefined"]  # its saved definition still names the old images
+    for plan in outcome.disks:
+        for path in plan.old_images:
+            real = os.path.realpath(path)
+            users = [f"domain {n}" for n in sorted(by_domain.get(real, ()))]
+            users += [f"image {p}" for p in sorted(by_image.users.get(real, ())) if os.path.realpath(p) not in old]
+            users += stale
+            if users:
+                plan.image_users[path] = users
+
+
+def destroyable(outcome: DomainOutcome) -> list[str]:
+    """The old images that advice may tell to destroy: checked to be the files qcrypt read, no other user
+    found, and every place a user could be was looked at."""
+    if outcome.users_unknown:
+        return []
+    return [p for d in outcome.disks for p in d.old_images if p not in d.unchecked_images and p not in d.image_users]
+
+
+def log_change(outcome: DomainOutcome) -> str:
+    """One syslog line for the domain just redefined (no secret value, ever); returns what happened to it."""
+    disks = "; ".join(
+        f"disk {d.target}: {d.source}{' (' + ', '.join(d.legacy_layers[1:]) + ')' if len(d.legacy_layers) > 1 else ''}"
+        f" -> {d.new_path} ({d.to}{', flattened' if d.flatten else ''}), secret {d.secret_uuid}"
+        f"{' (new)' if d.secret_created else ''}{', old image kept as ' + d.old_images[0] if d.old_images else ''}"
+        for d in outcome.disks)
+    redefined = [snap.name for snap in outcome.snapshots if snap.status == "redefined"]
+    snapshots = f"; snapshots redefined: {', '.join(redefined)}" if redefined else ""
+    line = hooklib.printable(f"domain {outcome.name!r} redefined by migrate-domain: {disks}{snapshots}; "
+                             f"old XML saved to {outcome.xml_backup}")
+    if not hooklib.syslog_listening():
+        return f"not logged: no syslog socket at {hooklib.SYSLOG_SOCKET} (this summary is the only record)"
+    try:
+        record_sink(syslog.LOG_NOTICE, line)
+    except OSError as e:
+        return f"not logged: {e.strerror or e}"
+    return f"logged to syslog as '{RECORD_IDENT}' (journalctl -t {RECORD_IDENT})"
+
+
+def _send_record(priority: int, line: str) -> None:
+    hooklib.send_to_syslog(priority, line, ident=RECORD_IDENT)
+
+
+record_sink: Callable[[int, str], None] = _send_record
+"""Where :func:`log_change` sends its line (replace it to collect the lines)."""
 
 
 def check_luks_passphrase(path: str, report: dict[str, Any], passphrase: bytearray) -> None:

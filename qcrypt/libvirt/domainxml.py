@@ -122,6 +122,19 @@ def _parse_by(text: str, deadline: float) -> ET.Element:
     return parser.close()
 
 
+def parse_snapshot_root(xml: str | bytes) -> ET.Element:
+    """The ``<domainsnapshot>`` element of a snapshot document (same limits and refusals as a domain's)."""
+    text = _decode_xml(xml)
+    _refuse_declarations(text)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:
+        raise FormatError(f"malformed ({e})", field="snapshot XML") from e
+    if root.tag != "domainsnapshot":
+        raise FormatError(f"expected a <domainsnapshot> document, found <{root.tag}>", field="snapshot XML")
+    return root
+
+
 def parse_domain_xml(xml: str | bytes, *, deadline: float | None = None) -> Domain:
     """Parse a domain XML document. Raises FormatError when it is empty, malformed or carries a DTD, or
     when it cannot be parsed before ``deadline`` (time.monotonic()); disks left unread at the deadline are

@@ -9,6 +9,7 @@ from typing import Any
 from qcrypt.backing import ChainRules, DeclaredLayer
 from qcrypt.errors import FormatError
 from qcrypt.libvirt.domainxml import LEGACY_XML_FORMATS, MAX_XML_BYTES, Domain, declared_format, parse_domain_xml
+from qcrypt.libvirt.usage import domain_users
 
 
 def read_domains(xml_dir: str) -> tuple[list[Domain], list[str]]:
@@ -47,16 +48,16 @@ def declared_formats(xml_dir: str, rules: ChainRules | None = None) -> tuple[dic
 
 
 def annotate_reports(reports: list[dict[str, Any]], xml_dir: str) -> list[dict[str, Any]]:
-    """Add ``domains`` to each report a domain uses; return domains whose legacy-encrypted image is missing."""
+    """Add ``domains`` to each report a domain uses (through its XML and its image's backing chain as the
+    headers name it); return domains whose legacy-encrypted image is missing."""
     domains, _problems = read_domains(xml_dir)
-    users: dict[str, set[str]] = {}
+    users = domain_users(domains)
     missing: list[dict[str, Any]] = []
     for domain in domains:
         for disk in domain.disks:
             for layer in disk.layers:
                 if not layer.path:
                     continue
-                users.setdefault(os.path.realpath(layer.path), set()).add(domain.name)
                 legacy = [fmt for fmt in layer.encryption if fmt in LEGACY_XML_FORMATS]
                 if legacy and not os.path.exists(layer.path):
                     missing.append({"domain": domain.name, "target": disk.target or "?", "path": layer.path,

@@ -7,6 +7,7 @@ libvirt puts it, naming the secret) and, when the chain was flattened, ``<backin
 
 from __future__ import annotations
 
+import copy
 import difflib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -78,6 +79,24 @@ def _luks_encryption(secret_uuid: str) -> ET.Element:
     encryption = ET.Element("encryption", {"format": "luks"})
     ET.SubElement(encryption, "secret", {"type": "passphrase", "uuid": secret_uuid})
     return encryption
+
+
+def change_snapshot(root: ET.Element, changes: list[DiskChange]) -> ET.Element:
+    """A copy of a ``<domainsnapshot>`` whose saved domain definitions (``<domain>``, ``<inactiveDomain>``) have
+    their disks changed as the domain's were, so that a revert puts the domain on the new disks. Raises
+    FormatError when a changed disk's snapshot is external (its data is in another file)."""
+    new = copy.deepcopy(root)
+    targets = {change.target for change in changes}
+    for disk in new.iterfind("disks/disk"):
+        if disk.get("name") in targets and disk.get("snapshot") == "external":
+            raise FormatError(f"disk {disk.get('name')} has an external snapshot", field="snapshot XML")
+    for tag in ("domain", "inactiveDomain"):
+        for domain in new.findall(tag):
+            present = {found.get("dev") for found in domain.iterfind("devices/disk/target")}
+            for change in changes:
+                if change.target in present:
+                    apply_change(domain, change)
+    return new
 
 
 def unified_diff(name: str, old_text: str, new_text: str) -> str:
