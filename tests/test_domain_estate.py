@@ -25,6 +25,13 @@ from tests.test_migrate_domain import lab as lab
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
 
 
+def legacy_with_data(lab: Lab, name: str, pw: Path) -> Path:
+    """A legacy-AES qcow2 holding 64 KiB of data (a passphrase with no data to check it is refused)."""
+    path = lab.legacy_image(name, pw)
+    lab.write(path, 0x5A, 0, 65536, pw)
+    return path
+
+
 def legacy_overlay(lab: Lab, name: str, backing: Path, pw: Path) -> Path:
     """A legacy-AES qcow2 overlay of ``backing`` (named by its header only)."""
     path = lab.folder / name
@@ -50,7 +57,7 @@ def test_shared_base_without_backing_store_is_never_advised_for_destruction(lab:
     migrate-domain of the first, the summary names every user and gives no command to destroy a used file. A
     third domain's raw disk whose guest data looks like an overlay of the base is not taken for a user."""
     pw = lab.passphrase_file("pw", PW)
-    base = lab.legacy_image("base.qcow2", pw)
+    base = legacy_with_data(lab, "base.qcow2", pw)
     lab.write(base, 0x21, 0, MIB, pw)
     top1, top2 = legacy_overlay(lab, "top1.qcow2", base, pw), legacy_overlay(lab, "top2.qcow2", base, pw)
     lab.write(top1, 0x31, MIB, MIB, pw, pw)
@@ -86,7 +93,7 @@ def test_unshared_old_images_are_advised_for_destruction(lab: Lab, tmp_path: Pat
     """The same chain used by one domain only: the summary's shred command names the overlay (checked to be
     the file qcrypt read), and the base is reported as not checked, never shredded by qcrypt's word."""
     pw = lab.passphrase_file("pw", PW)
-    base = lab.legacy_image("base.qcow2", pw)
+    base = legacy_with_data(lab, "base.qcow2", pw)
     top = legacy_overlay(lab, "top.qcow2", base, pw)
     name = f"{lab.prefix}-alone"
     lab.define_as_after_upgrade(name, [disk_xml("vda", top, encryption="qcow", secret=lab.secret(PW))])
@@ -113,7 +120,7 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     LUKS encryption) and stays current, its old XML is saved, and a revert no longer touches the old file.
     What libvirt 9 then does with the snapshot of a LUKS qcow2 disk is asserted as measured (README)."""
     pw = lab.passphrase_file("pw", PW)
-    web = lab.legacy_image("web.qcow2", pw)
+    web = legacy_with_data(lab, "web.qcow2", pw)
     lab.write(web, 0x41, 0, MIB, pw)
     run("qemu-img", "snapshot", "-c", "before-upgrade", "--object", f"secret,id=s,file={pw}", "--image-opts",
         f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
@@ -167,7 +174,7 @@ def test_snapshot_the_new_image_cannot_hold_keeps_its_images_out_of_the_shred_ad
     """--to luks: a raw LUKS image has no internal snapshots, so the registered snapshot is not redefined, the
     plan and the summary say so, and the old image it still names is kept out of the shred command."""
     pw = lab.passphrase_file("pw", PW)
-    web = lab.legacy_image("web.qcow2", pw)
+    web = legacy_with_data(lab, "web.qcow2", pw)
     run("qemu-img", "snapshot", "-c", "s1", "--object", f"secret,id=s,file={pw}", "--image-opts",
         f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
     name = f"{lab.prefix}-rawsnap"
@@ -256,7 +263,7 @@ def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
     """One line per redefined domain (ident qcrypt-migrate-domain, facility daemon, notice): domain, disk, old
     and new paths, the secret (UUID, never its value), the backup file. Nothing for an unchanged domain."""
     pw = lab.passphrase_file("pw", PW)
-    web = lab.legacy_image("web.qcow2", pw)
+    web = legacy_with_data(lab, "web.qcow2", pw)
     name = f"{lab.prefix}-rec"
     lab.define(name, [disk_xml("vda", web)])  # no secret: qcrypt creates one
     done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json")
@@ -288,7 +295,7 @@ def test_without_a_syslog_socket_the_summary_says_there_is_no_record(lab: Lab, t
     if syslog_listens():
         pytest.skip(f"a syslog daemon listens at {DEV_LOG} here")
     pw = lab.passphrase_file("pw", PW)
-    web = lab.legacy_image("web.qcow2", pw)
+    web = legacy_with_data(lab, "web.qcow2", pw)
     name = f"{lab.prefix}-norec"
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
     done = qcrypt_domain(lab, tmp_path, name)
@@ -302,13 +309,13 @@ def test_the_way_back(lab: Lab, tmp_path: Path) -> None:
     snapshot XML backup restores the snapshot, the new secret and image go, the original is untouched, and a
     new migrate-domain works from there."""
     pw = lab.passphrase_file("pw", PW)
-    web = lab.legacy_image("web.qcow2", pw)
+    web = legacy_with_data(lab, "web.qcow2", pw)
     lab.write(web, 0x51, 0, MIB, pw)
     run("qemu-img", "snapshot", "-c", "s1", "--object", f"secret,id=s,file={pw}", "--image-opts",
         f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
     name = f"{lab.prefix}-back"
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW)),
-                                       disk_xml("vdb", lab.legacy_image("data.qcow2", pw))])
+                                       disk_xml("vdb", legacy_with_data(lab, "data.qcow2", pw))])
     snapshot = ("<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>"
                 "<memory snapshot='no'/><disks>"
                 f"<disk name='vda' snapshot='internal'/></disks>{lab.inactive_xml(name)}</domainsnapshot>")
@@ -372,7 +379,7 @@ def test_hook_in_libvirtd_warns_once_per_start_and_uninstall_leaves_nothing(lab:
         assert "Warnings go to syslog/journal as 'qcrypt-hook'" in installed.stdout  # the listener is there
         reload_libvirtd()
         pw = lab.passphrase_file("pw", PW)
-        web = lab.legacy_image("web.qcow2", pw)
+        web = legacy_with_data(lab, "web.qcow2", pw)
         name = f"{lab.prefix}-hooked"
         lab.define(name, [disk_xml("vda", web)])  # no <encryption>: libvirt accepts it, QEMU refuses the start
         deadline = time.monotonic() + 10
