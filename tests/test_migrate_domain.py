@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from qcrypt.cli.domain import print_outcome
+from qcrypt.errors import VerificationError
 from qcrypt.libvirt import domain_migrate
 from qcrypt.libvirt.connection import binding_available, open_connection
 from qcrypt.libvirt.domain_migrate import DomainOptions, DomainOutcome, migrate_domain
@@ -302,8 +303,8 @@ def test_private_secret_without_passphrase_file(lab: Lab, tmp_path: Path, backen
 
 
 def test_wrong_passphrase_on_the_second_disk_rolls_everything_back(lab: Lab, tmp_path: Path) -> None:
-    """The first disk migrates, the second one's secret is wrong: nothing is defined, the new file of the
-    first disk is removed, no secret or backup remains."""
+    """The second disk's secret is wrong: the pre-checks find it before the first disk is copied; nothing is
+    written or defined, no secret or backup remains, and the error names the disk."""
     name, _pw = _two_disk_domain(lab, b"not the passphrase")
     before_xml, before_files, secrets = lab.inactive_xml(name), lab.files(), lab.qcrypt_secrets()
     done = qcrypt_domain(lab, tmp_path, name, "--format", "json")
@@ -362,10 +363,11 @@ def _migrate_in_process(lab: Lab, tmp_path: Path, name: str) -> DomainOutcome:
 
 def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """--replace migrates disk a, then disk b fails (its secret is wrong), so a's original goes back. Just before
-    the failure the tenant puts a symlink to a root-only file under a.qcow2: the undo must put the original back
-    under a.qcow2 in the image folder, never rename it over the symlink's target."""
-    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    """--replace migrates disk a, then disk b fails (its verification, after every pre-check passed), so a's
+    original goes back. Just before the failure the tenant puts a symlink to a root-only file under a.qcow2: the
+    undo must put the original back under a.qcow2 in the image folder, never rename it over the symlink's
+    target."""
+    name, _pw = _two_disk_domain(lab, PW)
     target = _root_only_file(lab)
     target_before, target_inode = target.read_bytes(), target.stat().st_ino
     first = lab.folder / "a.qcow2"
@@ -376,11 +378,13 @@ def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tm
         if source.endswith("b.qcow2"):  # disk a is done: the tenant's move, then b fails
             first.rename(lab.folder / "a-moved.qcow2")
             first.symlink_to(target)
+            raise VerificationError(f"{source}: the output did not read back as the source")
         return real_migrate(source, opts)
 
     monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
     outcome = _migrate_in_process(lab, tmp_path, name)
-    assert outcome.status == "failed" and "passphrase is probably wrong" in str(outcome.reason)
+    assert outcome.status == "failed" and "did not read back" in str(outcome.reason)
+    assert (outcome.error_disk, outcome.error_path) == ("vdb", str(lab.folder / "b.qcow2"))
     assert target.read_bytes() == target_before and target.stat().st_ino == target_inode
     assert not first.is_symlink() and sha256(first) == original  # the original is back under its name
     assert not (lab.folder / "a.qcow2.qcrypt-orig").exists()
@@ -391,7 +395,7 @@ def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path:
     """The tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file before disk b fails: the undo must
     not move that symlink under a.qcow2 (the domain would open the root-only file), and it says what it could
     not undo."""
-    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    name, _pw = _two_disk_domain(lab, PW)
     target = _root_only_file(lab)
     first, kept = lab.folder / "a.qcow2", lab.folder / "a.qcow2.qcrypt-orig"
     real_migrate = domain_migrate.migrate_image
@@ -400,6 +404,7 @@ def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path:
         if source.endswith("b.qcow2"):
             kept.rename(lab.folder / "a-moved.qcow2")
             kept.symlink_to(target)
+            raise VerificationError(f"{source}: the output did not read back as the source")
         return real_migrate(source, opts)
 
     monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
@@ -466,6 +471,7 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     pw = lab.passphrase_file("pw", PW)
     plain = lab.plain_image("boot.qcow2")
     web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x4B, 0, MIB, pw)
     name = f"{lab.prefix}-busy"
     lab.define(name, [disk_xml("vda", plain)])
     virsh("start", name)
@@ -480,10 +486,23 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     paused = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
     assert paused.returncode == 11 and "skipped (paused: shut it down first)" in paused.stdout
     assert lab.files() == before_files
-    # --all --dry-run lists it too (and only plans)
-    listed = qcrypt_domain(lab, tmp_path, "--all", "--dry-run", "--format", "json")
-    names = {d["name"]: d["status"] for d in as_json(listed)["domains"]}
-    assert names[name] == "skipped" and listed.returncode != 0  # 11, or another domain's failure code
+    # the dry run previews it (every pre-check run, the state reported) and its exit code says the real run
+    # would be refused until the domain is shut off
+    virsh("resume", name)
+    preview = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw), "--format", "json")
+    assert preview.returncode == 11, preview.stdout + preview.stderr
+    (planned,) = as_json(preview)["domains"]
+    assert (planned["status"], planned["state"]) == ("planned", "running")
+    assert planned["reason"] == "running: the real run needs it shut off"
+    assert [d["target"] for d in planned["disks"]] == ["vdb"] and "+        <encryption" in planned["xml_diff"]
+    assert f"domain {name}: planned: running: the real run needs it shut off" in preview.stderr
+    table = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert table.returncode == 11 and "image locks NOT checked (the domain is running" in table.stdout
+    # a pre-check failure of a running domain says so with its own exit code (here: a wrong passphrase)
+    wrong = tmp_path / "wrong"
+    wrong.write_bytes(b"not the passphrase")
+    bad = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(wrong), "--format", "json")
+    assert bad.returncode == 4 and as_json(bad)["domains"][0]["error"]["code"] == "bad-passphrase"
     assert lab.files() == before_files
 
 

@@ -29,6 +29,7 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
     errors.WorkerError: 12,
     errors.LibvirtError: 13,
     errors.UnsafePathError: 14,
+    errors.MissingPathError: EXIT_USAGE,
 }
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130
