@@ -607,3 +607,251 @@ def test_legacy_disk_without_data_needs_an_explicit_choice(lab: Lab, tmp_path: P
     assert "the legacy passphrase was NOT verified" in done.stdout
     again = as_json(qcrypt_domain(lab, tmp_path, name, "--format", "json"))
     assert again["domains"][0]["status"] == "unchanged"  # fixed: nothing legacy is left
+
+
+# -- secrets proven to open the new disk, a secret per layer, pre-checks ---------------------------------------
+
+
+def test_private_secret_that_does_not_match_gets_a_new_secret(lab: Lab, tmp_path: Path) -> None:
+    """The disk's secret is private and holds another passphrase than the image's: qcrypt cannot check it, so the
+    new disk gets a new secret holding the passphrase that opened the image (the old secret stays as it was), and
+    the domain starts on it."""
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x5C, 2 * MIB, MIB, pw)
+    private = lab.secret(b"another passphrase", private=True)
+    name = f"{lab.prefix}-private"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=private)])
+    dry = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "new secret (new secret), passphrase from the passphrase file" in dry.stdout
+    assert f"libvirt secret {private} is private" in dry.stdout and "new disk gets a new secret" in dry.stdout
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = as_json(done)["domains"]
+    (disk,) = result["disks"]
+    assert disk["secret_created"] is True and disk["old_secret_uuid"] == private and disk["secret_uuid"] != private
+    assert result["started"] is True, result["start_error"]
+    enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
+    assert enc is not None and enc.find("secret").get("uuid") == disk["secret_uuid"]  # type: ignore[union-attr]
+    assert private in virsh("secret-list").stdout  # the old secret is kept, for the way back
+    start_and_read(name, lab.folder / "web.luks.qcow2", [(0x5C, 2 * MIB, MIB)])
+
+
+def _chain_with_a_secret_per_layer(lab: Lab, base_secret_value: bytes) -> tuple[str, Path, Path, Path, Path]:
+    """A legacy overlay over a legacy base, each with its own passphrase and its own <encryption>."""
+    top_pw = lab.passphrase_file("top-pw", b"the overlay's passphrase")
+    base_pw = lab.passphrase_file("base-pw", b"the base's own passphrase")
+    base = lab.legacy_image("base.qcow2", base_pw)
+    lab.write(base, 0x2B, 0, 2 * MIB, base_pw)
+    top = lab.folder / "top.qcow2"
+    run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "--object", f"secret,id=s,file={top_pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", "-b", base, "-F", "qcow2", top, "16M")
+    run("qemu-io", "--object", f"secret,id=s,file={top_pw}", "--object", f"secret,id=b,file={base_pw}",
+        "--image-opts", f"driver=qcow2,file.filename={top},encrypt.key-secret=s,backing.encrypt.key-secret=b",
+        "-c", f"write -P 0x2C {MIB} {64 * 1024}")
+    top_secret = lab.secret(top_pw.read_bytes())
+    base_secret = lab.secret(base_secret_value)
+    disk = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{top}'>"
+            f"<encryption format='qcow'><secret type='passphrase' uuid='{top_secret}'/></encryption></source>"
+            f"<backingStore type='file'><format type='qcow2'/><source file='{base}'>"
+            f"<encryption format='qcow'><secret type='passphrase' uuid='{base_secret}'/></encryption></source>"
+            "<backingStore/></backingStore><target dev='vda' bus='virtio'/></disk>")  # as libvirt keeps it
+    name = f"{lab.prefix}-layers"
+    lab.define_as_after_upgrade(name, [disk])
+    return name, top, base, top_pw, base_secret  # type: ignore[return-value]
+
+
+def test_chain_with_a_secret_per_layer(lab: Lab, tmp_path: Path) -> None:
+    name, _top, base, _top_pw, base_secret = _chain_with_a_secret_per_layer(lab, b"the base's own passphrase")
+    done = qcrypt_domain(lab, tmp_path, name, "--start", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = as_json(done)["domains"]
+    (disk,) = result["disks"]
+    assert disk["flatten"] is True and disk["layer_secrets"] == {str(base): base_secret}
+    assert result["started"] is True, result["start_error"]
+    new = lab.folder / "top.luks.qcow2"
+    start_and_read(name, new, [(0x2B, 0, MIB), (0x2C, MIB, 64 * 1024), (0x2B, MIB + 64 * 1024, 64 * 1024)])
+
+
+def test_chain_whose_base_secret_is_wrong_is_refused_by_the_dry_run(lab: Lab, tmp_path: Path) -> None:
+    """The base's own secret does not open the base: the dry run finds it (exit 4, naming the base's file and
+    the disk), and the real run refuses before writing anything."""
+    name, top, base, _top_pw, _base_secret = _chain_with_a_secret_per_layer(lab, b"not the base's passphrase")
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--format", "json", *extra)
+        assert done.returncode == 4, done.stdout + done.stderr
+        error = as_json(done)["domains"][0]["error"]
+        assert error["code"] == "bad-passphrase" and error["message"].startswith(f"{base}: the passphrase is")
+        assert (error["disk"], error["path"], error["exit_code"]) == ("vda", str(top), 4)
+        assert f"disk vda ({top})" in done.stderr
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+
+
+def _one_legacy_domain(lab: Lab, secret: str | None = None, *, declared: bool = False) -> tuple[str, Path, Path]:
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x3D, 0, MIB, pw)
+    name = f"{lab.prefix}-one"
+    disk = disk_xml("vda", web, encryption="qcow" if declared or secret else None, secret=secret)
+    if declared or secret:
+        lab.define_as_after_upgrade(name, [disk])
+    else:
+        lab.define(name, [disk])
+    return name, web, pw
+
+
+def test_dry_run_finds_what_the_real_run_would_refuse(lab: Lab, tmp_path: Path) -> None:
+    """Each pre-check failure makes the dry run fail with the real run's exit code, naming the disk; nothing
+    changes."""
+    name, web, pw = _one_legacy_domain(lab)
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    wrong = tmp_path / "wrong"
+    wrong.write_bytes(b"not the passphrase")
+    cases = [([], 2, "no-passphrase"), (["--passphrase-file", str(wrong)], 4, "bad-passphrase")]
+    for extra, code, kind in cases:
+        done = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json", *extra)
+        assert done.returncode == code, done.stdout + done.stderr
+        (outcome,) = as_json(done)["domains"]
+        assert (outcome["status"], outcome["error"]["code"], outcome["error"]["disk"]) == ("failed", kind, "vda")
+        assert f"domain {name} disk vda ({web})" in done.stderr
+    ok = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert ok.returncode == 0 and "checked: each passphrase against its image" in ok.stdout
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+
+
+def test_dry_run_of_a_private_secret_without_passphrase(lab: Lab, tmp_path: Path) -> None:
+    name, _web, _pw = _one_legacy_domain(lab, lab.secret(PW, private=True))
+    done = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert as_json(done)["domains"][0]["error"]["code"] == "no-passphrase" and "private" in done.stderr
+
+
+def test_stale_secret_usage_is_found_before_the_copy(lab: Lab, tmp_path: Path) -> None:
+    """A secret (of an earlier run) already has the usage the new image's secret needs: the dry run and the real
+    run refuse before writing anything (exit 13), the advice names the secret; following it, the run goes
+    through."""
+    name, _web, pw = _one_legacy_domain(lab)
+    stale = lab.secret(b"old", usage=str(lab.folder / "web.luks.qcow2"))
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", *extra)
+        assert done.returncode == 13, done.stdout + done.stderr
+        error = as_json(done)["domains"][0]["error"]
+        assert error["code"] == "secret-usage-conflict" and f"virsh secret-undefine {stale}" in error["message"]
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files  # nothing was copied
+    advice = error["message"].split("'")[1]
+    assert advice == f"virsh secret-undefine {stale}"
+    run(*advice.split()[:1], "-c", "qemu:///system", *advice.split()[1:])
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_secret_usage_of_a_domain_is_named_not_removed(lab: Lab, tmp_path: Path) -> None:
+    name, _web, pw = _one_legacy_domain(lab)
+    used = lab.secret(b"other", usage=str(lab.folder / "web.luks.qcow2"))
+    other = lab.plain_image("other.qcow2")
+    lab.define(f"{lab.prefix}-other", [disk_xml("vda", other, encryption="luks", secret=used)])
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--dry-run")
+    assert done.returncode == 13 and f"domain {lab.prefix}-other uses it" in done.stderr
+    assert "secret-undefine" not in done.stdout + done.stderr
+
+
+def test_dry_run_reports_a_leftover_temp_file_and_the_run_removes_it(lab: Lab, tmp_path: Path) -> None:
+    name, _web, pw = _one_legacy_domain(lab)
+    leftover = lab.folder / ".web.luks.qcow2.qcrypt-4194000-0123456789abcdef.tmp"  # above pid_max: dead
+    leftover.write_bytes(b"half a migration")
+    leftover.chmod(0o600)
+    dry = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"leftover temporary file {leftover} of a killed run (PID 4194000): the real run removes it" in dry.stdout
+    assert leftover.exists()
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
+    assert done.returncode == 0 and not leftover.exists()
+
+
+def test_image_locked_by_another_qcrypt_run(lab: Lab, tmp_path: Path) -> None:
+    """Another qcrypt run holds the image: the dry run and the run say so (exit 5), not that a QEMU uses it."""
+    name, web, pw = _one_legacy_domain(lab)
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
+                               "from qcrypt.locking import hold_shared_locks\n"
+                               f"fd = os.open({str(web)!r}, os.O_RDONLY)\n"
+                               "hold_shared_locks(fd, writing=False)\nprint('held', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for extra in (["--dry-run"], []):
+            done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), *extra)
+            assert done.returncode == 5, done.stdout + done.stderr
+            assert "locked by another qcrypt run" in done.stderr and "QEMU" not in done.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+def test_random_guest_content_needs_the_option_the_advice_names(lab: Lab, tmp_path: Path) -> None:
+    """A disk whose guest content really is random looks like a wrong passphrase: refused with advice naming
+    an option migrate-domain has; with that option it migrates."""
+    pw = lab.passphrase_file("pw", PW)
+    noise = tmp_path / "noise.raw"
+    noise.write_bytes(os.urandom(2 * MIB))
+    web = lab.folder / "crypt.qcow2"
+    run("qemu-img", "convert", "-q", "-O", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", noise, web)
+    name = f"{lab.prefix}-random"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
+    refused = qcrypt_domain(lab, tmp_path, name)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "rerun with --accept-random-content" in refused.stderr and "--force" not in refused.stderr
+    done = qcrypt_domain(lab, tmp_path, name, "--accept-random-content", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], lab.folder / "crypt.luks.qcow2",
+                    pw)
+
+
+# -- failures that cannot be missed, progress off a terminal -----------------------------------------------------
+
+
+def test_quiet_failure_reaches_stderr_naming_domain_disk_and_path(lab: Lab, tmp_path: Path) -> None:
+    name, web, _pw = _one_legacy_domain(lab, lab.secret(b"wrong"))
+    done = qcrypt_domain(lab, tmp_path, name, "-q")
+    assert done.returncode == 4 and done.stdout == ""
+    assert f"qcrypt: error: domain {name} disk vda ({web}): failed: {web}: the passphrase is probably wrong" \
+        in done.stderr
+    table = qcrypt_domain(lab, tmp_path, name)
+    assert f"domain {name} disk vda ({web})" in table.stderr and f"domain {name}: failed" in table.stdout
+
+
+def test_missing_disk_file_exits_2_naming_it(lab: Lab, tmp_path: Path) -> None:
+    gone = lab.folder / "gone.qcow2"
+    name = f"{lab.prefix}-gone"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", gone, encryption="qcow", secret=lab.secret(PW))])
+    done = qcrypt_domain(lab, tmp_path, name, "--format", "json")
+    assert done.returncode == 2, done.stdout + done.stderr
+    error = as_json(done)["domains"][0]["error"]
+    assert (error["code"], error["disk"], error["path"]) == ("missing-path", "vda", str(gone))
+    assert f"disk vda ({gone})" in done.stderr
+
+
+def test_several_domains_end_with_a_summary_line(lab: Lab, tmp_path: Path) -> None:
+    name, _web, pw = _one_legacy_domain(lab)
+    plain = lab.plain_image("plain.qcow2")
+    other = f"{lab.prefix}-plain"
+    lab.define(other, [disk_xml("vda", plain)])
+    done = qcrypt_domain(lab, tmp_path, name, other, "--dry-run", "--passphrase-file", str(pw))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "2 domains: 0 migrated, 1 unchanged, 1 planned, 0 skipped, 0 failed"
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(lab: Lab, tmp_path: Path) -> None:
+    name, web, _pw = _one_legacy_domain(lab)
+    quiet = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--no-progress", "--dry-run", stdin=PW)
+    assert "qcrypt: migrating" not in quiet.stderr
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--progress-interval", "0", stdin=PW)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("qcrypt: migrating")]
+    assert len(lines) >= 2, done.stderr
+    assert all(line.startswith(f"qcrypt: migrating domain {name} disk vda ({web}): ") for line in lines)
+    assert " of 1.0 MiB" in lines[0] and "/s, ETA" in lines[1] and lines[-1].endswith(" s") and "done in" in lines[-1]
+    assert "passphrase from the standard input" in done.stdout
