@@ -624,7 +624,7 @@ def test_private_secret_that_does_not_match_gets_a_new_secret(lab: Lab, tmp_path
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=private)])
     dry = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "new secret (new secret), passphrase from the passphrase file" in dry.stdout
+    assert "      new secret, passphrase from the passphrase file" in dry.stdout
     assert f"libvirt secret {private} is private" in dry.stdout and "new disk gets a new secret" in dry.stdout
     done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start", "--format", "json")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -22,6 +22,7 @@ from qcrypt.errors import DomainActiveError
 from qcrypt.libvirt.connection import SHUT_OFF, Connection, open_connection
 from qcrypt.libvirt.domain_migrate import (
     DEFAULT_BACKUP_DIR,
+    NEW_SECRET,
     PASSPHRASE_FILE,
     DiskPlan,
     DomainOptions,
@@ -244,7 +245,10 @@ def error_line(outcome: DomainOutcome) -> str | None:
     if outcome.error_disk:
         where += f" disk {outcome.error_disk}" + (f" ({outcome.error_path})" if outcome.error_path else "")
     kind = "error" if outcome.status == "failed" else "warning"
-    return f"qcrypt: {kind}: {where}: {outcome.status}: {outcome.reason}"
+    reason = outcome.reason or ""
+    if outcome.error_disk:  # the disk is named once, with its image
+        reason = reason.removeprefix(f"disk {outcome.error_disk}: ")
+    return f"qcrypt: {kind}: {where}: {outcome.status}: {reason}"
 
 
 def summary_line(outcomes: list[DomainOutcome]) -> str:
@@ -280,8 +284,9 @@ def print_outcome(o: DomainOutcome) -> None:
                        "accepted with --accept-unverified-passphrase)")
         if d.secret_uuid:
             made = "new secret" if d.secret_created else "existing secret"
+            uuid = "" if d.secret_uuid == NEW_SECRET else f" {d.secret_uuid}"
             frm = f", passphrase from the {d.passphrase_from}" if d.passphrase_from else ""
-            click.echo(f"      {made} {d.secret_uuid}{frm}")
+            click.echo(f"      {made}{uuid}{frm}")
         for layer, uuid in d.layer_secrets.items():
             click.echo(f"      backing layer {layer}: its own secret {uuid}")
         for note in d.notes:
