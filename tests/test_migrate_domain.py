@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from io import StringIO
@@ -855,3 +856,40 @@ def test_progress_lines_when_stderr_is_not_a_terminal(lab: Lab, tmp_path: Path) 
     assert all(line.startswith(f"qcrypt: migrating domain {name} disk vda ({web}): ") for line in lines)
     assert " of 1.0 MiB" in lines[0] and "/s, ETA" in lines[1] and lines[-1].endswith(" s") and "done in" in lines[-1]
     assert "passphrase from the standard input" in done.stdout
+
+
+def test_passphrase_prompt_is_not_glued_to_the_progress_bar(lab: Lab, tmp_path: Path) -> None:
+    """On a terminal, the hidden prompt for a disk without a secret clears the progress bar first (it starts a
+    line of its own), and the summary says the passphrase came from the prompt."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    name, _web, _pw = _one_legacy_domain(lab)
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws in its width
+    words = [sys.executable, "-m", "qcrypt", "migrate-domain", "-c", "qemu:///system", "--backend", "virsh",
+             "--backup-dir", str(tmp_path / "backups"), *FAST, name]
+    process = subprocess.Popen(words, stdin=terminal, stdout=subprocess.PIPE, stderr=terminal, text=False)
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"Enter the" not in seen:
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([main], [], [], 1)
+            if ready:
+                seen += os.read(main, 4096)
+        os.write(main, PW + b"\n")
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(main)
+    before = seen.split(b"Enter the")[0].decode("utf-8", "replace")
+    assert "migrating" in before, seen  # the bar was drawn before the prompt...
+    assert before.split("\r")[-1].split("\n")[-1].strip() == ""  # ...and cleared: the prompt starts its line
+    assert process.returncode == 0, out
+    assert b"passphrase from the prompt" in out
