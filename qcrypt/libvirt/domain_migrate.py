@@ -404,6 +404,12 @@ def precheck_disk(conn: Connection, plan: DiskPlan, report: dict[str, Any], secr
     if plan.xml_only:
         _check_xml_only_passphrase(plan, report, secrets.passphrase)
     else:
+        chain = [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]
+        layers = {os.path.realpath(path) for path in chain}
+        strangers = [path for path in secrets.layers if os.path.realpath(path) not in layers]
+        if strangers:  # the XML's <backingStore> names a file the image's chain does not reach
+            raise MigrationError(f"the XML's <backingStore> names {strangers[0]} with a secret of its own, but it "
+                                 f"is not a layer of {plan.source}'s chain (layers: {', '.join(chain)})")
         _check_legacy_passphrases(plan, secrets, opts)
         if check_locks:
             for path in [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]:
