@@ -312,6 +312,8 @@ def test_wrong_passphrase_on_the_second_disk_rolls_everything_back(lab: Lab, tmp
     assert done.returncode == 4, done.stderr
     (failed,) = as_json(done)["domains"]
     assert failed["status"] == "failed" and "passphrase is probably wrong" in failed["reason"]
+    assert (failed["error"]["disk"], failed["error"]["path"]) == ("vdb", str(lab.folder / "b.qcow2"))
+    assert f"disk vdb ({lab.folder / 'b.qcow2'})" in done.stderr
     assert failed["xml_backup"] is None
     assert lab.inactive_xml(name) == before_xml
     assert lab.files() == before_files  # a.luks.qcow2 was written and verified, then removed again

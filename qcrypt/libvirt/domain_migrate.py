@@ -1,12 +1,15 @@
 """Fix a whole libvirt domain: migrate every legacy-AES disk to LUKS, then define the new XML, or change nothing.
 
 For one domain (:func:`migrate_domain`): read the inactive XML; find the file/block disks whose image, or a
-layer of its backing chain, uses legacy AES (declared in the XML or not); refuse a running or paused domain;
-get each disk's passphrase from the libvirt secret its ``<encryption>`` names (or the caller's fallback when
-the secret is private or missing); migrate each disk with :func:`qcrypt.migrate.migrate` (temp file, verified,
-atomic, locks; keyslot passphrase = the secret's value); create a secret for disks that had none; save the
-old XML to a backup file; define the new XML. Any failure before the define succeeds removes this run's new
-files and secrets: a domain is never half-migrated. The library never prints; progress goes to a callback.
+layer of its backing chain, uses legacy AES (declared in the XML or not); refuse a running or paused domain
+(a dry run previews it); get each layer's passphrase from the libvirt secret its own ``<encryption>`` names
+(or the caller's fallback when the secret is private or missing); pre-check everything before writing (each
+passphrase against its image or layer, lock holders, secret usages, leftovers, space; a dry run stops there);
+migrate each disk with :func:`qcrypt.migrate.migrate` (temp file, verified, atomic, locks; keyslot passphrase
+= the checked passphrase); create a secret for disks that had none or a private one (its value could not be
+checked); save the old XML to a backup file; define the new XML. Any failure before the define succeeds
+removes this run's new files and secrets: a domain is never half-migrated. The library never prints; progress
+goes to a callback.
 """
 
 from __future__ import annotations
