@@ -731,7 +731,8 @@ def test_dry_run_of_a_private_secret_without_passphrase(lab: Lab, tmp_path: Path
     assert as_json(done)["domains"][0]["error"]["code"] == "no-passphrase" and "private" in done.stderr
 
 
-def test_stale_secret_usage_is_found_before_the_copy(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", backends())
+def test_stale_secret_usage_is_found_before_the_copy(lab: Lab, tmp_path: Path, backend: str) -> None:
     """A secret (of an earlier run) already has the usage the new image's secret needs: the dry run and the real
     run refuse before writing anything (exit 13), the advice names the secret; following it, the run goes
     through."""
@@ -739,7 +740,8 @@ def test_stale_secret_usage_is_found_before_the_copy(lab: Lab, tmp_path: Path) -
     stale = lab.secret(b"old", usage=str(lab.folder / "web.luks.qcow2"))
     before_xml, before_files = lab.inactive_xml(name), lab.files()
     for extra in (["--dry-run"], []):
-        done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", *extra)
+        done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", *extra,
+                             backend=backend)
         assert done.returncode == 13, done.stdout + done.stderr
         error = as_json(done)["domains"][0]["error"]
         assert error["code"] == "secret-usage-conflict" and f"virsh secret-undefine {stale}" in error["message"]
@@ -747,7 +749,7 @@ def test_stale_secret_usage_is_found_before_the_copy(lab: Lab, tmp_path: Path) -
     advice = error["message"].split("'")[1]
     assert advice == f"virsh secret-undefine {stale}"
     run(*advice.split()[:1], "-c", "qemu:///system", *advice.split()[1:])
-    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), backend=backend)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
