@@ -641,8 +641,10 @@ def test_private_secret_that_does_not_match_gets_a_new_secret(lab: Lab, tmp_path
     start_and_read(name, lab.folder / "web.luks.qcow2", [(0x5C, 2 * MIB, MIB)])
 
 
-def _chain_with_a_secret_per_layer(lab: Lab, base_secret_value: bytes) -> tuple[str, Path, Path, Path, Path]:
-    """A legacy overlay over a legacy base, each with its own passphrase and its own <encryption>."""
+def _chain_with_a_secret_per_layer(lab: Lab, base_secret_value: bytes, declared_base: Path | None = None
+                                   ) -> tuple[str, Path, Path, Path, Path]:
+    """A legacy overlay over a legacy base, each with its own passphrase and its own <encryption> (the XML's
+    <backingStore> names ``declared_base`` instead of the base when given)."""
     top_pw = lab.passphrase_file("top-pw", b"the overlay's passphrase")
     base_pw = lab.passphrase_file("base-pw", b"the base's own passphrase")
     base = lab.legacy_image("base.qcow2", base_pw)
@@ -657,7 +659,7 @@ def _chain_with_a_secret_per_layer(lab: Lab, base_secret_value: bytes) -> tuple[
     base_secret = lab.secret(base_secret_value)
     disk = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{top}'>"
             f"<encryption format='qcow'><secret type='passphrase' uuid='{top_secret}'/></encryption></source>"
-            f"<backingStore type='file'><format type='qcow2'/><source file='{base}'>"
+            f"<backingStore type='file'><format type='qcow2'/><source file='{declared_base or base}'>"
             f"<encryption format='qcow'><secret type='passphrase' uuid='{base_secret}'/></encryption></source>"
             "<backingStore/></backingStore><target dev='vda' bus='virtio'/></disk>")  # as libvirt keeps it
     name = f"{lab.prefix}-layers"
@@ -690,6 +692,21 @@ def test_chain_whose_base_secret_is_wrong_is_refused_by_the_dry_run(lab: Lab, tm
         assert (error["disk"], error["path"], error["exit_code"]) == ("vda", str(top), 4)
         assert f"disk vda ({top})" in done.stderr
     assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+
+
+def test_backing_store_secret_for_a_file_outside_the_chain_is_refused(lab: Lab, tmp_path: Path) -> None:
+    """The XML gives a secret to a <backingStore> file the image's chain does not reach (a stale XML): the dry
+    run refuses it (exit 8), as the copy would, instead of silently using the disk's passphrase for the base."""
+    elsewhere = lab.folder / "elsewhere.qcow2"
+    name, _top, _base, _top_pw, _base_secret = _chain_with_a_secret_per_layer(lab, b"the base's own passphrase",
+                                                                             declared_base=elsewhere)
+    lab.plain_image("elsewhere.qcow2")
+    before_files = lab.files()
+    done = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json")
+    assert done.returncode == 8, done.stdout + done.stderr
+    error = as_json(done)["domains"][0]["error"]
+    assert error["code"] == "cannot-proceed" and f"names {elsewhere} with a secret of its own" in error["message"]
+    assert lab.files() == before_files
 
 
 def _one_legacy_domain(lab: Lab, secret: str | None = None, *, declared: bool = False) -> tuple[str, Path, Path]:
