@@ -914,3 +914,26 @@ def test_passphrase_prompt_is_not_glued_to_the_progress_bar(lab: Lab, tmp_path: 
     assert before.split("\r")[-1].split("\n")[-1].strip() == ""  # ...and cleared: the prompt starts its line
     assert process.returncode == 0, out
     assert b"passphrase from the prompt" in out
+
+
+def test_replace_with_a_private_secret_for_the_same_path_is_refused_before_the_copy(lab: Lab, tmp_path: Path) -> None:
+    """--replace keeps the image's path, and the disk's private secret already has that path as its usage: a new
+    secret cannot be defined for it, so the run refuses before writing (exit 13) and says to rerun without
+    --replace, which then goes through."""
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x3E, 0, MIB, pw)
+    private = lab.secret(PW, private=True, usage=str(web))
+    name = f"{lab.prefix}-samepath"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=private)])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--replace", "--passphrase-file", str(pw), "--format", "json",
+                             *extra)
+        assert done.returncode == 13, done.stdout + done.stderr
+        error = as_json(done)["domains"][0]["error"]
+        assert error["code"] == "secret-usage-conflict" and "rerun without --replace" in error["message"]
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    start_and_read(name, lab.folder / "web.luks.qcow2", [(0x3E, 0, MIB)])
