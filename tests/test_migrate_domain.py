@@ -937,3 +937,34 @@ def test_replace_with_a_private_secret_for_the_same_path_is_refused_before_the_c
     done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start")
     assert done.returncode == 0, done.stdout + done.stderr
     start_and_read(name, lab.folder / "web.luks.qcow2", [(0x3E, 0, MIB)])
+
+
+def _luks_image_declared_qcow(lab: Lab, secret_value: bytes, *, private: bool = False) -> tuple[str, Path]:
+    image = lab.folder / "web.qcow2"
+    image.write_bytes(gzip.decompress((FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz").read_bytes()))
+    name = f"{lab.prefix}-xmlonly"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow",
+                                                secret=lab.secret(secret_value, private=private))])
+    return name, image
+
+
+def test_xml_only_fix_needs_a_secret_that_opens_the_image(lab: Lab, tmp_path: Path) -> None:
+    """Only the XML would change, but the readable secret does not open the LUKS image: refused (exit 4) in the
+    dry run and the run, the XML untouched."""
+    name, _image = _luks_image_declared_qcow(lab, b"not the luks passphrase")
+    before_xml = lab.inactive_xml(name)
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--format", "json", *extra)
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert as_json(done)["domains"][0]["error"]["code"] == "bad-passphrase"
+    assert lab.inactive_xml(name) == before_xml
+
+
+def test_xml_only_fix_with_a_private_secret_says_it_is_unchecked(lab: Lab, tmp_path: Path) -> None:
+    """A private secret of a LUKS image still declared qcow: nothing to copy and no new secret possible for the
+    same path, so the XML is fixed with that secret and the plan says it could not be checked."""
+    name, _image = _luks_image_declared_qcow(lab, b"qcrypt luks test passphrase", private=True)
+    done = qcrypt_domain(lab, tmp_path, name, "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "is private: qcrypt cannot check that it opens this LUKS image" in done.stdout
+    assert "started: the domain is running" in done.stdout

@@ -369,6 +369,11 @@ def _disk_passphrase(conn: Connection, ref: str | None, plan: DiskPlan, opts: Do
             plan.secret_uuid, plan.passphrase_from = uuid, SECRET_VALUE
             return value
         except SecretPrivateError as e:
+            if plan.xml_only:  # the image is LUKS already and keeps its path: only the XML changes
+                plan.secret_uuid = uuid
+                plan.notes.append(f"libvirt secret {uuid} is private: qcrypt cannot check that it opens this LUKS "
+                                  "image (only the XML changes; libvirt says so at start if it does not)")
+                return bytearray()
             if opts.fallback_passphrase is None:
                 raise PassphraseInputError(f"disk {plan.target}: {e}: give its passphrase with --passphrase-file "
                                            "FILE (or '-' for stdin)") from e
@@ -405,7 +410,8 @@ def precheck_disk(conn: Connection, plan: DiskPlan, report: dict[str, Any], secr
     (or layer), who holds the image's locks, temporary files of another run, and the usage a new secret needs.
     Raises the error the real run would raise; notes what the operator should know in ``plan.notes``."""
     if plan.xml_only:
-        _check_xml_only_passphrase(plan, report, secrets.passphrase)
+        if plan.passphrase_from is not None:  # None: a private secret, named in the plan's notes
+            _check_xml_only_passphrase(plan, report, secrets.passphrase)
     else:
         chain = [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]
         layers = {os.path.realpath(path) for path in chain}
