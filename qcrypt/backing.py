@@ -62,6 +62,8 @@ class ChainRules:
 class BackingRefusedError(MigrationError):
     """A backing file breaks the rules above: it is not followed (exit 8 from migrate)."""
 
+    code = "backing-refused"
+
     def __init__(self, finding: F.Finding) -> None:
         self.finding = finding
         super().__init__(finding.message)

@@ -22,6 +22,7 @@ PERM_BYTES = tuple(range(100, 105))
 SHARE_BYTES = tuple(range(200, 205))
 WRITE_PERMISSION_BYTE = 101
 NO_SHARED_WRITE_BYTE = 201
+QCRYPT_LOCK_BYTE = 0x71637279  # "qcry": qcrypt also locks this byte, which QEMU never uses, to be told apart
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid
 
 
@@ -42,6 +43,15 @@ def held_lock_bytes(fd: int) -> list[int]:
     return held
 
 
+def held_by_qcrypt(fd: int) -> bool:
+    """True when another open file description (another qcrypt run) holds qcrypt's own lock byte."""
+    try:
+        result = fcntl.fcntl(fd, F_OFD_GETLK, _flock(fcntl.F_WRLCK, QCRYPT_LOCK_BYTE))
+    except OSError:
+        return False
+    return struct.unpack(_FLOCK, result)[0] != fcntl.F_UNLCK
+
+
 def describe_locks(held: list[int]) -> str:
     names = []
     for byte in held:
@@ -56,10 +66,13 @@ def refuse_if_in_use(path: str, *, fd: int | None = None) -> None:
     With ``fd`` (an open description that may already hold our own locks), probe through it: OFD locks
     of one open file description never conflict with each other, so only other holders show up."""
     if fd is not None:
-        held = held_lock_bytes(fd)
+        held, ours = held_lock_bytes(fd), held_by_qcrypt(fd)
     else:
         with open_image_file(path) as fh:
-            held = held_lock_bytes(fh.fileno())
+            held, ours = held_lock_bytes(fh.fileno()), held_by_qcrypt(fh.fileno())
+    if ours:
+        raise ImageInUseError(f"{path} is locked by another qcrypt run (it is migrating this image, or writing "
+                              "it): wait for that run to finish and try again")
     if held:
         raise ImageInUseError(
             f"{path} is open in a QEMU process ({describe_locks(held)}); shut the VM down (or stop the "
@@ -73,9 +86,10 @@ def hold_shared_locks(fd: int, *, writing: bool) -> None:
     Reading: we hold "consistent read" and refuse shared writers. Writing: we also hold "write".
     The locks live as long as the open file description (they survive a rename of the file).
     """
-    wanted = [100, NO_SHARED_WRITE_BYTE] + ([WRITE_PERMISSION_BYTE] if writing else [])
+    wanted = [100, NO_SHARED_WRITE_BYTE] + ([WRITE_PERMISSION_BYTE] if writing else []) + [QCRYPT_LOCK_BYTE]
     for byte in wanted:
         try:
             fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_RDLCK, byte))
         except OSError as e:
-            raise ImageInUseError(f"cannot lock byte {byte}: {e.strerror} (is the image in use?)") from e
+            who = "another qcrypt run" if held_by_qcrypt(fd) else "a QEMU process"
+            raise ImageInUseError(f"cannot lock byte {byte}: {e.strerror} (is the image in use by {who}?)") from e

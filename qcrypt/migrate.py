@@ -80,6 +80,8 @@ class MigrateOptions:
     rules: ChainRules | None = None  # where backing files may be besides the source's folder (qcrypt.backing)
     source_format: str | None = None  # the format the domain XML declares for the source: never probed then
     accept_unverified_passphrase: bool = False  # go on when no legacy data cluster can judge the passphrase
+    accept_random_content: bool = False  # legacy plaintext that looks random is the guest's (force's check part)
+    random_content_option: str = "--force"  # the option the "really random" advice names (migrate-domain's own)
 
     def layer_passphrases(self) -> dict[str, Secret]:
         """``passphrases`` keyed by real path, as the chain opener looks layers up."""
@@ -266,7 +268,8 @@ class PassphraseCheck:
 
 def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool, accept_unverified: bool = False,
                             rules: ChainRules | None = None, source_format: str | None = None,
-                            passphrases: Mapping[str, Secret] | None = None) -> PassphraseCheck:
+                            passphrases: Mapping[str, Secret] | None = None,
+                            random_option: str = "--force") -> PassphraseCheck:
     """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced.
     ``passphrases`` maps a layer's real path to its own passphrase (else ``passphrase``).
 
@@ -283,7 +286,7 @@ def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: boo
         path, verdict = bad[0]
         raise BadPassphraseError(
             f"{path}: the passphrase is probably wrong: {verdict.reason} (legacy AES has no key check). If the "
-            "disk's content really is random (e.g. encrypted inside the guest), rerun with --force"
+            f"disk's content really is random (e.g. encrypted inside the guest), rerun with {random_option}"
         )
     # A passphrase counts as checked when some layer it unlocks had data to judge; a layer with its own
     # passphrase and no data leaves that passphrase unchecked, whatever the other layers say.
@@ -302,9 +305,10 @@ def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: boo
 
 
 def _check_legacy(source: str, passphrase: bytes | None, opts: MigrateOptions, *, force: bool) -> PassphraseCheck:
-    return check_legacy_passphrase(source, passphrase, force=force, passphrases=opts.layer_passphrases(),
+    return check_legacy_passphrase(source, passphrase, force=force or opts.accept_random_content,
+                                   passphrases=opts.layer_passphrases(),
                                    accept_unverified=opts.accept_unverified_passphrase, rules=opts.rules,
-                                   source_format=opts.source_format)
+                                   source_format=opts.source_format, random_option=opts.random_content_option)
 
 
 def _has_fallback(opts: MigrateOptions) -> bool:
@@ -335,7 +339,7 @@ def check_legacy_with_fallback(source: str, opts: MigrateOptions) -> tuple[Passp
         try:
             return _check_legacy(source, fallback, opts, force=False), True
         except BadPassphraseError:
-            if opts.force:
+            if opts.force or opts.accept_random_content:
                 return _check_legacy(source, opts.passphrase, opts, force=True), False
             error = BadPassphraseError(f"{exact_error} (tried the passphrase file's exact bytes, and without its "
                                        "trailing newline)")

@@ -197,6 +197,24 @@ def remove_stale_temps(folder_fd: int, folder: str, final_name: str) -> list[str
     return removed
 
 
+def leftover_temps(final_path: str) -> list[tuple[str, int, bool]]:
+    """Temporary files of other runs for ``final_path``, as (path, PID, that PID is alive): a dry run reports
+    them (remove_stale_temps deletes the dead ones when the real run starts). Only names are looked at."""
+    folder, final_name = os.path.split(final_path)
+    pattern = re.compile(rf"^\.{re.escape(final_name)}\.qcrypt-(\d+)-[0-9a-f]{{16}}\.tmp$")
+    try:
+        entries = sorted(os.listdir(folder or "."))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = pattern.match(entry)
+        if match:
+            pid = int(match.group(1))
+            found.append((os.path.join(folder, entry), pid, pid != os.getpid() and _pid_alive(pid)))
+    return found
+
+
 def io_error(e: OSError, what: str) -> QcryptIOError:
     """A one-line error for an OS failure while ``what`` (ENOSPC gets a plain-words message)."""
     if e.errno == errno.ENOSPC:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,8 +46,26 @@ def test_we_see_qemu_locks(tmp_path: Path, qemu_io: str) -> None:
                 if locking.held_lock_bytes(fh.fileno()):
                     break
             time.sleep(0.05)
-        with pytest.raises(ImageInUseError, match="uses write"):
+        with pytest.raises(ImageInUseError, match=r"open in a QEMU process.*uses write"):
             locking.refuse_if_in_use(str(path))
+    finally:
+        holder.kill()
+        holder.wait(timeout=120)
+
+
+def test_another_qcrypt_run_is_named_as_such(tmp_path: Path) -> None:
+    """qcrypt's locks carry a byte of its own: a second run says another qcrypt holds the image, not QEMU."""
+    path = tmp_path / "img.raw"
+    path.write_bytes(bytes(1 << 20))
+    script = ("import os, sys, time\nfrom qcrypt.locking import hold_shared_locks\n"
+              f"fd = os.open({str(path)!r}, os.O_RDONLY)\nhold_shared_locks(fd, writing=False)\n"
+              "print('held', flush=True)\ntime.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ImageInUseError, match="locked by another qcrypt run") as refused:
+            locking.refuse_if_in_use(str(path))
+        assert "QEMU" not in str(refused.value)
     finally:
         holder.kill()
         holder.wait(timeout=120)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from io import StringIO
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from qcrypt.cli.domain import print_outcome
+from qcrypt.errors import VerificationError
 from qcrypt.libvirt import domain_migrate
 from qcrypt.libvirt.connection import binding_available, open_connection
 from qcrypt.libvirt.domain_migrate import DomainOptions, DomainOutcome, migrate_domain
@@ -302,14 +304,16 @@ def test_private_secret_without_passphrase_file(lab: Lab, tmp_path: Path, backen
 
 
 def test_wrong_passphrase_on_the_second_disk_rolls_everything_back(lab: Lab, tmp_path: Path) -> None:
-    """The first disk migrates, the second one's secret is wrong: nothing is defined, the new file of the
-    first disk is removed, no secret or backup remains."""
+    """The second disk's secret is wrong: the pre-checks find it before the first disk is copied; nothing is
+    written or defined, no secret or backup remains, and the error names the disk."""
     name, _pw = _two_disk_domain(lab, b"not the passphrase")
     before_xml, before_files, secrets = lab.inactive_xml(name), lab.files(), lab.qcrypt_secrets()
     done = qcrypt_domain(lab, tmp_path, name, "--format", "json")
     assert done.returncode == 4, done.stderr
     (failed,) = as_json(done)["domains"]
     assert failed["status"] == "failed" and "passphrase is probably wrong" in failed["reason"]
+    assert (failed["error"]["disk"], failed["error"]["path"]) == ("vdb", str(lab.folder / "b.qcow2"))
+    assert f"disk vdb ({lab.folder / 'b.qcow2'})" in done.stderr
     assert failed["xml_backup"] is None
     assert lab.inactive_xml(name) == before_xml
     assert lab.files() == before_files  # a.luks.qcow2 was written and verified, then removed again
@@ -362,10 +366,11 @@ def _migrate_in_process(lab: Lab, tmp_path: Path, name: str) -> DomainOutcome:
 
 def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """--replace migrates disk a, then disk b fails (its secret is wrong), so a's original goes back. Just before
-    the failure the tenant puts a symlink to a root-only file under a.qcow2: the undo must put the original back
-    under a.qcow2 in the image folder, never rename it over the symlink's target."""
-    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    """--replace migrates disk a, then disk b fails (its verification, after every pre-check passed), so a's
+    original goes back. Just before the failure the tenant puts a symlink to a root-only file under a.qcow2: the
+    undo must put the original back under a.qcow2 in the image folder, never rename it over the symlink's
+    target."""
+    name, _pw = _two_disk_domain(lab, PW)
     target = _root_only_file(lab)
     target_before, target_inode = target.read_bytes(), target.stat().st_ino
     first = lab.folder / "a.qcow2"
@@ -376,11 +381,13 @@ def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tm
         if source.endswith("b.qcow2"):  # disk a is done: the tenant's move, then b fails
             first.rename(lab.folder / "a-moved.qcow2")
             first.symlink_to(target)
+            raise VerificationError(f"{source}: the output did not read back as the source")
         return real_migrate(source, opts)
 
     monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
     outcome = _migrate_in_process(lab, tmp_path, name)
-    assert outcome.status == "failed" and "passphrase is probably wrong" in str(outcome.reason)
+    assert outcome.status == "failed" and "did not read back" in str(outcome.reason)
+    assert (outcome.error_disk, outcome.error_path) == ("vdb", str(lab.folder / "b.qcow2"))
     assert target.read_bytes() == target_before and target.stat().st_ino == target_inode
     assert not first.is_symlink() and sha256(first) == original  # the original is back under its name
     assert not (lab.folder / "a.qcow2.qcrypt-orig").exists()
@@ -391,7 +398,7 @@ def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path:
     """The tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file before disk b fails: the undo must
     not move that symlink under a.qcow2 (the domain would open the root-only file), and it says what it could
     not undo."""
-    name, _pw = _two_disk_domain(lab, b"not the passphrase")
+    name, _pw = _two_disk_domain(lab, PW)
     target = _root_only_file(lab)
     first, kept = lab.folder / "a.qcow2", lab.folder / "a.qcow2.qcrypt-orig"
     real_migrate = domain_migrate.migrate_image
@@ -400,6 +407,7 @@ def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path:
         if source.endswith("b.qcow2"):
             kept.rename(lab.folder / "a-moved.qcow2")
             kept.symlink_to(target)
+            raise VerificationError(f"{source}: the output did not read back as the source")
         return real_migrate(source, opts)
 
     monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
@@ -466,6 +474,7 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     pw = lab.passphrase_file("pw", PW)
     plain = lab.plain_image("boot.qcow2")
     web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x4B, 0, MIB, pw)
     name = f"{lab.prefix}-busy"
     lab.define(name, [disk_xml("vda", plain)])
     virsh("start", name)
@@ -480,10 +489,23 @@ def test_running_domain_is_skipped_with_exit_11(lab: Lab, tmp_path: Path) -> Non
     paused = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
     assert paused.returncode == 11 and "skipped (paused: shut it down first)" in paused.stdout
     assert lab.files() == before_files
-    # --all --dry-run lists it too (and only plans)
-    listed = qcrypt_domain(lab, tmp_path, "--all", "--dry-run", "--format", "json")
-    names = {d["name"]: d["status"] for d in as_json(listed)["domains"]}
-    assert names[name] == "skipped" and listed.returncode != 0  # 11, or another domain's failure code
+    # the dry run previews it (every pre-check run, the state reported) and its exit code says the real run
+    # would be refused until the domain is shut off
+    virsh("resume", name)
+    preview = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw), "--format", "json")
+    assert preview.returncode == 11, preview.stdout + preview.stderr
+    (planned,) = as_json(preview)["domains"]
+    assert (planned["status"], planned["state"]) == ("planned", "running")
+    assert planned["reason"] == "running: the real run needs it shut off"
+    assert [d["target"] for d in planned["disks"]] == ["vdb"] and "+        <encryption" in planned["xml_diff"]
+    assert f"domain {name}: planned: running: the real run needs it shut off" in preview.stderr
+    table = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert table.returncode == 11 and "image locks NOT checked (the domain is running" in table.stdout
+    # a pre-check failure of a running domain says so with its own exit code (here: a wrong passphrase)
+    wrong = tmp_path / "wrong"
+    wrong.write_bytes(b"not the passphrase")
+    bad = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(wrong), "--format", "json")
+    assert bad.returncode == 4 and as_json(bad)["domains"][0]["error"]["code"] == "bad-passphrase"
     assert lab.files() == before_files
 
 
@@ -588,3 +610,361 @@ def test_legacy_disk_without_data_needs_an_explicit_choice(lab: Lab, tmp_path: P
     assert "the legacy passphrase was NOT verified" in done.stdout
     again = as_json(qcrypt_domain(lab, tmp_path, name, "--format", "json"))
     assert again["domains"][0]["status"] == "unchanged"  # fixed: nothing legacy is left
+
+
+# -- secrets proven to open the new disk, a secret per layer, pre-checks ---------------------------------------
+
+
+def test_private_secret_that_does_not_match_gets_a_new_secret(lab: Lab, tmp_path: Path) -> None:
+    """The disk's secret is private and holds another passphrase than the image's: qcrypt cannot check it, so the
+    new disk gets a new secret holding the passphrase that opened the image (the old secret stays as it was), and
+    the domain starts on it."""
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x5C, 2 * MIB, MIB, pw)
+    private = lab.secret(b"another passphrase", private=True)
+    name = f"{lab.prefix}-private"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=private)])
+    dry = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "      new secret, passphrase from the passphrase file" in dry.stdout
+    assert f"libvirt secret {private} is private" in dry.stdout and "new disk gets a new secret" in dry.stdout
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = as_json(done)["domains"]
+    (disk,) = result["disks"]
+    assert disk["secret_created"] is True and disk["old_secret_uuid"] == private and disk["secret_uuid"] != private
+    assert result["started"] is True, result["start_error"]
+    enc = disk_of(lab.inactive_xml(name), "vda").find("source/encryption")
+    assert enc is not None and enc.find("secret").get("uuid") == disk["secret_uuid"]  # type: ignore[union-attr]
+    assert private in virsh("secret-list").stdout  # the old secret is kept, for the way back
+    start_and_read(name, lab.folder / "web.luks.qcow2", [(0x5C, 2 * MIB, MIB)])
+
+
+def _chain_with_a_secret_per_layer(lab: Lab, base_secret_value: bytes, declared_base: Path | None = None
+                                   ) -> tuple[str, Path, Path, Path, Path]:
+    """A legacy overlay over a legacy base, each with its own passphrase and its own <encryption> (the XML's
+    <backingStore> names ``declared_base`` instead of the base when given)."""
+    top_pw = lab.passphrase_file("top-pw", b"the overlay's passphrase")
+    base_pw = lab.passphrase_file("base-pw", b"the base's own passphrase")
+    base = lab.legacy_image("base.qcow2", base_pw)
+    lab.write(base, 0x2B, 0, 2 * MIB, base_pw)
+    top = lab.folder / "top.qcow2"
+    run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "--object", f"secret,id=s,file={top_pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", "-b", base, "-F", "qcow2", top, "16M")
+    run("qemu-io", "--object", f"secret,id=s,file={top_pw}", "--object", f"secret,id=b,file={base_pw}",
+        "--image-opts", f"driver=qcow2,file.filename={top},encrypt.key-secret=s,backing.encrypt.key-secret=b",
+        "-c", f"write -P 0x2C {MIB} {64 * 1024}")
+    top_secret = lab.secret(top_pw.read_bytes())
+    base_secret = lab.secret(base_secret_value)
+    disk = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{top}'>"
+            f"<encryption format='qcow'><secret type='passphrase' uuid='{top_secret}'/></encryption></source>"
+            f"<backingStore type='file'><format type='qcow2'/><source file='{declared_base or base}'>"
+            f"<encryption format='qcow'><secret type='passphrase' uuid='{base_secret}'/></encryption></source>"
+            "<backingStore/></backingStore><target dev='vda' bus='virtio'/></disk>")  # as libvirt keeps it
+    name = f"{lab.prefix}-layers"
+    lab.define_as_after_upgrade(name, [disk])
+    return name, top, base, top_pw, base_secret  # type: ignore[return-value]
+
+
+def test_chain_with_a_secret_per_layer(lab: Lab, tmp_path: Path) -> None:
+    name, _top, base, _top_pw, base_secret = _chain_with_a_secret_per_layer(lab, b"the base's own passphrase")
+    done = qcrypt_domain(lab, tmp_path, name, "--start", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = as_json(done)["domains"]
+    (disk,) = result["disks"]
+    assert disk["flatten"] is True and disk["layer_secrets"] == {str(base): base_secret}
+    assert result["started"] is True, result["start_error"]
+    new = lab.folder / "top.luks.qcow2"
+    start_and_read(name, new, [(0x2B, 0, MIB), (0x2C, MIB, 64 * 1024), (0x2B, MIB + 64 * 1024, 64 * 1024)])
+
+
+def test_chain_whose_base_secret_is_wrong_is_refused_by_the_dry_run(lab: Lab, tmp_path: Path) -> None:
+    """The base's own secret does not open the base: the dry run finds it (exit 4, naming the base's file and
+    the disk), and the real run refuses before writing anything."""
+    name, top, base, _top_pw, _base_secret = _chain_with_a_secret_per_layer(lab, b"not the base's passphrase")
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--format", "json", *extra)
+        assert done.returncode == 4, done.stdout + done.stderr
+        error = as_json(done)["domains"][0]["error"]
+        assert error["code"] == "bad-passphrase" and error["message"].startswith(f"{base}: the passphrase is")
+        assert (error["disk"], error["path"], error["exit_code"]) == ("vda", str(top), 4)
+        assert f"disk vda ({top})" in done.stderr
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+
+
+def test_backing_store_secret_for_a_file_outside_the_chain_is_refused(lab: Lab, tmp_path: Path) -> None:
+    """The XML gives a secret to a <backingStore> file the image's chain does not reach (a stale XML): the dry
+    run refuses it (exit 8), as the copy would, instead of silently using the disk's passphrase for the base."""
+    elsewhere = lab.folder / "elsewhere.qcow2"
+    name, _top, _base, _top_pw, _base_secret = _chain_with_a_secret_per_layer(lab, b"the base's own passphrase",
+                                                                             declared_base=elsewhere)
+    lab.plain_image("elsewhere.qcow2")
+    before_files = lab.files()
+    done = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json")
+    assert done.returncode == 8, done.stdout + done.stderr
+    error = as_json(done)["domains"][0]["error"]
+    assert error["code"] == "cannot-proceed" and f"names {elsewhere} with a secret of its own" in error["message"]
+    assert lab.files() == before_files
+
+
+def _one_legacy_domain(lab: Lab, secret: str | None = None, *, declared: bool = False) -> tuple[str, Path, Path]:
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x3D, 0, MIB, pw)
+    name = f"{lab.prefix}-one"
+    disk = disk_xml("vda", web, encryption="qcow" if declared or secret else None, secret=secret)
+    if declared or secret:
+        lab.define_as_after_upgrade(name, [disk])
+    else:
+        lab.define(name, [disk])
+    return name, web, pw
+
+
+def test_dry_run_finds_what_the_real_run_would_refuse(lab: Lab, tmp_path: Path) -> None:
+    """Each pre-check failure makes the dry run fail with the real run's exit code, naming the disk; nothing
+    changes."""
+    name, web, pw = _one_legacy_domain(lab)
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    wrong = tmp_path / "wrong"
+    wrong.write_bytes(b"not the passphrase")
+    cases = [([], 2, "no-passphrase"), (["--passphrase-file", str(wrong)], 4, "bad-passphrase")]
+    for extra, code, kind in cases:
+        done = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json", *extra)
+        assert done.returncode == code, done.stdout + done.stderr
+        (outcome,) = as_json(done)["domains"]
+        assert (outcome["status"], outcome["error"]["code"], outcome["error"]["disk"]) == ("failed", kind, "vda")
+        assert f"domain {name} disk vda ({web})" in done.stderr
+    ok = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert ok.returncode == 0 and "checked: each passphrase against its image" in ok.stdout
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+
+
+def test_dry_run_of_a_private_secret_without_passphrase(lab: Lab, tmp_path: Path) -> None:
+    name, _web, _pw = _one_legacy_domain(lab, lab.secret(PW, private=True))
+    done = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert as_json(done)["domains"][0]["error"]["code"] == "no-passphrase" and "private" in done.stderr
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_stale_secret_usage_is_found_before_the_copy(lab: Lab, tmp_path: Path, backend: str) -> None:
+    """A secret (of an earlier run) already has the usage the new image's secret needs: the dry run and the real
+    run refuse before writing anything (exit 13), the advice names the secret; following it, the run goes
+    through."""
+    name, _web, pw = _one_legacy_domain(lab)
+    stale = lab.secret(b"old", usage=str(lab.folder / "web.luks.qcow2"))
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", *extra,
+                             backend=backend)
+        assert done.returncode == 13, done.stdout + done.stderr
+        error = as_json(done)["domains"][0]["error"]
+        assert error["code"] == "secret-usage-conflict" and f"virsh secret-undefine {stale}" in error["message"]
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files  # nothing was copied
+    advice = error["message"].split("'")[1]
+    assert advice == f"virsh secret-undefine {stale}"
+    run(*advice.split()[:1], "-c", "qemu:///system", *advice.split()[1:])
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), backend=backend)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_secret_usage_of_a_domain_is_named_not_removed(lab: Lab, tmp_path: Path) -> None:
+    name, _web, pw = _one_legacy_domain(lab)
+    used = lab.secret(b"other", usage=str(lab.folder / "web.luks.qcow2"))
+    other = lab.plain_image("other.qcow2")
+    lab.define(f"{lab.prefix}-other", [disk_xml("vda", other, encryption="luks", secret=used)])
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--dry-run")
+    assert done.returncode == 13 and f"domain {lab.prefix}-other uses it" in done.stderr
+    assert "secret-undefine" not in done.stdout + done.stderr
+
+
+def test_dry_run_reports_a_leftover_temp_file_and_the_run_removes_it(lab: Lab, tmp_path: Path) -> None:
+    name, _web, pw = _one_legacy_domain(lab)
+    leftover = lab.folder / ".web.luks.qcow2.qcrypt-4194000-0123456789abcdef.tmp"  # above pid_max: dead
+    leftover.write_bytes(b"half a migration")
+    leftover.chmod(0o600)
+    dry = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--passphrase-file", str(pw))
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"leftover temporary file {leftover} of a killed run (PID 4194000): the real run removes it" in dry.stdout
+    assert leftover.exists()
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw))
+    assert done.returncode == 0 and not leftover.exists()
+
+
+def test_image_locked_by_another_qcrypt_run(lab: Lab, tmp_path: Path) -> None:
+    """Another qcrypt run holds the image: the dry run and the run say so (exit 5), not that a QEMU uses it."""
+    name, web, pw = _one_legacy_domain(lab)
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
+                               "from qcrypt.locking import hold_shared_locks\n"
+                               f"fd = os.open({str(web)!r}, os.O_RDONLY)\n"
+                               "hold_shared_locks(fd, writing=False)\nprint('held', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for extra in (["--dry-run"], []):
+            done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), *extra)
+            assert done.returncode == 5, done.stdout + done.stderr
+            assert "locked by another qcrypt run" in done.stderr and "QEMU" not in done.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+def test_random_guest_content_needs_the_option_the_advice_names(lab: Lab, tmp_path: Path) -> None:
+    """A disk whose guest content really is random looks like a wrong passphrase: refused with advice naming
+    an option migrate-domain has; with that option it migrates."""
+    pw = lab.passphrase_file("pw", PW)
+    noise = tmp_path / "noise.raw"
+    noise.write_bytes(os.urandom(2 * MIB))
+    web = lab.folder / "crypt.qcow2"
+    run("qemu-img", "convert", "-q", "-O", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
+        "encrypt.format=aes,encrypt.key-secret=s", noise, web)
+    name = f"{lab.prefix}-random"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
+    refused = qcrypt_domain(lab, tmp_path, name)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "rerun with --accept-random-content" in refused.stderr and "--force" not in refused.stderr
+    done = qcrypt_domain(lab, tmp_path, name, "--accept-random-content", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], lab.folder / "crypt.luks.qcow2",
+                    pw)
+
+
+# -- failures that cannot be missed, progress off a terminal -----------------------------------------------------
+
+
+def test_quiet_failure_reaches_stderr_naming_domain_disk_and_path(lab: Lab, tmp_path: Path) -> None:
+    name, web, _pw = _one_legacy_domain(lab, lab.secret(b"wrong"))
+    done = qcrypt_domain(lab, tmp_path, name, "-q")
+    assert done.returncode == 4 and done.stdout == ""
+    assert f"qcrypt: error: domain {name} disk vda ({web}): failed: {web}: the passphrase is probably wrong" \
+        in done.stderr
+    table = qcrypt_domain(lab, tmp_path, name)
+    assert f"domain {name} disk vda ({web})" in table.stderr and f"domain {name}: failed" in table.stdout
+
+
+def test_missing_disk_file_exits_2_naming_it(lab: Lab, tmp_path: Path) -> None:
+    gone = lab.folder / "gone.qcow2"
+    name = f"{lab.prefix}-gone"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", gone, encryption="qcow", secret=lab.secret(PW))])
+    done = qcrypt_domain(lab, tmp_path, name, "--format", "json")
+    assert done.returncode == 2, done.stdout + done.stderr
+    error = as_json(done)["domains"][0]["error"]
+    assert (error["code"], error["disk"], error["path"]) == ("missing-path", "vda", str(gone))
+    assert f"disk vda ({gone})" in done.stderr
+
+
+def test_several_domains_end_with_a_summary_line(lab: Lab, tmp_path: Path) -> None:
+    name, _web, pw = _one_legacy_domain(lab)
+    plain = lab.plain_image("plain.qcow2")
+    other = f"{lab.prefix}-plain"
+    lab.define(other, [disk_xml("vda", plain)])
+    done = qcrypt_domain(lab, tmp_path, name, other, "--dry-run", "--passphrase-file", str(pw))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "2 domains: 0 migrated, 1 unchanged, 1 planned, 0 skipped, 0 failed"
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(lab: Lab, tmp_path: Path) -> None:
+    name, web, _pw = _one_legacy_domain(lab)
+    quiet = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--no-progress", "--dry-run", stdin=PW)
+    assert "qcrypt: migrating" not in quiet.stderr
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--progress-interval", "0", stdin=PW)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("qcrypt: migrating")]
+    assert len(lines) >= 2, done.stderr
+    assert all(line.startswith(f"qcrypt: migrating domain {name} disk vda ({web}): ") for line in lines)
+    assert " of 1.0 MiB" in lines[0] and "/s, ETA" in lines[1] and lines[-1].endswith(" s") and "done in" in lines[-1]
+    assert "passphrase from the standard input" in done.stdout
+
+
+def test_passphrase_prompt_is_not_glued_to_the_progress_bar(lab: Lab, tmp_path: Path) -> None:
+    """On a terminal, the hidden prompt for a disk without a secret clears the progress bar first (it starts a
+    line of its own), and the summary says the passphrase came from the prompt."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    name, _web, _pw = _one_legacy_domain(lab)
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws in its width
+    words = [sys.executable, "-m", "qcrypt", "migrate-domain", "-c", "qemu:///system", "--backend", "virsh",
+             "--backup-dir", str(tmp_path / "backups"), *FAST, name]
+    process = subprocess.Popen(words, stdin=terminal, stdout=subprocess.PIPE, stderr=terminal, text=False)
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"Enter the" not in seen:
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([main], [], [], 1)
+            if ready:
+                seen += os.read(main, 4096)
+        os.write(main, PW + b"\n")
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(main)
+    before = seen.split(b"Enter the")[0].decode("utf-8", "replace")
+    assert "migrating" in before, seen  # the bar was drawn before the prompt...
+    assert before.split("\r")[-1].split("\n")[-1].strip() == ""  # ...and cleared: the prompt starts its line
+    assert process.returncode == 0, out
+    assert b"passphrase from the prompt" in out
+
+
+def test_replace_with_a_private_secret_for_the_same_path_is_refused_before_the_copy(lab: Lab, tmp_path: Path) -> None:
+    """--replace keeps the image's path, and the disk's private secret already has that path as its usage: a new
+    secret cannot be defined for it, so the run refuses before writing (exit 13) and says to rerun without
+    --replace, which then goes through."""
+    pw = lab.passphrase_file("pw", PW)
+    web = lab.legacy_image("web.qcow2", pw)
+    lab.write(web, 0x3E, 0, MIB, pw)
+    private = lab.secret(PW, private=True, usage=str(web))
+    name = f"{lab.prefix}-samepath"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=private)])
+    before_xml, before_files = lab.inactive_xml(name), lab.files()
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--replace", "--passphrase-file", str(pw), "--format", "json",
+                             *extra)
+        assert done.returncode == 13, done.stdout + done.stderr
+        error = as_json(done)["domains"][0]["error"]
+        assert error["code"] == "secret-usage-conflict" and "rerun without --replace" in error["message"]
+    assert lab.inactive_xml(name) == before_xml and lab.files() == before_files
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    start_and_read(name, lab.folder / "web.luks.qcow2", [(0x3E, 0, MIB)])
+
+
+def _luks_image_declared_qcow(lab: Lab, secret_value: bytes, *, private: bool = False) -> tuple[str, Path]:
+    image = lab.folder / "web.qcow2"
+    image.write_bytes(gzip.decompress((FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz").read_bytes()))
+    name = f"{lab.prefix}-xmlonly"
+    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow",
+                                                secret=lab.secret(secret_value, private=private))])
+    return name, image
+
+
+def test_xml_only_fix_needs_a_secret_that_opens_the_image(lab: Lab, tmp_path: Path) -> None:
+    """Only the XML would change, but the readable secret does not open the LUKS image: refused (exit 4) in the
+    dry run and the run, the XML untouched."""
+    name, _image = _luks_image_declared_qcow(lab, b"not the luks passphrase")
+    before_xml = lab.inactive_xml(name)
+    for extra in (["--dry-run"], []):
+        done = qcrypt_domain(lab, tmp_path, name, "--format", "json", *extra)
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert as_json(done)["domains"][0]["error"]["code"] == "bad-passphrase"
+    assert lab.inactive_xml(name) == before_xml
+
+
+def test_xml_only_fix_with_a_private_secret_says_it_is_unchecked(lab: Lab, tmp_path: Path) -> None:
+    """A private secret of a LUKS image still declared qcow: nothing to copy and no new secret possible for the
+    same path, so the XML is fixed with that secret and the plan says it could not be checked."""
+    name, _image = _luks_image_declared_qcow(lab, b"qcrypt luks test passphrase", private=True)
+    done = qcrypt_domain(lab, tmp_path, name, "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "is private: qcrypt cannot check that it opens this LUKS image" in done.stdout
+    assert "started: the domain is running" in done.stdout

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import click
+from tqdm import tqdm
 
 from qcrypt.cli.main import exit_code_for, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, format_opt, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.errors import DomainActiveError
-from qcrypt.libvirt.connection import Connection, open_connection
+from qcrypt.libvirt.connection import SHUT_OFF, Connection, open_connection
 from qcrypt.libvirt.domain_migrate import (
     DEFAULT_BACKUP_DIR,
+    NEW_SECRET,
+    PASSPHRASE_FILE,
+    DiskPlan,
     DomainOptions,
     DomainOutcome,
     destroyable,
@@ -67,21 +73,35 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @allow_backing_dir_opt
 @click.option("--accept-unverified-passphrase", is_flag=True,
               help="Go on when a disk's legacy layers hold no data cluster to check its passphrase against.")
+@click.option("--accept-random-content", is_flag=True,
+              help="Go on when a legacy disk's plaintext looks random: its guest content really is random (e.g. "
+                   "encrypted inside the guest). Without it such a disk is refused as a wrong passphrase.")
 @format_opt
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (JSON is still printed).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no table (JSON is still printed; errors still "
+                                                  "go to stderr).")
+@click.option("--progress/--no-progress", default=None,
+              help="Show progress on stderr: a bar on a terminal, else a line (domain, disk, bytes, rate, ETA) "
+                   "every --progress-interval seconds. [default: on, off with -q]")
+@click.option("--progress-interval", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
+              help="Seconds between two progress lines when stderr is not a terminal.")
 @handle_errors
 def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool, dry_run: bool, target: str | None,
                    replace: bool, start: bool, iter_time_ms: int, iterations: int | None,
                    passphrase_file: str | None, backup_dir: str, output_dir: str | None, backend: str,
                    allow_backing_dirs: tuple[str, ...], accept_unverified_passphrase: bool,
-                   output_format: str, quiet: bool) -> None:
+                   accept_random_content: bool, output_format: str, quiet: bool, progress: bool | None,
+                   progress_interval: float) -> None:
     """Migrate every legacy-AES disk of each DOMAIN (shut off) to LUKS and define the new XML, or change nothing.
 
-    Passphrases come from the libvirt secrets the disks name; the new LUKS keyslots use the same value, so the
-    same secrets keep working. The old images are kept."""
+    Passphrases come from the libvirt secrets the disks name (each backing layer from its own); the new LUKS
+    keyslots use the same value, so the same secrets keep working. Everything is checked before anything is
+    written; --dry-run runs the same checks and says whether the real run would go through. The old images
+    are kept."""
     if bool(domains) == all_domains:
         raise click.UsageError("name one or more domains, or give --all")
-    fallback, cached = _fallback_passphrase(passphrase_file)
+    show_progress = (not quiet if progress is None else progress) and not dry_run
+    bar_holder: list[Any] = []
+    fallback, cached = _fallback_passphrase(passphrase_file, bar_holder)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(4 * 1024 * 1024)
     conn = open_connection(uri, backend)
@@ -91,8 +111,11 @@ def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool,
         opts = DomainOptions(to=target, replace=replace, dry_run=dry_run, start=start, iter_time_ms=iter_time_ms,
                              iterations=iterations, backup_dir=backup_dir, output_dir=output_dir,
                              fallback_passphrase=fallback, rules=rules,
-                             accept_unverified_passphrase=accept_unverified_passphrase)
-        outcomes = _run_all(conn, names, opts, show_progress=not quiet and not dry_run)
+                             accept_unverified_passphrase=accept_unverified_passphrase,
+                             accept_random_content=accept_random_content,
+                             fallback_label=_fallback_label(passphrase_file))
+        outcomes = _run_all(conn, names, opts, show_progress=show_progress, interval_s=progress_interval,
+                            bar_holder=bar_holder)
     finally:
         conn.close()
         wipe(*cached)
@@ -103,51 +126,149 @@ def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool,
             print_outcome(outcome)
         if all_domains and not outcomes:
             click.echo("No domain has a disk with legacy AES encryption.")
+        if all_domains or len(outcomes) > 1:
+            click.echo(summary_line(outcomes))
+    for outcome in outcomes:
+        problem = error_line(outcome)
+        if problem:
+            click.echo(problem, err=True)
     sys.exit(exit_status(outcomes))
 
 
-def _fallback_passphrase(path: str | None) -> tuple[Callable[[], bytearray] | None, list[bytearray]]:
-    """Read the fallback passphrase once, when a disk first needs it; None when there is no way to get one."""
+def _fallback_label(path: str | None) -> str:
+    if path is None:
+        return "prompt"
+    return "standard input" if path == "-" else PASSPHRASE_FILE
+
+
+def _fallback_passphrase(path: str | None, bar_holder: list[Any]
+                         ) -> tuple[Callable[[], bytearray] | None, list[bytearray]]:
+    """Read the fallback passphrase once, when a disk first needs it; None when there is no way to get one.
+    A prompt clears the progress bar first (and it is drawn again after)."""
     if path is None and not sys.stdin.isatty():
         return None, []
     cached: list[bytearray] = []
 
     def get() -> bytearray:
         if not cached:
-            cached.append(get_passphrase(path, what="passphrase for disks whose libvirt secret is private or "
-                                         "missing"))
+            with tqdm.external_write_mode(file=sys.stderr) if bar_holder else contextlib.nullcontext():
+                cached.append(get_passphrase(path, what="passphrase for disks whose libvirt secret is private or "
+                                             "missing"))
         return bytearray(cached[0])
 
     return get, cached
 
 
-def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_progress: bool) -> list[DomainOutcome]:
+class ProgressLines:
+    """Progress for stderr that is not a terminal (cron, nohup, Ansible): one line when a disk starts, then at
+    most one every ``interval_s`` seconds, and one when it is done."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.what: str | None = None
+        self.total, self.done, self.started, self.last = 0, 0, 0.0, 0.0
+
+    def start_disk(self, domain: str, plan: DiskPlan) -> None:
+        self.finish()
+        self.what, self.total, self.done = f"domain {domain} disk {plan.target} ({plan.source})", plan.work_bytes, 0
+        self.started = self.last = time.monotonic()
+        self._line()
+
+    def update(self, n_bytes: int) -> None:
+        self.done += n_bytes
+        now = time.monotonic()
+        if self.what is not None and now - self.last >= self.interval_s:
+            self.last = now
+            self._line()
+
+    def finish(self) -> None:
+        if self.what is not None:
+            self._line(done=True)
+            self.what = None
+
+    def _line(self, *, done: bool = False) -> None:
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        shown = min(self.done, self.total) if self.total else self.done
+        percent = f" ({100 * shown // self.total}%)" if self.total else ""
+        if done:
+            tail = f"done in {elapsed:.0f} s"
+        elif rate > 0 and self.total:
+            tail = f"ETA {max(self.total - shown, 0) / rate:.0f} s"
+        else:
+            tail = "ETA unknown"
+        click.echo(f"qcrypt: migrating {self.what}: {human_size(shown)} of {human_size(self.total)}{percent}, "
+                   f"{human_size(int(rate))}/s, {tail}", err=True)
+
+
+def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_progress: bool,
+             interval_s: float = 10.0, bar_holder: list[Any] | None = None) -> list[DomainOutcome]:
+    if show_progress and not sys.stderr.isatty():
+        lines = ProgressLines(interval_s)
+        opts.progress, opts.on_disk = lines.update, lines.start_disk
+        try:
+            return [fix_domain(conn, name, opts) for name in names]
+        finally:
+            lines.finish()
     total = None
-    if show_progress and sys.stderr.isatty():
+    if show_progress:
         planned = [fix_domain(conn, name, _planning(opts)) for name in names]
         total = sum(d.work_bytes for o in planned for d in o.disks) or None
     with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="migrating", leave=False,
                       disable=True if not show_progress else None) as bar:
         opts.progress = bar.update
+        if bar_holder is not None and show_progress:
+            bar_holder.append(bar)
         return [fix_domain(conn, name, opts) for name in names]
 
 
 def _planning(opts: DomainOptions) -> DomainOptions:
     return DomainOptions(to=opts.to, replace=opts.replace, dry_run=True, iter_time_ms=opts.iter_time_ms,
                          iterations=opts.iterations, backup_dir=opts.backup_dir, output_dir=opts.output_dir,
-                         rules=opts.rules)
+                         rules=opts.rules, precheck=False)
 
 
 def exit_status(outcomes: list[DomainOutcome]) -> int:
-    """Worst wins: a failure's own exit code, else 11 for a skipped (running/paused) domain, else 0."""
+    """Worst wins: a failure's own exit code, else 11 for a skipped (running/paused) domain or a dry run of
+    one (the real run would be refused until it is shut off), else 0."""
     for outcome in outcomes:
         if outcome.status == "failed" and outcome.error is not None:
             return exit_code_for(outcome.error)
-    return EXIT_SKIPPED if any(o.status == "skipped" for o in outcomes) else 0
+    return EXIT_SKIPPED if any(o.status == "skipped" or _planned_while_active(o) for o in outcomes) else 0
+
+
+def _planned_while_active(outcome: DomainOutcome) -> bool:
+    return outcome.status == "planned" and outcome.state not in (None, SHUT_OFF)
+
+
+def error_line(outcome: DomainOutcome) -> str | None:
+    """The stderr line of a domain that failed, was skipped, or could only be planned because it runs: the
+    domain, the disk target and its image when the problem is a disk's, and what happened."""
+    if outcome.status not in ("failed", "skipped") and not _planned_while_active(outcome):
+        return None
+    where = f"domain {outcome.name}"
+    if outcome.error_disk:
+        where += f" disk {outcome.error_disk}" + (f" ({outcome.error_path})" if outcome.error_path else "")
+    kind = "error" if outcome.status == "failed" else "warning"
+    reason = outcome.reason or ""
+    if outcome.error_disk:  # the disk is named once, with its image
+        reason = reason.removeprefix(f"disk {outcome.error_disk}: ")
+    return f"qcrypt: {kind}: {where}: {outcome.status}: {reason}"
+
+
+def summary_line(outcomes: list[DomainOutcome]) -> str:
+    counts = ", ".join(f"{sum(o.status == status for o in outcomes)} {status}" for status in STATUSES)
+    return f"{len(outcomes)} domain{'s' if len(outcomes) != 1 else ''}: {counts}"
 
 
 def as_document(outcomes: list[DomainOutcome]) -> dict[str, Any]:
-    return {"domains": [o.as_dict() for o in outcomes],
+    documents = []
+    for outcome in outcomes:
+        document = outcome.as_dict()
+        if document["error"] is not None and outcome.error is not None:
+            document["error"]["exit_code"] = exit_code_for(outcome.error)
+        documents.append(document)
+    return {"domains": documents,
             "summary": {status: sum(o.status == status for o in outcomes) for status in STATUSES}}
 
 
@@ -168,8 +289,13 @@ def print_outcome(o: DomainOutcome) -> None:
                        "accepted with --accept-unverified-passphrase)")
         if d.secret_uuid:
             made = "new secret" if d.secret_created else "existing secret"
+            uuid = "" if d.secret_uuid == NEW_SECRET else f" {d.secret_uuid}"
             frm = f", passphrase from the {d.passphrase_from}" if d.passphrase_from else ""
-            click.echo(f"      {made} {d.secret_uuid}{frm}")
+            click.echo(f"      {made}{uuid}{frm}")
+        for layer, uuid in d.layer_secrets.items():
+            click.echo(f"      backing layer {layer}: its own secret {uuid}")
+        for note in d.notes:
+            click.echo(f"      note: {note}")
     for problem in o.undo_errors:
         click.echo(f"  NOT undone: {problem}")
     for snap in o.snapshots:
@@ -191,7 +317,19 @@ def _print_plan(o: DomainOutcome) -> None:
     click.echo("  XML change:")
     for line in o.xml_diff.splitlines():
         click.echo(f"    {line}")
+    click.echo("  checked: " + ", ".join(_checks(o)))
     click.echo("  dry run: nothing was written or defined")
+
+
+def _checks(o: DomainOutcome) -> list[str]:
+    """What the dry run checked, as the real run would before writing."""
+    checks = ["each passphrase against its image or layer", "secret values readable (or replaced by a new secret)",
+              "secret usages free", "free space", "temporary files of other runs"]
+    if o.state == SHUT_OFF:
+        checks.append("no process holds the images' locks")
+    else:
+        checks.append(f"image locks NOT checked (the domain is {o.state}; the real run checks them)")
+    return checks
 
 
 def _print_done(o: DomainOutcome) -> None:

@@ -29,6 +29,7 @@ EXIT_CODES: dict[type[errors.QcryptError], int] = {
     errors.WorkerError: 12,
     errors.LibvirtError: 13,
     errors.UnsafePathError: 14,
+    errors.MissingPathError: EXIT_USAGE,
 }
 EXIT_OTHER = 10
 EXIT_INTERRUPTED = 130
@@ -37,7 +38,8 @@ EXIT_INTERRUPTED = 130
 EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (EXIT_OK, "success (scan: nothing at or above --fail-on)"),
     (EXIT_FINDINGS, "scan: an image at or above --fail-on"),
-    (EXIT_USAGE, "usage error, a path that does not exist, no passphrase available"),
+    (EXIT_USAGE, "usage error, a path that does not exist (migrate-domain: a disk file the domain's XML names), no "
+     "passphrase available"),
     (EXIT_CODES[errors.FormatError],
      "an image could not be parsed (FormatError), its header is beyond one of the limits of docs/SECURITY.md "
      "(LimitExceededError, e.g. a keyslot whose PBKDF2 would exceed --max-pbkdf2-seconds), or it uses something "
@@ -45,7 +47,7 @@ EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
      "shows the same text in its error field, and info and migrate exit 3 with it before asking for a passphrase"),
     (EXIT_CODES[errors.BadPassphraseError],
      "wrong passphrase (LUKS: opens no keyslot; legacy: plaintext looks random)"),
-    (EXIT_CODES[errors.ImageInUseError], "the image is in use by a QEMU process"),
+    (EXIT_CODES[errors.ImageInUseError], "the image is in use by a QEMU process, or locked by another qcrypt run (the message says which)"),
     (EXIT_CODES[errors.OutputExistsError], "the output exists (use --force)"),
     (EXIT_CODES[errors.VerificationError], "verification failed (the output was not kept)"),
     (EXIT_CODES[errors.MigrationError],
@@ -55,11 +57,13 @@ EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (EXIT_CODES[errors.QcryptIOError], "I/O error (ENOSPC, EIO, file-size limit)"),
     (EXIT_OTHER, "any other error (an internal error: set QCRYPT_DEBUG=1 for its traceback)"),
     (EXIT_CODES[errors.DomainActiveError],
-     "migrate-domain: a domain is running or paused (refused: shut it down first)"),
+     "migrate-domain: a domain is running or paused (refused: shut it down first; --dry-run previews it and "
+     "exits 11)"),
     (EXIT_CODES[errors.WorkerError],
      "a worker died, or made no progress for --stall-timeout seconds (all stopped, nothing kept)"),
     (EXIT_CODES[errors.LibvirtError],
-     "migrate-domain: libvirt refused or failed a request (no such domain, define refused, no daemon)"),
+     "migrate-domain: libvirt refused or failed a request (no such domain, define refused, no daemon), or a "
+     "libvirt secret already has the usage a new secret needs"),
     (EXIT_CODES[errors.UnsafePathError],
      "unsafe path: the output's folder is writable by users other than root and the image's owner, or a name "
      "qcrypt worked on was swapped meanwhile (nothing was replaced)"),

@@ -37,6 +37,7 @@ class Connection(Protocol):
     def start(self, name: str) -> None: ...
     def secret_uuid(self, ref: str) -> str: ...
     def secret_value(self, uuid: str) -> bytearray: ...
+    def secret_by_usage(self, volume: str) -> str | None: ...
     def create_volume_secret(self, volume: str, value: bytes) -> str: ...
     def undefine_secret(self, uuid: str) -> None: ...
     def snapshot_names(self, name: str) -> list[str]: ...
@@ -128,11 +129,17 @@ class VirshConnection:
         kind, value = split_ref(ref)
         if kind == "uuid":
             return value
+        found = self.secret_by_usage(value)
+        if found is None:
+            raise LibvirtError(f"no libvirt secret with usage volume {value}")
+        return found
+
+    def secret_by_usage(self, volume: str) -> str | None:
         for line in self.run("secret-list").splitlines():
             uuid, _, usage = line.strip().partition(" ")
-            if _UUID.fullmatch(uuid) and usage.strip() == f"volume {value}":
+            if _UUID.fullmatch(uuid) and usage.strip() == f"volume {volume}":
                 return uuid
-        raise LibvirtError(f"no libvirt secret with usage volume {value}")
+        return None
 
     def secret_value(self, uuid: str) -> bytearray:
         try:
@@ -239,6 +246,15 @@ class ApiConnection:
             return value
         secret = self._call(f"secret with usage volume {value}", self.conn.secretLookupByUsage,
                             self.libvirt.VIR_SECRET_USAGE_TYPE_VOLUME, value)
+        return secret.UUIDString()
+
+    def secret_by_usage(self, volume: str) -> str | None:
+        try:
+            secret = self.conn.secretLookupByUsage(self.libvirt.VIR_SECRET_USAGE_TYPE_VOLUME, volume)
+        except self.libvirt.libvirtError as e:
+            if e.get_error_code() == self.libvirt.VIR_ERR_NO_SECRET:
+                return None
+            raise LibvirtError(f"secret with usage volume {volume}: {_api_text(e)}") from e
         return secret.UUIDString()
 
     def secret_value(self, uuid: str) -> bytearray:

@@ -1,12 +1,15 @@
 """Fix a whole libvirt domain: migrate every legacy-AES disk to LUKS, then define the new XML, or change nothing.
 
 For one domain (:func:`migrate_domain`): read the inactive XML; find the file/block disks whose image, or a
-layer of its backing chain, uses legacy AES (declared in the XML or not); refuse a running or paused domain;
-get each disk's passphrase from the libvirt secret its ``<encryption>`` names (or the caller's fallback when
-the secret is private or missing); migrate each disk with :func:`qcrypt.migrate.migrate` (temp file, verified,
-atomic, locks; keyslot passphrase = the secret's value); create a secret for disks that had none; save the
-old XML to a backup file; define the new XML. Any failure before the define succeeds removes this run's new
-files and secrets: a domain is never half-migrated. The library never prints; progress goes to a callback.
+layer of its backing chain, uses legacy AES (declared in the XML or not); refuse a running or paused domain
+(a dry run previews it); get each layer's passphrase from the libvirt secret its own ``<encryption>`` names
+(or the caller's fallback when the secret is private or missing); pre-check everything before writing (each
+passphrase against its image or layer, lock holders, secret usages, leftovers, space; a dry run stops there);
+migrate each disk with :func:`qcrypt.migrate.migrate` (temp file, verified, atomic, locks; keyslot passphrase
+= the checked passphrase); create a secret for disks that had none or a private one (its value could not be
+checked); save the old XML to a backup file; define the new XML. Any failure before the define succeeds
+removes this run's new files and secrets: a domain is never half-migrated. The library never prints; progress
+goes to a callback.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from qcrypt.errors import (
     DomainActiveError,
     LibvirtError,
     MigrationError,
+    MissingPathError,
     OutputExistsError,
     PassphraseInputError,
     QcryptError,
     QcryptIOError,
+    SecretConflictError,
     SecretPrivateError,
     UnsafePathError,
 )
@@ -46,9 +51,10 @@ from qcrypt.libvirt.domainxml import (
     parse_domain_root,
     parse_snapshot_root,
 )
-from qcrypt.migrate import MigrateOptions
+from qcrypt.locking import refuse_if_in_use
+from qcrypt.migrate import MigrateOptions, check_legacy_passphrase
 from qcrypt.migrate import migrate as migrate_image
-from qcrypt.outputs import Placement, file_id
+from qcrypt.outputs import Placement, file_id, leftover_temps
 
 LEGACY = "aes-cbc-legacy"
 DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
@@ -58,7 +64,8 @@ NEW_SECRET = "(new secret)"
 RECORD_IDENT = "qcrypt-migrate-domain"
 PassphraseSource = Callable[[], bytearray]
 PASSPHRASE_FILE = "passphrase file"
-PASSPHRASE_FILE_STRIPPED = "passphrase file without its trailing newline"
+SECRET_VALUE = "libvirt secret"
+RANDOM_CONTENT_OPTION = "--accept-random-content"
 
 
 @dataclass
@@ -75,6 +82,10 @@ class DomainOptions:
     progress: Callable[[int], None] | None = None
     rules: ChainRules | None = None  # --allow-backing-dir (each disk adds its declared <backingStore> layers)
     accept_unverified_passphrase: bool = False  # legacy layers without data cannot check the passphrase
+    accept_random_content: bool = False  # legacy plaintext that looks random is the guest's (encrypted inside)
+    fallback_label: str = PASSPHRASE_FILE  # where fallback_passphrase comes from: "passphrase file", "prompt"...
+    precheck: bool = True  # False: plan sizes only (no secret, passphrase, lock or secret-usage check)
+    on_disk: Callable[[str, DiskPlan], None] | None = None  # called with (domain, disk) before a disk is migrated
 
 
 @dataclass
@@ -93,7 +104,11 @@ class DiskPlan:
     replace: bool = False  # the new image takes the source's name; the original is kept as *.qcrypt-orig
     xml_only: bool = False  # the image is LUKS already: only the XML changes
     old_images: list[str] = field(default_factory=list)
-    passphrase_from: str | None = None  # "libvirt secret" | PASSPHRASE_FILE | PASSPHRASE_FILE_STRIPPED
+    passphrase_from: str | None = None  # "libvirt secret" | DomainOptions.fallback_label (| "... without its
+    # trailing newline")
+    layer_secrets: dict[str, str] = field(default_factory=dict)  # backing layer path -> its own secret's UUID
+    old_secret_uuid: str | None = None  # a private secret left untouched: the new disk gets a new secret
+    notes: list[str] = field(default_factory=list)  # what the pre-checks found that the operator should know
     unchecked_images: list[str] = field(default_factory=list)  # old images not checked to be what qcrypt read
     image_users: dict[str, list[str]] = field(default_factory=dict)  # old image -> domains/images still using it
     placement: Placement | None = field(default=None, repr=False)  # the new image, by folder descriptor
@@ -109,6 +124,7 @@ class DiskPlan:
                 "legacy_layers": self.legacy_layers, "old_images": self.old_images,
                 "passphrase_from": self.passphrase_from, "xml_only": self.xml_only,
                 "unchecked_images": self.unchecked_images, "passphrase_verified": self.passphrase_verified,
+                "layer_secrets": self.layer_secrets, "old_secret_uuid": self.old_secret_uuid, "notes": self.notes,
                 "old_image_users": self.image_users}
 
     @property
@@ -149,15 +165,37 @@ class DomainOutcome:
     snapshots: list[SnapshotOutcome] = field(default_factory=list)
     space: list[str] = field(default_factory=list)
     estimated_seconds: float | None = None
+    state: str | None = None  # the domain's state when it was looked at ("shut off", "running", ...)
     error: QcryptError | None = field(default=None, repr=False)
+    error_disk: str | None = None  # the disk target the error is about (None: the domain as a whole)
+    error_path: str | None = None  # that disk's image
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "reason": self.reason,
-                "disks": [d.as_dict() for d in self.disks], "xml_backup": self.xml_backup,
+        error = None
+        if self.error is not None:
+            error = {"code": self.error.code, "disk": self.error_disk, "path": self.error_path,
+                     "message": str(self.error)}
+        return {"name": self.name, "status": self.status, "reason": self.reason, "state": self.state,
+                "error": error, "disks": [d.as_dict() for d in self.disks], "xml_backup": self.xml_backup,
                 "xml_diff": self.xml_diff, "started": self.started, "start_error": self.start_error,
                 "free_space": self.space, "estimated_seconds": self.estimated_seconds, "undo_errors": self.undo_errors,
                 "users_checked": self.users_checked, "users_unknown": self.users_unknown, "record": self.record,
                 "snapshots": [s.as_dict() for s in self.snapshots]}
+
+
+def _tag(error: BaseException, target: str | None, path: str | None) -> None:
+    """Note which disk an error is about (the first, innermost, tag wins)."""
+    if getattr(error, "disk_target", None) is None:
+        error.disk_target, error.disk_path = target, path  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _about_disk(target: str | None, path: str | None) -> Any:
+    try:
+        yield
+    except (QcryptError, OSError) as e:
+        _tag(e, target, path)
+        raise
 
 
 # -- which disks -------------------------------------------------------------------------------------------------
@@ -198,20 +236,30 @@ def affected_disks(disks: tuple[DomainDisk, ...], rules: ChainRules | None = Non
         top = disk.layers[0]
         if top.source_type not in ("file", "block") or not top.path:
             continue
-        report = _inspect(top.path, disk.chain_rules(rules), declared_format(top))
-        declared = any(fmt in ("qcow", "default") for fmt in top.encryption)
-        if report.get("error"):
-            if declared:  # the XML says legacy but the image cannot be read: do not guess
-                raise MigrationError(f"disk {disk.target}: {report['error']}")
-            continue
-        refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
-        if refused and (legacy_layers(report) or declared):
-            finding = F.Finding(**refused[0])
-            raise BackingRefusedError(F.Finding(finding.code, finding.severity,
-                                                f"disk {disk.target}: {finding.message}"))
-        if legacy_layers(report) or xml_only(disk, report):
+        with _about_disk(disk.target, top.path):
+            report = _affected(disk, rules)
+        if report is not None:
             found.append((disk, report))
     return found
+
+
+def _affected(disk: DomainDisk, rules: ChainRules | None) -> dict[str, Any] | None:
+    top = disk.layers[0]
+    assert top.path is not None
+    report = _inspect(top.path, disk.chain_rules(rules), declared_format(top))
+    declared = any(fmt in ("qcow", "default") for fmt in top.encryption)
+    if report.get("error"):
+        if declared and report.get("format") == "missing":
+            raise MissingPathError(f"disk {disk.target}: {top.path}: no such file or device")
+        if declared:  # the XML says legacy but the image cannot be read: do not guess
+            raise MigrationError(f"disk {disk.target}: {report['error']}")
+        return None
+    refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
+    if refused and (legacy_layers(report) or declared):
+        finding = F.Finding(**refused[0])
+        raise BackingRefusedError(F.Finding(finding.code, finding.severity,
+                                            f"disk {disk.target}: {finding.message}"))
+    return report if legacy_layers(report) or xml_only(disk, report) else None
 
 
 # -- planning ----------------------------------------------------------------------------------------------------
@@ -305,27 +353,167 @@ def estimate_seconds(plans: list[DiskPlan], opts: DomainOptions) -> float:
 # -- secrets and passphrases ---------------------------------------------------------------------------------------
 
 
-def passphrase_for(conn: Connection, disk: DomainDisk, plan: DiskPlan, opts: DomainOptions) -> bytearray:
-    """The disk's secret value; the caller's fallback when the secret is private or the XML names none."""
-    ref = next((layer.secret for layer in disk.layers if layer.secret), None)
+@dataclass
+class DiskSecrets:
+    """One disk's passphrases: ``passphrase`` for its image (and the new keyslot), ``layers`` for backing
+    layers whose own ``<encryption>`` names another secret (by the path the XML gives)."""
+
+    passphrase: bytearray = field(repr=False)
+    layers: dict[str, bytearray] = field(default_factory=dict, repr=False)
+
+    def by_real_path(self) -> dict[str, bytearray]:
+        return {os.path.realpath(path): value for path, value in self.layers.items()}
+
+    def wipe(self) -> None:
+        for value in (self.passphrase, *self.layers.values()):
+            value[:] = bytes(len(value))
+
+
+def disk_secrets(conn: Connection, disk: DomainDisk, plan: DiskPlan, opts: DomainOptions) -> DiskSecrets:
+    """Each layer's passphrase from the secret its own ``<encryption>`` names: the first secret of the chain
+    is the disk's (its image and the new keyslot); a backing layer naming another secret gets that one's value.
+    A private secret cannot be checked against the image: the caller's fallback passphrase is used instead, and
+    the new disk gets a new secret holding it (the private one stays as it is)."""
+    top_ref = next((layer.secret for layer in disk.layers if layer.secret), None)
+    secrets = DiskSecrets(_disk_passphrase(conn, top_ref, plan, opts))
+    try:
+        for layer in disk.layers[1:]:
+            if layer.path and layer.secret and layer.secret != top_ref:
+                uuid = conn.secret_uuid(layer.secret)
+                plan.layer_secrets[layer.path] = uuid
+                secrets.layers[layer.path] = _layer_passphrase(conn, uuid, layer.path, plan, opts)
+    except BaseException:
+        secrets.wipe()
+        raise
+    return secrets
+
+
+def _disk_passphrase(conn: Connection, ref: str | None, plan: DiskPlan, opts: DomainOptions) -> bytearray:
     if ref:
-        plan.secret_uuid = conn.secret_uuid(ref)
-        if plan.xml_only:
-            return bytearray()  # the secret opens the LUKS image already: its value is not needed
+        uuid = conn.secret_uuid(ref)
         try:
-            value = conn.secret_value(plan.secret_uuid)
-            plan.passphrase_from = "libvirt secret"
+            value = conn.secret_value(uuid)
+            plan.secret_uuid, plan.passphrase_from = uuid, SECRET_VALUE
             return value
         except SecretPrivateError as e:
+            if plan.xml_only:  # the image is LUKS already and keeps its path: only the XML changes
+                plan.secret_uuid = uuid
+                plan.notes.append(f"libvirt secret {uuid} is private: qcrypt cannot check that it opens this LUKS "
+                                  "image (only the XML changes; libvirt says so at start if it does not)")
+                return bytearray()
             if opts.fallback_passphrase is None:
                 raise PassphraseInputError(f"disk {plan.target}: {e}: give its passphrase with --passphrase-file "
                                            "FILE (or '-' for stdin)") from e
+            plan.old_secret_uuid = uuid
+            plan.notes.append(f"libvirt secret {uuid} is private: its value cannot be checked against the image, "
+                              "so the new disk gets a new secret holding the passphrase checked here (the old "
+                              "secret is left as it is)")
     elif opts.fallback_passphrase is None:
         raise PassphraseInputError(f"disk {plan.target} ({plan.source}) names no libvirt secret: give its "
                                    "passphrase with --passphrase-file FILE (or '-' for stdin)")
-    plan.passphrase_from = PASSPHRASE_FILE
+    plan.passphrase_from = opts.fallback_label
     assert opts.fallback_passphrase is not None
     return bytearray(opts.fallback_passphrase())
+
+
+def _layer_passphrase(conn: Connection, uuid: str, path: str, plan: DiskPlan, opts: DomainOptions) -> bytearray:
+    try:
+        return conn.secret_value(uuid)
+    except SecretPrivateError as e:
+        if opts.fallback_passphrase is None:
+            raise PassphraseInputError(f"disk {plan.target}: backing layer {path}: {e}: give its passphrase with "
+                                       "--passphrase-file FILE (or '-' for stdin)") from e
+    plan.notes.append(f"backing layer {path}: its libvirt secret {uuid} is private: the {opts.fallback_label} is "
+                      "used for it")
+    return bytearray(opts.fallback_passphrase())
+
+
+# -- pre-checks: everything the run checks before it writes -----------------------------------------------------
+
+
+def precheck_disk(conn: Connection, plan: DiskPlan, report: dict[str, Any], secrets: DiskSecrets,
+                  opts: DomainOptions, *, check_locks: bool) -> None:
+    """Check, without writing, what would stop the migration of one disk: each passphrase against its image
+    (or layer), who holds the image's locks, temporary files of another run, and the usage a new secret needs.
+    Raises the error the real run would raise; notes what the operator should know in ``plan.notes``."""
+    if plan.xml_only:
+        if plan.passphrase_from is not None:  # None: a private secret, named in the plan's notes
+            _check_xml_only_passphrase(plan, report, secrets.passphrase)
+    else:
+        chain = [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]
+        layers = {os.path.realpath(path) for path in chain}
+        strangers = [path for path in secrets.layers if os.path.realpath(path) not in layers]
+        if strangers:  # the XML's <backingStore> names a file the image's chain does not reach
+            raise MigrationError(f"the XML's <backingStore> names {strangers[0]} with a secret of its own, but it "
+                                 f"is not a layer of {plan.source}'s chain (layers: {', '.join(chain)})")
+        _check_legacy_passphrases(plan, secrets, opts)
+        if check_locks:
+            for path in [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]:
+                refuse_if_in_use(path)
+        _check_leftovers(plan)
+    if plan.secret_uuid is None:
+        check_secret_usage(conn, plan)
+
+
+def _check_legacy_passphrases(plan: DiskPlan, secrets: DiskSecrets, opts: DomainOptions) -> None:
+    fallback = _file_fallback(plan, secrets.passphrase)
+
+    def check(passphrase: bytearray) -> bool:
+        return check_legacy_passphrase(plan.source, passphrase, force=opts.accept_random_content,  # type: ignore[arg-type]
+                                       accept_unverified=opts.accept_unverified_passphrase, rules=plan.rules,
+                                       source_format=plan.source_format, passphrases=secrets.by_real_path(),
+                                       random_option=RANDOM_CONTENT_OPTION).verified
+
+    try:
+        try:
+            plan.passphrase_verified = check(secrets.passphrase)
+        except BadPassphraseError as exact_error:
+            if fallback is None or bytes(fallback) == bytes(secrets.passphrase):
+                raise
+            try:
+                plan.passphrase_verified = check(fallback)
+            except BadPassphraseError:
+                raise BadPassphraseError(f"{exact_error} (tried the {opts.fallback_label}'s exact bytes, and "
+                                         "without its trailing newline)") from None
+            _use_fallback(plan, secrets.passphrase, fallback)
+    finally:
+        if fallback is not None:
+            fallback[:] = bytes(len(fallback))
+
+
+def _check_leftovers(plan: DiskPlan) -> None:
+    """Temporary files of other runs for the new image: a killed run's are removed by the real run; one whose
+    process still runs is left alone (that run's lock on the source stops this one, see precheck_disk)."""
+    final = os.path.realpath(plan.source) if plan.replace else plan.new_path
+    for path, pid, alive in leftover_temps(final):
+        if alive:
+            plan.notes.append(f"temporary file {path} belongs to process {pid}, which still runs: the real run "
+                              "leaves it")
+        else:
+            plan.notes.append(f"leftover temporary file {path} of a killed run (PID {pid}): the real run removes "
+                              "it")
+
+
+def check_secret_usage(conn: Connection, plan: DiskPlan) -> None:
+    """A new secret for the new image needs the usage 'volume NEW_PATH': refuse now (before any copy) when a
+    secret has it already, naming the domains that use that secret."""
+    holder = conn.secret_by_usage(plan.new_path)
+    if holder is None:
+        return
+    if holder == plan.old_secret_uuid:
+        how = ("qcrypt cannot prove it opens the image, nor define a second secret for the same path" if
+               plan.xml_only else "rerun without --replace (the new image then gets a name, and a secret, of its "
+               "own)")
+        raise SecretConflictError(f"the disk's own libvirt secret {holder} is private and its usage is volume "
+                                  f"{plan.new_path}, the new image's path: {how}")
+    users = [name for name in conn.domain_names() if holder in conn.inactive_xml(name)]
+    if users:
+        raise SecretConflictError(f"libvirt secret {holder} already has usage volume {plan.new_path}, which a new "
+                                  f"secret for the new image needs, and domain {', '.join(users)} uses it: "
+                                  f"look at it (virsh secret-dumpxml {holder}) before anything else")
+    raise SecretConflictError(f"libvirt secret {holder} already has usage volume {plan.new_path} (left by an "
+                              f"earlier run?), which a new secret for the new image needs; no domain uses it: "
+                              f"remove it with 'virsh secret-undefine {holder}', then rerun")
 
 
 # -- one domain ----------------------------------------------------------------------------------------------------
@@ -379,7 +567,11 @@ def migrate_domain(conn: Connection, name: str, opts: DomainOptions) -> DomainOu
         outcome.status, outcome.reason, outcome.error = "failed", str(e), e
     except OSError as e:
         error = QcryptIOError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        _tag(error, getattr(e, "disk_target", None), getattr(e, "disk_path", None))
         outcome.status, outcome.reason, outcome.error = "failed", str(error), error
+    if outcome.error is not None:
+        outcome.error_disk = getattr(outcome.error, "disk_target", None)
+        outcome.error_path = getattr(outcome.error, "disk_path", None)
     return outcome
 
 
@@ -390,21 +582,47 @@ def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: D
     if not found:
         outcome.reason = "no disk uses legacy AES encryption: nothing to do"
         return
-    state = conn.domain_state(name)
-    if state != SHUT_OFF:
+    outcome.state = state = conn.domain_state(name)
+    active = state != SHUT_OFF
+    if active and not opts.dry_run:
         raise DomainActiveError(f"{state}: shut it down first")
-    outcome.disks = [plan_disk(disk, report, opts) for disk, report in found]
+    for disk, report in found:
+        with _about_disk(disk.target, disk.layers[0].path):
+            outcome.disks.append(plan_disk(disk, report, opts))
     outcome.space = check_space(outcome.disks)
     outcome.estimated_seconds = round(estimate_seconds(outcome.disks, opts), 1)
-    if opts.dry_run:
-        _plan_only(conn, root, found, outcome)
-        return
-    if outcome.space[-1].startswith("not enough"):
+    if outcome.space[-1].startswith("not enough") and opts.precheck:
         raise QcryptIOError(outcome.space[-1])
+    secrets: list[DiskSecrets] = []
+    disable_core_dumps()  # secrets (libvirt secret values, passphrases) stay out of core dumps
+    try:
+        for (disk, report), plan in zip(found, outcome.disks):  # every check first: fail before writing
+            if not opts.precheck:
+                break
+            with _about_disk(plan.target, plan.source):
+                secrets.append(disk_secrets(conn, disk, plan, opts))
+                # a running domain's own QEMU may hold its images' locks: the real run checks them once it is off
+                precheck_disk(conn, plan, report, secrets[-1], opts, check_locks=not active)
+        if opts.dry_run:
+            _plan_only(conn, root, outcome)
+            if active:
+                outcome.reason = f"{state}: the real run needs it shut off"
+            return
+        _migrate_checked(conn, name, root, old_xml, found, secrets, opts, outcome)
+    finally:
+        for disk_secret in secrets:
+            disk_secret.wipe()
+    if opts.start:
+        _start(conn, name, outcome)
+
+
+def _migrate_checked(conn: Connection, name: str, root: Any, old_xml: str,
+                     found: list[tuple[DomainDisk, dict[str, Any]]], secrets: list[DiskSecrets],
+                     opts: DomainOptions, outcome: DomainOutcome) -> None:
     run = _Run(conn)
     try:
         try:
-            new_root = _carry_out(conn, root, found, opts, outcome, run)
+            new_root = _carry_out(conn, root, secrets, opts, outcome, run)
             old_text, new_text = xmledit.serialize(copy.deepcopy(root)), xmledit.serialize(new_root)
             outcome.xml_diff = xmledit.unified_diff(name, old_text, new_text)
             run.backup = save_backup(old_xml, name, opts.backup_dir)
@@ -418,17 +636,13 @@ def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: D
         run.close()
     outcome.status, outcome.xml_backup = "migrated", run.backup
     _after_define(conn, outcome)
-    if opts.start:
-        _start(conn, name, outcome)
 
 
-def _plan_only(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[str, Any]]],
-               outcome: DomainOutcome) -> None:
+def _plan_only(conn: Connection, root: Any, outcome: DomainOutcome) -> None:
     new_root = copy.deepcopy(root)
-    for (disk, _report), plan in zip(found, outcome.disks):
-        ref = next((layer.secret for layer in disk.layers if layer.secret), None)
-        plan.secret_uuid = conn.secret_uuid(ref) if ref else NEW_SECRET
-        plan.secret_created = ref is None
+    for plan in outcome.disks:
+        if plan.secret_uuid is None:
+            plan.secret_uuid, plan.secret_created = NEW_SECRET, True
         xmledit.apply_change(new_root, _change(plan))
     outcome.xml_diff = xmledit.unified_diff(outcome.name, xmledit.serialize(copy.deepcopy(root)),
                                             xmledit.serialize(new_root))
@@ -444,58 +658,50 @@ def _change(plan: DiskPlan) -> xmledit.DiskChange:
                               secret_uuid=plan.secret_uuid or NEW_SECRET, flattened=plan.flatten)
 
 
-def _carry_out(conn: Connection, root: Any, found: list[tuple[DomainDisk, dict[str, Any]]], opts: DomainOptions,
+def _carry_out(conn: Connection, root: Any, secrets: list[DiskSecrets], opts: DomainOptions,
                outcome: DomainOutcome, run: _Run) -> Any:
-    passphrases = []
-    disable_core_dumps()  # secrets (libvirt secret values, passphrases) stay out of core dumps
-    try:
-        for (disk, _report), plan in zip(found, outcome.disks):  # every passphrase first: fail before writing
-            passphrases.append(passphrase_for(conn, disk, plan, opts))
-        for (_disk, report), plan, passphrase in zip(found, outcome.disks, passphrases):
-            if not plan.xml_only:
-                _migrate_disk(plan, passphrase, opts, run)
-            elif plan.secret_uuid is None:  # a new secret must open the image: check the passphrase now
-                _check_xml_only_passphrase(plan, report, passphrase)
-        new_root = copy.deepcopy(root)
-        for plan, passphrase in zip(outcome.disks, passphrases):
-            if plan.secret_uuid is None:
-                plan.secret_uuid = conn.create_volume_secret(plan.new_path, bytes(passphrase))
-                plan.secret_created = True
-                run.secrets.append(plan.secret_uuid)
-            xmledit.apply_change(new_root, _change(plan))
-        return new_root
-    finally:
-        for passphrase in passphrases:
-            passphrase[:] = bytes(len(passphrase))
+    for plan, disk_secret in zip(outcome.disks, secrets):
+        if not plan.xml_only:
+            with _about_disk(plan.target, plan.source):
+                if opts.on_disk is not None:
+                    opts.on_disk(outcome.name, plan)
+                _migrate_disk(plan, disk_secret, opts, run)
+    new_root = copy.deepcopy(root)
+    for plan, disk_secret in zip(outcome.disks, secrets):
+        if plan.secret_uuid is None:  # no secret, or a private one: a new secret holding the checked passphrase
+            with _about_disk(plan.target, plan.source):
+                plan.secret_uuid = conn.create_volume_secret(plan.new_path, bytes(disk_secret.passphrase))
+            plan.secret_created = True
+            run.secrets.append(plan.secret_uuid)
+        xmledit.apply_change(new_root, _change(plan))
+    return new_root
 
 
 def _file_fallback(plan: DiskPlan, passphrase: bytearray) -> bytearray | None:
-    """For a passphrase from the caller's file: its content without the trailing newline (tried second)."""
-    return without_line_ending(passphrase) if plan.passphrase_from == PASSPHRASE_FILE else None
+    """For a passphrase from the caller (file, stdin, prompt): its content without the trailing newline
+    (tried second)."""
+    return without_line_ending(passphrase) if plan.passphrase_from not in (None, SECRET_VALUE) else None
 
 
 def _use_fallback(plan: DiskPlan, passphrase: bytearray, fallback: bytearray) -> None:
     """The file's content without its newline opened the image: the new keyslot and secret take that value."""
     passphrase[:] = fallback
-    plan.passphrase_from = PASSPHRASE_FILE_STRIPPED
+    plan.passphrase_from = f"{plan.passphrase_from} without its trailing newline"
 
 
-def _migrate_disk(plan: DiskPlan, passphrase: bytearray, opts: DomainOptions, run: _Run) -> None:
-    fallback = _file_fallback(plan, passphrase)
+def _migrate_disk(plan: DiskPlan, secrets: DiskSecrets, opts: DomainOptions, run: _Run) -> None:
+    """Migrate one disk whose passphrases the pre-checks chose (exact bytes or without the newline)."""
     migrate_opts = MigrateOptions(target=plan.to, output=None if plan.replace else plan.new_path,
-                                  passphrase=passphrase, passphrase_fallback=fallback,
+                                  passphrase=secrets.passphrase,  # type: ignore[arg-type]
+                                  passphrases=dict(secrets.layers),  # type: ignore[arg-type]
                                   iter_time_ms=opts.iter_time_ms,
                                   iterations=opts.iterations, flatten=plan.flatten, replace=plan.replace,
                                   progress=opts.progress, keep_placement=True, rules=plan.rules,
                                   source_format=plan.source_format,
-                                  accept_unverified_passphrase=opts.accept_unverified_passphrase)
-    try:
-        result = migrate_image(plan.source, migrate_opts)
-        if result.passphrase_fallback_used and fallback is not None:
-            _use_fallback(plan, passphrase, fallback)
-    finally:
-        if fallback is not None:
-            fallback[:] = bytes(len(fallback))
+                                  accept_unverified_passphrase=opts.accept_unverified_passphrase,
+                                  accept_random_content=opts.accept_random_content,
+                                  random_content_option=RANDOM_CONTENT_OPTION)
+    result = migrate_image(plan.source, migrate_opts)
     plan.placement, plan.source_id = result.placement, result.source_id
     plan.passphrase_verified = result.passphrase_verified
     plan.old_images = [result.original_kept or plan.source] + [p for p in plan.legacy_layers if p != plan.source]

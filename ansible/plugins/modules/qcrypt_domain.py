@@ -142,6 +142,15 @@ domains:
     reason:
       description: Why the domain was unchanged, skipped or failed (one line), else null.
       type: str
+    state:
+      description: The domain's state when qcrypt looked at it (V(shut off), V(running), ...), null when it had
+        nothing to do.
+      type: str
+    error:
+      description: For a failed or skipped domain, a stable machine-readable C(code) (for example
+        V(bad-passphrase), V(no-passphrase), V(image-in-use), V(secret-usage-conflict)), the C(disk) target and
+        its C(path) when the problem is a disk's, the C(message) and qcrypt's C(exit_code); else null.
+      type: dict
     disks:
       description: The affected disks (target, source, new_path, to, sizes, secret_uuid, secret_created).
       type: list
