@@ -583,7 +583,7 @@ def test_a_stdin_that_never_closes_cannot_hold_the_hook() -> None:
     read_end, write_end = os.pipe()
     try:
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "stuck", "start", "begin", "-"],
+        done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "stuck", "prepare", "begin", "-"],
                               stdin=read_end, capture_output=True, cwd="/", timeout=30, check=False,
                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])})
         elapsed = time.monotonic() - started
