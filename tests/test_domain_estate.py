@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from qcrypt import hook as hooklib
 from tests._libvirt import CONFIG_DIR, Lab, disk_xml, reload_libvirtd, run, sha256, virsh
 from tests.test_migrate_domain import MIB, PW, as_json, backends, qcrypt_domain, same_guest_data
 from tests.test_migrate_domain import lab as lab
@@ -282,17 +283,8 @@ def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
     assert len(syslog_listener.records_of(name, wait_s=1, count=2)) == 1  # an unchanged domain is not recorded
 
 
-def syslog_listens() -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(DEV_LOG)
-        except OSError:
-            return False
-    return True
-
-
 def test_without_a_syslog_socket_the_summary_says_there_is_no_record(lab: Lab, tmp_path: Path) -> None:
-    if syslog_listens():
+    if hooklib.syslog_listening():
         pytest.skip(f"a syslog daemon listens at {DEV_LOG} here")
     pw = lab.passphrase_file("pw", PW)
     web = legacy_with_data(lab, "web.qcow2", pw)

@@ -35,21 +35,21 @@ def cryptsetup(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([require_tool("cryptsetup"), *args], capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def qemu_compare_luks_with_raw(luks: Path, key: Path, raw: Path) -> None:
-    """qemu-img opens the raw LUKS file with ``key`` (QEMU reads every byte of it) and compares with ``raw``."""
+def qemu_compare_with_raw(opts: str, key: Path, raw: Path) -> None:
+    """qemu-img opens the image described by ``opts`` with ``key`` (secret id k; QEMU reads every byte of it)
+    and compares its guest data with ``raw``."""
     done = subprocess.run([require_tool("qemu-img"), "compare", "--object", f"secret,id=k,file={key}",
-                           "--image-opts", f"driver=luks,file.filename={luks},key-secret=k",
-                           f"driver=raw,file.filename={raw}"],
+                           "--image-opts", opts, f"driver=raw,file.filename={raw}"],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0 and "identical" in done.stdout, done.stdout + done.stderr
+
+
+def qemu_compare_luks_with_raw(luks: Path, key: Path, raw: Path) -> None:
+    qemu_compare_with_raw(f"driver=luks,file.filename={luks},key-secret=k", key, raw)
 
 
 def qemu_compare_legacy_with_raw(image: Path, key: Path, raw: Path) -> None:
-    done = subprocess.run([require_tool("qemu-img"), "compare", "--object", f"secret,id=k,file={key}",
-                           "--image-opts", f"driver=qcow2,file.filename={image},encrypt.key-secret=k",
-                           f"driver=raw,file.filename={raw}"],
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0 and "identical" in done.stdout, done.stdout + done.stderr
+    qemu_compare_with_raw(f"driver=qcow2,file.filename={image},encrypt.key-secret=k", key, raw)
 
 
 def luks_format(path: Path, key: Path, payload_bytes: int = 1 << 20) -> Path:
