@@ -448,13 +448,18 @@ def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
 
 
 def send_to_syslog(priority: int, message: str, ident: str = SYSLOG_IDENT) -> None:
-    """Log one line as ``ident`` to the daemon facility (journald picks it up). Without a socket at
-    :data:`SYSLOG_SOCKET` the line is lost (syslog(3) says nothing): see :func:`syslog_listening`."""
-    syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_DAEMON)
-    try:
-        syslog.syslog(priority, message)
-    finally:
-        syslog.closelog()
+    """Log one line as ``ident`` to the daemon facility (journald and syslog daemons pick it up), in the form
+    syslog(3) sends: ``<PRI>Mmm dd hh:mm:ss IDENT[PID]: MESSAGE``.
+
+    Sent without ever waiting: syslog(3) blocks while the daemon's queue is full (a stuck or overloaded
+    daemon would hold the hook, and so the VM's start), so the datagram goes out non-blocking and a full
+    queue or a missing socket raises OSError (the line is lost; callers report or ignore it)."""
+    stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
+    line = f"<{syslog.LOG_DAEMON | priority}>{stamp} {ident}[{os.getpid()}]: {message}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        sender.connect(SYSLOG_SOCKET)
+        sender.send(line.encode("utf-8", "replace"))
 
 
 def syslog_listening() -> bool:

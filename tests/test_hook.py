@@ -396,9 +396,9 @@ def test_emit_uses_the_module_sink_and_survives_a_broken_one(monkeypatch: pytest
 
 
 def test_real_syslog_sink_reaches_dev_log() -> None:
-    """The default sink is syslog(3): a datagram listener bound at /dev/log (none runs in this sandbox; we
-    never take over a live one) receives the line with ident, PID, facility daemon and the priority."""
-    assert hook.syslog_sink is hook.send_to_syslog  # the default is the real syslog(3)
+    """The default sink sends what syslog(3) sends: a datagram listener bound at /dev/log (none runs in this
+    sandbox; we never take over a live one) receives the line with ident, PID, facility daemon and priority."""
+    assert hook.syslog_sink is hook.send_to_syslog  # the default is the real sender
     if os.path.exists(DEV_LOG):
         pytest.skip(f"{DEV_LOG} exists (a syslog daemon runs here): not taking it over")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -418,6 +418,39 @@ def test_real_syslog_sink_reaches_dev_log() -> None:
     assert lines == ["qcrypt-hook: qcrypt test note"]
     priority = syslog.LOG_DAEMON | syslog.LOG_NOTICE
     assert received.startswith(f"<{priority}>") and received.endswith(f"qcrypt-hook[{os.getpid()}]: qcrypt test note")
+
+
+def test_a_syslog_daemon_that_reads_nothing_cannot_hold_the_hook() -> None:
+    """A daemon whose queue is full (stuck, overloaded) made syslog(3) block, and with it the hook and the
+    VM's start: the sender never waits, a line it cannot queue is lost with an OSError."""
+    if os.path.exists(DEV_LOG):
+        pytest.skip(f"{DEV_LOG} exists (a syslog daemon runs here): not taking it over")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(DEV_LOG)
+    except OSError as e:  # another test run bound it a moment ago
+        listener.close()
+        pytest.skip(f"cannot bind {DEV_LOG}: {e}")
+    outcome: list[str] = []
+
+    def flood() -> None:  # far more lines than a datagram queue holds (net.unix.max_dgram_qlen, 512 by default)
+        lost = 0
+        for i in range(4000):
+            try:
+                hook.send_to_syslog(syslog.LOG_WARNING, f"line {i} " + "x" * 200)
+            except OSError:
+                lost += 1
+        outcome.append(f"lost {lost}")
+
+    try:
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        sender.join(timeout=20)
+        assert not sender.is_alive(), "sending to a full syslog queue blocked"
+    finally:
+        listener.close()
+        os.unlink(DEV_LOG)
+    assert outcome and outcome[0] != "lost 0", outcome  # the queue did fill: the test reached the full case
 
 
 # -- Python API ----------------------------------------------------------------------------------------------
