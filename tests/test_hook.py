@@ -21,6 +21,7 @@ import pytest
 import qcrypt
 from qcrypt import hook, scan
 from qcrypt.errors import FormatError
+from tests._images import CPU_USAGE_ATTEMPTS
 from tests.conftest import FIXTURES, require_tool
 
 DOMAINS = Path(__file__).parent / "data" / "domains"
@@ -59,7 +60,7 @@ def build_images(qemu_img: str, folder: Path) -> None:
         (folder / "luks.qcow2").write_bytes(gzip.decompress(LUKS_FIXTURE.read_bytes()))
     else:
         _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", *secret, "-o", LUKS_OPTS, folder / "luks.qcow2", "1M",
-                  retries=3)
+                  retries=CPU_USAGE_ATTEMPTS)
 
 
 @pytest.fixture(scope="module")
