@@ -194,7 +194,18 @@ def test_first_failure_stops_the_rollout(lab: Lab, tmp_path: Path) -> None:
     failure = re.search(r"^fatal: \[hv1\]: FAILED! => .*\"msg\": \"([^\"]*)\"", run.stdout, re.MULTILINE)
     assert failure and failure.group(1).startswith(f"{names['hv1']}: failed: "), run.explain()
     assert "passphrase" in failure.group(1)
-    assert libvirt_view(lab, list(names.values())) == before, run.explain()
+    after = libvirt_view(lab, list(names.values()))
+    if run.recap["hv2"]["changed"]:
+        # Ansible includes the per-domain tasks of a batch's hosts in the order their include results came back,
+        # which is not always host order: hv2's turn may come before hv1's. Then hv2 is migrated whole, never half.
+        assert "hv2/disk.luks.qcow2" in after["files"] and "disk.luks.qcow2" in after["xml"][names["hv2"]], \
+            run.explain()
+        assert len(set(after["secrets"]) - set(before["secrets"])) <= 1, run.explain()  # hv2's new secret
+        after["secrets"] = before["secrets"]
+        for view in (before, after):
+            view["files"] = {k: v for k, v in view["files"].items() if not k.startswith("hv2/")}
+            view["xml"] = {k: v for k, v in view["xml"].items() if k != names["hv2"]}
+    assert after == before, run.explain()  # hv1 unchanged, and the next batch (hv3) never started
     assert "a-wrong-passphrase" not in run.stdout + run.stderr
 
 
