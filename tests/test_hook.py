@@ -3,6 +3,7 @@ budget and the Python API (warn_if_legacy)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -14,6 +15,7 @@ import threading
 import time
 import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -396,10 +398,10 @@ def test_emit_uses_the_module_sink_and_survives_a_broken_one(monkeypatch: pytest
     assert lines == ["qcrypt-hook: error: domain 'd': y"]
 
 
-def test_real_syslog_sink_reaches_dev_log() -> None:
-    """The default sink sends what syslog(3) sends: a datagram listener bound at /dev/log (none runs in this
-    sandbox; we never take over a live one) receives the line with ident, PID, facility daemon and priority."""
-    assert hook.syslog_sink is hook.send_to_syslog  # the default is the real sender
+@contextlib.contextmanager
+def dev_log_listener() -> Iterator[socket.socket]:
+    """A datagram socket bound at /dev/log for the test's duration (none runs in this sandbox; a live one is never
+    taken over: the test skips)."""
     if os.path.exists(DEV_LOG):
         pytest.skip(f"{DEV_LOG} exists (a syslog daemon runs here): not taking it over")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -409,13 +411,21 @@ def test_real_syslog_sink_reaches_dev_log() -> None:
         listener.close()
         pytest.skip(f"cannot bind {DEV_LOG}: {e}")
     try:
+        yield listener
+    finally:
+        listener.close()
+        os.unlink(DEV_LOG)
+
+
+def test_real_syslog_sink_reaches_dev_log() -> None:
+    """The default sink sends what syslog(3) sends: a datagram listener bound at /dev/log (none runs in this
+    sandbox; we never take over a live one) receives the line with ident, PID, facility daemon and priority."""
+    assert hook.syslog_sink is hook.send_to_syslog  # the default is the real sender
+    with dev_log_listener() as listener:
         listener.settimeout(5)
         lines: list[str] = []
         hook.emit(hook.DomainCheck(domain="d", notes=["qcrypt test note"]), stderr_to=lines.append)
         received = listener.recv(4096).decode()
-    finally:
-        listener.close()
-        os.unlink(DEV_LOG)
     assert lines == ["qcrypt-hook: qcrypt test note"]
     priority = syslog.LOG_DAEMON | syslog.LOG_NOTICE
     assert received.startswith(f"<{priority}>") and received.endswith(f"qcrypt-hook[{os.getpid()}]: qcrypt test note")
@@ -424,14 +434,6 @@ def test_real_syslog_sink_reaches_dev_log() -> None:
 def test_a_syslog_daemon_that_reads_nothing_cannot_hold_the_hook() -> None:
     """A daemon whose queue is full (stuck, overloaded) made syslog(3) block, and with it the hook and the
     VM's start: the sender never waits, a line it cannot queue is lost with an OSError."""
-    if os.path.exists(DEV_LOG):
-        pytest.skip(f"{DEV_LOG} exists (a syslog daemon runs here): not taking it over")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        listener.bind(DEV_LOG)
-    except OSError as e:  # another test run bound it a moment ago
-        listener.close()
-        pytest.skip(f"cannot bind {DEV_LOG}: {e}")
     outcome: list[str] = []
 
     def flood() -> None:  # far more lines than a datagram queue holds (net.unix.max_dgram_qlen, 512 by default)
@@ -443,14 +445,11 @@ def test_a_syslog_daemon_that_reads_nothing_cannot_hold_the_hook() -> None:
                 lost += 1
         outcome.append(f"lost {lost}")
 
-    try:
+    with dev_log_listener():
         sender = threading.Thread(target=flood, daemon=True)
         sender.start()
         sender.join(timeout=20)
         assert not sender.is_alive(), "sending to a full syslog queue blocked"
-    finally:
-        listener.close()
-        os.unlink(DEV_LOG)
     assert outcome and outcome[0] != "lost 0", outcome  # the queue did fill: the test reached the full case
 
 
