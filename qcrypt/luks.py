@@ -1,8 +1,8 @@
 """The LUKS1 engine: parse and validate a header, unlock it, create one, add and remove keyslots.
 
 References: cryptsetup lib/luks1/keymanage.c (LUKS_generate_phdr, LUKS_check_keyslots, LUKS_open_key,
-LUKS_verify_volume_key, LUKS_del_key) and lib/luks1/keyencryption.c; qemu crypto/block-luks.c;
-../shared/docs/formats.md C.3, D and Pitfalls 14-19 (behaviour only, our own code).
+LUKS_verify_volume_key, LUKS_del_key) and lib/luks1/keyencryption.c; qemu crypto/block-luks.c
+(behaviour only, our own code).
 
 All offsets in a header are 512-byte sectors counted from the start of the LUKS region (offset 0 of a raw
 LUKS file, or the FDE extension offset of a qcow2 file). Reads go through a ``ReadAt`` callable so the same

@@ -1,7 +1,7 @@
 """LUKS2 recognition and reporting (no unlocking): the binary header, its checksum and the JSON metadata.
 
-References: cryptsetup lib/luks2/luks2.h and lib/luks2/luks2_disk_metadata.c (behaviour only);
-../shared/docs/formats.md E and Pitfall 20. QEMU cannot open LUKS2, so qcrypt only describes such volumes.
+References: cryptsetup lib/luks2/luks2.h and lib/luks2/luks2_disk_metadata.c (behaviour only).
+QEMU cannot open LUKS2, so qcrypt only describes such volumes.
 """
 
 from __future__ import annotations

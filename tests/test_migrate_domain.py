@@ -364,6 +364,21 @@ def _migrate_in_process(lab: Lab, tmp_path: Path, name: str) -> DomainOutcome:
         conn.close()
 
 
+def _swap_then_fail_disk_b(lab: Lab, monkeypatch: pytest.MonkeyPatch, swapped: Path, target: Path) -> None:
+    """When migrate-domain reaches disk b, the tenant moves ``swapped`` away and puts a symlink to ``target`` in
+    its place, then disk b fails (so the undo of disk a meets the swapped name)."""
+    real_migrate = domain_migrate.migrate_image
+
+    def migrate_image(source: str, opts: MigrateOptions) -> MigrateResult:
+        if source.endswith("b.qcow2"):
+            swapped.rename(lab.folder / "a-moved.qcow2")
+            swapped.symlink_to(target)
+            raise VerificationError(f"{source}: the output did not read back as the source")
+        return real_migrate(source, opts)
+
+    monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
+
+
 def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """--replace migrates disk a, then disk b fails (its verification, after every pre-check passed), so a's
@@ -375,16 +390,7 @@ def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tm
     target_before, target_inode = target.read_bytes(), target.stat().st_ino
     first = lab.folder / "a.qcow2"
     original = sha256(first)
-    real_migrate = domain_migrate.migrate_image
-
-    def migrate_image(source: str, opts: MigrateOptions) -> MigrateResult:
-        if source.endswith("b.qcow2"):  # disk a is done: the tenant's move, then b fails
-            first.rename(lab.folder / "a-moved.qcow2")
-            first.symlink_to(target)
-            raise VerificationError(f"{source}: the output did not read back as the source")
-        return real_migrate(source, opts)
-
-    monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
+    _swap_then_fail_disk_b(lab, monkeypatch, first, target)  # disk a is done: the tenant's move, then b fails
     outcome = _migrate_in_process(lab, tmp_path, name)
     assert outcome.status == "failed" and "did not read back" in str(outcome.reason)
     assert (outcome.error_disk, outcome.error_path) == ("vdb", str(lab.folder / "b.qcow2"))
@@ -401,16 +407,7 @@ def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path:
     name, _pw = _two_disk_domain(lab, PW)
     target = _root_only_file(lab)
     first, kept = lab.folder / "a.qcow2", lab.folder / "a.qcow2.qcrypt-orig"
-    real_migrate = domain_migrate.migrate_image
-
-    def migrate_image(source: str, opts: MigrateOptions) -> MigrateResult:
-        if source.endswith("b.qcow2"):
-            kept.rename(lab.folder / "a-moved.qcow2")
-            kept.symlink_to(target)
-            raise VerificationError(f"{source}: the output did not read back as the source")
-        return real_migrate(source, opts)
-
-    monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
+    _swap_then_fail_disk_b(lab, monkeypatch, kept, target)
     outcome = _migrate_in_process(lab, tmp_path, name)
     assert outcome.status == "failed"
     assert not first.is_symlink() and first.read_bytes()[:4] == b"QFI\xfb"  # still qcrypt's new image

@@ -93,6 +93,20 @@ def overlay(path: Path, backing: str, *, fmt: str = "raw", size: str = "1M") -> 
     return path
 
 
+def overlay_domain_xml(image: Path, backing_store_open: str) -> str:
+    """A domain whose one qcow2 disk is ``image`` over the one layer that ``backing_store_open`` (a
+    ``<backingStore ...>`` start tag and its content, without the inner terminator) declares."""
+    return (f"<domain type='qemu'><name>t</name><devices><disk type='file' device='disk'>"
+            f"<driver name='qemu' type='qcow2'/><source file='{image}'/>{backing_store_open}<backingStore/>"
+            "</backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>")
+
+
+def inspect_as_declared(image: Path, xml: str) -> dict:
+    """The scan report of ``image`` read as the domain XML declares it (format and backing layers)."""
+    disk = hook.parse_domain_xml(xml).disks[0]
+    return scan.inspect(image, rules=disk.chain_rules(), declared_format="qcow2")
+
+
 def nothing_leaked(marker: bytes, *places: Path | str) -> None:
     for place in places:
         if isinstance(place, Path):
@@ -258,12 +272,8 @@ def test_block_backing_declared_in_the_xml_is_followed(folder: Path, loop_device
     """A <backingStore type='block'> is the administrator's word: that device may be read."""
     device, _marker = loop_device
     image = overlay(folder / "ov.qcow2", device)
-    xml = (f"<domain type='qemu'><name>t</name><devices><disk type='file' device='disk'>"
-           f"<driver name='qemu' type='qcow2'/><source file='{image}'/>"
-           f"<backingStore type='block'><format type='raw'/><source dev='{device}'/><backingStore/></backingStore>"
-           "<target dev='vda' bus='virtio'/></disk></devices></domain>")
-    disk = hook.parse_domain_xml(xml).disks[0]
-    report = scan.inspect(image, rules=disk.chain_rules(), declared_format="qcow2")
+    xml = overlay_domain_xml(image, f"<backingStore type='block'><format type='raw'/><source dev='{device}'/>")
+    report = inspect_as_declared(image, xml)
     assert codes(report) == []
     assert report["backing_chain"][0]["path"] == device and report["backing_chain"][0]["format"] == "raw"
     assert "backing-special-file" in codes(scan.inspect(image))  # not declared: refused
@@ -373,12 +383,8 @@ def test_a_declared_layer_still_needs_the_owners_permission(tenant: tuple[int, i
     (vm / "base.raw").symlink_to(hidden / "shadow")  # the tenant swapped the declared base for a symlink
     image = overlay(vm / "tenant.qcow2", "base.raw")
     os.chown(image, uid, gid)
-    xml = (f"<domain type='qemu'><name>t</name><devices><disk type='file' device='disk'>"
-           f"<driver name='qemu' type='qcow2'/><source file='{image}'/>"
-           f"<backingStore type='file'><format type='raw'/><source file='{vm / 'base.raw'}'/><backingStore/>"
-           "</backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>")
-    disk = hook.parse_domain_xml(xml).disks[0]
-    report = scan.inspect(image, rules=disk.chain_rules(), declared_format="qcow2")
+    xml = overlay_domain_xml(image, f"<backingStore type='file'><format type='raw'/><source file='{vm / 'base.raw'}'/>")
+    report = inspect_as_declared(image, xml)
     assert codes(report) == ["backing-not-owner-readable"] and report["backing_chain"] == []
     (warning,) = hook.check_domain_xml(xml).warnings
     assert "not readable by the image's owner" in warning.reason and marker.decode() not in warning.message()

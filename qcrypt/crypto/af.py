@@ -1,7 +1,7 @@
 """The LUKS anti-forensic (AF) information splitter.
 
-References: cryptsetup lib/luks1/af.c and qemu crypto/afsplit.c (behaviour only);
-../shared/docs/formats.md D.3 and Pitfall 16. ``diffuse`` hashes every digest-sized chunk of the block
+References: cryptsetup lib/luks1/af.c and qemu crypto/afsplit.c (behaviour only).
+``diffuse`` hashes every digest-sized chunk of the block
 with a 4-byte big-endian chunk index in front; the last chunk may be partial.
 """
 

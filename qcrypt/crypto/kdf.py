@@ -1,7 +1,7 @@
 """PBKDF2 as used by LUKS1 (keyslots and the master-key digest), plus the iteration-count benchmark.
 
 References: RFC 8018 section 5.2 (PBKDF2); cryptsetup lib/luks1/keymanage.c (slot and digest iteration
-conventions, minimum 1000); ../shared/docs/formats.md D.4.
+conventions, minimum 1000).
 """
 
 from __future__ import annotations

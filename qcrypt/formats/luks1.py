@@ -1,7 +1,7 @@
 """LUKS1 on-disk declarations.
 
-References: cryptsetup lib/luks1/luks.h (struct luks_phdr); qemu crypto/block-luks.c;
-../shared/docs/formats.md section D. Big-endian throughout; the phdr is 592 bytes (208 + 8 x 48).
+References: cryptsetup lib/luks1/luks.h (struct luks_phdr); qemu crypto/block-luks.c.
+Big-endian throughout; the phdr is 592 bytes (208 + 8 x 48).
 """
 
 from __future__ import annotations

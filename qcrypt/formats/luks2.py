@@ -1,6 +1,6 @@
 """LUKS2 binary header declarations (recognition and reporting only).
 
-References: cryptsetup lib/luks2/luks2.h (struct luks2_hdr_disk); ../shared/docs/formats.md section E.
+References: cryptsetup lib/luks2/luks2.h (struct luks2_hdr_disk).
 The 4096-byte binary header is followed by a JSON area up to ``hdr_size``.
 """
 

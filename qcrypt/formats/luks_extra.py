@@ -1,6 +1,6 @@
 """Extra LUKS1 declarations used by the reader (qcrypt/luks.py).
 
-References: cryptsetup lib/luks1/luks.h; ../shared/docs/formats.md D.1.
+References: cryptsetup lib/luks1/luks.h.
 ``PhdrRaw`` is ``luks1.Phdr`` with the four name fields kept as raw bytes: cryptsetup stops each name at
 its first NUL and ignores whatever follows, so the reader must not fail on non-ASCII bytes after the NUL.
 """

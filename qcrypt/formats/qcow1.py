@@ -1,6 +1,6 @@
 """qcow version 1 ("QCOW") on-disk declarations.
 
-References: qemu block/qcow.c (QCowHeader); ../shared/docs/formats.md section A.11.
+References: qemu block/qcow.c (QCowHeader).
 The magic is shared with qcow2; version = 1; crypt_method sits at offset 36 (not 32 as in qcow2).
 """
 

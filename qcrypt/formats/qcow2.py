@@ -2,7 +2,6 @@
 
 References:
     qemu docs/interop/qcow2.txt / qcow2.rst; block/qcow2.h (QCowHeader, masks); block/qcow2.c.
-    ../shared/docs/formats.md section A.
 
 All integers are big-endian. Entries of L1/L2/refcount tables are parsed as plain integers and masked in
 Python (construct's bit structs are MSB-first, QEMU numbers bits LSB-first).
