@@ -47,10 +47,10 @@ __all__ = [
 ]
 
 _LAZY = {
-    "inspect": ("qcrypt.scan", "inspect"),
-    "open_image": ("qcrypt.stream", "open_image"),
-    "warn_if_legacy": ("qcrypt.hook", "warn_if_legacy"),
-    "LegacyEncryptionWarning": ("qcrypt.hook", "LegacyEncryptionWarning"),
+    "inspect": ("qcrypt.audit.scan", "inspect"),
+    "open_image": ("qcrypt.guest.stream", "open_image"),
+    "warn_if_legacy": ("qcrypt.hook.check", "warn_if_legacy"),
+    "LegacyEncryptionWarning": ("qcrypt.hook.check", "LegacyEncryptionWarning"),
 }
 
 

@@ -41,7 +41,7 @@ class UnsupportedFeatureError(FormatError):
 
 
 class LimitExceededError(FormatError):
-    """A header declares a count, size or cost beyond one of qcrypt's limits (``qcrypt.limits``)."""
+    """A header declares a count, size or cost beyond one of qcrypt's limits (``qcrypt.plumbing.limits``)."""
 
 
 class BadPassphraseError(QcryptError):

@@ -22,8 +22,8 @@ import struct
 import sys
 from typing import Any
 
-from qcrypt import migrate as migration
 from qcrypt.cli.main import main
+from qcrypt.migrate import run as migration
 
 _QCOW_MAGIC = b"QFI\xfb"
 _LUKS_MAGIC = b"LUKS\xba\xbe"

@@ -165,8 +165,8 @@ def _outcome(action: Any) -> str:
 
 
 def run_case(path: Path, passphrase: str | None, grown: bool, work: Path) -> dict[str, Any]:
-    from qcrypt import scan
-    from qcrypt.migrate import MigrateOptions, migrate
+    from qcrypt.audit import scan
+    from qcrypt.migrate.run import MigrateOptions, migrate
 
     result: dict[str, Any] = {}
     _reset_peak_rss()

@@ -1,4 +1,4 @@
-"""Measure the wrong-passphrase guard (qcrypt.plausibility) on real content, at every qcow2 cluster size.
+"""Measure the wrong-passphrase guard (qcrypt.audit.plausibility) on real content, at every qcow2 cluster size.
 
 Used by ``scripts/plausibility-rates`` (which prints the table in docs/PLAUSIBILITY.md) and by
 tests/test_plausibility.py (a smaller run whose rates must be zero where the table says zero).
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from qcrypt import plausibility
+from qcrypt.audit import plausibility
 from qcrypt.crypto.sector import legacy_cipher
 
 CLUSTER_SIZES = tuple(512 << shift for shift in range(13))  # 512 B .. 2 MiB, every size qcow2 allows
-SAMPLES = 32  # as qcrypt.plausibility.sample's default
+SAMPLES = 32  # as qcrypt.audit.plausibility.sample's default
 READ_LIMIT = 65536  # qcrypt reads at most this much of each sampled cluster
 CONTENTS = ("ext4", "text", "executables", "compressed", "random")
 RIGHT, WRONG = b"the right passphrase", b"a wrong passphrase!!"

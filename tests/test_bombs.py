@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import limits
+from qcrypt.plumbing import limits
 from tests import _images as im
 from tests._bounded import qcrypt_bounded
 from tests._pbkdf import measured_rate
@@ -197,8 +197,8 @@ def test_shared_l2_time_bomb_is_refused_quickly(tmp_path: Path) -> None:
 def test_estimates_of_migrate_domain_stay_bounded(tmp_path: Path) -> None:
     """migrate-domain --dry-run (and migrate's progress bar) estimate the work from the allocated bytes of
     every layer: on the shared-L2 bomb that estimate used to walk 5.4e8 mappings."""
-    from qcrypt import scan
-    from qcrypt.libvirt.domain_migrate import _allocated
+    from qcrypt.audit import scan
+    from qcrypt.domain.migrate import _allocated
 
     path = _shared_l2_image(tmp_path)
     started = time.process_time()

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from qcrypt import checksum
+from qcrypt.plumbing import checksum
 
 
 def test_xxh3_128_is_the_default_and_matches_the_reference_vector() -> None:

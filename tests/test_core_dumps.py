@@ -57,7 +57,7 @@ def test_helper_turns_dumps_off_for_the_process_and_its_forks() -> None:
 
 def test_the_test_process_itself_is_untouched() -> None:
     """Importing qcrypt changes nothing: only the entry points that read secrets turn dumps off."""
-    assert _in_child("import qcrypt.migrate, qcrypt.cli.passphrase; from qcrypt.crypto.secret import "
+    assert _in_child("import qcrypt.migrate.run, qcrypt.cli.passphrase; from qcrypt.crypto.secret import "
                      "core_dumps_disabled; print(core_dumps_disabled())") == "False"
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from qcrypt import scan
+from qcrypt.audit import scan
 from tests import _images as im
 
 MANIFEST = im.manifest()["fixtures"]

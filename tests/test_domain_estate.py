@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import hook as hooklib
+from qcrypt.hook import check as hooklib
 from tests._libvirt import CONFIG_DIR, Lab, disk_xml, reload_libvirtd, run, sha256, virsh
 from tests.test_migrate_domain import MIB, PW, as_json, backends, qcrypt_domain, same_guest_data
 from tests.test_migrate_domain import lab as lab

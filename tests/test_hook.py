@@ -1,4 +1,4 @@
-"""qcrypt.hook: domain XML parsing, disk checks on real qemu-img images, syslog/stderr emission, the time
+"""qcrypt.hook.check: domain XML parsing, disk checks on real qemu-img images, syslog/stderr emission, the time
 budget and the Python API (warn_if_legacy)."""
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 import qcrypt
-from qcrypt import hook, scan
+from qcrypt.audit import scan
 from qcrypt.errors import FormatError
+from qcrypt.hook import check as hook
 from tests._images import CPU_USAGE_ATTEMPTS
 from tests.conftest import FIXTURES, require_tool
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from qcrypt import hook as hooklib
 from qcrypt.cli import hook as hookcli
+from qcrypt.hook import check as hooklib
 from tests.test_hook import domain_xml, images  # noqa: F401  (images is a fixture)
 
 BARE_ENV = {"PATH": "/usr/bin:/bin"}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import locking
 from qcrypt.errors import ImageInUseError, OutputExistsError
-from qcrypt.outputs import AtomicOutput, remove_stale_temps, temp_name_for
+from qcrypt.plumbing import locking
+from qcrypt.plumbing.outputs import AtomicOutput, remove_stale_temps, temp_name_for
 
 
 @pytest.mark.interop
@@ -57,7 +57,7 @@ def test_another_qcrypt_run_is_named_as_such(tmp_path: Path) -> None:
     """qcrypt's locks carry a byte of its own: a second run says another qcrypt holds the image, not QEMU."""
     path = tmp_path / "img.raw"
     path.write_bytes(bytes(1 << 20))
-    script = ("import os, sys, time\nfrom qcrypt.locking import hold_shared_locks\n"
+    script = ("import os, sys, time\nfrom qcrypt.plumbing.locking import hold_shared_locks\n"
               f"fd = os.open({str(path)!r}, os.O_RDONLY)\nhold_shared_locks(fd, writing=False)\n"
               "print('held', flush=True)\ntime.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

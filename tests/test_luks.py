@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import luks
 from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, QcryptError, UnsupportedFeatureError
 from qcrypt.formats import luks1 as fmt
+from qcrypt.luks import engine as luks
 from tests._compare import assert_same_bytes
 from tests._images import CPU_USAGE_ATTEMPTS
 from tests._pbkdf import measured_rate

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import luks, luks2
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
+from qcrypt.luks import engine as luks
+from qcrypt.luks import luks2
 from tests.conftest import require_tool
 
 MIB = 1 << 20
@@ -238,7 +239,7 @@ def _reseal(area: bytearray, json_text: bytes, csum_alg: bytes = b"sha256") -> b
 ])
 def test_hostile_but_checksummed_headers_give_format_errors(tmp_path: Path, json_text: bytes, csum: bytes) -> None:
     """Non-ASCII digits and odd checksum algorithms must not escape as ValueError/TypeError (scan aborts)."""
-    from qcrypt import scan
+    from qcrypt.audit import scan
 
     area = bytearray(0x4000 * 2)
     area[0:6] = b"LUKS\xba\xbe"

@@ -475,7 +475,7 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
     im.qemu_io(image, "write -b -P 0x77 0 131072")  # VM state area of the active layer
     im.snapshot(image, "with-ram")
     # qemu-img cannot save a VM, so record the VM-state size in the snapshot entry by hand
-    from qcrypt.qcow2 import QCow2Image
+    from qcrypt.images.qcow2_reader import QCow2Image
 
     with QCow2Image.open(image.path) as opened:
         table = opened.header.snapshots_offset
@@ -507,8 +507,8 @@ def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_
     """The read-back check compares digests of the source plaintext with what the output decodes to (with
     XXH3-128, and with the SHA-256 fallback used where the xxhash wheel is missing)."""
     import qcrypt as api
-    from qcrypt import checksum
-    from qcrypt import migrate as mig
+    from qcrypt.migrate import run as mig
+    from qcrypt.plumbing import checksum
 
     monkeypatch.setattr(checksum, "_current", [(digest_name, checksum.AVAILABLE[digest_name])])
 
@@ -668,7 +668,7 @@ def _snapshot_fixture(tmp_path: Path) -> tuple[Path, bytes]:
 def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Snapshot ranges whose clusters the output *and* the source share with the active table are not decrypted
     twice; everything else still is."""
-    from qcrypt import migrate as mig
+    from qcrypt.migrate import run as mig
 
     source, passphrase = _snapshot_fixture(tmp_path)
     checked: dict[int, int] = {}
@@ -702,7 +702,7 @@ def test_verify_catches_a_cluster_shared_by_mistake(tmp_path: Path, monkeypatch:
     keys without the source's host offset) leaves the output's tables looking shared: the source's tables
     disagree, so the range is read back in full and the wrong content is caught."""
     import qcrypt as api
-    from qcrypt import migrate as mig
+    from qcrypt.migrate import run as mig
 
     source, passphrase = _snapshot_fixture(tmp_path)
     real_layer_job = mig._layer_job

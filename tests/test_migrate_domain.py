@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from qcrypt.cli.domain import print_outcome
+from qcrypt.domain import migrate as domain_migrate
+from qcrypt.domain.migrate import DomainOptions, DomainOutcome, migrate_domain
 from qcrypt.errors import VerificationError
-from qcrypt.libvirt import domain_migrate
 from qcrypt.libvirt.connection import binding_available, open_connection
-from qcrypt.libvirt.domain_migrate import DomainOptions, DomainOutcome, migrate_domain
-from qcrypt.migrate import MigrateOptions, MigrateResult
+from qcrypt.migrate.run import MigrateOptions, MigrateResult
 from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, sha256, virsh
 from tests.conftest import FIXTURES, IN_CI, require_tool
 
@@ -522,7 +522,7 @@ def test_guest_written_header_on_a_raw_disk_is_guest_data(lab: Lab, tmp_path: Pa
     domain XML says raw: migrate-domain (and its dry run), the hook and scan --libvirt-xml treat the disk as the
     guest data it is, and nothing of the host file reaches anything. Declared qcow2 instead, the header is
     believed, and its backing file is refused everywhere."""
-    from qcrypt import hook
+    from qcrypt.hook import check as hook
 
     host_file = tmp_path / "root-only"  # pytest's tmp folders are root-only
     marker = b"HOST-SECRET-" + os.urandom(8).hex().encode()
@@ -794,7 +794,7 @@ def test_image_locked_by_another_qcrypt_run(lab: Lab, tmp_path: Path) -> None:
     """Another qcrypt run holds the image: the dry run and the run say so (exit 5), not that a QEMU uses it."""
     name, web, pw = _one_legacy_domain(lab)
     holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
-                               "from qcrypt.locking import hold_shared_locks\n"
+                               "from qcrypt.plumbing.locking import hold_shared_locks\n"
                                f"fd = os.open({str(web)!r}, os.O_RDONLY)\n"
                                "hold_shared_locks(fd, writing=False)\nprint('held', flush=True)\ntime.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import parallel
 from qcrypt.errors import WorkerError
-from qcrypt.migrate import MigrateOptions, migrate
+from qcrypt.migrate.run import MigrateOptions, migrate
+from qcrypt.plumbing import parallel
 from tests import _images as im
 
 PASSPHRASE = "correct horse battery staple, longer than 16 bytes"

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from qcrypt import migrate as migration
-from qcrypt import outputs
 from qcrypt.cli.migrate import migrate as migrate_command
-from qcrypt.migrate import MigrateOptions
-from qcrypt.outputs import remove_stale_temps, temp_name_for
+from qcrypt.migrate import run as migration
+from qcrypt.migrate.run import MigrateOptions
+from qcrypt.plumbing import outputs
+from qcrypt.plumbing.outputs import remove_stale_temps, temp_name_for
 from tests import _images as im
 from tests.conftest import IN_CI
 
@@ -341,7 +341,7 @@ def _folder_stat(uid: int, gid: int, mode: int) -> os.stat_result:
 
 def test_who_else_can_write_a_folder(users: Users) -> None:
     """The rule behind the refusal, case by case (root runs qcrypt; the tenant owns the image)."""
-    from qcrypt.outputs import other_writers
+    from qcrypt.plumbing.outputs import other_writers
 
     t = users.tenant
     assert other_writers(_folder_stat(0, 0, 0o755), t) is None

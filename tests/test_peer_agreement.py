@@ -149,7 +149,7 @@ def _bad_image(tmp_path: Path, case: str) -> tuple[Path, str]:
     return path, "aes-cbc-legacy"
 
 
-LIMIT_CASES = {"l1_size", "nb_snapshots"}  # refused by qcrypt.limits before they are parsed
+LIMIT_CASES = {"l1_size", "nb_snapshots"}  # refused by qcrypt.plumbing.limits before they are parsed
 
 
 @pytest.mark.interop
@@ -379,7 +379,7 @@ def test_a_passphrase_per_layer_when_flattening(tmp_path: Path) -> None:
 @pytest.mark.interop
 def test_a_passphrase_per_layer_over_a_luks_base(tmp_path: Path) -> None:
     """Base and overlay with different secrets, base already LUKS: the API and the CLI take both."""
-    from qcrypt.migrate import MigrateOptions, migrate
+    from qcrypt.migrate.run import MigrateOptions, migrate
 
     top, reference = _legacy_chain(tmp_path, "the base's own secret", PASSPHRASE)
     base_pw, top_pw = secret_file(tmp_path, "base.pw", "the base's own secret"), secret_file(tmp_path, "pw", PASSPHRASE)

@@ -1,4 +1,4 @@
-"""The wrong-passphrase guard of legacy AES (qcrypt.plausibility): sound on samples smaller than 4 KiB.
+"""The wrong-passphrase guard of legacy AES (qcrypt.audit.plausibility): sound on samples smaller than 4 KiB.
 
 Images are made by qemu-img and written by qemu-io; qemu-img judges the outputs. The measured rates in
 docs/PLAUSIBILITY.md come from scripts/plausibility-rates; the test below runs a smaller measurement at
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import plausibility
+from qcrypt.audit import plausibility
 from tests import _images as im
 from tests import _plausibility as rates
 from tests.test_migrate import qcrypt, qemu_compare, secret_file

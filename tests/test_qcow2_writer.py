@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from qcrypt import qcow2_writer
 from qcrypt.errors import FormatError, MigrationError
-from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
+from qcrypt.images import qcow2_writer
+from qcrypt.images.qcow2_writer import ACTIVE, Qcow2Writer
 from tests._compare import assert_same_bytes
 from tests.conftest import require_tool
 
@@ -562,7 +562,7 @@ def test_snapshot_extra_keeps_source_bytes_and_fixes_disk_size() -> None:
 def test_deferred_luks_area_must_be_set(tmp_path: Path) -> None:
     """migrate reserves the LUKS header area and sets it once the keyslot PBKDF2 (run meanwhile) is done."""
     from qcrypt.errors import FormatError, MigrationError
-    from qcrypt.qcow2_writer import Qcow2Writer
+    from qcrypt.images.qcow2_writer import Qcow2Writer
 
     with open(tmp_path / "out.qcow2", "w+b") as fh:
         writer = Qcow2Writer(fh, virtual_size=1 << 20, luks_area_size=4096 * 512, encrypt=lambda data, sector: data)

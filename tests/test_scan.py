@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import qcrypt
-from qcrypt import scan
+from qcrypt.audit import scan
 from qcrypt.cli.main import _register, cli
 from tests import _images as im
 
@@ -232,7 +232,7 @@ def test_scan_libvirt_xml(tmp_path: Path, unpacked: dict[str, Path]) -> None:
 def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path], qemu_img: str, tmp_path: Path) -> None:
     """qemu-img check finds the stored refcounts right; ours must read them exactly as a plain struct decoder
     does, for every cluster of the file: shared clusters 2 or more, private ones 1."""
-    from qcrypt.qcow2 import QCow2Image
+    from qcrypt.images.qcow2_reader import QCow2Image
 
     path = unpacked["aes-qcow2-v3-snapshots-c4k.qcow2"]
     pw = tmp_path / "pw"
@@ -263,7 +263,7 @@ def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path], qemu_i
 @pytest.mark.interop
 def test_refcounts_across_refcount_blocks(tmp_path: Path, qemu_img: str) -> None:
     """4 KiB clusters hold 2048 16-bit refcounts per block: 9 MiB of data needs a second refcount block."""
-    from qcrypt.qcow2 import QCow2Image
+    from qcrypt.images.qcow2_reader import QCow2Image
 
     image = im.make_qcow2(tmp_path / "many.qcow2", 12 << 20, cluster_size=4096)
     im.write_pattern(image, 0, 9 << 20, 0x3C)
@@ -339,7 +339,7 @@ def test_luks1_layout_that_qemu_refuses(tmp_path: Path, qemu_img: str, cryptsetu
     """A payload right after the key material: cryptsetup accepts it, QEMU does not; scan says so."""
     import subprocess
 
-    from qcrypt import luks
+    from qcrypt.luks import engine as luks
 
     master_key = luks.new_master_key(16)
     params = luks.LuksParams(cipher="aes-cbc-plain64", key_bits=128, iterations=1000, payload_align_sectors=1)
@@ -367,7 +367,7 @@ def test_vectorized_l2_count_agrees_with_entry_by_entry_decoding(unpacked: dict[
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """info counts a dense L2 table with numpy and a sparse one entry by entry: on every L2 table of every
     fixture (snapshots included) both ways give the same counts, the same compressed offsets, the same errors."""
-    from qcrypt import qcow2
+    from qcrypt.images import qcow2_reader as qcow2
 
     checked = 0
     for name, path in sorted(unpacked.items()):

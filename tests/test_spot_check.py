@@ -56,8 +56,8 @@ def test_migrate_refuses_a_self_consistent_cipher_bug(tmp_path: Path, qemu_img: 
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A sector cipher that is wrong in the same way when writing and reading back (IV base off by one)
     passes the digest read-back; the spot check against OpenSSL catches it and nothing is kept."""
-    from qcrypt import migrate as mig
     from qcrypt.crypto import sector
+    from qcrypt.migrate import run as mig
 
     passphrase = "spot-check passphrase"
     image = im.make_qcow2(tmp_path / "legacy.qcow2", 4 << 20, encrypt="aes", passphrase=passphrase)

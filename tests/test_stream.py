@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import qcrypt
-from qcrypt.stream import PassphraseRequiredError
+from qcrypt.guest.stream import PassphraseRequiredError
 from tests import _images as im
 from tests._compare import assert_same_bytes
 
@@ -153,7 +153,7 @@ def test_chain_with_separate_passphrases(tmp_path: Path, qemu_img: str) -> None:
 
 def test_long_reads_loop_over_short_preads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Linux returns at most ~2 GiB per read(): long reads must loop, never pad the rest with zeros."""
-    from qcrypt import imagefile
+    from qcrypt.plumbing import files as imagefile
 
     data = bytes(range(256)) * 40
     path = tmp_path / "raw.img"

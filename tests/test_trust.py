@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import hook, scan
+from qcrypt.audit import scan
+from qcrypt.hook import check as hook
 from tests.conftest import IN_CI, require_tool
 
 pytestmark = pytest.mark.interop
@@ -213,7 +214,7 @@ def test_backing_file_outside_the_images_folder(folder: Path, name: str) -> None
     assert not (folder / "vm" / "o.raw").exists()
 
     # the advice works: with the folder named, the chain is followed
-    from qcrypt.backing import ChainRules
+    from qcrypt.images.backing import ChainRules
 
     assert codes(scan.inspect(image, rules=ChainRules(allow_dirs=(str(allowed),)))) == []
     assert qcrypt("scan", "--allow-backing-dir", allowed, image).returncode == 0
@@ -307,7 +308,7 @@ def test_block_device_met_in_a_folder_is_not_read_unless_named(folder: Path,
 
 
 def test_special_file_rules_on_the_descriptor() -> None:
-    from qcrypt.imagefile import SpecialFileError, open_image_file
+    from qcrypt.plumbing.files import SpecialFileError, open_image_file
 
     for path in ("/proc/kmsg", "/proc/self/status", "/sys/kernel/mm/transparent_hugepage/enabled", "/dev/zero"):
         if not os.path.exists(path):
@@ -352,7 +353,7 @@ def test_the_reader_itself_refuses_what_the_scan_reports(tenant: tuple[int, int]
     """Defence in depth: qcrypt.open_image (what migrate reads through) applies the rules on its own, so a name
     swapped after the scan cannot slip a file past them."""
     import qcrypt
-    from qcrypt.backing import BackingRefusedError, ChainRules
+    from qcrypt.images.backing import BackingRefusedError, ChainRules
 
     uid, gid = tenant
     vm, elsewhere = folder / "vm", folder / "elsewhere"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt import findings, scan
-from qcrypt import migrate as mig
+from qcrypt.audit import findings, scan
 from qcrypt.errors import MigrationError
+from qcrypt.migrate import run as mig
 from tests import _images as im
 from tests.conftest import require_tool
 

@@ -18,9 +18,7 @@ from tqdm import tqdm
 from qcrypt.cli.main import exit_code_for, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, format_opt, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
-from qcrypt.errors import DomainActiveError
-from qcrypt.libvirt.connection import SHUT_OFF, Connection, open_connection
-from qcrypt.libvirt.domain_migrate import (
+from qcrypt.domain.migrate import (
     DEFAULT_BACKUP_DIR,
     NEW_SECRET,
     PASSPHRASE_FILE,
@@ -30,10 +28,12 @@ from qcrypt.libvirt.domain_migrate import (
     destroyable,
     domains_to_fix,
 )
-from qcrypt.libvirt.domain_migrate import (
+from qcrypt.domain.migrate import (
     migrate_domain as fix_domain,
 )
-from qcrypt.parallel import tune_malloc_for_streaming
+from qcrypt.errors import DomainActiveError
+from qcrypt.libvirt.connection import SHUT_OFF, Connection, open_connection
+from qcrypt.plumbing.parallel import tune_malloc_for_streaming
 
 SNAPSHOT_LIMITS = ("internal snapshots of a LUKS qcow2 disk: libvirt 9 lists them, but 'virsh snapshot-revert' "
                    "and 'snapshot-create' of the shut-off domain fail (libvirt runs qemu-img without the secret), "

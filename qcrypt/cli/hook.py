@@ -29,9 +29,9 @@ from typing import BinaryIO
 
 import click
 
-from qcrypt import hook as hooklib
 from qcrypt.cli.main import handle_errors
 from qcrypt.errors import QcryptError
+from qcrypt.hook import check as hooklib
 
 EXIT_FOREIGN = 1  # every refusal of install/uninstall
 _MAX_LISTED_UNSAFE = 5

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from qcrypt import scan as scanner
+from qcrypt.audit import scan as scanner
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import SEVERITY_COLOURS, allow_backing_dir_opt, chain_rules, format_opt, human_size
 

@@ -100,7 +100,7 @@ def handle_errors(func: F) -> F:
         try:
             return _run_guarded(func, *args, **kwargs)
         finally:
-            from qcrypt.outputs import remove_pending
+            from qcrypt.plumbing.outputs import remove_pending
 
             remove_pending()
 

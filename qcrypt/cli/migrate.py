@@ -9,16 +9,17 @@ from typing import Any
 
 import click
 
-from qcrypt import findings, limits
-from qcrypt import scan as scanner
-from qcrypt.backing import BackingRefusedError
+from qcrypt.audit import findings
+from qcrypt.audit import scan as scanner
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
 from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
-from qcrypt.migrate import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source, refuse_weak_settings
-from qcrypt.migrate import migrate as run_migration
-from qcrypt.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
+from qcrypt.images.backing import BackingRefusedError
+from qcrypt.migrate.run import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source, refuse_weak_settings
+from qcrypt.migrate.run import migrate as run_migration
+from qcrypt.plumbing import limits
+from qcrypt.plumbing.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 
 CIPHERS = ("aes-xts-plain64", "aes-cbc-essiv:sha256", "aes-cbc-plain64")
 HASHES = ("sha256", "sha512", "sha1")

@@ -7,10 +7,10 @@ import sys
 import click
 from tqdm import tqdm
 
-from qcrypt.backing import ChainRules
+from qcrypt.images.backing import ChainRules
 
 # tqdm's monitor is a thread: a migration forks workers while it runs, and a fork beside another thread can
-# leave the child stuck on a lock that thread held (qcrypt.parallel). Bars refresh on update() anyway.
+# leave the child stuck on a lock that thread held (qcrypt.plumbing.parallel). Bars refresh on update() anyway.
 tqdm.monitor_interval = 0
 
 

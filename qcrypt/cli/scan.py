@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from qcrypt import scan as scanner
+from qcrypt.audit import scan as scanner
 from qcrypt.cli.main import EXIT_FINDINGS, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar, style_severity
-from qcrypt.parallel import default_workers
+from qcrypt.plumbing.parallel import default_workers
 
 FAIL_ON = ("critical", "warning", "info", "never")
 

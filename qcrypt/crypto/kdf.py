@@ -11,8 +11,8 @@ import hashlib
 import threading
 import time
 
-from qcrypt import limits
 from qcrypt.errors import LimitExceededError, UnsupportedFeatureError
+from qcrypt.plumbing import limits
 
 # Hashes accepted for LUKS1 hash_spec (lowercase, as QEMU requires). cryptsetup refuses HMACs shorter than
 # 20 bytes, so md5 is excluded. ripemd160 is added below only if this OpenSSL build still provides it.

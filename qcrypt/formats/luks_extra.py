@@ -1,4 +1,4 @@
-"""Extra LUKS1 declarations used by the reader (qcrypt/luks.py).
+"""Extra LUKS1 declarations used by the reader (qcrypt/luks/engine.py).
 
 References: cryptsetup lib/luks1/luks.h.
 ``PhdrRaw`` is ``luks1.Phdr`` with the four name fields kept as raw bytes: cryptsetup stops each name at

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from construct import Bytes, Const, If, Int8ub, Int16ub, Int32ub, Int64ub, Struct, this
 
-from qcrypt import limits
+from qcrypt.plumbing import limits
 
 MAGIC = b"QFI\xfb"
 MIN_CLUSTER_BITS = 9
@@ -77,7 +77,7 @@ OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
-# limits on header quantities: defined (and explained) in qcrypt.limits
+# limits on header quantities: defined (and explained) in qcrypt.plumbing.limits
 MAX_L1_BYTES = limits.MAX_L1_BYTES
 MAX_REFTABLE_BYTES = limits.MAX_REFTABLE_BYTES
 MAX_SNAPSHOTS = limits.MAX_SNAPSHOTS

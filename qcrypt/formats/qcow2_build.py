@@ -1,4 +1,4 @@
-"""qcow2 v3 declarations used only when writing images (see :mod:`qcrypt.qcow2_writer`).
+"""qcow2 v3 declarations used only when writing images (see :mod:`qcrypt.images.qcow2_writer`).
 
 References:
     qemu docs/interop/qcow2.txt / qcow2.rst (header, snapshot table); formats.md sections A.2, A.7, A.8, H.2.

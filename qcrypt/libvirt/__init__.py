@@ -4,9 +4,9 @@
 * :mod:`qcrypt.libvirt.xmledit`: the disk rewrite ``migrate-domain`` defines, and the XML diff it shows.
 * :mod:`qcrypt.libvirt.xmldir`: a folder of domain XML files for ``scan --libvirt-xml``.
 * :mod:`qcrypt.libvirt.connection`: a libvirt connection, through the Python binding or ``virsh``.
-* :mod:`qcrypt.libvirt.domain_migrate`: fixing a whole domain (plan, migrate every disk, define, roll back).
+* :mod:`qcrypt.domain.migrate`: fixing a whole domain (plan, migrate every disk, define, roll back).
 
-The VM-start hook (:mod:`qcrypt.hook`) builds on the model here.
+The VM-start hook (:mod:`qcrypt.hook.check`) builds on the model here.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from qcrypt.backing import ChainRules, DeclaredLayer
 from qcrypt.errors import FormatError
+from qcrypt.images.backing import ChainRules, DeclaredLayer
 
 MAX_XML_BYTES = 16 * 1024 * 1024
 MAX_BACKING_DEPTH = 64

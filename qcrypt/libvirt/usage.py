@@ -2,7 +2,7 @@
 
 A domain's disk uses the files its XML names (``<source>``, each ``<backingStore>``) and the backing chain
 its image's own headers name: libvirt does not require ``<backingStore>``, and QEMU follows the header. The
-header chain is the scanner's (:func:`qcrypt.scan.inspect`, so its rules about which backing files may be
+header chain is the scanner's (:func:`qcrypt.audit.scan.inspect`, so its rules about which backing files may be
 followed apply), read only for disks whose ``<driver type>`` is an image format with a backing file (a raw
 disk's content is guest data, never parsed). Used by ``scan --libvirt-xml`` (which domains use each image)
 and by ``migrate-domain`` (which old images may be named in destructive advice).
@@ -24,7 +24,7 @@ Inspect = Callable[[str], dict[str, Any]]
 
 
 def _default_inspect(path: str) -> dict[str, Any]:
-    from qcrypt.scan import inspect
+    from qcrypt.audit.scan import inspect
 
     return inspect(path)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from qcrypt.backing import ChainRules, DeclaredLayer
 from qcrypt.errors import FormatError
+from qcrypt.images.backing import ChainRules, DeclaredLayer
 from qcrypt.libvirt.domainxml import LEGACY_XML_FORMATS, MAX_XML_BYTES, Domain, declared_format, parse_domain_xml
 from qcrypt.libvirt.usage import domain_users
 

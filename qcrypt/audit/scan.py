@@ -15,16 +15,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from qcrypt import findings as F
-from qcrypt import limits
-from qcrypt.backing import BackingRefusedError, ChainContext, ChainRules, open_backing
+from qcrypt.audit import findings as F
 from qcrypt.errors import FormatError, LimitExceededError, QcryptError, QcryptIOError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
-from qcrypt.imagefile import ImageFile, RawFile, SpecialFileError, open_image_file
-from qcrypt.model import Snapshot
-from qcrypt.qcow1 import QCowImage
-from qcrypt.qcow2 import QCow2Image, WalkBudget, feature_names
+from qcrypt.images.backing import BackingRefusedError, ChainContext, ChainRules, open_backing
+from qcrypt.images.qcow1_reader import QCowImage
+from qcrypt.images.qcow2_reader import QCow2Image, WalkBudget, feature_names
+from qcrypt.model.clusters import Snapshot
+from qcrypt.plumbing import limits
+from qcrypt.plumbing.files import ImageFile, RawFile, SpecialFileError, open_image_file
 
 SEVERITIES = ("ok", "info", "warning", "critical")
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
@@ -115,7 +115,8 @@ def declared_container(declared_format: str | None, fh: BinaryIO) -> Probe:
 
 def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool,
                   layer: bool = False) -> None:
-    from qcrypt import luks, luks2
+    from qcrypt.luks import engine as luks
+    from qcrypt.luks import luks2
 
     read_at = luks.file_reader(image.fh, offset, length, path=image.path)
     version = int.from_bytes(read_at(6, 2), "big") if length >= 8 else 0
@@ -280,7 +281,7 @@ def resolve_backing(image_path: str, backing_file: str) -> str | None:
 
 
 def walk_chain(top: ImageInfo) -> tuple[list[ImageInfo], list[F.Finding]]:
-    """Inspect every layer below ``top`` that the chain rules let qcrypt open (see qcrypt.backing); catch
+    """Inspect every layer below ``top`` that the chain rules let qcrypt open (see qcrypt.images.backing); catch
     refused backing files, loops, missing files and non-local backing files."""
     chain: list[ImageInfo] = []
     problems: list[F.Finding] = []
@@ -367,7 +368,7 @@ def inspect(path: str | os.PathLike[str], *, rules: ChainRules | None = None,
             declared_format: str | None = None, allow_block: bool = True) -> Report:
     """The scan report of one image, backing chain included. Never raises for bad input.
 
-    ``rules``: where backing files may be (beyond the image's folder; see qcrypt.backing).
+    ``rules``: where backing files may be (beyond the image's folder; see qcrypt.images.backing).
     ``declared_format``: the disk's format as the domain XML declares it (its ``<driver type>``; "luks" for a
     raw driver with ``<encryption format='luks'>``): the file is read as that, never probed."""
     try:
@@ -479,7 +480,7 @@ def scan_files(
     With ``jobs`` > 1, batches of images are inspected in forked worker processes (parsing holds the GIL,
     so threads would not help).
     """
-    from qcrypt.parallel import ordered_map
+    from qcrypt.plumbing.parallel import ordered_map
 
     named_set = frozenset(files if named is None else named)
     batches = [(files[i : i + SCAN_BATCH], rules, declared or {}, named_set)

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qcrypt import limits
 from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
 from qcrypt.formats import luks2 as fmt
 from qcrypt.formats._parse import parse_bytes
 from qcrypt.formats.luks_extra import Luks2BinaryHeaderRaw
+from qcrypt.plumbing import limits
 
-ReadAt = Callable[[int, int], bytes]  # (offset within the region, length) -> bytes; same as qcrypt.luks
+ReadAt = Callable[[int, int], bytes]  # (offset within the region, length) -> bytes; same as qcrypt.luks.engine
 
 KDF_FIELDS = ("hash", "iterations", "time", "memory", "cpus")
 

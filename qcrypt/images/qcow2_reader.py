@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcrypt import limits
 from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as fmt
 from qcrypt.formats._parse import parse, parse_bytes, read_exact
-from qcrypt.imagefile import ImageFile
-from qcrypt.model import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extension, Snapshot
+from qcrypt.model.clusters import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extension, Snapshot
+from qcrypt.plumbing import limits
+from qcrypt.plumbing.files import ImageFile
 
 L2_CACHE_TABLES = 64
 _SNAPSHOT_HEADER = struct.Struct(fmt.SNAPSHOT_HEADER_FORMAT)

@@ -26,9 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from qcrypt import findings as F
+from qcrypt.audit import findings as F
 from qcrypt.errors import MigrationError
-from qcrypt.imagefile import open_path, reopen_for_reading, special_reason
+from qcrypt.plumbing.files import open_path, reopen_for_reading, special_reason
 
 READ, SEARCH = 4, 1  # permission bits (other-class positions)
 

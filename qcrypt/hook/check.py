@@ -35,9 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qcrypt import findings as F
-from qcrypt.backing import ChainRules
+from qcrypt.audit import findings as F
 from qcrypt.errors import FormatError
+from qcrypt.images.backing import ChainRules
 from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported for hook users
     LEGACY_XML_FORMATS,
     MAX_BACKING_DEPTH,
@@ -133,7 +133,7 @@ def printable(text: str) -> str:
 
 
 def _default_inspect(path: str) -> Report:
-    from qcrypt.scan import inspect
+    from qcrypt.audit.scan import inspect
 
     return inspect(path)
 
@@ -361,7 +361,7 @@ def declared_inspect(domain: Domain, rules: ChainRules | None = None) -> Inspect
     """The hook's inspection: each disk layer is read as the format its XML declares (a raw disk is never
     parsed as an image, whatever the guest wrote in it), and backing chains reach only the image's folder,
     ``rules`` and the layers the disk's ``<backingStore>`` declares."""
-    from qcrypt.scan import inspect
+    from qcrypt.audit.scan import inspect
 
     plans: dict[str, tuple[str | None, ChainRules]] = {}
     for disk in domain.disks:
@@ -393,7 +393,7 @@ def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
     if deadline is None:
         deadline = started + RUN_BUDGET_S
     if inspect_fn is None:
-        import qcrypt.scan  # noqa: F401 - loaded before the clock starts: the budget is for reading images
+        import qcrypt.audit.scan  # noqa: F401 - loaded before the clock starts: the budget is for reading images
     budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
     found, missed = inspect_within(_local_paths(domain), inspect_fn or declared_inspect(domain, rules), budget_s)
     check = DomainCheck(domain=domain.name, errors=list(found.failures))

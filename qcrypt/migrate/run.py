@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
-from qcrypt import checksum, luks, plausibility
-from qcrypt import findings as F
-from qcrypt.backing import BackingRefusedError, ChainRules
+from qcrypt.audit import findings as F
+from qcrypt.audit import plausibility
+from qcrypt.audit.scan import inspect as inspect_image
+from qcrypt.audit.scan import probe, report_error, resolve_backing
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.secret import disable_core_dumps
 from qcrypt.crypto.secret import wipe as wipe_secret
@@ -33,15 +34,16 @@ from qcrypt.errors import (
     UnsupportedFeatureError,
     VerificationError,
 )
-from qcrypt.imagefile import RawFile, open_image_file, pinned
-from qcrypt.locking import hold_shared_locks, refuse_if_in_use
-from qcrypt.model import ClusterKind, Snapshot
-from qcrypt.outputs import AtomicOutput, Finalized, Placement, file_id, io_error
-from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
-from qcrypt.qcow2 import QCow2Image
-from qcrypt.scan import inspect as inspect_image
-from qcrypt.scan import probe, report_error, resolve_backing
-from qcrypt.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
+from qcrypt.guest.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
+from qcrypt.images.backing import BackingRefusedError, ChainRules
+from qcrypt.images.qcow2_reader import QCow2Image
+from qcrypt.luks import engine as luks
+from qcrypt.model.clusters import ClusterKind, Snapshot
+from qcrypt.plumbing import checksum
+from qcrypt.plumbing.files import RawFile, open_image_file, pinned
+from qcrypt.plumbing.locking import hold_shared_locks, refuse_if_in_use
+from qcrypt.plumbing.outputs import AtomicOutput, Finalized, Placement, file_id, io_error
+from qcrypt.plumbing.parallel import DEFAULT_STALL_SECONDS, Background, ordered_map
 
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -77,7 +79,7 @@ class MigrateOptions:
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
     keep_placement: bool = False  # the result's placement stays open (the caller undoes or closes it)
-    rules: ChainRules | None = None  # where backing files may be besides the source's folder (qcrypt.backing)
+    rules: ChainRules | None = None  # where backing files may be besides the source's folder (qcrypt.images.backing)
     source_format: str | None = None  # the format the domain XML declares for the source: never probed then
     accept_unverified_passphrase: bool = False  # go on when no legacy data cluster can judge the passphrase
     accept_random_content: bool = False  # legacy plaintext that looks random is the guest's (force's check part)
@@ -1092,7 +1094,7 @@ def _check_free_space(out: BinaryIO, needed_bytes: int) -> None:
 
 def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO,
                  digests: Digests) -> tuple[int, int]:
-    from qcrypt.qcow2_writer import ACTIVE, Qcow2Writer
+    from qcrypt.images.qcow2_writer import ACTIVE, Qcow2Writer
 
     opener = Opener(opts.passphrase, opts.layer_passphrases(), opts.rules)
     reader = opener.open(plan_.source, opts.source_format)

@@ -13,7 +13,7 @@ import os
 import struct
 
 from qcrypt.errors import ImageInUseError
-from qcrypt.imagefile import open_image_file
+from qcrypt.plumbing.files import open_image_file
 
 F_OFD_GETLK = 36  # Linux; Python's fcntl module lacks the OFD names
 F_OFD_SETLK = 37

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from qcrypt import limits
 from qcrypt.errors import LimitExceededError
 from qcrypt.formats import qcow1 as fmt
 from qcrypt.formats._parse import parse, read_exact
-from qcrypt.imagefile import ImageFile
-from qcrypt.model import UNALLOCATED, ClusterKind, ClusterMapping, Extension, Snapshot
-from qcrypt.qcow2 import COMPRESSED_OFFSETS_KEPT, TableUsage, WalkBudget, _decode_name, used_entries
+from qcrypt.images.qcow2_reader import COMPRESSED_OFFSETS_KEPT, TableUsage, WalkBudget, _decode_name, used_entries
+from qcrypt.model.clusters import UNALLOCATED, ClusterKind, ClusterMapping, Extension, Snapshot
+from qcrypt.plumbing import limits
+from qcrypt.plumbing.files import ImageFile
 
 MAX_L1_BYTES = limits.MAX_L1_BYTES
 L1E_OFFSET_MASK = (1 << 64) - 1  # qcow v1 L1 entries are plain offsets

@@ -5,7 +5,7 @@ layer of its backing chain, uses legacy AES (declared in the XML or not); refuse
 (a dry run previews it); get each layer's passphrase from the libvirt secret its own ``<encryption>`` names
 (or the caller's fallback when the secret is private or missing); pre-check everything before writing (each
 passphrase against its image or layer, lock holders, secret usages, leftovers, space; a dry run stops there);
-migrate each disk with :func:`qcrypt.migrate.migrate` (temp file, verified, atomic, locks; keyslot passphrase
+migrate each disk with :func:`qcrypt.migrate.run.migrate` (temp file, verified, atomic, locks; keyslot passphrase
 = the checked passphrase); create a secret for disks that had none or a private one (its value could not be
 checked); save the old XML to a backup file; define the new XML. Any failure before the define succeeds
 removes this run's new files and secrets: a domain is never half-migrated. The library never prints; progress
@@ -24,9 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcrypt import findings as F
-from qcrypt import hook as hooklib
-from qcrypt.backing import BackingRefusedError, ChainRules
+from qcrypt.audit import findings as F
 from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
 from qcrypt.errors import (
     BadPassphraseError,
@@ -42,6 +40,8 @@ from qcrypt.errors import (
     SecretPrivateError,
     UnsafePathError,
 )
+from qcrypt.hook import check as hooklib
+from qcrypt.images.backing import BackingRefusedError, ChainRules
 from qcrypt.libvirt import usage, xmledit
 from qcrypt.libvirt.connection import SHUT_OFF, Connection
 from qcrypt.libvirt.domainxml import (
@@ -51,10 +51,10 @@ from qcrypt.libvirt.domainxml import (
     parse_domain_root,
     parse_snapshot_root,
 )
-from qcrypt.locking import refuse_if_in_use
-from qcrypt.migrate import MigrateOptions, check_legacy_passphrase
-from qcrypt.migrate import migrate as migrate_image
-from qcrypt.outputs import Placement, file_id, leftover_temps
+from qcrypt.migrate.run import MigrateOptions, check_legacy_passphrase
+from qcrypt.migrate.run import migrate as migrate_image
+from qcrypt.plumbing.locking import refuse_if_in_use
+from qcrypt.plumbing.outputs import Placement, file_id, leftover_temps
 
 LEGACY = "aes-cbc-legacy"
 DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
@@ -202,7 +202,7 @@ def _about_disk(target: str | None, path: str | None) -> Any:
 
 
 def _inspect(path: str, rules: ChainRules | None = None, declared: str | None = None) -> dict[str, Any]:
-    from qcrypt.scan import inspect
+    from qcrypt.audit.scan import inspect
 
     return inspect(path, rules=rules, declared_format=declared)
 
@@ -272,7 +272,7 @@ def target_for(disk: DomainDisk, opts: DomainOptions) -> str:
 
 
 def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
-    from qcrypt.hook import suggested_output
+    from qcrypt.hook.check import suggested_output
 
     path = disk.layers[0].path
     assert path is not None
@@ -287,7 +287,7 @@ def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
 
 
 def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
-    from qcrypt.scan import allocated_bytes_of
+    from qcrypt.audit.scan import allocated_bytes_of
 
     paths = [report["path"]] + ([layer["path"] for layer in report.get("backing_chain") or []] if flatten else [])
     total = 0
@@ -878,7 +878,7 @@ record_sink: Callable[[int, str], None] = _send_record
 
 def check_luks_passphrase(path: str, report: dict[str, Any], passphrase: bytearray) -> None:
     """Raise BadPassphraseError unless ``passphrase`` opens a keyslot of the LUKS image at ``path``."""
-    from qcrypt.migrate import source_luks
+    from qcrypt.migrate.run import source_luks
 
     opened = source_luks(path, report, bytes(passphrase))
     if opened:

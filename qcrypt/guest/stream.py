@@ -16,15 +16,15 @@ import zlib
 from collections.abc import Mapping
 from typing import BinaryIO, Protocol
 
-from qcrypt.backing import ChainContext, ChainRules, open_backing
+from qcrypt.audit.scan import MAX_CHAIN_DEPTH, declared_container, resolve_backing
+from qcrypt.audit.scan import open_image as open_container
 from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
-from qcrypt.imagefile import ImageFile, RawFile, open_image_file
-from qcrypt.model import ClusterKind, ClusterMapping, Snapshot
-from qcrypt.qcow2 import QCow2Image
-from qcrypt.scan import MAX_CHAIN_DEPTH, declared_container, resolve_backing
-from qcrypt.scan import open_image as open_container
+from qcrypt.images.backing import ChainContext, ChainRules, open_backing
+from qcrypt.images.qcow2_reader import QCow2Image
+from qcrypt.model.clusters import ClusterKind, ClusterMapping, Snapshot
+from qcrypt.plumbing.files import ImageFile, RawFile, open_image_file
 
 SECTOR = 512
 Passphrase = str | bytes | bytearray
@@ -73,7 +73,7 @@ class RawLuksReader:
     """A raw LUKS1 file: payload at payload_offset sectors, IV = payload-relative sector."""
 
     def __init__(self, path: str, passphrase: Secret | None, fh: BinaryIO | None = None) -> None:
-        from qcrypt import luks
+        from qcrypt.luks import engine as luks
 
         self.file = RawFile(fh, path) if fh is not None else RawFile.open(path)
         try:
@@ -118,7 +118,7 @@ Secret = bytes | KnownMasterKey
 
 
 def _unlock(header: object, read_at: object, passphrase: Secret | None, path: str) -> SectorCipher:
-    from qcrypt import luks
+    from qcrypt.luks import engine as luks
 
     luks.require_supported(header, path=path)  # type: ignore[arg-type]
     if passphrase is None:
@@ -289,7 +289,7 @@ def _zstd_decompress(raw: bytes, cluster_size: int, path: str) -> bytes:
 class Opener:
     """Opens an image and its backing chain as layer readers (loops and depth caught), unlocking
     encrypted layers with the passphrase given for each. Backing files are opened only as ``rules`` allow
-    (qcrypt.backing: the image's storage, its owner's permissions, no special files), and every layer is read
+    (qcrypt.images.backing: the image's storage, its owner's permissions, no special files), and every layer is read
     through the descriptor that was checked."""
 
     def __init__(self, passphrase: Secret | None, passphrases: Mapping[str, Secret],
@@ -363,7 +363,7 @@ class Opener:
             if isinstance(passphrase, KnownMasterKey):
                 raise UnsupportedFeatureError("legacy AES has no master key", path=image.path, field="crypt_method")
             return legacy_cipher(passphrase), False
-        from qcrypt import luks
+        from qcrypt.luks import engine as luks
 
         assert isinstance(image, QCow2Image)
         region = image.crypto_header()
@@ -454,8 +454,8 @@ def open_image(
     Raises :class:`qcrypt.BadPassphraseError` when a LUKS passphrase opens no keyslot. ``container="raw"``
     reads the file as a raw disk whatever its first bytes say (QEMU's ``format=raw``). ``snapshot`` (an id
     or name) reads a qcow2 internal snapshot instead of the active layer. Backing files are followed only as
-    ``rules`` allow (see :mod:`qcrypt.backing`): a refused one raises
-    :class:`qcrypt.backing.BackingRefusedError`.
+    ``rules`` allow (see :mod:`qcrypt.images.backing`): a refused one raises
+    :class:`qcrypt.images.backing.BackingRefusedError`.
     """
     path = os.fspath(path)
     per_layer = {os.path.realpath(os.fspath(k)): _secret(v) for k, v in (passphrases or {}).items()}

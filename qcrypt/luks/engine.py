@@ -22,7 +22,6 @@ from typing import BinaryIO
 
 import construct
 
-from qcrypt import limits
 from qcrypt.crypto.af import af_merge, af_split
 from qcrypt.crypto.kdf import (
     MAX_ITERATIONS,
@@ -47,6 +46,7 @@ from qcrypt.errors import (
 from qcrypt.formats import luks1 as fmt
 from qcrypt.formats._parse import parse_bytes
 from qcrypt.formats.luks_extra import NAME_SIZE, UUID_SIZE, PhdrRaw, VersionProbe
+from qcrypt.plumbing import limits
 
 ReadAt = Callable[[int, int], bytes]
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Generic, TypeVar
 
-from qcrypt._signals import DEFERRED, signals_deferred
 from qcrypt.errors import WorkerError
+from qcrypt.plumbing.signals import DEFERRED, signals_deferred
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qcrypt._signals import signals_deferred
 from qcrypt.errors import OutputExistsError, QcryptIOError, UnsafePathError
-from qcrypt.locking import hold_shared_locks
-from qcrypt.parallel import DEFAULT_STALL_SECONDS, Background
+from qcrypt.plumbing.locking import hold_shared_locks
+from qcrypt.plumbing.parallel import DEFAULT_STALL_SECONDS, Background
+from qcrypt.plumbing.signals import signals_deferred
 
 BACKUP_SUFFIX = ".qcrypt-orig"
 TEMP_ATTEMPTS = 16  # O_EXCL collisions of 64-bit random names: one means someone guessed, 16 mean a bug

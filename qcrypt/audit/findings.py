@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from qcrypt.formats import qcow2 as qcow2_fmt
 
 if TYPE_CHECKING:
-    from qcrypt.luks import LuksHeader
-    from qcrypt.luks2 import Luks2Info
-    from qcrypt.qcow2 import QCow2Image
+    from qcrypt.images.qcow2_reader import QCow2Image
+    from qcrypt.luks.engine import LuksHeader
+    from qcrypt.luks.luks2 import Luks2Info
 
 LEGACY_AES = "legacy-aes"
 LEGACY_AES_BACKING = "legacy-aes-backing"
@@ -219,7 +219,7 @@ def grade_luks1(header: LuksHeader, *, raw: bool) -> list[Finding]:
 
 def _algorithms(header: LuksHeader) -> list[Finding]:
     """A well-formed LUKS1 header may name algorithms only cryptsetup (kernel, libgcrypt) implements."""
-    from qcrypt import luks
+    from qcrypt.luks import engine as luks
 
     qemu_lacks, qcrypt_lacks = luks.qemu_unsupported(header), luks.qcrypt_unsupported(header)
     if qemu_lacks and qcrypt_lacks:
@@ -238,7 +238,7 @@ def _algorithms(header: LuksHeader) -> list[Finding]:
 
 def _qemu_layout(header: LuksHeader) -> list[Finding]:
     """cryptsetup accepts layouts QEMU's stricter checks refuse (luks.qemu_keyslot_problems)."""
-    from qcrypt import luks
+    from qcrypt.luks import engine as luks
 
     if header.payload_offset == 0:
         return [Finding(LUKS1_QEMU_REFUSES_LAYOUT, "warning",
