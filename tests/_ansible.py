@@ -19,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import require_tool
+from tests._tools import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTION = REPO / "ansible"
 VENV_BIN = Path(sys.executable).parent
 PLAYBOOK_TIMEOUT_S = 600
-RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
-                   r"\s+rescued=(\d+)\s+ignored=(\d+)", re.MULTILINE)
+RECAP = re.compile(
+    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
+    r"\s+rescued=(\d+)\s+ignored=(\d+)",
+    re.MULTILINE,
+)
 RECAP_FIELDS = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
 
 
@@ -62,8 +65,9 @@ class Run:
 
 def run_bounded(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` in a session of its own; on timeout kill the whole session (Ansible's module processes too)."""
-    with subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    with subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -123,8 +127,21 @@ class Ansible:
 
     def module(self, module: str, args: dict[str, Any], *options: str, timeout: float = 120) -> dict[str, Any]:
         """One module run on localhost (``ansible localhost -m MODULE``): its JSON result, ``failed`` set."""
-        argv = [ansible_tool("ansible"), "localhost", "-c", "local", "-i", "localhost,", "-m", module,
-                "-a", json.dumps(args), "-e", f"ansible_python_interpreter={sys.executable}", *options]
+        argv = [
+            ansible_tool("ansible"),
+            "localhost",
+            "-c",
+            "local",
+            "-i",
+            "localhost,",
+            "-m",
+            module,
+            "-a",
+            json.dumps(args),
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            *options,
+        ]
         env = {**self.env, "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.oneline"}
         done = run_bounded(argv, cwd=self.workdir, env=env, timeout=timeout)
         match = re.search(r"^localhost \| ([A-Z!]+) => (\{.*\})\s*$", done.stdout, re.MULTILINE)

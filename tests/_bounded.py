@@ -50,16 +50,28 @@ def _guards(cpu_seconds: int) -> Callable[[], None]:
     return apply
 
 
-def run_bounded(argv: Sequence[str], *, wall_seconds: float = 120, stdin: bytes | None = None,
-                while_running: Callable[[subprocess.Popen[bytes]], None] | None = None,
-                cpu_guard_seconds: int = CPU_GUARD_SECONDS, env: dict[str, str] | None = None) -> Outcome:
+def run_bounded(
+    argv: Sequence[str],
+    *,
+    wall_seconds: float = 120,
+    stdin: bytes | None = None,
+    while_running: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    cpu_guard_seconds: int = CPU_GUARD_SECONDS,
+    env: dict[str, str] | None = None,
+) -> Outcome:
     """Run ``argv`` (a child of this Python) under the guards; ``while_running`` may signal it."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
         inp.write(stdin or b"")
         inp.seek(0)
         started = time.monotonic()
-        child = subprocess.Popen([sys.executable, *argv], stdin=inp, stdout=out, stderr=err,
-                                 preexec_fn=_guards(cpu_guard_seconds), env={**os.environ, **(env or {})})
+        child = subprocess.Popen(
+            [sys.executable, *argv],
+            stdin=inp,
+            stdout=out,
+            stderr=err,
+            preexec_fn=_guards(cpu_guard_seconds),
+            env={**os.environ, **(env or {})},
+        )
         timer = threading.Timer(wall_seconds, child.kill)
         timer.start()
         try:
@@ -76,8 +88,14 @@ def run_bounded(argv: Sequence[str], *, wall_seconds: float = 120, stdin: bytes 
         wall = time.monotonic() - started
         out.seek(0)
         err.seek(0)
-        return Outcome(child.returncode, usage.ru_utime + usage.ru_stime, wall, usage.ru_maxrss / 1024,
-                       out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        return Outcome(
+            child.returncode,
+            usage.ru_utime + usage.ru_stime,
+            wall,
+            usage.ru_maxrss / 1024,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+        )
 
 
 def qcrypt_bounded(*args: str, **kw: object) -> Outcome:

@@ -29,5 +29,7 @@ def assert_same_bytes(actual: Buffer, expected: Buffer, what: str = "bytes") -> 
     if offset is None:
         return
     a, b = bytes(actual[offset : offset + _CONTEXT]), bytes(expected[offset : offset + _CONTEXT])
-    raise AssertionError(f"{what}: first difference at offset {offset} (0x{offset:x}, sector {offset // 512}); "
-                         f"lengths {len(actual)} vs {len(expected)}; got {a.hex()} expected {b.hex()}")
+    raise AssertionError(
+        f"{what}: first difference at offset {offset} (0x{offset:x}, sector {offset // 512}); "
+        f"lengths {len(actual)} vs {len(expected)}; got {a.hex()} expected {b.hex()}"
+    )

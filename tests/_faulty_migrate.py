@@ -109,8 +109,7 @@ def _faulty(original: Any, fault: str) -> Any:
             _drop_snapshot(output_path)
             print("fault injected at the snapshot count", file=sys.stderr)
         else:
-            where = snapshot_only_cluster(output_path) if fault == "snapshot" else host_offset(output_path,
-                                                                                               int(fault))
+            where = snapshot_only_cluster(output_path) if fault == "snapshot" else host_offset(output_path, int(fault))
             _flip(output_path, where)
             print(f"fault injected at {where}", file=sys.stderr)
         return original(output_path, *args, **kwargs)

@@ -22,8 +22,22 @@ from typing import Any
 HUGE_SIZES = (64 << 20, 1 << 30, 64 << 30)  # sparse growth: holes cost no disk
 MIGRATE_MAX_VIRTUAL = 64 << 20
 
-QCOW2_FIELDS = [(8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (48, 8), (56, 4), (60, 4), (64, 8),
-                (72, 8), (96, 4), (100, 4)]
+QCOW2_FIELDS = [
+    (8, 8),
+    (16, 4),
+    (20, 4),
+    (24, 8),
+    (32, 4),
+    (36, 4),
+    (40, 8),
+    (48, 8),
+    (56, 4),
+    (60, 4),
+    (64, 8),
+    (72, 8),
+    (96, 4),
+    (100, 4),
+]
 QCOW1_FIELDS = [(8, 8), (16, 4), (24, 8), (32, 1), (33, 1), (36, 4), (40, 8)]
 LUKS1_ITERATIONS = [(164, 4)] + [(208 + 48 * i + 4, 4) for i in range(8)]  # weighted: PBKDF2 costs
 LUKS1_FIELDS = [(104, 4), (108, 4)] + [(208 + 48 * i + f, 4) for i in range(8) for f in (0, 40, 44)]
@@ -38,8 +52,26 @@ def _u(data: bytes | bytearray, offset: int, width: int) -> int:
 
 def _value(rng: random.Random, width: int, file_size: int) -> int:
     top = (1 << (8 * width)) - 1
-    choices = [0, 1, 2, 7, top, top - 1, top >> 1, (top >> 1) + 1, file_size, file_size - 8, 1 << 16, 1 << 20,
-               1 << 25, 0x7FFFFFFF, 0xFFFFFFFF, 0x00AC71F3, rng.getrandbits(8 * width), 1 << rng.randrange(8 * width)]
+    choices = [
+        0,
+        1,
+        2,
+        7,
+        top,
+        top - 1,
+        top >> 1,
+        (top >> 1) + 1,
+        file_size,
+        file_size - 8,
+        1 << 16,
+        1 << 20,
+        1 << 25,
+        0x7FFFFFFF,
+        0xFFFFFFFF,
+        0x00AC71F3,
+        rng.getrandbits(8 * width),
+        1 << rng.randrange(8 * width),
+    ]
     return rng.choice(choices) & top
 
 
@@ -74,14 +106,22 @@ def _tables(data: bytearray) -> list[tuple[int, int]]:
 def _hostile_json(rng: random.Random, room: int) -> bytes:
     kind = rng.randrange(5)
     if kind == 0:
-        slots = {str(i): {"type": "luks2", "kdf": {"type": "pbkdf2", "iterations": 0xFFFFFFFF, "hash": "sha256"}}
-                 for i in range(rng.choice([33, 1000, 40000]))}
+        slots = {
+            str(i): {"type": "luks2", "kdf": {"type": "pbkdf2", "iterations": 0xFFFFFFFF, "hash": "sha256"}}
+            for i in range(rng.choice([33, 1000, 40000]))
+        }
         text = json.dumps({"keyslots": slots, "segments": {}})
     elif kind == 1:
         text = "[" * (room // 2)
     elif kind == 2:
-        text = json.dumps({"segments": {str(i): {"type": "crypt", "offset": "1" * 20, "size": "dynamic"}
-                                        for i in range(rng.choice([33, 20000]))}})
+        text = json.dumps(
+            {
+                "segments": {
+                    str(i): {"type": "crypt", "offset": "1" * 20, "size": "dynamic"}
+                    for i in range(rng.choice([33, 20000]))
+                }
+            }
+        )
     elif kind == 3:
         text = json.dumps({"keyslots": {"0": {"kdf": {"iterations": 10**400}}}, "config": "x" * (room // 2)})
     else:
@@ -99,8 +139,11 @@ def _compound(data: bytearray, rng: random.Random, file_size: int) -> list[tuple
     if style == 1:  # a huge L1 of holes, and a virtual size that needs it all
         entries = rng.choice([1 << 20, 4 << 20])
         span = 1 << (_u(data, 20, 4) * 2 - 3) if 9 <= _u(data, 20, 4) <= 21 else 1 << 29
-        return [(36, entries.to_bytes(4, "big")), (40, far.to_bytes(8, "big")),
-                (24, min(entries * span, 1 << 62).to_bytes(8, "big"))]
+        return [
+            (36, entries.to_bytes(4, "big")),
+            (40, far.to_bytes(8, "big")),
+            (24, min(entries * span, 1 << 62).to_bytes(8, "big")),
+        ]
     l1, size = _u(data, 40, 8), _u(data, 24, 8)  # every L1 entry pointing at the first L2 table
     count = max(1, min(_u(data, 36, 4), (len(data) - l1) // 8 if l1 < len(data) else 0))
     return [(l1, data[l1 : l1 + 8] * count), (24, max(size, 1).to_bytes(8, "big"))]
@@ -111,8 +154,13 @@ def mutate(path: Path, kind: str, rng: random.Random) -> bool:
     data = bytearray(path.read_bytes()[: 8 << 20])
     grown = rng.random() < 0.3
     file_size = rng.choice(HUGE_SIZES) if grown else os.path.getsize(path)
-    fields = {"qcow2": QCOW2_FIELDS, "qcow2-luks": QCOW2_FIELDS, "qcow": QCOW1_FIELDS,
-              "luks1": LUKS1_FIELDS, "luks2": [(8, 8)]}[kind]
+    fields = {
+        "qcow2": QCOW2_FIELDS,
+        "qcow2-luks": QCOW2_FIELDS,
+        "qcow": QCOW1_FIELDS,
+        "luks1": LUKS1_FIELDS,
+        "luks2": [(8, 8)],
+    }[kind]
     places = list(fields) + (_tables(data) if kind.startswith("qcow2") else [])
     if kind == "qcow" and _u(data, 40, 8) + 16 <= len(data):
         places += [(_u(data, 40, 8), 8), (_u(data, 40, 8) + 8, 8)]
@@ -180,8 +228,13 @@ def run_case(path: Path, passphrase: str | None, grown: bool, work: Path) -> dic
     small = (report.get("virtual_size") or 0) <= MIGRATE_MAX_VIRTUAL
     if not grown and small and "error" not in report and report["format"] != "raw":
         out = work / "out.qcow2"
-        opts = MigrateOptions(target="qcow2", output=str(out), passphrase=passphrase.encode() if passphrase else None,
-                              workers=1, force=True)
+        opts = MigrateOptions(
+            target="qcow2",
+            output=str(out),
+            passphrase=passphrase.encode() if passphrase else None,
+            workers=1,
+            force=True,
+        )
         wall = time.monotonic()
         result["migrate"] = _outcome(lambda: migrate(str(path), opts))
         result["migrate_wall"] = time.monotonic() - wall

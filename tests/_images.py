@@ -379,8 +379,10 @@ def relayout_luks1(path: Path, slot_offsets: Sequence[int], payload_offset: int)
     """Rewrite a raw LUKS1 file as an older cryptsetup would have laid it out: keyslot ``i``'s key material moved
     to sector ``slot_offsets[i]`` and the payload to sector ``payload_offset`` (raw LUKS IVs count from the
     payload, so moved ciphertext still decrypts). Used for layouts today's cryptsetup no longer writes."""
-    record_note(f"python: move {Path(path).name}'s keyslots to sectors {list(slot_offsets)} and its payload to "
-                f"sector {payload_offset}")
+    record_note(
+        f"python: move {Path(path).name}'s keyslots to sectors {list(slot_offsets)} and its payload to "
+        f"sector {payload_offset}"
+    )
     with open(path, "r+b") as handle:
         data = bytearray(handle.read())
         (old_payload,) = struct.unpack_from(">I", data, _LUKS1_PAYLOAD_OFFSET)
@@ -668,8 +670,18 @@ def luks_master_key(path: Path, passphrase: str) -> bytes:
     """The master key as ``cryptsetup luksDump --dump-master-key`` shows it (passphrase on a key file)."""
     with _scratch_dir() as scratch:
         key_file = _write_secret(scratch, "key", passphrase)
-        text = run([tool("cryptsetup"), "luksDump", "--dump-master-key", "-q", "--batch-mode", "--key-file",
-                    str(key_file), str(luks_header_file(path, scratch))])
+        text = run(
+            [
+                tool("cryptsetup"),
+                "luksDump",
+                "--dump-master-key",
+                "-q",
+                "--batch-mode",
+                "--key-file",
+                str(key_file),
+                str(luks_header_file(path, scratch)),
+            ]
+        )
     dump = text.split("MK dump:", 1)[1]
     hex_lines: list[str] = []
     for index, line in enumerate(dump.splitlines()):

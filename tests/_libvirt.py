@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests._tools import IN_CI
 
 URI = "qemu:///system"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,17 +31,25 @@ LOG_DIR = Path("/var/log/libvirt/qemu")
 TIMEOUT_S = 60
 
 
-def run(*words: str | os.PathLike[str], stdin: bytes | None = None, check: bool = True,
-        timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([str(w) for w in words], input=(stdin or b"").decode("latin-1"), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def run(
+    *words: str | os.PathLike[str], stdin: bytes | None = None, check: bool = True, timeout: float = TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [str(w) for w in words],
+        input=(stdin or b"").decode("latin-1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if check and done.returncode != 0:
         raise AssertionError(f"{words} failed ({done.returncode}): {done.stderr.strip()}")
     return done
 
 
-def virsh(*words: str | os.PathLike[str], stdin: bytes | None = None, check: bool = True
-          ) -> subprocess.CompletedProcess[str]:
+def virsh(
+    *words: str | os.PathLike[str], stdin: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return run("virsh", "-c", URI, *words, stdin=stdin, check=check)
 
 
@@ -61,8 +69,9 @@ def ensure_libvirtd() -> None:
         return
     if not IN_CI and not (shutil.which("libvirtd") or shutil.which("libvirtd", path="/usr/sbin:/sbin")):
         pytest.skip("libvirt is not installed: run scripts/libvirt-up")
-    done = subprocess.run(["bash", str(REPO / "scripts" / "libvirt-up")], capture_output=True, text=True,
-                          timeout=900, check=False)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "libvirt-up")], capture_output=True, text=True, timeout=900, check=False
+    )
     if done.returncode != 0 or not libvirtd_answers():
         message = f"libvirtd could not be started: {done.stdout[-500:]} {done.stderr[-1500:]}"
         if IN_CI:
@@ -78,22 +87,36 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def disk_xml(target: str, path: Path | str, *, driver: str = "qcow2", encryption: str | None = None,
-             secret: str | None = None, block: bool = False) -> str:
+def disk_xml(
+    target: str,
+    path: Path | str,
+    *,
+    driver: str = "qcow2",
+    encryption: str | None = None,
+    secret: str | None = None,
+    block: bool = False,
+) -> str:
     enc = ""
     if encryption:
-        enc = f"<encryption format='{encryption}'>" + (
-            f"<secret type='passphrase' uuid='{secret}'/>" if secret else "") + "</encryption>"
+        enc = (
+            f"<encryption format='{encryption}'>"
+            + (f"<secret type='passphrase' uuid='{secret}'/>" if secret else "")
+            + "</encryption>"
+        )
     source = f"<source dev='{path}'/>" if block else f"<source file='{path}'/>"
-    return (f"<disk type='{'block' if block else 'file'}' device='disk'><driver name='qemu' type='{driver}'/>{source}"
-            f"<target dev='{target}' bus='virtio'/>{enc}</disk>")
+    return (
+        f"<disk type='{'block' if block else 'file'}' device='disk'><driver name='qemu' type='{driver}'/>{source}"
+        f"<target dev='{target}' bus='virtio'/>{enc}</disk>"
+    )
 
 
 def domain_xml(name: str, disks: list[str], uuid: str | None = None) -> str:
     identity = f"<name>{name}</name>" + (f"<uuid>{uuid}</uuid>" if uuid else "")
-    return (f"<domain type='qemu'>{identity}<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os><on_crash>destroy</on_crash>"
-            f"<devices>{''.join(disks)}</devices></domain>")
+    return (
+        f"<domain type='qemu'>{identity}<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><on_crash>destroy</on_crash>"
+        f"<devices>{''.join(disks)}</devices></domain>"
+    )
 
 
 @dataclass
@@ -116,8 +139,19 @@ class Lab:
 
     def legacy_image(self, name: str, pw: Path, size: str = "16M", fmt: str = "qcow2") -> Path:
         path = self.folder / name
-        run("qemu-img", "create", "-q", "-f", fmt, "--object", f"secret,id=s,file={pw}", "-o",
-            "encrypt.format=aes,encrypt.key-secret=s", path, size)
+        run(
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "--object",
+            f"secret,id=s,file={pw}",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=s",
+            path,
+            size,
+        )
         return path
 
     def plain_image(self, name: str, size: str = "16M", backing: Path | None = None) -> Path:
@@ -126,14 +160,16 @@ class Lab:
         run("qemu-img", "create", "-q", "-f", "qcow2", *extra, path, size)
         return path
 
-    def write(self, path: Path, pattern: int, offset: int, length: int, pw: Path | None = None,
-              backing_pw: Path | None = None) -> None:
+    def write(
+        self, path: Path, pattern: int, offset: int, length: int, pw: Path | None = None, backing_pw: Path | None = None
+    ) -> None:
         """Write a byte pattern into the image with QEMU's own qemu-io."""
         run("qemu-io", *self.image_opts(path, pw, backing_pw), "-c", f"write -P {pattern:#x} {offset} {length}")
 
     @staticmethod
-    def image_opts(path: Path, pw: Path | None = None, backing_pw: Path | None = None,
-                   driver: str = "qcow2") -> list[str]:
+    def image_opts(
+        path: Path, pw: Path | None = None, backing_pw: Path | None = None, driver: str = "qcow2"
+    ) -> list[str]:
         secret = pw or backing_pw
         words = ["--object", f"secret,id=s,file={secret}"] if secret else []
         opts = f"driver={driver},file.filename={path}"
@@ -156,8 +192,10 @@ class Lab:
 
     def secret(self, value: bytes, *, private: bool = False, usage: str | None = None) -> str:
         usage = usage or str(self.folder / f"secret-{len(self.secrets)}")
-        xml = (f"<secret ephemeral='no' private='{'yes' if private else 'no'}'><usage type='volume'>"
-               f"<volume>{usage}</volume></usage></secret>")
+        xml = (
+            f"<secret ephemeral='no' private='{'yes' if private else 'no'}'><usage type='volume'>"
+            f"<volume>{usage}</volume></usage></secret>"
+        )
         out = virsh("secret-define", "--file", "/dev/stdin", stdin=xml.encode()).stdout
         found = next(word for word in out.split() if len(word) == 36 and word.count("-") == 4)
         self.secrets.append(found)

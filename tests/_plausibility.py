@@ -79,15 +79,22 @@ def _ext4(size: int) -> bytes:
         raise RuntimeError("mke2fs is not installed")
     with tempfile.TemporaryDirectory(prefix="qcrypt-plaus-") as scratch:
         tree = Path(scratch) / "tree"
-        for name, patterns, share, elf in (("text", TEXT, 0.2, False), ("bin", EXECUTABLES, 0.2, True),
-                                           ("compressed", COMPRESSED, 0.08, False)):
+        for name, patterns, share, elf in (
+            ("text", TEXT, 0.2, False),
+            ("bin", EXECUTABLES, 0.2, True),
+            ("compressed", COMPRESSED, 0.08, False),
+        ):
             for index, path in enumerate(_files(patterns, int(size * share), elf=elf)):
                 target = tree / name / f"{index:05d}-{path.name}"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
         image = Path(scratch) / "fs.img"
-        subprocess.run([mke2fs, "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), f"{size // 1024}k"],
-                       check=True, capture_output=True, timeout=_MKE2FS_TIMEOUT_S)
+        subprocess.run(
+            [mke2fs, "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), f"{size // 1024}k"],
+            check=True,
+            capture_output=True,
+            timeout=_MKE2FS_TIMEOUT_S,
+        )
         return image.read_bytes()
 
 
@@ -118,8 +125,11 @@ class Cell:
 def _allocated(data: bytes, cluster_size: int) -> list[int]:
     """Clusters a guest wrote something other than zeros to (a sparse image allocates only those)."""
     view = memoryview(data)
-    return [c for c in range(len(data) // cluster_size)
-            if view[c * cluster_size : (c + 1) * cluster_size].tobytes().count(0) != cluster_size]
+    return [
+        c
+        for c in range(len(data) // cluster_size)
+        if view[c * cluster_size : (c + 1) * cluster_size].tobytes().count(0) != cluster_size
+    ]
 
 
 def _sample(allocated: list[int], rng: random.Random) -> list[int]:
@@ -143,8 +153,9 @@ def _judged(data: bytes, clusters: list[int], cluster_size: int, passphrase: byt
     return plausibility.judge(samples).plausible
 
 
-def measure(kind: str, data: bytes, cluster_size: int, trials: int, wrong_trials: int | None = None,
-            seed: int = 0) -> Cell:
+def measure(
+    kind: str, data: bytes, cluster_size: int, trials: int, wrong_trials: int | None = None, seed: int = 0
+) -> Cell:
     allocated = _allocated(data, cluster_size)
     rng = random.Random(seed)
     refusals = acceptances = 0

@@ -9,7 +9,6 @@ really runs without them).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,15 +17,14 @@ from typing import Any
 import pytest
 from hypothesis import Phase, settings
 
+from tests._hook_domains import build_images
+from tests._tools import INTEROP_TOOLS, require_tool
+from tests._tools import current_test as _current
+
 # scripts/mutate runs with --hypothesis-profile=mutation: a failing example is enough, shrinking it (which can
 # take minutes on MiB-sized examples) is not needed to kill a mutant
 settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
-FIXTURES = Path(__file__).parent / "fixtures"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-INTEROP_TOOLS = frozenset({"qemu-img", "qemu-io", "qemu-nbd", "cryptsetup", "openssl", "virsh"})
-
-_current: dict[str, Any] = {"item": None, "tools": set()}
 _fixture_tools: dict[str, set[str]] = {}  # fixture name -> tools its setup ran
 _real_execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
 
@@ -75,23 +73,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         tools |= _fixture_tools.get(name, set())
     if tools:
         report.outcome = "failed"
-        report.longrepr = (f"{item.nodeid} ran {', '.join(sorted(tools))} (itself or through a fixture) without "
-                           "the interop marker (add @pytest.mark.interop)")
-
-
-def require_tool(name: str, *, first_in: str | None = None, hint: str = "") -> str:
-    """Path of ``name`` (looked up in ``first_in`` first, then PATH and the sbin folders); skip outside CI when
-    missing, fail in CI (interop tests must run there). ``hint`` says how to install it."""
-    if _current["item"] is not None:
-        _current["tools"].add(name)
-    found = ((first_in and shutil.which(name, path=first_in)) or shutil.which(name)
-             or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin"))
-    if found:
-        return found
-    if IN_CI:
-        pytest.fail(f"{name} is required in CI but was not found{hint}")
-    pytest.skip(f"{name} not installed{hint}")
-    raise AssertionError  # unreachable
+        report.longrepr = (
+            f"{item.nodeid} ran {', '.join(sorted(tools))} (itself or through a fixture) without "
+            "the interop marker (add @pytest.mark.interop)"
+        )
 
 
 @pytest.fixture
@@ -107,3 +92,11 @@ def qemu_io() -> str:
 @pytest.fixture
 def cryptsetup() -> str:
     return require_tool("cryptsetup")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the images the sample domains of tests/data/domains point at (made by qemu-img)."""
+    folder = tmp_path_factory.mktemp("hook-images")
+    build_images(require_tool("qemu-img"), folder)
+    return folder

@@ -21,9 +21,9 @@ def naive_diffuse(block: bytes, hash_name: str) -> bytes:
     out = b""
     i = 0
     while i * size < len(block):
-        chunk = block[i * size:(i + 1) * size]
+        chunk = block[i * size : (i + 1) * size]
         counter = bytes([(i >> 24) & 0xFF, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
-        out += hashlib.new(hash_name, counter + chunk).digest()[:len(chunk)]
+        out += hashlib.new(hash_name, counter + chunk).digest()[: len(chunk)]
         i += 1
     return out
 
@@ -31,16 +31,16 @@ def naive_diffuse(block: bytes, hash_name: str) -> bytes:
 def naive_merge(material: bytes, key_bytes: int, stripes: int, hash_name: str) -> bytes:
     block = bytes(key_bytes)
     for n in range(stripes - 1):
-        stripe = material[n * key_bytes:(n + 1) * key_bytes]
+        stripe = material[n * key_bytes : (n + 1) * key_bytes]
         block = naive_diffuse(bytes(a ^ b for a, b in zip(block, stripe)), hash_name)
-    last = material[(stripes - 1) * key_bytes:stripes * key_bytes]
+    last = material[(stripes - 1) * key_bytes : stripes * key_bytes]
     return bytes(a ^ b for a, b in zip(last, block))
 
 
 def test_diffuse_sha1_partial_last_chunk() -> None:
     block = bytes(range(64))  # sha1: chunks of 20, 20, 20 and a final 4 bytes
     expected = b"".join(
-        hashlib.sha1(i.to_bytes(4, "big") + block[start:start + 20]).digest()[:len(block[start:start + 20])]
+        hashlib.sha1(i.to_bytes(4, "big") + block[start : start + 20]).digest()[: len(block[start : start + 20])]
         for i, start in enumerate(range(0, 64, 20))
     )
     assert diffuse(block, "sha1") == expected
@@ -49,8 +49,7 @@ def test_diffuse_sha1_partial_last_chunk() -> None:
 
 def test_diffuse_fixed_vector_sha256() -> None:
     block = bytes(range(64))
-    expected = (hashlib.sha256(b"\0\0\0\0" + block[:32]).digest()
-                + hashlib.sha256(b"\0\0\0\1" + block[32:]).digest())
+    expected = hashlib.sha256(b"\0\0\0\0" + block[:32]).digest() + hashlib.sha256(b"\0\0\0\1" + block[32:]).digest()
     assert diffuse(block, "sha256") == expected
 
 
@@ -60,8 +59,9 @@ def test_merge_fixed_material_matches_naive_model(hash_name: str, key_bytes: int
     rng = random.Random(f"{hash_name}-{key_bytes}")
     stripes = 4000
     material = rng.randbytes(key_bytes * stripes + 300)  # trailing sector padding is ignored
-    assert bytes(af_merge(material, key_bytes, stripes, hash_name)) == naive_merge(material, key_bytes, stripes,
-                                                                                  hash_name)
+    assert bytes(af_merge(material, key_bytes, stripes, hash_name)) == naive_merge(
+        material, key_bytes, stripes, hash_name
+    )
 
 
 @pytest.mark.parametrize("hash_name", HASHES)

@@ -30,18 +30,30 @@ def domain_xml(name: str, disks: list[tuple[Path, str]], *, encryption: str | No
     for index, (path, driver) in enumerate(disks):
         secret = f"<secret type='passphrase' uuid='00000000-0000-4000-8000-{index:012d}'/>"
         declared = f"<encryption format='{encryption}'>{secret}</encryption>" if encryption else ""
-        devices.append(f"<disk type='file' device='disk'><driver name='qemu' type='{driver}'/>"
-                       f"<source file='{path}'/>{declared}<target dev='vd{chr(97 + index)}' bus='virtio'/></disk>")
-    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
-            f"<os><type arch='x86_64'>hvm</type></os><devices>{''.join(devices)}</devices></domain>")
+        devices.append(
+            f"<disk type='file' device='disk'><driver name='qemu' type='{driver}'/>"
+            f"<source file='{path}'/>{declared}<target dev='vd{chr(97 + index)}' bus='virtio'/></disk>"
+        )
+    return (
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+        f"<os><type arch='x86_64'>hvm</type></os><devices>{''.join(devices)}</devices></domain>"
+    )
 
 
 def legacy_by_qemu_img(path: Path) -> bool:
     """True when qemu-img says the image or a layer below it uses AES (legacy) encryption."""
-    done = subprocess.run([img.tool("qemu-img"), "info", "--output=json", "--backing-chain", "-U", str(path)],
-                          capture_output=True, text=True, timeout=60, check=True)
-    return any(layer.get("format-specific", {}).get("data", {}).get("encrypt", {}).get("format") == "aes"
-               or (layer.get("encrypted") and layer.get("format") == "qcow") for layer in json.loads(done.stdout))
+    done = subprocess.run(
+        [img.tool("qemu-img"), "info", "--output=json", "--backing-chain", "-U", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return any(
+        layer.get("format-specific", {}).get("data", {}).get("encrypt", {}).get("format") == "aes"
+        or (layer.get("encrypted") and layer.get("format") == "qcow")
+        for layer in json.loads(done.stdout)
+    )
 
 
 @pytest.fixture
@@ -67,16 +79,35 @@ def fleet(tmp_path: Path) -> dict[str, dict[str, object]]:
     host_file = tmp_path / "host-secret"
     host_file.write_bytes(b"HOST-SECRET" * 100)
     host_file.chmod(0o600)
-    img.run([img.tool("qemu-img"), "create", "-q", "-u", "-f", "qcow2", "-b", str(host_file), "-F", "raw",
-             str(hv2 / "images" / "evil.qcow2"), "1M"])
+    img.run(
+        [
+            img.tool("qemu-img"),
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            str(host_file),
+            "-F",
+            "raw",
+            str(hv2 / "images" / "evil.qcow2"),
+            "1M",
+        ]
+    )
     (hv2 / "xml" / f"{PREFIX}gone.xml").write_text(
-        domain_xml(f"{PREFIX}gone", [(hv2 / "images" / "deleted.qcow2", "qcow2")], encryption="qcow"))
+        domain_xml(f"{PREFIX}gone", [(hv2 / "images" / "deleted.qcow2", "qcow2")], encryption="qcow")
+    )
     return {
         "hv1": {"qcrypt_scan_paths": [str(hv1 / "images")], "qcrypt_libvirt_xml": str(hv1 / "xml")},
         "hv2": {"qcrypt_scan_paths": [str(hv2 / "images")], "qcrypt_libvirt_xml": str(hv2 / "xml")},
         "hv3": {"qcrypt_scan_paths": [str(tmp_path / "no-such-folder")], "qcrypt_libvirt_xml": ""},
-        "hv4": {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": 9,
-                "ansible_ssh_common_args": "-o ConnectTimeout=5 -o BatchMode=yes -o StrictHostKeyChecking=no"},
+        "hv4": {
+            "ansible_connection": "ssh",
+            "ansible_host": "127.0.0.1",
+            "ansible_port": 9,
+            "ansible_ssh_common_args": "-o ConnectTimeout=5 -o BatchMode=yes -o StrictHostKeyChecking=no",
+        },
     }
 
 
@@ -112,8 +143,16 @@ def test_audit_writes_one_fleet_report(tmp_path: Path, fleet: dict[str, dict[str
     (refused,) = hosts["hv2"]["refused_backing"]
     assert refused["path"].endswith("/evil.qcow2") and refused["findings"] == ["backing-outside-storage"]
     assert f"--allow-backing-dir {tmp_path}" in refused["messages"][0]
-    assert report["totals"] == {"hosts": 4, "hosts_failed": 2, "hosts_affected": 2, "images": 8, "legacy_images": 4,
-                                "affected_domains": 2, "domains_with_missing_images": 1, "refused_backing": 1}
+    assert report["totals"] == {
+        "hosts": 4,
+        "hosts_failed": 2,
+        "hosts_affected": 2,
+        "images": 8,
+        "legacy_images": 4,
+        "affected_domains": 2,
+        "domains_with_missing_images": 1,
+        "refused_backing": 1,
+    }
 
     markdown = (reports / "fleet-report.md").read_text()
     assert f"| hv1 | scanned | 5 | 4 | 4 | 0 | {PREFIX}app, {PREFIX}web | - |" in markdown
@@ -144,8 +183,7 @@ def test_audit_check_mode_writes_nothing(tmp_path: Path, fleet: dict[str, dict[s
 def test_scan_module_result_and_facts(tmp_path: Path, fleet: dict[str, dict[str, object]]) -> None:
     ansible = Ansible(tmp_path / "ansible")
     hv1 = fleet["hv1"]
-    args = {"paths": hv1["qcrypt_scan_paths"], "libvirt_xml": hv1["qcrypt_libvirt_xml"], "as_facts": True,
-            "jobs": 1}
+    args = {"paths": hv1["qcrypt_scan_paths"], "libvirt_xml": hv1["qcrypt_libvirt_xml"], "as_facts": True, "jobs": 1}
     result = ansible.module("qcrypt.qcrypt.qcrypt_scan", {**args, "executable": qcrypt_command()})
     assert result["changed"] is False and not result.get("failed"), result["_stdout"]
     assert result["affected_domains"] == [f"{PREFIX}app", f"{PREFIX}web"]
@@ -157,8 +195,10 @@ def test_scan_module_result_and_facts(tmp_path: Path, fleet: dict[str, dict[str,
 
 def test_scan_module_error_is_one_line(tmp_path: Path) -> None:
     ansible = Ansible(tmp_path / "ansible")
-    result = ansible.module("qcrypt.qcrypt.qcrypt_scan", {"paths": [str(tmp_path / "absent")], "libvirt_xml": "",
-                                                          "executable": qcrypt_command()})
+    result = ansible.module(
+        "qcrypt.qcrypt.qcrypt_scan",
+        {"paths": [str(tmp_path / "absent")], "libvirt_xml": "", "executable": qcrypt_command()},
+    )
     assert result["failed"] is True
     assert result["msg"] == f"Error: Invalid value for 'PATHS...': Path '{tmp_path / 'absent'}' does not exist."
     assert result["rc"] == 2
@@ -171,8 +211,10 @@ def test_module_timeout_stops_the_command(tmp_path: Path) -> None:
     hanging.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nsleep 300 &\necho $! >> {pid_file}\nwait\n")
     hanging.chmod(0o755)
     ansible = Ansible(tmp_path / "ansible")
-    result = ansible.module("qcrypt.qcrypt.qcrypt_scan", {"paths": [str(tmp_path)], "libvirt_xml": "",
-                                                          "executable": str(hanging), "timeout": 2})
+    result = ansible.module(
+        "qcrypt.qcrypt.qcrypt_scan",
+        {"paths": [str(tmp_path)], "libvirt_xml": "", "executable": str(hanging), "timeout": 2},
+    )
     assert result["failed"] is True
     assert result["msg"] == "qcrypt scan did not finish within 2 s and was stopped"
     for pid in pid_file.read_text().split():

@@ -21,8 +21,13 @@ pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.slow, pytest
 
 
 def build_wheel(dist: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)],
-                   capture_output=True, text=True, timeout=600, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     (wheel,) = dist.glob(f"qcow_crypt_migrate-{qcrypt.__version__}-*.whl")
     return wheel
 
@@ -35,12 +40,18 @@ def test_install_role_installs_a_working_qcrypt(tmp_path: Path) -> None:
     link.parent.mkdir()
     man_dir = tmp_path / "share" / "man" / "man1"
     inventory = ansible.inventory({"hv1": {}})
-    settings = ansible.vars_file("install.json", {
-        "qcrypt_venv": str(venv), "qcrypt_source": f"dist/{wheel.name}", "qcrypt_link": str(link),
-        "qcrypt_man_dir": str(man_dir),
-        # The Python that made this test's venv (a real interpreter, not a pyenv shim), and no apt-get update.
-        "qcrypt_python": str(Path(sys.base_prefix) / "bin" / "python3"), "qcrypt_apt_cache_valid_time": 10**9,
-    })
+    settings = ansible.vars_file(
+        "install.json",
+        {
+            "qcrypt_venv": str(venv),
+            "qcrypt_source": f"dist/{wheel.name}",
+            "qcrypt_link": str(link),
+            "qcrypt_man_dir": str(man_dir),
+            # The Python that made this test's venv (a real interpreter, not a pyenv shim), and no apt-get update.
+            "qcrypt_python": str(Path(sys.base_prefix) / "bin" / "python3"),
+            "qcrypt_apt_cache_valid_time": 10**9,
+        },
+    )
 
     first = ansible.playbook("qcrypt.qcrypt.install", inventory, "-e", f"@{settings}")
     assert first.rc == 0, first.explain()
@@ -54,8 +65,10 @@ def test_install_role_installs_a_working_qcrypt(tmp_path: Path) -> None:
     assert again.rc == 0 and again.total("changed") == 0, again.explain()
 
     # The modules find and run the installed qcrypt.
-    result = ansible.module("qcrypt.qcrypt.qcrypt_scan", {"paths": [str(ansible.workdir / "dist")], "libvirt_xml": "",
-                                                          "executable": str(venv / "bin" / "qcrypt")})
+    result = ansible.module(
+        "qcrypt.qcrypt.qcrypt_scan",
+        {"paths": [str(ansible.workdir / "dist")], "libvirt_xml": "", "executable": str(venv / "bin" / "qcrypt")},
+    )
     assert not result["failed"] and result["summary"]["images"] == 1, result["_stdout"]
 
 
@@ -64,8 +77,10 @@ def test_install_role_refuses_to_guess_what_to_install(tmp_path: Path) -> None:
     ansible = Ansible(tmp_path / "ansible")
     inventory = ansible.inventory({"hv1": {}})
     venv = tmp_path / "opt-qcrypt"
-    settings = ansible.vars_file("install.json", {"qcrypt_venv": str(venv), "qcrypt_link": "", "qcrypt_man_dir": "",
-                                                  "qcrypt_install_packages": False})
+    settings = ansible.vars_file(
+        "install.json",
+        {"qcrypt_venv": str(venv), "qcrypt_link": "", "qcrypt_man_dir": "", "qcrypt_install_packages": False},
+    )
     run = ansible.playbook("qcrypt.qcrypt.install", inventory, "-e", f"@{settings}")
     assert run.rc != 0 and "Set qcrypt_source to the built artifact" in run.stdout, run.explain()
     assert run.total("changed") == 0 and not venv.exists()

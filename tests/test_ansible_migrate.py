@@ -21,8 +21,7 @@ import pytest
 from tests._ansible import Ansible, Run, qcrypt_command
 from tests._libvirt import IMAGES_ROOT, Lab, disk_xml, ensure_libvirtd, node_of, qemu_reads, virsh
 
-pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.libvirt, pytest.mark.slow,
-              pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.interop, pytest.mark.ansible, pytest.mark.libvirt, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SECRET_VALUE = b"hv1-secret-value"
 PASSPHRASE = "hv2-vault-passphrase"
@@ -83,10 +82,14 @@ def state(name: str) -> str:
 def libvirt_view(lab: Lab, names: list[str], hosts: tuple[str, ...] = ("hv1", "hv2", "hv3")) -> dict[str, object]:
     """What must not change in check mode: the hosts' files, the domains' XML and states, the lab's secrets."""
     folders = [lab.folder / host for host in hosts]
-    return {"files": {p.relative_to(lab.folder).as_posix(): p.stat().st_mtime_ns
-                      for folder in folders for p in folder.rglob("*")},
-            "xml": {n: lab.inactive_xml(n) for n in names}, "state": {n: state(n) for n in names},
-            "secrets": sorted(lab.qcrypt_secrets())}
+    return {
+        "files": {
+            p.relative_to(lab.folder).as_posix(): p.stat().st_mtime_ns for folder in folders for p in folder.rglob("*")
+        },
+        "xml": {n: lab.inactive_xml(n) for n in names},
+        "state": {n: state(n) for n in names},
+        "secrets": sorted(lab.qcrypt_secrets()),
+    }
 
 
 def host_order(run: Run, hosts: list[str]) -> list[str]:
@@ -115,9 +118,11 @@ def test_audit_then_migrate_host_by_host(lab: Lab, tmp_path: Path) -> None:
     ansible = Ansible(tmp_path / "ansible")
     inventory = ansible.inventory(
         {host: {"qcrypt_scan_paths": [str(host_folder(lab, host))]} for host in ("hv1", "hv2", "hv3")},
-        {"qcrypt_executable": str(executable)})
-    vault = ansible.vars_file("vault.json", {"qcrypt_passphrase": PASSPHRASE, "qcrypt_iter_time": 100,
-                                             "qcrypt_start_after": "autostart"})
+        {"qcrypt_executable": str(executable)},
+    )
+    vault = ansible.vars_file(
+        "vault.json", {"qcrypt_passphrase": PASSPHRASE, "qcrypt_iter_time": 100, "qcrypt_start_after": "autostart"}
+    )
 
     # 1. The audit names each host's broken domain.
     reports = tmp_path / "reports"
@@ -135,7 +140,7 @@ def test_audit_then_migrate_host_by_host(lab: Lab, tmp_path: Path) -> None:
     assert check.recap["hv1"]["changed"] == 1 and check.recap["hv2"]["changed"] == 1, check.explain()
     assert check.recap["hv3"]["changed"] == 0, check.explain()
     assert '+        <encryption format="luks">' in check.stdout, check.explain()
-    assert f"-      <source file=\"{hv2_disk}\" />" in check.stdout, check.explain()
+    assert f'-      <source file="{hv2_disk}" />' in check.stdout, check.explain()
     assert libvirt_view(lab, [web, app, clean]) == before
 
     # 3. The real run, one host per batch.
@@ -182,9 +187,15 @@ def test_first_failure_stops_the_rollout(lab: Lab, tmp_path: Path) -> None:
         lab.define(name, [disk_xml("vda", legacy_disk(lab, host, right))])
     ansible = Ansible(tmp_path / "ansible")
     inventory = ansible.inventory({host: {"qcrypt_scan_paths": [str(host_folder(lab, host))]} for host in names})
-    vault = ansible.vars_file("vault.json", {"qcrypt_passphrase": PASSPHRASE, "qcrypt_iter_time": 100,
-                                             "qcrypt_passphrases": {names["hv1"]: "a-wrong-passphrase"},
-                                             "qcrypt_serial": 2})
+    vault = ansible.vars_file(
+        "vault.json",
+        {
+            "qcrypt_passphrase": PASSPHRASE,
+            "qcrypt_iter_time": 100,
+            "qcrypt_passphrases": {names["hv1"]: "a-wrong-passphrase"},
+            "qcrypt_serial": 2,
+        },
+    )
     before = libvirt_view(lab, list(names.values()))
 
     run = ansible.playbook("qcrypt.qcrypt.migrate", inventory, "-e", f"@{vault}")
@@ -198,8 +209,9 @@ def test_first_failure_stops_the_rollout(lab: Lab, tmp_path: Path) -> None:
     if run.recap["hv2"]["changed"]:
         # Ansible includes the per-domain tasks of a batch's hosts in the order their include results came back,
         # which is not always host order: hv2's turn may come before hv1's. Then hv2 is migrated whole, never half.
-        assert "hv2/disk.luks.qcow2" in after["files"] and "disk.luks.qcow2" in after["xml"][names["hv2"]], \
+        assert "hv2/disk.luks.qcow2" in after["files"] and "disk.luks.qcow2" in after["xml"][names["hv2"]], (
             run.explain()
+        )
         assert len(set(after["secrets"]) - set(before["secrets"])) <= 1, run.explain()  # hv2's new secret
         after["secrets"] = before["secrets"]
         for view in (before, after):
@@ -217,8 +229,9 @@ def test_running_domain_is_shut_down_and_started_again(lab: Lab, tmp_path: Path)
     lab.define(name, [disk_xml("vda", lab.plain_image("hv1/db.qcow2"))])
     virsh("start", name)
     ansible = Ansible(tmp_path / "ansible")
-    inventory = ansible.inventory({"hv1": {"qcrypt_migrate_domains": [name], "qcrypt_shutdown_timeout": 3,
-                                           "qcrypt_shutdown_poll": 1}})
+    inventory = ansible.inventory(
+        {"hv1": {"qcrypt_migrate_domains": [name], "qcrypt_shutdown_timeout": 3, "qcrypt_shutdown_poll": 1}}
+    )
 
     refused = ansible.playbook("qcrypt.qcrypt.migrate", inventory)
     assert refused.rc != 0 and refused.recap["hv1"]["failed"] == 1, refused.explain()
@@ -241,8 +254,9 @@ def test_domain_module_errors_are_one_line(tmp_path: Path) -> None:
     missing = f"qcrypt-ansible-test-{uuid.uuid4().hex[:6]}-nosuch"
     result = ansible.module("qcrypt.qcrypt.qcrypt_domain", {"name": missing, "executable": qcrypt_command()})
     assert result["failed"] is True and result["rc"] == 13, result["_stdout"]
-    assert result["msg"] == (f"{missing}: failed: domain {missing}: Domain not found: no domain with matching "
-                             f"name '{missing}'")
+    assert result["msg"] == (
+        f"{missing}: failed: domain {missing}: Domain not found: no domain with matching name '{missing}'"
+    )
     assert result["domains"][0]["status"] == "failed" and result["changed"] is False
     both = ansible.module("qcrypt.qcrypt.qcrypt_domain", {"name": missing, "all": True})
     assert both["failed"] is True and both["msg"] == "parameters are mutually exclusive: name|all"

@@ -65,13 +65,25 @@ def test_ansible_test_sanity_is_clean(tmp_path: Path) -> None:
     prepare_home(home, bootstrap_pip_version())
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     env = {**os.environ, "HOME": str(home)}
-    done = run_bounded([ansible_test, "sanity", "--local", "--requirements", "--python", python, "--color", "no"],
-                       cwd=tree, env=env, timeout=SANITY_TIMEOUT_S)
+    done = run_bounded(
+        [ansible_test, "sanity", "--local", "--requirements", "--python", python, "--color", "no"],
+        cwd=tree,
+        env=env,
+        timeout=SANITY_TIMEOUT_S,
+    )
     output = done.stdout + done.stderr
     problems = [line for line in output.splitlines() if line.startswith(("ERROR", "FATAL"))]
     assert done.returncode == 0, "\n".join(problems) or output[-8000:]
     ran = [line.split('"')[1] for line in output.splitlines() if line.startswith("Running sanity test")]
     # The tests that check the modules themselves must have run (not been skipped).
-    for name in ("validate-modules", "pylint", "pep8", "yamllint", "import", "compile", "ansible-doc",
-                 "runtime-metadata"):
+    for name in (
+        "validate-modules",
+        "pylint",
+        "pep8",
+        "yamllint",
+        "import",
+        "compile",
+        "ansible-doc",
+        "runtime-metadata",
+    ):
         assert name in ran, f"sanity test {name} did not run:\n{output[-4000:]}"

@@ -21,7 +21,7 @@ from qcrypt.plumbing import limits
 from tests import _images as im
 from tests._bounded import qcrypt_bounded
 from tests._pbkdf import measured_rate
-from tests.conftest import require_tool
+from tests._tools import require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -69,8 +69,17 @@ def test_snapshot_struct_format_matches_the_declaration() -> None:
     """The reader's struct format for snapshot entries and the construct declaration agree field by field."""
     from qcrypt.formats import qcow2 as fmt
 
-    values = (0x1122334455667788, 0x99AABBCC, 0xDDEE, 0x0102, 0x03040506, 0x0708090A, 0x0B0C0D0E0F101112,
-              0x13141516, 0x1718191A)
+    values = (
+        0x1122334455667788,
+        0x99AABBCC,
+        0xDDEE,
+        0x0102,
+        0x03040506,
+        0x0708090A,
+        0x0B0C0D0E0F101112,
+        0x13141516,
+        0x1718191A,
+    )
     raw = struct.pack(fmt.SNAPSHOT_HEADER_FORMAT, *values)
     assert len(raw) == fmt.SNAPSHOT_HEADER_SIZE == fmt.SnapshotHeader.sizeof()
     parsed = fmt.SnapshotHeader.parse(raw)
@@ -101,9 +110,11 @@ def test_snapshot_table_bomb_is_a_finding(tmp_path: Path) -> None:
     info = qcrypt_bounded("info", str(image.path))
     info.assert_bounded()
     assert info.returncode == 3 and "snapshot table" in info.stderr
-    xml = (f"<domain type='kvm'><name>web</name><devices><disk type='file' device='disk'>"
-           f"<driver name='qemu' type='qcow2'/><source file='{image.path}'/><target dev='vda'/></disk>"
-           "</devices></domain>")
+    xml = (
+        f"<domain type='kvm'><name>web</name><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{image.path}'/><target dev='vda'/></disk>"
+        "</devices></domain>"
+    )
     hook = qcrypt_bounded("hook", "libvirt", "web", "prepare", "begin", "-", stdin=xml.encode())
     hook.assert_bounded()
     assert hook.returncode == 0
@@ -117,8 +128,7 @@ def test_snapshot_l1_bomb_is_refused(tmp_path: Path) -> None:
     count, l1_entries = 1024, limits.MAX_L1_BYTES // 8
     table, first_l1 = 512 << 10, 1 << 20
     _grow(image.path, first_l1 + count * 65536 + limits.MAX_L1_BYTES)
-    entries = b"".join(SNAPSHOT_ENTRY.pack(first_l1 + i * 65536, l1_entries, 0, 0, 0, 0, 0, 0, 0)
-                       for i in range(count))
+    entries = b"".join(SNAPSHOT_ENTRY.pack(first_l1 + i * 65536, l1_entries, 0, 0, 0, 0, 0, 0, 0) for i in range(count))
     _put(image.path, table, entries)
     _set_snapshot_table(image.path, table, count)
     assert os.stat(image.path).st_blocks * 512 < 2 << 20  # sparse
@@ -130,8 +140,9 @@ def test_snapshot_l1_bomb_is_refused(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text(PASSPHRASE)
     out = tmp_path / "out.qcow2"
-    migrate = qcrypt_bounded("migrate", str(image.path), "--to", "qcow2", "-o", str(out), "--passphrase-file",
-                             str(secret), "-q")
+    migrate = qcrypt_bounded(
+        "migrate", str(image.path), "--to", "qcow2", "-o", str(out), "--passphrase-file", str(secret), "-q"
+    )
     migrate.assert_bounded()
     assert migrate.returncode == 3 and "L1 tables" in migrate.stderr and not out.exists()
 
@@ -319,8 +330,19 @@ def test_luks1_key_material_far_away_is_refused(tmp_path: Path) -> None:
     report, _ = _scan_json(source)
     assert LIMIT_EXCEEDED in _codes(report) and "keyslot 7" in report["error"]
     out = tmp_path / "out.luks"
-    outcome = qcrypt_bounded("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file",
-                             str(secret), "--new-passphrase-file", str(secret), "-q")
+    outcome = qcrypt_bounded(
+        "migrate",
+        str(source),
+        "--to",
+        "luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(secret),
+        "--new-passphrase-file",
+        str(secret),
+        "-q",
+    )
     outcome.assert_bounded()
     assert outcome.returncode == 3 and "key material" in outcome.stderr and not out.exists()
 
@@ -344,8 +366,12 @@ def test_max_pbkdf2_seconds_sets_the_keyslot_limit(tmp_path: Path) -> None:
     require_tool("cryptsetup")
     iterations = int(measured_rate("sha256", 64) * 3)
     source = tmp_path / "slow.luks"
-    im._cryptsetup_format(source, PASSPHRASE, 1 << 20, ["--type", "luks1", "--pbkdf-force-iterations",
-                                                        str(iterations), "--hash", "sha256"])
+    im._cryptsetup_format(
+        source,
+        PASSPHRASE,
+        1 << 20,
+        ["--type", "luks1", "--pbkdf-force-iterations", str(iterations), "--hash", "sha256"],
+    )
     secret = tmp_path / "pw"
     secret.write_text(PASSPHRASE)
     out = tmp_path / "out.qcow2"
@@ -382,9 +408,12 @@ def test_long_pbkdf2_is_interrupted_at_once(tmp_path: Path, signum: int) -> None
         os.kill(child.pid, signum)  # not Popen.send_signal: it may reap the child before wait4 can measure it
 
     started = time.monotonic()
-    outcome = qcrypt_bounded(*_migrate_args(source, secret, tmp_path / "out.qcow2", "--max-pbkdf2-seconds", "600"),
-                             wall_seconds=90,
-                             while_running=interrupt, env={"OPENBLAS_NUM_THREADS": "1"})
+    outcome = qcrypt_bounded(
+        *_migrate_args(source, secret, tmp_path / "out.qcow2", "--max-pbkdf2-seconds", "600"),
+        wall_seconds=90,
+        while_running=interrupt,
+        env={"OPENBLAS_NUM_THREADS": "1"},
+    )
     assert outcome.returncode == 130, outcome.stderr
     assert "interrupted" in outcome.stderr
     stopped_after = started + outcome.wall_seconds - signalled[0]

@@ -33,8 +33,9 @@ def cores_allowed() -> None:
 
 def _in_child(body: str) -> str:
     """Run ``body`` (Python) in a fresh interpreter whose soft core limit starts at the hard one; its stdout."""
-    done = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=60,
-                          preexec_fn=allow_cores, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", body], capture_output=True, text=True, timeout=60, preexec_fn=allow_cores, check=True
+    )
     return done.stdout.strip()
 
 
@@ -57,8 +58,13 @@ def test_helper_turns_dumps_off_for_the_process_and_its_forks() -> None:
 
 def test_the_test_process_itself_is_untouched() -> None:
     """Importing qcrypt changes nothing: only the entry points that read secrets turn dumps off."""
-    assert _in_child("import qcrypt.migrate.run, qcrypt.cli.passphrase; from qcrypt.crypto.secret import "
-                     "core_dumps_disabled; print(core_dumps_disabled())") == "False"
+    assert (
+        _in_child(
+            "import qcrypt.migrate.run, qcrypt.cli.passphrase; from qcrypt.crypto.secret import "
+            "core_dumps_disabled; print(core_dumps_disabled())"
+        )
+        == "False"
+    )
 
 
 def _core_limit(pid: int) -> str:
@@ -89,11 +95,30 @@ def test_killed_migrate_holding_a_passphrase_leaves_no_core(tmp_path: Path, qemu
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 
-    proc = subprocess.Popen([sys.executable, "-m", "qcrypt", "migrate", str(image.path), "--to", "luks", "-o",
-                             str(tmp_path / "out.luks"), "--passphrase-file", str(pw), "--new-passphrase-file",
-                             str(fifo), "--pbkdf-force-iterations", "1000"],
-                            cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=allow_cores)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qcrypt",
+            "migrate",
+            str(image.path),
+            "--to",
+            "luks",
+            "-o",
+            str(tmp_path / "out.luks"),
+            "--passphrase-file",
+            str(pw),
+            "--new-passphrase-file",
+            str(fifo),
+            "--pbkdf-force-iterations",
+            "1000",
+        ],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=allow_cores,
+    )
     try:
         deadline = time.monotonic() + WAIT_S
         while _core_limit(proc.pid).split()[4] != "0" and time.monotonic() < deadline:
@@ -111,4 +136,3 @@ def test_killed_migrate_holding_a_passphrase_leaves_no_core(tmp_path: Path, qemu
     if _plain_core_pattern():  # the kernel would have written the core into cwd
         assert list(cwd.iterdir()) == []
     assert limit.split()[4] == "0", limit  # the soft limit: what the kernel applies
-

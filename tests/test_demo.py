@@ -14,8 +14,14 @@ DEMO = REPO / "scripts" / "demo"
 
 
 def run_demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(DEMO), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "PATH": f"{os.environ['PATH']}:/usr/sbin:/sbin"})
+    return subprocess.run(
+        ["bash", str(DEMO), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PATH": f"{os.environ['PATH']}:/usr/sbin:/sbin"},
+    )
 
 
 def test_help_says_which_folders_it_deletes() -> None:

@@ -26,8 +26,9 @@ def unpacked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _qemu_info(qemu_img: str, path: Path) -> dict[str, Any]:
-    out = subprocess.run([qemu_img, "info", "--output=json", str(path)], capture_output=True, text=True, check=True,
-                         timeout=120)
+    out = subprocess.run(
+        [qemu_img, "info", "--output=json", str(path)], capture_output=True, text=True, check=True, timeout=120
+    )
     return json.loads(out.stdout)
 
 
@@ -84,8 +85,9 @@ def _dump_field(dump: str, name: str) -> str:
 @pytest.mark.interop
 @pytest.mark.parametrize("name", LUKS_FILES)
 def test_info_matches_luksdump(name: str, unpacked: dict[str, Path], cryptsetup: str) -> None:
-    dump = subprocess.run([cryptsetup, "luksDump", str(unpacked[name])], capture_output=True, text=True,
-                          check=True, timeout=120).stdout
+    dump = subprocess.run(
+        [cryptsetup, "luksDump", str(unpacked[name])], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     mine = scan.describe(unpacked[name])["luks"]
     assert mine["uuid"] == _dump_field(dump, "UUID")
     assert mine["version"] == int(_dump_field(dump, "Version"))

@@ -36,15 +36,46 @@ def legacy_with_data(lab: Lab, name: str, pw: Path) -> Path:
 def legacy_overlay(lab: Lab, name: str, backing: Path, pw: Path) -> Path:
     """A legacy-AES qcow2 overlay of ``backing`` (named by its header only)."""
     path = lab.folder / name
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", "--object",
-        f"secret,id=s,file={pw}", "-o", "encrypt.format=aes,encrypt.key-secret=s", path, "16M")
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        str(backing),
+        "-F",
+        "qcow2",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s",
+        path,
+        "16M",
+    )
     return path
 
 
 def scan_users(*paths: Path | str) -> dict[str, list[str] | None]:
-    done = subprocess.run([sys.executable, "-m", "qcrypt", "scan", "--format", "json", "--fail-on", "never",
-                           "--libvirt-xml", str(CONFIG_DIR), *map(str, paths)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcrypt",
+            "scan",
+            "--format",
+            "json",
+            "--fail-on",
+            "never",
+            "--libvirt-xml",
+            str(CONFIG_DIR),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return {image["path"]: image.get("domains") for image in json.loads(done.stdout)["images"]}
 
@@ -82,8 +113,12 @@ def test_shared_base_without_backing_store_is_never_advised_for_destruction(lab:
     assert f"still in use, keep: {top1} (used by image {clone})" in out
     assert "shred" not in out  # every old image has another user
     assert "other users looked for in: the " in out and f"the images in {lab.folder}" in out
-    same_guest_data(lab, [f"driver=qcow2,file.filename={top1},encrypt.key-secret=s,"
-                          "backing.encrypt.key-secret=s"], lab.folder / "top1.luks.qcow2", pw)
+    same_guest_data(
+        lab,
+        [f"driver=qcow2,file.filename={top1},encrypt.key-secret=s,backing.encrypt.key-secret=s"],
+        lab.folder / "top1.luks.qcow2",
+        pw,
+    )
 
     after = scan_users(lab.folder)
     assert after[str(base)] == [two] and after[str(top1)] is None
@@ -109,8 +144,16 @@ def test_unshared_old_images_are_advised_for_destruction(lab: Lab, tmp_path: Pat
 
 
 def snapshot_tags(path: Path, pw: Path) -> list[str]:
-    out = run("qemu-img", "snapshot", "-U", "-l", "--object", f"secret,id=s,file={pw}", "--image-opts",
-              f"driver=qcow2,file.filename={path},encrypt.key-secret=s").stdout
+    out = run(
+        "qemu-img",
+        "snapshot",
+        "-U",
+        "-l",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={path},encrypt.key-secret=s",
+    ).stdout
     return [line.split()[1] for line in out.splitlines()[2:] if line.strip()]
 
 
@@ -123,14 +166,24 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     pw = lab.passphrase_file("pw", PW)
     web = legacy_with_data(lab, "web.qcow2", pw)
     lab.write(web, 0x41, 0, MIB, pw)
-    run("qemu-img", "snapshot", "-c", "before-upgrade", "--object", f"secret,id=s,file={pw}", "--image-opts",
-        f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
+    run(
+        "qemu-img",
+        "snapshot",
+        "-c",
+        "before-upgrade",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={web},encrypt.key-secret=s",
+    )
     lab.write(web, 0x42, 0, MIB, pw)
     name = f"{lab.prefix}-snap"
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
-    snapshot = ("<domainsnapshot><name>before-upgrade</name><state>shutoff</state><creationTime>1700000000"
-                "</creationTime><memory snapshot='no'/><disks><disk name='vda' snapshot='internal'/></disks>"
-                f"{lab.inactive_xml(name)}</domainsnapshot>")
+    snapshot = (
+        "<domainsnapshot><name>before-upgrade</name><state>shutoff</state><creationTime>1700000000"
+        "</creationTime><memory snapshot='no'/><disks><disk name='vda' snapshot='internal'/></disks>"
+        f"{lab.inactive_xml(name)}</domainsnapshot>"
+    )
     virsh("snapshot-create", name, "--xmlfile", "/dev/stdin", "--redefine", "--current", stdin=snapshot.encode())
     old_snapshot_xml = virsh("snapshot-dumpxml", name, "before-upgrade", "--security-info").stdout
 
@@ -165,24 +218,41 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     assert virsh("snapshot-delete", name, "before-upgrade").returncode == 0
     assert snapshot_tags(new, pw) == ["before-upgrade"]  # only libvirt's metadata went
     # the way that works: qemu-img with the secret, the domain shut off
-    run("qemu-img", "snapshot", "-a", "before-upgrade", "--object", f"secret,id=s,file={pw}", "--image-opts",
-        f"driver=qcow2,file.filename={new},encrypt.key-secret=s")
+    run(
+        "qemu-img",
+        "snapshot",
+        "-a",
+        "before-upgrade",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={new},encrypt.key-secret=s",
+    )
     run("qemu-io", *lab.image_opts(new, pw), "-c", f"read -P 0x41 0 {MIB}")
 
 
-def test_snapshot_the_new_image_cannot_hold_keeps_its_images_out_of_the_shred_advice(lab: Lab, tmp_path: Path
-                                                                                     ) -> None:
+def test_snapshot_the_new_image_cannot_hold_keeps_its_images_out_of_the_shred_advice(lab: Lab, tmp_path: Path) -> None:
     """--to luks: a raw LUKS image has no internal snapshots, so the registered snapshot is not redefined, the
     plan and the summary say so, and the old image it still names is kept out of the shred command."""
     pw = lab.passphrase_file("pw", PW)
     web = legacy_with_data(lab, "web.qcow2", pw)
-    run("qemu-img", "snapshot", "-c", "s1", "--object", f"secret,id=s,file={pw}", "--image-opts",
-        f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
+    run(
+        "qemu-img",
+        "snapshot",
+        "-c",
+        "s1",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={web},encrypt.key-secret=s",
+    )
     name = f"{lab.prefix}-rawsnap"
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
-    snapshot = ("<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>"
-                f"<memory snapshot='no'/><disks><disk name='vda' snapshot='internal'/></disks>"
-                f"{lab.inactive_xml(name)}</domainsnapshot>")
+    snapshot = (
+        "<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>"
+        f"<memory snapshot='no'/><disks><disk name='vda' snapshot='internal'/></disks>"
+        f"{lab.inactive_xml(name)}</domainsnapshot>"
+    )
     virsh("snapshot-create", name, "--xmlfile", "/dev/stdin", "--redefine", stdin=snapshot.encode())
     old_snapshot = virsh("snapshot-dumpxml", name, "s1", "--security-info").stdout
     reason = "snapshot s1: not redefined: disk vda's new image (luks) cannot hold internal snapshots"
@@ -226,8 +296,9 @@ class SyslogListener:
             with self.lock:
                 self.lines.append(line)
 
-    def records_of(self, domain: str, *, ident: str = "qcrypt-migrate-domain", wait_s: float = 5,
-                   count: int = 1) -> list[str]:
+    def records_of(
+        self, domain: str, *, ident: str = "qcrypt-migrate-domain", wait_s: float = 5, count: int = 1
+    ) -> list[str]:
         """The ``ident`` lines about ``domain`` received so far, waiting up to ``wait_s`` for ``count`` of them."""
         deadline = time.monotonic() + wait_s
         while True:
@@ -259,8 +330,9 @@ def syslog_listener() -> Iterator[SyslogListener]:
         listener.close()
 
 
-def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
-                                                      syslog_listener: SyslogListener) -> None:
+def test_each_changed_domain_leaves_one_syslog_record(
+    lab: Lab, tmp_path: Path, syslog_listener: SyslogListener
+) -> None:
     """One line per redefined domain (ident qcrypt-migrate-domain, facility daemon, notice): domain, disk, old
     and new paths, the secret (UUID, never its value), the backup file. Nothing for an unchanged domain."""
     pw = lab.passphrase_file("pw", PW)
@@ -273,8 +345,10 @@ def test_each_changed_domain_leaves_one_syslog_record(lab: Lab, tmp_path: Path,
     (record,) = syslog_listener.records_of(name)
     new, secret = lab.folder / "web.luks.qcow2", result["disks"][0]["secret_uuid"]
     assert record.startswith(f"<{syslog.LOG_DAEMON | syslog.LOG_NOTICE}>") and "qcrypt-migrate-domain[" in record
-    assert (f"domain '{name}' redefined by migrate-domain: disk vda: {web} -> {new} (qcow2-luks), secret {secret} "
-            f"(new), old image kept as {web}; old XML saved to {result['xml_backup']}") in record
+    assert (
+        f"domain '{name}' redefined by migrate-domain: disk vda: {web} -> {new} (qcow2-luks), secret {secret} "
+        f"(new), old image kept as {web}; old XML saved to {result['xml_backup']}"
+    ) in record
     assert PW.decode() not in record
     assert result["record"] == "logged to syslog as 'qcrypt-migrate-domain' (journalctl -t qcrypt-migrate-domain)"
 
@@ -303,14 +377,29 @@ def test_the_way_back(lab: Lab, tmp_path: Path) -> None:
     pw = lab.passphrase_file("pw", PW)
     web = legacy_with_data(lab, "web.qcow2", pw)
     lab.write(web, 0x51, 0, MIB, pw)
-    run("qemu-img", "snapshot", "-c", "s1", "--object", f"secret,id=s,file={pw}", "--image-opts",
-        f"driver=qcow2,file.filename={web},encrypt.key-secret=s")
+    run(
+        "qemu-img",
+        "snapshot",
+        "-c",
+        "s1",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={web},encrypt.key-secret=s",
+    )
     name = f"{lab.prefix}-back"
-    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW)),
-                                       disk_xml("vdb", legacy_with_data(lab, "data.qcow2", pw))])
-    snapshot = ("<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>"
-                "<memory snapshot='no'/><disks>"
-                f"<disk name='vda' snapshot='internal'/></disks>{lab.inactive_xml(name)}</domainsnapshot>")
+    lab.define_as_after_upgrade(
+        name,
+        [
+            disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW)),
+            disk_xml("vdb", legacy_with_data(lab, "data.qcow2", pw)),
+        ],
+    )
+    snapshot = (
+        "<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1700000000</creationTime>"
+        "<memory snapshot='no'/><disks>"
+        f"<disk name='vda' snapshot='internal'/></disks>{lab.inactive_xml(name)}</domainsnapshot>"
+    )
     virsh("snapshot-create", name, "--xmlfile", "/dev/stdin", "--redefine", "--current", stdin=snapshot.encode())
     before_xml, before_snapshot = lab.inactive_xml(name), virsh("snapshot-dumpxml", name, "s1").stdout
     originals = {p: sha256(lab.folder / p) for p in ("web.qcow2", "data.qcow2")}
@@ -351,12 +440,14 @@ HOOKS_DIR = Path("/etc/libvirt/hooks")
 
 
 def qcrypt_hook(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qcrypt", "hook", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "qcrypt", "hook", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
-def test_hook_in_libvirtd_warns_once_per_start_and_uninstall_leaves_nothing(lab: Lab,
-                                                                             syslog_listener: SyslogListener) -> None:
+def test_hook_in_libvirtd_warns_once_per_start_and_uninstall_leaves_nothing(
+    lab: Lab, syslog_listener: SyslogListener
+) -> None:
     """Installed in the real libvirtd's hooks folder and picked up by a reload (SIGHUP, as the install says):
     a start of a domain with a legacy disk gives one warning (not one per hook operation), whose migrate-domain
     hint carries --passphrase-file because the disk names no secret; uninstall removes the folders install

@@ -4,7 +4,6 @@ budget and the Python API (warn_if_legacy)."""
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 import shutil
 import socket
@@ -24,58 +23,10 @@ import qcrypt
 from qcrypt.audit import scan
 from qcrypt.errors import FormatError
 from qcrypt.hook import check as hook
-from tests._images import CPU_USAGE_ATTEMPTS
-from tests.conftest import FIXTURES, require_tool
-
-DOMAINS = Path(__file__).parent / "data" / "domains"
-DEV_LOG = "/dev/log"  # where syslog(3) sends its datagrams
-PASSPHRASE = b"legacy-secret"
-AES_OPTS = "encrypt.format=aes,encrypt.key-secret=s"
-LUKS_OPTS = "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10"
-LUKS_FIXTURE = FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz"  # qemu-img made; creating one costs ~2.5 s
-
-
-def _qemu_img(qemu_img: str, *args: str | os.PathLike[str], retries: int = 1) -> None:
-    for attempt in range(retries):
-        done = subprocess.run([qemu_img, *map(str, args)], capture_output=True, text=True, check=False, timeout=120)
-        if done.returncode == 0:
-            return
-        if attempt == retries - 1:
-            raise AssertionError(f"qemu-img {args} failed: {done.stderr}")
-
-
-def build_images(qemu_img: str, folder: Path) -> None:
-    """The images the sample domains point at (all 1 MiB, made by qemu-img)."""
-    pw = folder / "pw"
-    pw.write_bytes(PASSPHRASE)
-    secret = ["--object", f"secret,id=s,file={pw}"]
-    _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", *secret, "-o", AES_OPTS, folder / "legacy.qcow2", "1M")
-    for copy in ("legacy2.qcow2", "legacy-lv", "legacy-raw-driver.qcow2"):
-        shutil.copyfile(folder / "legacy.qcow2", folder / copy)
-    _qemu_img(qemu_img, "create", "-q", "-f", "qcow", *secret, "-o", AES_OPTS, folder / "legacy-v1.qcow", "1M")
-    _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", folder / "plain.qcow2", "1M")
-    shutil.copyfile(folder / "plain.qcow2", folder / "standalone.qcow2")
-    _qemu_img(qemu_img, "create", "-q", "-f", "raw", folder / "plain.raw", "1M")
-    for name, backing in (("mid.qcow2", "legacy.qcow2"), ("top.qcow2", "mid.qcow2"),
-                          ("overlay.qcow2", "legacy.qcow2")):
-        _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", folder / name, "1M")
-    if LUKS_FIXTURE.is_file():
-        (folder / "luks.qcow2").write_bytes(gzip.decompress(LUKS_FIXTURE.read_bytes()))
-    else:
-        _qemu_img(qemu_img, "create", "-q", "-f", "qcow2", *secret, "-o", LUKS_OPTS, folder / "luks.qcow2", "1M",
-                  retries=CPU_USAGE_ATTEMPTS)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("hook-images")
-    build_images(require_tool("qemu-img"), folder)
-    return folder
-
-
-def domain_xml(name: str, images_dir: Path | str = "/nonexistent") -> str:
-    """A sample domain from tests/data/domains with its @IMAGES@ placeholder filled in."""
-    return (DOMAINS / name).read_text(encoding="utf-8").replace("@IMAGES@", str(images_dir))
+from tests._hook_domains import (
+    DEV_LOG,
+    domain_xml,
+)
 
 
 def by_target(check: hook.DomainCheck) -> dict[str, hook.HookWarning]:
@@ -83,8 +34,19 @@ def by_target(check: hook.DomainCheck) -> dict[str, hook.HookWarning]:
 
 
 def migrate(path: Path | str, output: str, *extra: str, to: str = "qcow2-luks") -> str:
-    return " ".join(["qcrypt migrate", str(path), "--to", to, "-o", output, "--passphrase-file",
-                     hook.PASSPHRASE_PLACEHOLDER, *extra])
+    return " ".join(
+        [
+            "qcrypt migrate",
+            str(path),
+            "--to",
+            to,
+            "-o",
+            output,
+            "--passphrase-file",
+            hook.PASSPHRASE_PLACEHOLDER,
+            *extra,
+        ]
+    )
 
 
 # -- parsing -------------------------------------------------------------------------------------------------
@@ -96,8 +58,7 @@ def test_parse_file_disks_and_empty_cdrom() -> None:
     disks = {d.target: d for d in domain.disks}
     assert list(disks) == ["vda", "vdb", "vdc", "sda"]
     vda = disks["vda"].layers[0]
-    assert (vda.source_type, vda.path, vda.format, vda.encryption) == ("file", "/img/legacy.qcow2", "qcow2",
-                                                                       ("qcow",))
+    assert (vda.source_type, vda.path, vda.format, vda.encryption) == ("file", "/img/legacy.qcow2", "qcow2", ("qcow",))
     assert vda.secret == "uuid 0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
     assert disks["vdc"].driver_type == "qcow"
     cdrom = disks["sda"]
@@ -110,8 +71,12 @@ def test_parse_block_network_volume_and_sourceless_disks() -> None:
     assert disks["vdb"].layers[0].source_type == "block"
     assert disks["vdb"].layers[0].path == "/img/legacy-lv"
     rbd = disks["vdc"].layers[0]
-    assert (rbd.path, rbd.label, rbd.encryption, rbd.secret) == (None, "rbd:pool/legacy-rbd", ("qcow",),
-                                                                 "usage legacy-rbd-pass")
+    assert (rbd.path, rbd.label, rbd.encryption, rbd.secret) == (
+        None,
+        "rbd:pool/legacy-rbd",
+        ("qcow",),
+        "usage legacy-rbd-pass",
+    )
     assert disks["vdd"].layers[0].encryption == ()
     assert (disks["vde"].layers[0].path, disks["vde"].layers[0].label) == (None, "default/data.qcow2")
     assert disks["hdc"].layers[0].path is None
@@ -126,7 +91,10 @@ def test_parse_encryption_in_every_place() -> None:
     assert len(under_source) == 2  # the empty <backingStore/> ends the chain
     assert under_source[0].encryption == ()
     assert (under_source[1].path, under_source[1].format, under_source[1].encryption) == (
-        "/i/missing-base.qcow2", "qcow2", ("qcow",))
+        "/i/missing-base.qcow2",
+        "qcow2",
+        ("qcow",),
+    )
     assert disks["vdg"].layers[1].encryption == ("qcow",)  # directly under <backingStore>
     assert disks["vdd"].layers[0].encryption == ("default",)
 
@@ -139,8 +107,10 @@ def test_parse_backing_store_chain() -> None:
 
 def test_parse_bounds_a_runaway_backing_chain() -> None:
     nested = "<backingStore type='file'><format type='qcow2'/><source file='/x'/>" * 200
-    xml = (f"<domain><name>deep</name><devices><disk type='file'><source file='/top'/>{nested}"
-           f"{'</backingStore>' * 200}<target dev='vda'/></disk></devices></domain>")
+    xml = (
+        f"<domain><name>deep</name><devices><disk type='file'><source file='/top'/>{nested}"
+        f"{'</backingStore>' * 200}<target dev='vda'/></disk></devices></domain>"
+    )
     (disk,) = hook.parse_domain_xml(xml).disks
     assert len(disk.layers) == 1 + hook.MAX_BACKING_DEPTH
 
@@ -191,8 +161,14 @@ def test_legacy_file_disk(images: Path) -> None:
     # vdc names no libvirt secret: migrate-domain needs the passphrase given, for the whole domain
     fix = "qcrypt migrate-domain web --passphrase-file PASSPHRASE_FILE"
     assert vda.domain_command == warned["vdc"].domain_command == fix
-    assert vda.as_dict() == {"domain": "web", "target": "vda", "path": vda.path, "reason": vda.reason,
-                             "command": vda.command, "domain_command": fix}
+    assert vda.as_dict() == {
+        "domain": "web",
+        "target": "vda",
+        "path": vda.path,
+        "reason": vda.reason,
+        "command": vda.command,
+        "domain_command": fix,
+    }
 
 
 @pytest.mark.interop
@@ -231,8 +207,7 @@ def test_encryption_declared_in_each_place(images: Path) -> None:
     assert warned["vdd"].reason.startswith("the domain XML declares <encryption format='default'>")
     for target, base in (("vdc", "missing-base.qcow2"), ("vdg", "missing-base2.qcow2")):
         assert str(images / base) in warned[target].reason
-        assert warned[target].command == migrate(images / "plain.qcow2", str(images / "plain.luks.qcow2"),
-                                                 "--flatten")
+        assert warned[target].command == migrate(images / "plain.qcow2", str(images / "plain.luks.qcow2"), "--flatten")
     assert "the image is luks1" in warned["vde"].reason
     assert warned["vde"].command == "virsh edit placements"
 
@@ -271,8 +246,10 @@ def test_missing_files_without_declared_encryption_are_quiet(images: Path) -> No
 
 @pytest.mark.interop
 def test_one_warning_per_disk(images: Path) -> None:
-    disk = (f"<disk type='file' device='disk'><driver type='qcow2'/><source file='{images}/legacy.qcow2'/>"
-            "<target dev='vda'/><encryption format='qcow'/></disk>")
+    disk = (
+        f"<disk type='file' device='disk'><driver type='qcow2'/><source file='{images}/legacy.qcow2'/>"
+        "<target dev='vda'/><encryption format='qcow'/></disk>"
+    )
     xml = f"<domain><name>dup</name><devices>{disk}{disk}</devices></domain>"
     (warning,) = hook.check_domain_xml(xml).warnings
     assert warning.target == "vda"
@@ -280,9 +257,11 @@ def test_one_warning_per_disk(images: Path) -> None:
 
 @pytest.mark.interop
 def test_message_is_one_line_even_for_hostile_paths(images: Path) -> None:
-    xml = ("<domain><name>evil&#10;name</name><devices><disk type='file'><driver type='qcow2'/>"
-           "<source file='/nowhere/a&#10;b.qcow2'/><target dev='vda'/><encryption format='qcow'/></disk>"
-           "</devices></domain>")
+    xml = (
+        "<domain><name>evil&#10;name</name><devices><disk type='file'><driver type='qcow2'/>"
+        "<source file='/nowhere/a&#10;b.qcow2'/><target dev='vda'/><encryption format='qcow'/></disk>"
+        "</devices></domain>"
+    )
     (warning,) = hook.check_domain_xml(xml).warnings
     assert warning.path == "/nowhere/a\nb.qcow2"
     assert "\n" not in warning.message()
@@ -300,8 +279,7 @@ def test_many_disks_finish_well_under_a_second(images: Path, tmp_path: Path) -> 
         source = images / ("legacy.qcow2" if index % 10 == 0 else "plain.qcow2")
         copy = tmp_path / f"disk{index}.qcow2"
         shutil.copyfile(source, copy)
-        disks.append(f"<disk type='file'><driver type='qcow2'/><source file='{copy}'/>"
-                     f"<target dev='vd{index}'/></disk>")
+        disks.append(f"<disk type='file'><driver type='qcow2'/><source file='{copy}'/><target dev='vd{index}'/></disk>")
     xml = f"<domain><name>many</name><devices>{''.join(disks)}</devices></domain>"
     started = time.monotonic()
     check = hook.check_domain_xml(xml)
@@ -326,10 +304,12 @@ def test_zero_budget_still_reports_what_the_xml_declares(images: Path) -> None:
 def test_a_hanging_image_cannot_hold_the_hook(images: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "hangs.qcow2"
     os.mkfifo(fifo)  # opening a FIFO for reading would block: qcrypt never opens one
-    xml = (f"<domain><name>slow</name><devices>"
-           f"<disk type='file'><driver type='qcow2'/><source file='{fifo}'/><target dev='vda'/></disk>"
-           f"<disk type='file'><driver type='qcow2'/><source file='{images}/legacy.qcow2'/>"
-           f"<target dev='vdb'/><encryption format='qcow'/></disk></devices></domain>")
+    xml = (
+        f"<domain><name>slow</name><devices>"
+        f"<disk type='file'><driver type='qcow2'/><source file='{fifo}'/><target dev='vda'/></disk>"
+        f"<disk type='file'><driver type='qcow2'/><source file='{images}/legacy.qcow2'/>"
+        f"<target dev='vdb'/><encryption format='qcow'/></disk></devices></domain>"
+    )
     started = time.monotonic()
     check = hook.check_domain_xml(xml, budget_s=0.5)
     assert time.monotonic() - started < 1.0 and not check.cut_short
@@ -374,8 +354,10 @@ def test_emit_sends_each_line_to_syslog_and_stderr(images: Path) -> None:
     assert [line for _, line in sent] == [w.message() for w in check.warnings]
     assert lines == [f"qcrypt-hook: warning: {w.message()}" for w in check.warnings]
     assert "domain 'web' disk vda (" in lines[0]
-    assert ("Fix it with the VM shut off: qcrypt migrate-domain web --passphrase-file PASSPHRASE_FILE (or this disk "
-            "alone: qcrypt migrate ") in lines[0]
+    assert (
+        "Fix it with the VM shut off: qcrypt migrate-domain web --passphrase-file PASSPHRASE_FILE (or this disk "
+        "alone: qcrypt migrate "
+    ) in lines[0]
 
 
 def test_emit_errors_and_notes_priorities() -> None:
@@ -509,8 +491,9 @@ def test_warn_if_legacy_never_raises(path: object) -> None:
 def test_warning_is_shown_by_default(images: Path) -> None:
     code = f"import qcrypt; print(qcrypt.warn_if_legacy({str(images / 'legacy.qcow2')!r}))"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=120
+    )
     assert done.returncode == 0
     assert done.stdout.strip() == "True"
     assert "LegacyEncryptionWarning" in done.stderr
@@ -526,9 +509,11 @@ def test_public_names() -> None:
 def test_migrate_command_quotes_paths() -> None:
     assert hook.migrate_command("/vm images/a b.qcow2", flatten=True) == (
         "qcrypt migrate '/vm images/a b.qcow2' --to qcow2-luks -o '/vm images/a b.luks.qcow2' "
-        "--passphrase-file PASSPHRASE_FILE --flatten")
+        "--passphrase-file PASSPHRASE_FILE --flatten"
+    )
     assert hook.migrate_command("/dev/vg/lv", block=True) == (
-        "qcrypt migrate /dev/vg/lv --to qcow2-luks -o lv.luks.qcow2 --passphrase-file PASSPHRASE_FILE")
+        "qcrypt migrate /dev/vg/lv --to qcow2-luks -o lv.luks.qcow2 --passphrase-file PASSPHRASE_FILE"
+    )
     assert hook.migrate_command("/i/d.img", to="luks").split(" -o ")[1].startswith("/i/d.luks ")
 
 
@@ -556,8 +541,11 @@ def test_inspection_thread_is_a_daemon(images: Path) -> None:
 
 def declared_disks_xml(count: int) -> str:
     """``count`` disks that declare legacy encryption on files that do not exist (one warning each, no reads)."""
-    disks = "".join(f"<disk type='file'><driver type='qcow2'/><source file='/nonexistent/d{i:06d}.qcow2'/>"
-                    f"<target dev='vd{i}'/><encryption format='qcow'/></disk>" for i in range(count))
+    disks = "".join(
+        f"<disk type='file'><driver type='qcow2'/><source file='/nonexistent/d{i:06d}.qcow2'/>"
+        f"<target dev='vd{i}'/><encryption format='qcow'/></disk>"
+        for i in range(count)
+    )
     return f"<domain><name>many</name><devices>{disks}</devices></domain>"
 
 
@@ -568,9 +556,12 @@ def test_log_lines_are_capped_with_one_summary() -> None:
     lines: list[str] = []
     hook.emit(check, syslog_to=lambda p, line: sent.append((p, line)), stderr_to=lines.append)
     assert len(sent) == len(lines) == hook.MAX_LOG_LINES + 1
-    assert [line for _, line in sent[:-1]] == [w.message() for w in check.warnings[:hook.MAX_LOG_LINES]]
-    assert sent[-1] == (syslog.LOG_WARNING, "domain 'many': 80 more line(s) not logged (80 warning(s)): the hook "
-                                            f"logs at most {hook.MAX_LOG_LINES} per run")
+    assert [line for _, line in sent[:-1]] == [w.message() for w in check.warnings[: hook.MAX_LOG_LINES]]
+    assert sent[-1] == (
+        syslog.LOG_WARNING,
+        "domain 'many': 80 more line(s) not logged (80 warning(s)): the hook "
+        f"logs at most {hook.MAX_LOG_LINES} per run",
+    )
 
 
 def test_notes_and_errors_keep_their_place_when_lines_are_capped() -> None:
@@ -578,8 +569,12 @@ def test_notes_and_errors_keep_their_place_when_lines_are_capped() -> None:
     check.warnings = [hook.HookWarning("d", f"vd{i}", f"/p{i}", "legacy", "qcrypt migrate x") for i in range(50)]
     sent: list[tuple[int, str]] = []
     hook.emit(check, syslog_to=lambda p, line: sent.append((p, line)), max_lines=10)
-    assert [p for p, _ in sent] == [syslog.LOG_WARNING] * 7 + [syslog.LOG_NOTICE, syslog.LOG_ERR, syslog.LOG_ERR,
-                                                             syslog.LOG_WARNING]
+    assert [p for p, _ in sent] == [syslog.LOG_WARNING] * 7 + [
+        syslog.LOG_NOTICE,
+        syslog.LOG_ERR,
+        syslog.LOG_ERR,
+        syslog.LOG_WARNING,
+    ]
     assert sent[-1][1] == "domain 'd': 43 more line(s) not logged (43 warning(s)): the hook logs at most 10 per run"
 
 
@@ -602,9 +597,15 @@ def test_a_16_mib_domain_xml_costs_the_hook_about_a_second(tmp_path: Path) -> No
     xml = declared_disks_xml(118_000).encode()
     assert len(xml) > 15 << 20
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "many", "prepare", "begin", "-"],
-                          input=xml, capture_output=True, cwd="/", timeout=60, check=False,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])})
+    done = subprocess.run(
+        [sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "many", "prepare", "begin", "-"],
+        input=xml,
+        capture_output=True,
+        cwd="/",
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])},
+    )
     elapsed = time.monotonic() - started
     assert (done.returncode, done.stdout) == (0, b"")
     assert 1 <= len(done.stderr.splitlines()) <= hook.MAX_LOG_LINES + 1, done.stderr[-2000:]
@@ -617,9 +618,15 @@ def test_a_stdin_that_never_closes_cannot_hold_the_hook() -> None:
     read_end, write_end = os.pipe()
     try:
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "stuck", "prepare", "begin", "-"],
-                              stdin=read_end, capture_output=True, cwd="/", timeout=30, check=False,
-                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])})
+        done = subprocess.run(
+            [sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "stuck", "prepare", "begin", "-"],
+            stdin=read_end,
+            capture_output=True,
+            cwd="/",
+            timeout=30,
+            check=False,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])},
+        )
         elapsed = time.monotonic() - started
     finally:
         os.close(read_end)

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from qcrypt.cli import hook as hookcli
 from qcrypt.hook import check as hooklib
-from tests.test_hook import domain_xml, images  # noqa: F401  (images is a fixture)
+from tests._hook_domains import domain_xml
 
 BARE_ENV = {"PATH": "/usr/bin:/bin"}
 QEMU_SCRIPT = "#!/bin/sh\n# the site's own hook\nexit 0\n"
@@ -41,8 +41,11 @@ def run_hook(args: list[str], xml: str | bytes | None) -> tuple[int, str, str]:
 
 @pytest.mark.interop
 @pytest.mark.parametrize("operation", ["prepare"])
-def test_warns_on_stderr_and_syslog_never_stdout(images: Path, syslog_lines: list[tuple[int, str]],  # noqa: F811
-                                                 operation: str) -> None:
+def test_warns_on_stderr_and_syslog_never_stdout(
+    images: Path,
+    syslog_lines: list[tuple[int, str]],
+    operation: str,
+) -> None:
     code, out, err = run_hook(["web", operation, "begin", "-"], domain_xml("legacy-file.xml", images))
     assert (code, out) == (0, "")
     vda = next(line for line in err.splitlines() if " disk vda " in line)
@@ -50,21 +53,38 @@ def test_warns_on_stderr_and_syslog_never_stdout(images: Path, syslog_lines: lis
     assert str(images / "legacy.qcow2") in vda
     assert f"qcrypt migrate {images / 'legacy.qcow2'} --to qcow2-luks" in vda
     assert len(err.splitlines()) == 2  # vda and vdc, nothing for the clean disk or the cdrom
-    assert [line for _, line in syslog_lines] == [line.removeprefix("qcrypt-hook: warning: ")
-                                                  for line in err.splitlines()]
+    assert [line for _, line in syslog_lines] == [
+        line.removeprefix("qcrypt-hook: warning: ") for line in err.splitlines()
+    ]
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("operation", ["start", "migrate", "restore",  # libvirt calls 'prepare' before these too
-                                       "stopped", "release", "started", "reconnect", "attach", "", "bogus"])
-def test_other_operations_do_nothing(images: Path, syslog_lines: list[tuple[int, str]],  # noqa: F811
-                                     operation: str) -> None:
+@pytest.mark.parametrize(
+    "operation",
+    [
+        "start",
+        "migrate",
+        "restore",  # libvirt calls 'prepare' before these too
+        "stopped",
+        "release",
+        "started",
+        "reconnect",
+        "attach",
+        "",
+        "bogus",
+    ],
+)
+def test_other_operations_do_nothing(
+    images: Path,
+    syslog_lines: list[tuple[int, str]],
+    operation: str,
+) -> None:
     assert run_hook(["web", operation, "end", "-"], domain_xml("legacy-file.xml", images)) == (0, "", "")
     assert syslog_lines == []
 
 
 @pytest.mark.interop
-def test_other_operations_do_not_read_stdin(images: Path) -> None:  # noqa: F811
+def test_other_operations_do_not_read_stdin(images: Path) -> None:
     stdin = io.BytesIO(domain_xml("legacy-file.xml", images).encode())
     assert hookcli.run_libvirt(["web", "release", "end", "shutdown"], stdin) == 0
     assert stdin.tell() == 0
@@ -82,8 +102,9 @@ def test_other_operations_do_not_read_stdin(images: Path) -> None:  # noqa: F811
     ],
     ids=["empty-stdin", "malformed", "entity-bomb", "binary"],
 )
-def test_bad_input_is_logged_and_exit_is_zero(syslog_lines: list[tuple[int, str]], xml: str | bytes,
-                                              expected: str) -> None:
+def test_bad_input_is_logged_and_exit_is_zero(
+    syslog_lines: list[tuple[int, str]], xml: str | bytes, expected: str
+) -> None:
     code, out, err = run_hook(["vm1", "prepare", "begin", "-"], xml)
     assert (code, out) == (0, "")
     assert err.startswith("qcrypt-hook: error: domain 'vm1': ")
@@ -93,10 +114,11 @@ def test_bad_input_is_logged_and_exit_is_zero(syslog_lines: list[tuple[int, str]
 
 
 @pytest.mark.interop
-def test_missing_files_are_fine(images: Path, syslog_lines: list[tuple[int, str]]) -> None:  # noqa: F811
+def test_missing_files_are_fine(images: Path, syslog_lines: list[tuple[int, str]]) -> None:
     assert run_hook(["clean", "prepare", "begin", "-"], domain_xml("plain.xml", images / "gone")) == (0, "", "")
-    code, out, err = run_hook(["placements", "prepare", "begin", "-"],
-                              domain_xml("encryption-placements.xml", images / "gone"))
+    code, out, err = run_hook(
+        ["placements", "prepare", "begin", "-"], domain_xml("encryption-placements.xml", images / "gone")
+    )
     assert (code, out) == (0, "")
     assert "disk vda (" in err  # declared <encryption format='qcow'> on a missing file still warns
     assert "qcrypt migrate" in err
@@ -105,11 +127,18 @@ def test_missing_files_are_fine(images: Path, syslog_lines: list[tuple[int, str]
 @pytest.mark.interop
 @pytest.mark.parametrize(
     "args",
-    [[], ["web"], ["web", "prepare"], ["web", "prepare", "begin", "-", "extra", "more"], ["--help", "prepare"],
-     ["web", "prepare", "--unknown-option", "-"], ["-", "-", "-", "-"]],
+    [
+        [],
+        ["web"],
+        ["web", "prepare"],
+        ["web", "prepare", "begin", "-", "extra", "more"],
+        ["--help", "prepare"],
+        ["web", "prepare", "--unknown-option", "-"],
+        ["-", "-", "-", "-"],
+    ],
     ids=["none", "object-only", "two", "too-many", "help-as-name", "option-like", "dashes"],
 )
-def test_lenient_argv(images: Path, syslog_lines: list[tuple[int, str]], args: list[str]) -> None:  # noqa: F811
+def test_lenient_argv(images: Path, syslog_lines: list[tuple[int, str]], args: list[str]) -> None:
     code, out, err = run_hook(args, domain_xml("legacy-file.xml", images))
     assert (code, out) == (0, "")
     if len(args) >= 2 and args[1] == "prepare":
@@ -119,12 +148,18 @@ def test_lenient_argv(images: Path, syslog_lines: list[tuple[int, str]], args: l
 
 
 @pytest.mark.interop
-def test_internal_errors_never_escape(images: Path) -> None:  # noqa: F811
+def test_internal_errors_never_escape(images: Path) -> None:
     def interrupted(_priority: int, _line: str) -> None:
         raise KeyboardInterrupt
 
-    assert hookcli.run_libvirt(["web", "prepare", "begin", "-"],
-                               io.BytesIO(domain_xml("legacy-file.xml", images).encode()), syslog_to=interrupted) == 0
+    assert (
+        hookcli.run_libvirt(
+            ["web", "prepare", "begin", "-"],
+            io.BytesIO(domain_xml("legacy-file.xml", images).encode()),
+            syslog_to=interrupted,
+        )
+        == 0
+    )
     closed = io.BytesIO(b"<domain/>")
     closed.close()  # reading raises ValueError: reported as an internal error, still exit 0
     lines: list[str] = []
@@ -133,20 +168,33 @@ def test_internal_errors_never_escape(images: Path) -> None:  # noqa: F811
 
 
 @pytest.mark.interop
-def test_module_entry_point_real_process(images: Path) -> None:  # noqa: F811
+def test_module_entry_point_real_process(images: Path) -> None:
     """What the installed script runs: a real process, stdout checked at the file-descriptor level."""
     env = {**BARE_ENV, "PYTHONPATH": str(hookcli.package_root())}
     for operation in ("prepare",):
-        done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "web", operation, "begin", "-"],
-                              input=domain_xml("legacy-file.xml", images).encode(), capture_output=True, env=env,
-                              cwd="/", timeout=60, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "web", operation, "begin", "-"],
+            input=domain_xml("legacy-file.xml", images).encode(),
+            capture_output=True,
+            env=env,
+            cwd="/",
+            timeout=60,
+            check=False,
+        )
         assert (done.returncode, done.stdout) == (0, b"")
         assert b"qcrypt-hook: warning: domain 'web' disk vda" in done.stderr
         # vdc is declared nowhere: only reading its qcow v1 header finds the legacy encryption
         assert b"qcrypt-hook: warning: domain 'web' disk vdc" in done.stderr
         assert b"error" not in done.stderr and b"cut short" not in done.stderr
-    done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "web", "prepare", "begin", "-"],
-                          stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd="/", timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "web", "prepare", "begin", "-"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        cwd="/",
+        timeout=60,
+        check=False,
+    )
     assert (done.returncode, done.stdout) == (0, b"")
     assert b"domain XML: empty" in done.stderr
 
@@ -171,13 +219,18 @@ def _qemu_untouched(hooks: Path) -> bool:
 
 def run_script(script: Path, args: list[str], xml: str | None) -> subprocess.CompletedProcess[bytes]:
     """Run an installed hook the way libvirt does: env -i with a bare PATH, XML on stdin."""
-    return subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", str(script), *args],
-                          input=xml.encode() if xml is not None else b"", capture_output=True, cwd="/",
-                          timeout=60, check=False)
+    return subprocess.run(
+        ["env", "-i", "PATH=/usr/bin:/bin", str(script), *args],
+        input=xml.encode() if xml is not None else b"",
+        capture_output=True,
+        cwd="/",
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.mark.interop
-def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:  # noqa: F811
+def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:
     runner = CliRunner()
     first = runner.invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
     assert first.exit_code == 0, first.output
@@ -219,7 +272,7 @@ def test_install_run_uninstall(hooks_dir: Path, images: Path) -> None:  # noqa: 
 
 
 @pytest.mark.interop
-def test_script_with_source_tree_pythonpath_and_bare_env(hooks_dir: Path, images: Path) -> None:  # noqa: F811
+def test_script_with_source_tree_pythonpath_and_bare_env(hooks_dir: Path, images: Path) -> None:
     """The PYTHONPATH variant (qcrypt run from a source tree, not installed) works with env -i too."""
     script_text = hookcli.render_script(sys.executable, str(hookcli.package_root()))
     status, script = hookcli.install_script(hooks_dir, "60-qcrypt-src", script=script_text)
@@ -340,28 +393,37 @@ def package_copy(tmp_path: Path) -> Path:
     """A copy of this qcrypt package in its own folder (root-owned, 0755): what a source checkout looks like."""
     root = tmp_path / "src"
     root.mkdir(mode=0o755)
-    shutil.copytree(hookcli.package_root() / "qcrypt", root / "qcrypt",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(hookcli.package_root() / "qcrypt", root / "qcrypt", ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 
 def install_from(package: Path, hooks: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``qcrypt hook install`` run from the copy (PYTHONPATH, as from a source tree), cwd /."""
-    return subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "install", "--hooks-dir", str(hooks), *args],
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package)}, cwd="/", capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "qcrypt.cli.hook", "install", "--hooks-dir", str(hooks), *args],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package)},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("spoil,why", [
-    (lambda root: root.chmod(0o777), "mode 0777: writable by every user"),
-    (lambda root: root.chmod(0o1777), "mode 1777: writable by every user"),  # sticky: still a place to add modules
-    (lambda root: (root / "qcrypt" / "hook.py").chmod(0o666), "mode 0666: writable by every user"),
-    (lambda root: os.chown(root / "qcrypt" / "cli", 0, 4242) or (root / "qcrypt" / "cli").chmod(0o775),
-     "writable by group 4242"),
-    (lambda root: os.chown(root / "qcrypt" / "crypto" / "kdf.py", 4242, 0), "owner uid 4242"),
-])
-def test_install_refuses_a_package_others_can_change(package_copy: Path, hooks_dir: Path, spoil: Any,
-                                                     why: str) -> None:
+@pytest.mark.parametrize(
+    "spoil,why",
+    [
+        (lambda root: root.chmod(0o777), "mode 0777: writable by every user"),
+        (lambda root: root.chmod(0o1777), "mode 1777: writable by every user"),  # sticky: still a place to add modules
+        (lambda root: (root / "qcrypt" / "hook" / "check.py").chmod(0o666), "mode 0666: writable by every user"),
+        (
+            lambda root: os.chown(root / "qcrypt" / "cli", 0, 4242) or (root / "qcrypt" / "cli").chmod(0o775),
+            "writable by group 4242",
+        ),
+        (lambda root: os.chown(root / "qcrypt" / "crypto" / "kdf.py", 4242, 0), "owner uid 4242"),
+    ],
+)
+def test_install_refuses_a_package_others_can_change(package_copy: Path, hooks_dir: Path, spoil: Any, why: str) -> None:
     spoil(package_copy)
     refused = install_from(package_copy, hooks_dir)
     assert refused.returncode == 1, refused.stdout + refused.stderr
@@ -413,6 +475,7 @@ def test_install_says_where_warnings_go(hooks_dir: Path) -> None:
     """With no syslog socket the warnings reach no log: install says so instead of pointing at syslog."""
     if os.path.exists(hooklib.SYSLOG_SOCKET):
         pytest.skip(f"{hooklib.SYSLOG_SOCKET} exists here")
+
     def install() -> str:
         done = CliRunner().invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
         assert done.exit_code == 0, done.output
@@ -443,8 +506,13 @@ def test_hook_libvirt_help(entry: str) -> None:
         result = CliRunner().invoke(hookcli.hook, ["libvirt", "--help"])
         code, out = result.exit_code, result.stdout
     else:
-        done = subprocess.run([sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "--help"], capture_output=True,
-                              text=True, timeout=60, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "qcrypt.cli.hook", "libvirt", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         code, out = done.returncode, done.stdout
     assert code == 0 and out.startswith("Usage: qcrypt hook libvirt DOMAIN OPERATION SUBOPERATION EXTRA")
     assert "prepare" in out and "qcrypt hook install" in out

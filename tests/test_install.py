@@ -22,17 +22,29 @@ import qcrypt
 from qcrypt.cli import main as cli_main
 from qcrypt.cli.manpage import render
 from qcrypt.crypto import sector
-from tests.conftest import IN_CI, require_tool
+from tests._tools import IN_CI, require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 DISTRIBUTION = "qcow-crypt-migrate"
-ALL_EXIT_CODES = {cli_main.EXIT_OK, cli_main.EXIT_FINDINGS, cli_main.EXIT_USAGE, cli_main.EXIT_OTHER,
-                  cli_main.EXIT_INTERRUPTED, *cli_main.EXIT_CODES.values()}
+ALL_EXIT_CODES = {
+    cli_main.EXIT_OK,
+    cli_main.EXIT_FINDINGS,
+    cli_main.EXIT_USAGE,
+    cli_main.EXIT_OTHER,
+    cli_main.EXIT_INTERRUPTED,
+    *cli_main.EXIT_CODES.values(),
+}
 
 
 def run_qcrypt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qcrypt", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "qcrypt", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 def command_paths(command: click.Command, path: str) -> list[str]:
@@ -45,8 +57,9 @@ def command_paths(command: click.Command, path: str) -> list[str]:
 
 
 def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                           check=True).stdout.split()
+    names = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
     files = []
     for name in names:
         path = REPO / name
@@ -60,6 +73,7 @@ def tracked_text_files() -> list[Path]:
 
 
 # --- the name ---------------------------------------------------------------------------------------------------
+
 
 def test_distribution_name_is_ours_and_version_has_one_source() -> None:
     pyproject = (REPO / "pyproject.toml").read_text()
@@ -91,11 +105,21 @@ def test_nothing_tells_to_install_a_name_that_is_not_ours() -> None:
 
 
 def test_foreign_install_pattern_catches_the_forms_it_must() -> None:
-    for line in ("pip install qcrypt", "pip install 'qcrypt[libvirt]'", "$ pipx install qcrypt==0.1.0",
-                 "(pip install 'qcrypt[zstd]')", "python -m pip install -q qcrypt"):
+    for line in (
+        "pip install qcrypt",
+        "pip install 'qcrypt[libvirt]'",
+        "$ pipx install qcrypt==0.1.0",
+        "(pip install 'qcrypt[zstd]')",
+        "python -m pip install -q qcrypt",
+    ):
         assert FOREIGN_INSTALL.search(line), line
-    for line in ("pip install -e '.[test]'", "pip install ./qcow_crypt_migrate-0.1.0.tar.gz",
-                 "pip install ansible-core", "/opt/qcrypt/bin/pip install dist/x.whl", "pip install zstandard"):
+    for line in (
+        "pip install -e '.[test]'",
+        "pip install ./qcow_crypt_migrate-0.1.0.tar.gz",
+        "pip install ansible-core",
+        "/opt/qcrypt/bin/pip install dist/x.whl",
+        "pip install zstandard",
+    ):
         assert not FOREIGN_INSTALL.search(line), line
 
 
@@ -114,6 +138,7 @@ def test_artifact_names_in_the_docs_are_the_ones_the_build_gives() -> None:
 
 
 # --- --version, --help ------------------------------------------------------------------------------------------
+
 
 def test_version_names_the_distribution_and_the_accelerator_state() -> None:
     long, short = run_qcrypt("--version"), run_qcrypt("-V")
@@ -162,6 +187,7 @@ def test_readme_exit_code_table_is_the_code_s() -> None:
 
 # --- man page ---------------------------------------------------------------------------------------------------
 
+
 def test_man_page_is_current() -> None:
     assert (REPO / "man" / "qcrypt.1").read_text() == render(), "run scripts/make-manpage"
 
@@ -182,8 +208,13 @@ def test_make_manpage_check_fails_on_a_stale_page(tmp_path: Path) -> None:
 @pytest.mark.interop
 def test_man_page_renders_every_command_exit_code_and_variable() -> None:
     man = require_tool("man", hint=" (apt-get install man-db)")
-    rendered = subprocess.run([man, "--warnings", "-l", str(REPO / "man" / "qcrypt.1")], capture_output=True,
-                              text=True, timeout=60, env={**os.environ, "MANWIDTH": "200", "MAN_KEEP_FORMATTING": ""})
+    rendered = subprocess.run(
+        [man, "--warnings", "-l", str(REPO / "man" / "qcrypt.1")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MANWIDTH": "200", "MAN_KEEP_FORMATTING": ""},
+    )
     assert rendered.returncode == 0 and not rendered.stderr.strip(), rendered.stderr
     text = re.sub(r".\x08", "", rendered.stdout)  # no overstrike (bold) when the output is not a terminal
     assert text.startswith("QCRYPT(1)")
@@ -206,20 +237,29 @@ def test_man_page_is_installed_with_the_package() -> None:
 
 # --- shell completion -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.interop
 def test_bash_completion_as_the_readme_sets_it_up(tmp_path: Path) -> None:
     """README (Install): eval "$(_QCRYPT_COMPLETE=bash_source qcrypt)" in bash completes commands and options."""
     bash = require_tool("bash")
     command = tmp_path / "qcrypt"  # the console script's equivalent, on PATH
-    command.write_text(f"#!/bin/sh\nexec {sys.executable} -m qcrypt \"$@\"\n")
+    command.write_text(f'#!/bin/sh\nexec {sys.executable} -m qcrypt "$@"\n')
     command.chmod(0o755)
-    script = ('eval "$(_QCRYPT_COMPLETE=bash_source qcrypt)"\n'
-              'complete -p qcrypt\n'
-              'COMP_WORDS=(qcrypt mig); COMP_CWORD=1; _qcrypt_completion qcrypt; echo "commands: ${COMPREPLY[*]}"\n'
-              'COMPREPLY=(); COMP_WORDS=(qcrypt scan --fail); COMP_CWORD=2; _qcrypt_completion qcrypt\n'
-              'echo "options: ${COMPREPLY[*]}"\n')
-    result = subprocess.run([bash, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO,
-                            env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    script = (
+        'eval "$(_QCRYPT_COMPLETE=bash_source qcrypt)"\n'
+        "complete -p qcrypt\n"
+        'COMP_WORDS=(qcrypt mig); COMP_CWORD=1; _qcrypt_completion qcrypt; echo "commands: ${COMPREPLY[*]}"\n'
+        "COMPREPLY=(); COMP_WORDS=(qcrypt scan --fail); COMP_CWORD=2; _qcrypt_completion qcrypt\n"
+        'echo "options: ${COMPREPLY[*]}"\n'
+    )
+    result = subprocess.run(
+        [bash, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+    )
     assert result.returncode == 0, result.stderr
     assert "complete -o nosort -F _qcrypt_completion qcrypt" in result.stdout
     assert "commands: migrate migrate-domain" in result.stdout

@@ -22,21 +22,34 @@ from tests._pbkdf import measured_rate
 KAT = [
     pytest.param("sha1", b"password", b"salt", 1, 20, "0c60c80f961f0e71f3a9b524af6012062fe037a6", id="rfc6070-1"),
     pytest.param("sha1", b"password", b"salt", 2, 20, "ea6c014dc72d6f8ccd1ed92ace1d41f0d8de8957", id="rfc6070-2"),
-    pytest.param("sha1", b"password", b"salt", 4096, 20, "4b007901b765489abead49d926f721d065a429c1",
-                 id="rfc6070-4096"),
-    pytest.param("sha1", b"passwordPASSWORDpassword", b"saltSALTsaltSALTsaltSALTsaltSALTsalt", 4096, 25,
-                 "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038", id="rfc6070-long"),
-    pytest.param("sha1", b"pass\0word", b"sa\0lt", 4096, 16, "56fa6aa75548099dcc37d7f03425e0c3",
-                 id="rfc6070-nul"),
-    pytest.param("sha256", b"passwd", b"salt", 1, 64,
-                 "55ac046e56e3089fec1691c22544b605f94185216dde0465e68b9d57c20dacbc"
-                 "49ca9cccf179b645991664b39d77ef317c71b845b1e30bd509112041d3a19783", id="rfc7914-sha256"),
+    pytest.param("sha1", b"password", b"salt", 4096, 20, "4b007901b765489abead49d926f721d065a429c1", id="rfc6070-4096"),
+    pytest.param(
+        "sha1",
+        b"passwordPASSWORDpassword",
+        b"saltSALTsaltSALTsaltSALTsaltSALTsalt",
+        4096,
+        25,
+        "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038",
+        id="rfc6070-long",
+    ),
+    pytest.param("sha1", b"pass\0word", b"sa\0lt", 4096, 16, "56fa6aa75548099dcc37d7f03425e0c3", id="rfc6070-nul"),
+    pytest.param(
+        "sha256",
+        b"passwd",
+        b"salt",
+        1,
+        64,
+        "55ac046e56e3089fec1691c22544b605f94185216dde0465e68b9d57c20dacbc"
+        "49ca9cccf179b645991664b39d77ef317c71b845b1e30bd509112041d3a19783",
+        id="rfc7914-sha256",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("hash_name", "password", "salt", "iterations", "length", "expected"), KAT)
-def test_pbkdf2_known_answers(hash_name: str, password: bytes, salt: bytes, iterations: int, length: int,
-                              expected: str) -> None:
+def test_pbkdf2_known_answers(
+    hash_name: str, password: bytes, salt: bytes, iterations: int, length: int, expected: str
+) -> None:
     derived = pbkdf2(hash_name, password, salt, iterations, length)
     assert isinstance(derived, bytearray)
     assert derived.hex() == expected

@@ -143,9 +143,19 @@ def test_a_raw_luks_target_cannot_carry_internal_snapshots() -> None:
     root = parse_snapshot_root(SNAPSHOT.format(mode="internal", uuid=UUID))
 
     def plan(to: str) -> DiskPlan:
-        return DiskPlan(target="vda", source="/i/web.qcow2", new_path="/i/web.luks", to=to, virtual_size=0,
-                        allocated_size=0, secret_uuid=UUID, secret_created=False, flatten=False, source_type="file",
-                        legacy_layers=["/i/web.qcow2"])
+        return DiskPlan(
+            target="vda",
+            source="/i/web.qcow2",
+            new_path="/i/web.luks",
+            to=to,
+            virtual_size=0,
+            allocated_size=0,
+            secret_uuid=UUID,
+            secret_created=False,
+            flatten=False,
+            source_type="file",
+            legacy_layers=["/i/web.qcow2"],
+        )
 
     assert _snapshot_loss(root, [plan("qcow2-luks")]) is None
     assert _snapshot_loss(root, [plan("luks")]) == "disk vda's new image (luks) cannot hold internal snapshots"

@@ -22,13 +22,15 @@ def test_qemu_cannot_open_a_file_we_hold_for_writing(tmp_path: Path, qemu_io: st
     fd = os.open(path, os.O_RDWR)
     try:
         locking.hold_shared_locks(fd, writing=True)
-        result = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True,
-                                text=True, timeout=120)
+        result = subprocess.run(
+            [qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode != 0 and 'Failed to get "write" lock' in result.stderr
     finally:
         os.close(fd)
-    free = subprocess.run([qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True,
-                          timeout=120)
+    free = subprocess.run(
+        [qemu_io, "-f", "raw", str(path), "-c", "write 0 512"], capture_output=True, text=True, timeout=120
+    )
     assert free.returncode == 0, free.stderr
 
 
@@ -37,8 +39,9 @@ def test_we_see_qemu_locks(tmp_path: Path, qemu_io: str) -> None:
     path = tmp_path / "img.raw"
     path.write_bytes(bytes(1 << 20))
     locking.refuse_if_in_use(str(path))  # nobody holds it
-    holder = subprocess.Popen([qemu_io, "-f", "raw", str(path), "-c", "sleep 20000"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen(
+        [qemu_io, "-f", "raw", str(path), "-c", "sleep 20000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -57,9 +60,11 @@ def test_another_qcrypt_run_is_named_as_such(tmp_path: Path) -> None:
     """qcrypt's locks carry a byte of its own: a second run says another qcrypt holds the image, not QEMU."""
     path = tmp_path / "img.raw"
     path.write_bytes(bytes(1 << 20))
-    script = ("import os, sys, time\nfrom qcrypt.plumbing.locking import hold_shared_locks\n"
-              f"fd = os.open({str(path)!r}, os.O_RDONLY)\nhold_shared_locks(fd, writing=False)\n"
-              "print('held', flush=True)\ntime.sleep(60)")
+    script = (
+        "import os, sys, time\nfrom qcrypt.plumbing.locking import hold_shared_locks\n"
+        f"fd = os.open({str(path)!r}, os.O_RDONLY)\nhold_shared_locks(fd, writing=False)\n"
+        "print('held', flush=True)\ntime.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

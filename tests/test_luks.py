@@ -29,8 +29,14 @@ WRONG_PASSPHRASE = b"p\xc3\xa4ssw\xc3\xb6rd 1"  # the right one without its newl
 FORCED = 1000
 MIB = 1 << 20
 
-CRYPTSETUP_SPECS = [("aes-xts-plain64", 256), ("aes-xts-plain64", 512), ("aes-cbc-essiv:sha256", 128),
-                    ("aes-cbc-essiv:sha256", 256), ("aes-cbc-plain64", 256), ("aes-cbc-plain", 256)]
+CRYPTSETUP_SPECS = [
+    ("aes-xts-plain64", 256),
+    ("aes-xts-plain64", 512),
+    ("aes-cbc-essiv:sha256", 128),
+    ("aes-cbc-essiv:sha256", 256),
+    ("aes-cbc-plain64", 256),
+    ("aes-cbc-plain", 256),
+]
 HASHES = ["sha1", "sha256", "sha512"]
 CREATE_SPECS = [("aes-xts-plain64", 512), ("aes-cbc-essiv:sha256", 256), ("aes-cbc-plain64", 256)]
 
@@ -74,20 +80,46 @@ def dump_master_key(cryptsetup: str, image: Path, keyfile: str) -> tuple[bytes, 
     return bytes.fromhex("".join(dump.split())), fields
 
 
-def cryptsetup_format(cryptsetup: str, image: Path, keyfile: str, cipher: str, key_bits: int,
-                      hash_name: str) -> None:
+def cryptsetup_format(cryptsetup: str, image: Path, keyfile: str, cipher: str, key_bits: int, hash_name: str) -> None:
     with open(image, "wb") as fh:
         fh.truncate(4 * MIB)
-    run(cryptsetup, "luksFormat", "--type", "luks1", "--batch-mode", "--pbkdf-force-iterations", str(FORCED),
-        "--key-file", keyfile, "--cipher", cipher, "--key-size", str(key_bits), "--hash", hash_name, str(image))
+    run(
+        cryptsetup,
+        "luksFormat",
+        "--type",
+        "luks1",
+        "--batch-mode",
+        "--pbkdf-force-iterations",
+        str(FORCED),
+        "--key-file",
+        keyfile,
+        "--cipher",
+        cipher,
+        "--key-size",
+        str(key_bits),
+        "--hash",
+        hash_name,
+        str(image),
+    )
 
 
 def qemu_luks_create(qemu_img: str, image: Path, keyfile: str, options: str) -> None:
     """qemu-img create -f luks, retried: QEMU's benchmark sometimes fails on a busy machine."""
     for attempt in range(CPU_USAGE_ATTEMPTS):
-        result = run(qemu_img, "create", "-q", "-f", "luks", "--object", f"secret,id=s,file={keyfile}",
-                     "-o", f"key-secret=s,iter-time=10{',' + options if options else ''}", str(image), "1M",
-                     check=False)
+        result = run(
+            qemu_img,
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            f"secret,id=s,file={keyfile}",
+            "-o",
+            f"key-secret=s,iter-time=10{',' + options if options else ''}",
+            str(image),
+            "1M",
+            check=False,
+        )
         if result.returncode == 0:
             return
         if attempt == CPU_USAGE_ATTEMPTS - 1 or "CPU usage" not in result.stderr:
@@ -105,8 +137,9 @@ def patterned(sectors: int) -> bytes:
     return b"".join(struct.pack(">Q", i) * 64 for i in range(sectors))
 
 
-def make_volume(cipher: str = "aes-xts-plain64", key_bits: int = 512,
-                hash_name: str = "sha256") -> tuple[bytearray, luks.LuksHeader, bytearray]:
+def make_volume(
+    cipher: str = "aes-xts-plain64", key_bits: int = 512, hash_name: str = "sha256"
+) -> tuple[bytearray, luks.LuksHeader, bytearray]:
     master_key = luks.new_master_key(key_bits // 8)
     params = luks.LuksParams(cipher=cipher, key_bits=key_bits, hash_name=hash_name, iterations=FORCED)
     header, area = luks.create(master_key, PASSPHRASE, params)
@@ -126,8 +159,7 @@ def volume() -> tuple[bytearray, luks.LuksHeader, bytearray]:
 @pytest.mark.interop
 @pytest.mark.parametrize("hash_name", HASHES)
 @pytest.mark.parametrize(("cipher", "key_bits"), CRYPTSETUP_SPECS)
-def test_unlock_cryptsetup_header(cryptsetup: str, tmp_path: Path, cipher: str, key_bits: int,
-                                  hash_name: str) -> None:
+def test_unlock_cryptsetup_header(cryptsetup: str, tmp_path: Path, cipher: str, key_bits: int, hash_name: str) -> None:
     image, keyfile = tmp_path / "cs.img", key_file(tmp_path, PASSPHRASE)
     cryptsetup_format(cryptsetup, image, keyfile, cipher, key_bits, hash_name)
     expected_key, fields = dump_master_key(cryptsetup, image, keyfile)
@@ -136,7 +168,7 @@ def test_unlock_cryptsetup_header(cryptsetup: str, tmp_path: Path, cipher: str, 
     assert header.cipher == cipher == f"{fields['Cipher name']}-{fields['Cipher mode']}"
     assert (header.key_bits, header.hash_spec, header.uuid) == (key_bits, hash_name, fields["UUID"])
     assert header.payload_offset == int(fields["Payload offset"])
-    assert header.to_bytes() == image.read_bytes()[:fmt.PHDR_SIZE]
+    assert header.to_bytes() == image.read_bytes()[: fmt.PHDR_SIZE]
     assert luks.unlock(header, read_at, PASSPHRASE) == expected_key
     with pytest.raises(BadPassphraseError, match="opens no keyslot"):
         luks.unlock(header, read_at, WRONG_PASSPHRASE)
@@ -145,15 +177,21 @@ def test_unlock_cryptsetup_header(cryptsetup: str, tmp_path: Path, cipher: str, 
 # qemu-img benchmarks PBKDF2 for about a second whatever iter-time says, so keep this list short.
 QEMU_OPTIONS = [
     pytest.param("", "aes-xts-plain64", 512, "sha256", id="defaults"),
-    pytest.param("cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1", "aes-cbc-essiv:sha256",
-                 128, "sha1", id="cbc-essiv-128-sha1"),
+    pytest.param(
+        "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1",
+        "aes-cbc-essiv:sha256",
+        128,
+        "sha1",
+        id="cbc-essiv-128-sha1",
+    ),
 ]
 
 
 @pytest.mark.interop
 @pytest.mark.parametrize(("options", "cipher", "key_bits", "hash_name"), QEMU_OPTIONS)
-def test_unlock_qemu_header(qemu_img: str, cryptsetup: str, tmp_path: Path, options: str, cipher: str,
-                            key_bits: int, hash_name: str) -> None:
+def test_unlock_qemu_header(
+    qemu_img: str, cryptsetup: str, tmp_path: Path, options: str, cipher: str, key_bits: int, hash_name: str
+) -> None:
     image, keyfile = tmp_path / "q.luks", key_file(tmp_path, PASSPHRASE)
     qemu_luks_create(qemu_img, image, keyfile, options)
     header = read_file_header(image)
@@ -173,16 +211,26 @@ def test_unlock_qemu_header(qemu_img: str, cryptsetup: str, tmp_path: Path, opti
 
 def _check_payload_with_qemu(qemu_img: str, tmp_path: Path, image: Path, keyfile: str, plaintext: bytes) -> None:
     out = tmp_path / "plain.raw"
-    run(qemu_img, "convert", "--object", f"secret,id=s,file={keyfile}", "--image-opts",
-        f"driver=luks,file.filename={image},key-secret=s", "-O", "raw", str(out))
+    run(
+        qemu_img,
+        "convert",
+        "--object",
+        f"secret,id=s,file={keyfile}",
+        "--image-opts",
+        f"driver=luks,file.filename={image},key-secret=s",
+        "-O",
+        "raw",
+        str(out),
+    )
     assert_same_bytes(out.read_bytes(), plaintext, "qemu-img's decryption")
 
 
 @pytest.mark.interop
 @pytest.mark.parametrize("hash_name", HASHES)
 @pytest.mark.parametrize(("cipher", "key_bits"), CREATE_SPECS)
-def test_created_volume_interoperates(cryptsetup: str, qemu_img: str, tmp_path: Path, cipher: str, key_bits: int,
-                                      hash_name: str) -> None:
+def test_created_volume_interoperates(
+    cryptsetup: str, qemu_img: str, tmp_path: Path, cipher: str, key_bits: int, hash_name: str
+) -> None:
     master_key, header, area = make_volume(cipher, key_bits, hash_name)
     assert len(area) == header.payload_offset * 512
     plaintext = patterned(2048)  # 1 MiB; each sector differs, so IV mistakes past sector 0 show up
@@ -208,8 +256,9 @@ def test_created_volume_interoperates(cryptsetup: str, qemu_img: str, tmp_path: 
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize(("cipher", "key_bits"), [("aes-xts-plain64", 512), ("aes-xts-plain64", 256),
-                                                 ("aes-cbc-essiv:sha256", 128)])
+@pytest.mark.parametrize(
+    ("cipher", "key_bits"), [("aes-xts-plain64", 512), ("aes-xts-plain64", 256), ("aes-cbc-essiv:sha256", 128)]
+)
 def test_layout_matches_cryptsetup(cryptsetup: str, tmp_path: Path, cipher: str, key_bits: int) -> None:
     image, keyfile = tmp_path / "cs.img", key_file(tmp_path, PASSPHRASE)
     cryptsetup_format(cryptsetup, image, keyfile, cipher, key_bits, "sha256")
@@ -219,7 +268,7 @@ def test_layout_matches_cryptsetup(cryptsetup: str, tmp_path: Path, cipher: str,
     assert ours.keyslots[1:] == theirs.keyslots[1:]  # disabled slots identical, offsets and stripes included
     assert ours.keyslots[0].key_material_offset == theirs.keyslots[0].key_material_offset == 8
     assert (ours.mk_digest_iter, ours.keyslots[0].iterations) == (theirs.mk_digest_iter, FORCED)
-    assert bytes(area[fmt.PHDR_SIZE:8 * 512]) == bytes(8 * 512 - fmt.PHDR_SIZE)
+    assert bytes(area[fmt.PHDR_SIZE : 8 * 512]) == bytes(8 * 512 - fmt.PHDR_SIZE)
 
 
 def test_create_defaults_and_benchmarked_iterations() -> None:
@@ -227,7 +276,11 @@ def test_create_defaults_and_benchmarked_iterations() -> None:
     master_key = luks.new_master_key(64)
     header, area = luks.create(master_key, PASSPHRASE, params)
     assert (header.cipher, header.key_bits, header.hash_spec, header.payload_offset) == (
-        "aes-xts-plain64", 512, "sha256", 4096)
+        "aes-xts-plain64",
+        512,
+        "sha256",
+        4096,
+    )
     assert [s.key_material_offset for s in header.keyslots] == [8 + 504 * i for i in range(8)]
     rate = measured_rate(header.hash_spec, header.key_bytes)  # timed here, independently of kdf's benchmark
     assert max(1000, rate * 0.020 / 3) <= header.keyslots[0].iterations <= max(1000, rate * 0.020 * 3)
@@ -238,26 +291,28 @@ def test_create_defaults_and_benchmarked_iterations() -> None:
 
 
 def test_create_qemu_style_layout_and_uuid() -> None:
-    params = luks.LuksParams(iterations=FORCED, payload_align_sectors=0,
-                             uuid="0123ABCD-0123-4567-89AB-0123456789AB")
+    params = luks.LuksParams(iterations=FORCED, payload_align_sectors=0, uuid="0123ABCD-0123-4567-89AB-0123456789AB")
     header, area = luks.create(luks.new_master_key(64), PASSPHRASE, params)
     assert header.payload_offset == 4040
     assert len(area) == 4040 * 512
     assert header.uuid == "0123abcd-0123-4567-89ab-0123456789ab"
 
 
-@pytest.mark.parametrize(("params", "error"), [
-    (luks.LuksParams(cipher="aes-cbc-plain64:sha256", key_bits=256), FormatError),
-    (luks.LuksParams(cipher="aes-xts-plain64", key_bits=128), FormatError),
-    (luks.LuksParams(cipher="aes-cbc-plain64", key_bits=512), FormatError),
-    (luks.LuksParams(cipher="aes", key_bits=256), FormatError),
-    (luks.LuksParams(cipher="serpent-xts-plain64"), UnsupportedFeatureError),
-    (luks.LuksParams(cipher="aes-ecb", key_bits=256), UnsupportedFeatureError),
-    (luks.LuksParams(hash_name="md5"), UnsupportedFeatureError),
-    (luks.LuksParams(hash_name="SHA256"), UnsupportedFeatureError),
-    (luks.LuksParams(iterations=999), FormatError),
-    (luks.LuksParams(uuid="not-a-uuid", iterations=FORCED), FormatError),
-])
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        (luks.LuksParams(cipher="aes-cbc-plain64:sha256", key_bits=256), FormatError),
+        (luks.LuksParams(cipher="aes-xts-plain64", key_bits=128), FormatError),
+        (luks.LuksParams(cipher="aes-cbc-plain64", key_bits=512), FormatError),
+        (luks.LuksParams(cipher="aes", key_bits=256), FormatError),
+        (luks.LuksParams(cipher="serpent-xts-plain64"), UnsupportedFeatureError),
+        (luks.LuksParams(cipher="aes-ecb", key_bits=256), UnsupportedFeatureError),
+        (luks.LuksParams(hash_name="md5"), UnsupportedFeatureError),
+        (luks.LuksParams(hash_name="SHA256"), UnsupportedFeatureError),
+        (luks.LuksParams(iterations=999), FormatError),
+        (luks.LuksParams(uuid="not-a-uuid", iterations=FORCED), FormatError),
+    ],
+)
 def test_create_refuses_bad_params(params: luks.LuksParams, error: type[Exception]) -> None:
     with pytest.raises(error):
         luks.create(luks.new_master_key(params.key_bits // 8), PASSPHRASE, params)
@@ -313,14 +368,15 @@ def test_add_keyslot_to_cryptsetup_volume(cryptsetup: str, tmp_path: Path) -> No
     cryptsetup_format(cryptsetup, image, keyfile, "aes-xts-plain64", 512, "sha512")
     header = read_file_header(image)
     data = bytearray(image.read_bytes())
-    area = data[:header.payload_offset * 512]
+    area = data[: header.payload_offset * 512]
     master_key = luks.unlock(header, luks.bytes_reader(area, path="mem"), PASSPHRASE)
     luks.add_keyslot(header, area, master_key, OTHER_PASSPHRASE, iterations=FORCED, slot=7)
-    data[:len(area)] = area
+    data[: len(area)] = area
     image.write_bytes(data)
     key2 = key_file(tmp_path, OTHER_PASSPHRASE, "key2")
-    assert run(cryptsetup, "open", "--test-passphrase", "--key-file", key2, "--key-slot", "7",
-               str(image)).returncode == 0
+    assert (
+        run(cryptsetup, "open", "--test-passphrase", "--key-file", key2, "--key-slot", "7", str(image)).returncode == 0
+    )
     assert "Key Slot 7: ENABLED" in run(cryptsetup, "luksDump", str(image)).stdout
 
 
@@ -379,12 +435,14 @@ INVALID = [
     pytest.param(lambda p: _poke(p, 0, "6s", b"LUKS\xba\xbf"), FormatError, "magic", id="magic"),
     pytest.param(lambda p: _poke(p, 6, ">H", 2), UnsupportedFeatureError, "version", id="luks2-version"),
     pytest.param(lambda p: _poke(p, 6, ">H", 3), UnsupportedFeatureError, "version", id="version-3"),
-    pytest.param(lambda p: _poke(p, _slot_field(7, 44), ">I", 3999), FormatError, "keyslot 7 stripes",
-                 id="stripes-disabled-slot"),
+    pytest.param(
+        lambda p: _poke(p, _slot_field(7, 44), ">I", 3999), FormatError, "keyslot 7 stripes", id="stripes-disabled-slot"
+    ),
     pytest.param(lambda p: _poke(p, _slot_field(0, 44), ">I", 0), FormatError, "keyslot 0 stripes", id="stripes-0"),
     pytest.param(lambda p: _poke(p, _slot_field(3, 0), ">I", 0), FormatError, "keyslot 3 active", id="active-0"),
-    pytest.param(lambda p: _poke(p, _slot_field(0, 4), ">I", 0), FormatError, "keyslot 0 iterations",
-                 id="iterations-0"),
+    pytest.param(
+        lambda p: _poke(p, _slot_field(0, 4), ">I", 0), FormatError, "keyslot 0 iterations", id="iterations-0"
+    ),
     pytest.param(lambda p: _poke(p, 40, "32s", b"x" * 32), FormatError, "cipher_mode", id="no-nul"),
     pytest.param(lambda p: _poke(p, 40, "32s", b"xts-plain\xff4"), FormatError, "cipher_mode", id="non-ascii"),
     pytest.param(lambda p: _poke(p, 108, ">I", 0), FormatError, "key_bytes", id="key-bytes-0"),
@@ -394,15 +452,25 @@ INVALID = [
     pytest.param(lambda p: _poke(p, 104, ">I", 4000), FormatError, "payload_offset", id="payload-in-slot-7"),
     # slot 7's material is sectors 3536..4035 (512-bit key: 500 sectors): one sector of overlap is refused
     pytest.param(lambda p: _poke(p, 104, ">I", 4035), FormatError, "payload_offset", id="payload-1-sector-in-slot-7"),
-    pytest.param(lambda p: _poke(p, _slot_field(2, 40), ">I", 1), FormatError, "keyslot 2 key_material_offset",
-                 id="slot-in-phdr"),
-    pytest.param(lambda p: _poke(p, _slot_field(2, 40), ">I", 600), FormatError, "key_material_offset",
-                 id="slots-overlap"),
+    pytest.param(
+        lambda p: _poke(p, _slot_field(2, 40), ">I", 1), FormatError, "keyslot 2 key_material_offset", id="slot-in-phdr"
+    ),
+    pytest.param(
+        lambda p: _poke(p, _slot_field(2, 40), ">I", 600), FormatError, "key_material_offset", id="slots-overlap"
+    ),
     # slot 1's material is sectors 512..1011: slot 2 starting at 1011 overlaps it by one sector
-    pytest.param(lambda p: _poke(p, _slot_field(2, 40), ">I", 1011), FormatError, "keyslot 2 key_material_offset",
-                 id="slots-overlap-1-sector"),
-    pytest.param(lambda p: _poke(p, _slot_field(6, 40), ">I", 10**6), FormatError, "keyslot 6 key_material_offset",
-                 id="slot-past-region"),
+    pytest.param(
+        lambda p: _poke(p, _slot_field(2, 40), ">I", 1011),
+        FormatError,
+        "keyslot 2 key_material_offset",
+        id="slots-overlap-1-sector",
+    ),
+    pytest.param(
+        lambda p: _poke(p, _slot_field(6, 40), ">I", 10**6),
+        FormatError,
+        "keyslot 6 key_material_offset",
+        id="slot-past-region",
+    ),
 ]
 
 
@@ -422,10 +490,11 @@ UNSUPPORTED = [
 
 
 @pytest.mark.parametrize(("mutate", "part", "qemu_implements"), UNSUPPORTED)
-def test_unsupported_algorithms_are_still_luks1(volume: tuple[bytearray, luks.LuksHeader, bytearray],
-                                                mutate: object, part: str, qemu_implements: bool) -> None:
+def test_unsupported_algorithms_are_still_luks1(
+    volume: tuple[bytearray, luks.LuksHeader, bytearray], mutate: object, part: str, qemu_implements: bool
+) -> None:
     _mk, _header, area = volume
-    header = _read(mutate(bytes(area[:fmt.PHDR_SIZE])) + bytes(area[fmt.PHDR_SIZE:]))  # type: ignore[operator]
+    header = _read(mutate(bytes(area[: fmt.PHDR_SIZE])) + bytes(area[fmt.PHDR_SIZE :]))  # type: ignore[operator]
     assert luks.qcrypt_unsupported(header) == [part]
     assert bool(luks.qemu_unsupported(header)) is not qemu_implements
     with pytest.raises(UnsupportedFeatureError) as caught:
@@ -435,10 +504,11 @@ def test_unsupported_algorithms_are_still_luks1(volume: tuple[bytearray, luks.Lu
 
 
 @pytest.mark.parametrize(("mutate", "error", "field"), INVALID)
-def test_invalid_headers(volume: tuple[bytearray, luks.LuksHeader, bytearray], mutate: object, error: type,
-                         field: str) -> None:
+def test_invalid_headers(
+    volume: tuple[bytearray, luks.LuksHeader, bytearray], mutate: object, error: type, field: str
+) -> None:
     _mk, _header, area = volume
-    data = mutate(bytes(area[:fmt.PHDR_SIZE])) + bytes(area[fmt.PHDR_SIZE:])  # type: ignore[operator]
+    data = mutate(bytes(area[: fmt.PHDR_SIZE])) + bytes(area[fmt.PHDR_SIZE :])  # type: ignore[operator]
     with pytest.raises(error) as caught:
         _read(data)
     assert caught.value.path == "t.luks"
@@ -447,8 +517,8 @@ def test_invalid_headers(volume: tuple[bytearray, luks.LuksHeader, bytearray], m
 
 def test_accepted_variants(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
     master_key, header, area = volume
-    phdr = bytes(area[:fmt.PHDR_SIZE])
-    rest = bytes(area[fmt.PHDR_SIZE:])
+    phdr = bytes(area[: fmt.PHDR_SIZE])
+    rest = bytes(area[fmt.PHDR_SIZE :])
     detached = _read(_poke(phdr, 104, ">I", 0) + rest)  # payload_offset 0: detached header
     assert detached.payload_offset == 0
     tight = _read(_poke(phdr, 104, ">I", 4036) + rest)  # payload right after slot 7's material (QEMU's layout)
@@ -461,7 +531,7 @@ def test_accepted_variants(volume: tuple[bytearray, luks.LuksHeader, bytearray])
     last_end = (header.keyslots[7].key_material_offset + header.material_sectors) * 512
     assert _read(bytes(area[:last_end])) == header
     with pytest.raises(FormatError, match="past the end"):
-        _read(bytes(area[:last_end - 512]))
+        _read(bytes(area[: last_end - 512]))
 
 
 def test_region_smaller_than_phdr() -> None:
@@ -538,5 +608,5 @@ def test_truncations_raise_only_format_errors(volume: tuple[bytearray, luks.Luks
 def test_dataclass_replace_round_trip(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
     _mk, header, area = volume
     changed = dataclasses.replace(header, uuid="11111111-2222-3333-4444-555555555555")
-    data = changed.to_bytes() + bytes(area[fmt.PHDR_SIZE:])
+    data = changed.to_bytes() + bytes(area[fmt.PHDR_SIZE :])
     assert _read(data) == changed

@@ -14,7 +14,7 @@ import pytest
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
 from qcrypt.luks import engine as luks
 from qcrypt.luks import luks2
-from tests.conftest import require_tool
+from tests._tools import require_tool
 
 MIB = 1 << 20
 HDR_SIZE = 0x4000
@@ -27,8 +27,9 @@ PBKDF_OPTIONS = {
 
 def luks_dump_fields(cryptsetup: str, image: Path) -> dict[str, list[str]]:
     """Every "name: value" line of ``cryptsetup luksDump``, values in order of appearance."""
-    out = subprocess.run([cryptsetup, "luksDump", str(image)], capture_output=True, text=True, check=True,
-                         timeout=60).stdout
+    out = subprocess.run(
+        [cryptsetup, "luksDump", str(image)], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     fields: dict[str, list[str]] = {}
     for line in out.splitlines():
         name, colon, value = line.partition(":")
@@ -42,9 +43,26 @@ def format_luks2(cryptsetup: str, image: Path, kdf: str, label: str = "qcrypt te
     keyfile.write_bytes(b"luks2 passphrase")
     with open(image, "wb") as fh:
         fh.truncate(2 * MIB)
-    subprocess.run([cryptsetup, "luksFormat", "--type", "luks2", "--batch-mode", *PBKDF_OPTIONS[kdf],
-                    "--luks2-keyslots-size", "512k", "--label", label, "--key-file", str(keyfile), str(image)],
-                   capture_output=True, check=True, timeout=60)
+    subprocess.run(
+        [
+            cryptsetup,
+            "luksFormat",
+            "--type",
+            "luks2",
+            "--batch-mode",
+            *PBKDF_OPTIONS[kdf],
+            "--luks2-keyslots-size",
+            "512k",
+            "--label",
+            label,
+            "--key-file",
+            str(keyfile),
+            str(image),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
 
 
 def read(data: bytes | bytearray, region_size: int | None = None) -> luks2.Luks2Info:
@@ -123,7 +141,7 @@ def test_checksum_recomputed_independently(pbkdf2_image: bytes) -> None:
 def test_damaged_headers(pbkdf2_image: bytes) -> None:
     def patched(offset: int, value: bytes) -> bytearray:
         data = bytearray(pbkdf2_image)
-        data[offset:offset + len(value)] = value
+        data[offset : offset + len(value)] = value
         return data
 
     cases: list[tuple[bytearray, type[QcryptError], str]] = [
@@ -182,18 +200,25 @@ def test_random_damage_raises_only_qcrypt_errors(pbkdf2_image: bytes) -> None:
 
 def test_odd_but_valid_json_is_reported_leniently() -> None:
     metadata = {
-        "keyslots": {"1": {"type": "luks2", "kdf": {"type": "pbkdf2", "hash": 5, "iterations": True}},
-                     "0": {"type": 7, "key_size": "64"}},
-        "segments": {"3": {"type": "crypt", "encryption": "aes-cbc-essiv:sha256", "sector_size": 512},
-                     "0": {"type": "linear"}},
+        "keyslots": {
+            "1": {"type": "luks2", "kdf": {"type": "pbkdf2", "hash": 5, "iterations": True}},
+            "0": {"type": 7, "key_size": "64"},
+        },
+        "segments": {
+            "3": {"type": "crypt", "encryption": "aes-cbc-essiv:sha256", "sector_size": 512},
+            "0": {"type": "linear"},
+        },
     }
     data = _make_header(metadata, label=b"\xc3\xa9t\xe9")
     info = read(data)
     assert info.checksum_ok and info.label == "\u00e9t\ufffd"
     assert [slot["index"] for slot in info.keyslots] == [0, 1]
-    assert info.keyslots[0] == {"index": 0, "type": None, "kdf": {"type": None, "hash": None, "iterations": None,
-                                                                  "time": None, "memory": None, "cpus": None},
-                                "key_size": None}
+    assert info.keyslots[0] == {
+        "index": 0,
+        "type": None,
+        "kdf": {"type": None, "hash": None, "iterations": None, "time": None, "memory": None, "cpus": None},
+        "key_size": None,
+    }
     assert info.keyslots[1]["kdf"]["hash"] is None and info.keyslots[1]["kdf"]["iterations"] is None
     assert (info.segment_cipher, info.segment_sector_size) == ("aes-cbc-essiv:sha256", 512)  # first "crypt"
     assert read(_make_header({"segments": {"0": {"type": "linear"}}})).segment_cipher is None
@@ -208,7 +233,7 @@ def _make_header(metadata: object, label: bytes = b"") -> bytes:
     binary = bytearray(4096)
     binary[0:8] = b"LUKS\xba\xbe\x00\x02"
     binary[8:16] = struct.pack(">Q", HDR_SIZE)
-    binary[24:24 + len(label)] = label
+    binary[24 : 24 + len(label)] = label
     binary[72:78] = b"sha256"
     binary[168:204] = b"01234567-89ab-cdef-0123-456789abcdef"
     text = json.dumps(metadata).encode()
@@ -231,12 +256,17 @@ def _reseal(area: bytearray, json_text: bytes, csum_alg: bytes = b"sha256") -> b
     return area
 
 
-@pytest.mark.parametrize("json_text,csum", [
-    (b'{"keyslots":{},"segments":{"0":{"type":"crypt","offset":"\\u00b2","size":"dynamic"}},"digests":{}}',
-     b"sha256"),
-    (b'{"keyslots":{"\\u00b2":{}},"segments":{},"digests":{}}', b"sha256"),
-    (b'{"keyslots":{},"segments":{},"digests":{}}', b"shake_256"),
-])
+@pytest.mark.parametrize(
+    "json_text,csum",
+    [
+        (
+            b'{"keyslots":{},"segments":{"0":{"type":"crypt","offset":"\\u00b2","size":"dynamic"}},"digests":{}}',
+            b"sha256",
+        ),
+        (b'{"keyslots":{"\\u00b2":{}},"segments":{},"digests":{}}', b"sha256"),
+        (b'{"keyslots":{},"segments":{},"digests":{}}', b"shake_256"),
+    ],
+)
 def test_hostile_but_checksummed_headers_give_format_errors(tmp_path: Path, json_text: bytes, csum: bytes) -> None:
     """Non-ASCII digits and odd checksum algorithms must not escape as ValueError/TypeError (scan aborts)."""
     from qcrypt.audit import scan

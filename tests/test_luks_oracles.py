@@ -56,14 +56,16 @@ def _payload(path: Path, offset: int, length: int) -> bytes:
 
 
 def _container(tmp_path: Path, cipher: str, key_bits: int, payload_bytes: int) -> im.Image:
-    return im.make_luks_cryptsetup(tmp_path / "cs.luks", payload_bytes, cipher=cipher, key_bits=key_bits,
-                                   hash_name="sha256", passphrase=PASSPHRASE)
+    return im.make_luks_cryptsetup(
+        tmp_path / "cs.luks", payload_bytes, cipher=cipher, key_bits=key_bits, hash_name="sha256", passphrase=PASSPHRASE
+    )
 
 
 @pytest.mark.interop
 @pytest.mark.parametrize("cipher,key_bits", SPECS, ids=[f"{c}-{b}" for c, b in SPECS])
-def test_reader_and_writer_match_qemu_on_a_cryptsetup_container(tmp_path: Path, cipher: str, key_bits: int,
-                                                                qemu_img: str, cryptsetup: str) -> None:
+def test_reader_and_writer_match_qemu_on_a_cryptsetup_container(
+    tmp_path: Path, cipher: str, key_bits: int, qemu_img: str, cryptsetup: str
+) -> None:
     image = _container(tmp_path, cipher, key_bits, PAYLOAD_BYTES)
     plaintext = im.sector_pattern(0, PAYLOAD_BYTES, cipher)
     im.write_data(image, 0, plaintext)  # QEMU encrypts every payload sector
@@ -76,19 +78,38 @@ def test_reader_and_writer_match_qemu_on_a_cryptsetup_container(tmp_path: Path, 
     pw = tmp_path / "pw"
     pw.write_text(PASSPHRASE)
     out = tmp_path / "out.luks"
-    subprocess.run([sys.executable, "-m", "qcrypt", "migrate", str(image.path), "--to", "luks", "-o", str(out),
-                    "--passphrase-file", str(pw), "-q"], check=True, capture_output=True, timeout=TIMEOUT_S)
-    assert_same_bytes(_payload(out, 0, PAYLOAD_BYTES), _payload(image.path, 0, PAYLOAD_BYTES),
-                      "our ciphertext vs QEMU's")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcrypt",
+            "migrate",
+            str(image.path),
+            "--to",
+            "luks",
+            "-o",
+            str(out),
+            "--passphrase-file",
+            str(pw),
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+    )
+    assert_same_bytes(
+        _payload(out, 0, PAYLOAD_BYTES), _payload(image.path, 0, PAYLOAD_BYTES), "our ciphertext vs QEMU's"
+    )
     assert im.plaintext_sha256(im.Image(out, "luks", PASSPHRASE)) == hashlib.sha256(plaintext).hexdigest()
     assert im.luks_master_key(out, PASSPHRASE) == im.luks_master_key(image.path, PASSPHRASE)
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("cipher,key_bits", [("aes-cbc-plain", 128), ("aes-xts-plain", 256),
-                                             ("aes-cbc-plain64", 128), ("aes-xts-plain64", 256)])
-def test_iv_wrap_at_2_pow_32_sectors(tmp_path: Path, cipher: str, key_bits: int, qemu_io: str,
-                                     cryptsetup: str) -> None:
+@pytest.mark.parametrize(
+    "cipher,key_bits",
+    [("aes-cbc-plain", 128), ("aes-xts-plain", 256), ("aes-cbc-plain64", 128), ("aes-xts-plain64", 256)],
+)
+def test_iv_wrap_at_2_pow_32_sectors(tmp_path: Path, cipher: str, key_bits: int, qemu_io: str, cryptsetup: str) -> None:
     """A sparse container whose payload passes 2 TiB: QEMU writes across sector 2^32, where ``plain``
     IVs wrap to 0 and ``plain64`` IVs do not; our reader and our sector cipher must agree with it."""
     payload_bytes = WRAP_SECTOR * SECTOR + (1 << 20)
@@ -99,13 +120,19 @@ def test_iv_wrap_at_2_pow_32_sectors(tmp_path: Path, cipher: str, key_bits: int,
     assert os.stat(image.path).st_blocks * 512 < 16 << 20  # sparse: only header and the written sectors
     with qcrypt.open_image(image.path, PASSPHRASE.encode()) as stream:
         assert_same_bytes(stream.read_at(first * SECTOR, len(plaintext)), plaintext, "our reader across the wrap")
-        assert_same_bytes(stream.read_at(first * SECTOR + 700, 2 * SECTOR),
-                          plaintext[700 : 700 + 2 * SECTOR], "unaligned read across the wrap")
+        assert_same_bytes(
+            stream.read_at(first * SECTOR + 700, 2 * SECTOR),
+            plaintext[700 : 700 + 2 * SECTOR],
+            "unaligned read across the wrap",
+        )
     # writer side: our sector cipher, keyed with the master key cryptsetup reports, encrypts as QEMU did
     name, mode = cipher.split("-", 1)
     sector_cipher = make_sector_cipher(name, mode, bytearray(im.luks_master_key(image.path, PASSPHRASE)))
     theirs = _payload(image.path, first * SECTOR, len(plaintext))
     assert_same_bytes(sector_cipher.encrypt(plaintext, first), theirs, "our ciphertext across the wrap")
     if mode.endswith("plain"):  # the wrap is real: sector 2^32 is encrypted as sector 0
-        assert_same_bytes(sector_cipher.encrypt(plaintext[3 * SECTOR : 4 * SECTOR], 0),
-                          theirs[3 * SECTOR : 4 * SECTOR], "sector 2^32 as sector 0")
+        assert_same_bytes(
+            sector_cipher.encrypt(plaintext[3 * SECTOR : 4 * SECTOR], 0),
+            theirs[3 * SECTOR : 4 * SECTOR],
+            "sector 2^32 as sector 0",
+        )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import _images as im
-from tests.conftest import require_tool
+from tests._tools import require_tool
 
 PASSPHRASE = "correct horse battery staple, longer than 16 bytes"
 SIZE = 8 << 20
@@ -25,10 +25,12 @@ FAST = ["--pbkdf-force-iterations", "1000"]
 TOOL_TIMEOUT = 120
 
 
-def qcrypt(*args: str, stdin: bytes | None = None, check: bool = True, timeout: float = 120,
-           **kw: object) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True,
-                            timeout=timeout, **kw)
+def qcrypt(
+    *args: str, stdin: bytes | None = None, check: bool = True, timeout: float = 120, **kw: object
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "qcrypt", *args], input=stdin, capture_output=True, timeout=timeout, **kw
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"qcrypt {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
     return result
@@ -52,21 +54,29 @@ def image_opts(path: Path, fmt: str, secret: bool | str, secret_id: str = "s") -
     return opts
 
 
-def qemu_compare(a: tuple[Path, str, bool | str], b: tuple[Path, str, bool | str], pw: Path,
-                 pw_a: Path | None = None) -> None:
+def qemu_compare(
+    a: tuple[Path, str, bool | str], b: tuple[Path, str, bool | str], pw: Path, pw_a: Path | None = None
+) -> None:
     """qemu-img compare of two guest views; ``b`` opens with ``pw``, ``a`` with ``pw_a`` (default ``pw``)."""
     objects = ["--object", f"secret,id=s,file={pw}", "--object", f"secret,id=a,file={pw_a or pw}"]
     out = subprocess.run(
-        [require_tool("qemu-img"), "compare", *objects, "--image-opts", image_opts(*a, secret_id="a"),
-         image_opts(*b)], capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+        [require_tool("qemu-img"), "compare", *objects, "--image-opts", image_opts(*a, secret_id="a"), image_opts(*b)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+    )
     assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
 
 
 def qemu_check(path: Path, pw: Path | None) -> dict[str, object]:
     args = [require_tool("qemu-img"), "check", "--output=json"]
     if pw:
-        args += ["--object", f"secret,id=s,file={pw}", "--image-opts",
-                 f"driver=qcow2,file.filename={path},encrypt.key-secret=s"]
+        args += [
+            "--object",
+            f"secret,id=s,file={pw}",
+            "--image-opts",
+            f"driver=qcow2,file.filename={path},encrypt.key-secret=s",
+        ]
     else:
         args.append(str(path))
     out = subprocess.run(args, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
@@ -135,17 +145,40 @@ def test_plaintext_exports(legacy: tuple[Path, Path], tmp_path: Path, target: st
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("cipher,bits,hash_name,weak", [("aes-cbc-essiv:sha256", "256", "sha512", False),
-                                                        ("aes-cbc-plain64", "128", "sha1", True),
-                                                        ("aes-xts-plain64", "256", "sha256", True)])
-def test_cipher_options(legacy: tuple[Path, Path], tmp_path: Path, cipher: str, bits: str, hash_name: str,
-                        weak: bool) -> None:
+@pytest.mark.parametrize(
+    "cipher,bits,hash_name,weak",
+    [
+        ("aes-cbc-essiv:sha256", "256", "sha512", False),
+        ("aes-cbc-plain64", "128", "sha1", True),
+        ("aes-xts-plain64", "256", "sha256", True),
+    ],
+)
+def test_cipher_options(
+    legacy: tuple[Path, Path], tmp_path: Path, cipher: str, bits: str, hash_name: str, weak: bool
+) -> None:
     source, pw = legacy
     new_pw = secret_file(tmp_path, "new", "a brand new passphrase", newline=True)
     out = tmp_path / "out.luks"
-    qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
-           "--new-passphrase-file", str(new_pw), "--cipher", cipher, "--key-size", bits, "--hash", hash_name, *FAST,
-           *(["--allow-weak"] if weak else []))
+    qcrypt(
+        "migrate",
+        str(source),
+        "--to",
+        "luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(pw),
+        "--new-passphrase-file",
+        str(new_pw),
+        "--cipher",
+        cipher,
+        "--key-size",
+        bits,
+        "--hash",
+        hash_name,
+        *FAST,
+        *(["--allow-weak"] if weak else []),
+    )
     dump = cryptsetup("luksDump", str(out)).stdout
     cipher_name, mode = cipher.split("-", 1)
     assert f"Cipher name:   \t{cipher_name}" in dump
@@ -159,14 +192,33 @@ def test_cipher_options(legacy: tuple[Path, Path], tmp_path: Path, cipher: str, 
 
 @pytest.mark.interop
 @pytest.mark.parametrize("target", ["luks", "qcow2-luks", "qcow2", "raw"])
-def test_fault_between_writing_and_verification_is_caught(legacy: tuple[Path, Path], tmp_path: Path,
-                                                          target: str) -> None:
+def test_fault_between_writing_and_verification_is_caught(
+    legacy: tuple[Path, Path], tmp_path: Path, target: str
+) -> None:
     """One byte of the temporary output flipped after writing: verification must refuse to commit it."""
     source, pw = legacy
     out = tmp_path / f"out.{target}"
-    result = subprocess.run([sys.executable, "-m", "tests._faulty_migrate", "0", "migrate", str(source), "--to",
-                             target, "-o", str(out), "--passphrase-file", str(pw), *FAST],
-                            capture_output=True, text=True, timeout=TOOL_TIMEOUT, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests._faulty_migrate",
+            "0",
+            "migrate",
+            str(source),
+            "--to",
+            target,
+            "-o",
+            str(out),
+            "--passphrase-file",
+            str(pw),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        cwd=Path(__file__).parent.parent,
+    )
     assert "fault injected at" in result.stderr, result.stderr  # verification started on the temp file
     assert result.returncode == 7, result.stderr
     assert "differ from the source" in result.stderr and "verified" not in result.stdout
@@ -183,13 +235,34 @@ def test_faults_in_snapshots_and_coverage_are_caught(tmp_path: Path, qemu_img: s
     source = im.fixture_path(name, tmp_path)
     pw = secret_file(tmp_path, "pw", im.manifest()["fixtures"][name]["passphrase"])
     out = tmp_path / "out.qcow2"
-    result = subprocess.run([sys.executable, "-m", "tests._faulty_migrate", fault, "migrate", str(source), "--to",
-                             "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw), *FAST],
-                            capture_output=True, text=True, timeout=TOOL_TIMEOUT, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests._faulty_migrate",
+            fault,
+            "migrate",
+            str(source),
+            "--to",
+            "qcow2-luks",
+            "-o",
+            str(out),
+            "--passphrase-file",
+            str(pw),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        cwd=Path(__file__).parent.parent,
+    )
     assert "fault injected at" in result.stderr, result.stderr
     assert result.returncode == 7, result.stderr
-    expected = {"snapshot": "differ from the source", "drop-snapshot": "snapshot count differs from the source",
-                "short-verify": "were read back"}[fault]
+    expected = {
+        "snapshot": "differ from the source",
+        "drop-snapshot": "snapshot count differs from the source",
+        "short-verify": "were read back",
+    }[fault]
     assert expected in result.stderr, result.stderr  # the check meant for this fault caught it
     assert "verified" not in result.stdout and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [name, "pw"]
@@ -201,8 +274,21 @@ def test_iter_time_is_what_cryptsetup_measures(legacy: tuple[Path, Path], tmp_pa
     cryptsetup takes about 2 s to unlock it (wide bands: the machine is shared)."""
     source, pw = legacy
     out = tmp_path / "out.luks"
-    qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
-           "--iter-time", "2000", "--hash", "sha256", "-q")
+    qcrypt(
+        "migrate",
+        str(source),
+        "--to",
+        "luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(pw),
+        "--iter-time",
+        "2000",
+        "--hash",
+        "sha256",
+        "-q",
+    )
     iterations = im.luks_dump(out)["keyslots"][0]["iterations"]
     bench = cryptsetup("benchmark", "--pbkdf", "pbkdf2", "--hash", "sha256", "--key-size", "512")
     assert bench.returncode == 0, bench.stderr
@@ -223,13 +309,15 @@ def test_wrong_passphrase_refused_and_nothing_created(legacy: tuple[Path, Path],
     source, _ = legacy
     wrong = secret_file(tmp_path, "wrong", "not the passphrase")
     out = tmp_path / "out.luks"
-    result = qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(wrong),
-                    check=False)
+    result = qcrypt(
+        "migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(wrong), check=False
+    )
     assert result.returncode == 4
     assert b"probably wrong" in result.stderr and len(result.stderr.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.qcow2", "pw", "wrong"]
-    forced = qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(wrong),
-                    "--force", check=False)
+    forced = qcrypt(
+        "migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(wrong), "--force", check=False
+    )
     assert forced.returncode == 0, forced.stderr
     qemu_compare((out, "raw", False), (source, "qcow2", True), wrong)  # QEMU's garbage with the same wrong key
 
@@ -239,11 +327,13 @@ def test_random_plaintext_needs_force(tmp_path: Path, qemu_img: str) -> None:
     image = im.make_qcow2(tmp_path / "rnd.qcow2", 1 << 20, encrypt="aes", passphrase=PASSPHRASE)
     im.write_data(image, 0, os.urandom(1 << 20))
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
-    refused = qcrypt("migrate", str(image.path), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file",
-                     str(pw), check=False)
+    refused = qcrypt(
+        "migrate", str(image.path), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file", str(pw), check=False
+    )
     assert refused.returncode == 4 and b"--force" in refused.stderr
-    qcrypt("migrate", str(image.path), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file", str(pw),
-           "--force")
+    qcrypt(
+        "migrate", str(image.path), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file", str(pw), "--force"
+    )
     qemu_compare((tmp_path / "o", "raw", False), (image.path, "qcow2", True), pw)
 
 
@@ -251,8 +341,17 @@ def test_random_plaintext_needs_force(tmp_path: Path, qemu_img: str) -> None:
 def test_passphrase_from_stdin(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     out = tmp_path / "out.raw"
-    qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", "-",
-           stdin=PASSPHRASE.encode() + b"\n")
+    qcrypt(
+        "migrate",
+        str(source),
+        "--to",
+        "raw",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        "-",
+        stdin=PASSPHRASE.encode() + b"\n",
+    )
     qemu_compare((out, "raw", False), (source, "qcow2", True), pw)
     missing = qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "x"), check=False, stdin=b"")
     assert missing.returncode == 2 and b"--passphrase-file" in missing.stderr
@@ -265,16 +364,18 @@ def test_snapshots_are_kept(tmp_path: Path, qemu_img: str) -> None:
     source = im.fixture_path(name, tmp_path)
     pw = secret_file(tmp_path, "pw", entry["passphrase"])
     out = tmp_path / "out.qcow2"
-    stdout = qcrypt("migrate", str(source), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw),
-                    *FAST).stdout
+    stdout = qcrypt(
+        "migrate", str(source), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw), *FAST
+    ).stdout
     assert b"snap-1, snap-2" in stdout
     qemu_check(out, pw)
     migrated = im.Image(out, "qcow2", entry["passphrase"])
     assert im.plaintext_sha256(migrated) == entry["plaintext_sha256"]
     for snap, digest in entry["snapshot_sha256"].items():
         assert im.plaintext_sha256(migrated, snapshot_name=snap) == digest
-    listing = subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True,
-                             timeout=TOOL_TIMEOUT).stdout
+    listing = subprocess.run(
+        [qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True, timeout=TOOL_TIMEOUT
+    ).stdout
     assert [s["name"] for s in json.loads(listing)["snapshots"]] == ["snap-1", "snap-2"]
 
 
@@ -283,13 +384,32 @@ def test_backing_chains(tmp_path: Path, qemu_img: str) -> None:
     fixtures = im.manifest()["fixtures"]
     pw = secret_file(tmp_path, "pw", fixtures["chain-aes-base-c4k.qcow2"]["passphrase"])
     over_aes = im.fixture_path("chain-plain-over-aes.qcow2", tmp_path)
-    refused = qcrypt("migrate", str(over_aes), "--to", "qcow2-luks", "-o", str(tmp_path / "o.qcow2"),
-                     "--passphrase-file", str(pw), check=False)
+    refused = qcrypt(
+        "migrate",
+        str(over_aes),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(tmp_path / "o.qcow2"),
+        "--passphrase-file",
+        str(pw),
+        check=False,
+    )
     assert refused.returncode == 8 and b"--flatten" in refused.stderr
     assert not (tmp_path / "o.qcow2").exists()
     flat = tmp_path / "flat.qcow2"
-    qcrypt("migrate", str(over_aes), "--to", "qcow2-luks", "-o", str(flat), "--passphrase-file", str(pw),
-           "--flatten", *FAST)
+    qcrypt(
+        "migrate",
+        str(over_aes),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(flat),
+        "--passphrase-file",
+        str(pw),
+        "--flatten",
+        *FAST,
+    )
     assert "backing-filename" not in im.qemu_img_info(flat)
     qemu_check(flat, pw)
     qemu_compare((flat, "qcow2", True), (over_aes, "qcow2", "backing"), pw)
@@ -303,9 +423,14 @@ def test_backing_chains(tmp_path: Path, qemu_img: str) -> None:
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("name,target", [("luks-qcow2-v3-c64k.qcow2", "luks"),
-                                         ("luks1-cs-aes-cbc-essiv-sha256-256-sha256.luks", "qcow2-luks"),
-                                         ("luks1-qemu-aes-xts-plain64-512.luks", "qcow2-luks")])
+@pytest.mark.parametrize(
+    "name,target",
+    [
+        ("luks-qcow2-v3-c64k.qcow2", "luks"),
+        ("luks1-cs-aes-cbc-essiv-sha256-256-sha256.luks", "qcow2-luks"),
+        ("luks1-qemu-aes-xts-plain64-512.luks", "qcow2-luks"),
+    ],
+)
 def test_luks_to_luks_keeps_master_key_and_keyslots(tmp_path: Path, qemu_img: str, name: str, target: str) -> None:
     entry = im.manifest()["fixtures"][name]
     source = im.fixture_path(name, tmp_path)
@@ -329,8 +454,11 @@ def test_luks_to_luks_keeps_master_key_and_keyslots(tmp_path: Path, qemu_img: st
 
 def _header_and_slots(dump: str) -> list[str]:
     """luksDump lines that a carried-over header keeps (everything but the file name and payload offset)."""
-    return [line for line in dump.splitlines()
-            if line.strip() and not line.startswith(("LUKS header information", "Payload offset"))]
+    return [
+        line
+        for line in dump.splitlines()
+        if line.strip() and not line.startswith(("LUKS header information", "Payload offset"))
+    ]
 
 
 @pytest.mark.interop
@@ -339,8 +467,7 @@ def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path
     os.chmod(source, 0o640)
     out = tmp_path / "out.raw"
     out.write_bytes(b"precious")
-    refused = qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw),
-                     check=False)
+    refused = qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw), check=False)
     assert refused.returncode == 6 and out.read_bytes() == b"precious"
     qcrypt("migrate", str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw), "--force")
     assert out.stat().st_mode & 0o777 == 0o600  # a decrypted copy of an encrypted image: owner only
@@ -356,8 +483,9 @@ def test_output_exists_force_and_permissions(legacy: tuple[Path, Path], tmp_path
 def test_replace_keeps_original(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
     before = source.read_bytes()
-    stdout = qcrypt("migrate", str(source), "--to", "qcow2-luks", "--replace", "--passphrase-file", str(pw),
-                    *FAST).stdout
+    stdout = qcrypt(
+        "migrate", str(source), "--to", "qcow2-luks", "--replace", "--passphrase-file", str(pw), *FAST
+    ).stdout
     kept = Path(str(source) + ".qcrypt-orig")
     assert kept.read_bytes() == before and b"shred -u" in stdout
     assert im.qemu_img_info(source)["format-specific"]["data"]["encrypt"]["format"] == "luks"
@@ -367,15 +495,26 @@ def test_replace_keeps_original(legacy: tuple[Path, Path], tmp_path: Path) -> No
 @pytest.mark.interop
 def test_source_in_use_is_refused(legacy: tuple[Path, Path], tmp_path: Path, qemu_io: str) -> None:
     source, pw = legacy
-    holder = subprocess.Popen([qemu_io, "--object", f"secret,id=s,file={pw}", "--image-opts",
-                               f"driver=qcow2,file.filename={source},encrypt.key-secret=s", "-c", "sleep 20000"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen(
+        [
+            qemu_io,
+            "--object",
+            f"secret,id=s,file={pw}",
+            "--image-opts",
+            f"driver=qcow2,file.filename={source},encrypt.key-secret=s",
+            "-c",
+            "sleep 20000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while "OFDLCK" not in Path("/proc/locks").read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        result = qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file",
-                        str(pw), check=False)
+        result = qcrypt(
+            "migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o"), "--passphrase-file", str(pw), check=False
+        )
         assert result.returncode == 5 and b"QEMU" in result.stderr
     finally:
         holder.kill()
@@ -383,8 +522,7 @@ def test_source_in_use_is_refused(legacy: tuple[Path, Path], tmp_path: Path, qem
 
 
 def _start_and_kill(args: list[str], tmp_path: Path, sig: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "qcrypt", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "qcrypt", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -402,9 +540,24 @@ def big_legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
             fh.write(bytes([i]) * (1 << 20))
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     source = tmp_path / "big.qcow2"
-    subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", "--object", f"secret,id=s,file={pw}",
-                    "-o", "encrypt.format=aes,encrypt.key-secret=s", str(raw), str(source)], check=True,
-                   timeout=TOOL_TIMEOUT)
+    subprocess.run(
+        [
+            qemu_img,
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "--object",
+            f"secret,id=s,file={pw}",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=s",
+            str(raw),
+            str(source),
+        ],
+        check=True,
+        timeout=TOOL_TIMEOUT,
+    )
     raw.unlink()
     return source, pw
 
@@ -427,8 +580,11 @@ def test_sigkill_leaves_no_output_and_rerun_cleans_up(big_legacy: tuple[Path, Pa
 def test_sigterm_removes_temp_file(big_legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = big_legacy
     out = tmp_path / "out.luks"
-    proc = _start_and_kill(["migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw),
-                            *FAST], tmp_path, signal.SIGTERM)
+    proc = _start_and_kill(
+        ["migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST],
+        tmp_path,
+        signal.SIGTERM,
+    )
     # 130 = our handler ran; -15 = the signal landed while the interpreter was already shutting down
     assert proc.returncode in (130, -signal.SIGTERM)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -444,9 +600,25 @@ def test_file_size_limit_gives_one_line_error(big_legacy: tuple[Path, Path], tmp
         resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
 
     out = tmp_path / "out.luks"
-    result = subprocess.run([sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "luks", "-o", str(out),
-                             "--passphrase-file", str(pw), *FAST], capture_output=True, preexec_fn=limit,
-                            timeout=TOOL_TIMEOUT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcrypt",
+            "migrate",
+            str(source),
+            "--to",
+            "luks",
+            "-o",
+            str(out),
+            "--passphrase-file",
+            str(pw),
+            *FAST,
+        ],
+        capture_output=True,
+        preexec_fn=limit,
+        timeout=TOOL_TIMEOUT,
+    )
     assert result.returncode == 9
     assert len(result.stderr.splitlines()) == 1 and b"file size limit" in result.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -460,8 +632,18 @@ def test_large_sparse_image_costs_its_data(tmp_path: Path, qemu_img: str) -> Non
         im.write_pattern(image, offset, 1 << 20, 0x5A)
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     out = tmp_path / "out.qcow2"
-    qcrypt("migrate", str(image.path), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw), *FAST,
-           timeout=120)
+    qcrypt(
+        "migrate",
+        str(image.path),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(pw),
+        *FAST,
+        timeout=120,
+    )
     assert out.stat().st_size < 64 << 20
     qemu_check(out, pw)
     qemu_compare((out, "qcow2", True), (image.path, "qcow2", True), pw)
@@ -490,20 +672,29 @@ def test_snapshot_vm_state_is_kept(tmp_path: Path, qemu_img: str, qemu_io: str) 
     qemu_check(out, pw)
     opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
     obj = ["--object", f"secret,id=s,file={pw}"]
-    subprocess.run([qemu_img, "snapshot", *obj, "-a", "with-ram", "--image-opts", opts], check=True,
-                   timeout=TOOL_TIMEOUT)
-    read = subprocess.run([qemu_io, *obj, "--image-opts", opts, "-c", "read -b -P 0x77 0 131072"],
-                          capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+    subprocess.run(
+        [qemu_img, "snapshot", *obj, "-a", "with-ram", "--image-opts", opts], check=True, timeout=TOOL_TIMEOUT
+    )
+    read = subprocess.run(
+        [qemu_io, *obj, "--image-opts", opts, "-c", "read -b -P 0x77 0 131072"],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+    )
     assert "Pattern verification failed" not in read.stdout + read.stderr and read.returncode == 0
-    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(out)], capture_output=True,
-                                     text=True, timeout=TOOL_TIMEOUT).stdout)
+    info = json.loads(
+        subprocess.run(
+            [qemu_img, "info", "--output=json", str(out)], capture_output=True, text=True, timeout=TOOL_TIMEOUT
+        ).stdout
+    )
     assert info["snapshots"][0]["vm-state-size"] == 131072
 
 
 @pytest.mark.interop
 @pytest.mark.parametrize("digest_name", ["xxh3_128", "sha256"])
-def test_verification_catches_a_corrupted_output(legacy: tuple[Path, Path], tmp_path: Path, digest_name: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_catches_a_corrupted_output(
+    legacy: tuple[Path, Path], tmp_path: Path, digest_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The read-back check compares digests of the source plaintext with what the output decodes to (with
     XXH3-128, and with the SHA-256 fallback used where the xxhash wheel is missing)."""
     import qcrypt as api
@@ -538,8 +729,19 @@ def test_too_small_filesystem_fails_before_writing(legacy: tuple[Path, Path], tm
     # a 1 PiB virtual disk: its raw LUKS form cannot fit on any filesystem here
     image = im.make_qcow2(tmp_path / "huge.qcow2", 1 << 50, encrypt="aes", passphrase=PASSPHRASE)
     im.write_pattern(image, 0, 65536, 0x41)
-    result = qcrypt("migrate", str(image.path), "--to", "luks", "-o", str(small / "out.luks"), "--passphrase-file",
-                    str(pw), *FAST, check=False, timeout=60)
+    result = qcrypt(
+        "migrate",
+        str(image.path),
+        "--to",
+        "luks",
+        "-o",
+        str(small / "out.luks"),
+        "--passphrase-file",
+        str(pw),
+        *FAST,
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 9 and b"free" in result.stderr and len(result.stderr.splitlines()) == 1
     assert list(small.iterdir()) == []
 
@@ -554,8 +756,9 @@ def test_hidden_prompt_on_a_terminal(tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     pid, fd = pty.fork()
     if pid == 0:  # child: the pty is its controlling terminal
-        os.execv(sys.executable, [sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "raw", "-o",
-                                  str(out)])
+        os.execv(
+            sys.executable, [sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "raw", "-o", str(out)]
+        )
     transcript = b""
     deadline = time.monotonic() + 30
     while b"passphrase" not in transcript and time.monotonic() < deadline:
@@ -583,8 +786,9 @@ def test_output_reaching_the_source_by_another_path_is_refused(legacy: tuple[Pat
     before = im.file_sha256(source)
     (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
     via_link = tmp_path / "alias" / source.name
-    result = qcrypt("migrate", str(source), "--to", "raw", "-o", str(via_link), "--passphrase-file", str(pw),
-                    "--force", check=False)
+    result = qcrypt(
+        "migrate", str(source), "--to", "raw", "-o", str(via_link), "--passphrase-file", str(pw), "--force", check=False
+    )
     assert result.returncode == 8 and b"overwrite the source" in result.stderr
     assert im.file_sha256(source) == before
 
@@ -594,8 +798,17 @@ def test_wrong_passphrase_refused_on_extended_l2(tmp_path: Path) -> None:
     name = "aes-qcow2-v3-extl2-c64k.qcow2"
     source = im.fixture_path(name, tmp_path)
     wrong = secret_file(tmp_path, "wrong", "not the passphrase")
-    result = qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o.raw"), "--passphrase-file",
-                    str(wrong), check=False)
+    result = qcrypt(
+        "migrate",
+        str(source),
+        "--to",
+        "raw",
+        "-o",
+        str(tmp_path / "o.raw"),
+        "--passphrase-file",
+        str(wrong),
+        check=False,
+    )
     assert result.returncode == 4 and b"probably wrong" in result.stderr
     right = secret_file(tmp_path, "right", im.manifest()["fixtures"][name]["passphrase"])
     qcrypt("migrate", str(source), "--to", "raw", "-o", str(tmp_path / "o.raw"), "--passphrase-file", str(right))
@@ -625,19 +838,59 @@ def test_overlay_migrated_to_another_folder_keeps_its_base(tmp_path: Path, qemu_
     decoy = im.make_qcow2(tmp_path / "b" / "base.qcow2", 1 << 20)
     im.write_pattern(decoy, 131072, 4096, 0x99)
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
-    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}",
-                    "-o", "encrypt.format=aes,encrypt.key-secret=s", "-b", "base.qcow2", "-F", "qcow2",
-                    str(tmp_path / "a" / "ov.qcow2")], check=True, cwd=tmp_path / "a", timeout=TOOL_TIMEOUT)
+    subprocess.run(
+        [
+            qemu_img,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            f"secret,id=s,file={pw}",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=s",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            str(tmp_path / "a" / "ov.qcow2"),
+        ],
+        check=True,
+        cwd=tmp_path / "a",
+        timeout=TOOL_TIMEOUT,
+    )
     overlay = im.Image(tmp_path / "a" / "ov.qcow2", "qcow2", PASSPHRASE)
     im.write_pattern(overlay, 0, 4096, 0x22)
     out = tmp_path / "b" / "out.qcow2"
-    qcrypt("migrate", str(overlay.path), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file",
-           str(tmp_path / "pw"), *FAST)
+    qcrypt(
+        "migrate",
+        str(overlay.path),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(tmp_path / "pw"),
+        *FAST,
+    )
     assert im.qemu_img_info(out)["backing-filename"] == "../a/base.qcow2"
     opts = f"driver=qcow2,file.filename={out},encrypt.key-secret=s"
-    read = subprocess.run([qemu_io, "--object", f"secret,id=s,file={tmp_path / 'pw'}", "--image-opts", opts,
-                           "-c", "read -P 0x11 131072 4096", "-c", "read -P 0x22 0 4096"], capture_output=True,
-                          text=True, timeout=TOOL_TIMEOUT)
+    read = subprocess.run(
+        [
+            qemu_io,
+            "--object",
+            f"secret,id=s,file={tmp_path / 'pw'}",
+            "--image-opts",
+            opts,
+            "-c",
+            "read -P 0x11 131072 4096",
+            "-c",
+            "read -P 0x22 0 4096",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+    )
     assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout
 
 
@@ -648,8 +901,9 @@ def test_timings_name_every_phase(legacy: tuple[Path, Path], tmp_path: Path) -> 
 
     source, pw = legacy
     out = tmp_path / "out.luks"
-    result = qcrypt("migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST,
-                    "-q", "--timings")
+    result = qcrypt(
+        "migrate", str(source), "--to", "luks", "-o", str(out), "--passphrase-file", str(pw), *FAST, "-q", "--timings"
+    )
     assert result.stdout == b""
     line = result.stderr.decode().strip()
     phases = re.findall(r"([a-zA-Z ]+?) (\d+\.\d\d) s", line.removeprefix("timings: "))
@@ -688,8 +942,9 @@ def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatc
         return real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mig, "verify", recording)
-    opts = mig.MigrateOptions(target="qcow2-luks", output=str(tmp_path / "out.qcow2"), passphrase=passphrase,
-                              iterations=1000, workers=1)
+    opts = mig.MigrateOptions(
+        target="qcow2-luks", output=str(tmp_path / "out.qcow2"), passphrase=passphrase, iterations=1000, workers=1
+    )
     mig.migrate(str(source), opts)
     assert checked[-1] == written[-1]  # the active table: every range
     snapshot_tables = [t for t in written if t >= 0]
@@ -714,8 +969,7 @@ def test_verify_catches_a_cluster_shared_by_mistake(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(mig, "_layer_job", keyed_by_guest_cluster_only)
     out = tmp_path / "out.qcow2"
-    opts = mig.MigrateOptions(target="qcow2-luks", output=str(out), passphrase=passphrase, iterations=1000,
-                              workers=1)
+    opts = mig.MigrateOptions(target="qcow2-luks", output=str(out), passphrase=passphrase, iterations=1000, workers=1)
     with pytest.raises(api.VerificationError, match="differ from the source"):
         mig.migrate(str(source), opts)
     assert not out.exists()

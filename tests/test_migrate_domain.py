@@ -26,7 +26,7 @@ from qcrypt.errors import VerificationError
 from qcrypt.libvirt.connection import binding_available, open_connection
 from qcrypt.migrate.run import MigrateOptions, MigrateResult
 from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, sha256, virsh
-from tests.conftest import FIXTURES, IN_CI, require_tool
+from tests._tools import FIXTURES, IN_CI, require_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
 
@@ -46,17 +46,33 @@ def lab() -> Iterator[Lab]:
 
 
 def backends() -> list[Any]:
-    api = pytest.param("api", marks=pytest.mark.skipif(not binding_available() and not IN_CI,
-                                                         reason="libvirt Python binding not installed"))
+    api = pytest.param(
+        "api",
+        marks=pytest.mark.skipif(not binding_available() and not IN_CI, reason="libvirt Python binding not installed"),
+    )
     return ["virsh", api]
 
 
-def qcrypt_domain(lab: Lab, tmp_path: Path, *args: str, stdin: bytes | None = None, backend: str = "virsh"
-                  ) -> subprocess.CompletedProcess[str]:
-    words = [sys.executable, "-m", "qcrypt", "migrate-domain", "-c", "qemu:///system", "--backend", backend,
-             "--backup-dir", str(tmp_path / "backups"), *FAST, *args]
-    return subprocess.run(words, input=(stdin or b"").decode(), capture_output=True, text=True, timeout=300,
-                          check=False)
+def qcrypt_domain(
+    lab: Lab, tmp_path: Path, *args: str, stdin: bytes | None = None, backend: str = "virsh"
+) -> subprocess.CompletedProcess[str]:
+    words = [
+        sys.executable,
+        "-m",
+        "qcrypt",
+        "migrate-domain",
+        "-c",
+        "qemu:///system",
+        "--backend",
+        backend,
+        "--backup-dir",
+        str(tmp_path / "backups"),
+        *FAST,
+        *args,
+    ]
+    return subprocess.run(
+        words, input=(stdin or b"").decode(), capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def as_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -73,10 +89,14 @@ def disk_of(xml: str, target: str) -> ET.Element:
 
 def same_guest_data(lab: Lab, old: list[str], new: Path, pw: Path, driver: str = "qcow2") -> None:
     """qemu-img compare: the new LUKS image shows the guest what the old one did."""
-    opened = (f"driver=luks,file.filename={new},key-secret=s" if driver == "luks"
-              else f"driver=qcow2,file.filename={new},encrypt.key-secret=s")
-    done = run("qemu-img", "compare", "-U", "--object", f"secret,id=s,file={pw}", "--image-opts", *old, opened,
-               check=False)
+    opened = (
+        f"driver=luks,file.filename={new},key-secret=s"
+        if driver == "luks"
+        else f"driver=qcow2,file.filename={new},encrypt.key-secret=s"
+    )
+    done = run(
+        "qemu-img", "compare", "-U", "--object", f"secret,id=s,file={pw}", "--image-opts", *old, opened, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -103,8 +123,7 @@ def test_declared_qcow_disk_with_readable_secret(lab: Lab, tmp_path: Path, backe
     lab.write(plain, 0x5A, MIB, 64 * 1024)
     secret = lab.secret(PW)
     name = f"{lab.prefix}-web"
-    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=secret),
-                                       disk_xml("vdb", plain)])
+    lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=secret), disk_xml("vdb", plain)])
     refused = virsh("start", name, check=False)
     assert "old qcow/qcow2 encryption is not supported" in refused.stderr  # what operators see (README)
     before_xml, before_files = lab.inactive_xml(name), lab.files()
@@ -113,7 +132,7 @@ def test_declared_qcow_disk_with_readable_secret(lab: Lab, tmp_path: Path, backe
     assert dry.returncode == 0, dry.stderr
     (planned,) = as_json(dry)["domains"]
     assert planned["status"] == "planned" and planned["xml_backup"] is None
-    assert "+        <encryption format=\"luks\">" in planned["xml_diff"] and "format=\"qcow\"" in planned["xml_diff"]
+    assert '+        <encryption format="luks">' in planned["xml_diff"] and 'format="qcow"' in planned["xml_diff"]
     assert [d["target"] for d in planned["disks"]] == ["vda"]
     assert lab.inactive_xml(name) == before_xml and lab.files() == before_files  # the dry run changed nothing
 
@@ -162,8 +181,7 @@ def test_legacy_disk_without_encryption_gets_a_new_secret(lab: Lab, tmp_path: Pa
     missing = qcrypt_domain(lab, tmp_path, name, "--format", "json", backend=backend)
     assert missing.returncode == 2 and "names no libvirt secret" in as_json(missing)["domains"][0]["reason"]
 
-    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--start", stdin=PW + b"\n",
-                         backend=backend)
+    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--start", stdin=PW + b"\n", backend=backend)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "new secret" in done.stdout and "started: the domain is running" in done.stdout
     assert PW.decode() not in done.stdout + done.stderr
@@ -230,8 +248,19 @@ def test_block_disk_gets_a_file_in_the_output_dir(lab: Lab, tmp_path: Path) -> N
     require_tool("losetup")
     pw = lab.passphrase_file("pw", PW)
     device = lab.loop_device("lv.img", 48 * MIB)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
-        "encrypt.format=aes,encrypt.key-secret=s", device, "32M")
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s",
+        device,
+        "32M",
+    )
     lab.write(Path(device), 0x77, 5 * MIB, MIB, pw)
     name = f"{lab.prefix}-block"
     lab.define_as_after_upgrade(name, [disk_xml("vda", device, encryption="qcow", secret=lab.secret(PW), block=True)])
@@ -265,8 +294,7 @@ def test_passphrase_file_with_a_newline_the_key_lacks(lab: Lab, tmp_path: Path) 
     assert done.returncode == 0, done.stdout + done.stderr
     (disk,) = as_json(done)["domains"][0]["disks"]
     assert disk["passphrase_from"] == "passphrase file without its trailing newline"
-    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], lab.folder / "nl.luks.qcow2",
-                    key)
+    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], lab.folder / "nl.luks.qcow2", key)
 
 
 # -- refusals: nothing changes -----------------------------------------------------------------------------------
@@ -279,10 +307,13 @@ def _two_disk_domain(lab: Lab, second_secret_value: bytes, *, private: bool = Fa
     second = lab.legacy_image("b.qcow2", pw)
     lab.write(second, 0x12, 0, MIB, pw)
     name = f"{lab.prefix}-two"
-    lab.define_as_after_upgrade(name, [
-        disk_xml("vda", first, encryption="qcow", secret=lab.secret(PW)),
-        disk_xml("vdb", second, encryption="qcow", secret=lab.secret(second_secret_value, private=private)),
-    ])
+    lab.define_as_after_upgrade(
+        name,
+        [
+            disk_xml("vda", first, encryption="qcow", secret=lab.secret(PW)),
+            disk_xml("vdb", second, encryption="qcow", secret=lab.secret(second_secret_value, private=private)),
+        ],
+    )
     return name, pw
 
 
@@ -340,8 +371,12 @@ def test_replace_rolls_back_then_replaces_in_place(lab: Lab, tmp_path: Path) -> 
     vda = disk_of(lab.inactive_xml(name), "vda")
     assert vda.find("source").get("file") == str(lab.folder / "a.qcow2")  # type: ignore[union-attr]
     assert vda.find("source/encryption").get("format") == "luks"  # type: ignore[union-attr]
-    same_guest_data(lab, [f"driver=qcow2,file.filename={lab.folder / 'a.qcow2.qcrypt-orig'},encrypt.key-secret=s"],
-                    lab.folder / "a.qcow2", pw)
+    same_guest_data(
+        lab,
+        [f"driver=qcow2,file.filename={lab.folder / 'a.qcow2.qcrypt-orig'},encrypt.key-secret=s"],
+        lab.folder / "a.qcow2",
+        pw,
+    )
     start_and_read(name, lab.folder / "a.qcow2", [(0x11, 0, MIB)])
     start_and_read(name, lab.folder / "b.qcow2", [(0x12, 0, MIB)])
 
@@ -358,8 +393,9 @@ def _root_only_file(lab: Lab) -> Path:
 def _migrate_in_process(lab: Lab, tmp_path: Path, name: str) -> DomainOutcome:
     conn = open_connection("qemu:///system", "virsh")
     try:
-        return migrate_domain(conn, name, DomainOptions(replace=True, iterations=1000,
-                                                        backup_dir=str(tmp_path / "backups")))
+        return migrate_domain(
+            conn, name, DomainOptions(replace=True, iterations=1000, backup_dir=str(tmp_path / "backups"))
+        )
     finally:
         conn.close()
 
@@ -379,8 +415,9 @@ def _swap_then_fail_disk_b(lab: Lab, monkeypatch: pytest.MonkeyPatch, swapped: P
     monkeypatch.setattr(domain_migrate, "migrate_image", migrate_image)
 
 
-def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--replace migrates disk a, then disk b fails (its verification, after every pre-check passed), so a's
     original goes back. Just before the failure the tenant puts a symlink to a root-only file under a.qcow2: the
     undo must put the original back under a.qcow2 in the image folder, never rename it over the symlink's
@@ -399,8 +436,9 @@ def test_replace_undo_never_follows_a_symlink_the_tenant_swapped_in(lab: Lab, tm
     assert not (lab.folder / "a.qcow2.qcrypt-orig").exists()
 
 
-def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replace_undo_refuses_an_original_the_tenant_swapped(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file before disk b fails: the undo must
     not move that symlink under a.qcow2 (the domain would open the root-only file), and it says what it could
     not undo."""
@@ -419,8 +457,9 @@ def test_replace_undo_refuses_an_original_the_tenant_swapped(lab: Lab, tmp_path:
     assert "NOT undone" in printed.getvalue()
 
 
-def test_advice_never_names_an_original_the_tenant_swapped(lab: Lab, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_advice_never_names_an_original_the_tenant_swapped(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After the originals were kept, the tenant swaps a.qcow2.qcrypt-orig for a symlink to a root-only file:
     the printed 'shred -u' names only b's original, and a's is reported as not checked."""
     name, _pw = _two_disk_domain(lab, PW)
@@ -441,8 +480,11 @@ def test_advice_never_names_an_original_the_tenant_swapped(lab: Lab, tmp_path: P
 
     conn = open_connection("qemu:///system", "virsh")
     try:
-        outcome = migrate_domain(SwappingConnection(conn), name,  # type: ignore[arg-type]
-                                 DomainOptions(replace=True, iterations=1000, backup_dir=str(tmp_path / "backups")))
+        outcome = migrate_domain(
+            SwappingConnection(conn),
+            name,  # type: ignore[arg-type]
+            DomainOptions(replace=True, iterations=1000, backup_dir=str(tmp_path / "backups")),
+        )
     finally:
         conn.close()
     assert outcome.status == "migrated", outcome.reason
@@ -530,8 +572,24 @@ def test_guest_written_header_on_a_raw_disk_is_guest_data(lab: Lab, tmp_path: Pa
     host_file.chmod(0o600)
     pw = lab.passphrase_file("pw", PW)
     fake = tmp_path / "fake.qcow2"
-    run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
-        "encrypt.format=aes,encrypt.key-secret=s", "-b", host_file, "-F", "raw", fake, "1M")
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s",
+        "-b",
+        host_file,
+        "-F",
+        "raw",
+        fake,
+        "1M",
+    )
     disk = lab.folder / "guest.raw"
     with open(disk, "wb") as fh:
         fh.truncate(4 * MIB)
@@ -555,15 +613,25 @@ def test_guest_written_header_on_a_raw_disk_is_guest_data(lab: Lab, tmp_path: Pa
     xml_dir = tmp_path / "xml"
     xml_dir.mkdir()
     (xml_dir / f"{name}.xml").write_text(before_xml, encoding="utf-8")
-    scanned = subprocess.run([sys.executable, "-m", "qcrypt", "scan", "--libvirt-xml", str(xml_dir), "--format",
-                              "json", str(disk)], capture_output=True, text=True, timeout=120, check=False)
+    scanned = subprocess.run(
+        [sys.executable, "-m", "qcrypt", "scan", "--libvirt-xml", str(xml_dir), "--format", "json", str(disk)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert scanned.returncode == 0, scanned.stdout + scanned.stderr
     (report,) = json.loads(scanned.stdout)["images"]
     assert (report["format"], report["encryption"], report["findings"]) == ("raw", "none", [])
     assert report["virtual_size"] == 4 * MIB and report["domains"] == [name]
     # without the XML, the auditor does say what the bytes look like (and still refuses the host file)
-    probed = subprocess.run([sys.executable, "-m", "qcrypt", "scan", "--format", "json", str(disk)],
-                            capture_output=True, text=True, timeout=120, check=False)
+    probed = subprocess.run(
+        [sys.executable, "-m", "qcrypt", "scan", "--format", "json", str(disk)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     (probed_report,) = json.loads(probed.stdout)["images"]
     assert probed_report["encryption"] == "aes-cbc-legacy" and probed_report["backing_chain"] == []
     assert "backing-outside-storage" in [f["code"] for f in probed_report["findings"]]
@@ -580,8 +648,13 @@ def test_guest_written_header_on_a_raw_disk_is_guest_data(lab: Lab, tmp_path: Pa
     (warning,) = hook.check_domain_xml(lab.inactive_xml(name)).warnings
     assert "outside the image's storage" in warning.reason and warning.domain_command is None
     assert warning.command == f"qcrypt info {disk}" and "Check it: qcrypt info" in warning.message()
-    advised = subprocess.run([sys.executable, "-m", "qcrypt", *warning.command.split()[1:]], capture_output=True,
-                             text=True, timeout=120, check=False)
+    advised = subprocess.run(
+        [sys.executable, "-m", "qcrypt", *warning.command.split()[1:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert advised.returncode == 0 and "backing-outside-storage" in advised.stdout
     assert marker.decode() not in advised.stdout + warning.message()
 
@@ -601,8 +674,9 @@ def test_legacy_disk_without_data_needs_an_explicit_choice(lab: Lab, tmp_path: P
     assert "cannot be verified" in reason and "--accept-unverified-passphrase" in reason
     assert lab.inactive_xml(name) == before_xml and lab.files() == before_files and lab.qcrypt_secrets() == []
 
-    done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", "-", "--accept-unverified-passphrase",
-                         stdin=PW + b"\n")
+    done = qcrypt_domain(
+        lab, tmp_path, name, "--passphrase-file", "-", "--accept-unverified-passphrase", stdin=PW + b"\n"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the legacy passphrase was NOT verified" in done.stdout
     again = as_json(qcrypt_domain(lab, tmp_path, name, "--format", "json"))
@@ -638,8 +712,9 @@ def test_private_secret_that_does_not_match_gets_a_new_secret(lab: Lab, tmp_path
     start_and_read(name, lab.folder / "web.luks.qcow2", [(0x5C, 2 * MIB, MIB)])
 
 
-def _chain_with_a_secret_per_layer(lab: Lab, base_secret_value: bytes, declared_base: Path | None = None
-                                   ) -> tuple[str, Path, Path, Path, Path]:
+def _chain_with_a_secret_per_layer(
+    lab: Lab, base_secret_value: bytes, declared_base: Path | None = None
+) -> tuple[str, Path, Path, Path, Path]:
     """A legacy overlay over a legacy base, each with its own passphrase and its own <encryption> (the XML's
     <backingStore> names ``declared_base`` instead of the base when given)."""
     top_pw = lab.passphrase_file("top-pw", b"the overlay's passphrase")
@@ -647,18 +722,44 @@ def _chain_with_a_secret_per_layer(lab: Lab, base_secret_value: bytes, declared_
     base = lab.legacy_image("base.qcow2", base_pw)
     lab.write(base, 0x2B, 0, 2 * MIB, base_pw)
     top = lab.folder / "top.qcow2"
-    run("qemu-img", "create", "-q", "-u", "-f", "qcow2", "--object", f"secret,id=s,file={top_pw}", "-o",
-        "encrypt.format=aes,encrypt.key-secret=s", "-b", base, "-F", "qcow2", top, "16M")
-    run("qemu-io", "--object", f"secret,id=s,file={top_pw}", "--object", f"secret,id=b,file={base_pw}",
-        "--image-opts", f"driver=qcow2,file.filename={top},encrypt.key-secret=s,backing.encrypt.key-secret=b",
-        "-c", f"write -P 0x2C {MIB} {64 * 1024}")
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "--object",
+        f"secret,id=s,file={top_pw}",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s",
+        "-b",
+        base,
+        "-F",
+        "qcow2",
+        top,
+        "16M",
+    )
+    run(
+        "qemu-io",
+        "--object",
+        f"secret,id=s,file={top_pw}",
+        "--object",
+        f"secret,id=b,file={base_pw}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={top},encrypt.key-secret=s,backing.encrypt.key-secret=b",
+        "-c",
+        f"write -P 0x2C {MIB} {64 * 1024}",
+    )
     top_secret = lab.secret(top_pw.read_bytes())
     base_secret = lab.secret(base_secret_value)
-    disk = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{top}'>"
-            f"<encryption format='qcow'><secret type='passphrase' uuid='{top_secret}'/></encryption></source>"
-            f"<backingStore type='file'><format type='qcow2'/><source file='{declared_base or base}'>"
-            f"<encryption format='qcow'><secret type='passphrase' uuid='{base_secret}'/></encryption></source>"
-            "<backingStore/></backingStore><target dev='vda' bus='virtio'/></disk>")  # as libvirt keeps it
+    disk = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{top}'>"
+        f"<encryption format='qcow'><secret type='passphrase' uuid='{top_secret}'/></encryption></source>"
+        f"<backingStore type='file'><format type='qcow2'/><source file='{declared_base or base}'>"
+        f"<encryption format='qcow'><secret type='passphrase' uuid='{base_secret}'/></encryption></source>"
+        "<backingStore/></backingStore><target dev='vda' bus='virtio'/></disk>"
+    )  # as libvirt keeps it
     name = f"{lab.prefix}-layers"
     lab.define_as_after_upgrade(name, [disk])
     return name, top, base, top_pw, base_secret  # type: ignore[return-value]
@@ -695,8 +796,9 @@ def test_backing_store_secret_for_a_file_outside_the_chain_is_refused(lab: Lab, 
     """The XML gives a secret to a <backingStore> file the image's chain does not reach (a stale XML): the dry
     run refuses it (exit 8), as the copy would, instead of silently using the disk's passphrase for the base."""
     elsewhere = lab.folder / "elsewhere.qcow2"
-    name, _top, _base, _top_pw, _base_secret = _chain_with_a_secret_per_layer(lab, b"the base's own passphrase",
-                                                                             declared_base=elsewhere)
+    name, _top, _base, _top_pw, _base_secret = _chain_with_a_secret_per_layer(
+        lab, b"the base's own passphrase", declared_base=elsewhere
+    )
     lab.plain_image("elsewhere.qcow2")
     before_files = lab.files()
     done = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json")
@@ -754,8 +856,9 @@ def test_stale_secret_usage_is_found_before_the_copy(lab: Lab, tmp_path: Path, b
     stale = lab.secret(b"old", usage=str(lab.folder / "web.luks.qcow2"))
     before_xml, before_files = lab.inactive_xml(name), lab.files()
     for extra in (["--dry-run"], []):
-        done = qcrypt_domain(lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", *extra,
-                             backend=backend)
+        done = qcrypt_domain(
+            lab, tmp_path, name, "--passphrase-file", str(pw), "--format", "json", *extra, backend=backend
+        )
         assert done.returncode == 13, done.stdout + done.stderr
         error = as_json(done)["domains"][0]["error"]
         assert error["code"] == "secret-usage-conflict" and f"virsh secret-undefine {stale}" in error["message"]
@@ -793,11 +896,18 @@ def test_dry_run_reports_a_leftover_temp_file_and_the_run_removes_it(lab: Lab, t
 def test_image_locked_by_another_qcrypt_run(lab: Lab, tmp_path: Path) -> None:
     """Another qcrypt run holds the image: the dry run and the run say so (exit 5), not that a QEMU uses it."""
     name, web, pw = _one_legacy_domain(lab)
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
-                               "from qcrypt.plumbing.locking import hold_shared_locks\n"
-                               f"fd = os.open({str(web)!r}, os.O_RDONLY)\n"
-                               "hold_shared_locks(fd, writing=False)\nprint('held', flush=True)\ntime.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "from qcrypt.plumbing.locking import hold_shared_locks\n"
+            f"fd = os.open({str(web)!r}, os.O_RDONLY)\n"
+            "hold_shared_locks(fd, writing=False)\nprint('held', flush=True)\ntime.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         for extra in (["--dry-run"], []):
@@ -816,8 +926,19 @@ def test_random_guest_content_needs_the_option_the_advice_names(lab: Lab, tmp_pa
     noise = tmp_path / "noise.raw"
     noise.write_bytes(os.urandom(2 * MIB))
     web = lab.folder / "crypt.qcow2"
-    run("qemu-img", "convert", "-q", "-O", "qcow2", "--object", f"secret,id=s,file={pw}", "-o",
-        "encrypt.format=aes,encrypt.key-secret=s", noise, web)
+    run(
+        "qemu-img",
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s",
+        noise,
+        web,
+    )
     name = f"{lab.prefix}-random"
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=lab.secret(PW))])
     refused = qcrypt_domain(lab, tmp_path, name)
@@ -825,8 +946,9 @@ def test_random_guest_content_needs_the_option_the_advice_names(lab: Lab, tmp_pa
     assert "rerun with --accept-random-content" in refused.stderr and "--force" not in refused.stderr
     done = qcrypt_domain(lab, tmp_path, name, "--accept-random-content", "--format", "json")
     assert done.returncode == 0, done.stdout + done.stderr
-    same_guest_data(lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], lab.folder / "crypt.luks.qcow2",
-                    pw)
+    same_guest_data(
+        lab, [f"driver=qcow2,file.filename={web},encrypt.key-secret=s"], lab.folder / "crypt.luks.qcow2", pw
+    )
 
 
 # -- failures that cannot be missed, progress off a terminal -----------------------------------------------------
@@ -836,8 +958,9 @@ def test_quiet_failure_reaches_stderr_naming_domain_disk_and_path(lab: Lab, tmp_
     name, web, _pw = _one_legacy_domain(lab, lab.secret(b"wrong"))
     done = qcrypt_domain(lab, tmp_path, name, "-q")
     assert done.returncode == 4 and done.stdout == ""
-    assert f"qcrypt: error: domain {name} disk vda ({web}): failed: {web}: the passphrase is probably wrong" \
-        in done.stderr
+    assert (
+        f"qcrypt: error: domain {name} disk vda ({web}): failed: {web}: the passphrase is probably wrong" in done.stderr
+    )
     table = qcrypt_domain(lab, tmp_path, name)
     assert f"domain {name} disk vda ({web})" in table.stderr and f"domain {name}: failed" in table.stdout
 
@@ -888,8 +1011,20 @@ def test_passphrase_prompt_is_not_glued_to_the_progress_bar(lab: Lab, tmp_path: 
     name, _web, _pw = _one_legacy_domain(lab)
     main, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws in its width
-    words = [sys.executable, "-m", "qcrypt", "migrate-domain", "-c", "qemu:///system", "--backend", "virsh",
-             "--backup-dir", str(tmp_path / "backups"), *FAST, name]
+    words = [
+        sys.executable,
+        "-m",
+        "qcrypt",
+        "migrate-domain",
+        "-c",
+        "qemu:///system",
+        "--backend",
+        "virsh",
+        "--backup-dir",
+        str(tmp_path / "backups"),
+        *FAST,
+        name,
+    ]
     process = subprocess.Popen(words, stdin=terminal, stdout=subprocess.PIPE, stderr=terminal, text=False)
     os.close(terminal)
     seen = b""
@@ -925,8 +1060,7 @@ def test_replace_with_a_private_secret_for_the_same_path_is_refused_before_the_c
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=private)])
     before_xml, before_files = lab.inactive_xml(name), lab.files()
     for extra in (["--dry-run"], []):
-        done = qcrypt_domain(lab, tmp_path, name, "--replace", "--passphrase-file", str(pw), "--format", "json",
-                             *extra)
+        done = qcrypt_domain(lab, tmp_path, name, "--replace", "--passphrase-file", str(pw), "--format", "json", *extra)
         assert done.returncode == 13, done.stdout + done.stderr
         error = as_json(done)["domains"][0]["error"]
         assert error["code"] == "secret-usage-conflict" and "rerun without --replace" in error["message"]
@@ -940,8 +1074,9 @@ def _luks_image_declared_qcow(lab: Lab, secret_value: bytes, *, private: bool = 
     image = lab.folder / "web.qcow2"
     image.write_bytes(gzip.decompress((FIXTURES / "luks-qcow2-v3-c64k.qcow2.gz").read_bytes()))
     name = f"{lab.prefix}-xmlonly"
-    lab.define_as_after_upgrade(name, [disk_xml("vda", image, encryption="qcow",
-                                                secret=lab.secret(secret_value, private=private))])
+    lab.define_as_after_upgrade(
+        name, [disk_xml("vda", image, encryption="qcow", secret=lab.secret(secret_value, private=private))]
+    )
     return name, image
 
 

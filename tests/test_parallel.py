@@ -44,9 +44,13 @@ def legacy(tmp_path: Path, qemu_img: str) -> tuple[Path, Path]:
 
 @pytest.mark.interop
 @pytest.mark.parametrize("target", ["luks", "qcow2-luks", "qcow2"])
-def test_no_fork_while_another_thread_runs(legacy: tuple[Path, Path], tmp_path: Path, target: str,
-                                           monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-                                           ) -> None:
+def test_no_fork_while_another_thread_runs(
+    legacy: tuple[Path, Path],
+    tmp_path: Path,
+    target: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The root cause of issue 8: a fork while another thread holds a lock (OpenSSL, malloc, an import lock)
     leaves the child blocked forever on that lock. Every fork of a migration must see this thread alone."""
     real_fork = os.fork
@@ -61,8 +65,9 @@ def test_no_fork_while_another_thread_runs(legacy: tuple[Path, Path], tmp_path: 
     monkeypatch.setattr(os, "fork", recording_fork)
     source, _pw = legacy
     out = tmp_path / f"out.{target}"
-    opts = MigrateOptions(target=target, output=str(out), passphrase=PASSPHRASE.encode(), iter_time_ms=50,
-                          workers=2)  # iter-time: the keyslot PBKDF2 runs while the payload workers start
+    opts = MigrateOptions(
+        target=target, output=str(out), passphrase=PASSPHRASE.encode(), iter_time_ms=50, workers=2
+    )  # iter-time: the keyslot PBKDF2 runs while the payload workers start
     result = migrate(str(source), opts)
     assert result.verified and out.exists()
     # two workers write, one process fsyncs, two read back; a new keyslot's PBKDF2 runs in one more. Fewer
@@ -76,7 +81,8 @@ def test_results_in_order_from_workers() -> None:
     pids = set(parallel.ordered_map(lambda _i: os.getpid(), ((i,) for i in range(40)), workers=2))
     assert os.getpid() not in pids and len(pids) == 2
     assert list(parallel.ordered_map(_square, ((i,) for i in range(100)), workers=2, in_flight=3)) == [
-        i * i for i in range(100)]
+        i * i for i in range(100)
+    ]
 
 
 def test_worker_errors_are_raised_in_the_parent() -> None:
@@ -124,8 +130,9 @@ def test_a_stuck_worker_is_an_error_and_every_worker_is_killed() -> None:
             time.sleep(3600)
         return os.getpid()
 
-    results = parallel.ordered_map(task, ((i,) for i in range(10)), workers=2, stall_seconds=1,
-                                   describe=lambda a: f"item {a[0]}")
+    results = parallel.ordered_map(
+        task, ((i,) for i in range(10)), workers=2, stall_seconds=1, describe=lambda a: f"item {a[0]}"
+    )
     started = time.monotonic()
     with pytest.raises(WorkerError, match=r"no progress for 1 s: worker process \d+ is stuck on item 3"):
         pids.extend(results)
@@ -156,9 +163,27 @@ def test_cli_stalled_worker_fails_fast_and_leaves_nothing(legacy: tuple[Path, Pa
     neither the output nor its temporary file."""
     source, pw = legacy
     out = tmp_path / "out.luks"
-    proc = subprocess.Popen([sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "luks", "-o", str(out),
-                             "--passphrase-file", str(pw), "--iter-time", "4000", "--stall-timeout", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qcrypt",
+            "migrate",
+            str(source),
+            "--to",
+            "luks",
+            "-o",
+            str(out),
+            "--passphrase-file",
+            str(pw),
+            "--iter-time",
+            "4000",
+            "--stall-timeout",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     frozen: set[int] = set()
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:

@@ -27,7 +27,7 @@ from qcrypt.migrate.run import MigrateOptions
 from qcrypt.plumbing import outputs
 from qcrypt.plumbing.outputs import remove_stale_temps, temp_name_for
 from tests import _images as im
-from tests.conftest import IN_CI
+from tests._tools import IN_CI
 
 PASSPHRASE = "correct horse battery staple, longer than 16 bytes"
 SIZE = 1 << 20
@@ -61,12 +61,16 @@ def users() -> Iterator[Users]:
     tenant, other, group = f"qct{tag}a", f"qct{tag}b", f"qct{tag}g"
     made: list[list[str]] = []
     try:
-        for words in (["groupadd", group], ["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", tenant],
-                      ["useradd", "-M", "-N", "-G", group, "-s", "/usr/sbin/nologin", other]):
+        for words in (
+            ["groupadd", group],
+            ["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", tenant],
+            ["useradd", "-M", "-N", "-G", group, "-s", "/usr/sbin/nologin", other],
+        ):
             _user_db(words)
             made.append(words)
-        yield Users(pwd.getpwnam(tenant).pw_uid, pwd.getpwnam(tenant).pw_gid, pwd.getpwnam(other).pw_uid,
-                    _gid(group), group)
+        yield Users(
+            pwd.getpwnam(tenant).pw_uid, pwd.getpwnam(tenant).pw_gid, pwd.getpwnam(other).pw_uid, _gid(group), group
+        )
     finally:
         for words in reversed(made):
             undo = ["groupdel", words[1]] if words[0] == "groupadd" else ["userdel", words[-1]]
@@ -135,8 +139,9 @@ def entries_with_inode(folder: Path, inode: int) -> list[str]:
 
 
 @pytest.mark.interop
-def test_replace_never_hard_links_a_file_the_tenant_swapped_in(tmp_path: Path, users: Users,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replace_never_hard_links_a_file_the_tenant_swapped_in(
+    tmp_path: Path, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Between verification and commit, the tenant moves the image away and puts a symlink to a root-only file
     under its name: root must not hard-link that file as disk.qcow2.qcrypt-orig, must not advise shredding it,
     and must not replace anything."""
@@ -175,8 +180,9 @@ def test_replace_in_the_tenants_own_folder_names_the_checked_original(tmp_path: 
 
 
 @pytest.mark.interop
-def test_advice_never_names_an_original_swapped_after_the_commit(tmp_path: Path, users: Users,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_advice_never_names_an_original_swapped_after_the_commit(
+    tmp_path: Path, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Right after the commit the tenant swaps disk.qcow2.qcrypt-orig for a symlink to a root-only file: the
     printed summary gives no 'shred -u' and says why."""
     folder = tmp_path / "tenant"
@@ -199,8 +205,9 @@ def test_advice_never_names_an_original_swapped_after_the_commit(tmp_path: Path,
 
 
 @pytest.mark.interop
-def test_source_swapped_after_it_was_opened_is_never_read(tmp_path: Path, users: Users,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_source_swapped_after_it_was_opened_is_never_read(
+    tmp_path: Path, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After qcrypt opened the source (and checked the passphrase), the tenant puts a symlink to a root-only file
     under its name: the migration must not read that file into the tenant's output."""
     folder = tmp_path / "tenant"
@@ -225,8 +232,9 @@ def test_source_swapped_after_it_was_opened_is_never_read(tmp_path: Path, users:
 
 
 @pytest.mark.interop
-def test_the_tenant_cannot_open_the_output_before_it_is_committed(tmp_path: Path, users: Users,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_tenant_cannot_open_the_output_before_it_is_committed(
+    tmp_path: Path, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While written and verified, the temporary output is root's and 0600 (the tenant could otherwise change it
     between verification and commit); at the commit it gets the image owner's ownership and mode."""
     folder = tmp_path / "tenant"
@@ -234,8 +242,7 @@ def test_the_tenant_cannot_open_the_output_before_it_is_committed(tmp_path: Path
     source.chmod(0o640)
     seen: list[os.stat_result] = []
     _after_verify(monkeypatch, lambda: seen.extend(p.stat() for p in folder.iterdir() if p.name.endswith(".tmp")))
-    done = run_migrate(str(source), "--to", "luks", "-o", str(folder / "out.luks"), "--passphrase-file", str(pw),
-                       *FAST)
+    done = run_migrate(str(source), "--to", "luks", "-o", str(folder / "out.luks"), "--passphrase-file", str(pw), *FAST)
     assert done.exit_code == 0, done.output
     (temp,) = seen
     assert temp.st_uid == 0 and stat.S_IMODE(temp.st_mode) == 0o600
@@ -257,8 +264,9 @@ def test_thousands_of_precreated_temp_names_do_not_stop_migrate(tmp_path: Path, 
         name.write_bytes(b"tenant")
         os.chown(name, users.tenant, users.tenant_gid)
         planted.append(name)
-    result = migration.migrate(str(source), MigrateOptions(target="luks", output=str(out),
-                                                           passphrase=PASSPHRASE.encode(), iterations=1000))
+    result = migration.migrate(
+        str(source), MigrateOptions(target="luks", output=str(out), passphrase=PASSPHRASE.encode(), iterations=1000)
+    )
     assert result.verified and out.exists()
     assert all(p.read_bytes() == b"tenant" for p in planted)
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp") and p not in planted]
@@ -283,9 +291,25 @@ def test_folder_writable_by_another_user_is_refused(tmp_path: Path, users: Users
     source, pw = tenant_image(folder, users)
     _writable_by_other(folder, users, how)
     before = sorted(p.name for p in folder.iterdir())
-    done = subprocess.run([sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "qcow2-luks",
-                           "--replace", "--passphrase-file", str(pw), *FAST], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcrypt",
+            "migrate",
+            str(source),
+            "--to",
+            "qcow2-luks",
+            "--replace",
+            "--passphrase-file",
+            str(pw),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == EXIT_UNSAFE_PATH, done.stdout + done.stderr
     assert len(done.stderr.splitlines()) == 1 and "is writable by" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in folder.iterdir()) == before
@@ -299,9 +323,25 @@ def test_folders_only_root_and_the_owner_can_swap_in_are_accepted(tmp_path: Path
     folder = tmp_path / "tenant"
     source, pw = tenant_image(folder, users)
     folder.chmod(mode)
-    done = subprocess.run([sys.executable, "-m", "qcrypt", "migrate", str(source), "--to", "qcow2-luks",
-                           "--replace", "--passphrase-file", str(pw), *FAST], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcrypt",
+            "migrate",
+            str(source),
+            "--to",
+            "qcow2-luks",
+            "--replace",
+            "--passphrase-file",
+            str(pw),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

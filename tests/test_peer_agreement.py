@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import _images as im
-from tests.conftest import require_tool
+from tests._tools import require_tool
 from tests.test_migrate import TOOL_TIMEOUT, cryptsetup, qcrypt, qemu_check, secret_file
 
 PASSPHRASE = "agreeing with the peers"
@@ -34,8 +34,14 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess:
 def qemu_opens(path: Path, driver: str, pw: Path, plain: Path) -> None:
     """qemu-img opens ``path`` and reads exactly the guest view in the raw file ``plain``."""
     key = "key-secret" if driver == "luks" else "encrypt.key-secret"
-    out = qemu_img("compare", "--object", f"secret,id=s,file={pw}", "--image-opts",
-                   f"driver={driver},file.filename={path},{key}=s", f"driver=raw,file.filename={plain}")
+    out = qemu_img(
+        "compare",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver={driver},file.filename={path},{key}=s",
+        f"driver=raw,file.filename={plain}",
+    )
     assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
 
 
@@ -52,21 +58,31 @@ def _old_layout_luks(tmp_path: Path, layout: str) -> tuple[Path, Path, Path]:
     """A raw LUKS1 file laid out as an older cryptsetup did (cryptsetup opens it, QEMU refuses it), its
     passphrase file, and its guest view as a raw file (read by qemu-img before the header edit)."""
     path = tmp_path / f"{layout}.luks"
-    image = im.make_luks_cryptsetup(path, 1 << 20, cipher="aes-cbc-essiv:sha256", key_bits=128,
-                                    hash_name="sha256", passphrase=PASSPHRASE)
+    image = im.make_luks_cryptsetup(
+        path, 1 << 20, cipher="aes-cbc-essiv:sha256", key_bits=128, hash_name="sha256", passphrase=PASSPHRASE
+    )
     im.zero_fill(image, 1 << 20)
     im.write_pattern(image, 4096, 65536, 0xAB)
     im.write_data(image, 300 * 512, b"guest sector 300" * 32)
     plain = tmp_path / "plain.raw"
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
-    out = qemu_img("convert", "--object", f"secret,id=s,file={pw}", "--image-opts",
-                   f"driver=luks,file.filename={path},key-secret=s", "-O", "raw", str(plain))
+    out = qemu_img(
+        "convert",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver=luks,file.filename={path},key-secret=s",
+        "-O",
+        "raw",
+        str(plain),
+    )
     assert out.returncode == 0, out.stderr
     offsets, payload = OLD_LAYOUTS[layout]
     im.relayout_luks1(path, offsets, payload)
     assert cryptsetup("open", "--test-passphrase", "--key-file", str(pw), str(path)).returncode == 0
-    refused = qemu_img("info", "--object", f"secret,id=s,file={pw}", "--image-opts",
-                       f"driver=luks,file.filename={path},key-secret=s")
+    refused = qemu_img(
+        "info", "--object", f"secret,id=s,file={pw}", "--image-opts", f"driver=luks,file.filename={path},key-secret=s"
+    )
     assert refused.returncode != 0 and "overlapping" in refused.stderr
     return path, pw, plain
 
@@ -127,8 +143,9 @@ def _bad_image(tmp_path: Path, case: str) -> tuple[Path, str]:
     """An image whose header qcrypt cannot parse (nor the peers open), and the encryption its header declares."""
     if case == "luks1-keyslot-offset":
         path = tmp_path / "bad.luks"
-        im.make_luks_cryptsetup(path, 1 << 20, cipher="aes-xts-plain64", key_bits=256, hash_name="sha256",
-                                passphrase=PASSPHRASE)
+        im.make_luks_cryptsetup(
+            path, 1 << 20, cipher="aes-xts-plain64", key_bits=256, hash_name="sha256", passphrase=PASSPHRASE
+        )
         _edit(path, 208 + 40, ">I", 1)  # keyslot 0's key material inside the phdr
         pw = secret_file(tmp_path, "check.pw", PASSPHRASE)
         refused = cryptsetup("open", "--test-passphrase", "--key-file", str(pw), str(path))
@@ -160,8 +177,12 @@ def test_unparseable_header_gives_one_error_in_info_migrate_and_scan(tmp_path: P
     info = qcrypt("info", str(source), check=False)
     line = info.stderr.decode().strip()
     assert info.returncode == 3 and line.startswith("qcrypt: error: ") and line.count(str(source)) == 1, line
-    runs = [("--to", "qcow2-luks"), ("--to", "qcow2-luks", "--new-passphrase-file", str(pw)), ("--to", "luks"),
-            ("--to", "raw")]
+    runs = [
+        ("--to", "qcow2-luks"),
+        ("--to", "qcow2-luks", "--new-passphrase-file", str(pw)),
+        ("--to", "luks"),
+        ("--to", "raw"),
+    ]
     for extra in runs:
         out = tmp_path / "out.img"
         migrate = qcrypt("migrate", str(source), *extra, "-o", str(out), "--passphrase-file", str(pw), check=False)
@@ -194,18 +215,32 @@ ALGORITHMS = {
 
 def _algorithm_image(tmp_path: Path, case: str) -> Path:
     if case == "serpent":
-        return im.make_luks_qemu(tmp_path / "serpent.luks", 1 << 20, passphrase=PASSPHRASE,
-                                 luks_opts={"cipher-alg": "serpent-256", "cipher-mode": "xts"}).path
+        return im.make_luks_qemu(
+            tmp_path / "serpent.luks",
+            1 << 20,
+            passphrase=PASSPHRASE,
+            luks_opts={"cipher-alg": "serpent-256", "cipher-mode": "xts"},
+        ).path
     if case == "twofish-qcow2":
-        return im.make_qcow2(tmp_path / "twofish.qcow2", 1 << 20, encrypt="luks", passphrase=PASSPHRASE,
-                             luks_opts={"cipher-alg": "twofish-128", "cipher-mode": "cbc", "ivgen-alg": "essiv",
-                                        "ivgen-hash-alg": "sha256"}).path
-    cipher, key_bits, hash_name = {"whirlpool": ("aes-xts-plain64", 256, "whirlpool"),
-                                   "essiv-sha3": ("aes-cbc-essiv:sha3-256", 256, "sha256"),
-                                   "lrw": ("aes-xts-plain64", 256, "sha256")}[case]
+        return im.make_qcow2(
+            tmp_path / "twofish.qcow2",
+            1 << 20,
+            encrypt="luks",
+            passphrase=PASSPHRASE,
+            luks_opts={
+                "cipher-alg": "twofish-128",
+                "cipher-mode": "cbc",
+                "ivgen-alg": "essiv",
+                "ivgen-hash-alg": "sha256",
+            },
+        ).path
+    cipher, key_bits, hash_name = {
+        "whirlpool": ("aes-xts-plain64", 256, "whirlpool"),
+        "essiv-sha3": ("aes-cbc-essiv:sha3-256", 256, "sha256"),
+        "lrw": ("aes-xts-plain64", 256, "sha256"),
+    }[case]
     path = tmp_path / f"{case}.luks"
-    im.make_luks_cryptsetup(path, 1 << 20, cipher=cipher, key_bits=key_bits, hash_name=hash_name,
-                            passphrase=PASSPHRASE)
+    im.make_luks_cryptsetup(path, 1 << 20, cipher=cipher, key_bits=key_bits, hash_name=hash_name, passphrase=PASSPHRASE)
     if case == "lrw":  # cryptsetup 2.6 needs dm-crypt to write LRW keyslots; it reads such headers
         mode = b"lrw-benbi".ljust(32, b"\0")
         im.record_note(f"python: set {path.name}'s cipher_mode to lrw-benbi")
@@ -228,8 +263,9 @@ def test_luks1_with_algorithms_qcrypt_lacks_is_luks1_and_refused_the_same_way(tm
     assert dump.returncode == 0 and "Version:       \t1" in dump.stdout  # cryptsetup reads the header
     driver = "qcow2" if source.suffix == ".qcow2" else "luks"
     key = "encrypt.key-secret" if driver == "qcow2" else "key-secret"
-    qemu = qemu_img("info", "--object", f"secret,id=s,file={pw}", "--image-opts",
-                    f"driver={driver},file.filename={source},{key}=s")
+    qemu = qemu_img(
+        "info", "--object", f"secret,id=s,file={pw}", "--image-opts", f"driver={driver},file.filename={source},{key}=s"
+    )
     assert (qemu.returncode == 0) == qemu_opens_it, qemu.stderr
 
     code, report, _ = info_json(source)
@@ -244,8 +280,9 @@ def test_luks1_with_algorithms_qcrypt_lacks_is_luks1_and_refused_the_same_way(tm
     lines = set()
     for target in ("luks", "qcow2-luks", "qcow2", "raw"):
         out = tmp_path / f"out-{target}"
-        refused = qcrypt("migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw),
-                         check=False)
+        refused = qcrypt(
+            "migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw), check=False
+        )
         line = refused.stderr.decode().strip()
         assert refused.returncode == 3 and line.count(str(source)) == 1 and part in line, line
         assert not out.exists()
@@ -263,12 +300,16 @@ def test_luks1_with_algorithms_qcrypt_lacks_is_luks1_and_refused_the_same_way(tm
 def test_allocated_bytes_with_an_external_data_file(tmp_path: Path, options: str) -> None:
     """With an external data file, guest cluster 0 may live at host offset 0 (QEMU's rule)."""
     image = tmp_path / "ext.qcow2"
-    created = qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'ext.data'},{options}",
-                       str(image), "1M")
+    created = qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'ext.data'},{options}", str(image), "1M"
+    )
     assert created.returncode == 0, created.stderr
-    written = subprocess.run([require_tool("qemu-io"), "-c", "write -q -P 0x11 0 4k", "-c",
-                              "write -q -P 0x22 512k 64k", str(image)], capture_output=True, text=True,
-                             timeout=TOOL_TIMEOUT)
+    written = subprocess.run(
+        [require_tool("qemu-io"), "-c", "write -q -P 0x11 0 4k", "-c", "write -q -P 0x22 512k 64k", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+    )
     assert written.returncode == 0, written.stderr
     mapped = json.loads(qemu_img("map", "--output=json", str(image)).stdout)
     expected = sum(extent["length"] for extent in mapped if extent["data"])
@@ -284,10 +325,19 @@ def test_empty_luks_payload_migrates(tmp_path: Path, target: str) -> None:
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     out = tmp_path / "out.img"
     qcrypt("migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw))
-    driver, key = {"qcow2-luks": ("qcow2", ",encrypt.key-secret=s"), "qcow2": ("qcow2", ""),
-                   "luks": ("luks", ",key-secret=s")}[target]
-    opened = qemu_img("info", "--output=json", "--object", f"secret,id=s,file={pw}", "--image-opts",
-                      f"driver={driver},file.filename={out}{key}")
+    driver, key = {
+        "qcow2-luks": ("qcow2", ",encrypt.key-secret=s"),
+        "qcow2": ("qcow2", ""),
+        "luks": ("luks", ",key-secret=s"),
+    }[target]
+    opened = qemu_img(
+        "info",
+        "--output=json",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver={driver},file.filename={out}{key}",
+    )
     assert opened.returncode == 0, opened.stderr
     assert json.loads(opened.stdout)["virtual-size"] == 0
     if driver == "qcow2":
@@ -311,25 +361,38 @@ def _same_as(opts: str, secrets: dict[str, Path], reference: Path) -> None:
 
 def _rebase(top: Path, base: Path, pw: Path) -> None:
     """``qemu-img rebase -u``: only the overlay's backing name changes (its key opens the overlay)."""
-    rebased = qemu_img("rebase", "--object", f"secret,id=s,file={pw}", "--image-opts",
-                       f"driver=qcow2,file.filename={top},encrypt.key-secret=s", "-u", "-b", base.name, "-F", "qcow2")
+    rebased = qemu_img(
+        "rebase",
+        "--object",
+        f"secret,id=s,file={pw}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={top},encrypt.key-secret=s",
+        "-u",
+        "-b",
+        base.name,
+        "-F",
+        "qcow2",
+    )
     assert rebased.returncode == 0, rebased.stderr
 
 
 def _legacy_chain(tmp_path: Path, base_passphrase: str, top_passphrase: str) -> tuple[Path, Path]:
     """A legacy AES base and a legacy AES overlay over it, both written; and the chain's guest view as raw."""
-    base = im.make_qcow2(tmp_path / "base.qcow2", 1 << 20, cluster_size=4096, encrypt="aes",
-                         passphrase=base_passphrase)
+    base = im.make_qcow2(tmp_path / "base.qcow2", 1 << 20, cluster_size=4096, encrypt="aes", passphrase=base_passphrase)
     im.write_pattern(base, 0, 65536, 0x11)
     im.write_data(base, 262144, b"base layer text " * 4096)
-    top = im.make_qcow2(tmp_path / "top.qcow2", 1 << 20, cluster_size=4096, encrypt="aes",
-                        passphrase=top_passphrase, backing=base)
+    top = im.make_qcow2(
+        tmp_path / "top.qcow2", 1 << 20, cluster_size=4096, encrypt="aes", passphrase=top_passphrase, backing=base
+    )
     im.write_data(top, 32768, b"overlay text .. " * 4096)
     reference = tmp_path / "reference.raw"
-    secrets = {"b": secret_file(tmp_path, "ref-b.pw", base_passphrase),
-               "t": secret_file(tmp_path, "ref-t.pw", top_passphrase)}
-    _to_raw(f"driver=qcow2,file.filename={top.path},encrypt.key-secret=t,backing.encrypt.key-secret=b", secrets,
-            reference)
+    secrets = {
+        "b": secret_file(tmp_path, "ref-b.pw", base_passphrase),
+        "t": secret_file(tmp_path, "ref-t.pw", top_passphrase),
+    }
+    _to_raw(
+        f"driver=qcow2,file.filename={top.path},encrypt.key-secret=t,backing.encrypt.key-secret=b", secrets, reference
+    )
     return top.path, reference
 
 
@@ -340,14 +403,34 @@ def test_legacy_overlay_over_a_migrated_luks_base(tmp_path: Path, target: str) -
     top, reference = _legacy_chain(tmp_path, PASSPHRASE, PASSPHRASE)
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     base_luks = tmp_path / "base.luks.qcow2"
-    qcrypt("migrate", str(tmp_path / "base.qcow2"), "--to", "qcow2-luks", "-o", str(base_luks),
-           "--passphrase-file", str(pw), "--pbkdf-force-iterations", "1000")
+    qcrypt(
+        "migrate",
+        str(tmp_path / "base.qcow2"),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(base_luks),
+        "--passphrase-file",
+        str(pw),
+        "--pbkdf-force-iterations",
+        "1000",
+    )
     _rebase(top, base_luks, pw)
     chain = f"driver=qcow2,file.filename={top},encrypt.key-secret=s,backing.encrypt.key-secret=s"
     _same_as(chain, {"s": pw}, reference)  # QEMU reads the rebased chain
     out = tmp_path / "top.new.qcow2"
-    result = qcrypt("migrate", str(top), "--to", target, "-o", str(out), "--passphrase-file", str(pw),
-                    "--pbkdf-force-iterations", "1000")
+    result = qcrypt(
+        "migrate",
+        str(top),
+        "--to",
+        target,
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(pw),
+        "--pbkdf-force-iterations",
+        "1000",
+    )
     assert b"verified" in result.stdout
     assert im.qemu_img_info(out)["backing-filename"] == base_luks.name
     own = ",encrypt.key-secret=s" if target == "qcow2-luks" else ""
@@ -361,16 +444,55 @@ def test_a_passphrase_per_layer_when_flattening(tmp_path: Path) -> None:
     base_pw, top_pw = secret_file(tmp_path, "base.pw", "the base's own secret"), secret_file(tmp_path, "pw", PASSPHRASE)
     out = tmp_path / "flat.qcow2"
     for default, wrong_layer in ((top_pw, base), (base_pw, top)):
-        refused = qcrypt("migrate", str(top), "--to", "qcow2-luks", "--flatten", "-o", str(out), "--passphrase-file",
-                         str(default), "--pbkdf-force-iterations", "1000", check=False)
+        refused = qcrypt(
+            "migrate",
+            str(top),
+            "--to",
+            "qcow2-luks",
+            "--flatten",
+            "-o",
+            str(out),
+            "--passphrase-file",
+            str(default),
+            "--pbkdf-force-iterations",
+            "1000",
+            check=False,
+        )
         line = refused.stderr.decode().strip()
         assert refused.returncode == 4 and f"error: {wrong_layer}: the passphrase is probably wrong" in line, line
         assert not out.exists()
-    stranger = qcrypt("migrate", str(top), "--to", "qcow2-luks", "--flatten", "-o", str(out), "--passphrase-file",
-                      str(top_pw), "--layer-passphrase-file", str(reference), str(base_pw), check=False)
+    stranger = qcrypt(
+        "migrate",
+        str(top),
+        "--to",
+        "qcow2-luks",
+        "--flatten",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(top_pw),
+        "--layer-passphrase-file",
+        str(reference),
+        str(base_pw),
+        check=False,
+    )
     assert stranger.returncode == 8 and b"not a layer of" in stranger.stderr and not out.exists()
-    qcrypt("migrate", str(top), "--to", "qcow2-luks", "--flatten", "-o", str(out), "--passphrase-file", str(top_pw),
-           "--layer-passphrase-file", str(base), str(base_pw), "--pbkdf-force-iterations", "1000")
+    qcrypt(
+        "migrate",
+        str(top),
+        "--to",
+        "qcow2-luks",
+        "--flatten",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(top_pw),
+        "--layer-passphrase-file",
+        str(base),
+        str(base_pw),
+        "--pbkdf-force-iterations",
+        "1000",
+    )
     assert "backing-filename" not in im.qemu_img_info(out)
     qemu_check(out, top_pw)  # the new keyslot takes the top layer's passphrase
     _same_as(f"driver=qcow2,file.filename={out},encrypt.key-secret=s", {"s": top_pw}, reference)
@@ -384,21 +506,51 @@ def test_a_passphrase_per_layer_over_a_luks_base(tmp_path: Path) -> None:
     top, reference = _legacy_chain(tmp_path, "the base's own secret", PASSPHRASE)
     base_pw, top_pw = secret_file(tmp_path, "base.pw", "the base's own secret"), secret_file(tmp_path, "pw", PASSPHRASE)
     base_luks = tmp_path / "base.luks.qcow2"
-    qcrypt("migrate", str(tmp_path / "base.qcow2"), "--to", "qcow2-luks", "-o", str(base_luks),
-           "--passphrase-file", str(base_pw), "--pbkdf-force-iterations", "1000")
+    qcrypt(
+        "migrate",
+        str(tmp_path / "base.qcow2"),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(base_luks),
+        "--passphrase-file",
+        str(base_pw),
+        "--pbkdf-force-iterations",
+        "1000",
+    )
     _rebase(top, base_luks, top_pw)
     out = tmp_path / "top.new.qcow2"
-    refused = qcrypt("migrate", str(top), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(top_pw),
-                     check=False)
+    refused = qcrypt(
+        "migrate", str(top), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(top_pw), check=False
+    )
     line = refused.stderr.decode().strip()
     assert refused.returncode == 4 and f"error: {base_luks}: the passphrase opens no keyslot" in line, line
-    qcrypt("migrate", str(top), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(top_pw),
-           "--layer-passphrase-file", str(base_luks), str(base_pw), "--pbkdf-force-iterations", "1000")
+    qcrypt(
+        "migrate",
+        str(top),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(top_pw),
+        "--layer-passphrase-file",
+        str(base_luks),
+        str(base_pw),
+        "--pbkdf-force-iterations",
+        "1000",
+    )
     secrets = {"t": top_pw, "b": base_pw}
-    _same_as(f"driver=qcow2,file.filename={out},encrypt.key-secret=t,backing.encrypt.key-secret=b", secrets,
-             reference)
+    _same_as(f"driver=qcow2,file.filename={out},encrypt.key-secret=t,backing.encrypt.key-secret=b", secrets, reference)
     api_out = tmp_path / "api.qcow2"
-    result = migrate(str(top), MigrateOptions(target="qcow2", output=str(api_out), passphrase=PASSPHRASE.encode(),
-                                              passphrases={str(base_luks): b"the base's own secret"}))
+    result = migrate(
+        str(top),
+        MigrateOptions(
+            target="qcow2",
+            output=str(api_out),
+            passphrase=PASSPHRASE.encode(),
+            passphrases={str(base_luks): b"the base's own secret"},
+        ),
+    )
     assert result.verified and result.backing_file == base_luks.name
     _same_as(f"driver=qcow2,file.filename={api_out},backing.encrypt.key-secret=b", secrets, reference)

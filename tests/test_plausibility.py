@@ -32,11 +32,13 @@ def _judged_layouts(tmp_path: Path, layout: str) -> tuple[im.Image, str]:
     """A legacy image whose data clusters (or subclusters) are smaller than 4 KiB; its driver for qemu-img."""
     if layout.startswith("qcow2-c"):
         cluster_size = int(layout.removeprefix("qcow2-c"))
-        return im.make_qcow2(tmp_path / "small.qcow2", 1 << 20, cluster_size=cluster_size, encrypt="aes",
-                             passphrase=PASSPHRASE), "qcow2"
+        return im.make_qcow2(
+            tmp_path / "small.qcow2", 1 << 20, cluster_size=cluster_size, encrypt="aes", passphrase=PASSPHRASE
+        ), "qcow2"
     if layout == "qcow2-extl2-c32k":  # 1 KiB subclusters
-        return im.make_qcow2(tmp_path / "ext.qcow2", 1 << 20, cluster_size=32768, extended_l2=True, encrypt="aes",
-                             passphrase=PASSPHRASE), "qcow2"
+        return im.make_qcow2(
+            tmp_path / "ext.qcow2", 1 << 20, cluster_size=32768, extended_l2=True, encrypt="aes", passphrase=PASSPHRASE
+        ), "qcow2"
     assert layout == "qcow1-overlay"  # QEMU gives qcow v1 overlays 512-byte clusters
     base = im.make_qcow1(tmp_path / "base.qcow", 1 << 20)
     return im.make_qcow1(tmp_path / "over.qcow", 1 << 20, passphrase=PASSPHRASE, backing=base), "qcow"
@@ -62,11 +64,32 @@ def test_right_passphrase_accepted_on_small_clusters(tmp_path: Path, layout: str
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     wrong = secret_file(tmp_path, "wrong", "not the passphrase at all")
     out = tmp_path / "out.qcow2"
-    refused = qcrypt("migrate", str(image.path), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file",
-                     str(wrong), "--pbkdf-force-iterations", "1000", check=False)
+    refused = qcrypt(
+        "migrate",
+        str(image.path),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(wrong),
+        "--pbkdf-force-iterations",
+        "1000",
+        check=False,
+    )
     assert refused.returncode == 4 and b"probably wrong" in refused.stderr and not out.exists()
-    qcrypt("migrate", str(image.path), "--to", "qcow2-luks", "-o", str(out), "--passphrase-file", str(pw),
-           "--pbkdf-force-iterations", "1000")
+    qcrypt(
+        "migrate",
+        str(image.path),
+        "--to",
+        "qcow2-luks",
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(pw),
+        "--pbkdf-force-iterations",
+        "1000",
+    )
     qemu_compare((out, "qcow2", True), (image.path, driver, True), pw)
 
 

@@ -19,7 +19,7 @@ from qcrypt.errors import FormatError, MigrationError
 from qcrypt.images import qcow2_writer
 from qcrypt.images.qcow2_writer import ACTIVE, Qcow2Writer
 from tests._compare import assert_same_bytes
-from tests.conftest import require_tool
+from tests._tools import require_tool
 
 interop = pytest.mark.interop
 
@@ -593,8 +593,9 @@ def test_reserve_shareable_hands_out_new_runs_only(tmp_path: Path, qemu_img: str
     out = tmp_path / "shareable.qcow2"
     with out.open("w+b") as fh:
         writer = Qcow2Writer(fh, virtual_size=size)
-        snap = writer.add_snapshot_table(id="1", name="old", date_sec=1, date_nsec=0, vm_clock_nsec=0,
-                                         vm_state_size=0, disk_size=size)
+        snap = writer.add_snapshot_table(
+            id="1", name="old", date_sec=1, date_nsec=0, vm_clock_nsec=0, vm_state_size=0, disk_size=size
+        )
         host_offset = writer.reserve_shareable(ACTIVE, 0, ["ka", "kb"])
         assert host_offset is not None
         os.pwrite(fh.fileno(), a + b, host_offset)  # the caller writes the reserved clusters
@@ -606,4 +607,5 @@ def test_reserve_shareable_hands_out_new_runs_only(tmp_path: Path, qemu_img: str
     _check_clean(qemu_img, out)
     _assert_identical(qemu_img, "-f", "qcow2", "-F", "raw", out, _raw(tmp_path / "a.raw", a + b + bytes(size - 2 * cs)))
     assert _snapshot_raw(qemu_img, ["-f", "qcow2", str(out)], "old", size, tmp_path / "old.raw") == (
-        a + c + bytes(size - 2 * cs))
+        a + c + bytes(size - 2 * cs)
+    )

@@ -22,7 +22,7 @@ import qcrypt
 from qcrypt.audit import scan
 from tests import _bounded
 from tests import _images as im
-from tests.conftest import require_tool
+from tests._tools import require_tool
 
 SEED = 20261124
 MUTATIONS_PER_IMAGE = 60
@@ -150,8 +150,24 @@ def test_fifo_backing_file_does_not_hang(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     overlay = tmp_path / "ov.qcow2"
-    subprocess.run([require_tool("qemu-img"), "create", "-q", "-u", "-f", "qcow2", "-b", str(fifo), "-F", "raw",
-                    str(overlay), "1M"], check=True, timeout=120)
+    subprocess.run(
+        [
+            require_tool("qemu-img"),
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            str(fifo),
+            "-F",
+            "raw",
+            str(overlay),
+            "1M",
+        ],
+        check=True,
+        timeout=120,
+    )
     report = qcrypt.inspect(overlay)  # the autouse alarm fails the test if this blocks
     assert report["backing_chain"] == []  # never opened for reading: refused, and said so
     assert "backing-special-file" in [f["code"] for f in report["findings"]]
@@ -161,33 +177,46 @@ def test_fifo_backing_file_does_not_hang(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_bases(images: list[tuple[Path, str | None]], tmp_path_factory: pytest.TempPathFactory
-               ) -> list[dict[str, str | None]]:
+def fuzz_bases(
+    images: list[tuple[Path, str | None]], tmp_path_factory: pytest.TempPathFactory
+) -> list[dict[str, str | None]]:
     require_tool("cryptsetup")
     base = tmp_path_factory.mktemp("fuzz")
-    kinds = {"plain.qcow2": "qcow2", "legacy.qcow2": "qcow2", "ext.qcow2": "qcow2", "v1.qcow": "qcow",
-             "luks.qcow2": "qcow2-luks"}
+    kinds = {
+        "plain.qcow2": "qcow2",
+        "legacy.qcow2": "qcow2",
+        "ext.qcow2": "qcow2",
+        "v1.qcow": "qcow",
+        "luks.qcow2": "qcow2-luks",
+    }
     bases = [{"path": str(path), "kind": kinds[path.name], "passphrase": passphrase} for path, passphrase in images]
     luks1 = im.make_luks_qemu(base / "raw.luks", 1 << 20, passphrase=PASSPHRASE)
     luks2 = im.make_luks2(base / "raw.luks2", 1 << 20, passphrase=PASSPHRASE)
-    bases += [{"path": str(luks1.path), "kind": "luks1", "passphrase": PASSPHRASE},
-              {"path": str(luks2.path), "kind": "luks2", "passphrase": PASSPHRASE}]
+    bases += [
+        {"path": str(luks1.path), "kind": "luks1", "passphrase": PASSPHRASE},
+        {"path": str(luks2.path), "kind": "luks2", "passphrase": PASSPHRASE},
+    ]
     return bases
 
 
 @pytest.mark.interop
-def test_fuzzed_header_quantities_stay_within_the_limits(fuzz_bases: list[dict[str, str | None]],
-                                                           tmp_path: Path) -> None:
+def test_fuzzed_header_quantities_stay_within_the_limits(
+    fuzz_bases: list[dict[str, str | None]], tmp_path: Path
+) -> None:
     """Seeded field-aware mutations of qcow2, qcow, LUKS1 and LUKS2 headers (counts, sizes, offsets, iterations,
     LUKS2 metadata; files grown sparse-huge so that big offsets fit): scan and info of each case stay within
     2 s of CPU and 256 MiB, end with a report (a finding when something is wrong) or a clean error, and migrate
     (where cheap) ends with a clean error or a verified output."""
     signal.alarm(FUZZ_WALL_SECONDS + 30)  # the whole run, not one image: the child has its own guards too
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"seed": FUZZ_SEED, "bases": fuzz_bases, "cases_per_base": FUZZ_CASES_PER_BASE,
-                                "work": str(tmp_path)}))
-    outcome = _bounded.run_bounded(["-m", "tests._fuzz", str(spec)], wall_seconds=FUZZ_WALL_SECONDS,
-                                   cpu_guard_seconds=FUZZ_WALL_SECONDS)
+    spec.write_text(
+        json.dumps(
+            {"seed": FUZZ_SEED, "bases": fuzz_bases, "cases_per_base": FUZZ_CASES_PER_BASE, "work": str(tmp_path)}
+        )
+    )
+    outcome = _bounded.run_bounded(
+        ["-m", "tests._fuzz", str(spec)], wall_seconds=FUZZ_WALL_SECONDS, cpu_guard_seconds=FUZZ_WALL_SECONDS
+    )
     assert outcome.returncode == 0, outcome.stderr[-3000:]
     cases = [json.loads(line) for line in outcome.stdout.splitlines()]
     assert len(cases) == FUZZ_CASES_PER_BASE * len(fuzz_bases)

@@ -131,10 +131,15 @@ def _run(*args: str) -> Any:
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("name", sorted(n for n in MANIFEST if MANIFEST[n]["format"] == "qcow2"
-                                        and n not in UNPARSEABLE and n not in UNKNOWN_FEATURE))
-def test_allocated_bytes_match_qemu_img_map(name: str, unpacked: dict[str, Path], qemu_img: str,
-                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        n for n in MANIFEST if MANIFEST[n]["format"] == "qcow2" and n not in UNPARSEABLE and n not in UNKNOWN_FEATURE
+    ),
+)
+def test_allocated_bytes_match_qemu_img_map(
+    name: str, unpacked: dict[str, Path], qemu_img: str, tmp_path: Path
+) -> None:
     """Data clusters of the image itself (not its backing file), as qemu-img map reports them."""
     image = im.fixture_image(name, unpacked[name].parent)
     pw = tmp_path / "pw"
@@ -148,12 +153,20 @@ def test_allocated_bytes_match_qemu_img_map(name: str, unpacked: dict[str, Path]
         if layer.passphrase:
             opts += f",{prefix}encrypt.key-secret=s"
         layer, prefix = layer.backing, prefix + "backing."
-    mapped = subprocess.run([qemu_img, "map", "--output=json", "--object", f"secret,id=s,file={pw}",
-                             "--image-opts", opts], capture_output=True, text=True, timeout=60)
+    mapped = subprocess.run(
+        [qemu_img, "map", "--output=json", "--object", f"secret,id=s,file={pw}", "--image-opts", opts],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert mapped.returncode == 0, mapped.stderr
     unit = _entry(name)["cluster_size"] // (32 if "extl2" in name else 1)  # extended L2: 32 subclusters
-    units = {offset // unit for extent in json.loads(mapped.stdout) if extent["depth"] == 0 and extent["data"]
-             for offset in range(extent["start"], extent["start"] + extent["length"], unit)}
+    units = {
+        offset // unit
+        for extent in json.loads(mapped.stdout)
+        if extent["depth"] == 0 and extent["data"]
+        for offset in range(extent["start"], extent["start"] + extent["length"], unit)
+    }
     assert scan.describe(unpacked[name])["allocated_bytes"] == len(units) * unit
 
 
@@ -165,8 +178,16 @@ def test_scan_json_and_exit_codes(unpacked: dict[str, Path]) -> None:
     by_path = {os.path.basename(r["path"]): r for r in document["images"]}
     assert set(by_path) == set(MANIFEST)
     for image in document["images"]:
-        for key in ("path", "format", "format_version", "virtual_size", "encryption", "severity", "findings",
-                    "backing_file"):
+        for key in (
+            "path",
+            "format",
+            "format_version",
+            "virtual_size",
+            "encryption",
+            "severity",
+            "findings",
+            "backing_file",
+        ):
             assert key in image
     assert document["summary"]["images"] == len(document["images"])
     legacy = [n for n, e in MANIFEST.items() if e["encryption"] == "aes-cbc-legacy" and n not in UNPARSEABLE]
@@ -237,9 +258,20 @@ def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path], qemu_i
     path = unpacked["aes-qcow2-v3-snapshots-c4k.qcow2"]
     pw = tmp_path / "pw"
     pw.write_text(_entry("aes-qcow2-v3-snapshots-c4k.qcow2")["passphrase"])
-    check = subprocess.run([qemu_img, "check", "--output=json", "--object", f"secret,id=s,file={pw}", "--image-opts",
-                            f"driver=qcow2,file.filename={path},encrypt.key-secret=s"], capture_output=True,
-                           text=True, timeout=60)
+    check = subprocess.run(
+        [
+            qemu_img,
+            "check",
+            "--output=json",
+            "--object",
+            f"secret,id=s,file={pw}",
+            "--image-opts",
+            f"driver=qcow2,file.filename={path},encrypt.key-secret=s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stderr
     report = json.loads(check.stdout)
     assert (report.get("corruptions", 0), report.get("leaks", 0), report["check-errors"]) == (0, 0, 0)
@@ -249,12 +281,14 @@ def test_refcounts_of_shared_snapshot_clusters(unpacked: dict[str, Path], qemu_i
         wrong = [c for c in range(len(stored)) if image.refcount(c * cs) != stored[c]]
         assert not wrong, f"refcounts differ from the struct decoder at clusters {wrong[:10]}"
         active = {m.host_offset for _, m in image.iter_mappings() if m.kind.value == "normal"}
-        in_snap = {m.host_offset for s in image.snapshots() for _, m in image.iter_mappings(s)
-                   if m.kind.value == "normal"}
+        in_snap = {
+            m.host_offset for s in image.snapshots() for _, m in image.iter_mappings(s) if m.kind.value == "normal"
+        }
         assert active & in_snap and active - in_snap
         references = _data_references_by_struct(path)  # distinct L2 tables pointing at each data cluster
         assert {offset: image.refcount(offset) for offset in active | in_snap} == {
-            offset: references[offset] for offset in active | in_snap}
+            offset: references[offset] for offset in active | in_snap
+        }
         assert all(image.refcount(offset) >= 2 for offset in active & in_snap)
         assert all(image.refcount(offset) == 1 for offset in active - in_snap)
         assert image.refcount(image.file_size + (1 << 30)) == 0
@@ -272,8 +306,9 @@ def test_refcounts_across_refcount_blocks(tmp_path: Path, qemu_img: str) -> None
     with QCow2Image.open(image.path) as opened:
         ours = [opened.refcount(c * 4096) for c in range(len(stored))]
     wrong = [c for c in range(len(stored)) if ours[c] != stored[c]]
-    assert not wrong, f"{len(wrong)} refcounts differ, first at cluster {wrong[0]}: {ours[wrong[0]]} vs " \
-                      f"{stored[wrong[0]]}"
+    assert not wrong, (
+        f"{len(wrong)} refcounts differ, first at cluster {wrong[0]}: {ours[wrong[0]]} vs {stored[wrong[0]]}"
+    )
 
 
 def _data_references_by_struct(path: Path) -> dict[int, int]:
@@ -288,11 +323,13 @@ def _data_references_by_struct(path: Path) -> dict[int, int]:
     position = snapshots_offset
     for _ in range(snapshot_count):
         snap_l1_offset, snap_l1_size, id_len, name_len, _date, _nsec, _vm_clock, _vm_state, extra_len = (
-            struct.unpack_from(">QIHHIIQII", data, position))
+            struct.unpack_from(">QIHHIIQII", data, position)
+        )
         l1_tables.append((snap_l1_offset, snap_l1_size))
         position += -(-(40 + extra_len + id_len + name_len) // 8) * 8
-    l2_tables = {struct.unpack_from(">Q", data, offset + 8 * i)[0] & mask
-                 for offset, size in l1_tables for i in range(size)} - {0}
+    l2_tables = {
+        struct.unpack_from(">Q", data, offset + 8 * i)[0] & mask for offset, size in l1_tables for i in range(size)
+    } - {0}
     references: dict[int, int] = {}
     for l2 in l2_tables:
         for i in range(cs // 8):
@@ -306,16 +343,16 @@ def _refcounts_by_struct(path: Path) -> list[int]:
     """Refcount of every cluster of a qcow2 file, decoded with struct only (16-bit refcounts)."""
     with open(path, "rb") as fh:
         data = fh.read()
-    cluster_bits, = struct.unpack_from(">I", data, 20)
+    (cluster_bits,) = struct.unpack_from(">I", data, 20)
     table_offset, table_clusters = struct.unpack_from(">QI", data, 48)
-    refcount_order, = struct.unpack_from(">I", data, 96)
+    (refcount_order,) = struct.unpack_from(">I", data, 96)
     assert refcount_order == 4
     cs = 1 << cluster_bits
     per_block = cs // 2
     clusters = -(-len(data) // cs)
     counts = []
     for index in range(table_clusters * cs // 8):
-        block, = struct.unpack_from(">Q", data, table_offset + 8 * index)
+        (block,) = struct.unpack_from(">Q", data, table_offset + 8 * index)
         for slot in range(per_block):
             if len(counts) == clusters:
                 return counts
@@ -351,20 +388,38 @@ def test_luks1_layout_that_qemu_refuses(tmp_path: Path, qemu_img: str, cryptsetu
     path = tmp_path / "tight.luks"
     path.write_bytes(tight.to_bytes() + bytes(area[luks.fmt.PHDR_SIZE : 1029 * 512]) + bytes(1 << 20))
     (tmp_path / "pw").write_bytes(b"pw")
-    assert subprocess.run([cryptsetup, "open", "--test-passphrase", "--key-file", str(tmp_path / "pw"),
-                           str(path)], capture_output=True, timeout=120).returncode == 0
-    refused = subprocess.run([qemu_img, "info", "--object", f"secret,id=s,file={tmp_path / 'pw'}", "--image-opts",
-                              f"driver=luks,file.filename={path},key-secret=s"], capture_output=True, text=True,
-                             timeout=120)
+    assert (
+        subprocess.run(
+            [cryptsetup, "open", "--test-passphrase", "--key-file", str(tmp_path / "pw"), str(path)],
+            capture_output=True,
+            timeout=120,
+        ).returncode
+        == 0
+    )
+    refused = subprocess.run(
+        [
+            qemu_img,
+            "info",
+            "--object",
+            f"secret,id=s,file={tmp_path / 'pw'}",
+            "--image-opts",
+            f"driver=luks,file.filename={path},key-secret=s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode != 0 and "overlapping" in refused.stderr
     codes = {f["code"] for f in scan.inspect(path)["findings"]}
     assert "luks1-qemu-refuses-layout" in codes
     assert "luks1-qemu-refuses-layout" not in {
-        f["code"] for f in scan.inspect(im.fixture_path("luks1-qemu-aes-xts-plain64-512.luks", tmp_path))["findings"]}
+        f["code"] for f in scan.inspect(im.fixture_path("luks1-qemu-aes-xts-plain64-512.luks", tmp_path))["findings"]
+    }
 
 
-def test_vectorized_l2_count_agrees_with_entry_by_entry_decoding(unpacked: dict[str, Path],
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vectorized_l2_count_agrees_with_entry_by_entry_decoding(
+    unpacked: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """info counts a dense L2 table with numpy and a sparse one entry by entry: on every L2 table of every
     fixture (snapshots included) both ways give the same counts, the same compressed offsets, the same errors."""
     from qcrypt.images import qcow2_reader as qcow2

@@ -26,7 +26,7 @@ from qcrypt.crypto.sector import (
 )
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
 from tests._compare import assert_same_bytes
-from tests.conftest import IN_CI, require_tool
+from tests._tools import IN_CI, require_tool
 
 
 @pytest.fixture(autouse=True, scope="module", params=["native", "numpy"])
@@ -59,6 +59,7 @@ def test_the_chosen_xts_path_is_the_one_used(xts_path: str, monkeypatch: pytest.
         assert cipher.decrypt(cipher.encrypt(data, 3), 3) == data
     assert len(calls) == (4 if xts_path == "native" else 0)
 
+
 SECTOR_LIMIT = 1 << 64
 
 # --- independent per-sector references (one cryptography object per sector; no numpy) -------------------
@@ -86,8 +87,9 @@ def sectors_of(data: bytes) -> list[bytes]:
     return [data[i : i + SECTOR_SIZE] for i in range(0, len(data), SECTOR_SIZE)]
 
 
-def _reference_per_sector(mode: Callable[[bytes], Any], key: bytes, iv: Callable[[int], bytes], data: bytes,
-                          first: int, encrypt: bool) -> bytes:
+def _reference_per_sector(
+    mode: Callable[[bytes], Any], key: bytes, iv: Callable[[int], bytes], data: bytes, first: int, encrypt: bool
+) -> bytes:
     """One cryptography Cipher object per 512-byte sector: slow, obviously right."""
     out = []
     for index, chunk in enumerate(sectors_of(data)):

@@ -12,8 +12,14 @@ from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import VerificationError
 from tests import _images as im
 
-MODES = [("xts-plain64", 64), ("xts-plain64", 32), ("xts-plain", 64), ("cbc-essiv:sha256", 32),
-         ("cbc-plain64", 32), ("cbc-plain", 16)]
+MODES = [
+    ("xts-plain64", 64),
+    ("xts-plain64", 32),
+    ("xts-plain", 64),
+    ("cbc-essiv:sha256", 32),
+    ("cbc-plain64", 32),
+    ("cbc-plain", 16),
+]
 
 
 @pytest.mark.parametrize("mode,key_bytes", MODES)
@@ -52,8 +58,9 @@ def test_wiped_or_equal_halves_check_nothing() -> None:
 
 @pytest.mark.interop
 @pytest.mark.parametrize("target", ["luks", "qcow2-luks"])
-def test_migrate_refuses_a_self_consistent_cipher_bug(tmp_path: Path, qemu_img: str, target: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrate_refuses_a_self_consistent_cipher_bug(
+    tmp_path: Path, qemu_img: str, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sector cipher that is wrong in the same way when writing and reading back (IV base off by one)
     passes the digest read-back; the spot check against OpenSSL catches it and nothing is kept."""
     from qcrypt.crypto import sector
@@ -70,8 +77,9 @@ def test_migrate_refuses_a_self_consistent_cipher_bug(tmp_path: Path, qemu_img: 
 
     monkeypatch.setattr(sector.SectorCipher, "_run", off_by_one)
     out = tmp_path / "out"
-    opts = mig.MigrateOptions(target=target, output=str(out), passphrase=passphrase.encode(), iterations=1000,
-                              workers=1)
+    opts = mig.MigrateOptions(
+        target=target, output=str(out), passphrase=passphrase.encode(), iterations=1000, workers=1
+    )
     with pytest.raises(VerificationError, match="disagrees with OpenSSL"):
         mig.migrate(str(image.path), opts)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy.qcow2"]

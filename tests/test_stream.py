@@ -18,7 +18,8 @@ from tests._compare import assert_same_bytes
 
 MANIFEST = im.manifest()["fixtures"]
 READABLE = sorted(
-    name for name, e in MANIFEST.items()
+    name
+    for name, e in MANIFEST.items()
     if e["plaintext_sha256"] and not e["qemu_img_error"] and "truncated" not in name
 )
 
@@ -110,8 +111,10 @@ def test_wrong_and_missing_luks_passphrase(unpacked: dict[str, Path]) -> None:
 
 def test_truncated_encrypted_image_is_refused(unpacked: dict[str, Path]) -> None:
     name = "aes-qcow2-v3-truncated-c4k.qcow2"
-    with qcrypt.open_image(unpacked[name], MANIFEST[name]["passphrase"]) as stream, \
-            pytest.raises(qcrypt.FormatError, match="truncated"):
+    with (
+        qcrypt.open_image(unpacked[name], MANIFEST[name]["passphrase"]) as stream,
+        pytest.raises(qcrypt.FormatError, match="truncated"),
+    ):
         stream.read()
 
 
@@ -131,8 +134,7 @@ def test_fresh_legacy_images_at_nonzero_offsets(tmp_path: Path, qemu_img: str, c
     """qemu-io writes into a fresh legacy image; the passphrase is longer than 16 bytes."""
     passphrase = "a passphrase longer than sixteen bytes"
     size = 8 << 20
-    image = im.make_qcow2(tmp_path / "l.qcow2", size, cluster_size=cluster_size, encrypt="aes",
-                          passphrase=passphrase)
+    image = im.make_qcow2(tmp_path / "l.qcow2", size, cluster_size=cluster_size, encrypt="aes", passphrase=passphrase)
     writes = im.fill_image(image, size, cluster_size)
     with qcrypt.open_image(image.path, passphrase) as stream:
         assert hashlib.sha256(stream.read()).hexdigest() == im.plaintext_sha256(image)
@@ -174,8 +176,15 @@ def test_odd_virtual_size_is_rounded_down_like_qemu(tmp_path: Path, qemu_img: st
     with open(image.path, "r+b") as fh:
         fh.seek(24)
         fh.write((197608).to_bytes(8, "big"))
-    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(image.path)], capture_output=True,
-                                     text=True, check=True, timeout=120).stdout)
+    info = json.loads(
+        subprocess.run(
+            [qemu_img, "info", "--output=json", str(image.path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    )
     with qcrypt.open_image(image.path) as stream:
         assert stream.size == info["virtual-size"] == 197120
         assert len(stream.read()) == 197120
@@ -199,13 +208,17 @@ def _first_l2_entry(path: Path) -> int:
     raise AssertionError(f"{path}: no allocated L2 entry")
 
 
-@pytest.mark.parametrize(("name", "patch", "message"), [
-    ("qcow2-v3-c64k.qcow2", lambda e, b: (e | 0x2, b), "reserved bits"),
-    ("qcow2-v3-c64k.qcow2", lambda e, b: (e | (1 << 56), b), "reserved bits"),
-    ("qcow2-v3-extl2-c64k.qcow2", lambda e, b: (e, 0x1_0000_0001), "both allocated and zero"),
-])
-def test_corrupt_l2_entries_are_refused(unpacked: dict[str, Path], tmp_path: Path, name: str, patch: object,
-                                        message: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "patch", "message"),
+    [
+        ("qcow2-v3-c64k.qcow2", lambda e, b: (e | 0x2, b), "reserved bits"),
+        ("qcow2-v3-c64k.qcow2", lambda e, b: (e | (1 << 56), b), "reserved bits"),
+        ("qcow2-v3-extl2-c64k.qcow2", lambda e, b: (e, 0x1_0000_0001), "both allocated and zero"),
+    ],
+)
+def test_corrupt_l2_entries_are_refused(
+    unpacked: dict[str, Path], tmp_path: Path, name: str, patch: object, message: str
+) -> None:
     """Reserved L2 bits, or a subcluster both allocated and zero: an error, never a silent guess."""
     copy = tmp_path / name
     copy.write_bytes(unpacked[name].read_bytes())

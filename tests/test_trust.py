@@ -24,7 +24,7 @@ import pytest
 
 from qcrypt.audit import scan
 from qcrypt.hook import check as hook
-from tests.conftest import IN_CI, require_tool
+from tests._tools import IN_CI, require_tool
 
 pytestmark = pytest.mark.interop
 
@@ -34,8 +34,9 @@ BOUND_S = 20  # a special file must cost nothing like this; without the fix /pro
 
 
 def qcrypt(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qcrypt", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "qcrypt", *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def qemu_img(*args: str | os.PathLike[str]) -> None:
@@ -58,8 +59,12 @@ def tenant() -> Iterator[tuple[int, int]]:
     """An unprivileged user (uid, gid), removed again."""
     require_root()
     name = f"qct{secrets.token_hex(4)}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin",
-                    name], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     try:
         import pwd
 
@@ -97,9 +102,11 @@ def overlay(path: Path, backing: str, *, fmt: str = "raw", size: str = "1M") -> 
 def overlay_domain_xml(image: Path, backing_store_open: str) -> str:
     """A domain whose one qcow2 disk is ``image`` over the one layer that ``backing_store_open`` (a
     ``<backingStore ...>`` start tag and its content, without the inner terminator) declares."""
-    return (f"<domain type='qemu'><name>t</name><devices><disk type='file' device='disk'>"
-            f"<driver name='qemu' type='qcow2'/><source file='{image}'/>{backing_store_open}<backingStore/>"
-            "</backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>")
+    return (
+        f"<domain type='qemu'><name>t</name><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{image}'/>{backing_store_open}<backingStore/>"
+        "</backingStore><target dev='vda' bus='virtio'/></disk></devices></domain>"
+    )
 
 
 def inspect_as_declared(image: Path, xml: str) -> dict:
@@ -127,8 +134,18 @@ def migrations(image: Path, out_dir: Path, pw: Path) -> list[list[str | os.PathL
         ["migrate", image, "--to", "qcow2", "-o", out_dir / "o.qcow2"],
         ["migrate", image, "--to", "qcow2", "--flatten", "-o", out_dir / "o-flat.qcow2"],
         ["migrate", image, "--to", "luks", "-o", out_dir / "o.luks", "--new-passphrase-file", pw, *FAST],
-        ["migrate", image, "--to", "qcow2-luks", "--flatten", "-o", out_dir / "o.luks.qcow2",
-         "--new-passphrase-file", pw, *FAST],
+        [
+            "migrate",
+            image,
+            "--to",
+            "qcow2-luks",
+            "--flatten",
+            "-o",
+            out_dir / "o.luks.qcow2",
+            "--new-passphrase-file",
+            pw,
+            *FAST,
+        ],
     ]
 
 
@@ -200,8 +217,9 @@ def test_backing_file_outside_the_images_folder(folder: Path, name: str) -> None
     (folder / "base").mkdir()
     marker = secret_file(folder / "base" / "base.raw", 0o644)
     shutil.copyfile(folder / "base" / "base.raw", folder / "parent.raw")
-    backing = {"absolute": str(folder / "base" / "base.raw"), "dotdot": "../base/base.raw",
-               "parent": "../parent.raw"}[name]
+    backing = {"absolute": str(folder / "base" / "base.raw"), "dotdot": "../base/base.raw", "parent": "../parent.raw"}[
+        name
+    ]
     allowed = folder if name == "parent" else folder / "base"
     image = overlay(folder / "vm" / "ov.qcow2", backing)
 
@@ -232,8 +250,13 @@ def loop_device(folder: Path) -> Iterator[tuple[str, bytes]]:
     require_root()
     losetup = require_tool("losetup")
     marker = secret_file(folder / "secret-device.img")
-    device = subprocess.run([losetup, "--find", "--show", folder / "secret-device.img"], check=True,
-                            capture_output=True, text=True, timeout=60).stdout.strip()
+    device = subprocess.run(
+        [losetup, "--find", "--show", folder / "secret-device.img"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
     try:
         yield device, marker
     finally:
@@ -255,8 +278,11 @@ def test_special_backing_file_is_never_read(folder: Path, target: str, request: 
     report = json.loads(done.stdout)["images"][0]
     assert "backing-special-file" in codes(report), report
     assert report["backing_chain"] == []
-    for words in (["info", image], ["migrate", image, "--to", "raw", "-o", folder / "o.raw"],
-                  ["migrate", image, "--to", "qcow2", "--flatten", "-o", folder / "o.qcow2"]):
+    for words in (
+        ["info", image],
+        ["migrate", image, "--to", "raw", "-o", folder / "o.raw"],
+        ["migrate", image, "--to", "qcow2", "--flatten", "-o", folder / "o.qcow2"],
+    ):
         done = qcrypt(*words, timeout=BOUND_S)
         if words[0] == "info":
             assert "backing-special-file" in done.stdout, done.stderr
@@ -297,8 +323,7 @@ def test_scan_of_a_folder_with_a_symlink_to_kmsg_reports_every_other_image(folde
     assert all(r["format"] == "raw" and r["severity"] == "ok" for name, r in reports.items() if name != "evil.img")
 
 
-def test_block_device_met_in_a_folder_is_not_read_unless_named(folder: Path,
-                                                              loop_device: tuple[str, bytes]) -> None:
+def test_block_device_met_in_a_folder_is_not_read_unless_named(folder: Path, loop_device: tuple[str, bytes]) -> None:
     device, _marker = loop_device
     (folder / "lv").symlink_to(device)
     walked = {Path(r["path"]).name: r for r in scan.scan([str(folder)])}
@@ -327,24 +352,54 @@ def test_legacy_image_without_data_needs_an_explicit_choice(folder: Path) -> Non
     wrong.write_bytes(b"not the right one")
     new.write_bytes(b"new passphrase")
     image = folder / "empty-legacy.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={right}", "-o",
-             "encrypt.format=aes,encrypt.key-secret=s", image, "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        f"secret,id=s,file={right}",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s",
+        image,
+        "1M",
+    )
     out = folder / "out.luks.qcow2"
     done = qcrypt("migrate", image, "--to", "qcow2-luks", "-o", out, "--passphrase-file", wrong, *FAST)
     assert done.returncode == 8, done.stderr
     assert "cannot be verified" in done.stderr and "--accept-unverified-passphrase" in done.stderr
     assert not out.exists()
-    done = qcrypt("migrate", image, "--to", "qcow2-luks", "-o", out, "--passphrase-file", wrong, *FAST,
-                  "--accept-unverified-passphrase")
+    done = qcrypt(
+        "migrate",
+        image,
+        "--to",
+        "qcow2-luks",
+        "-o",
+        out,
+        "--passphrase-file",
+        wrong,
+        *FAST,
+        "--accept-unverified-passphrase",
+    )
     assert done.returncode == 0, done.stderr
     assert "passphrase was NOT verified" in done.stdout
     # with data to judge, the flag is not needed and the summary does not say unverified
     require_tool("qemu-io")
-    subprocess.run([require_tool("qemu-io"), "--object", f"secret,id=s,file={right}", "--image-opts",
-                    f"driver=qcow2,file.filename={image},encrypt.key-secret=s", "-c", "write -P 0 0 64k"],
-                   check=True, capture_output=True, timeout=60)
-    done = qcrypt("migrate", image, "--to", "qcow2-luks", "-o", folder / "o2.qcow2", "--passphrase-file", right,
-                  *FAST)
+    subprocess.run(
+        [
+            require_tool("qemu-io"),
+            "--object",
+            f"secret,id=s,file={right}",
+            "--image-opts",
+            f"driver=qcow2,file.filename={image},encrypt.key-secret=s",
+            "-c",
+            "write -P 0 0 64k",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    done = qcrypt("migrate", image, "--to", "qcow2-luks", "-o", folder / "o2.qcow2", "--passphrase-file", right, *FAST)
     assert done.returncode == 0, done.stderr
     assert "NOT verified" not in done.stdout
 

@@ -14,7 +14,7 @@ from qcrypt.audit import findings, scan
 from qcrypt.errors import MigrationError
 from qcrypt.migrate import run as mig
 from tests import _images as im
-from tests.conftest import require_tool
+from tests._tools import require_tool
 
 PASSPHRASE = "weak settings test passphrase"
 FAST = ["--pbkdf-force-iterations", "1000"]
@@ -25,8 +25,13 @@ LUKS1_FIXTURES = sorted(n for n, e in MANIFEST.items() if e["encryption"] == "lu
 
 
 def qcrypt(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qcrypt", *args], capture_output=True, text=True, timeout=TIMEOUT,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "qcrypt", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize("name", LUKS1_FIXTURES)
@@ -39,19 +44,23 @@ def test_the_refusal_grades_as_the_scanner_does(name: str, tmp_path: Path) -> No
     assert graded == scanned
 
 
-@pytest.mark.parametrize("cipher,key_bits,hash_name,codes", [
-    ("aes-xts-plain64", 512, "sha256", set()),
-    ("aes-cbc-essiv:sha256", 256, "sha512", set()),
-    ("aes-cbc-plain64", 256, "sha256", {"luks-predictable-iv"}),
-    ("aes-cbc-plain", 256, "sha256", {"luks-predictable-iv", "luks-plain-iv-wraps"}),
-    ("aes-xts-plain64", 512, "sha1", {"luks-sha1"}),
-    ("aes-xts-plain64", 256, "sha256", {"luks-short-key"}),
-    ("aes-cbc-essiv:sha256", 128, "sha256", {"luks-short-key"}),
-])
+@pytest.mark.parametrize(
+    "cipher,key_bits,hash_name,codes",
+    [
+        ("aes-xts-plain64", 512, "sha256", set()),
+        ("aes-cbc-essiv:sha256", 256, "sha512", set()),
+        ("aes-cbc-plain64", 256, "sha256", {"luks-predictable-iv"}),
+        ("aes-cbc-plain", 256, "sha256", {"luks-predictable-iv", "luks-plain-iv-wraps"}),
+        ("aes-xts-plain64", 512, "sha1", {"luks-sha1"}),
+        ("aes-xts-plain64", 256, "sha256", {"luks-short-key"}),
+        ("aes-cbc-essiv:sha256", 128, "sha256", {"luks-short-key"}),
+    ],
+)
 def test_grade_new_luks(cipher: str, key_bits: int, hash_name: str, codes: set[str]) -> None:
     assert {f.code for f in findings.grade_new_luks(cipher, hash_name, key_bits, None)} == codes
     assert {f.code for f in findings.grade_new_luks(cipher, hash_name, key_bits, 999)} == codes | {
-        "luks-low-iterations"}
+        "luks-low-iterations"
+    }
     assert {f.code for f in findings.grade_new_luks(cipher, hash_name, key_bits, 1000)} == codes
 
 
@@ -65,16 +74,22 @@ def legacy(tmp_path: Path, qemu_img: str, qemu_io: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("options,codes", [
-    (["--cipher", "aes-cbc-plain64"], ["luks-predictable-iv"]),
-    (["--hash", "sha1"], ["luks-sha1"]),
-    (["--key-size", "256"], ["luks-short-key"]),  # XTS: two AES-128 keys
-    (["--cipher", "aes-cbc-plain64", "--key-size", "128", "--hash", "sha1"],
-     ["luks-predictable-iv", "luks-sha1", "luks-short-key"]),
-])
+@pytest.mark.parametrize(
+    "options,codes",
+    [
+        (["--cipher", "aes-cbc-plain64"], ["luks-predictable-iv"]),
+        (["--hash", "sha1"], ["luks-sha1"]),
+        (["--key-size", "256"], ["luks-short-key"]),  # XTS: two AES-128 keys
+        (
+            ["--cipher", "aes-cbc-plain64", "--key-size", "128", "--hash", "sha1"],
+            ["luks-predictable-iv", "luks-sha1", "luks-short-key"],
+        ),
+    ],
+)
 @pytest.mark.parametrize("target", ["luks", "qcow2-luks"])
-def test_weak_settings_refused_then_allowed(legacy: tuple[Path, Path], tmp_path: Path, options: list[str],
-                                            codes: list[str], target: str) -> None:
+def test_weak_settings_refused_then_allowed(
+    legacy: tuple[Path, Path], tmp_path: Path, options: list[str], codes: list[str], target: str
+) -> None:
     source, pw = legacy
     out = tmp_path / "out"
     # refused before any passphrase is asked for (stdin is not a terminal and no file is given)
@@ -83,16 +98,28 @@ def test_weak_settings_refused_then_allowed(legacy: tuple[Path, Path], tmp_path:
     assert len(refused.stderr.splitlines()) == 1 and "--allow-weak" in refused.stderr
     assert all(code in refused.stderr for code in codes)
     assert not out.exists()
-    allowed = qcrypt("migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw),
-                     *options, *FAST, "--allow-weak")
+    allowed = qcrypt(
+        "migrate",
+        str(source),
+        "--to",
+        target,
+        "-o",
+        str(out),
+        "--passphrase-file",
+        str(pw),
+        *options,
+        *FAST,
+        "--allow-weak",
+    )
     assert allowed.returncode == 0, allowed.stderr
     assert f"grades as weak: {', '.join(sorted(codes))}" in allowed.stderr
     # the scanner grades the result exactly as the refusal did
     report = scan.inspect(out)
     assert sorted({f["code"] for f in report["findings"]} - LAYOUT_CODES) == sorted(codes)
     if target == "luks":  # cryptsetup reads the settings we were asked for
-        dump = subprocess.run([require_tool("cryptsetup"), "luksDump", str(out)], capture_output=True, text=True,
-                              timeout=TIMEOUT).stdout
+        dump = subprocess.run(
+            [require_tool("cryptsetup"), "luksDump", str(out)], capture_output=True, text=True, timeout=TIMEOUT
+        ).stdout
         if "--hash" in options:
             assert "Hash spec:     \tsha1" in dump
         if "--cipher" in options:
@@ -102,8 +129,9 @@ def test_weak_settings_refused_then_allowed(legacy: tuple[Path, Path], tmp_path:
 @pytest.mark.interop
 def test_defaults_are_not_weak(legacy: tuple[Path, Path], tmp_path: Path) -> None:
     source, pw = legacy
-    done = qcrypt("migrate", str(source), "--to", "luks", "-o", str(tmp_path / "out.luks"), "--passphrase-file",
-                  str(pw), *FAST)
+    done = qcrypt(
+        "migrate", str(source), "--to", "luks", "-o", str(tmp_path / "out.luks"), "--passphrase-file", str(pw), *FAST
+    )
     assert done.returncode == 0 and "weak" not in done.stderr, done.stderr
     assert {f["code"] for f in scan.inspect(tmp_path / "out.luks")["findings"]} - LAYOUT_CODES == set()
 
@@ -113,8 +141,9 @@ def test_a_carried_over_header_is_not_a_new_container(tmp_path: Path) -> None:
     report, not a reason to refuse; the cipher options do not apply to it."""
     name = "luks1-cs-aes-cbc-plain64-256-sha512.luks"
     source = im.fixture_path(name, tmp_path)
-    opts = mig.MigrateOptions(target="qcow2-luks", output=str(tmp_path / "out.qcow2"),
-                              passphrase=MANIFEST[name]["passphrase"].encode())
+    opts = mig.MigrateOptions(
+        target="qcow2-luks", output=str(tmp_path / "out.qcow2"), passphrase=MANIFEST[name]["passphrase"].encode()
+    )
     result = mig.migrate(str(source), opts)
     assert result.luks_carried_over and result.weak_findings == []
     assert "luks-predictable-iv" in {f["code"] for f in scan.inspect(tmp_path / "out.qcow2")["findings"]}
@@ -123,8 +152,9 @@ def test_a_carried_over_header_is_not_a_new_container(tmp_path: Path) -> None:
 def test_library_refuses_forced_iterations_below_the_minimum(tmp_path: Path) -> None:
     name = "qcow2-v3-c4k.qcow2"
     source = im.fixture_path(name, tmp_path)
-    opts = mig.MigrateOptions(target="luks", output=str(tmp_path / "out.luks"), new_passphrase=b"new passphrase",
-                              iterations=500)
+    opts = mig.MigrateOptions(
+        target="luks", output=str(tmp_path / "out.luks"), new_passphrase=b"new passphrase", iterations=500
+    )
     with pytest.raises(MigrationError, match="luks-low-iterations"):
         mig.migrate(str(source), opts)
     assert not (tmp_path / "out.luks").exists()

@@ -113,8 +113,9 @@ def declared_container(declared_format: str | None, fh: BinaryIO) -> Probe:
     return Probe("raw")
 
 
-def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool,
-                  layer: bool = False) -> None:
+def _inspect_luks(
+    image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool, layer: bool = False
+) -> None:
     from qcrypt.luks import engine as luks
     from qcrypt.luks import luks2
 
@@ -140,7 +141,6 @@ def _inspect_luks(image: ImageFile, offset: int, length: int, info: ImageInfo, *
         info.virtual_size = -(-payload_bytes // 512) * 512
 
 
-
 def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo, *, layer: bool) -> None:
     h = image.header
     info.format_version = h.version
@@ -164,8 +164,15 @@ def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo, *, layer: bool
         info.findings.append(F.legacy_aes(info.format, info.snapshot_count))
 
 
-def inspect_one(path: str, *, fh: BinaryIO | None = None, declared_format: str | None = None,
-                rules: ChainRules | None = None, allow_block: bool = True, layer: bool = False) -> ImageInfo:
+def inspect_one(
+    path: str,
+    *,
+    fh: BinaryIO | None = None,
+    declared_format: str | None = None,
+    rules: ChainRules | None = None,
+    allow_block: bool = True,
+    layer: bool = False,
+) -> ImageInfo:
     """Inspect one file's own headers (not its backing chain). Errors become ``info.error``.
 
     ``fh``: the file, already opened (a backing layer opened by the chain rules); it stays open.
@@ -321,8 +328,11 @@ def walk_chain(top: ImageInfo) -> tuple[list[ImageInfo], list[F.Finding]]:
                 problems.append(F.backing_loop(backing))
                 break
             seen.add((st.st_dev, st.st_ino))
-            layer_format = declared.format if declared and declared.format else (
-                "raw" if current.backing_format == "raw" else None)
+            layer_format = (
+                declared.format
+                if declared and declared.format
+                else ("raw" if current.backing_format == "raw" else None)
+            )
             layer = inspect_one(backing, fh=fh, declared_format=layer_format, layer=True)
         chain.append(layer)
         current = layer
@@ -364,8 +374,13 @@ def build_report(info: ImageInfo, chain: list[ImageInfo], chain_findings: list[F
     return report
 
 
-def inspect(path: str | os.PathLike[str], *, rules: ChainRules | None = None,
-            declared_format: str | None = None, allow_block: bool = True) -> Report:
+def inspect(
+    path: str | os.PathLike[str],
+    *,
+    rules: ChainRules | None = None,
+    declared_format: str | None = None,
+    allow_block: bool = True,
+) -> Report:
     """The scan report of one image, backing chain included. Never raises for bad input.
 
     ``rules``: where backing files may be (beyond the image's folder; see qcrypt.images.backing).
@@ -441,10 +456,13 @@ def _walk(path: str, seen_files: set[tuple[int, int]], seen_dirs: set[tuple[int,
 SCAN_BATCH = 64  # images per task when inspecting in worker processes
 
 
-def _inspect_batch(paths: list[str], rules: ChainRules | None, declared: dict[str, str], named: frozenset[str]
-                   ) -> list[Report]:
-    return [inspect(path, rules=rules, declared_format=declared.get(os.path.realpath(path)),
-                    allow_block=path in named) for path in paths]
+def _inspect_batch(
+    paths: list[str], rules: ChainRules | None, declared: dict[str, str], named: frozenset[str]
+) -> list[Report]:
+    return [
+        inspect(path, rules=rules, declared_format=declared.get(os.path.realpath(path)), allow_block=path in named)
+        for path in paths
+    ]
 
 
 def scan(
@@ -457,8 +475,9 @@ def scan(
 ) -> list[Report]:
     """Inspect every file under ``paths``; ``progress`` is called once per finished image."""
     paths = list(paths)
-    return scan_files(list(iter_files(paths)), jobs=jobs, progress=progress, rules=rules, declared=declared,
-                      named=paths)
+    return scan_files(
+        list(iter_files(paths)), jobs=jobs, progress=progress, rules=rules, declared=declared, named=paths
+    )
 
 
 def scan_files(
@@ -483,8 +502,7 @@ def scan_files(
     from qcrypt.plumbing.parallel import ordered_map
 
     named_set = frozenset(files if named is None else named)
-    batches = [(files[i : i + SCAN_BATCH], rules, declared or {}, named_set)
-               for i in range(0, len(files), SCAN_BATCH)]
+    batches = [(files[i : i + SCAN_BATCH], rules, declared or {}, named_set) for i in range(0, len(files), SCAN_BATCH)]
     workers = jobs if len(batches) > 1 else 1
     reports: list[Report] = []
     with contextlib.closing(ordered_map(_inspect_batch, batches, workers=workers, in_flight=2 * workers)) as results:
@@ -500,8 +518,11 @@ def summarize(reports: list[Report]) -> dict[str, Any]:
     """Counts by encryption, format and severity (the ``summary`` of ``scan --format json``)."""
     summary: dict[str, Any] = {"images": len(reports), "by_encryption": {}, "by_format": {}, "by_severity": {}}
     for r in reports:
-        for key, value in (("by_encryption", r["encryption"]), ("by_format", r["format"]),
-                           ("by_severity", r["severity"])):
+        for key, value in (
+            ("by_encryption", r["encryption"]),
+            ("by_format", r["format"]),
+            ("by_severity", r["severity"]),
+        ):
             summary[key][value] = summary[key].get(value, 0) + 1
     summary["legacy"] = sum(1 for r in reports if has_legacy(r))
     return summary
@@ -515,8 +536,7 @@ def _add_finding(report: Report, finding: F.Finding) -> None:
     report["severity"] = severity_of([F.Finding(**f) for f in report["findings"]])
 
 
-def _add_compressed_finding(report: Report, image: ImageFile, snapshots: list[Snapshot], budget: WalkBudget
-                            ) -> None:
+def _add_compressed_finding(report: Report, image: ImageFile, snapshots: list[Snapshot], budget: WalkBudget) -> None:
     """Legacy AES images keep compressed clusters in plaintext (formats.md B.1): count them, snapshots too."""
     at_least = False
     if isinstance(image, QCowImage):
@@ -565,8 +585,9 @@ def describe(path: str | os.PathLike[str], *, rules: ChainRules | None = None) -
                 if info.encryption == "aes-cbc-legacy":
                     _add_compressed_finding(report, image, info.snapshots, budget)
             except LimitExceededError as e:  # the header was fine: only the layout is too big to count here
-                _add_finding(report, F.limit_exceeded(f"{e}; allocated bytes and compressed clusters were not "
-                                                      "(fully) counted"))
+                _add_finding(
+                    report, F.limit_exceeded(f"{e}; allocated bytes and compressed clusters were not (fully) counted")
+                )
     report["features"] = info.features
     if info.luks is not None:
         report["luks"] = info.luks

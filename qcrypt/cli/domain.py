@@ -35,10 +35,12 @@ from qcrypt.errors import DomainActiveError
 from qcrypt.libvirt.connection import SHUT_OFF, Connection, open_connection
 from qcrypt.plumbing.parallel import tune_malloc_for_streaming
 
-SNAPSHOT_LIMITS = ("internal snapshots of a LUKS qcow2 disk: libvirt 9 lists them, but 'virsh snapshot-revert' "
-                   "and 'snapshot-create' of the shut-off domain fail (libvirt runs qemu-img without the secret), "
-                   "'snapshot-delete' removes only libvirt's metadata, and a snapshot of the running domain crashed "
-                   "QEMU 7.2; use qemu-img snapshot with --object secret (README, 'Snapshots')")
+SNAPSHOT_LIMITS = (
+    "internal snapshots of a LUKS qcow2 disk: libvirt 9 lists them, but 'virsh snapshot-revert' "
+    "and 'snapshot-create' of the shut-off domain fail (libvirt runs qemu-img without the secret), "
+    "'snapshot-delete' removes only libvirt's metadata, and a snapshot of the running domain crashed "
+    "QEMU 7.2; use qemu-img snapshot with --object secret (README, 'Snapshots')"
+)
 STATUSES = ("migrated", "unchanged", "planned", "skipped", "failed")
 EXIT_SKIPPED = exit_code_for(DomainActiveError("running"))
 
@@ -52,45 +54,109 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("-c", "--connect", "uri", help="libvirt URI, as virsh -c (default: libvirt's default URI).")
 @click.option("--all", "all_domains", is_flag=True, help="Every domain of the connection with an affected disk.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (and the XML change as a diff); change nothing.")
-@click.option("--to", "target", type=click.Choice(["qcow2-luks", "luks"]),
-              help="Target of every affected disk [default: qcow2-luks, luks for raw-driver disks].")
-@click.option("--replace", is_flag=True,
-              help="New images take the old names (originals kept as NAME.qcrypt-orig) instead of NAME.luks.qcow2.")
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["qcow2-luks", "luks"]),
+    help="Target of every affected disk [default: qcow2-luks, luks for raw-driver disks].",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="New images take the old names (originals kept as NAME.qcrypt-orig) instead of NAME.luks.qcow2.",
+)
 @click.option("--start", is_flag=True, help="Start each fixed domain and report whether it runs.")
-@click.option("--iter-time", "iter_time_ms", type=click.IntRange(1, 60000), default=2000, show_default=True,
-              help="Milliseconds of PBKDF2 per unlock of the new keyslots.")
-@click.option("--pbkdf-force-iterations", "iterations", type=click.IntRange(1000, 2**31 - 1), default=None,
-              help="Use exactly this many PBKDF2 iterations (no benchmark).")
-@click.option("--passphrase-file", type=click.Path(allow_dash=True, dir_okay=False),
-              help="Passphrase for disks whose libvirt secret is private or missing ('-' = stdin). Prompted "
-                   "when needed and stdin is a terminal.")
-@click.option("--backup-dir", default=DEFAULT_BACKUP_DIR, show_default=True,
-              help="Where the old domain XML is saved before the new one is defined.")
-@click.option("--output-dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder for the new image files of block-device disks.")
-@click.option("--backend", type=click.Choice(["auto", "api", "virsh"]), default="auto", show_default=True,
-              help="Talk to libvirt through its Python binding (api) or virsh; auto: the binding if installed.")
+@click.option(
+    "--iter-time",
+    "iter_time_ms",
+    type=click.IntRange(1, 60000),
+    default=2000,
+    show_default=True,
+    help="Milliseconds of PBKDF2 per unlock of the new keyslots.",
+)
+@click.option(
+    "--pbkdf-force-iterations",
+    "iterations",
+    type=click.IntRange(1000, 2**31 - 1),
+    default=None,
+    help="Use exactly this many PBKDF2 iterations (no benchmark).",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(allow_dash=True, dir_okay=False),
+    help="Passphrase for disks whose libvirt secret is private or missing ('-' = stdin). Prompted "
+    "when needed and stdin is a terminal.",
+)
+@click.option(
+    "--backup-dir",
+    default=DEFAULT_BACKUP_DIR,
+    show_default=True,
+    help="Where the old domain XML is saved before the new one is defined.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder for the new image files of block-device disks.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "api", "virsh"]),
+    default="auto",
+    show_default=True,
+    help="Talk to libvirt through its Python binding (api) or virsh; auto: the binding if installed.",
+)
 @allow_backing_dir_opt
-@click.option("--accept-unverified-passphrase", is_flag=True,
-              help="Go on when a disk's legacy layers hold no data cluster to check its passphrase against.")
-@click.option("--accept-random-content", is_flag=True,
-              help="Go on when a legacy disk's plaintext looks random: its guest content really is random (e.g. "
-                   "encrypted inside the guest). Without it such a disk is refused as a wrong passphrase.")
+@click.option(
+    "--accept-unverified-passphrase",
+    is_flag=True,
+    help="Go on when a disk's legacy layers hold no data cluster to check its passphrase against.",
+)
+@click.option(
+    "--accept-random-content",
+    is_flag=True,
+    help="Go on when a legacy disk's plaintext looks random: its guest content really is random (e.g. "
+    "encrypted inside the guest). Without it such a disk is refused as a wrong passphrase.",
+)
 @format_opt
-@click.option("-q", "--quiet", is_flag=True, help="No progress and no table (JSON is still printed; errors still "
-                                                  "go to stderr).")
-@click.option("--progress/--no-progress", default=None,
-              help="Show progress on stderr: a bar on a terminal, else a line (domain, disk, bytes, rate, ETA) "
-                   "every --progress-interval seconds. [default: on, off with -q]")
-@click.option("--progress-interval", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
-              help="Seconds between two progress lines when stderr is not a terminal.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress and no table (JSON is still printed; errors still go to stderr)."
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show progress on stderr: a bar on a terminal, else a line (domain, disk, bytes, rate, ETA) "
+    "every --progress-interval seconds. [default: on, off with -q]",
+)
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(0, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds between two progress lines when stderr is not a terminal.",
+)
 @handle_errors
-def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool, dry_run: bool, target: str | None,
-                   replace: bool, start: bool, iter_time_ms: int, iterations: int | None,
-                   passphrase_file: str | None, backup_dir: str, output_dir: str | None, backend: str,
-                   allow_backing_dirs: tuple[str, ...], accept_unverified_passphrase: bool,
-                   accept_random_content: bool, output_format: str, quiet: bool, progress: bool | None,
-                   progress_interval: float) -> None:
+def migrate_domain(
+    domains: tuple[str, ...],
+    uri: str | None,
+    all_domains: bool,
+    dry_run: bool,
+    target: str | None,
+    replace: bool,
+    start: bool,
+    iter_time_ms: int,
+    iterations: int | None,
+    passphrase_file: str | None,
+    backup_dir: str,
+    output_dir: str | None,
+    backend: str,
+    allow_backing_dirs: tuple[str, ...],
+    accept_unverified_passphrase: bool,
+    accept_random_content: bool,
+    output_format: str,
+    quiet: bool,
+    progress: bool | None,
+    progress_interval: float,
+) -> None:
     """Migrate every legacy-AES disk of each DOMAIN (shut off) to LUKS and define the new XML, or change nothing.
 
     Passphrases come from the libvirt secrets the disks name (each backing layer from its own); the new LUKS
@@ -108,14 +174,24 @@ def migrate_domain(domains: tuple[str, ...], uri: str | None, all_domains: bool,
     try:
         rules = chain_rules(allow_backing_dirs)
         names = list(dict.fromkeys(domains)) if domains else domains_to_fix(conn, rules)
-        opts = DomainOptions(to=target, replace=replace, dry_run=dry_run, start=start, iter_time_ms=iter_time_ms,
-                             iterations=iterations, backup_dir=backup_dir, output_dir=output_dir,
-                             fallback_passphrase=fallback, rules=rules,
-                             accept_unverified_passphrase=accept_unverified_passphrase,
-                             accept_random_content=accept_random_content,
-                             fallback_label=_fallback_label(passphrase_file))
-        outcomes = _run_all(conn, names, opts, show_progress=show_progress, interval_s=progress_interval,
-                            bar_holder=bar_holder)
+        opts = DomainOptions(
+            to=target,
+            replace=replace,
+            dry_run=dry_run,
+            start=start,
+            iter_time_ms=iter_time_ms,
+            iterations=iterations,
+            backup_dir=backup_dir,
+            output_dir=output_dir,
+            fallback_passphrase=fallback,
+            rules=rules,
+            accept_unverified_passphrase=accept_unverified_passphrase,
+            accept_random_content=accept_random_content,
+            fallback_label=_fallback_label(passphrase_file),
+        )
+        outcomes = _run_all(
+            conn, names, opts, show_progress=show_progress, interval_s=progress_interval, bar_holder=bar_holder
+        )
     finally:
         conn.close()
         wipe(*cached)
@@ -141,8 +217,9 @@ def _fallback_label(path: str | None) -> str:
     return "standard input" if path == "-" else PASSPHRASE_FILE
 
 
-def _fallback_passphrase(path: str | None, bar_holder: list[Any]
-                         ) -> tuple[Callable[[], bytearray] | None, list[bytearray]]:
+def _fallback_passphrase(
+    path: str | None, bar_holder: list[Any]
+) -> tuple[Callable[[], bytearray] | None, list[bytearray]]:
     """Read the fallback passphrase once, when a disk first needs it; None when there is no way to get one.
     A prompt clears the progress bar first (and it is drawn again after)."""
     if path is None and not sys.stdin.isatty():
@@ -152,8 +229,9 @@ def _fallback_passphrase(path: str | None, bar_holder: list[Any]
     def get() -> bytearray:
         if not cached:
             with tqdm.external_write_mode(file=sys.stderr) if bar_holder else contextlib.nullcontext():
-                cached.append(get_passphrase(path, what="passphrase for disks whose libvirt secret is private or "
-                                             "missing"))
+                cached.append(
+                    get_passphrase(path, what="passphrase for disks whose libvirt secret is private or missing")
+                )
         return bytearray(cached[0])
 
     return get, cached
@@ -197,12 +275,22 @@ class ProgressLines:
             tail = f"ETA {max(self.total - shown, 0) / rate:.0f} s"
         else:
             tail = "ETA unknown"
-        click.echo(f"qcrypt: migrating {self.what}: {human_size(shown)} of {human_size(self.total)}{percent}, "
-                   f"{human_size(int(rate))}/s, {tail}", err=True)
+        click.echo(
+            f"qcrypt: migrating {self.what}: {human_size(shown)} of {human_size(self.total)}{percent}, "
+            f"{human_size(int(rate))}/s, {tail}",
+            err=True,
+        )
 
 
-def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_progress: bool,
-             interval_s: float = 10.0, bar_holder: list[Any] | None = None) -> list[DomainOutcome]:
+def _run_all(
+    conn: Connection,
+    names: list[str],
+    opts: DomainOptions,
+    *,
+    show_progress: bool,
+    interval_s: float = 10.0,
+    bar_holder: list[Any] | None = None,
+) -> list[DomainOutcome]:
     if show_progress and not sys.stderr.isatty():
         lines = ProgressLines(interval_s)
         opts.progress, opts.on_disk = lines.update, lines.start_disk
@@ -214,8 +302,15 @@ def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_pr
     if show_progress:
         planned = [fix_domain(conn, name, _planning(opts)) for name in names]
         total = sum(d.work_bytes for o in planned for d in o.disks) or None
-    with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="migrating", leave=False,
-                      disable=True if not show_progress else None) as bar:
+    with progress_bar(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="migrating",
+        leave=False,
+        disable=True if not show_progress else None,
+    ) as bar:
         opts.progress = bar.update
         if bar_holder is not None and show_progress:
             bar_holder.append(bar)
@@ -223,9 +318,17 @@ def _run_all(conn: Connection, names: list[str], opts: DomainOptions, *, show_pr
 
 
 def _planning(opts: DomainOptions) -> DomainOptions:
-    return DomainOptions(to=opts.to, replace=opts.replace, dry_run=True, iter_time_ms=opts.iter_time_ms,
-                         iterations=opts.iterations, backup_dir=opts.backup_dir, output_dir=opts.output_dir,
-                         rules=opts.rules, precheck=False)
+    return DomainOptions(
+        to=opts.to,
+        replace=opts.replace,
+        dry_run=True,
+        iter_time_ms=opts.iter_time_ms,
+        iterations=opts.iterations,
+        backup_dir=opts.backup_dir,
+        output_dir=opts.output_dir,
+        rules=opts.rules,
+        precheck=False,
+    )
 
 
 def exit_status(outcomes: list[DomainOutcome]) -> int:
@@ -268,8 +371,7 @@ def as_document(outcomes: list[DomainOutcome]) -> dict[str, Any]:
         if document["error"] is not None and outcome.error is not None:
             document["error"]["exit_code"] = exit_code_for(outcome.error)
         documents.append(document)
-    return {"domains": documents,
-            "summary": {status: sum(o.status == status for o in outcomes) for status in STATUSES}}
+    return {"domains": documents, "summary": {status: sum(o.status == status for o in outcomes) for status in STATUSES}}
 
 
 # -- the table ---------------------------------------------------------------------------------------------------
@@ -285,8 +387,10 @@ def print_outcome(o: DomainOutcome) -> None:
         else:
             click.echo(f"  {d.target}: {d.source} -> {d.new_path} ({d.to}, {how}{sizes})")
         if d.passphrase_verified is False:
-            click.echo("      the legacy passphrase was NOT verified (no data cluster to check it against; "
-                       "accepted with --accept-unverified-passphrase)")
+            click.echo(
+                "      the legacy passphrase was NOT verified (no data cluster to check it against; "
+                "accepted with --accept-unverified-passphrase)"
+            )
         if d.secret_uuid:
             made = "new secret" if d.secret_created else "existing secret"
             uuid = "" if d.secret_uuid == NEW_SECRET else f" {d.secret_uuid}"
@@ -323,8 +427,13 @@ def _print_plan(o: DomainOutcome) -> None:
 
 def _checks(o: DomainOutcome) -> list[str]:
     """What the dry run checked, as the real run would before writing."""
-    checks = ["each passphrase against its image or layer", "secret values readable (or replaced by a new secret)",
-              "secret usages free", "free space", "temporary files of other runs"]
+    checks = [
+        "each passphrase against its image or layer",
+        "secret values readable (or replaced by a new secret)",
+        "secret usages free",
+        "free space",
+        "temporary files of other runs",
+    ]
     if o.state == SHUT_OFF:
         checks.append("no process holds the images' locks")
     else:
@@ -347,16 +456,22 @@ def _print_done(o: DomainOutcome) -> None:
     for problem in o.users_unknown:
         click.echo(f"  other users not known: {problem}: qcrypt gives no command to destroy the old images")
     if free:
-        click.echo("  once the VM is confirmed good, destroy them (their legacy ciphertext stays readable with the "
-                   f"old passphrase): shred -u {' '.join(shlex.quote(p) for p in free)} (or blkdiscard on thin "
-                   "storage)")
+        click.echo(
+            "  once the VM is confirmed good, destroy them (their legacy ciphertext stays readable with the "
+            f"old passphrase): shred -u {' '.join(shlex.quote(p) for p in free)} (or blkdiscard on thin "
+            "storage)"
+        )
     if unchecked:
-        click.echo(f"  not checked to be the files qcrypt read (a backing layer, a block device, or a name that "
-                   f"changed since): {', '.join(unchecked)}: qcrypt gives no command to destroy these; check what "
-                   "each one is (ls -l, qcrypt info) and who else uses it first")
+        click.echo(
+            f"  not checked to be the files qcrypt read (a backing layer, a block device, or a name that "
+            f"changed since): {', '.join(unchecked)}: qcrypt gives no command to destroy these; check what "
+            "each one is (ls -l, qcrypt info) and who else uses it first"
+        )
     if old:
-        click.echo("  images in other folders, or on other hosts, may use them too: 'qcrypt scan --libvirt-xml "
-                   "/etc/libvirt/qemu FOLDER...' names the domains using each image")
+        click.echo(
+            "  images in other folders, or on other hosts, may use them too: 'qcrypt scan --libvirt-xml "
+            "/etc/libvirt/qemu FOLDER...' names the domains using each image"
+        )
     if o.record:
         click.echo(f"  record: {o.record}")
     if o.started is True:

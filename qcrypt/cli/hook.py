@@ -69,8 +69,13 @@ def _read_domain_xml(stdin: BinaryIO | None) -> bytes | None:
     return stdin.read(hooklib.MAX_XML_BYTES + 1)
 
 
-def run_libvirt(argv: Sequence[str], stdin: BinaryIO | None, *, budget_s: float = hooklib.DEFAULT_BUDGET_S,
-                syslog_to: hooklib.SyslogSink | None = None) -> int:
+def run_libvirt(
+    argv: Sequence[str],
+    stdin: BinaryIO | None,
+    *,
+    budget_s: float = hooklib.DEFAULT_BUDGET_S,
+    syslog_to: hooklib.SyslogSink | None = None,
+) -> int:
     """Run the hook for libvirt's ``argv`` (object, operation, sub-operation, extra). Always returns 0.
 
     Reading, parsing and checking end within ``hooklib.RUN_BUDGET_S`` of the call (image reads within
@@ -119,8 +124,15 @@ def needs_pythonpath(python: str) -> bool:
     expected = str(Path(__file__).resolve())
     probe = "import qcrypt.cli.hook as m, os; print(os.path.realpath(m.__file__))"
     try:
-        done = subprocess.run([python, "-c", probe], env=_BARE_ENV, cwd="/", capture_output=True, text=True,
-                              timeout=_PROBE_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            [python, "-c", probe],
+            env=_BARE_ENV,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=_PROBE_TIMEOUT_S,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return True
     return done.returncode != 0 or done.stdout.strip() != expected
@@ -134,13 +146,19 @@ def self_test(script: Path | str) -> str | None:
 
     The script always exits 0, so anything on stderr means it cannot work there; returns that text."""
     try:
-        done = subprocess.run(["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", str(script), "qcrypt-hook-self-test",
-                               "prepare", "begin", "-"], input=SELF_TEST_XML, cwd="/", capture_output=True,
-                              timeout=30, check=False)
+        done = subprocess.run(
+            ["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", str(script), "qcrypt-hook-self-test", "prepare", "begin", "-"],
+            input=SELF_TEST_XML,
+            cwd="/",
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return str(e)
-    problem = (done.stderr.decode("utf-8", "replace").strip() or
-               (f"exit status {done.returncode}" if done.returncode else ""))
+    problem = done.stderr.decode("utf-8", "replace").strip() or (
+        f"exit status {done.returncode}" if done.returncode else ""
+    )
     return problem or None
 
 
@@ -227,8 +245,15 @@ def hook_import_path(python: str, pythonpath: str | None) -> list[str]:
     env = dict(_BARE_ENV, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
     probe = "import sys, json; print(json.dumps([p for p in sys.path if p]))"
     try:
-        done = subprocess.run([python, "-c", probe], env=env, cwd="/", capture_output=True, text=True,
-                              timeout=_PROBE_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            [python, "-c", probe],
+            env=env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=_PROBE_TIMEOUT_S,
+            check=False,
+        )
         paths = json.loads(done.stdout) if done.returncode == 0 else []
     except (OSError, subprocess.SubprocessError, ValueError):
         paths = []
@@ -286,8 +311,9 @@ def _write_executable(path: Path, text: str) -> None:
         raise
 
 
-def install_script(hooks_dir: str | os.PathLike[str], name: str = DEFAULT_SCRIPT_NAME,
-                   script: str | None = None) -> tuple[str, Path]:
+def install_script(
+    hooks_dir: str | os.PathLike[str], name: str = DEFAULT_SCRIPT_NAME, script: str | None = None
+) -> tuple[str, Path]:
     """Install the hook as ``hooks_dir/qemu.d/name``. Returns (status, path).
 
     status: ``installed``, ``updated`` (an older qcrypt script replaced), ``already-installed`` (same
@@ -366,8 +392,13 @@ def libvirt(argv: tuple[str, ...]) -> None:
 
 
 def _hooks_dir_option(func: click.decorators.FC) -> click.decorators.FC:
-    return click.option("--hooks-dir", default=DEFAULT_HOOKS_DIR, show_default=True,
-                        type=click.Path(file_okay=False), help="libvirt's hooks folder.")(func)
+    return click.option(
+        "--hooks-dir",
+        default=DEFAULT_HOOKS_DIR,
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help="libvirt's hooks folder.",
+    )(func)
 
 
 def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -377,16 +408,24 @@ def _check_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str
 
 
 def _name_option(func: click.decorators.FC) -> click.decorators.FC:
-    return click.option("--name", default=DEFAULT_SCRIPT_NAME, show_default=True, callback=_check_name,
-                        help="Script name inside qemu.d/ (scripts run in alphabetical order).")(func)
+    return click.option(
+        "--name",
+        default=DEFAULT_SCRIPT_NAME,
+        show_default=True,
+        callback=_check_name,
+        help="Script name inside qemu.d/ (scripts run in alphabetical order).",
+    )(func)
 
 
 @hook.command(name="install")
 @_hooks_dir_option
 @_name_option
-@click.option("--allow-writable-paths", is_flag=True,
-              help="Install even when users other than root can change the Python or qcrypt the hook runs "
-                   "(a warning instead of a refusal; those users can then run code as root).")
+@click.option(
+    "--allow-writable-paths",
+    is_flag=True,
+    help="Install even when users other than root can change the Python or qcrypt the hook runs "
+    "(a warning instead of a refusal; those users can then run code as root).",
+)
 @handle_errors
 def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
     """Install the warn-only hook as HOOKS_DIR/qemu.d/NAME (libvirt >= 6.5 runs every script there).
@@ -398,38 +437,50 @@ def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
     python, pythonpath = script_parameters()
     unsafe = unsafe_paths(python, pythonpath)
     if unsafe:
-        listed = ", ".join(unsafe[:_MAX_LISTED_UNSAFE]) + (f" and {len(unsafe) - _MAX_LISTED_UNSAFE} more"
-                                                           if len(unsafe) > _MAX_LISTED_UNSAFE else "")
-        what = (f"the hook runs as root, but users other than root can change what it runs: {listed}. Make "
-                "them root's and not group/other-writable (or install qcrypt where only root can write)")
+        listed = ", ".join(unsafe[:_MAX_LISTED_UNSAFE]) + (
+            f" and {len(unsafe) - _MAX_LISTED_UNSAFE} more" if len(unsafe) > _MAX_LISTED_UNSAFE else ""
+        )
+        what = (
+            f"the hook runs as root, but users other than root can change what it runs: {listed}. Make "
+            "them root's and not group/other-writable (or install qcrypt where only root can write)"
+        )
         if not allow_writable_paths:
             click.echo(f"qcrypt: error: {what}; nothing installed (--allow-writable-paths overrides)", err=True)
             sys.exit(EXIT_FOREIGN)
         click.echo(f"qcrypt: warning: {what}; installing anyway (--allow-writable-paths)", err=True)
     status, path = install_script(hooks_dir, name, render_script(python, pythonpath))
     if status == "no-hooks-dir":
-        click.echo(f"qcrypt: error: neither {hooks_dir} nor its parent exists (is libvirt installed? "
-                   "use --hooks-dir)", err=True)
+        click.echo(
+            f"qcrypt: error: neither {hooks_dir} nor its parent exists (is libvirt installed? use --hooks-dir)",
+            err=True,
+        )
         sys.exit(EXIT_FOREIGN)
     if status == "foreign":
-        click.echo(f"qcrypt: error: {path} exists and was not written by qcrypt; left untouched "
-                   "(choose another --name)", err=True)
+        click.echo(
+            f"qcrypt: error: {path} exists and was not written by qcrypt; left untouched (choose another --name)",
+            err=True,
+        )
         sys.exit(EXIT_FOREIGN)
     verb = {"installed": "installed", "updated": "updated", "already-installed": "already installed"}[status]
     click.echo(f"qcrypt hook {verb}: {path}")
     problem = self_test(path)
     if problem:
-        click.echo(f"qcrypt: error: the installed hook does not run in libvirt's environment: "
-                   f"{problem.splitlines()[-1]}", err=True)
+        click.echo(
+            f"qcrypt: error: the installed hook does not run in libvirt's environment: {problem.splitlines()[-1]}",
+            err=True,
+        )
         sys.exit(EXIT_FOREIGN)
     click.echo("Self-test passed: the hook runs with libvirt's minimal environment.")
     if os.path.exists(os.path.join(hooks_dir, "qemu")):
         click.echo(f"The existing {os.path.join(hooks_dir, 'qemu')} script is untouched and still runs first.")
     if status != "already-installed":
-        click.echo("Reload the daemon so it sees the hook (it reads the hooks at start and on reload; VMs keep "
-                   "running): systemctl reload libvirtd  (virtqemud with modular daemons; or kill -HUP its PID).")
-        click.echo("qemu.d/ scripts need libvirt >= 6.5; with an older libvirt, call this script from the "
-                   "qemu hook instead.")
+        click.echo(
+            "Reload the daemon so it sees the hook (it reads the hooks at start and on reload; VMs keep "
+            "running): systemctl reload libvirtd  (virtqemud with modular daemons; or kill -HUP its PID)."
+        )
+        click.echo(
+            "qemu.d/ scripts need libvirt >= 6.5; with an older libvirt, call this script from the qemu hook instead."
+        )
     click.echo(where_warnings_go())
 
 
@@ -437,10 +488,12 @@ def where_warnings_go() -> str:
     """Where the hook's warnings end up on this host."""
     if hooklib.syslog_listening():
         return "Warnings go to syslog/journal as 'qcrypt-hook' (journalctl -t qcrypt-hook)."
-    return (f"No syslog socket at {hooklib.SYSLOG_SOCKET} on this host: the warnings reach no log (libvirt does not "
-            "keep a hook's stderr at its default log level). Start a syslog daemon or journald so that they are "
-            "kept; meanwhile 'qcrypt scan --libvirt-xml /etc/libvirt/qemu /var/lib/libvirt/images' lists the "
-            "affected domains.")
+    return (
+        f"No syslog socket at {hooklib.SYSLOG_SOCKET} on this host: the warnings reach no log (libvirt does not "
+        "keep a hook's stderr at its default log level). Start a syslog daemon or journald so that they are "
+        "kept; meanwhile 'qcrypt scan --libvirt-xml /etc/libvirt/qemu /var/lib/libvirt/images' lists the "
+        "affected domains."
+    )
 
 
 @hook.command(name="uninstall")
@@ -459,8 +512,10 @@ def uninstall(hooks_dir: str, name: str) -> None:
     click.echo(f"qcrypt hook removed: {path}")
     for folder in remove_empty_folders(hooks_dir):
         click.echo(f"empty folder removed: {folder}")
-    click.echo("Reload libvirtd so it forgets the hook: systemctl reload libvirtd  (virtqemud with modular "
-               "daemons; or kill -HUP its PID).")
+    click.echo(
+        "Reload libvirtd so it forgets the hook: systemctl reload libvirtd  (virtqemud with modular "
+        "daemons; or kill -HUP its PID)."
+    )
 
 
 HARD_LIMIT_S = hooklib.RUN_BUDGET_S + 1.0  # the whole hook process, reading stdin and logging included
@@ -473,9 +528,13 @@ def start_watchdog(argv: Sequence[str], limit_s: float = HARD_LIMIT_S) -> thread
 
     def stop() -> None:
         with contextlib.suppress(BaseException):
-            hooklib.emit(hooklib.DomainCheck(domain=domain_hint, errors=[
-                f"hook stopped after {limit_s:g} s (its time limit); nothing was checked further"]),
-                stderr_to=_stderr_line)
+            hooklib.emit(
+                hooklib.DomainCheck(
+                    domain=domain_hint,
+                    errors=[f"hook stopped after {limit_s:g} s (its time limit); nothing was checked further"],
+                ),
+                stderr_to=_stderr_line,
+            )
             sys.stderr.flush()
         os._exit(0)
 

@@ -40,8 +40,10 @@ def print_info(r: dict[str, Any]) -> None:
     if r["cluster_size"]:
         _row("cluster size", r["cluster_size"])
         allocated = r["allocated_bytes"]
-        _row("allocated", "unknown (see findings)" if allocated is None
-             else f"{human_size(allocated)} ({allocated} bytes)")
+        _row(
+            "allocated",
+            "unknown (see findings)" if allocated is None else f"{human_size(allocated)} ({allocated} bytes)",
+        )
     if r.get("features"):
         for mask, names in r["features"].items():
             if names:

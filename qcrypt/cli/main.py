@@ -38,36 +38,55 @@ EXIT_INTERRUPTED = 130
 EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (EXIT_OK, "success (scan: nothing at or above --fail-on)"),
     (EXIT_FINDINGS, "scan: an image at or above --fail-on"),
-    (EXIT_USAGE, "usage error, a path that does not exist (migrate-domain: a disk file the domain's XML names), no "
-     "passphrase available"),
-    (EXIT_CODES[errors.FormatError],
-     "an image could not be parsed (FormatError), its header is beyond one of the limits of docs/SECURITY.md "
-     "(LimitExceededError, e.g. a keyslot whose PBKDF2 would exceed --max-pbkdf2-seconds), or it uses something "
-     "qcrypt does not implement (a LUKS1 cipher, mode or hash; the message names the file and the part); scan "
-     "shows the same text in its error field, and info and migrate exit 3 with it before asking for a passphrase"),
-    (EXIT_CODES[errors.BadPassphraseError],
-     "wrong passphrase (LUKS: opens no keyslot; legacy: plaintext looks random)"),
-    (EXIT_CODES[errors.ImageInUseError],
-     "the image is in use by a QEMU process, or locked by another qcrypt run (the message says which)"),
+    (
+        EXIT_USAGE,
+        "usage error, a path that does not exist (migrate-domain: a disk file the domain's XML names), no "
+        "passphrase available",
+    ),
+    (
+        EXIT_CODES[errors.FormatError],
+        "an image could not be parsed (FormatError), its header is beyond one of the limits of docs/SECURITY.md "
+        "(LimitExceededError, e.g. a keyslot whose PBKDF2 would exceed --max-pbkdf2-seconds), or it uses something "
+        "qcrypt does not implement (a LUKS1 cipher, mode or hash; the message names the file and the part); scan "
+        "shows the same text in its error field, and info and migrate exit 3 with it before asking for a passphrase",
+    ),
+    (
+        EXIT_CODES[errors.BadPassphraseError],
+        "wrong passphrase (LUKS: opens no keyslot; legacy: plaintext looks random)",
+    ),
+    (
+        EXIT_CODES[errors.ImageInUseError],
+        "the image is in use by a QEMU process, or locked by another qcrypt run (the message says which)",
+    ),
     (EXIT_CODES[errors.OutputExistsError], "the output exists (use --force)"),
     (EXIT_CODES[errors.VerificationError], "verification failed (the output was not kept)"),
-    (EXIT_CODES[errors.MigrationError],
-     "the migration cannot proceed as asked (e.g. legacy backing layer without --flatten; a backing file "
-     "outside the image's storage, not readable by its owner, or special; a legacy passphrase nothing can verify "
-     "without --accept-unverified-passphrase; weak LUKS settings without --allow-weak)"),
+    (
+        EXIT_CODES[errors.MigrationError],
+        "the migration cannot proceed as asked (e.g. legacy backing layer without --flatten; a backing file "
+        "outside the image's storage, not readable by its owner, or special; a legacy passphrase nothing can verify "
+        "without --accept-unverified-passphrase; weak LUKS settings without --allow-weak)",
+    ),
     (EXIT_CODES[errors.QcryptIOError], "I/O error (ENOSPC, EIO, file-size limit)"),
     (EXIT_OTHER, "any other error (an internal error: set QCRYPT_DEBUG=1 for its traceback)"),
-    (EXIT_CODES[errors.DomainActiveError],
-     "migrate-domain: a domain is running or paused (refused: shut it down first; --dry-run previews it and "
-     "exits 11)"),
-    (EXIT_CODES[errors.WorkerError],
-     "a worker died, or made no progress for --stall-timeout seconds (all stopped, nothing kept)"),
-    (EXIT_CODES[errors.LibvirtError],
-     "migrate-domain: libvirt refused or failed a request (no such domain, define refused, no daemon), or a "
-     "libvirt secret already has the usage a new secret needs"),
-    (EXIT_CODES[errors.UnsafePathError],
-     "unsafe path: the output's folder is writable by users other than root and the image's owner, or a name "
-     "qcrypt worked on was swapped meanwhile (nothing was replaced)"),
+    (
+        EXIT_CODES[errors.DomainActiveError],
+        "migrate-domain: a domain is running or paused (refused: shut it down first; --dry-run previews it and "
+        "exits 11)",
+    ),
+    (
+        EXIT_CODES[errors.WorkerError],
+        "a worker died, or made no progress for --stall-timeout seconds (all stopped, nothing kept)",
+    ),
+    (
+        EXIT_CODES[errors.LibvirtError],
+        "migrate-domain: libvirt refused or failed a request (no such domain, define refused, no daemon), or a "
+        "libvirt secret already has the usage a new secret needs",
+    ),
+    (
+        EXIT_CODES[errors.UnsafePathError],
+        "unsafe path: the output's folder is writable by users other than root and the image's owner, or a name "
+        "qcrypt worked on was swapped meanwhile (nothing was replaced)",
+    ),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C, SIGTERM)"),
 )
 
@@ -128,8 +147,11 @@ def _run_guarded(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except Exception as e:
         if os.environ.get("QCRYPT_DEBUG"):
             raise
-        click.echo(f"qcrypt: internal error: {type(e).__name__}: {e} (this is a bug in qcrypt; set "
-                   "QCRYPT_DEBUG=1 for the traceback and report it)", err=True)
+        click.echo(
+            f"qcrypt: internal error: {type(e).__name__}: {e} (this is a bug in qcrypt; set "
+            "QCRYPT_DEBUG=1 for the traceback and report it)",
+            err=True,
+        )
         sys.exit(EXIT_OTHER)
 
 
@@ -149,10 +171,12 @@ def version_text() -> str:
         accelerator = "built, off (QCRYPT_PURE_PYTHON is set): numpy path"
     else:
         accelerator = "not built (it needs gcc, Python's and OpenSSL's headers at install): numpy path"
-    return (f"qcrypt {__version__} ({DISTRIBUTION})\n"
-            f"XTS accelerator: {accelerator}\n"
-            f"Python {platform.python_version()}, cryptography {cryptography_version} "
-            f"({backend.openssl_version_text()})")
+    return (
+        f"qcrypt {__version__} ({DISTRIBUTION})\n"
+        f"XTS accelerator: {accelerator}\n"
+        f"Python {platform.python_version()}, cryptography {cryptography_version} "
+        f"({backend.openssl_version_text()})"
+    )
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -174,8 +198,15 @@ def _help_epilog() -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_help_epilog())
-@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version, whether the XTS accelerator is active, and exit.")
+@click.option(
+    "-V",
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version, whether the XTS accelerator is active, and exit.",
+)
 def cli() -> None:
     """Find and migrate QEMU legacy qcow/qcow2 AES-encrypted images to LUKS."""
 

@@ -86,8 +86,10 @@ def render() -> str:
         ".SH DESCRIPTION",
         *_paragraphs(cli.help or ""),
         ".PP",
-        escape(f"The command comes with the Python distribution {DISTRIBUTION}. README.md, in its source, "
-               "describes every command at length, with examples."),
+        escape(
+            f"The command comes with the Python distribution {DISTRIBUTION}. README.md, in its source, "
+            "describes every command at length, with examples."
+        ),
         ".SH OPTIONS",
         *_options(cli, root),
         ".SH COMMANDS",

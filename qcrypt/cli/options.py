@@ -20,8 +20,13 @@ def progress_bar(**kwargs: object) -> tqdm:
     kwargs.setdefault("disable", None)
     return tqdm(**kwargs)
 
+
 format_opt = click.option(
-    "--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
     help="Output format.",
 )
 
@@ -46,9 +51,13 @@ SEVERITY_COLOURS = {"ok": "green", "info": "cyan", "warning": "yellow", "critica
 
 
 allow_backing_dir_opt = click.option(
-    "--allow-backing-dir", "allow_backing_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+    "--allow-backing-dir",
+    "allow_backing_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
     help="A folder backing files may be in besides the image's own folder (repeatable). Backing files the "
-         "image's owner cannot read, and special files, are refused anyway.")
+    "image's owner cannot read, and special files, are refused anyway.",
+)
 
 
 def chain_rules(allow_backing_dirs: tuple[str, ...]) -> ChainRules:

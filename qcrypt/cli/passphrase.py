@@ -56,8 +56,9 @@ def _read_all(readinto: object, data: bytearray) -> int:
     return size
 
 
-def get_passphrase(path: str | None, *, what: str, option: str = "--passphrase-file",
-                   confirm: bool = False) -> bytearray:
+def get_passphrase(
+    path: str | None, *, what: str, option: str = "--passphrase-file", confirm: bool = False
+) -> bytearray:
     """From ``path`` if given (exact bytes), else a hidden prompt when stdin is a terminal, else an error.
 
     Core dumps are turned off for the process before the passphrase is read."""

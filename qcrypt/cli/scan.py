@@ -19,19 +19,46 @@ FAIL_ON = ("critical", "warning", "info", "never")
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--format", "output_format", type=click.Choice(["table", "json", "prometheus"]), default="table",
-              show_default=True, help="table for people, json for tools, prometheus for node_exporter.")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="critical", show_default=True,
-              help="Exit 1 if any image is at or above this severity.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None,
-              help="Worker processes inspecting images [default: one per CPU].")
-@click.option("--libvirt-xml", "libvirt_dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder of libvirt domain XML files: name the domains using each image.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json", "prometheus"]),
+    default="table",
+    show_default=True,
+    help="table for people, json for tools, prometheus for node_exporter.",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON),
+    default="critical",
+    show_default=True,
+    help="Exit 1 if any image is at or above this severity.",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Worker processes inspecting images [default: one per CPU].",
+)
+@click.option(
+    "--libvirt-xml",
+    "libvirt_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of libvirt domain XML files: name the domains using each image.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only findings (table format), nothing for clean images.")
 @allow_backing_dir_opt
 @handle_errors
-def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int | None, libvirt_dir: str | None,
-         quiet: bool, allow_backing_dirs: tuple[str, ...]) -> None:
+def scan(
+    paths: tuple[str, ...],
+    output_format: str,
+    fail_on: str,
+    jobs: int | None,
+    libvirt_dir: str | None,
+    quiet: bool,
+    allow_backing_dirs: tuple[str, ...],
+) -> None:
     """Find legacy-encrypted images (also in backing chains) and grade LUKS settings.
 
     Reads headers only: no passphrase is needed and nothing is written. With --libvirt-xml, a disk's format is
@@ -45,8 +72,14 @@ def scan(paths: tuple[str, ...], output_format: str, fail_on: str, jobs: int | N
         declared, rules = libvirt.declared_formats(libvirt_dir, rules)
     files = list(scanner.iter_files(paths))
     with progress_bar(total=len(files), unit="img", leave=False) as bar:
-        reports = scanner.scan_files(files, jobs=jobs or default_workers(), progress=lambda _report: bar.update(),
-                                     rules=rules, declared=declared, named=paths)
+        reports = scanner.scan_files(
+            files,
+            jobs=jobs or default_workers(),
+            progress=lambda _report: bar.update(),
+            rules=rules,
+            declared=declared,
+            named=paths,
+        )
     domains_without_image: list[dict[str, Any]] = []
     if libvirt_dir:
         domains_without_image = libvirt.annotate_reports(reports, libvirt_dir)
@@ -77,16 +110,19 @@ def _codes(report: dict[str, Any]) -> str:
     return ",".join(f["code"] for f in report["findings"]) or "-"
 
 
-def print_table(reports: list[dict[str, Any]], summary: dict[str, Any],
-                missing_domains: list[dict[str, Any]]) -> None:
+def print_table(reports: list[dict[str, Any]], summary: dict[str, Any], missing_domains: list[dict[str, Any]]) -> None:
     click.echo(f"{'SEVERITY':<8}  {'ENCRYPTION':<14}  {'FORMAT':<6}  {'SIZE':>10}  PATH  [FINDINGS]")
     for r in reports:
         domains = f"  domains={','.join(r['domains'])}" if r.get("domains") else ""
-        click.echo(f"{style_severity(r['severity'])}  {r['encryption']:<14}  {r['format']:<6}  "
-                   f"{human_size(r['virtual_size']):>10}  {r['path']}  [{_codes(r)}]{domains}")
+        click.echo(
+            f"{style_severity(r['severity'])}  {r['encryption']:<14}  {r['format']:<6}  "
+            f"{human_size(r['virtual_size']):>10}  {r['path']}  [{_codes(r)}]{domains}"
+        )
     for d in missing_domains:
-        click.echo(f"{style_severity('critical')}  domain {d['domain']} disk {d['target']}: "
-                   f"<encryption format='{d['encryption']}'> on missing image {d['path']}")
+        click.echo(
+            f"{style_severity('critical')}  domain {d['domain']} disk {d['target']}: "
+            f"<encryption format='{d['encryption']}'> on missing image {d['path']}"
+        )
     by_sev = ", ".join(f"{k}={v}" for k, v in sorted(summary["by_severity"].items()))
     click.echo(f"\n{summary['images']} image(s); {summary['legacy']} with legacy AES encryption; {by_sev}")
 
@@ -96,8 +132,10 @@ def print_findings(reports: list[dict[str, Any]], missing_domains: list[dict[str
         for f in r["findings"]:
             click.echo(f"{r['path']}: {f['severity']}: {f['code']}: {f['message']}")
     for d in missing_domains:
-        click.echo(f"{d['path']}: critical: legacy-aes: domain {d['domain']} disk {d['target']} declares "
-                   f"<encryption format='{d['encryption']}'> but the image is missing")
+        click.echo(
+            f"{d['path']}: critical: legacy-aes: domain {d['domain']} disk {d['target']} declares "
+            f"<encryption format='{d['encryption']}'> but the image is missing"
+        )
 
 
 def _label(value: object) -> str:

@@ -20,10 +20,10 @@ def diffuse(block: bytes | bytearray, hash_name: str) -> bytes:
     digest_bytes = hashlib.new(hash_name).digest_size
     out = bytearray()
     for index, start in enumerate(range(0, len(block), digest_bytes)):
-        chunk = block[start:start + digest_bytes]
+        chunk = block[start : start + digest_bytes]
         h = hashlib.new(hash_name, index.to_bytes(4, "big"))
         h.update(chunk)
-        out += h.digest()[:len(chunk)]
+        out += h.digest()[: len(chunk)]
     return bytes(out)
 
 
@@ -33,8 +33,7 @@ def _xor(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
 
 def _check_shape(key_bytes: int, stripes: int) -> None:
     if key_bytes < 1 or stripes < 1:
-        raise FormatError(f"AF needs key_bytes >= 1 and stripes >= 1 (got {key_bytes}, {stripes})",
-                          field="stripes")
+        raise FormatError(f"AF needs key_bytes >= 1 and stripes >= 1 (got {key_bytes}, {stripes})", field="stripes")
 
 
 def af_split(key: bytes | bytearray, stripes: int, hash_name: str) -> bytearray:
@@ -45,7 +44,7 @@ def af_split(key: bytes | bytearray, stripes: int, hash_name: str) -> bytearray:
     material = bytearray(os.urandom(key_bytes * (stripes - 1)))
     block = bytes(key_bytes)
     for start in range(0, len(material), key_bytes):
-        block = diffuse(_xor(block, material[start:start + key_bytes]), hash_name)
+        block = diffuse(_xor(block, material[start : start + key_bytes]), hash_name)
     material += bytes(k ^ b for k, b in zip(key, block))
     return material
 
@@ -60,6 +59,6 @@ def af_merge(material: bytes | bytearray, key_bytes: int, stripes: int, hash_nam
     view = memoryview(material)
     block = bytes(key_bytes)
     for start in range(0, needed - key_bytes, key_bytes):
-        block = diffuse(_xor(block, view[start:start + key_bytes]), hash_name)
-    last = view[needed - key_bytes:needed]
+        block = diffuse(_xor(block, view[start : start + key_bytes]), hash_name)
+    last = view[needed - key_bytes : needed]
     return bytearray(m ^ b for m, b in zip(last, block))

@@ -61,8 +61,9 @@ def pbkdf2(hash_name: str, password: bytes | bytearray, salt: bytes, iterations:
     if iterations < 1 or length < 1:
         raise UnsupportedFeatureError(f"PBKDF2 needs iterations >= 1 and length >= 1 (got {iterations}, {length})")
     if iterations > limits.MAX_PBKDF2_ITERATIONS:
-        raise LimitExceededError(f"{iterations} PBKDF2 iterations exceed the limit of {limits.MAX_PBKDF2_ITERATIONS}",
-                                 field="iterations")
+        raise LimitExceededError(
+            f"{iterations} PBKDF2 iterations exceed the limit of {limits.MAX_PBKDF2_ITERATIONS}", field="iterations"
+        )
     if iterations < INTERRUPTIBLE_ITERATIONS or threading.current_thread() is not threading.main_thread():
         return bytearray(hashlib.pbkdf2_hmac(hash_name, password, salt, iterations, length))
     result: list[bytearray] = []
@@ -108,13 +109,17 @@ def pbkdf2_seconds(hash_name: str, iterations: int, length: int) -> float:
 def check_pbkdf2_cost(hash_name: str, iterations: int, length: int, *, what: str, path: str | None = None) -> None:
     """Raise LimitExceededError if a header's iteration count would cost more than the allowed seconds here."""
     if iterations > limits.MAX_PBKDF2_ITERATIONS:
-        raise LimitExceededError(f"{iterations} PBKDF2 iterations exceed the limit of "
-                                 f"{limits.MAX_PBKDF2_ITERATIONS}", path=path, field=what)
+        raise LimitExceededError(
+            f"{iterations} PBKDF2 iterations exceed the limit of {limits.MAX_PBKDF2_ITERATIONS}", path=path, field=what
+        )
     seconds = pbkdf2_seconds(hash_name, iterations, length)
     if seconds > max_pbkdf2_seconds():
         raise LimitExceededError(
             f"{iterations} PBKDF2 iterations would take about {seconds:.0f} s on this machine, more than the "
-            f"{max_pbkdf2_seconds():g} s allowed (raise it with --max-pbkdf2-seconds)", path=path, field=what)
+            f"{max_pbkdf2_seconds():g} s allowed (raise it with --max-pbkdf2-seconds)",
+            path=path,
+            field=what,
+        )
 
 
 def benchmark_pbkdf2(hash_name: str, key_bytes: int) -> int:

@@ -85,6 +85,7 @@ def use_native_xts(enabled: bool) -> bool:
     _native_xts["enabled"] = enabled and _native_xts_crypt is not None
     return previous
 
+
 __all__ = [
     "CHUNK_SECTORS",
     "SECTOR_SIZE",

@@ -51,8 +51,10 @@ class SpotCheck:
             start = index * SECTOR_SIZE
             got = self._decrypt_sector(cipher[start : start + SECTOR_SIZE], first_sector + index)
             if got != plain[start : start + SECTOR_SIZE]:
-                raise VerificationError(f"sector {first_sector + index}: the sector cipher disagrees with OpenSSL's "
-                                        f"own {self._chain.upper()}; the output was not kept")
+                raise VerificationError(
+                    f"sector {first_sector + index}: the sector cipher disagrees with OpenSSL's "
+                    f"own {self._chain.upper()}; the output was not kept"
+                )
             self.sectors_checked += 1
 
     def wipe(self) -> None:

@@ -118,14 +118,27 @@ class DiskPlan:
     rules: ChainRules | None = field(default=None, repr=False)  # where its backing chain may reach
 
     def as_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "source": self.source, "new_path": self.new_path, "to": self.to,
-                "virtual_size": self.virtual_size, "allocated_size": self.allocated_size,
-                "secret_uuid": self.secret_uuid, "secret_created": self.secret_created, "flatten": self.flatten,
-                "legacy_layers": self.legacy_layers, "old_images": self.old_images,
-                "passphrase_from": self.passphrase_from, "xml_only": self.xml_only,
-                "unchecked_images": self.unchecked_images, "passphrase_verified": self.passphrase_verified,
-                "layer_secrets": self.layer_secrets, "old_secret_uuid": self.old_secret_uuid, "notes": self.notes,
-                "old_image_users": self.image_users}
+        return {
+            "target": self.target,
+            "source": self.source,
+            "new_path": self.new_path,
+            "to": self.to,
+            "virtual_size": self.virtual_size,
+            "allocated_size": self.allocated_size,
+            "secret_uuid": self.secret_uuid,
+            "secret_created": self.secret_created,
+            "flatten": self.flatten,
+            "legacy_layers": self.legacy_layers,
+            "old_images": self.old_images,
+            "passphrase_from": self.passphrase_from,
+            "xml_only": self.xml_only,
+            "unchecked_images": self.unchecked_images,
+            "passphrase_verified": self.passphrase_verified,
+            "layer_secrets": self.layer_secrets,
+            "old_secret_uuid": self.old_secret_uuid,
+            "notes": self.notes,
+            "old_image_users": self.image_users,
+        }
 
     @property
     def work_bytes(self) -> int:
@@ -173,14 +186,31 @@ class DomainOutcome:
     def as_dict(self) -> dict[str, Any]:
         error = None
         if self.error is not None:
-            error = {"code": self.error.code, "disk": self.error_disk, "path": self.error_path,
-                     "message": str(self.error)}
-        return {"name": self.name, "status": self.status, "reason": self.reason, "state": self.state,
-                "error": error, "disks": [d.as_dict() for d in self.disks], "xml_backup": self.xml_backup,
-                "xml_diff": self.xml_diff, "started": self.started, "start_error": self.start_error,
-                "free_space": self.space, "estimated_seconds": self.estimated_seconds, "undo_errors": self.undo_errors,
-                "users_checked": self.users_checked, "users_unknown": self.users_unknown, "record": self.record,
-                "snapshots": [s.as_dict() for s in self.snapshots]}
+            error = {
+                "code": self.error.code,
+                "disk": self.error_disk,
+                "path": self.error_path,
+                "message": str(self.error),
+            }
+        return {
+            "name": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "state": self.state,
+            "error": error,
+            "disks": [d.as_dict() for d in self.disks],
+            "xml_backup": self.xml_backup,
+            "xml_diff": self.xml_diff,
+            "started": self.started,
+            "start_error": self.start_error,
+            "free_space": self.space,
+            "estimated_seconds": self.estimated_seconds,
+            "undo_errors": self.undo_errors,
+            "users_checked": self.users_checked,
+            "users_unknown": self.users_unknown,
+            "record": self.record,
+            "snapshots": [s.as_dict() for s in self.snapshots],
+        }
 
 
 def _tag(error: BaseException, target: str | None, path: str | None) -> None:
@@ -219,12 +249,16 @@ LUKS_ENCRYPTIONS = ("luks1", "luks2")
 def xml_only(disk: DomainDisk, report: dict[str, Any]) -> bool:
     """The image is LUKS already (migrated by hand) but the XML still says ``format='qcow'``: only the XML
     needs the fix (libvirt refuses to start the domain until then)."""
-    return "qcow" in disk.layers[0].encryption and report.get("encryption") in LUKS_ENCRYPTIONS \
+    return (
+        "qcow" in disk.layers[0].encryption
+        and report.get("encryption") in LUKS_ENCRYPTIONS
         and not legacy_layers(report)
+    )
 
 
-def affected_disks(disks: tuple[DomainDisk, ...], rules: ChainRules | None = None
-                   ) -> list[tuple[DomainDisk, dict[str, Any]]]:
+def affected_disks(
+    disks: tuple[DomainDisk, ...], rules: ChainRules | None = None
+) -> list[tuple[DomainDisk, dict[str, Any]]]:
     """Local file/block disks whose image or backing chain uses legacy AES, or whose LUKS image the XML still
     declares as ``format='qcow'``, with their scan reports.
 
@@ -257,8 +291,7 @@ def _affected(disk: DomainDisk, rules: ChainRules | None) -> dict[str, Any] | No
     refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
     if refused and (legacy_layers(report) or declared):
         finding = F.Finding(**refused[0])
-        raise BackingRefusedError(F.Finding(finding.code, finding.severity,
-                                            f"disk {disk.target}: {finding.message}"))
+        raise BackingRefusedError(F.Finding(finding.code, finding.severity, f"disk {disk.target}: {finding.message}"))
     return report if legacy_layers(report) or xml_only(disk, report) else None
 
 
@@ -278,8 +311,9 @@ def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
     assert path is not None
     if disk.layers[0].source_type == "block":
         if not opts.output_dir:
-            raise MigrationError(f"disk {disk.target} is the block device {path}: give --output-dir DIR for its "
-                                 "new image file")
+            raise MigrationError(
+                f"disk {disk.target} is the block device {path}: give --output-dir DIR for its new image file"
+            )
         return os.path.join(os.path.abspath(opts.output_dir), suggested_output(path, to, local_dir=True))
     if opts.replace:
         return path
@@ -302,11 +336,20 @@ def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
 def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> DiskPlan:
     top = disk.layers[0]
     if xml_only(disk, report):
-        return DiskPlan(target=disk.target or "?", source=str(top.path), new_path=str(top.path),
-                        to="qcow2-luks" if report.get("format") == "qcow2" else "luks",
-                        virtual_size=int(report.get("virtual_size") or 0), allocated_size=0, secret_uuid=None,
-                        secret_created=False, flatten=False, source_type=top.source_type, legacy_layers=[],
-                        xml_only=True)
+        return DiskPlan(
+            target=disk.target or "?",
+            source=str(top.path),
+            new_path=str(top.path),
+            to="qcow2-luks" if report.get("format") == "qcow2" else "luks",
+            virtual_size=int(report.get("virtual_size") or 0),
+            allocated_size=0,
+            secret_uuid=None,
+            secret_created=False,
+            flatten=False,
+            source_type=top.source_type,
+            legacy_layers=[],
+            xml_only=True,
+        )
     to = target_for(disk, opts)
     if to not in ("luks", "qcow2-luks"):
         raise MigrationError(f"--to {to}: migrate-domain writes encrypted images only (luks or qcow2-luks)")
@@ -315,12 +358,22 @@ def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> 
     new_path = new_path_for(disk, to, opts)
     if not opts.replace and os.path.lexists(new_path):
         raise OutputExistsError(f"disk {disk.target}: {new_path} exists already (move it away, or use --replace)")
-    return DiskPlan(target=disk.target or "?", source=str(top.path), new_path=new_path, to=to,
-                    virtual_size=int(report.get("virtual_size") or 0),
-                    allocated_size=_allocated(report, flatten),
-                    secret_uuid=None, secret_created=False, flatten=flatten, source_type=top.source_type,
-                    legacy_layers=legacy, replace=opts.replace and top.source_type == "file",
-                    source_format=declared_format(top), rules=disk.chain_rules(opts.rules))
+    return DiskPlan(
+        target=disk.target or "?",
+        source=str(top.path),
+        new_path=new_path,
+        to=to,
+        virtual_size=int(report.get("virtual_size") or 0),
+        allocated_size=_allocated(report, flatten),
+        secret_uuid=None,
+        secret_created=False,
+        flatten=flatten,
+        source_type=top.source_type,
+        legacy_layers=legacy,
+        replace=opts.replace and top.source_type == "file",
+        source_format=declared_format(top),
+        rules=disk.chain_rules(opts.rules),
+    )
 
 
 def check_space(plans: list[DiskPlan]) -> list[str]:
@@ -398,19 +451,26 @@ def _disk_passphrase(conn: Connection, ref: str | None, plan: DiskPlan, opts: Do
         except SecretPrivateError as e:
             if plan.xml_only:  # the image is LUKS already and keeps its path: only the XML changes
                 plan.secret_uuid = uuid
-                plan.notes.append(f"libvirt secret {uuid} is private: qcrypt cannot check that it opens this LUKS "
-                                  "image (only the XML changes; libvirt says so at start if it does not)")
+                plan.notes.append(
+                    f"libvirt secret {uuid} is private: qcrypt cannot check that it opens this LUKS "
+                    "image (only the XML changes; libvirt says so at start if it does not)"
+                )
                 return bytearray()
             if opts.fallback_passphrase is None:
-                raise PassphraseInputError(f"disk {plan.target}: {e}: give its passphrase with --passphrase-file "
-                                           "FILE (or '-' for stdin)") from e
+                raise PassphraseInputError(
+                    f"disk {plan.target}: {e}: give its passphrase with --passphrase-file FILE (or '-' for stdin)"
+                ) from e
             plan.old_secret_uuid = uuid
-            plan.notes.append(f"libvirt secret {uuid} is private: its value cannot be checked against the image, "
-                              "so the new disk gets a new secret holding the passphrase checked here (the old "
-                              "secret is left as it is)")
+            plan.notes.append(
+                f"libvirt secret {uuid} is private: its value cannot be checked against the image, "
+                "so the new disk gets a new secret holding the passphrase checked here (the old "
+                "secret is left as it is)"
+            )
     elif opts.fallback_passphrase is None:
-        raise PassphraseInputError(f"disk {plan.target} ({plan.source}) names no libvirt secret: give its "
-                                   "passphrase with --passphrase-file FILE (or '-' for stdin)")
+        raise PassphraseInputError(
+            f"disk {plan.target} ({plan.source}) names no libvirt secret: give its "
+            "passphrase with --passphrase-file FILE (or '-' for stdin)"
+        )
     plan.passphrase_from = opts.fallback_label
     assert opts.fallback_passphrase is not None
     return bytearray(opts.fallback_passphrase())
@@ -421,18 +481,28 @@ def _layer_passphrase(conn: Connection, uuid: str, path: str, plan: DiskPlan, op
         return conn.secret_value(uuid)
     except SecretPrivateError as e:
         if opts.fallback_passphrase is None:
-            raise PassphraseInputError(f"disk {plan.target}: backing layer {path}: {e}: give its passphrase with "
-                                       "--passphrase-file FILE (or '-' for stdin)") from e
-    plan.notes.append(f"backing layer {path}: its libvirt secret {uuid} is private: the {opts.fallback_label} is "
-                      "used for it")
+            raise PassphraseInputError(
+                f"disk {plan.target}: backing layer {path}: {e}: give its passphrase with "
+                "--passphrase-file FILE (or '-' for stdin)"
+            ) from e
+    plan.notes.append(
+        f"backing layer {path}: its libvirt secret {uuid} is private: the {opts.fallback_label} is used for it"
+    )
     return bytearray(opts.fallback_passphrase())
 
 
 # -- pre-checks: everything the run checks before it writes -----------------------------------------------------
 
 
-def precheck_disk(conn: Connection, plan: DiskPlan, report: dict[str, Any], secrets: DiskSecrets,
-                  opts: DomainOptions, *, check_locks: bool) -> None:
+def precheck_disk(
+    conn: Connection,
+    plan: DiskPlan,
+    report: dict[str, Any],
+    secrets: DiskSecrets,
+    opts: DomainOptions,
+    *,
+    check_locks: bool,
+) -> None:
     """Check, without writing, what would stop the migration of one disk: each passphrase against its image
     (or layer), who holds the image's locks, temporary files of another run, and the usage a new secret needs.
     Raises the error the real run would raise; notes what the operator should know in ``plan.notes``."""
@@ -444,8 +514,10 @@ def precheck_disk(conn: Connection, plan: DiskPlan, report: dict[str, Any], secr
         layers = {os.path.realpath(path) for path in chain}
         strangers = [path for path in secrets.layers if os.path.realpath(path) not in layers]
         if strangers:  # the XML's <backingStore> names a file the image's chain does not reach
-            raise MigrationError(f"the XML's <backingStore> names {strangers[0]} with a secret of its own, but it "
-                                 f"is not a layer of {plan.source}'s chain (layers: {', '.join(chain)})")
+            raise MigrationError(
+                f"the XML's <backingStore> names {strangers[0]} with a secret of its own, but it "
+                f"is not a layer of {plan.source}'s chain (layers: {', '.join(chain)})"
+            )
         _check_legacy_passphrases(plan, secrets, opts)
         if check_locks:
             for path in [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]:
@@ -459,10 +531,16 @@ def _check_legacy_passphrases(plan: DiskPlan, secrets: DiskSecrets, opts: Domain
     fallback = _file_fallback(plan, secrets.passphrase)
 
     def check(passphrase: bytearray) -> bool:
-        return check_legacy_passphrase(plan.source, passphrase, force=opts.accept_random_content,  # type: ignore[arg-type]
-                                       accept_unverified=opts.accept_unverified_passphrase, rules=plan.rules,
-                                       source_format=plan.source_format, passphrases=secrets.by_real_path(),
-                                       random_option=RANDOM_CONTENT_OPTION).verified
+        return check_legacy_passphrase(
+            plan.source,
+            passphrase,
+            force=opts.accept_random_content,  # type: ignore[arg-type]
+            accept_unverified=opts.accept_unverified_passphrase,
+            rules=plan.rules,
+            source_format=plan.source_format,
+            passphrases=secrets.by_real_path(),
+            random_option=RANDOM_CONTENT_OPTION,
+        ).verified
 
     try:
         try:
@@ -473,8 +551,9 @@ def _check_legacy_passphrases(plan: DiskPlan, secrets: DiskSecrets, opts: Domain
             try:
                 plan.passphrase_verified = check(fallback)
             except BadPassphraseError:
-                raise BadPassphraseError(f"{exact_error} (tried the {opts.fallback_label}'s exact bytes, and "
-                                         "without its trailing newline)") from None
+                raise BadPassphraseError(
+                    f"{exact_error} (tried the {opts.fallback_label}'s exact bytes, and without its trailing newline)"
+                ) from None
             _use_fallback(plan, secrets.passphrase, fallback)
     finally:
         if fallback is not None:
@@ -487,11 +566,11 @@ def _check_leftovers(plan: DiskPlan) -> None:
     final = os.path.realpath(plan.source) if plan.replace else plan.new_path
     for path, pid, alive in leftover_temps(final):
         if alive:
-            plan.notes.append(f"temporary file {path} belongs to process {pid}, which still runs: the real run "
-                              "leaves it")
+            plan.notes.append(
+                f"temporary file {path} belongs to process {pid}, which still runs: the real run leaves it"
+            )
         else:
-            plan.notes.append(f"leftover temporary file {path} of a killed run (PID {pid}): the real run removes "
-                              "it")
+            plan.notes.append(f"leftover temporary file {path} of a killed run (PID {pid}): the real run removes it")
 
 
 def check_secret_usage(conn: Connection, plan: DiskPlan) -> None:
@@ -501,19 +580,27 @@ def check_secret_usage(conn: Connection, plan: DiskPlan) -> None:
     if holder is None:
         return
     if holder == plan.old_secret_uuid:
-        how = ("qcrypt cannot prove it opens the image, nor define a second secret for the same path" if
-               plan.xml_only else "rerun without --replace (the new image then gets a name, and a secret, of its "
-               "own)")
-        raise SecretConflictError(f"the disk's own libvirt secret {holder} is private and its usage is volume "
-                                  f"{plan.new_path}, the new image's path: {how}")
+        how = (
+            "qcrypt cannot prove it opens the image, nor define a second secret for the same path"
+            if plan.xml_only
+            else "rerun without --replace (the new image then gets a name, and a secret, of its own)"
+        )
+        raise SecretConflictError(
+            f"the disk's own libvirt secret {holder} is private and its usage is volume "
+            f"{plan.new_path}, the new image's path: {how}"
+        )
     users = [name for name in conn.domain_names() if holder in conn.inactive_xml(name)]
     if users:
-        raise SecretConflictError(f"libvirt secret {holder} already has usage volume {plan.new_path}, which a new "
-                                  f"secret for the new image needs, and domain {', '.join(users)} uses it: "
-                                  f"look at it (virsh secret-dumpxml {holder}) before anything else")
-    raise SecretConflictError(f"libvirt secret {holder} already has usage volume {plan.new_path} (left by an "
-                              f"earlier run?), which a new secret for the new image needs; no domain uses it: "
-                              f"remove it with 'virsh secret-undefine {holder}', then rerun")
+        raise SecretConflictError(
+            f"libvirt secret {holder} already has usage volume {plan.new_path}, which a new "
+            f"secret for the new image needs, and domain {', '.join(users)} uses it: "
+            f"look at it (virsh secret-dumpxml {holder}) before anything else"
+        )
+    raise SecretConflictError(
+        f"libvirt secret {holder} already has usage volume {plan.new_path} (left by an "
+        f"earlier run?), which a new secret for the new image needs; no domain uses it: "
+        f"remove it with 'virsh secret-undefine {holder}', then rerun"
+    )
 
 
 # -- one domain ----------------------------------------------------------------------------------------------------
@@ -616,9 +703,16 @@ def _migrate_domain(conn: Connection, name: str, opts: DomainOptions, outcome: D
         _start(conn, name, outcome)
 
 
-def _migrate_checked(conn: Connection, name: str, root: Any, old_xml: str,
-                     found: list[tuple[DomainDisk, dict[str, Any]]], secrets: list[DiskSecrets],
-                     opts: DomainOptions, outcome: DomainOutcome) -> None:
+def _migrate_checked(
+    conn: Connection,
+    name: str,
+    root: Any,
+    old_xml: str,
+    found: list[tuple[DomainDisk, dict[str, Any]]],
+    secrets: list[DiskSecrets],
+    opts: DomainOptions,
+    outcome: DomainOutcome,
+) -> None:
     run = _Run(conn)
     try:
         try:
@@ -644,8 +738,9 @@ def _plan_only(conn: Connection, root: Any, outcome: DomainOutcome) -> None:
         if plan.secret_uuid is None:
             plan.secret_uuid, plan.secret_created = NEW_SECRET, True
         xmledit.apply_change(new_root, _change(plan))
-    outcome.xml_diff = xmledit.unified_diff(outcome.name, xmledit.serialize(copy.deepcopy(root)),
-                                            xmledit.serialize(new_root))
+    outcome.xml_diff = xmledit.unified_diff(
+        outcome.name, xmledit.serialize(copy.deepcopy(root)), xmledit.serialize(new_root)
+    )
     outcome.status = "planned"
     redefine_snapshots(conn, outcome, dry_run=True)
     if outcome.space[-1].startswith("not enough"):
@@ -653,13 +748,18 @@ def _plan_only(conn: Connection, root: Any, outcome: DomainOutcome) -> None:
 
 
 def _change(plan: DiskPlan) -> xmledit.DiskChange:
-    return xmledit.DiskChange(target=plan.target, new_path=plan.new_path,
-                              driver_type="raw" if plan.to == "luks" else "qcow2",
-                              secret_uuid=plan.secret_uuid or NEW_SECRET, flattened=plan.flatten)
+    return xmledit.DiskChange(
+        target=plan.target,
+        new_path=plan.new_path,
+        driver_type="raw" if plan.to == "luks" else "qcow2",
+        secret_uuid=plan.secret_uuid or NEW_SECRET,
+        flattened=plan.flatten,
+    )
 
 
-def _carry_out(conn: Connection, root: Any, secrets: list[DiskSecrets], opts: DomainOptions,
-               outcome: DomainOutcome, run: _Run) -> Any:
+def _carry_out(
+    conn: Connection, root: Any, secrets: list[DiskSecrets], opts: DomainOptions, outcome: DomainOutcome, run: _Run
+) -> Any:
     for plan, disk_secret in zip(outcome.disks, secrets):
         if not plan.xml_only:
             with _about_disk(plan.target, plan.source):
@@ -691,16 +791,23 @@ def _use_fallback(plan: DiskPlan, passphrase: bytearray, fallback: bytearray) ->
 
 def _migrate_disk(plan: DiskPlan, secrets: DiskSecrets, opts: DomainOptions, run: _Run) -> None:
     """Migrate one disk whose passphrases the pre-checks chose (exact bytes or without the newline)."""
-    migrate_opts = MigrateOptions(target=plan.to, output=None if plan.replace else plan.new_path,
-                                  passphrase=secrets.passphrase,  # type: ignore[arg-type]
-                                  passphrases=dict(secrets.layers),  # type: ignore[arg-type]
-                                  iter_time_ms=opts.iter_time_ms,
-                                  iterations=opts.iterations, flatten=plan.flatten, replace=plan.replace,
-                                  progress=opts.progress, keep_placement=True, rules=plan.rules,
-                                  source_format=plan.source_format,
-                                  accept_unverified_passphrase=opts.accept_unverified_passphrase,
-                                  accept_random_content=opts.accept_random_content,
-                                  random_content_option=RANDOM_CONTENT_OPTION)
+    migrate_opts = MigrateOptions(
+        target=plan.to,
+        output=None if plan.replace else plan.new_path,
+        passphrase=secrets.passphrase,  # type: ignore[arg-type]
+        passphrases=dict(secrets.layers),  # type: ignore[arg-type]
+        iter_time_ms=opts.iter_time_ms,
+        iterations=opts.iterations,
+        flatten=plan.flatten,
+        replace=plan.replace,
+        progress=opts.progress,
+        keep_placement=True,
+        rules=plan.rules,
+        source_format=plan.source_format,
+        accept_unverified_passphrase=opts.accept_unverified_passphrase,
+        accept_random_content=opts.accept_random_content,
+        random_content_option=RANDOM_CONTENT_OPTION,
+    )
     result = migrate_image(plan.source, migrate_opts)
     plan.placement, plan.source_id = result.placement, result.source_id
     plan.passphrase_verified = result.passphrase_verified
@@ -765,9 +872,13 @@ def redefine_snapshots(conn: Connection, outcome: DomainOutcome, *, dry_run: boo
         return
     changes = [_change(plan) for plan in outcome.disks]
     for snap in names:
-        found = SnapshotOutcome(snap, "planned" if dry_run else "redefined", "its saved domain definition names "
-                                "the new disks" if not dry_run else "its saved domain definition will name the "
-                                "new disks")
+        found = SnapshotOutcome(
+            snap,
+            "planned" if dry_run else "redefined",
+            "its saved domain definition names the new disks"
+            if not dry_run
+            else "its saved domain definition will name the new disks",
+        )
         outcome.snapshots.append(found)
         try:
             old_xml = conn.snapshot_xml(outcome.name, snap)
@@ -824,12 +935,16 @@ def find_old_image_users(conn: Connection, outcome: DomainOutcome) -> None:
     by_domain = usage.domain_users(domains)
     folders = sorted({os.path.dirname(p) for d in outcome.disks for p in d.old_images})
     by_image = usage.folder_users(folders, skip=usage.raw_disk_paths(domains))
-    outcome.users_checked = [f"the {len(names)} domains of this libvirt connection (XML and image headers)",
-                             f"the images in {', '.join(folders)}"]
-    outcome.users_unknown += [f"{folder}: more than {usage.MAX_FOLDER_ENTRIES} entries or unreadable"
-                              for folder in by_image.incomplete]
-    stale = [f"libvirt snapshot {snap.name} of this domain" for snap in outcome.snapshots
-             if snap.status == "not redefined"]  # its saved definition still names the old images
+    outcome.users_checked = [
+        f"the {len(names)} domains of this libvirt connection (XML and image headers)",
+        f"the images in {', '.join(folders)}",
+    ]
+    outcome.users_unknown += [
+        f"{folder}: more than {usage.MAX_FOLDER_ENTRIES} entries or unreadable" for folder in by_image.incomplete
+    ]
+    stale = [
+        f"libvirt snapshot {snap.name} of this domain" for snap in outcome.snapshots if snap.status == "not redefined"
+    ]  # its saved definition still names the old images
     for plan in outcome.disks:
         for path in plan.old_images:
             real = os.path.realpath(path)
@@ -854,11 +969,14 @@ def log_change(outcome: DomainOutcome) -> str:
         f"disk {d.target}: {d.source}{' (' + ', '.join(d.legacy_layers[1:]) + ')' if len(d.legacy_layers) > 1 else ''}"
         f" -> {d.new_path} ({d.to}{', flattened' if d.flatten else ''}), secret {d.secret_uuid}"
         f"{' (new)' if d.secret_created else ''}{', old image kept as ' + d.old_images[0] if d.old_images else ''}"
-        for d in outcome.disks)
+        for d in outcome.disks
+    )
     redefined = [snap.name for snap in outcome.snapshots if snap.status == "redefined"]
     snapshots = f"; snapshots redefined: {', '.join(redefined)}" if redefined else ""
-    line = hooklib.printable(f"domain {outcome.name!r} redefined by migrate-domain: {disks}{snapshots}; "
-                             f"old XML saved to {outcome.xml_backup}")
+    line = hooklib.printable(
+        f"domain {outcome.name!r} redefined by migrate-domain: {disks}{snapshots}; "
+        f"old XML saved to {outcome.xml_backup}"
+    )
     if not hooklib.syslog_listening():
         return f"not logged: no syslog socket at {hooklib.SYSLOG_SOCKET} (this summary is the only record)"
     try:

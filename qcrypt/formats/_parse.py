@@ -72,13 +72,6 @@ def parse(
     file_size: int,
 ) -> Any:
     """Read ``length`` bytes at ``offset`` (bounds-checked) and parse them with ``struct``."""
-    return parse_bytes(struct, read_exact(fh, offset, length, path=path, what=what, file_size=file_size),
-                       path=path, what=what)
-
-
-def file_size_of(fh: BinaryIO) -> int:
-    """The size of an open file (regular file or block device)."""
-    try:
-        return os.fstat(fh.fileno()).st_size or fh.seek(0, os.SEEK_END)
-    except (AttributeError, OSError, ValueError):
-        return fh.seek(0, os.SEEK_END)
+    return parse_bytes(
+        struct, read_exact(fh, offset, length, path=path, what=what, file_size=file_size), path=path, what=what
+    )

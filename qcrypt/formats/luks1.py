@@ -6,7 +6,7 @@ Big-endian throughout; the phdr is 592 bytes (208 + 8 x 48).
 
 from __future__ import annotations
 
-from construct import Array, Bytes, Const, Int16ub, Int32ub, PaddedString, Struct
+from construct import Array, Bytes, Const, Int16ub, Int32ub, Struct
 
 MAGIC = b"LUKS\xba\xbe"
 VERSION = 1
@@ -30,17 +30,27 @@ Keyslot = Struct(  # 48 bytes
     "stripes" / Int32ub,
 )
 
-Phdr = Struct(
+NAME_SIZE = 32
+UUID_SIZE = 40
+
+# The name fields are kept as raw bytes: cryptsetup stops each name at its first NUL and ignores whatever
+# follows, so a reader must not fail on non-ASCII bytes after the NUL. Writers pad with NULs.
+Phdr = Struct(  # 592 bytes
     "magic" / Const(MAGIC),
     "version" / Int16ub,
-    "cipher_name" / PaddedString(32, "ascii"),
-    "cipher_mode" / PaddedString(32, "ascii"),
-    "hash_spec" / PaddedString(32, "ascii"),
+    "cipher_name" / Bytes(NAME_SIZE),
+    "cipher_mode" / Bytes(NAME_SIZE),
+    "hash_spec" / Bytes(NAME_SIZE),
     "payload_offset" / Int32ub * "in 512-byte sectors",
     "key_bytes" / Int32ub,
     "mk_digest" / Bytes(DIGEST_SIZE),
     "mk_digest_salt" / Bytes(SALT_SIZE),
     "mk_digest_iter" / Int32ub,
-    "uuid" / PaddedString(40, "ascii"),
+    "uuid" / Bytes(UUID_SIZE),
     "keyslots" / Array(NUM_KEYSLOTS, Keyslot),
+)
+
+VersionProbe = Struct(  # the 8 bytes LUKS1 and LUKS2 share: dispatch on version, not magic
+    "magic" / Bytes(6),
+    "version" / Int16ub,
 )

@@ -6,7 +6,7 @@ The 4096-byte binary header is followed by a JSON area up to ``hdr_size``.
 
 from __future__ import annotations
 
-from construct import Bytes, Int16ub, Int64ub, PaddedString, Struct
+from construct import Bytes, Int16ub, Int64ub, Struct
 
 MAGIC_PRIMARY = b"LUKS\xba\xbe"
 MAGIC_SECONDARY = b"SKUL\xba\xbe"
@@ -17,16 +17,18 @@ MAX_HDR_SIZE = 0x400000
 CSUM_OFFSET = 448
 CSUM_SIZE = 64
 
-BinaryHeader = Struct(
+# The text fields are kept as raw bytes: labels and subsystems may be UTF-8 (or anything), and a bad label must
+# not make the whole header unreadable.
+BinaryHeader = Struct(  # 4096 bytes
     "magic" / Bytes(6),
     "version" / Int16ub,
     "hdr_size" / Int64ub * "binary header + JSON area, bytes",
     "seqid" / Int64ub,
-    "label" / PaddedString(48, "ascii"),
-    "checksum_alg" / PaddedString(32, "ascii"),
+    "label" / Bytes(48),
+    "checksum_alg" / Bytes(32),
     "salt" / Bytes(64),
-    "uuid" / PaddedString(40, "ascii"),
-    "subsystem" / PaddedString(48, "ascii"),
+    "uuid" / Bytes(40),
+    "subsystem" / Bytes(48),
     "hdr_offset" / Int64ub,
     "_padding" / Bytes(184),
     "csum" / Bytes(CSUM_SIZE),

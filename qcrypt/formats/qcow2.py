@@ -98,7 +98,8 @@ Header = Struct(
     "refcount_table_clusters" / Int32ub,
     "nb_snapshots" / Int32ub,
     "snapshots_offset" / Int64ub,
-    "v3" / If(
+    "v3"
+    / If(
         this.version >= 3,
         Struct(
             "incompatible_features" / Int64ub,
@@ -156,3 +157,28 @@ SnapshotExtra = Struct(
     "vm_state_size_large" / Int64ub,
     "disk_size" / Int64ub,
 )
+
+
+# -- declarations used only when writing (qcrypt.images.qcow2_writer) -------------------------------------
+
+WRITE_VERSION = 3
+WRITE_HEADER_LENGTH = 112  # what QEMU 7.2 writes: the 104-byte v3 header plus the compression_type tail
+WRITE_REFCOUNT_ORDER = 4  # 16-bit refcounts
+REFCOUNT_DTYPE = ">u2"  # one refcount-block entry at refcount_order 4
+TABLE_ENTRY_DTYPE = ">u8"  # L1, L2 and refcount-table entries
+REFCOUNT_MAX = 0xFFFF
+
+HeaderTail = Struct(  # bytes 104..111 of a header with header_length 112
+    "compression_type" / Int8ub * "0 = deflate",
+    "padding" / Const(bytes(7)),
+)
+
+SnapshotExtraV3 = Struct(  # the 24 bytes of extra data QEMU 7.2 writes per snapshot
+    "vm_state_size_large" / Int64ub,
+    "disk_size" / Int64ub,
+    "icount" / Int64ub * "-1 (all ones) when icount was not recorded",
+)
+SNAPSHOT_EXTRA_V3_SIZE = 24
+SNAPSHOT_EXTRA_DISK_SIZE_OFFSET = 8
+ICOUNT_NONE = 0xFFFF_FFFF_FFFF_FFFF
+SNAPSHOT_NAME_MAX = 0xFFFF  # id_str_size and name_size are u16

@@ -54,7 +54,6 @@ class PassphraseRequiredError(BadPassphraseError):
 # -- raw and raw LUKS layers ------------------------------------------------------------------------------
 
 
-
 class RawReader:
     """A raw file: guest offset = file offset."""
 
@@ -82,8 +81,9 @@ class RawLuksReader:
                 raise UnsupportedFeatureError("unlocking LUKS2 is not supported", path=path, field="version")
             header = luks.read_header(read_at, self.file.file_size, path=path)
             if header.payload_offset == 0:
-                raise UnsupportedFeatureError("detached-header LUKS (payload offset 0) is not supported",
-                                              path=path, field="payload_offset")
+                raise UnsupportedFeatureError(
+                    "detached-header LUKS (payload offset 0) is not supported", path=path, field="payload_offset"
+                )
             self.cipher = _unlock(header, read_at, passphrase, path)
             self.payload_host_offset = header.payload_offset * SECTOR
             payload_bytes = max(0, self.file.file_size - self.payload_host_offset)
@@ -144,8 +144,14 @@ def _unlock(header: object, read_at: object, passphrase: Secret | None, path: st
 class QcowReader:
     """Guest plaintext of one qcow2 or qcow layer; unallocated ranges come from ``backing``."""
 
-    def __init__(self, image: ImageFile, cipher: SectorCipher | None, iv_from_host: bool,
-                 backing: LayerReader | None, snapshot: Snapshot | None = None) -> None:
+    def __init__(
+        self,
+        image: ImageFile,
+        cipher: SectorCipher | None,
+        iv_from_host: bool,
+        backing: LayerReader | None,
+        snapshot: Snapshot | None = None,
+    ) -> None:
         image.check_readable()  # type: ignore[attr-defined]
         self.image = image
         self.cipher = cipher
@@ -212,9 +218,12 @@ class QcowReader:
         if self.cipher is None:
             return self.image.read_host(host_offset, end - start)
         if host_offset + (end - start) > self.image.file_size:
-            raise FormatError(f"encrypted data for guest offset {start} lies beyond the end of the file "
-                              "(truncated image): it would decrypt to garbage", path=self.image.path,
-                              field="L2 entry")
+            raise FormatError(
+                f"encrypted data for guest offset {start} lies beyond the end of the file "
+                "(truncated image): it would decrypt to garbage",
+                path=self.image.path,
+                field="L2 entry",
+            )
         head = start % SECTOR
         aligned_len = -(-(end - start + head) // SECTOR) * SECTOR
         host_first = host_offset - head
@@ -251,9 +260,12 @@ class QcowReader:
         raw = self.image.read_host(mapping.host_offset, mapping.compressed_bytes)
         data = self._decompress(raw)
         if len(data) < self.cluster_size:
-            raise FormatError(f"compressed cluster at {mapping.host_offset:#x} inflates to {len(data)} bytes, "
-                              f"not {self.cluster_size} (QEMU reports an I/O error)", path=self.image.path,
-                              field="compressed cluster")
+            raise FormatError(
+                f"compressed cluster at {mapping.host_offset:#x} inflates to {len(data)} bytes, "
+                f"not {self.cluster_size} (QEMU reports an I/O error)",
+                path=self.image.path,
+                field="compressed cluster",
+            )
         self._inflated = (mapping.host_offset, data)
         return data
 
@@ -265,22 +277,25 @@ class QcowReader:
             d = zlib.decompressobj(-12)
             return d.decompress(raw, self.cluster_size)
         except zlib.error as e:
-            raise FormatError(f"compressed cluster does not inflate: {e}", path=self.image.path,
-                              field="compressed cluster") from e
+            raise FormatError(
+                f"compressed cluster does not inflate: {e}", path=self.image.path, field="compressed cluster"
+            ) from e
 
 
 def _zstd_decompress(raw: bytes, cluster_size: int, path: str) -> bytes:
     try:
         import zstandard
     except ImportError as e:
-        raise UnsupportedFeatureError("zstd-compressed clusters need the 'zstandard' package (into qcrypt's "
-                                      "environment: pip install zstandard)", path=path, field="compression_type") from e
+        raise UnsupportedFeatureError(
+            "zstd-compressed clusters need the 'zstandard' package (into qcrypt's environment: pip install zstandard)",
+            path=path,
+            field="compression_type",
+        ) from e
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw))
         return reader.read(cluster_size)
     except zstandard.ZstdError as e:
-        raise FormatError(f"compressed cluster does not decompress: {e}", path=path,
-                          field="compressed cluster") from e
+        raise FormatError(f"compressed cluster does not decompress: {e}", path=path, field="compressed cluster") from e
 
 
 # -- opening a chain -----------------------------------------------------------------------------------------
@@ -292,8 +307,9 @@ class Opener:
     (qcrypt.images.backing: the image's storage, its owner's permissions, no special files), and every layer is read
     through the descriptor that was checked."""
 
-    def __init__(self, passphrase: Secret | None, passphrases: Mapping[str, Secret],
-                 rules: ChainRules | None = None) -> None:
+    def __init__(
+        self, passphrase: Secret | None, passphrases: Mapping[str, Secret], rules: ChainRules | None = None
+    ) -> None:
         self.passphrase = passphrase
         self.passphrases = passphrases
         self.rules = rules
@@ -313,8 +329,7 @@ class Opener:
             raise
         return self._open_layer(path, fh, format_hint, snapshot)
 
-    def _open_layer(self, path: str, fh: BinaryIO, format_hint: str | None,
-                    snapshot: str | None = None) -> LayerReader:
+    def _open_layer(self, path: str, fh: BinaryIO, format_hint: str | None, snapshot: str | None = None) -> LayerReader:
         try:
             st = os.fstat(fh.fileno())
             if (st.st_dev, st.st_ino) in self.seen:
@@ -341,8 +356,9 @@ class Opener:
             if image.backing_file:
                 backing_path = resolve_backing(path, image.backing_file)
                 if backing_path is None:
-                    raise UnsupportedFeatureError(f"backing file {image.backing_file!r} is not a local file",
-                                                  path=path, field="backing_file")
+                    raise UnsupportedFeatureError(
+                        f"backing file {image.backing_file!r} is not a local file", path=path, field="backing_file"
+                    )
                 assert self.context is not None
                 backing_fh, declared = open_backing(path, backing_path, self.context)
                 hint = declared.format if declared and declared.format else image.backing_format

@@ -95,8 +95,14 @@ class HookWarning:
     domain_command: str | None = None  # qcrypt migrate-domain DOMAIN: fixes every disk and the XML at once
 
     def as_dict(self) -> dict[str, str | None]:
-        return {"domain": self.domain, "target": self.target, "path": self.path, "reason": self.reason,
-                "command": self.command, "domain_command": self.domain_command}
+        return {
+            "domain": self.domain,
+            "target": self.target,
+            "path": self.path,
+            "reason": self.reason,
+            "command": self.command,
+            "domain_command": self.domain_command,
+        }
 
     def message(self) -> str:
         """The one-line text sent to syslog and stderr (control characters escaped)."""
@@ -173,8 +179,9 @@ class _Inspections:
         return found.get("encryption") if found else None
 
 
-def _inspect_worker(paths: list[str], inspect_fn: InspectFn, deadline: float, found: _Inspections,
-                    done: threading.Event) -> None:
+def _inspect_worker(
+    paths: list[str], inspect_fn: InspectFn, deadline: float, found: _Inspections, done: threading.Event
+) -> None:
     try:
         for path in paths:
             if time.monotonic() >= deadline:
@@ -200,8 +207,9 @@ def inspect_within(paths: list[str], inspect_fn: InspectFn, budget_s: float) -> 
     found = _Inspections()
     done = threading.Event()
     deadline = time.monotonic() + budget_s
-    worker = threading.Thread(target=_inspect_worker, args=(paths, inspect_fn, deadline, found, done),
-                              name="qcrypt-hook-inspect", daemon=True)
+    worker = threading.Thread(
+        target=_inspect_worker, args=(paths, inspect_fn, deadline, found, done), name="qcrypt-hook-inspect", daemon=True
+    )
     worker.start()
     done.wait(timeout=max(0.0, deadline - time.monotonic()))
     result = found.snapshot()
@@ -246,8 +254,17 @@ def migrate_domain_command(domain: str, *, needs_passphrase: bool = False) -> st
 def migrate_command(path: str, *, to: str = "qcow2-luks", flatten: bool = False, block: bool = False) -> str:
     """The ``qcrypt migrate`` command line that replaces ``path`` by a LUKS-encrypted copy."""
     output = suggested_output(path, to, local_dir=block)
-    words = ["qcrypt", "migrate", shlex.quote(path), "--to", to, "-o", shlex.quote(output),
-             "--passphrase-file", PASSPHRASE_PLACEHOLDER]
+    words = [
+        "qcrypt",
+        "migrate",
+        shlex.quote(path),
+        "--to",
+        to,
+        "-o",
+        shlex.quote(output),
+        "--passphrase-file",
+        PASSPHRASE_PLACEHOLDER,
+    ]
     if flatten:
         words.append("--flatten")
     return " ".join(words)
@@ -277,12 +294,12 @@ def _image_reasons(report: Report | None, verdict: _Verdict) -> None:
         verdict.flatten = True
 
 
-def _backing_store_reasons(disk: DomainDisk, found: _Inspections, verdict: _Verdict,
-                           mentioned: set[str]) -> None:
+def _backing_store_reasons(disk: DomainDisk, found: _Inspections, verdict: _Verdict, mentioned: set[str]) -> None:
     for layer in disk.layers[1:]:
         encryption = found.encryption(layer.path)
-        declared = [f for f in layer.encryption if f == "qcow" or (f == "default" and
-                                                                   encryption not in LUKS_ENCRYPTIONS)]
+        declared = [
+            f for f in layer.encryption if f == "qcow" or (f == "default" and encryption not in LUKS_ENCRYPTIONS)
+        ]
         label = layer.label or "a <backingStore> layer"
         key = _norm(label)
         if key in mentioned:
@@ -291,8 +308,9 @@ def _backing_store_reasons(disk: DomainDisk, found: _Inspections, verdict: _Verd
         if encryption == LEGACY_ENCRYPTION:
             verdict.reasons.append(f"its backing layer {label} uses {LEGACY_TEXT}")
         elif declared:
-            verdict.reasons.append(f"its backing layer {label} is declared <encryption format='{declared[0]}'> "
-                                   "(legacy QEMU AES)")
+            verdict.reasons.append(
+                f"its backing layer {label} is declared <encryption format='{declared[0]}'> (legacy QEMU AES)"
+            )
         else:
             continue
         mentioned.add(key)
@@ -308,8 +326,10 @@ def _declared_reasons(top: DiskLayer, report: Report | None, verdict: _Verdict) 
             continue
         if encryption in LUKS_ENCRYPTIONS:
             if fmt == "qcow":
-                verdict.reasons.append(f"the domain XML declares <encryption format='qcow'> but the image is "
-                                       f"{encryption}: change it to <encryption format='luks'>")
+                verdict.reasons.append(
+                    f"the domain XML declares <encryption format='qcow'> but the image is "
+                    f"{encryption}: change it to <encryption format='luks'>"
+                )
                 verdict.xml_only = True
             continue
         verdict.reasons.append(f"the domain XML declares <encryption format='{fmt}'> (legacy QEMU AES)")
@@ -331,9 +351,14 @@ def _disk_warning(domain: str, disk: DomainDisk, found: _Inspections) -> HookWar
         reason += f" (passphrase: libvirt secret {top.secret})"
     command = _fix_command(domain, disk, verdict)
     local = bool(top.path) and top.source_type in ("file", "block") and not verdict.refused
-    return HookWarning(domain=domain, target=disk.target or "?", path=top.label or "(no source)",
-                       reason=reason, command=command,
-                       domain_command=migrate_domain_command(domain) if local and domain != "?" else None)
+    return HookWarning(
+        domain=domain,
+        target=disk.target or "?",
+        path=top.label or "(no source)",
+        reason=reason,
+        command=command,
+        domain_command=migrate_domain_command(domain) if local and domain != "?" else None,
+    )
 
 
 def _fix_command(domain: str, disk: DomainDisk, verdict: _Verdict) -> str:
@@ -381,9 +406,14 @@ def declared_inspect(domain: Domain, rules: ChainRules | None = None) -> Inspect
     return inspect_declared
 
 
-def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
-                 inspect_fn: InspectFn | None = None, rules: ChainRules | None = None,
-                 deadline: float | None = None) -> DomainCheck:
+def check_domain(
+    domain: Domain,
+    *,
+    budget_s: float = DEFAULT_BUDGET_S,
+    inspect_fn: InspectFn | None = None,
+    rules: ChainRules | None = None,
+    deadline: float | None = None,
+) -> DomainCheck:
     """Inspect a parsed domain's disks within ``budget_s`` seconds; one warning per affected disk.
 
     By default each disk is read as its XML declares it (see :func:`declared_inspect`); ``rules`` adds folders
@@ -414,20 +444,29 @@ def check_domain(domain: Domain, *, budget_s: float = DEFAULT_BUDGET_S,
         check.warnings = [replace(w, domain_command=command) if w.domain_command else w for w in check.warnings]
     if unchecked:
         check.cut_short = True
-        check.notes.append(f"domain '{domain.name}': {unchecked} of {len(domain.disks) + domain.disks_skipped} "
-                           f"disk(s) not checked: the hook's time limit ({RUN_BUDGET_S:g} s) was reached")
+        check.notes.append(
+            f"domain '{domain.name}': {unchecked} of {len(domain.disks) + domain.disks_skipped} "
+            f"disk(s) not checked: the hook's time limit ({RUN_BUDGET_S:g} s) was reached"
+        )
     if missed:
         check.cut_short = True
         listed = ", ".join(missed[:_MAX_LISTED_PATHS]) + (", ..." if len(missed) > _MAX_LISTED_PATHS else "")
-        check.notes.append(f"domain '{domain.name}': check cut short after {budget_s * 1000:.0f} ms; "
-                           f"{len(missed)} image(s) not inspected: {listed}")
+        check.notes.append(
+            f"domain '{domain.name}': check cut short after {budget_s * 1000:.0f} ms; "
+            f"{len(missed)} image(s) not inspected: {listed}"
+        )
     check.elapsed_s = time.monotonic() - started
     return check
 
 
-def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
-                     inspect_fn: InspectFn | None = None, rules: ChainRules | None = None,
-                     deadline: float | None = None) -> DomainCheck:
+def check_domain_xml(
+    xml: str | bytes,
+    *,
+    budget_s: float = DEFAULT_BUDGET_S,
+    inspect_fn: InspectFn | None = None,
+    rules: ChainRules | None = None,
+    deadline: float | None = None,
+) -> DomainCheck:
     """Parse and check a domain XML document. Never raises: problems land in ``errors``.
 
     The whole check, parsing included, ends by ``deadline`` (time.monotonic(); default RUN_BUDGET_S from now)."""
@@ -440,8 +479,9 @@ def check_domain_xml(xml: str | bytes, *, budget_s: float = DEFAULT_BUDGET_S,
     except FormatError as e:
         return DomainCheck(domain=None, errors=[str(e)], elapsed_s=time.monotonic() - started)
     except Exception as e:  # the hook must survive its own bugs
-        return DomainCheck(domain=None, errors=[f"internal error: {type(e).__name__}: {e}"],
-                           elapsed_s=time.monotonic() - started)
+        return DomainCheck(
+            domain=None, errors=[f"internal error: {type(e).__name__}: {e}"], elapsed_s=time.monotonic() - started
+        )
 
 
 # -- reporting --------------------------------------------------------------------------------------------
@@ -486,8 +526,14 @@ def _safe_call(sink: Callable[..., None] | None, *args: Any) -> None:
         return
 
 
-def emit(check: DomainCheck, *, domain_hint: str | None = None, syslog_to: SyslogSink | None = None,
-         stderr_to: LineSink | None = None, max_lines: int = MAX_LOG_LINES) -> None:
+def emit(
+    check: DomainCheck,
+    *,
+    domain_hint: str | None = None,
+    syslog_to: SyslogSink | None = None,
+    stderr_to: LineSink | None = None,
+    max_lines: int = MAX_LOG_LINES,
+) -> None:
     """Send each warning (LOG_WARNING), note (LOG_NOTICE) and error (LOG_ERR) to syslog and stderr.
 
     At most ``max_lines`` of them; when there are more, one last line (LOG_WARNING) says how many were left out."""
@@ -498,13 +544,17 @@ def emit(check: DomainCheck, *, domain_hint: str | None = None, syslog_to: Syslo
     others += [(syslog.LOG_ERR, printable(f"domain '{name}': {error}"), "error: ") for error in check.errors]
     lines = warned + others
     if len(lines) > max_lines:  # notes and errors (why the check was cut short) keep up to half the lines
-        kept_others = others[:max_lines - min(len(warned), max_lines // 2)]
-        kept = warned[:max_lines - len(kept_others)] + kept_others
-        counts = {"warning": len(warned) - len(kept) + len(kept_others), "note or error": len(others)
-                  - len(kept_others)}
+        kept_others = others[: max_lines - min(len(warned), max_lines // 2)]
+        kept = warned[: max_lines - len(kept_others)] + kept_others
+        counts = {
+            "warning": len(warned) - len(kept) + len(kept_others),
+            "note or error": len(others) - len(kept_others),
+        }
         listed = ", ".join(f"{n} {kind}(s)" for kind, n in counts.items() if n)
-        summary = printable(f"domain '{name}': {len(lines) - len(kept)} more line(s) not logged ({listed}): the "
-                            f"hook logs at most {max_lines} per run")
+        summary = printable(
+            f"domain '{name}': {len(lines) - len(kept)} more line(s) not logged ({listed}): the "
+            f"hook logs at most {max_lines} per run"
+        )
         lines = [*kept, (syslog.LOG_WARNING, summary, "")]
     for priority, line, label in lines:
         _safe_call(to_syslog, priority, line)
@@ -527,8 +577,9 @@ def legacy_message(report: Report, domain: str | None = None) -> str | None:
         return None
     command = migrate_command(path, flatten=CODE_LEGACY_BACKING in codes)
     if domain:
-        return printable(f"{where}. Fix it with the VM shut off: {migrate_domain_command(domain)} "
-                         f"(or this image alone: {command})")
+        return printable(
+            f"{where}. Fix it with the VM shut off: {migrate_domain_command(domain)} (or this image alone: {command})"
+        )
     return printable(f"{where}. Fix it with the VM shut off: {command}")
 
 

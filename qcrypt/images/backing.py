@@ -208,8 +208,9 @@ def owner_cannot_read(real: str, st: os.stat_result, owner: Owner) -> str | None
         if (leaf.st_dev, leaf.st_ino) != (st.st_dev, st.st_ino):
             return "its path changed while it was checked"
         if not owner.may(st, READ):
-            return (f"the file (mode {stat.filemode(st.st_mode)}, uid {st.st_uid}, gid {st.st_gid}) is not "
-                    "readable by them")
+            return (
+                f"the file (mode {stat.filemode(st.st_mode)}, uid {st.st_uid}, gid {st.st_gid}) is not readable by them"
+            )
         return None
     finally:
         os.close(dir_fd)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from qcrypt.errors import LimitExceededError
-from qcrypt.formats import qcow1 as fmt
+from qcrypt.formats import qcow1 as qcow1_fmt
 from qcrypt.formats._parse import parse, read_exact
 from qcrypt.images.qcow2_reader import COMPRESSED_OFFSETS_KEPT, TableUsage, WalkBudget, _decode_name, used_entries
 from qcrypt.model.clusters import UNALLOCATED, ClusterKind, ClusterMapping, Extension, Snapshot
@@ -29,8 +29,9 @@ class QCowImage(ImageFile):
     extensions: dict[int, Extension] = {}
 
     def _load(self) -> None:
-        self.header = parse(fmt.Header, self.fh, 0, fmt.HEADER_SIZE, path=self.path, what="header",
-                            file_size=self.file_size)
+        self.header = parse(
+            qcow1_fmt.Header, self.fh, 0, qcow1_fmt.HEADER_SIZE, path=self.path, what="header", file_size=self.file_size
+        )
         self._check_header()
         self.backing_file = self._read_backing_file()
         self._l1: np.ndarray | None = None
@@ -40,13 +41,13 @@ class QCowImage(ImageFile):
         h = self.header
         if h.version != 1:
             raise self._fail("version", f"expected 1, found {h.version}")
-        if not fmt.MIN_CLUSTER_BITS <= h.cluster_bits <= fmt.MAX_CLUSTER_BITS:
+        if not qcow1_fmt.MIN_CLUSTER_BITS <= h.cluster_bits <= qcow1_fmt.MAX_CLUSTER_BITS:
             raise self._fail("cluster_bits", f"{h.cluster_bits} is outside 9..16")
-        if not fmt.MIN_L2_BITS <= h.l2_bits <= fmt.MAX_L2_BITS:
+        if not qcow1_fmt.MIN_L2_BITS <= h.l2_bits <= qcow1_fmt.MAX_L2_BITS:
             raise self._fail("l2_bits", f"{h.l2_bits} is outside 6..13")
         if h.size <= 1 or h.size > 1 << 62:
             raise self._fail("size", f"virtual size {h.size} is implausible")
-        if h.crypt_method > fmt.CRYPT_AES:
+        if h.crypt_method > qcow1_fmt.CRYPT_AES:
             raise self._fail("crypt_method", f"unknown method {h.crypt_method}")
         if self.l1_size * 8 > MAX_L1_BYTES:
             raise LimitExceededError("L1 table would exceed 32 MiB", path=self.path, field="size")
@@ -59,8 +60,14 @@ class QCowImage(ImageFile):
             return None
         if h.backing_file_size == 0 or h.backing_file_size > 1023:
             raise self._fail("backing_file_size", f"{h.backing_file_size} is outside 1..1023")
-        raw = read_exact(self.fh, h.backing_file_offset, h.backing_file_size, path=self.path,
-                         what="backing_file_offset", file_size=self.file_size)
+        raw = read_exact(
+            self.fh,
+            h.backing_file_offset,
+            h.backing_file_size,
+            path=self.path,
+            what="backing_file_offset",
+            file_size=self.file_size,
+        )
         return _decode_name(raw, self.path, "backing file name")
 
     backing_format = None
@@ -102,8 +109,14 @@ class QCowImage(ImageFile):
 
     def l1_table(self) -> np.ndarray:
         if self._l1 is None:
-            raw = read_exact(self.fh, self.header.l1_table_offset, self.l1_size * 8, path=self.path,
-                             what="L1 table", file_size=self.file_size)
+            raw = read_exact(
+                self.fh,
+                self.header.l1_table_offset,
+                self.l1_size * 8,
+                path=self.path,
+                what="L1 table",
+                file_size=self.file_size,
+            )
             self._l1 = np.frombuffer(raw, dtype=">u8")
         return self._l1
 
@@ -125,7 +138,7 @@ class QCowImage(ImageFile):
         if not entry:
             return UNALLOCATED
         cb = self.header.cluster_bits
-        if entry & fmt.L2E_COMPRESSED:
+        if entry & qcow1_fmt.L2E_COMPRESSED:
             host_offset = entry & ((1 << (63 - cb)) - 1)
             csize = (entry >> (63 - cb)) & ((1 << cb) - 1)
             if host_offset >= self.file_size:
@@ -161,15 +174,16 @@ class QCowImage(ImageFile):
             l2 = self._read_l2_uncached(l2_offset)
             first = l1_index * self.l2_entries
             entries = l2[: max(0, min(self.l2_entries, total - first))]
-            is_compressed = (entries & np.uint64(fmt.L2E_COMPRESSED)) != 0
+            is_compressed = (entries & np.uint64(qcow1_fmt.L2E_COMPRESSED)) != 0
             offsets = entries[is_compressed] & np.uint64((1 << (63 - self.header.cluster_bits)) - 1)
             if (offsets >= np.uint64(self.file_size)).any():
                 raise self._fail("L2 entry", "compressed data is beyond the file")
             normal = entries[~is_compressed]
             unaligned = np.flatnonzero(normal % np.uint64(cs))
             if len(unaligned):
-                raise self._fail("L2 entry", f"data cluster offset {int(normal[unaligned[0]]):#x} is not "
-                                 "cluster-aligned")
+                raise self._fail(
+                    "L2 entry", f"data cluster offset {int(normal[unaligned[0]]):#x} is not cluster-aligned"
+                )
             allocated += int(np.count_nonzero(entries)) * cs
             if first + len(entries) == total and entries[-1:].any():
                 allocated -= total * cs - self.header.size  # the disk's last cluster is only partly inside it

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
-from qcrypt.formats import qcow2 as fmt
+from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import parse, parse_bytes, read_exact
 from qcrypt.model.clusters import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extension, Snapshot
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.files import ImageFile
 
 L2_CACHE_TABLES = 64
-_SNAPSHOT_HEADER = struct.Struct(fmt.SNAPSHOT_HEADER_FORMAT)
+_SNAPSHOT_HEADER = struct.Struct(qcow2_fmt.SNAPSHOT_HEADER_FORMAT)
 SNAPSHOT_READ_BYTES = 64 * 1024  # the snapshot table is read in pieces of this size (it is usually tiny)
 SPARSE_L2_ENTRIES = 32  # an L2 table with at most this many used entries is decoded entry by entry
 COMPRESSED_OFFSETS_KEPT = 1 << 20  # compressed clusters counted one by one (8 MiB of offsets) before "at least"
@@ -44,8 +44,9 @@ class WalkBudget:
     """What one inspection may spend reading L1/L2 tables (``limits.MAX_WALK_TABLE_BYTES`` and
     ``MAX_WALK_TABLES``); shared by every table of an image. ``None`` limits mean unlimited (migrate)."""
 
-    def __init__(self, table_bytes: int | None = limits.MAX_WALK_TABLE_BYTES,
-                 tables: int | None = limits.MAX_WALK_TABLES) -> None:
+    def __init__(
+        self, table_bytes: int | None = limits.MAX_WALK_TABLE_BYTES, tables: int | None = limits.MAX_WALK_TABLES
+    ) -> None:
         self.table_bytes = table_bytes
         self.tables = tables
 
@@ -58,7 +59,10 @@ class WalkBudget:
         if (self.table_bytes is not None and self.table_bytes < 0) or (self.tables is not None and self.tables < 0):
             raise LimitExceededError(
                 f"its L1/L2 tables exceed what one inspection reads ({limits.MAX_WALK_TABLES} tables, "
-                f"{limits.MAX_WALK_TABLE_BYTES >> 20} MiB)", path=path, field="L1/L2 tables")
+                f"{limits.MAX_WALK_TABLE_BYTES >> 20} MiB)",
+                path=path,
+                field="L1/L2 tables",
+            )
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,8 @@ class Header:
     compatible_features: int = 0
     autoclear_features: int = 0
     refcount_order: int = 4
-    header_length: int = fmt.V2_HEADER_LENGTH
-    compression_type: int = fmt.COMPRESSION_DEFLATE
+    header_length: int = qcow2_fmt.V2_HEADER_LENGTH
+    compression_type: int = qcow2_fmt.COMPRESSION_DEFLATE
 
     @property
     def cluster_size(self) -> int:
@@ -99,7 +103,7 @@ class Header:
 
     @property
     def extended_l2(self) -> bool:
-        return bool(self.incompatible_features & fmt.INCOMPAT_EXTL2)
+        return bool(self.incompatible_features & qcow2_fmt.INCOMPAT_EXTL2)
 
     @property
     def l2_entry_bytes(self) -> int:
@@ -119,7 +123,7 @@ def feature_names(header: Header) -> dict[str, list[str]]:
         ("autoclear", header.autoclear_features),
     ):
         names[mask_name] = [
-            fmt.FEATURE_NAMES.get((mask_name, bit), f"bit {bit}") for bit in range(64) if value >> bit & 1
+            qcow2_fmt.FEATURE_NAMES.get((mask_name, bit), f"bit {bit}") for bit in range(64) if value >> bit & 1
         ]
     return names
 
@@ -140,36 +144,36 @@ class QCow2Image(ImageFile):
 
     # -- header ------------------------------------------------------------------------------------
     def _read_header(self) -> Header:
-        length = min(fmt.HEADER_READ_SIZE, self.file_size)
+        length = min(qcow2_fmt.HEADER_READ_SIZE, self.file_size)
         raw = read_exact(self.fh, 0, length, path=self.path, what="header", file_size=self.file_size)
-        c = parse_bytes(fmt.Header, raw, path=self.path, what="header")
+        c = parse_bytes(qcow2_fmt.Header, raw, path=self.path, what="header")
         if c.version not in (2, 3):
             raise FormatError(f"unsupported qcow2 version {c.version}", path=self.path, field="version")
         fields = {k: c[k] for k in Header.__dataclass_fields__ if k in c}
         if c.v3 is not None:
             fields.update({k: c.v3[k] for k in c.v3 if not k.startswith("_")})
-            if c.v3.header_length > fmt.COMPRESSION_TYPE_OFFSET and len(raw) > fmt.COMPRESSION_TYPE_OFFSET:
-                fields["compression_type"] = raw[fmt.COMPRESSION_TYPE_OFFSET]
+            if c.v3.header_length > qcow2_fmt.COMPRESSION_TYPE_OFFSET and len(raw) > qcow2_fmt.COMPRESSION_TYPE_OFFSET:
+                fields["compression_type"] = raw[qcow2_fmt.COMPRESSION_TYPE_OFFSET]
         return Header(**fields)
 
     def _check_header(self) -> None:
         h = self.header
-        if not fmt.MIN_CLUSTER_BITS <= h.cluster_bits <= fmt.MAX_CLUSTER_BITS:
+        if not qcow2_fmt.MIN_CLUSTER_BITS <= h.cluster_bits <= qcow2_fmt.MAX_CLUSTER_BITS:
             raise self._fail("cluster_bits", f"{h.cluster_bits} is outside 9..21")
         if h.version == 3:
-            if h.header_length < fmt.V3_MIN_HEADER_LENGTH or h.header_length % 8:
+            if h.header_length < qcow2_fmt.V3_MIN_HEADER_LENGTH or h.header_length % 8:
                 raise self._fail("header_length", f"{h.header_length} is invalid")
             if h.header_length > h.cluster_size:
                 raise self._fail("header_length", "header is longer than a cluster")
             if h.refcount_order > 6:
                 raise self._fail("refcount_order", f"{h.refcount_order} is above 6")
-        if h.crypt_method > fmt.CRYPT_LUKS:
+        if h.crypt_method > qcow2_fmt.CRYPT_LUKS:
             raise self._fail("crypt_method", f"unknown method {h.crypt_method}")
         if h.extended_l2 and h.cluster_bits < 14:
             raise self._fail("cluster_bits", "extended L2 entries need clusters of at least 16 KiB")
         if h.size > 1 << 62:
             raise self._fail("size", f"virtual size {h.size} is implausible")
-        if h.compression_type not in (fmt.COMPRESSION_DEFLATE, fmt.COMPRESSION_ZSTD):
+        if h.compression_type not in (qcow2_fmt.COMPRESSION_DEFLATE, qcow2_fmt.COMPRESSION_ZSTD):
             raise self._fail("compression_type", f"unknown compression type {h.compression_type}")
 
     def _check_l1_geometry(self) -> None:
@@ -191,7 +195,7 @@ class QCow2Image(ImageFile):
 
     def unsupported_incompatible_features(self) -> int:
         """Incompatible feature bits qcrypt (and QEMU) do not know."""
-        return self.header.incompatible_features & ~fmt.INCOMPAT_KNOWN
+        return self.header.incompatible_features & ~qcow2_fmt.INCOMPAT_KNOWN
 
     def check_readable(self) -> None:
         """Refuse images whose guest data we cannot read faithfully."""
@@ -200,9 +204,10 @@ class QCow2Image(ImageFile):
             raise UnsupportedFeatureError(
                 f"unknown incompatible feature bits {unknown:#x}", path=self.path, field="incompatible_features"
             )
-        if self.header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+        if self.header.incompatible_features & qcow2_fmt.INCOMPAT_DATA_FILE:
             raise UnsupportedFeatureError(
-                "images with an external data file are not supported", path=self.path,
+                "images with an external data file are not supported",
+                path=self.path,
                 field="incompatible_features",
             )
 
@@ -217,20 +222,31 @@ class QCow2Image(ImageFile):
         offset = self.header.header_length
         end = self._extension_area_end()
         while offset + 8 <= end:
-            eh = parse(fmt.ExtensionHeader, self.fh, offset, 8, path=self.path, what="header extension",
-                       file_size=self.file_size)
-            if eh.type == fmt.EXT_END:
+            eh = parse(
+                qcow2_fmt.ExtensionHeader,
+                self.fh,
+                offset,
+                8,
+                path=self.path,
+                what="header extension",
+                file_size=self.file_size,
+            )
+            if eh.type == qcow2_fmt.EXT_END:
                 break
             if len(extensions) >= limits.MAX_HEADER_EXTENSIONS:
-                raise LimitExceededError(f"more than {limits.MAX_HEADER_EXTENSIONS} header extensions",
-                                         path=self.path, field="header extension")
+                raise LimitExceededError(
+                    f"more than {limits.MAX_HEADER_EXTENSIONS} header extensions",
+                    path=self.path,
+                    field="header extension",
+                )
             if offset + 8 + eh.length > end:
                 raise self._fail("header extension", f"extension {eh.type:#x} runs past the extension area")
             if eh.type in extensions:
                 raise self._fail("header extension", f"extension {eh.type:#x} appears twice")
-            data = read_exact(self.fh, offset + 8, eh.length, path=self.path, what="header extension",
-                              file_size=self.file_size)
-            extensions[eh.type] = Extension(eh.type, fmt.EXTENSION_NAMES.get(eh.type, "unknown"), data)
+            data = read_exact(
+                self.fh, offset + 8, eh.length, path=self.path, what="header extension", file_size=self.file_size
+            )
+            extensions[eh.type] = Extension(eh.type, qcow2_fmt.EXTENSION_NAMES.get(eh.type, "unknown"), data)
             offset += 8 + (eh.length + 7) // 8 * 8
         return extensions
 
@@ -238,36 +254,42 @@ class QCow2Image(ImageFile):
         h = self.header
         if not h.backing_file_offset:
             return None
-        if h.backing_file_size == 0 or h.backing_file_size > fmt.MAX_BACKING_FILE_NAME:
+        if h.backing_file_size == 0 or h.backing_file_size > qcow2_fmt.MAX_BACKING_FILE_NAME:
             raise self._fail("backing_file_size", f"{h.backing_file_size} is outside 1..1023")
         if h.backing_file_offset + h.backing_file_size > h.cluster_size:
             raise self._fail("backing_file_offset", "backing file name does not fit in the first cluster")
-        raw = read_exact(self.fh, h.backing_file_offset, h.backing_file_size, path=self.path,
-                         what="backing_file_offset", file_size=self.file_size)
+        raw = read_exact(
+            self.fh,
+            h.backing_file_offset,
+            h.backing_file_size,
+            path=self.path,
+            what="backing_file_offset",
+            file_size=self.file_size,
+        )
         return _decode_name(raw, self.path, "backing file name")
 
     @property
     def backing_format(self) -> str | None:
-        ext = self.extensions.get(fmt.EXT_BACKING_FORMAT)
+        ext = self.extensions.get(qcow2_fmt.EXT_BACKING_FORMAT)
         return _decode_name(ext.data, self.path, "backing format") if ext else None
 
     @property
     def data_file(self) -> str | None:
-        ext = self.extensions.get(fmt.EXT_DATA_FILE)
+        ext = self.extensions.get(qcow2_fmt.EXT_DATA_FILE)
         return _decode_name(ext.data, self.path, "data file name") if ext else None
 
     def crypto_header(self) -> tuple[int, int] | None:
         """(offset, length) of the embedded LUKS header (crypt_method 2), checked."""
-        ext = self.extensions.get(fmt.EXT_CRYPTO_HEADER)
+        ext = self.extensions.get(qcow2_fmt.EXT_CRYPTO_HEADER)
         if ext is None:
-            if self.header.crypt_method == fmt.CRYPT_LUKS:
+            if self.header.crypt_method == qcow2_fmt.CRYPT_LUKS:
                 raise self._fail("crypto_header", "crypt method 2 without the full-disk-encryption extension")
             return None
-        if self.header.crypt_method != fmt.CRYPT_LUKS:
+        if self.header.crypt_method != qcow2_fmt.CRYPT_LUKS:
             raise self._fail("crypto_header", "encryption header extension only expected with LUKS")
         if len(ext.data) != 16:
             raise self._fail("crypto_header", f"extension length {len(ext.data)} is not 16")
-        c = parse_bytes(fmt.CryptoHeaderExtension, ext.data, path=self.path, what="crypto_header")
+        c = parse_bytes(qcow2_fmt.CryptoHeaderExtension, ext.data, path=self.path, what="crypto_header")
         self._check_table("crypto_header.offset", c.offset, c.length)
         return c.offset, c.length
 
@@ -281,11 +303,13 @@ class QCow2Image(ImageFile):
         h = self.header
         length = h.refcount_table_clusters * h.cluster_size
         if length > limits.MAX_REFTABLE_BYTES:
-            raise LimitExceededError(f"{h.refcount_table_clusters} clusters exceed 8 MiB", path=self.path,
-                                     field="refcount_table_clusters")
+            raise LimitExceededError(
+                f"{h.refcount_table_clusters} clusters exceed 8 MiB", path=self.path, field="refcount_table_clusters"
+            )
         self._check_table("refcount_table_offset", h.refcount_table_offset, length)
-        raw = read_exact(self.fh, h.refcount_table_offset, length, path=self.path, what="refcount table",
-                         file_size=self.file_size)
+        raw = read_exact(
+            self.fh, h.refcount_table_offset, length, path=self.path, what="refcount table", file_size=self.file_size
+        )
         return np.frombuffer(raw, dtype=">u8")
 
     def refcount(self, host_offset: int) -> int:
@@ -294,18 +318,30 @@ class QCow2Image(ImageFile):
         entries_per_block = cs * 8 // self.refcount_bits
         table_index, block_index = divmod(host_offset // cs, entries_per_block)
         table = self.refcount_table()
-        if table_index >= len(table) or not int(table[table_index]) & fmt.REFT_OFFSET_MASK:
+        if table_index >= len(table) or not int(table[table_index]) & qcow2_fmt.REFT_OFFSET_MASK:
             return 0
-        block_offset = int(table[table_index]) & fmt.REFT_OFFSET_MASK
+        block_offset = int(table[table_index]) & qcow2_fmt.REFT_OFFSET_MASK
         self._check_table("refcount table entry", block_offset, cs)
         bits = self.refcount_bits
         if bits >= 8:
             width = bits // 8
-            raw = read_exact(self.fh, block_offset + block_index * width, width, path=self.path,
-                             what="refcount block", file_size=self.file_size)
+            raw = read_exact(
+                self.fh,
+                block_offset + block_index * width,
+                width,
+                path=self.path,
+                what="refcount block",
+                file_size=self.file_size,
+            )
             return int.from_bytes(raw, "big")
-        byte = read_exact(self.fh, block_offset + block_index * bits // 8, 1, path=self.path,
-                          what="refcount block", file_size=self.file_size)[0]
+        byte = read_exact(
+            self.fh,
+            block_offset + block_index * bits // 8,
+            1,
+            path=self.path,
+            what="refcount block",
+            file_size=self.file_size,
+        )[0]
         return (byte >> (block_index * bits % 8)) & ((1 << bits) - 1)
 
     # -- snapshots ---------------------------------------------------------------------------------
@@ -315,18 +351,24 @@ class QCow2Image(ImageFile):
         if h.nb_snapshots == 0:
             return 0
         if h.nb_snapshots > limits.MAX_SNAPSHOTS:
-            raise LimitExceededError(f"{h.nb_snapshots} snapshots exceed the limit of {limits.MAX_SNAPSHOTS}",
-                                     path=self.path, field="nb_snapshots")
-        min_bytes = h.nb_snapshots * fmt.SNAPSHOT_HEADER_SIZE
+            raise LimitExceededError(
+                f"{h.nb_snapshots} snapshots exceed the limit of {limits.MAX_SNAPSHOTS}",
+                path=self.path,
+                field="nb_snapshots",
+            )
+        min_bytes = h.nb_snapshots * qcow2_fmt.SNAPSHOT_HEADER_SIZE
         if min_bytes > limits.MAX_SNAPSHOT_TABLE_BYTES:
             raise self._table_too_big(min_bytes)
         self._check_table("snapshots_offset", h.snapshots_offset, min_bytes)
         return h.nb_snapshots
 
     def _table_too_big(self, length: int) -> LimitExceededError:
-        return LimitExceededError(f"the snapshot table ({length} bytes or more) exceeds the limit of "
-                                  f"{limits.MAX_SNAPSHOT_TABLE_BYTES >> 20} MiB", path=self.path,
-                                  field="snapshot table")
+        return LimitExceededError(
+            f"the snapshot table ({length} bytes or more) exceeds the limit of "
+            f"{limits.MAX_SNAPSHOT_TABLE_BYTES >> 20} MiB",
+            path=self.path,
+            field="snapshot table",
+        )
 
     def snapshots(self) -> list[Snapshot]:
         if not self.check_snapshot_table():
@@ -335,37 +377,67 @@ class QCow2Image(ImageFile):
         snapshots = [self._read_snapshot(index, table) for index in range(self.header.nb_snapshots)]
         l1_bytes = sum(snapshot.l1_size * 8 for snapshot in snapshots)
         if l1_bytes > limits.MAX_SNAPSHOT_L1_TOTAL_BYTES:
-            raise LimitExceededError(f"the snapshots' L1 tables ({l1_bytes} bytes together) exceed the limit of "
-                                     f"{limits.MAX_SNAPSHOT_L1_TOTAL_BYTES >> 20} MiB", path=self.path,
-                                     field="snapshot table")
+            raise LimitExceededError(
+                f"the snapshots' L1 tables ({l1_bytes} bytes together) exceed the limit of "
+                f"{limits.MAX_SNAPSHOT_L1_TOTAL_BYTES >> 20} MiB",
+                path=self.path,
+                field="snapshot table",
+            )
         return snapshots
 
     def _read_snapshot(self, index: int, table: _TableReader) -> Snapshot:
-        start = table.need(fmt.SNAPSHOT_HEADER_SIZE, index)
-        (l1_table_offset, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec, vm_state_size,
-         extra_size) = _SNAPSHOT_HEADER.unpack_from(table.buffer, start)
+        start = table.need(qcow2_fmt.SNAPSHOT_HEADER_SIZE, index)
+        (
+            l1_table_offset,
+            l1_size,
+            id_size,
+            name_size,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            extra_size,
+        ) = _SNAPSHOT_HEADER.unpack_from(table.buffer, start)
         if extra_size > limits.MAX_SNAPSHOT_EXTRA:
-            raise LimitExceededError(f"extra data size {extra_size} exceeds {limits.MAX_SNAPSHOT_EXTRA}",
-                                     path=self.path, field=f"snapshot {index}")
-        length = fmt.SNAPSHOT_HEADER_SIZE + extra_size + id_size + name_size
+            raise LimitExceededError(
+                f"extra data size {extra_size} exceeds {limits.MAX_SNAPSHOT_EXTRA}",
+                path=self.path,
+                field=f"snapshot {index}",
+            )
+        length = qcow2_fmt.SNAPSHOT_HEADER_SIZE + extra_size + id_size + name_size
         start = table.need(length, index)
         table.position = start + length + -length % 8  # padding to 8 bytes (may end the file)
         entry = bytes(table.buffer[start : start + length])
-        extra_end = fmt.SNAPSHOT_HEADER_SIZE + extra_size
+        extra_end = qcow2_fmt.SNAPSHOT_HEADER_SIZE + extra_size
         disk_size = int.from_bytes(entry[48:56], "big") if extra_size >= 16 else None
         snap_id = _decode_name(entry[extra_end : extra_end + id_size], self.path, f"snapshot {index} id")
         name = _decode_name(entry[extra_end + id_size :], self.path, f"snapshot {index} name")
         if l1_size * 8 > limits.MAX_L1_BYTES:
-            raise LimitExceededError(f"L1 size {l1_size} exceeds the 32 MiB limit", path=self.path,
-                                     field=f"snapshot {index}")
+            raise LimitExceededError(
+                f"L1 size {l1_size} exceeds the 32 MiB limit", path=self.path, field=f"snapshot {index}"
+            )
         if l1_size:
             self._check_table(f"snapshot {index} l1_table_offset", l1_table_offset, l1_size * 8)
         vm_state = int.from_bytes(entry[40:48], "big") if extra_size >= 8 else vm_state_size
         if vm_state > self.file_size:
-            raise LimitExceededError(f"VM state of {vm_state} bytes is larger than the file ({self.file_size})",
-                                     path=self.path, field=f"snapshot {index} vm_state_size")
-        return Snapshot(index, snap_id, name, l1_table_offset, l1_size, disk_size, date_sec, date_nsec,
-                        vm_clock_nsec, vm_state_size, entry)
+            raise LimitExceededError(
+                f"VM state of {vm_state} bytes is larger than the file ({self.file_size})",
+                path=self.path,
+                field=f"snapshot {index} vm_state_size",
+            )
+        return Snapshot(
+            index,
+            snap_id,
+            name,
+            l1_table_offset,
+            l1_size,
+            disk_size,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            entry,
+        )
 
     # -- L1/L2 -------------------------------------------------------------------------------------
     def l1_table(self, snapshot: Snapshot | None = None) -> np.ndarray:
@@ -374,8 +446,7 @@ class QCow2Image(ImageFile):
         size = snapshot.l1_size if snapshot else self.header.l1_size
         key = (offset, size)
         if key not in self._l1_cache:
-            raw = read_exact(self.fh, offset, size * 8, path=self.path, what="L1 table",
-                             file_size=self.file_size)
+            raw = read_exact(self.fh, offset, size * 8, path=self.path, what="L1 table", file_size=self.file_size)
             if snapshot is not None:  # keep the active table and one snapshot table (each up to 32 MiB)
                 active = (self.header.l1_table_offset, self.header.l1_size)
                 for old in [k for k in self._l1_cache if k != active]:
@@ -394,9 +465,9 @@ class QCow2Image(ImageFile):
         if l1_index >= len(l1):
             return 0
         entry = int(l1[l1_index])
-        if entry & fmt.L1E_RESERVED_MASK:
+        if entry & qcow2_fmt.L1E_RESERVED_MASK:
             raise self._fail("L1 entry", f"entry {l1_index} has reserved bits set ({entry:#x})")
-        return entry & fmt.L1E_OFFSET_MASK
+        return entry & qcow2_fmt.L1E_OFFSET_MASK
 
     @property
     def virtual_size(self) -> int:
@@ -429,15 +500,15 @@ class QCow2Image(ImageFile):
         return self._decode_standard(int(l2[l2_index]))
 
     def _decode_standard(self, entry: int) -> ClusterMapping:
-        if entry & fmt.OFLAG_COMPRESSED:
+        if entry & qcow2_fmt.OFLAG_COMPRESSED:
             return self._decode_compressed(entry)
-        if entry & fmt.OFLAG_ZERO:
+        if entry & qcow2_fmt.OFLAG_ZERO:
             if self.header.version < 3:
                 raise self._fail("L2 entry", f"zero flag in a version 2 image ({entry:#x})")
             return ZERO
-        if entry & fmt.L2E_STD_RESERVED_MASK:
+        if entry & qcow2_fmt.L2E_STD_RESERVED_MASK:
             raise self._fail("L2 entry", f"reserved bits set ({entry:#x})")
-        host_offset = entry & fmt.L2E_OFFSET_MASK
+        host_offset = entry & qcow2_fmt.L2E_OFFSET_MASK
         if not host_offset and not self._data_file_cluster_at_zero(entry):
             return UNALLOCATED
         return self._normal(host_offset)
@@ -445,7 +516,7 @@ class QCow2Image(ImageFile):
     def _data_file_cluster_at_zero(self, entry: int) -> bool:
         """With an external data file, offset 0 is a real place: an entry with the COPIED flag maps there
         (QEMU's rule; data_file_raw images map guest cluster 0 so)."""
-        return bool(self.header.incompatible_features & fmt.INCOMPAT_DATA_FILE and entry & fmt.OFLAG_COPIED)
+        return bool(self.header.incompatible_features & qcow2_fmt.INCOMPAT_DATA_FILE and entry & qcow2_fmt.OFLAG_COPIED)
 
     def _normal(self, host_offset: int) -> ClusterMapping:
         if host_offset % self.header.cluster_size:
@@ -464,15 +535,15 @@ class QCow2Image(ImageFile):
         return ClusterMapping(ClusterKind.COMPRESSED, host_offset, csize)
 
     def _decode_extended(self, entry: int, bitmap: int) -> ClusterMapping:
-        if entry & fmt.OFLAG_COMPRESSED:
+        if entry & qcow2_fmt.OFLAG_COMPRESSED:
             if bitmap:
                 raise self._fail("L2 entry", "compressed cluster with a non-zero subcluster bitmap")
             return self._decode_compressed(entry)
         alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
         if alloc & zero:
             raise self._fail("L2 entry", f"subclusters both allocated and zero ({bitmap:#x})")
-        host_offset = entry & fmt.L2E_OFFSET_MASK
-        if entry & (fmt.L2E_STD_RESERVED_MASK | fmt.OFLAG_ZERO):
+        host_offset = entry & qcow2_fmt.L2E_OFFSET_MASK
+        if entry & (qcow2_fmt.L2E_STD_RESERVED_MASK | qcow2_fmt.OFLAG_ZERO):
             raise self._fail("L2 entry", f"reserved bits set ({entry:#x})")
         if alloc and not host_offset and not self._data_file_cluster_at_zero(entry):
             raise self._fail("L2 entry", "allocated subclusters without a host offset")
@@ -508,11 +579,11 @@ class QCow2Image(ImageFile):
         """(L1 index, L2 offset) of the L1 entries that cover guest clusters below ``total_clusters`` and point
         at an L2 table, checked as a whole first (vectorized: a 32 MiB L1 costs milliseconds, not seconds)."""
         used = l1[: min(len(l1), -(-total_clusters // self.header.l2_entries))]
-        reserved = np.flatnonzero(used & np.uint64(fmt.L1E_RESERVED_MASK))
+        reserved = np.flatnonzero(used & np.uint64(qcow2_fmt.L1E_RESERVED_MASK))
         if len(reserved):
             index = int(reserved[0])
             raise self._fail("L1 entry", f"entry {index} has reserved bits set ({int(used[index]):#x})")
-        indexes, targets = used_entries(used, fmt.L1E_OFFSET_MASK, self.path)
+        indexes, targets = used_entries(used, qcow2_fmt.L1E_OFFSET_MASK, self.path)
         return ((int(i), int(o)) for i, o in zip(indexes, targets, strict=True))
 
     def table_usage(self, snapshot: Snapshot | None = None, budget: WalkBudget | None = None) -> TableUsage:
@@ -559,16 +630,16 @@ class QCow2Image(ImageFile):
             entries, bitmaps = pairs[:, 0], pairs[:, 1]
         else:
             entries, bitmaps = l2[:count], None
-        compressed = (entries & np.uint64(fmt.OFLAG_COMPRESSED)) != 0
+        compressed = (entries & np.uint64(qcow2_fmt.OFLAG_COMPRESSED)) != 0
         self._check_compressed(entries[compressed], bitmaps[compressed] if bitmaps is not None else None)
         plain = entries[~compressed]
-        host = plain & np.uint64(fmt.L2E_OFFSET_MASK)
+        host = plain & np.uint64(qcow2_fmt.L2E_OFFSET_MASK)
         if bitmaps is None:
-            flagged = (plain & np.uint64(fmt.OFLAG_ZERO)) != 0
+            flagged = (plain & np.uint64(qcow2_fmt.OFLAG_ZERO)) != 0
             if flagged.any() and self.header.version < 3:
                 raise self._fail("L2 entry", "zero flag in a version 2 image")
             normal = ~flagged
-            bad = normal & ((plain & np.uint64(fmt.L2E_STD_RESERVED_MASK)) != 0)
+            bad = normal & ((plain & np.uint64(qcow2_fmt.L2E_STD_RESERVED_MASK)) != 0)
             if bad.any():
                 raise self._fail("L2 entry", f"reserved bits set ({int(plain[np.flatnonzero(bad)[0]]):#x})")
             data = normal & (host != 0)
@@ -579,15 +650,17 @@ class QCow2Image(ImageFile):
         zero = plain_bitmaps >> np.uint64(32)
         if ((alloc & zero) != 0).any():
             raise self._fail("L2 entry", "subclusters both allocated and zero")
-        if ((plain & np.uint64(fmt.L2E_STD_RESERVED_MASK | fmt.OFLAG_ZERO)) != 0).any():
+        if ((plain & np.uint64(qcow2_fmt.L2E_STD_RESERVED_MASK | qcow2_fmt.OFLAG_ZERO)) != 0).any():
             raise self._fail("L2 entry", "reserved bits set")
         if ((alloc != 0) & (host == 0)).any():
             raise self._fail("L2 entry", "allocated subclusters without a host offset")
         counted = (alloc != 0) & (zero != 0xFFFFFFFF)
         self._check_aligned(host[counted])
         subclusters = _popcount32(alloc[counted])
-        whole = int(compressed.sum()) + int((subclusters == fmt.SUBCLUSTERS).sum())
-        partial = int(subclusters[subclusters != fmt.SUBCLUSTERS].sum()) * (self.header.cluster_size // fmt.SUBCLUSTERS)
+        whole = int(compressed.sum()) + int((subclusters == qcow2_fmt.SUBCLUSTERS).sum())
+        partial = int(subclusters[subclusters != qcow2_fmt.SUBCLUSTERS].sum()) * (
+            self.header.cluster_size // qcow2_fmt.SUBCLUSTERS
+        )
         return whole, partial, self._compressed_offsets(entries[compressed])
 
     def _count_sparse(self, l2: np.ndarray, used: list[int]) -> tuple[int, int, np.ndarray]:
@@ -601,7 +674,7 @@ class QCow2Image(ImageFile):
                 compressed.append(m.host_offset)
             elif m.kind is ClusterKind.SUBCLUSTERS:
                 subclusters += bin(m.alloc_bitmap).count("1")
-        sc_size = self.header.cluster_size // fmt.SUBCLUSTERS
+        sc_size = self.header.cluster_size // qcow2_fmt.SUBCLUSTERS
         return whole, subclusters * sc_size, np.array(compressed, dtype=np.uint64)
 
     def _check_compressed(self, entries: np.ndarray, bitmaps: np.ndarray | None) -> None:
@@ -618,8 +691,9 @@ class QCow2Image(ImageFile):
     def _check_aligned(self, host_offsets: np.ndarray) -> None:
         unaligned = np.flatnonzero(host_offsets % np.uint64(self.header.cluster_size))
         if len(unaligned):
-            raise self._fail("L2 entry", f"data cluster offset {int(host_offsets[unaligned[0]]):#x} is not "
-                             "cluster-aligned")
+            raise self._fail(
+                "L2 entry", f"data cluster offset {int(host_offsets[unaligned[0]]):#x} is not cluster-aligned"
+            )
 
     def _last_cluster_excess(self, l2: np.ndarray, l2_index: int, inside: int) -> int:
         """Bytes counted for the disk's last (partial) cluster beyond ``inside`` bytes of it."""
@@ -628,7 +702,7 @@ class QCow2Image(ImageFile):
         if m.kind in (ClusterKind.NORMAL, ClusterKind.COMPRESSED):
             return cs - inside
         if m.kind is ClusterKind.SUBCLUSTERS:
-            counted = bin(m.alloc_bitmap).count("1") * (cs // fmt.SUBCLUSTERS)
+            counted = bin(m.alloc_bitmap).count("1") * (cs // qcow2_fmt.SUBCLUSTERS)
             return counted - min(inside, counted)
         return 0
 
@@ -675,13 +749,25 @@ class _TableReader:
         if end > limits.MAX_SNAPSHOT_TABLE_BYTES:
             raise self.image._table_too_big(end)
         file_left = self.image.file_size - self.offset - len(self.buffer)
-        want = min(max(end - len(self.buffer), SNAPSHOT_READ_BYTES),
-                   limits.MAX_SNAPSHOT_TABLE_BYTES - len(self.buffer), file_left)
+        want = min(
+            max(end - len(self.buffer), SNAPSHOT_READ_BYTES),
+            limits.MAX_SNAPSHOT_TABLE_BYTES - len(self.buffer),
+            file_left,
+        )
         if end - len(self.buffer) > want:
-            raise FormatError(f"table entry runs past the end of the file ({self.image.file_size})",
-                              path=self.image.path, field=f"snapshot {index}")
-        self.buffer += read_exact(self.image.fh, self.offset + len(self.buffer), want, path=self.image.path,
-                                  what=f"snapshot {index}", file_size=self.image.file_size)
+            raise FormatError(
+                f"table entry runs past the end of the file ({self.image.file_size})",
+                path=self.image.path,
+                field=f"snapshot {index}",
+            )
+        self.buffer += read_exact(
+            self.image.fh,
+            self.offset + len(self.buffer),
+            want,
+            path=self.image.path,
+            what=f"snapshot {index}",
+            file_size=self.image.file_size,
+        )
 
 
 def _decode_name(raw: bytes, path: str, what: str) -> str:

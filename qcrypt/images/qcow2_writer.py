@@ -33,8 +33,7 @@ from construct import Container
 
 from qcrypt.errors import MigrationError, QcryptIOError
 from qcrypt.formats import luks1
-from qcrypt.formats import qcow2 as fmt
-from qcrypt.formats import qcow2_build as build
+from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import parse_bytes
 
 __all__ = ["ACTIVE", "L2_CACHE_TABLES", "Buffer", "EncryptFn", "Qcow2Writer"]
@@ -45,8 +44,8 @@ EncryptFn: TypeAlias = "Callable[[Buffer, int], Buffer]"
 ACTIVE = -1  # table id of the active L1
 L2_CACHE_TABLES = 64  # L2 tables kept in memory at once (one "current" table per table id)
 SECTOR_SIZE = 512
-_COPIED = np.uint64(fmt.OFLAG_COPIED)
-_ZERO_ENTRY = fmt.OFLAG_ZERO  # v3 ZERO_PLAIN: zero flag, no host offset
+_COPIED = np.uint64(qcow2_fmt.OFLAG_COPIED)
+_ZERO_ENTRY = qcow2_fmt.OFLAG_ZERO  # v3 ZERO_PLAIN: zero flag, no host offset
 _U32 = 0xFFFF_FFFF
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -111,8 +110,8 @@ class Qcow2Writer:
         self.bytes_written = 0  # bytes of data clusters written to the file (shared clusters count once)
         self._encrypt = encrypt
         self._refcounts = np.zeros(1024, dtype=np.uint16)
-        self._refcounts_per_block = self.cluster_size * 8 >> build.WRITE_REFCOUNT_ORDER
-        self._max_clusters = fmt.MAX_REFTABLE_BYTES // 8 * self._refcounts_per_block  # QEMU's table limit
+        self._refcounts_per_block = self.cluster_size * 8 >> qcow2_fmt.WRITE_REFCOUNT_ORDER
+        self._max_clusters = qcow2_fmt.MAX_REFTABLE_BYTES // 8 * self._refcounts_per_block  # QEMU's table limit
         self._next_cluster = 0
         self._tables: dict[int, _Table] = {ACTIVE: self._new_table(virtual_size, 0)}
         self._l2_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
@@ -155,8 +154,8 @@ class Qcow2Writer:
         """
         self._check_open()
         table_id = len(self._tables) - 1
-        if table_id >= fmt.MAX_SNAPSHOTS:
-            raise MigrationError(f"more than {fmt.MAX_SNAPSHOTS} snapshots")
+        if table_id >= qcow2_fmt.MAX_SNAPSHOTS:
+            raise MigrationError(f"more than {qcow2_fmt.MAX_SNAPSHOTS} snapshots")
         _check_geometry(disk_size, self.cluster_bits, what=f"snapshot {table_id} disk size")
         for value, field, limit in (
             (date_sec, "date_sec", _U32),
@@ -280,7 +279,7 @@ class Qcow2Writer:
         vm_first = disk_l1 * self.l2_entries
         vm_end = vm_first + -(-vm_state_bytes // self.cluster_size)
         l1_size = max(disk_l1, -(-vm_end // self.l2_entries))
-        if l1_size * 8 > fmt.MAX_L1_BYTES:
+        if l1_size * 8 > qcow2_fmt.MAX_L1_BYTES:
             raise MigrationError(
                 f"a {disk_size}-byte disk needs an L1 table above 32 MiB with {self.cluster_size}-byte clusters;"
                 " use larger clusters"
@@ -334,18 +333,20 @@ class Qcow2Writer:
         area = bytearray()
         if backing_format is not None:
             fmt_bytes = backing_format.encode("utf-8")
-            if not 0 < len(fmt_bytes) <= fmt.MAX_BACKING_FORMAT_NAME:
+            if not 0 < len(fmt_bytes) <= qcow2_fmt.MAX_BACKING_FORMAT_NAME:
                 raise MigrationError(f"backing format {backing_format!r} must be 1..15 bytes")
-            area += _extension(fmt.EXT_BACKING_FORMAT, fmt_bytes)
+            area += _extension(qcow2_fmt.EXT_BACKING_FORMAT, fmt_bytes)
         if self._luks_length:
-            crypto = fmt.CryptoHeaderExtension.build(Container(offset=self._luks_offset, length=self._luks_length))
-            area += _extension(fmt.EXT_CRYPTO_HEADER, crypto)
-        area += fmt.ExtensionHeader.build(Container(type=fmt.EXT_END, length=0))
+            crypto = qcow2_fmt.CryptoHeaderExtension.build(
+                Container(offset=self._luks_offset, length=self._luks_length)
+            )
+            area += _extension(qcow2_fmt.EXT_CRYPTO_HEADER, crypto)
+        area += qcow2_fmt.ExtensionHeader.build(Container(type=qcow2_fmt.EXT_END, length=0))
         if backing_file is not None:
             name = backing_file.encode("utf-8")
-            if not 0 < len(name) <= fmt.MAX_BACKING_FILE_NAME:
+            if not 0 < len(name) <= qcow2_fmt.MAX_BACKING_FILE_NAME:
                 raise MigrationError("the backing file name must be 1..1023 bytes")
-            if build.WRITE_HEADER_LENGTH + len(area) + len(name) > self.cluster_size:
+            if qcow2_fmt.WRITE_HEADER_LENGTH + len(area) + len(name) > self.cluster_size:
                 raise MigrationError("the backing file name does not fit in the first cluster; use larger clusters")
         return bytes(area)
 
@@ -437,7 +438,7 @@ class Qcow2Writer:
         if not len(host_clusters):
             return
         clusters, counts = np.unique(host_clusters.astype(np.int64), return_counts=True)
-        if int((self._refcounts[clusters].astype(np.int64) + counts).max()) > build.REFCOUNT_MAX:
+        if int((self._refcounts[clusters].astype(np.int64) + counts).max()) > qcow2_fmt.REFCOUNT_MAX:
             raise MigrationError("a cluster is shared more than 65535 times")
         self._refcounts[clusters] += counts.astype(np.uint16)
         self._shared_any = True
@@ -509,17 +510,17 @@ class Qcow2Writer:
     def _flush_l2(self, key: tuple[int, int], l2: np.ndarray) -> None:
         table, l1_index = key
         host_offset = int(self._tables[table].l1[l1_index])
-        self._write_at(host_offset, self._with_copied(l2, fmt.L2E_OFFSET_MASK).tobytes(), "L2 table")
+        self._write_at(host_offset, self._with_copied(l2, qcow2_fmt.L2E_OFFSET_MASK).tobytes(), "L2 table")
 
     def _read_l2(self, host_offset: int) -> np.ndarray:
         raw = self._read_at(host_offset, self.cluster_size, "L2 table")
-        return np.frombuffer(raw, dtype=build.TABLE_ENTRY_DTYPE).astype(np.uint64) & ~_COPIED
+        return np.frombuffer(raw, dtype=qcow2_fmt.TABLE_ENTRY_DTYPE).astype(np.uint64) & ~_COPIED
 
     def _with_copied(self, entries: np.ndarray, offset_mask: int) -> np.ndarray:
         """Big-endian copy of ``entries`` with COPIED set where the referenced cluster's refcount is 1."""
         offsets = entries & np.uint64(offset_mask)
         used = np.flatnonzero(offsets)
-        out = entries.astype(build.TABLE_ENTRY_DTYPE)
+        out = entries.astype(qcow2_fmt.TABLE_ENTRY_DTYPE)
         clusters = (offsets[used] >> np.uint64(self.cluster_bits)).astype(np.int64)
         single = used[self._refcounts[clusters] == 1]
         out[single] |= _COPIED
@@ -531,8 +532,8 @@ class Qcow2Writer:
             for l2_offset in t.l1[np.flatnonzero(t.l1)]:
                 host_offset = int(l2_offset)
                 raw = self._read_at(host_offset, self.cluster_size, "L2 table")
-                stored = np.frombuffer(raw, dtype=build.TABLE_ENTRY_DTYPE)
-                wanted = self._with_copied(stored.astype(np.uint64) & ~_COPIED, fmt.L2E_OFFSET_MASK)
+                stored = np.frombuffer(raw, dtype=qcow2_fmt.TABLE_ENTRY_DTYPE)
+                wanted = self._with_copied(stored.astype(np.uint64) & ~_COPIED, qcow2_fmt.L2E_OFFSET_MASK)
                 if not np.array_equal(stored, wanted):
                     self._write_at(host_offset, wanted.tobytes(), "L2 table")
 
@@ -541,7 +542,7 @@ class Qcow2Writer:
     def _write_l1(self, t: _Table) -> int:
         if not len(t.l1):  # an empty disk: no L1 table at all (offset 0), as qemu-img writes it
             return 0
-        entries = self._with_copied(t.l1, fmt.L1E_OFFSET_MASK).tobytes()
+        entries = self._with_copied(t.l1, qcow2_fmt.L1E_OFFSET_MASK).tobytes()
         return self._write_new_clusters(entries, "L1 table")
 
     def _write_snapshot_table(self, l1_offsets: dict[int, int]) -> int:
@@ -572,10 +573,10 @@ class Qcow2Writer:
             blocks, table_clusters = needed_blocks, needed_table
         first_block = self._allocate(blocks)
         table_offset = self._allocate(table_clusters) * cs
-        counts = np.zeros(blocks * per_block, dtype=build.REFCOUNT_DTYPE)
+        counts = np.zeros(blocks * per_block, dtype=qcow2_fmt.REFCOUNT_DTYPE)
         counts[: self._next_cluster] = self._refcounts[: self._next_cluster]
         self._write_at(first_block * cs, counts.tobytes(), "refcount blocks")
-        table = np.zeros(table_clusters * cs // 8, dtype=build.TABLE_ENTRY_DTYPE)
+        table = np.zeros(table_clusters * cs // 8, dtype=qcow2_fmt.TABLE_ENTRY_DTYPE)
         table[:blocks] = np.arange(first_block, first_block + blocks, dtype=np.uint64) << np.uint64(self.cluster_bits)
         self._write_at(table_offset, table.tobytes(), "refcount table")
         return table_offset, table_clusters
@@ -583,15 +584,15 @@ class Qcow2Writer:
     def _write_header(
         self, l1_offset: int, snapshots_offset: int, reftable_offset: int, reftable_clusters: int
     ) -> None:
-        backing_offset = build.WRITE_HEADER_LENGTH + len(self._cluster0_tail) if self._backing_name else 0
-        header = fmt.Header.build(
+        backing_offset = qcow2_fmt.WRITE_HEADER_LENGTH + len(self._cluster0_tail) if self._backing_name else 0
+        header = qcow2_fmt.Header.build(
             Container(
-                version=build.WRITE_VERSION,
+                version=qcow2_fmt.WRITE_VERSION,
                 backing_file_offset=backing_offset,
                 backing_file_size=len(self._backing_name),
                 cluster_bits=self.cluster_bits,
                 size=self.virtual_size,
-                crypt_method=fmt.CRYPT_LUKS if self._luks_length else fmt.CRYPT_NONE,
+                crypt_method=qcow2_fmt.CRYPT_LUKS if self._luks_length else qcow2_fmt.CRYPT_NONE,
                 l1_size=len(self._tables[ACTIVE].l1),
                 l1_table_offset=l1_offset,
                 refcount_table_offset=reftable_offset,
@@ -602,12 +603,12 @@ class Qcow2Writer:
                     incompatible_features=0,
                     compatible_features=0,
                     autoclear_features=0,
-                    refcount_order=build.WRITE_REFCOUNT_ORDER,
-                    header_length=build.WRITE_HEADER_LENGTH,
+                    refcount_order=qcow2_fmt.WRITE_REFCOUNT_ORDER,
+                    header_length=qcow2_fmt.WRITE_HEADER_LENGTH,
                 ),
             )
         )
-        cluster0 = header + build.HeaderTail.build(Container(compression_type=fmt.COMPRESSION_DEFLATE))
+        cluster0 = header + qcow2_fmt.HeaderTail.build(Container(compression_type=qcow2_fmt.COMPRESSION_DEFLATE))
         cluster0 += self._cluster0_tail + self._backing_name
         self._write_at(0, _padded(memoryview(cluster0), self.cluster_size), "header")
 
@@ -639,11 +640,10 @@ class Qcow2Writer:
 
 def _check_geometry(size: int, cluster_bits: int, *, what: str = "virtual size") -> None:
     """Sizes are whole sectors; a disk may be empty (qemu-img creates 0-byte disks), a LUKS area may not."""
-    if not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
+    if not qcow2_fmt.MIN_CLUSTER_BITS <= cluster_bits <= qcow2_fmt.MAX_CLUSTER_BITS:
         raise MigrationError(f"cluster_bits {cluster_bits} is outside 9..21")
     if size < 0 or size % SECTOR_SIZE or (size == 0 and what != "virtual size"):
-        raise MigrationError(f"{what} {size} must be a {'' if what == 'virtual size' else 'positive '}"
-                             "multiple of 512")
+        raise MigrationError(f"{what} {size} must be a {'' if what == 'virtual size' else 'positive '}multiple of 512")
     if size > 1 << 62:
         raise MigrationError(f"{what} {size} is too large")
 
@@ -662,34 +662,34 @@ def _padded(view: memoryview, length: int) -> bytearray:
 
 
 def _extension(ext_type: int, data: bytes) -> bytes:
-    head = fmt.ExtensionHeader.build(Container(type=ext_type, length=len(data)))
+    head = qcow2_fmt.ExtensionHeader.build(Container(type=ext_type, length=len(data)))
     return head + data + bytes(-len(data) % 8)
 
 
 def _snapshot_string(value: str, what: str, table_id: int) -> bytes:
     raw = value.encode("utf-8")
-    if len(raw) > build.SNAPSHOT_NAME_MAX:
+    if len(raw) > qcow2_fmt.SNAPSHOT_NAME_MAX:
         raise MigrationError(f"snapshot {table_id}: {what} is longer than 65535 bytes")
     return raw
 
 
 def _snapshot_extra(extra: bytes, vm_state_size: int, disk_size: int, table_id: int) -> bytes:
     """The source's extra data, completed to 24 bytes, with the disk_size field set."""
-    if len(extra) > fmt.MAX_SNAPSHOT_EXTRA:
-        raise MigrationError(f"snapshot {table_id}: extra data is longer than {fmt.MAX_SNAPSHOT_EXTRA} bytes")
+    if len(extra) > qcow2_fmt.MAX_SNAPSHOT_EXTRA:
+        raise MigrationError(f"snapshot {table_id}: extra data is longer than {qcow2_fmt.MAX_SNAPSHOT_EXTRA} bytes")
     data = bytearray(extra)
-    if len(data) < build.SNAPSHOT_EXTRA_V3_SIZE:
-        template = build.SnapshotExtraV3.build(
-            Container(vm_state_size_large=vm_state_size, disk_size=disk_size, icount=build.ICOUNT_NONE)
+    if len(data) < qcow2_fmt.SNAPSHOT_EXTRA_V3_SIZE:
+        template = qcow2_fmt.SnapshotExtraV3.build(
+            Container(vm_state_size_large=vm_state_size, disk_size=disk_size, icount=qcow2_fmt.ICOUNT_NONE)
         )
         data += template[len(data) :]
-    start = build.SNAPSHOT_EXTRA_DISK_SIZE_OFFSET
+    start = qcow2_fmt.SNAPSHOT_EXTRA_DISK_SIZE_OFFSET
     data[start : start + 8] = disk_size.to_bytes(8, "big")
     return bytes(data)
 
 
 def _snapshot_entry(snapshot: _Snapshot, l1_offset: int, l1_size: int) -> bytes:
-    head = fmt.SnapshotHeader.build(
+    head = qcow2_fmt.SnapshotHeader.build(
         Container(
             l1_table_offset=l1_offset,
             l1_size=l1_size,

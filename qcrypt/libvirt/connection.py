@@ -20,8 +20,16 @@ from qcrypt.errors import LibvirtError, SecretPrivateError
 VIRSH_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
 SHUT_OFF = "shut off"
-_STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "in shutdown", 5: SHUT_OFF, 6: "crashed",
-           7: "pmsuspended"}  # virDomainState, named as virsh domstate names them
+_STATES = {
+    0: "no state",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "in shutdown",
+    5: SHUT_OFF,
+    6: "crashed",
+    7: "pmsuspended",
+}  # virDomainState, named as virsh domstate names them
 _UUID = re.compile(r"\b([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
 
 
@@ -49,8 +57,10 @@ class Connection(Protocol):
 
 def volume_secret_xml(volume: str) -> str:
     """A persistent, private secret for the LUKS volume at ``volume``: its value cannot be read back."""
-    return (f"<secret ephemeral='no' private='yes'><description>qcrypt migrate-domain: {escape(volume)}"
-            f"</description><usage type='volume'><volume>{escape(volume)}</volume></usage></secret>")
+    return (
+        f"<secret ephemeral='no' private='yes'><description>qcrypt migrate-domain: {escape(volume)}"
+        f"</description><usage type='volume'><volume>{escape(volume)}</volume></usage></secret>"
+    )
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -89,19 +99,22 @@ class VirshConnection:
     def __init__(self, uri: str | None) -> None:
         self.virsh = shutil.which("virsh") or shutil.which("virsh", path="/usr/bin:/usr/sbin:/bin")
         if not self.virsh:
-            raise LibvirtError("neither the libvirt Python binding nor virsh is installed (apt install "
-                               "libvirt-clients)")
+            raise LibvirtError(
+                "neither the libvirt Python binding nor virsh is installed (apt install libvirt-clients)"
+            )
         self.uri = uri
         self.run("uri")  # fail early, with libvirt's reason, when the daemon does not answer
 
-    def run(self, *args: str, stdin: bytes | None = None, timeout: float = VIRSH_TIMEOUT_S,
-            secret_output: bool = False) -> str:
+    def run(
+        self, *args: str, stdin: bytes | None = None, timeout: float = VIRSH_TIMEOUT_S, secret_output: bool = False
+    ) -> str:
         """virsh's stdout; LibvirtError with its first error line on failure (never the stdout of a
         request that prints a secret)."""
         words = [self.virsh or "virsh", *(["-c", self.uri] if self.uri else []), *args]
         try:
-            done = subprocess.run(words, input=stdin if stdin is not None else b"", capture_output=True,
-                                  timeout=timeout, check=False)
+            done = subprocess.run(
+                words, input=stdin if stdin is not None else b"", capture_output=True, timeout=timeout, check=False
+            )
         except subprocess.TimeoutExpired as e:
             raise LibvirtError(f"virsh {args[0]} did not answer within {timeout:.0f} s") from e
         if done.returncode != 0:
@@ -185,8 +198,16 @@ class VirshConnection:
             raise
 
     def redefine_snapshot(self, name: str, xml: str, *, current: bool) -> None:
-        self.run("snapshot-create", "--domain", name, "--xmlfile", "/dev/stdin", "--redefine",
-                 *(["--current"] if current else []), stdin=xml.encode("utf-8"))
+        self.run(
+            "snapshot-create",
+            "--domain",
+            name,
+            "--xmlfile",
+            "/dev/stdin",
+            "--redefine",
+            *(["--current"] if current else []),
+            stdin=xml.encode("utf-8"),
+        )
 
     def close(self) -> None:
         return
@@ -244,8 +265,12 @@ class ApiConnection:
         kind, value = split_ref(ref)
         if kind == "uuid":
             return value
-        secret = self._call(f"secret with usage volume {value}", self.conn.secretLookupByUsage,
-                            self.libvirt.VIR_SECRET_USAGE_TYPE_VOLUME, value)
+        secret = self._call(
+            f"secret with usage volume {value}",
+            self.conn.secretLookupByUsage,
+            self.libvirt.VIR_SECRET_USAGE_TYPE_VOLUME,
+            value,
+        )
         return secret.UUIDString()
 
     def secret_by_usage(self, volume: str) -> str | None:
@@ -285,8 +310,9 @@ class ApiConnection:
 
     def snapshot_xml(self, name: str, snapshot: str) -> str:
         found = self._call(f"snapshot {snapshot} of {name}", self._domain(name).snapshotLookupByName, snapshot, 0)
-        return self._call(f"snapshot {snapshot} of {name}", found.getXMLDesc,
-                          self.libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
+        return self._call(
+            f"snapshot {snapshot} of {name}", found.getXMLDesc, self.libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE
+        )
 
     def current_snapshot(self, name: str) -> str | None:
         domain = self._domain(name)

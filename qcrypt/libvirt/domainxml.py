@@ -19,7 +19,6 @@ PARSE_CHUNK_CHARS = 64 * 1024  # with a deadline, the parser is fed this much be
 LEGACY_XML_FORMATS = ("qcow", "default")  # libvirt's 'default' meant qcow AES for qcow/qcow2 images
 
 
-
 @dataclass(frozen=True)
 class DiskLayer:
     """One layer of a disk: index 0 is the disk's own ``<source>``, then each ``<backingStore>``."""
@@ -57,8 +56,11 @@ class DomainDisk:
     def declared_backing(self) -> tuple[DeclaredLayer, ...]:
         """The ``<backingStore>`` layers with a local path: the administrator declared them, so the chain may
         reach them (a block device included) wherever they are."""
-        return tuple(DeclaredLayer(layer.path, declared_format(layer), layer.source_type == "block")
-                     for layer in self.layers[1:] if layer.path)
+        return tuple(
+            DeclaredLayer(layer.path, declared_format(layer), layer.source_type == "block")
+            for layer in self.layers[1:]
+            if layer.path
+        )
 
     def chain_rules(self, base: ChainRules | None = None) -> ChainRules:
         """``base`` (the operator's --allow-backing-dir) plus this disk's declared ``<backingStore>`` layers."""
@@ -116,9 +118,10 @@ def _parse_by(text: str, deadline: float) -> ET.Element:
     parser = ET.XMLParser()
     for start in range(0, len(text), PARSE_CHUNK_CHARS):
         if time.monotonic() >= deadline:
-            raise FormatError(f"not parsed within the time limit ({len(text)} characters, "
-                              f"{start} parsed)", field="domain XML")
-        parser.feed(text[start:start + PARSE_CHUNK_CHARS])
+            raise FormatError(
+                f"not parsed within the time limit ({len(text)} characters, {start} parsed)", field="domain XML"
+            )
+        parser.feed(text[start : start + PARSE_CHUNK_CHARS])
     return parser.close()
 
 
@@ -158,11 +161,13 @@ def _parse_disk(disk: ET.Element) -> DomainDisk:
     driver = disk.find("driver")
     target = disk.find("target")
     source = disk.find("source")
-    top = _layer(disk.get("type", "file"), source, driver.get("type") if driver is not None else None,
-                 (disk, source))
+    top = _layer(disk.get("type", "file"), source, driver.get("type") if driver is not None else None, (disk, source))
     layers = [top, *_backing_layers(disk)]
-    return DomainDisk(target=target.get("dev") if target is not None else None,
-                      device=disk.get("device", "disk"), layers=tuple(layers))
+    return DomainDisk(
+        target=target.get("dev") if target is not None else None,
+        device=disk.get("device", "disk"),
+        layers=tuple(layers),
+    )
 
 
 def _backing_layers(disk: ET.Element) -> list[DiskLayer]:
@@ -174,20 +179,28 @@ def _backing_layers(disk: ET.Element) -> list[DiskLayer]:
         if source is None and store.get("type") is None:
             break
         fmt = store.find("format")
-        layers.append(_layer(store.get("type", "file"), source, fmt.get("type") if fmt is not None else None,
-                             (store, source)))
+        layers.append(
+            _layer(store.get("type", "file"), source, fmt.get("type") if fmt is not None else None, (store, source))
+        )
         store = store.find("backingStore")
     return layers
 
 
-def _layer(source_type: str, source: ET.Element | None, fmt: str | None,
-           holders: tuple[ET.Element | None, ...]) -> DiskLayer:
+def _layer(
+    source_type: str, source: ET.Element | None, fmt: str | None, holders: tuple[ET.Element | None, ...]
+) -> DiskLayer:
     path, label = _source_location(source_type, source)
     encryptions = [enc for holder in holders if holder is not None for enc in holder.findall("encryption")]
     formats = tuple(enc.get("format", "") for enc in encryptions)
     secrets = [_secret_ref(secret) for enc in encryptions for secret in enc.findall("secret")]
-    return DiskLayer(source_type=source_type, path=path, label=label, format=fmt, encryption=formats,
-                     secret=next((s for s in secrets if s), None))
+    return DiskLayer(
+        source_type=source_type,
+        path=path,
+        label=label,
+        format=fmt,
+        encryption=formats,
+        secret=next((s for s in secrets if s), None),
+    )
 
 
 def _secret_ref(secret: ET.Element) -> str | None:
@@ -213,5 +226,3 @@ def _source_location(source_type: str, source: ET.Element | None) -> tuple[str |
         return None, f"{source.get('pool', '?')}/{source.get('volume', '?')}"
     label = source.get("dir") or source.get("file") or source.get("dev")
     return None, label or None
-
-

@@ -63,12 +63,17 @@ class FolderUsers:
 
 def raw_disk_paths(domains: Iterable[Domain]) -> set[str]:
     """Real paths of the files domains use as raw disks: guest data, never read as an image."""
-    return {os.path.realpath(str(disk.layers[0].path)) for domain in domains for disk in domain.disks
-            if disk.layers[0].path and disk.layers[0].source_type == "file" and disk.driver_type == "raw"}
+    return {
+        os.path.realpath(str(disk.layers[0].path))
+        for domain in domains
+        for disk in domain.disks
+        if disk.layers[0].path and disk.layers[0].source_type == "file" and disk.driver_type == "raw"
+    }
 
 
-def folder_users(folders: Iterable[str], inspect: Inspect = _default_inspect, *,
-                 skip: set[str] | frozenset[str] = frozenset()) -> FolderUsers:
+def folder_users(
+    folders: Iterable[str], inspect: Inspect = _default_inspect, *, skip: set[str] | frozenset[str] = frozenset()
+) -> FolderUsers:
     """For the regular files directly in ``folders`` (symlinks not followed; the real paths in ``skip``, raw
     disks, left out), the files their backing chains name. A folder with more than MAX_FOLDER_ENTRIES entries
     is listed as incomplete."""

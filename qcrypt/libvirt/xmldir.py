@@ -60,8 +60,14 @@ def annotate_reports(reports: list[dict[str, Any]], xml_dir: str) -> list[dict[s
                     continue
                 legacy = [fmt for fmt in layer.encryption if fmt in LEGACY_XML_FORMATS]
                 if legacy and not os.path.exists(layer.path):
-                    missing.append({"domain": domain.name, "target": disk.target or "?", "path": layer.path,
-                                    "encryption": legacy[0]})
+                    missing.append(
+                        {
+                            "domain": domain.name,
+                            "target": disk.target or "?",
+                            "path": layer.path,
+                            "encryption": legacy[0],
+                        }
+                    )
     for report in reports:
         names = users.get(os.path.realpath(report["path"]))
         if names:

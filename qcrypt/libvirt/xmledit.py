@@ -101,6 +101,10 @@ def change_snapshot(root: ET.Element, changes: list[DiskChange]) -> ET.Element:
 
 def unified_diff(name: str, old_text: str, new_text: str) -> str:
     """A unified diff of two serialized documents; "" when they are equal."""
-    lines = difflib.unified_diff(old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
-                                 fromfile=f"{name} (old)", tofile=f"{name} (new)")
+    lines = difflib.unified_diff(
+        old_text.splitlines(keepends=True),
+        new_text.splitlines(keepends=True),
+        fromfile=f"{name} (old)",
+        tofile=f"{name} (new)",
+    )
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)

@@ -43,14 +43,13 @@ from qcrypt.errors import (
     QcryptIOError,
     UnsupportedFeatureError,
 )
-from qcrypt.formats import luks1 as fmt
+from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats._parse import parse_bytes
-from qcrypt.formats.luks_extra import NAME_SIZE, UUID_SIZE, PhdrRaw, VersionProbe
 from qcrypt.plumbing import limits
 
 ReadAt = Callable[[int, int], bytes]
 
-SECTOR = fmt.SECTOR_SIZE
+SECTOR = luks1_fmt.SECTOR_SIZE
 MIN_SLOT_OFFSET_SECTORS = 2  # key material must start after the 1024-byte phdr area (cryptsetup)
 MKD_ITERATIONS_MS = 125  # cryptsetup LUKS_MKD_ITERATIONS_MS: the master-key digest costs ~125 ms
 
@@ -120,7 +119,7 @@ class LuksHeader:
     @property
     def material_sectors(self) -> int:
         """Sectors of key material per slot: ceil(key_bytes x stripes / 512)."""
-        return material_sectors_for(self.key_bytes, fmt.STRIPES)
+        return material_sectors_for(self.key_bytes, luks1_fmt.STRIPES)
 
     @property
     def active_slots(self) -> tuple[int, ...]:
@@ -130,7 +129,7 @@ class LuksHeader:
         """The 592-byte phdr."""
         slots = [
             {
-                "active": fmt.KEY_ENABLED if s.active else fmt.KEY_DISABLED,
+                "active": luks1_fmt.KEY_ENABLED if s.active else luks1_fmt.KEY_DISABLED,
                 "iterations": s.iterations,
                 "salt": s.salt,
                 "key_material_offset": s.key_material_offset,
@@ -139,19 +138,21 @@ class LuksHeader:
             for s in self.keyslots
         ]
         try:
-            return fmt.Phdr.build({
-                "version": self.version,
-                "cipher_name": self.cipher_name,
-                "cipher_mode": self.cipher_mode,
-                "hash_spec": self.hash_spec,
-                "payload_offset": self.payload_offset,
-                "key_bytes": self.key_bytes,
-                "mk_digest": self.mk_digest,
-                "mk_digest_salt": self.mk_digest_salt,
-                "mk_digest_iter": self.mk_digest_iter,
-                "uuid": self.uuid,
-                "keyslots": slots,
-            })
+            return luks1_fmt.Phdr.build(
+                {
+                    "version": self.version,
+                    "cipher_name": _name_field(self.cipher_name, luks1_fmt.NAME_SIZE),
+                    "cipher_mode": _name_field(self.cipher_mode, luks1_fmt.NAME_SIZE),
+                    "hash_spec": _name_field(self.hash_spec, luks1_fmt.NAME_SIZE),
+                    "payload_offset": self.payload_offset,
+                    "key_bytes": self.key_bytes,
+                    "mk_digest": self.mk_digest,
+                    "mk_digest_salt": self.mk_digest_salt,
+                    "mk_digest_iter": self.mk_digest_iter,
+                    "uuid": _name_field(self.uuid, luks1_fmt.UUID_SIZE),
+                    "keyslots": slots,
+                }
+            )
         except (construct.ConstructError, UnicodeEncodeError) as e:
             raise FormatError("header fields cannot be encoded", field="luks1 header") from e
 
@@ -188,9 +189,12 @@ def bytes_reader(data: bytes | bytearray, *, path: str) -> ReadAt:
 
     def read_at(offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > len(view):
-            raise FormatError(f"read outside the LUKS region (offset {offset}, length {length}, "
-                              f"region {len(view)} bytes)", path=path, field="luks region")
-        return bytes(view[offset:offset + length])
+            raise FormatError(
+                f"read outside the LUKS region (offset {offset}, length {length}, region {len(view)} bytes)",
+                path=path,
+                field="luks region",
+            )
+        return bytes(view[offset : offset + length])
 
     return read_at
 
@@ -208,8 +212,11 @@ def file_reader(fh: BinaryIO, region_offset: int, region_size: int, *, path: str
 
     def read_at(offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > region_size:
-            raise FormatError(f"read outside the LUKS region (offset {offset}, length {length}, "
-                              f"region {region_size} bytes)", path=path, field="luks region")
+            raise FormatError(
+                f"read outside the LUKS region (offset {offset}, length {length}, region {region_size} bytes)",
+                path=path,
+                field="luks region",
+            )
         try:
             data = _pread(fh, length, region_offset + offset)
         except OSError as e:
@@ -223,10 +230,12 @@ def file_reader(fh: BinaryIO, region_offset: int, region_size: int, *, path: str
 
 def luks_version(read_at: ReadAt, region_size: int, *, path: str) -> int | None:
     """The LUKS version (1, 2, ...) if the region starts with the LUKS magic, else None."""
-    if region_size < VersionProbe.sizeof():
+    if region_size < luks1_fmt.VersionProbe.sizeof():
         return None
-    probe = parse_bytes(VersionProbe, read_at(0, VersionProbe.sizeof()), path=path, what="luks magic")
-    return int(probe.version) if probe.magic == fmt.MAGIC else None
+    probe = parse_bytes(
+        luks1_fmt.VersionProbe, read_at(0, luks1_fmt.VersionProbe.sizeof()), path=path, what="luks magic"
+    )
+    return int(probe.version) if probe.magic == luks1_fmt.MAGIC else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,8 +269,7 @@ def _parse_mode(cipher_mode: str, path: str | None = None) -> tuple[str, str, st
     if not dash or chain not in CHAIN_MODES or ivgen not in IV_GENERATORS:
         raise UnsupportedFeatureError(f"unsupported cipher mode {cipher_mode!r}", path=path, field="cipher_mode")
     if ivgen == "essiv" and iv_hash not in (*supported_hashes(), *ESSIV_ONLY_HASHES):
-        raise UnsupportedFeatureError(f"essiv needs a supported hash, got {iv_hash!r}", path=path,
-                                      field="cipher_mode")
+        raise UnsupportedFeatureError(f"essiv needs a supported hash, got {iv_hash!r}", path=path, field="cipher_mode")
     return chain, ivgen, (iv_hash if colon else None)
 
 
@@ -274,8 +282,12 @@ def check_cipher(cipher_name: str, cipher_mode: str, key_bytes: int, *, path: st
     if chain == "xts":
         valid = tuple(2 * size for size in valid)
     if key_bytes not in valid:
-        raise FormatError(f"{key_bytes} is not a valid key size for {cipher_name}-{chain} "
-                          f"(valid: {', '.join(map(str, valid))} bytes)", path=path, field="key_bytes")
+        raise FormatError(
+            f"{key_bytes} is not a valid key size for {cipher_name}-{chain} "
+            f"(valid: {', '.join(map(str, valid))} bytes)",
+            path=path,
+            field="key_bytes",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +296,7 @@ def check_cipher(cipher_name: str, cipher_mode: str, key_bytes: int, *, path: st
 
 def qemu_material_sectors(header: LuksHeader) -> int:
     """Sectors QEMU reserves for one slot's key material: cryptsetup's count rounded up to 4 KiB."""
-    return _round_up(header.material_sectors, fmt.ALIGN_KEYSLOTS_SECTORS)
+    return _round_up(header.material_sectors, luks1_fmt.ALIGN_KEYSLOTS_SECTORS)
 
 
 def qemu_keyslot_problems(header: LuksHeader) -> list[str]:
@@ -296,13 +308,18 @@ def qemu_keyslot_problems(header: LuksHeader) -> list[str]:
     """
     problems = []
     length = qemu_material_sectors(header)
-    early = [s.index for s in header.keyslots if s.key_material_offset < fmt.ALIGN_KEYSLOTS_SECTORS]
+    early = [s.index for s in header.keyslots if s.key_material_offset < luks1_fmt.ALIGN_KEYSLOTS_SECTORS]
     if early:
-        problems.append(f"keyslot(s) {early} start before sector {fmt.ALIGN_KEYSLOTS_SECTORS} (QEMU: overlapping "
-                        "with the LUKS header)")
-    pairs = [(a.index, b.index) for a, b in itertools.combinations(header.keyslots, 2)
-             if a.key_material_offset < b.key_material_offset + length
-             and b.key_material_offset < a.key_material_offset + length]
+        problems.append(
+            f"keyslot(s) {early} start before sector {luks1_fmt.ALIGN_KEYSLOTS_SECTORS} (QEMU: overlapping "
+            "with the LUKS header)"
+        )
+    pairs = [
+        (a.index, b.index)
+        for a, b in itertools.combinations(header.keyslots, 2)
+        if a.key_material_offset < b.key_material_offset + length
+        and b.key_material_offset < a.key_material_offset + length
+    ]
     if pairs:
         shown = ", ".join(f"{a}/{b}" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
         problems.append(f"keyslots {shown} overlap once QEMU rounds key material to 4 KiB")
@@ -325,6 +342,14 @@ def qemu_keyslot_offsets(key_bytes: int) -> list[int]:
     return _layout(key_bytes, 1)[0]
 
 
+def _name_field(text: str, size: int) -> bytes:
+    """A name field as written: ASCII, padded with NULs to ``size`` bytes."""
+    raw = text.encode("ascii")
+    if len(raw) > size:
+        raise FormatError(f"{text!r} is longer than {size} bytes", field="luks1 header")
+    return raw.ljust(size, b"\0")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading and validation
 
@@ -341,25 +366,35 @@ def _text(raw: bytes, size: int, field_name: str, path: str) -> str:
 
 
 def _slot_from(index: int, raw: construct.Container, path: str) -> LuksKeyslot:
-    if raw.active not in (fmt.KEY_ENABLED, fmt.KEY_DISABLED):
-        raise FormatError(f"0x{raw.active:08x} is neither 0x{fmt.KEY_ENABLED:08x} (enabled) nor "
-                          f"0x{fmt.KEY_DISABLED:08x} (disabled)", path=path, field=f"keyslot {index} active")
-    return LuksKeyslot(index=index, active=raw.active == fmt.KEY_ENABLED, iterations=raw.iterations,
-                       salt=bytes(raw.salt), key_material_offset=raw.key_material_offset, stripes=raw.stripes)
+    if raw.active not in (luks1_fmt.KEY_ENABLED, luks1_fmt.KEY_DISABLED):
+        raise FormatError(
+            f"0x{raw.active:08x} is neither 0x{luks1_fmt.KEY_ENABLED:08x} (enabled) nor "
+            f"0x{luks1_fmt.KEY_DISABLED:08x} (disabled)",
+            path=path,
+            field=f"keyslot {index} active",
+        )
+    return LuksKeyslot(
+        index=index,
+        active=raw.active == luks1_fmt.KEY_ENABLED,
+        iterations=raw.iterations,
+        salt=bytes(raw.salt),
+        key_material_offset=raw.key_material_offset,
+        stripes=raw.stripes,
+    )
 
 
 def _header_from(raw: construct.Container, path: str) -> LuksHeader:
     return LuksHeader(
         version=raw.version,
-        cipher_name=_text(raw.cipher_name, NAME_SIZE, "cipher_name", path),
-        cipher_mode=_text(raw.cipher_mode, NAME_SIZE, "cipher_mode", path),
-        hash_spec=_text(raw.hash_spec, NAME_SIZE, "hash_spec", path),
+        cipher_name=_text(raw.cipher_name, luks1_fmt.NAME_SIZE, "cipher_name", path),
+        cipher_mode=_text(raw.cipher_mode, luks1_fmt.NAME_SIZE, "cipher_mode", path),
+        hash_spec=_text(raw.hash_spec, luks1_fmt.NAME_SIZE, "hash_spec", path),
         payload_offset=raw.payload_offset,
         key_bytes=raw.key_bytes,
         mk_digest=bytes(raw.mk_digest),
         mk_digest_salt=bytes(raw.mk_digest_salt),
         mk_digest_iter=raw.mk_digest_iter,
-        uuid=_text(raw.uuid, UUID_SIZE, "uuid", path),
+        uuid=_text(raw.uuid, luks1_fmt.UUID_SIZE, "uuid", path),
         keyslots=tuple(_slot_from(i, slot, path) for i, slot in enumerate(raw.keyslots)),
     )
 
@@ -368,8 +403,11 @@ def _check_names(header: LuksHeader, path: str) -> None:
     """What makes a LUKS1 header well-formed whatever its algorithms: names present, a key size that can exist.
     Which algorithms QEMU and qcrypt implement is a separate question (:func:`qemu_unsupported`,
     :func:`qcrypt_unsupported`): cryptsetup reads headers naming any cipher its kernel and libraries know."""
-    for field_name, value in (("cipher_name", header.cipher_name), ("cipher_mode", header.cipher_mode),
-                              ("hash_spec", header.hash_spec)):
+    for field_name, value in (
+        ("cipher_name", header.cipher_name),
+        ("cipher_mode", header.cipher_mode),
+        ("hash_spec", header.hash_spec),
+    ):
         if not value:
             raise FormatError("is empty", path=path, field=field_name)
     if not 1 <= header.key_bytes <= MAX_KEY_BYTES:
@@ -415,9 +453,12 @@ def qcrypt_unsupported(header: LuksHeader) -> list[str]:
     try:
         make_sector_cipher(header.cipher_name, header.cipher_mode, key).wipe()
     except UnsupportedFeatureError as e:
-        parts.append({"cipher_name": f"cipher {header.cipher_name!r}",
-                      "key_bytes": f"a {header.key_bits}-bit key for {header.cipher}"}.get(
-                          e.field or "", f"mode {header.cipher_mode!r}"))
+        parts.append(
+            {
+                "cipher_name": f"cipher {header.cipher_name!r}",
+                "key_bytes": f"a {header.key_bits}-bit key for {header.cipher}",
+            }.get(e.field or "", f"mode {header.cipher_mode!r}")
+        )
     if header.hash_spec not in supported_hashes():
         parts.append(f"hash {header.hash_spec!r}")
     return parts
@@ -427,46 +468,65 @@ def require_supported(header: LuksHeader, *, path: str) -> None:
     """Raise UnsupportedFeatureError (naming the file and what is missing) unless qcrypt can unlock it."""
     parts = qcrypt_unsupported(header)
     if parts:
-        who = "QEMU and qcrypt do not implement (cryptsetup does)" if qemu_unsupported(header) else (
-            "qcrypt does not implement (QEMU and cryptsetup do)")
-        raise UnsupportedFeatureError(f"LUKS1 with {' and '.join(parts)}, which {who}: qcrypt cannot unlock it",
-                                      path=path, field=UNSUPPORTED_FIELD)
+        who = (
+            "QEMU and qcrypt do not implement (cryptsetup does)"
+            if qemu_unsupported(header)
+            else ("qcrypt does not implement (QEMU and cryptsetup do)")
+        )
+        raise UnsupportedFeatureError(
+            f"LUKS1 with {' and '.join(parts)}, which {who}: qcrypt cannot unlock it",
+            path=path,
+            field=UNSUPPORTED_FIELD,
+        )
 
 
 def _check_slot(slot: LuksKeyslot, header: LuksHeader, region_size: int, path: str) -> None:
     name = f"keyslot {slot.index}"
-    if slot.stripes != fmt.STRIPES:
-        raise FormatError(f"{slot.stripes} stripes, expected {fmt.STRIPES}", path=path, field=f"{name} stripes")
+    if slot.stripes != luks1_fmt.STRIPES:
+        raise FormatError(f"{slot.stripes} stripes, expected {luks1_fmt.STRIPES}", path=path, field=f"{name} stripes")
     if slot.active and slot.iterations < 1:
-        raise FormatError("an active keyslot needs at least 1 iteration", path=path,
-                          field=f"{name} iterations")
+        raise FormatError("an active keyslot needs at least 1 iteration", path=path, field=f"{name} iterations")
     if slot.key_material_offset < MIN_SLOT_OFFSET_SECTORS:
-        raise FormatError(f"key material at sector {slot.key_material_offset} overlaps the header",
-                          path=path, field=f"{name} key_material_offset")
+        raise FormatError(
+            f"key material at sector {slot.key_material_offset} overlaps the header",
+            path=path,
+            field=f"{name} key_material_offset",
+        )
     end_bytes = (slot.key_material_offset + header.material_sectors) * SECTOR
     if end_bytes > limits.MAX_LUKS1_KEY_MATERIAL_END:
-        raise LimitExceededError(f"key material ends at byte {end_bytes}, beyond the limit of "
-                                 f"{limits.MAX_LUKS1_KEY_MATERIAL_END >> 20} MiB", path=path,
-                                 field=f"{name} key_material_offset")
+        raise LimitExceededError(
+            f"key material ends at byte {end_bytes}, beyond the limit of {limits.MAX_LUKS1_KEY_MATERIAL_END >> 20} MiB",
+            path=path,
+            field=f"{name} key_material_offset",
+        )
     if end_bytes > region_size:
-        raise FormatError(f"key material ends at byte {end_bytes}, past the end of the LUKS region "
-                          f"({region_size} bytes)", path=path, field=f"{name} key_material_offset")
+        raise FormatError(
+            f"key material ends at byte {end_bytes}, past the end of the LUKS region ({region_size} bytes)",
+            path=path,
+            field=f"{name} key_material_offset",
+        )
     if header.payload_offset and header.payload_offset < slot.key_material_offset + header.material_sectors:
-        raise FormatError(f"payload at sector {header.payload_offset} overlaps keyslot {slot.index}",
-                          path=path, field="payload_offset")
+        raise FormatError(
+            f"payload at sector {header.payload_offset} overlaps keyslot {slot.index}",
+            path=path,
+            field="payload_offset",
+        )
 
 
 def _check_overlaps(header: LuksHeader, path: str) -> None:
     ordered = sorted(header.keyslots, key=lambda s: s.key_material_offset)
     for before, after in itertools.pairwise(ordered):
         if before.key_material_offset + header.material_sectors > after.key_material_offset:
-            raise FormatError(f"key material of keyslots {before.index} and {after.index} overlaps",
-                              path=path, field=f"keyslot {after.index} key_material_offset")
+            raise FormatError(
+                f"key material of keyslots {before.index} and {after.index} overlaps",
+                path=path,
+                field=f"keyslot {after.index} key_material_offset",
+            )
 
 
 def validate_header(header: LuksHeader, region_size: int, *, path: str) -> None:
     """The checks of cryptsetup 2.x and QEMU combined (formats.md D.6); raises FormatError."""
-    if header.version != fmt.VERSION:
+    if header.version != luks1_fmt.VERSION:
         raise UnsupportedFeatureError(f"LUKS version {header.version}, expected 1", path=path, field="version")
     _check_names(header, path)
     if not 1 <= header.mk_digest_iter <= MAX_ITERATIONS:
@@ -478,17 +538,19 @@ def validate_header(header: LuksHeader, region_size: int, *, path: str) -> None:
 
 def read_header(read_at: ReadAt, region_size: int, *, path: str) -> LuksHeader:
     """Read and validate the LUKS1 header at the start of a region of ``region_size`` bytes."""
-    if region_size < fmt.PHDR_SIZE:
-        raise FormatError(f"the LUKS region ({region_size} bytes) is smaller than a LUKS1 header",
-                          path=path, field="luks1 header")
-    raw_bytes = read_at(0, fmt.PHDR_SIZE)
-    probe = parse_bytes(VersionProbe, raw_bytes, path=path, what="luks1 header")
-    if probe.magic != fmt.MAGIC:
+    if region_size < luks1_fmt.PHDR_SIZE:
+        raise FormatError(
+            f"the LUKS region ({region_size} bytes) is smaller than a LUKS1 header", path=path, field="luks1 header"
+        )
+    raw_bytes = read_at(0, luks1_fmt.PHDR_SIZE)
+    probe = parse_bytes(luks1_fmt.VersionProbe, raw_bytes, path=path, what="luks1 header")
+    if probe.magic != luks1_fmt.MAGIC:
         raise FormatError("bad LUKS magic", path=path, field="magic")
-    if probe.version != fmt.VERSION:
-        raise UnsupportedFeatureError(f"LUKS version {probe.version} (only LUKS1 is handled here)",
-                                      path=path, field="version")
-    header = _header_from(parse_bytes(PhdrRaw, raw_bytes, path=path, what="luks1 header"), path)
+    if probe.version != luks1_fmt.VERSION:
+        raise UnsupportedFeatureError(
+            f"LUKS version {probe.version} (only LUKS1 is handled here)", path=path, field="version"
+        )
+    header = _header_from(parse_bytes(luks1_fmt.Phdr, raw_bytes, path=path, what="luks1 header"), path)
     validate_header(header, region_size, path=path)
     return header
 
@@ -501,17 +563,21 @@ def verify_master_key(header: LuksHeader, master_key: bytes | bytearray) -> bool
     """True if ``master_key`` matches the header's master-key digest (constant-time compare)."""
     if len(master_key) != header.key_bytes:
         return False
-    with secret(pbkdf2(header.hash_spec, master_key, header.mk_digest_salt, header.mk_digest_iter,
-                       fmt.DIGEST_SIZE)) as digest:
+    with secret(
+        pbkdf2(header.hash_spec, master_key, header.mk_digest_salt, header.mk_digest_iter, luks1_fmt.DIGEST_SIZE)
+    ) as digest:
         return hmac.compare_digest(bytes(digest), header.mk_digest)
 
 
-def _open_slot(header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray,
-               slot: LuksKeyslot) -> bytearray | None:
+def _open_slot(
+    header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray, slot: LuksKeyslot
+) -> bytearray | None:
     """The master key if ``passphrase`` opens ``slot``, else None."""
     encrypted = read_at(slot.key_material_offset * SECTOR, header.material_sectors * SECTOR)
-    with secret(pbkdf2(header.hash_spec, passphrase, slot.salt, slot.iterations, header.key_bytes)) as slot_key, \
-            secret(bytearray(len(encrypted))) as split:
+    with (
+        secret(pbkdf2(header.hash_spec, passphrase, slot.salt, slot.iterations, header.key_bytes)) as slot_key,
+        secret(bytearray(len(encrypted))) as split,
+    ):
         cipher = make_sector_cipher(header.cipher_name, header.cipher_mode, slot_key)
         try:
             cipher.decrypt_into(encrypted, 0, split)  # key material sectors count from 0
@@ -534,16 +600,18 @@ def _candidate_slots(header: LuksHeader, slot: int | None) -> list[LuksKeyslot]:
     return [header.keyslots[slot]]
 
 
-def _first_opening(header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray,
-                   slot: int | None) -> tuple[int, bytearray]:
+def _first_opening(
+    header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray, slot: int | None
+) -> tuple[int, bytearray]:
     """The first slot ``passphrase`` opens. Slots whose PBKDF2 would cost more than the allowed time at this
     machine's measured rate are skipped, and named if no other slot opens."""
-    check_pbkdf2_cost(header.hash_spec, header.mk_digest_iter, fmt.DIGEST_SIZE, what="mk_digest_iter")
+    check_pbkdf2_cost(header.hash_spec, header.mk_digest_iter, luks1_fmt.DIGEST_SIZE, what="mk_digest_iter")
     skipped: list[str] = []
     for candidate in _candidate_slots(header, slot):
         try:
-            check_pbkdf2_cost(header.hash_spec, candidate.iterations, header.key_bytes,
-                              what=f"keyslot {candidate.index} iterations")
+            check_pbkdf2_cost(
+                header.hash_spec, candidate.iterations, header.key_bytes, what=f"keyslot {candidate.index} iterations"
+            )
         except LimitExceededError as e:
             skipped.append(str(e))
             continue
@@ -555,8 +623,7 @@ def _first_opening(header: LuksHeader, read_at: ReadAt, passphrase: bytes | byte
     raise BadPassphraseError("the passphrase opens no keyslot")
 
 
-def unlock(header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray, *,
-           slot: int | None = None) -> bytearray:
+def unlock(header: LuksHeader, read_at: ReadAt, passphrase: bytes | bytearray, *, slot: int | None = None) -> bytearray:
     """The master key: tries the active slots in order (or only ``slot``)."""
     return _first_opening(header, read_at, passphrase, slot)[1]
 
@@ -582,7 +649,7 @@ class LuksParams:
     iter_time_ms: int = 2000
     iterations: int | None = None
     uuid: str | None = None
-    payload_align_sectors: int = fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
+    payload_align_sectors: int = luks1_fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
     pbkdf2_rate: int | None = None  # iterations/s measured beforehand (else create() benchmarks)
 
 
@@ -607,17 +674,19 @@ def _check_new_spec(params: LuksParams) -> tuple[str, str, int]:
     check_cipher(name, mode, key_bytes)
     chain, ivgen, iv_hash = _parse_mode(mode)
     if chain not in NEW_CHAIN_MODES:
-        raise UnsupportedFeatureError(f"qcrypt creates only {' or '.join(NEW_CHAIN_MODES)} volumes, not {chain}",
-                                      field="cipher_mode")
+        raise UnsupportedFeatureError(
+            f"qcrypt creates only {' or '.join(NEW_CHAIN_MODES)} volumes, not {chain}", field="cipher_mode"
+        )
     if iv_hash is not None and ivgen != "essiv":
-        raise FormatError(f"{mode!r}: a ':hash' suffix is only valid with essiv (cryptsetup refuses it)",
-                          field="cipher_mode")
-    if len(name) >= NAME_SIZE or len(mode) >= NAME_SIZE:
+        raise FormatError(
+            f"{mode!r}: a ':hash' suffix is only valid with essiv (cryptsetup refuses it)", field="cipher_mode"
+        )
+    if len(name) >= luks1_fmt.NAME_SIZE or len(mode) >= luks1_fmt.NAME_SIZE:
         raise FormatError("cipher name or mode is too long", field="cipher")
     check_hash(params.hash_name)
     make_sector_cipher(name, mode, os.urandom(key_bytes)).wipe()  # fail early if we cannot encrypt it
-    if params.iterations is not None and not fmt.MIN_ITERATIONS <= params.iterations <= MAX_ITERATIONS:
-        raise FormatError(f"forced iterations must be {fmt.MIN_ITERATIONS}..{MAX_ITERATIONS}", field="iterations")
+    if params.iterations is not None and not luks1_fmt.MIN_ITERATIONS <= params.iterations <= MAX_ITERATIONS:
+        raise FormatError(f"forced iterations must be {luks1_fmt.MIN_ITERATIONS}..{MAX_ITERATIONS}", field="iterations")
     if params.payload_align_sectors < 0 or params.iter_time_ms < 1:
         raise FormatError("payload alignment must be >= 0 sectors and iter time >= 1 ms", field="params")
     return name, mode, key_bytes
@@ -634,15 +703,21 @@ def _new_uuid(requested: str | None) -> str:
 
 def _layout(key_bytes: int, payload_align_sectors: int) -> tuple[list[int], int]:
     """cryptsetup's layout: slot offsets from sector 8, each 4 KiB aligned; payload aligned up."""
-    step = _round_up(material_sectors_for(key_bytes, fmt.STRIPES), fmt.ALIGN_KEYSLOTS_SECTORS)
-    offsets = [fmt.ALIGN_KEYSLOTS_SECTORS + i * step for i in range(fmt.NUM_KEYSLOTS)]
+    step = _round_up(material_sectors_for(key_bytes, luks1_fmt.STRIPES), luks1_fmt.ALIGN_KEYSLOTS_SECTORS)
+    offsets = [luks1_fmt.ALIGN_KEYSLOTS_SECTORS + i * step for i in range(luks1_fmt.NUM_KEYSLOTS)]
     end = offsets[-1] + step
     return offsets, _round_up(end, payload_align_sectors)
 
 
 def _disabled_slot(index: int, offset: int) -> LuksKeyslot:
-    return LuksKeyslot(index=index, active=False, iterations=0, salt=bytes(fmt.SALT_SIZE),
-                       key_material_offset=offset, stripes=fmt.STRIPES)
+    return LuksKeyslot(
+        index=index,
+        active=False,
+        iterations=0,
+        salt=bytes(luks1_fmt.SALT_SIZE),
+        key_material_offset=offset,
+        stripes=luks1_fmt.STRIPES,
+    )
 
 
 def payload_offset_for(params: LuksParams) -> int:
@@ -651,25 +726,33 @@ def payload_offset_for(params: LuksParams) -> int:
     return _layout(key_bytes, params.payload_align_sectors)[1]
 
 
-def create(master_key: bytes | bytearray, passphrase: bytes | bytearray,
-           params: LuksParams) -> tuple[LuksHeader, bytearray]:
+def create(
+    master_key: bytes | bytearray, passphrase: bytes | bytearray, params: LuksParams
+) -> tuple[LuksHeader, bytearray]:
     """A new LUKS1 header with ``passphrase`` in slot 0, and the header area (payload_offset x 512 bytes)."""
     name, mode, key_bytes = _check_new_spec(params)
     if len(master_key) != key_bytes:
         raise FormatError(f"master key is {len(master_key)} bytes, expected {key_bytes}", field="key_bits")
     if params.iterations is not None:
-        slot_iterations, digest_iterations = params.iterations, fmt.MIN_ITERATIONS  # cryptsetup: no benchmark
+        slot_iterations, digest_iterations = params.iterations, luks1_fmt.MIN_ITERATIONS  # cryptsetup: no benchmark
     else:
         rate = params.pbkdf2_rate or benchmark_pbkdf2(params.hash_name, key_bytes)
-        slot_iterations = scale_iterations(rate, params.iter_time_ms, fmt.MIN_ITERATIONS)
-        digest_iterations = scale_iterations(rate, MKD_ITERATIONS_MS, fmt.MIN_ITERATIONS)
+        slot_iterations = scale_iterations(rate, params.iter_time_ms, luks1_fmt.MIN_ITERATIONS)
+        digest_iterations = scale_iterations(rate, MKD_ITERATIONS_MS, luks1_fmt.MIN_ITERATIONS)
     offsets, payload_offset = _layout(key_bytes, params.payload_align_sectors)
-    digest_salt = os.urandom(fmt.SALT_SIZE)
-    with secret(pbkdf2(params.hash_name, master_key, digest_salt, digest_iterations, fmt.DIGEST_SIZE)) as digest:
+    digest_salt = os.urandom(luks1_fmt.SALT_SIZE)
+    with secret(pbkdf2(params.hash_name, master_key, digest_salt, digest_iterations, luks1_fmt.DIGEST_SIZE)) as digest:
         header = LuksHeader(
-            version=fmt.VERSION, cipher_name=name, cipher_mode=mode, hash_spec=params.hash_name,
-            payload_offset=payload_offset, key_bytes=key_bytes, mk_digest=bytes(digest),
-            mk_digest_salt=digest_salt, mk_digest_iter=digest_iterations, uuid=_new_uuid(params.uuid),
+            version=luks1_fmt.VERSION,
+            cipher_name=name,
+            cipher_mode=mode,
+            hash_spec=params.hash_name,
+            payload_offset=payload_offset,
+            key_bytes=key_bytes,
+            mk_digest=bytes(digest),
+            mk_digest_salt=digest_salt,
+            mk_digest_iter=digest_iterations,
+            uuid=_new_uuid(params.uuid),
             keyslots=tuple(_disabled_slot(i, offset) for i, offset in enumerate(offsets)),
         )
     area = bytearray(payload_offset * SECTOR)
@@ -683,9 +766,8 @@ def create(master_key: bytes | bytearray, passphrase: bytes | bytearray,
 
 def _check_area(header: LuksHeader, area: bytearray, slot: LuksKeyslot) -> None:
     end = (slot.key_material_offset + header.material_sectors) * SECTOR
-    if len(area) < max(end, fmt.PHDR_SIZE):
-        raise FormatError(f"header area is {len(area)} bytes, keyslot {slot.index} needs {end}",
-                          field="header area")
+    if len(area) < max(end, luks1_fmt.PHDR_SIZE):
+        raise FormatError(f"header area is {len(area)} bytes, keyslot {slot.index} needs {end}", field="header area")
 
 
 def _replace_slot(header: LuksHeader, new_slot: LuksKeyslot) -> LuksHeader:
@@ -693,25 +775,33 @@ def _replace_slot(header: LuksHeader, new_slot: LuksKeyslot) -> LuksHeader:
     return replace(header, keyslots=slots)
 
 
-def _store_slot(header: LuksHeader, area: bytearray, master_key: bytes | bytearray,
-                passphrase: bytes | bytearray, index: int, iterations: int) -> LuksHeader:
+def _store_slot(
+    header: LuksHeader,
+    area: bytearray,
+    master_key: bytes | bytearray,
+    passphrase: bytes | bytearray,
+    index: int,
+    iterations: int,
+) -> LuksHeader:
     """Encrypt an AF split of ``master_key`` into slot ``index`` of ``area``; rewrite the phdr in ``area``."""
     old = header.keyslots[index]
     _check_area(header, area, old)
-    salt = os.urandom(fmt.SALT_SIZE)
+    salt = os.urandom(luks1_fmt.SALT_SIZE)
     length = header.material_sectors * SECTOR
-    with secret(af_split(master_key, fmt.STRIPES, header.hash_spec)) as split, \
-            secret(pbkdf2(header.hash_spec, passphrase, salt, iterations, header.key_bytes)) as slot_key:
+    with (
+        secret(af_split(master_key, luks1_fmt.STRIPES, header.hash_spec)) as split,
+        secret(pbkdf2(header.hash_spec, passphrase, salt, iterations, header.key_bytes)) as slot_key,
+    ):
         split += bytes(length - len(split))  # zero padding to whole sectors, as cryptsetup
         cipher = make_sector_cipher(header.cipher_name, header.cipher_mode, slot_key)
         start = old.key_material_offset * SECTOR
         try:
-            cipher.encrypt_into(split, 0, memoryview(area)[start:start + length])
+            cipher.encrypt_into(split, 0, memoryview(area)[start : start + length])
         finally:
             cipher.wipe()
     new = replace(old, active=True, iterations=iterations, salt=salt)
     header = _replace_slot(header, new)
-    area[:fmt.PHDR_SIZE] = header.to_bytes()
+    area[: luks1_fmt.PHDR_SIZE] = header.to_bytes()
     return header
 
 
@@ -728,15 +818,22 @@ def _free_slot(header: LuksHeader, slot: int | None) -> int:
     return slot
 
 
-def add_keyslot(header: LuksHeader, area: bytearray, master_key: bytes | bytearray,
-                passphrase: bytes | bytearray, *, iterations: int | None = None, iter_time_ms: int = 2000,
-                slot: int | None = None) -> LuksHeader:
+def add_keyslot(
+    header: LuksHeader,
+    area: bytearray,
+    master_key: bytes | bytearray,
+    passphrase: bytes | bytearray,
+    *,
+    iterations: int | None = None,
+    iter_time_ms: int = 2000,
+    slot: int | None = None,
+) -> LuksHeader:
     """Store ``passphrase`` for ``master_key`` in ``slot`` (default: the first free one), in place in ``area``."""
     if not verify_master_key(header, master_key):
         raise BadPassphraseError("the master key does not match this LUKS header")
     index = _free_slot(header, slot)
     if iterations is None:
-        iterations = iterations_for(header.hash_spec, header.key_bytes, iter_time_ms, fmt.MIN_ITERATIONS)
+        iterations = iterations_for(header.hash_spec, header.key_bytes, iter_time_ms, luks1_fmt.MIN_ITERATIONS)
     elif not 1 <= iterations <= MAX_ITERATIONS:
         raise FormatError(f"iterations must be 1..{MAX_ITERATIONS}", field="iterations")
     return _store_slot(header, area, master_key, passphrase, index, iterations)
@@ -752,7 +849,7 @@ def remove_keyslot(header: LuksHeader, area: bytearray, slot: int) -> LuksHeader
     _check_area(header, area, old)
     start = old.key_material_offset * SECTOR
     length = header.material_sectors * SECTOR
-    area[start:start + length] = os.urandom(length)
+    area[start : start + length] = os.urandom(length)
     header = _replace_slot(header, _disabled_slot(slot, old.key_material_offset))
-    area[:fmt.PHDR_SIZE] = header.to_bytes()
+    area[: luks1_fmt.PHDR_SIZE] = header.to_bytes()
     return header

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
-from qcrypt.formats import luks2 as fmt
+from qcrypt.formats import luks2 as luks2_fmt
 from qcrypt.formats._parse import parse_bytes
-from qcrypt.formats.luks_extra import Luks2BinaryHeaderRaw
 from qcrypt.plumbing import limits
 
 ReadAt = Callable[[int, int], bytes]  # (offset within the region, length) -> bytes; same as qcrypt.luks.engine
@@ -72,12 +71,18 @@ def _text(raw: bytes) -> str:
 
 
 def _check_hdr_size(hdr_size: int, region_size: int, path: str) -> None:
-    if not fmt.MIN_HDR_SIZE <= hdr_size <= fmt.MAX_HDR_SIZE or hdr_size & (hdr_size - 1):
-        raise FormatError(f"{hdr_size} is not a power of two between {fmt.MIN_HDR_SIZE} and {fmt.MAX_HDR_SIZE}",
-                          path=path, field="hdr_size")
+    if not luks2_fmt.MIN_HDR_SIZE <= hdr_size <= luks2_fmt.MAX_HDR_SIZE or hdr_size & (hdr_size - 1):
+        raise FormatError(
+            f"{hdr_size} is not a power of two between {luks2_fmt.MIN_HDR_SIZE} and {luks2_fmt.MAX_HDR_SIZE}",
+            path=path,
+            field="hdr_size",
+        )
     if hdr_size > region_size:
-        raise FormatError(f"the LUKS2 header ({hdr_size} bytes) extends past the end of the region "
-                          f"({region_size} bytes)", path=path, field="hdr_size")
+        raise FormatError(
+            f"the LUKS2 header ({hdr_size} bytes) extends past the end of the region ({region_size} bytes)",
+            path=path,
+            field="hdr_size",
+        )
 
 
 CHECKSUM_ALGORITHMS = ("sha1", "sha256", "sha512")  # what cryptsetup writes; anything else is refused
@@ -85,16 +90,18 @@ CHECKSUM_ALGORITHMS = ("sha1", "sha256", "sha512")  # what cryptsetup writes; an
 
 def _checksum_ok(header_area: bytes, checksum_alg: str, stored: bytes, path: str) -> bool:
     if checksum_alg not in CHECKSUM_ALGORITHMS:
-        raise UnsupportedFeatureError(f"unsupported checksum algorithm {checksum_alg!r}", path=path,
-                                      field="checksum_alg")
+        raise UnsupportedFeatureError(
+            f"unsupported checksum algorithm {checksum_alg!r}", path=path, field="checksum_alg"
+        )
     h = hashlib.new(checksum_alg)
-    if h.digest_size > fmt.CSUM_SIZE:
-        raise UnsupportedFeatureError(f"unsupported checksum algorithm {checksum_alg!r}", path=path,
-                                      field="checksum_alg")
-    h.update(header_area[:fmt.CSUM_OFFSET])
-    h.update(bytes(fmt.CSUM_SIZE))
-    h.update(header_area[fmt.CSUM_OFFSET + fmt.CSUM_SIZE:])
-    return h.digest() == stored[:h.digest_size]
+    if h.digest_size > luks2_fmt.CSUM_SIZE:
+        raise UnsupportedFeatureError(
+            f"unsupported checksum algorithm {checksum_alg!r}", path=path, field="checksum_alg"
+        )
+    h.update(header_area[: luks2_fmt.CSUM_OFFSET])
+    h.update(bytes(luks2_fmt.CSUM_SIZE))
+    h.update(header_area[luks2_fmt.CSUM_OFFSET + luks2_fmt.CSUM_SIZE :])
+    return h.digest() == stored[: h.digest_size]
 
 
 def _load_json(json_area: bytes, path: str) -> dict[str, Any]:
@@ -119,8 +126,9 @@ def _section(metadata: dict[str, Any], name: str, path: str) -> list[tuple[int, 
     if not isinstance(section, dict):
         raise FormatError("not a JSON object", path=path, field=f"json {name}")
     if len(section) > SECTION_LIMITS[name]:
-        raise LimitExceededError(f"{len(section)} entries exceed the limit of {SECTION_LIMITS[name]}", path=path,
-                                 field=f"json {name}")
+        raise LimitExceededError(
+            f"{len(section)} entries exceed the limit of {SECTION_LIMITS[name]}", path=path, field=f"json {name}"
+        )
     items = []
     for key, value in section.items():
         if not (isinstance(key, str) and _is_decimal(key, 10) and isinstance(value, dict)):
@@ -165,19 +173,23 @@ def _segment(metadata: dict[str, Any], path: str) -> tuple[str | None, int | Non
     segments = [segment for _index, segment in _section(metadata, "segments", path)]
     crypt = [segment for segment in segments if segment.get("type") == "crypt"]
     for segment in crypt or segments:
-        return (_optional(segment.get("encryption"), str), _optional(segment.get("sector_size"), int),
-                _decimal(segment.get("offset")), _decimal(segment.get("size")))
+        return (
+            _optional(segment.get("encryption"), str),
+            _optional(segment.get("sector_size"), int),
+            _decimal(segment.get("offset")),
+            _decimal(segment.get("size")),
+        )
     return None, None, None, None
 
 
 def read_luks2(read_at: ReadAt, region_size: int, *, path: str) -> Luks2Info:
     """Read and check the primary LUKS2 header at the start of a region of ``region_size`` bytes."""
-    if region_size < fmt.BINARY_HEADER_SIZE:
+    if region_size < luks2_fmt.BINARY_HEADER_SIZE:
         raise FormatError("the region is smaller than a LUKS2 binary header", path=path, field="luks2 header")
-    raw = parse_bytes(Luks2BinaryHeaderRaw, read_at(0, fmt.BINARY_HEADER_SIZE), path=path, what="luks2 header")
-    if raw.magic != fmt.MAGIC_PRIMARY:
+    raw = parse_bytes(luks2_fmt.BinaryHeader, read_at(0, luks2_fmt.BINARY_HEADER_SIZE), path=path, what="luks2 header")
+    if raw.magic != luks2_fmt.MAGIC_PRIMARY:
         raise FormatError("bad LUKS2 magic", path=path, field="magic")
-    if raw.version != fmt.VERSION:
+    if raw.version != luks2_fmt.VERSION:
         raise UnsupportedFeatureError(f"LUKS version {raw.version}, expected 2", path=path, field="version")
     if raw.hdr_offset != 0:
         raise FormatError(f"primary header claims offset {raw.hdr_offset}", path=path, field="hdr_offset")
@@ -185,7 +197,7 @@ def read_luks2(read_at: ReadAt, region_size: int, *, path: str) -> Luks2Info:
     header_area = read_at(0, raw.hdr_size)
     checksum_alg = _text(raw.checksum_alg)
     checksum_ok = _checksum_ok(header_area, checksum_alg, raw.csum, path)
-    metadata = _load_json(header_area[fmt.BINARY_HEADER_SIZE:], path)
+    metadata = _load_json(header_area[luks2_fmt.BINARY_HEADER_SIZE :], path)
     cipher, sector_size, segment_offset, segment_size = _segment(metadata, path)
     return Luks2Info(
         version=raw.version,

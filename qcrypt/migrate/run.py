@@ -34,6 +34,7 @@ from qcrypt.errors import (
     UnsupportedFeatureError,
     VerificationError,
 )
+from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.guest.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
 from qcrypt.images.backing import BackingRefusedError, ChainRules
 from qcrypt.images.qcow2_reader import QCow2Image
@@ -153,7 +154,8 @@ def refuse_weak_settings(report: dict[str, Any], opts: MigrateOptions) -> None:
         raise MigrationError(
             "refusing to create a LUKS container that 'qcrypt scan' grades as weak: "
             + "; ".join(f"{f.code} ({f.message})" for f in weak)
-            + ". Use the defaults (aes-xts-plain64, 512-bit key, sha256), or rerun with --allow-weak")
+            + ". Use the defaults (aes-xts-plain64, 512-bit key, sha256), or rerun with --allow-weak"
+        )
 
 
 @dataclass
@@ -195,8 +197,10 @@ def _check_layer_passphrases(source: str, report: dict[str, Any], opts: MigrateO
     layers = {os.path.realpath(path) for path in [source, *(layer["path"] for layer in report["backing_chain"])]}
     strangers = [path for path in opts.passphrases if os.path.realpath(path) not in layers]
     if strangers:
-        raise MigrationError(f"{strangers[0]} is given a passphrase but is not a layer of {source}'s chain "
-                             f"(layers: {', '.join([source, *(layer['path'] for layer in report['backing_chain'])])})")
+        raise MigrationError(
+            f"{strangers[0]} is given a passphrase but is not a layer of {source}'s chain "
+            f"(layers: {', '.join([source, *(layer['path'] for layer in report['backing_chain'])])})"
+        )
 
 
 def backing_name_for(source: str, backing_file: str, output: str) -> str:
@@ -231,8 +235,9 @@ def _refuse_output_over_inputs(output: str, inputs: list[str]) -> None:
             raise MigrationError(f"the output would overwrite {what}; use --replace to swap the source safely")
 
 
-def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
-                ) -> tuple[str | None, str | None, list[Snapshot]]:
+def _chain_plan(
+    source: str, report: dict[str, Any], opts: MigrateOptions
+) -> tuple[str | None, str | None, list[Snapshot]]:
     snapshots: list[Snapshot] = []
     backing_format = None
     if report["format"] == "qcow2":
@@ -242,8 +247,10 @@ def _chain_plan(source: str, report: dict[str, Any], opts: MigrateOptions
     qcow2_target = opts.target in ("qcow2", "qcow2-luks")
     if not report["backing_file"] or not qcow2_target or opts.flatten:
         if snapshots and report["backing_file"] and qcow2_target:
-            raise MigrationError("--flatten of an overlay with internal snapshots is not supported: "
-                                 "delete the snapshots or migrate without --flatten")
+            raise MigrationError(
+                "--flatten of an overlay with internal snapshots is not supported: "
+                "delete the snapshots or migrate without --flatten"
+            )
         return None, None, snapshots if qcow2_target else []
     legacy = [layer["path"] for layer in report["backing_chain"] if layer["encryption"] == "aes-cbc-legacy"]
     if legacy:
@@ -268,10 +275,17 @@ class PassphraseCheck:
     verified: bool
 
 
-def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: bool, accept_unverified: bool = False,
-                            rules: ChainRules | None = None, source_format: str | None = None,
-                            passphrases: Mapping[str, Secret] | None = None,
-                            random_option: str = "--force") -> PassphraseCheck:
+def check_legacy_passphrase(
+    source: str,
+    passphrase: bytes | None,
+    *,
+    force: bool,
+    accept_unverified: bool = False,
+    rules: ChainRules | None = None,
+    source_format: str | None = None,
+    passphrases: Mapping[str, Secret] | None = None,
+    random_option: str = "--force",
+) -> PassphraseCheck:
     """Decrypt a sample of clusters of every legacy layer; refuse random-looking plaintext unless forced.
     ``passphrases`` maps a layer's real path to its own passphrase (else ``passphrase``).
 
@@ -293,29 +307,40 @@ def check_legacy_passphrase(source: str, passphrase: bytes | None, *, force: boo
     # A passphrase counts as checked when some layer it unlocks had data to judge; a layer with its own
     # passphrase and no data leaves that passphrase unchecked, whatever the other layers say.
     judged = {bytes(opener.passphrase_for(path) or b"") for path, v in verdicts if v.samples}
-    unjudged = [path for path, v in verdicts
-                if not v.samples and bytes(opener.passphrase_for(path) or b"") not in judged]
+    unjudged = [
+        path for path, v in verdicts if not v.samples and bytes(opener.passphrase_for(path) or b"") not in judged
+    ]
     if unjudged and not accept_unverified:
         raise MigrationError(
             f"the passphrase cannot be verified: legacy layer {unjudged[0]} holds no data cluster to check it "
             "against (legacy AES has no key check), so a wrong passphrase would go unnoticed. If you are sure of "
             f"it, rerun with {UNVERIFIED_OPTION}"
         )
-    summary = "; ".join(v.reason if v.samples else f"{path}: no data cluster to check the passphrase against"
-                        for path, v in verdicts)
+    summary = "; ".join(
+        v.reason if v.samples else f"{path}: no data cluster to check the passphrase against" for path, v in verdicts
+    )
     return PassphraseCheck(summary, verified=not unjudged and not bad)
 
 
 def _check_legacy(source: str, passphrase: bytes | None, opts: MigrateOptions, *, force: bool) -> PassphraseCheck:
-    return check_legacy_passphrase(source, passphrase, force=force or opts.accept_random_content,
-                                   passphrases=opts.layer_passphrases(),
-                                   accept_unverified=opts.accept_unverified_passphrase, rules=opts.rules,
-                                   source_format=opts.source_format, random_option=opts.random_content_option)
+    return check_legacy_passphrase(
+        source,
+        passphrase,
+        force=force or opts.accept_random_content,
+        passphrases=opts.layer_passphrases(),
+        accept_unverified=opts.accept_unverified_passphrase,
+        rules=opts.rules,
+        source_format=opts.source_format,
+        random_option=opts.random_content_option,
+    )
 
 
 def _has_fallback(opts: MigrateOptions) -> bool:
-    return (opts.passphrase is not None and opts.passphrase_fallback is not None
-            and bytes(opts.passphrase_fallback) != bytes(opts.passphrase))
+    return (
+        opts.passphrase is not None
+        and opts.passphrase_fallback is not None
+        and bytes(opts.passphrase_fallback) != bytes(opts.passphrase)
+    )
 
 
 def _same_legacy_key(passphrase: bytes, other: bytes) -> bool:
@@ -343,8 +368,9 @@ def check_legacy_with_fallback(source: str, opts: MigrateOptions) -> tuple[Passp
         except BadPassphraseError:
             if opts.force or opts.accept_random_content:
                 return _check_legacy(source, opts.passphrase, opts, force=True), False
-            error = BadPassphraseError(f"{exact_error} (tried the passphrase file's exact bytes, and without its "
-                                       "trailing newline)")
+            error = BadPassphraseError(
+                f"{exact_error} (tried the passphrase file's exact bytes, and without its trailing newline)"
+            )
             error.fallback_tried = True  # type: ignore[attr-defined]
             raise error from None
 
@@ -430,15 +456,15 @@ class LuksOutput:
             self.spot_check.wipe()
 
 
-def source_luks(source: str, report: dict[str, Any], passphrase: bytes | None) -> tuple[luks.LuksHeader, bytes,
-                                                                                         bytearray] | None:
+def source_luks(
+    source: str, report: dict[str, Any], passphrase: bytes | None
+) -> tuple[luks.LuksHeader, bytes, bytearray] | None:
     """Header, header area bytes and master key of a LUKS1 source (raw or qcow2), else None."""
     if report["encryption"] != "luks1":
         return None
     if passphrase is None:
         raise BadPassphraseError(f"{source} is LUKS-encrypted: a passphrase is required")
-    return _with_luks_region(source, report, lambda read_at, size: _read_luks_area(read_at, size, source,
-                                                                                    passphrase))
+    return _with_luks_region(source, report, lambda read_at, size: _read_luks_area(read_at, size, source, passphrase))
 
 
 def _with_luks_region(source: str, report: dict[str, Any], use: Callable[[luks.ReadAt, int], Any]) -> Any:
@@ -458,13 +484,13 @@ def refuse_unreadable_source(source: str, report: dict[str, Any]) -> None:
     if report.get("error"):
         raise report_error(report)
     if report["encryption"] == "luks1":
-        header = _with_luks_region(source, report, lambda read_at, size: luks.read_header(read_at, size,
-                                                                                          path=source))
+        header = _with_luks_region(source, report, lambda read_at, size: luks.read_header(read_at, size, path=source))
         luks.require_supported(header, path=source)
 
 
-def _read_luks_area(read_at: Callable[[int, int], bytes], region_size: int, path: str, passphrase: bytes
-                    ) -> tuple[luks.LuksHeader, bytes, bytearray]:
+def _read_luks_area(
+    read_at: Callable[[int, int], bytes], region_size: int, path: str, passphrase: bytes
+) -> tuple[luks.LuksHeader, bytes, bytearray]:
     header = luks.read_header(read_at, region_size, path=path)
     luks.require_supported(header, path=path)
     try:
@@ -480,22 +506,39 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
     if carried:
         header, area, master_key = carried
         if opts.new_passphrase is not None:
-            raise MigrationError("a LUKS source keeps its keyslots (every passphrase keeps working); "
-                                 "--new-passphrase-file does not apply: add keys afterwards")
+            raise MigrationError(
+                "a LUKS source keeps its keyslots (every passphrase keeps working); "
+                "--new-passphrase-file does not apply: add keys afterwards"
+            )
         qemu_lacks = luks.qemu_unsupported(header)
         if qemu_lacks:  # the output would keep them: QEMU could not open it
-            raise UnsupportedFeatureError(f"LUKS1 with {' and '.join(qemu_lacks)}, which QEMU does not implement: "
-                                          "a LUKS output keeps the source's algorithms", path=plan_.source,
-                                          field=luks.UNSUPPORTED_FIELD)
+            raise UnsupportedFeatureError(
+                f"LUKS1 with {' and '.join(qemu_lacks)}, which QEMU does not implement: "
+                "a LUKS output keeps the source's algorithms",
+                path=plan_.source,
+                field=luks.UNSUPPORTED_FIELD,
+            )
         header, area = _relayout(header, area, raw_target=raw_target)
-        return LuksOutput(header.payload_offset, _cipher_for(header, master_key), True, master_key, header, area,
-                          spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key))
+        return LuksOutput(
+            header.payload_offset,
+            _cipher_for(header, master_key),
+            True,
+            master_key,
+            header,
+            area,
+            spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key),
+        )
     passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase_for(plan_.source)
     if passphrase is None:
         raise MigrationError("the source is not encrypted: give the LUKS passphrase with --new-passphrase-file")
     key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
-    params = luks.LuksParams(cipher=opts.cipher, key_bits=key_bits, hash_name=opts.hash_name,
-                             iter_time_ms=opts.iter_time_ms, iterations=opts.iterations)
+    params = luks.LuksParams(
+        cipher=opts.cipher,
+        key_bits=key_bits,
+        hash_name=opts.hash_name,
+        iter_time_ms=opts.iter_time_ms,
+        iterations=opts.iterations,
+    )
     payload_offset = luks.payload_offset_for(params)
     if opts.iterations is None:  # calibrate now, before the payload workers load every core
         params.pbkdf2_rate = benchmark_pbkdf2(opts.hash_name, key_bits // 8)
@@ -503,10 +546,19 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
     cipher_name, cipher_mode = luks.split_cipher(opts.cipher)
     cipher = make_sector_cipher(cipher_name, cipher_mode, master_key)
     # The process inherits the key and passphrase by fork (nothing secret is pickled, written or on argv).
-    pending = Background(lambda: luks.create(master_key, passphrase, params), what="the new keyslot's PBKDF2",
-                         stall_seconds=opts.stall_seconds + params.iter_time_ms / 1000)
-    return LuksOutput(payload_offset, cipher, False, master_key, pending=pending,
-                      spot_check=SpotCheck(cipher_name, cipher_mode, master_key))
+    pending = Background(
+        lambda: luks.create(master_key, passphrase, params),
+        what="the new keyslot's PBKDF2",
+        stall_seconds=opts.stall_seconds + params.iter_time_ms / 1000,
+    )
+    return LuksOutput(
+        payload_offset,
+        cipher,
+        False,
+        master_key,
+        pending=pending,
+        spot_check=SpotCheck(cipher_name, cipher_mode, master_key),
+    )
 
 
 def _cipher_for(header: luks.LuksHeader, master_key: bytearray) -> SectorCipher:
@@ -527,7 +579,9 @@ def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tupl
     material_end = max(s.key_material_offset + luks.qemu_material_sectors(header) for s in slots)
     payload = material_end
     if raw_target:
-        payload = -(-material_end // luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS) * luks.fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
+        payload = (
+            -(-material_end // luks1_fmt.DEFAULT_DATA_ALIGNMENT_SECTORS) * luks1_fmt.DEFAULT_DATA_ALIGNMENT_SECTORS
+        )
     new_header = replace(header, keyslots=slots, payload_offset=payload)
     problems = luks.qemu_keyslot_problems(new_header) + luks.qemu_payload_problems(new_header)
     if problems:  # never write an output QEMU refuses
@@ -537,7 +591,7 @@ def _relayout(header: luks.LuksHeader, area: bytes, *, raw_target: bool) -> tupl
     for old, new in zip(header.keyslots, slots):
         source_start, target_start = old.key_material_offset * SECTOR, new.key_material_offset * SECTOR
         blob[target_start : target_start + length] = area[source_start : source_start + length]
-    blob[: luks.fmt.PHDR_SIZE] = new_header.to_bytes()
+    blob[: luks1_fmt.PHDR_SIZE] = new_header.to_bytes()
     return new_header, bytes(blob)
 
 
@@ -569,8 +623,15 @@ class Digests:
         return sum(length for _, _, length, _ in self.ranges)
 
 
-def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, encrypt: EncryptFn | None,
-               opts: MigrateOptions, digests: Digests) -> int:
+def write_flat(
+    stream: GuestStream,
+    out: BinaryIO,
+    *,
+    base_offset: int,
+    encrypt: EncryptFn | None,
+    opts: MigrateOptions,
+    digests: Digests,
+) -> int:
     """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse.
 
     Chunks are processed by forked workers (both cores) that read, decrypt, encrypt and pwrite themselves.
@@ -588,8 +649,9 @@ def write_flat(stream: GuestStream, out: BinaryIO, *, base_offset: int, encrypt:
         return guest_offset, length, checksum.digest(plain)
 
     chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
-    with contextlib.closing(ordered_map(one_chunk, chunks, workers=opts.workers, stall_seconds=opts.stall_seconds,
-                                        describe=_describe_run)) as results:
+    with contextlib.closing(
+        ordered_map(one_chunk, chunks, workers=opts.workers, stall_seconds=opts.stall_seconds, describe=_describe_run)
+    ) as results:
         for guest_offset, length, digest in results:
             digests.ranges.append((-1, guest_offset, length, digest))
             if opts.progress:
@@ -675,8 +737,17 @@ def allocated_extents(reader: Any) -> list[tuple[int, int]]:
     extents: list[tuple[int, int]] = []
     layer = reader
     while isinstance(layer, QcowReader):
-        extents = merge_extents(extents + list(_runs_of(layer.image.iter_mappings(),  # type: ignore[attr-defined]
-                                                           layer.cluster_size, layer.size)), limit=reader.size)
+        extents = merge_extents(
+            extents
+            + list(
+                _runs_of(
+                    layer.image.iter_mappings(),  # type: ignore[attr-defined]
+                    layer.cluster_size,
+                    layer.size,
+                )
+            ),
+            limit=reader.size,
+        )
         layer = layer.backing
     if layer is not None:  # a raw (or raw LUKS) base: all of it may hold data
         extents.append((0, layer.size))
@@ -710,8 +781,15 @@ def _flatten_job(reader: QcowReader) -> Qcow2Job:
     return Qcow2Job(-1, reader, clusters())
 
 
-def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: Digests, *,
-                    skip_zero_data: bool, encrypt: EncryptFn | None = None) -> int:
+def write_qcow2_job(
+    job: Qcow2Job,
+    writer: Any,
+    opts: MigrateOptions,
+    digests: Digests,
+    *,
+    skip_zero_data: bool,
+    encrypt: EncryptFn | None = None,
+) -> int:
     """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted.
 
     Runs whose placement does not depend on their content (no skipping of zero data; with sharing, runs whose
@@ -752,8 +830,11 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
             if opts.progress:
                 opts.progress(length)
 
-    with contextlib.closing(ordered_map(parallel_run, tasks(), workers=opts.workers,
-                                        stall_seconds=opts.stall_seconds, describe=_describe_run)) as results:
+    with contextlib.closing(
+        ordered_map(
+            parallel_run, tasks(), workers=opts.workers, stall_seconds=opts.stall_seconds, describe=_describe_run
+        )
+    ) as results:
         for guest_offset, length, digest in results:
             digests.ranges.append((job.table, guest_offset, length, digest))
             if opts.progress:
@@ -761,8 +842,9 @@ def write_qcow2_job(job: Qcow2Job, writer: Any, opts: MigrateOptions, digests: D
     return done
 
 
-def _write_run_here(job: Qcow2Job, writer: Any, digests: Digests, first: int, length: int, keys: list[Any],
-                    skip_zero_data: bool) -> None:
+def _write_run_here(
+    job: Qcow2Job, writer: Any, digests: Digests, first: int, length: int, keys: list[Any], skip_zero_data: bool
+) -> None:
     """A run whose placement depends on its content (zero skipping) or on sharing: done in this process."""
     cs = job.reader.cluster_size
     plain = job.reader.read(first * cs, length)
@@ -808,10 +890,19 @@ def _nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Itera
 # -- verification -------------------------------------------------------------------------------------------
 
 
-def verify(output_path: str, passphrase: Secret | None, digests: Digests, *, target: str,
-           snapshots: list[Snapshot], stall_seconds: float = DEFAULT_STALL_SECONDS, source: str | None = None,
-           backing_passphrase: Secret | None = None, backing_passphrases: Mapping[str, Secret] | None = None,
-           rules: ChainRules | None = None) -> int:
+def verify(
+    output_path: str,
+    passphrase: Secret | None,
+    digests: Digests,
+    *,
+    target: str,
+    snapshots: list[Snapshot],
+    stall_seconds: float = DEFAULT_STALL_SECONDS,
+    source: str | None = None,
+    backing_passphrase: Secret | None = None,
+    backing_passphrases: Mapping[str, Secret] | None = None,
+    rules: ChainRules | None = None,
+) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
     Returns the guest bytes accounted for: compared, or (snapshot ranges) shared with the active table.
 
@@ -887,26 +978,36 @@ class _SharedWithActive:
             return False
         src_snap = self.source.map_cluster(guest_cluster, self.source_l1[table])
         return src_snap.kind not in (ClusterKind.ZERO, ClusterKind.UNALLOCATED) and (
-            src_snap == self.source.map_cluster(guest_cluster))
+            src_snap == self.source.map_cluster(guest_cluster)
+        )
 
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
 
 
-def _check_ranges(read: Callable[[int, int], bytes], ranges: list[tuple[int, int, int, bytes]], table: int,
-                  path: str, stall_seconds: float, workers: int | None = None) -> int:
+def _check_ranges(
+    read: Callable[[int, int], bytes],
+    ranges: list[tuple[int, int, int, bytes]],
+    table: int,
+    path: str,
+    stall_seconds: float,
+    workers: int | None = None,
+) -> int:
     def digest_of(guest_offset: int, length: int, expected: bytes) -> tuple[int, int, bool]:
         return guest_offset, length, checksum.digest(read(guest_offset, length)) == expected
 
     mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
     compared = 0
-    with contextlib.closing(ordered_map(digest_of, mine, workers=workers, stall_seconds=stall_seconds,
-                                        describe=_describe_run)) as results:
+    with contextlib.closing(
+        ordered_map(digest_of, mine, workers=workers, stall_seconds=stall_seconds, describe=_describe_run)
+    ) as results:
         for guest_offset, length, same in results:
             if not same:
-                raise VerificationError(f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ "
-                                        "from the source after writing; the output was not kept")
+                raise VerificationError(
+                    f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ "
+                    "from the source after writing; the output was not kept"
+                )
             compared += length
     return compared
 
@@ -954,16 +1055,19 @@ def _migrate_once(source: str, opts: MigrateOptions) -> MigrateResult:
         return _migrate_locked(source, plan_, opts, timer, source_lock.fileno())
 
 
-def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, source_fd: int
-                    ) -> MigrateResult:
+def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, source_fd: int) -> MigrateResult:
     verdict = None
     fallback_used = False
     chosen_by_legacy = False
     if _uses_legacy(plan_.report):
         with timer("passphrase check"):
             exact, fallback = opts.passphrase, opts.passphrase_fallback
-            if exact is not None and fallback is not None and _has_fallback(opts) \
-                    and not _same_legacy_key(exact, fallback):
+            if (
+                exact is not None
+                and fallback is not None
+                and _has_fallback(opts)
+                and not _same_legacy_key(exact, fallback)
+            ):
                 verdict, fallback_used = check_legacy_with_fallback(source, opts)
                 chosen = opts.passphrase_fallback if fallback_used else opts.passphrase
                 opts = dataclasses.replace(opts, passphrase=chosen, passphrase_fallback=None)
@@ -982,15 +1086,21 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
         raise
 
 
-def _convert(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, verdict: PassphraseCheck | None,
-             fallback_used: bool, source_fd: int) -> MigrateResult:
+def _convert(
+    source: str,
+    plan_: Plan,
+    opts: MigrateOptions,
+    timer: PhaseTimer,
+    verdict: PassphraseCheck | None,
+    fallback_used: bool,
+    source_fd: int,
+) -> MigrateResult:
     luks_out = None
     if opts.target in ("luks", "qcow2-luks"):
         with timer("LUKS setup"):
             luks_out = build_luks_output(plan_, opts, raw_target=opts.target == "luks")
     try:
-        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out, timer,
-                                                                            source_fd)
+        final, data_bytes, size, (compared, recorded) = _write_verify_commit(plan_, opts, luks_out, timer, source_fd)
     finally:
         if luks_out:
             luks_out.wipe()
@@ -1001,46 +1111,66 @@ def _convert(source: str, plan_: Plan, opts: MigrateOptions, timer: PhaseTimer, 
             final.placement.close()
             final.placement = None
     return MigrateResult(
-        source=source, output=final.path, target=opts.target, virtual_size=size, data_bytes=data_bytes,
-        verified=compared == recorded, verified_bytes=compared,
+        source=source,
+        output=final.path,
+        target=opts.target,
+        virtual_size=size,
+        data_bytes=data_bytes,
+        verified=compared == recorded,
+        verified_bytes=compared,
         luks=luks_out.resolve()[0].describe() if luks_out else None,
-        original_kept=final.original_kept, original_changed=original_changed,
-        snapshots=[s.name for s in plan_.snapshots], backing_file=plan_.keep_backing,
+        original_kept=final.original_kept,
+        original_changed=original_changed,
+        snapshots=[s.name for s in plan_.snapshots],
+        backing_file=plan_.keep_backing,
         plausibility=verdict.summary if verdict else None,
         passphrase_verified=verdict.verified if verdict else None,
-        luks_carried_over=bool(luks_out and luks_out.carried_over), phase_seconds=timer.seconds,
-        placement=final.placement, source_id=file_id(os.fstat(source_fd)),
+        luks_carried_over=bool(luks_out and luks_out.carried_over),
+        phase_seconds=timer.seconds,
+        placement=final.placement,
+        source_id=file_id(os.fstat(source_fd)),
         passphrase_fallback_used=fallback_used,
         weak_findings=[f.as_dict() for f in new_luks_weaknesses(plan_.report, opts)],
     )
 
 
-def _write_verify_commit(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer,
-                         source_fd: int) -> tuple[Finalized, int, int, tuple[int, int]]:
+def _write_verify_commit(
+    plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, timer: PhaseTimer, source_fd: int
+) -> tuple[Finalized, int, int, tuple[int, int]]:
     """Write to a temp file, read it back (verify), and only then give it its final name.
     The last item is (guest bytes verification accounted for, guest bytes written and recorded)."""
-    with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace,
-                      source_fd=source_fd) as out:
-        out.copy_ownership_from(os.fstat(source_fd), plaintext_from_encrypted=luks_out is None
-                                and _is_encrypted(plan_.report))
+    with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace, source_fd=source_fd) as out:
+        out.copy_ownership_from(
+            os.fstat(source_fd), plaintext_from_encrypted=luks_out is None and _is_encrypted(plan_.report)
+        )
         with timer("write"):
             digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
             wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
         known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
         try:
             with timer("verify"):
-                compared = verify(out.temp_path, known_key, digests, target=opts.target,
-                                  snapshots=plan_.snapshots, stall_seconds=opts.stall_seconds, source=plan_.source,
-                                  backing_passphrase=opts.passphrase, backing_passphrases=opts.layer_passphrases(),
-                                  rules=_output_rules(plan_, opts))
+                compared = verify(
+                    out.temp_path,
+                    known_key,
+                    digests,
+                    target=opts.target,
+                    snapshots=plan_.snapshots,
+                    stall_seconds=opts.stall_seconds,
+                    source=plan_.source,
+                    backing_passphrase=opts.passphrase,
+                    backing_passphrases=opts.layer_passphrases(),
+                    rules=_output_rules(plan_, opts),
+                )
         finally:
             if known_key:
                 known_key.key[:] = bytes(len(known_key.key))
             with timer("sync"):  # only what the fsync still needs after the read-back
                 wait_for_sync()
         if compared != digests.total_bytes:
-            raise VerificationError(f"{plan_.final_path}: only {compared} of {digests.total_bytes} bytes were "
-                                    "read back; the output was not kept")
+            raise VerificationError(
+                f"{plan_.final_path}: only {compared} of {digests.total_bytes} bytes were "
+                "read back; the output was not kept"
+            )
         with timer("commit"):
             return out.commit(), data_bytes, size, (compared, digests.total_bytes)
 
@@ -1058,22 +1188,32 @@ def _is_encrypted(report: dict[str, Any]) -> bool:
 
 def _uses_legacy(report: dict[str, Any]) -> bool:
     return report["encryption"] == "aes-cbc-legacy" or any(
-        layer["encryption"] == "aes-cbc-legacy" for layer in report["backing_chain"])
+        layer["encryption"] == "aes-cbc-legacy" for layer in report["backing_chain"]
+    )
 
 
-def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO
-           ) -> tuple[Digests, int, int]:
+def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO) -> tuple[Digests, int, int]:
     digests = Digests()
     try:
         if opts.target in ("raw", "luks"):
-            with open_image(plan_.source, opts.passphrase, passphrases=opts.layer_passphrases(),
-                            container=opts.source_format, rules=opts.rules) as stream:
+            with open_image(
+                plan_.source,
+                opts.passphrase,
+                passphrases=opts.layer_passphrases(),
+                container=opts.source_format,
+                rules=opts.rules,
+            ) as stream:
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
-                written = write_flat(stream, out, base_offset=base,
-                                     encrypt=luks_out.encrypt_reusing if luks_out else None,
-                                     opts=opts, digests=digests)
+                written = write_flat(
+                    stream,
+                    out,
+                    base_offset=base,
+                    encrypt=luks_out.encrypt_reusing if luks_out else None,
+                    opts=opts,
+                    digests=digests,
+                )
                 if luks_out:
                     _pwrite(out, 0, luks_out.resolve()[1])
                 return digests, written, stream.size
@@ -1092,8 +1232,9 @@ def _check_free_space(out: BinaryIO, needed_bytes: int) -> None:
         raise QcryptIOError(f"the output needs {needed_bytes} bytes but its filesystem has {free_bytes} free")
 
 
-def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO,
-                 digests: Digests) -> tuple[int, int]:
+def _write_qcow2(
+    plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO, digests: Digests
+) -> tuple[int, int]:
     from qcrypt.images.qcow2_writer import ACTIVE, Qcow2Writer
 
     opener = Opener(opts.passphrase, opts.layer_passphrases(), opts.rules)
@@ -1102,11 +1243,14 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
         encrypt = luks_out.encrypt if luks_out else None
         writer = Qcow2Writer(
-            out, virtual_size=source.size, cluster_bits=source.cluster_size.bit_length() - 1,
+            out,
+            virtual_size=source.size,
+            cluster_bits=source.cluster_size.bit_length() - 1,
             luks_area=luks_out.area if luks_out and luks_out.pending is None else None,
             luks_area_size=luks_out.area_bytes if luks_out and luks_out.pending is not None else None,
             encrypt=encrypt,
-            backing_file=plan_.keep_backing, backing_format=plan_.backing_format,
+            backing_file=plan_.keep_backing,
+            backing_format=plan_.backing_format,
         )
         share = bool(plan_.snapshots)
         flatten = bool(plan_.report["backing_file"]) and plan_.keep_backing is None
@@ -1123,8 +1267,14 @@ def _write_qcow2(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None,
             assert table == table_index
             assert isinstance(source, QcowReader)
             snap_reader = QcowReader(source.image, source.cipher, source.iv_from_host, source.backing, snapshot)
-            done += write_qcow2_job(_layer_job(table, snap_reader, snapshot, True), writer, opts, digests,
-                                    skip_zero_data=False, encrypt=reusing)
+            done += write_qcow2_job(
+                _layer_job(table, snap_reader, snapshot, True),
+                writer,
+                opts,
+                digests,
+                skip_zero_data=False,
+                encrypt=reusing,
+            )
             done += _copy_vm_state(snapshot, snap_reader, writer, table, digests)
         if luks_out and luks_out.pending is not None:
             writer.set_luks_area(luks_out.resolve()[1])
@@ -1165,8 +1315,12 @@ def _add_snapshot(writer: Any, snapshot: Snapshot, disk_size: int) -> int:
     extra_size = int.from_bytes(snapshot.entry[36:40], "big")
     extra = snapshot.entry[40 : 40 + extra_size]
     return writer.add_snapshot_table(
-        id=snapshot.id, name=snapshot.name, date_sec=snapshot.date_sec, date_nsec=snapshot.date_nsec,
-        vm_clock_nsec=snapshot.vm_clock_nsec, vm_state_size=vm_state_bytes(snapshot),
-        disk_size=snapshot.virtual_size if snapshot.virtual_size else disk_size, extra=extra,
+        id=snapshot.id,
+        name=snapshot.name,
+        date_sec=snapshot.date_sec,
+        date_nsec=snapshot.date_nsec,
+        vm_clock_nsec=snapshot.vm_clock_nsec,
+        vm_state_size=vm_state_bytes(snapshot),
+        disk_size=snapshot.virtual_size if snapshot.virtual_size else disk_size,
+        extra=extra,
     )
-

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import BinaryIO, TypeVar
 
 from qcrypt.errors import FormatError, UnsafePathError
-from qcrypt.formats._parse import file_size_of
 
 T = TypeVar("T", bound="ImageFile")
 MAX_PREAD = 1 << 30  # Linux returns at most ~2 GiB per read: loop in bounded pieces
@@ -60,17 +59,31 @@ def pinned(path: str, fd: int) -> Iterator[None]:
 def _check_pinned(path: str, st: os.stat_result) -> None:
     expected = _PINNED.get(os.path.abspath(path)) if _PINNED else None
     if expected is not None and (st.st_dev, st.st_ino) != expected:
-        raise UnsafePathError(f"{path} is no longer the file qcrypt opened (another file was put under its "
-                              "name meanwhile); nothing was written")
+        raise UnsafePathError(
+            f"{path} is no longer the file qcrypt opened (another file was put under its "
+            "name meanwhile); nothing was written"
+        )
 
 
 # Kernel pseudo filesystems (statfs f_type): their "regular" files (/proc/kmsg, sysfs attributes) can block on
 # read or have side effects, and are never a disk image.
 PSEUDO_FILESYSTEMS = {
-    0x9FA0: "proc", 0x62656572: "sysfs", 0x64626720: "debugfs", 0x74726163: "tracefs", 0x73636673: "securityfs",
-    0x27E0EB: "cgroup", 0x63677270: "cgroup2", 0x62656570: "configfs", 0xCAFE4A11: "bpf", 0x6165676C: "pstore",
-    0xDE5E81E4: "efivarfs", 0x42494E4D: "binfmt_misc", 0x65735543: "fusectl", 0xF97CFF8C: "selinuxfs",
-    0x43415D53: "smackfs", 0x1CD1: "devpts",
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0x62656570: "configfs",
+    0xCAFE4A11: "bpf",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+    0x42494E4D: "binfmt_misc",
+    0x65735543: "fusectl",
+    0xF97CFF8C: "selinuxfs",
+    0x43415D53: "smackfs",
+    0x1CD1: "devpts",
 }
 
 
@@ -102,9 +115,17 @@ def special_reason(fd: int, st: os.stat_result, *, allow_block: bool) -> str | N
     if stat.S_ISBLK(mode):
         return None if allow_block else "a block device"
     if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a character device" if stat.S_ISCHR(mode) else "a directory" if stat.S_ISDIR(mode)
-                else "not a regular file")
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a character device"
+            if stat.S_ISCHR(mode)
+            else "a directory"
+            if stat.S_ISDIR(mode)
+            else "not a regular file"
+        )
         return kind
     fs = PSEUDO_FILESYSTEMS.get(filesystem_type(fd) or 0)
     return f"a file of the kernel's {fs} filesystem" if fs else None
@@ -150,6 +171,14 @@ def open_image_file(path: str, *, allow_block: bool = True) -> BinaryIO:
         return reopen_for_reading(path_fd, path, allow_block=allow_block)
     finally:
         os.close(path_fd)
+
+
+def file_size_of(fh: BinaryIO) -> int:
+    """The size of an open file (regular file or block device)."""
+    try:
+        return os.fstat(fh.fileno()).st_size or fh.seek(0, os.SEEK_END)
+    except (AttributeError, OSError, ValueError):
+        return fh.seek(0, os.SEEK_END)
 
 
 class ImageFile:

@@ -71,8 +71,10 @@ def refuse_if_in_use(path: str, *, fd: int | None = None) -> None:
         with open_image_file(path) as fh:
             held, ours = held_lock_bytes(fh.fileno()), held_by_qcrypt(fh.fileno())
     if ours:
-        raise ImageInUseError(f"{path} is locked by another qcrypt run (it is migrating this image, or writing "
-                              "it): wait for that run to finish and try again")
+        raise ImageInUseError(
+            f"{path} is locked by another qcrypt run (it is migrating this image, or writing "
+            "it): wait for that run to finish and try again"
+        )
     if held:
         raise ImageInUseError(
             f"{path} is open in a QEMU process ({describe_locks(held)}); shut the VM down (or stop the "

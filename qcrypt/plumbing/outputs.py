@@ -86,8 +86,10 @@ def open_folder(path: str) -> int:
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafePathError(f"{path}: a folder on its path changed while qcrypt opened it (now a symlink "
-                                  "or not a folder); nothing was written") from e
+            raise UnsafePathError(
+                f"{path}: a folder on its path changed while qcrypt opened it (now a symlink "
+                "or not a folder); nothing was written"
+            ) from e
         raise io_error(e, f"opening the folder {path}") from e
 
 
@@ -161,7 +163,8 @@ def refuse_shared_folder(folder_fd: int, folder: str, owner_uid: int) -> None:
         raise UnsafePathError(
             f"{folder} is writable by {who}, not only by root and the image's owner ({_user_name(owner_uid)}): "
             "names there could be swapped while qcrypt renames and links them. Remove the others' write access "
-            "(or set the sticky bit), or write the output to a private folder")
+            "(or set the sticky bit), or write the output to a private folder"
+        )
 
 
 def _lstat_at(folder_fd: int, name: str) -> os.stat_result | None:
@@ -244,8 +247,11 @@ class Placement:
 
     def original_intact(self) -> bool:
         """The kept original is still the file qcrypt read, under the name qcrypt gave it."""
-        return (self.original_name is not None and self.original is not None
-                and is_file_at(self.folder_fd, self.original_name, self.original))
+        return (
+            self.original_name is not None
+            and self.original is not None
+            and is_file_at(self.folder_fd, self.original_name, self.original)
+        )
 
     def undo(self) -> None:
         """Put the original back under its name (--replace), or remove the output. Works on the folder opened
@@ -253,8 +259,10 @@ class Placement:
         UnsafePathError (doing nothing) when a name no longer holds the file qcrypt put there."""
         if self.original_name is not None:
             if not self.original_intact():
-                raise UnsafePathError(f"{self.path(self.original_name)} is no longer the original qcrypt kept; "
-                                      f"it was not put back as {self.path(self.name)}")
+                raise UnsafePathError(
+                    f"{self.path(self.original_name)} is no longer the original qcrypt kept; "
+                    f"it was not put back as {self.path(self.name)}"
+                )
             os.rename(self.original_name, self.name, src_dir_fd=self.folder_fd, dst_dir_fd=self.folder_fd)
         elif is_file_at(self.folder_fd, self.name, self.output):
             os.unlink(self.name, dir_fd=self.folder_fd)
@@ -282,8 +290,7 @@ class AtomicOutput:
     the final name must be that very file (checked now and at commit) and it is that file, by descriptor,
     that is kept as NAME.qcrypt-orig."""
 
-    def __init__(self, final_path: str, *, overwrite: bool, replace_source: bool,
-                 source_fd: int | None = None) -> None:
+    def __init__(self, final_path: str, *, overwrite: bool, replace_source: bool, source_fd: int | None = None) -> None:
         self.final_path = os.path.abspath(final_path)
         self.folder, self.name = os.path.split(self.final_path)
         self.overwrite = overwrite
@@ -318,11 +325,15 @@ class AtomicOutput:
         if self.replace_source:
             assert self.source_st is not None
             if not is_file_at(self.folder_fd, self.name, file_id(self.source_st)):
-                raise UnsafePathError(f"{self.final_path} is not the file qcrypt opened as the source (it changed "
-                                      "meanwhile); nothing was written")
+                raise UnsafePathError(
+                    f"{self.final_path} is not the file qcrypt opened as the source (it changed "
+                    "meanwhile); nothing was written"
+                )
             if _lstat_at(self.folder_fd, self.name + BACKUP_SUFFIX) is not None:
-                raise OutputExistsError(f"{self.final_path}{BACKUP_SUFFIX} exists (a previous --replace kept the "
-                                        "original there); move it away first")
+                raise OutputExistsError(
+                    f"{self.final_path}{BACKUP_SUFFIX} exists (a previous --replace kept the "
+                    "original there); move it away first"
+                )
         elif _lstat_at(self.folder_fd, self.name) is not None and not self.overwrite:
             raise OutputExistsError(f"{self.final_path} exists (use --force to overwrite it)")
 
@@ -343,8 +354,9 @@ class AtomicOutput:
                     raise io_error(e, f"creating {self.temp_path}") from e
                 _PENDING[id(self)] = (self.folder_fd, self.temp_name)
             return fd
-        raise QcryptIOError(f"cannot create a temporary file in {self.folder}: {TEMP_ATTEMPTS} random names "
-                            "were all taken")
+        raise QcryptIOError(
+            f"cannot create a temporary file in {self.folder}: {TEMP_ATTEMPTS} random names were all taken"
+        )
 
     def copy_ownership_from(self, st: os.stat_result, *, plaintext_from_encrypted: bool = False) -> None:
         """Permission bits never wider than the source's (``st``: its fstat), and owner-only for a decrypted copy
@@ -376,8 +388,9 @@ class AtomicOutput:
         forks unsafe), so a read-back check can run meanwhile; returns the function that waits for it and
         raises its error."""
         self.file.flush()
-        background = Background(self.sync, what=f"the fsync of {self.temp_path}",
-                                stall_seconds=FSYNC_STALL_FACTOR * DEFAULT_STALL_SECONDS)
+        background = Background(
+            self.sync, what=f"the fsync of {self.temp_path}", stall_seconds=FSYNC_STALL_FACTOR * DEFAULT_STALL_SECONDS
+        )
         return background.result
 
     def commit(self) -> Finalized:
@@ -388,8 +401,10 @@ class AtomicOutput:
         descriptor, never from a name."""
         try:
             if not is_file_at(self.folder_fd, self.temp_name, self.temp_id):
-                raise UnsafePathError(f"{self.temp_path} is no longer the file qcrypt wrote (it was renamed or "
-                                      "replaced meanwhile); nothing was replaced")
+                raise UnsafePathError(
+                    f"{self.temp_path} is no longer the file qcrypt wrote (it was renamed or "
+                    "replaced meanwhile); nothing was replaced"
+                )
             self._apply_ownership()
             if self.replace_source:
                 self._keep_original()
@@ -409,8 +424,14 @@ class AtomicOutput:
             raise io_error(e, f"renaming {self.temp_path} into place") from e
         self.committed = True
         _PENDING.pop(id(self), None)
-        placement = Placement(os.dup(self.folder_fd), self.folder, self.name, self.temp_id, self.backup_name,
-                              file_id(self.source_st) if self.replace_source and self.source_st else None)
+        placement = Placement(
+            os.dup(self.folder_fd),
+            self.folder,
+            self.name,
+            self.temp_id,
+            self.backup_name,
+            file_id(self.source_st) if self.replace_source and self.source_st else None,
+        )
         return Finalized(self.final_path, self.backup_path, placement)
 
     def _keep_original(self) -> None:
@@ -419,16 +440,20 @@ class AtomicOutput:
         assert self.source_fd is not None and self.source_st is not None and self.backup_name is not None
         source = file_id(self.source_st)
         if not is_file_at(self.folder_fd, self.name, source):
-            raise UnsafePathError(f"{self.final_path} is no longer the source qcrypt read (it was renamed or "
-                                  "replaced meanwhile); nothing was replaced")
+            raise UnsafePathError(
+                f"{self.final_path} is no longer the source qcrypt read (it was renamed or "
+                "replaced meanwhile); nothing was replaced"
+            )
         try:  # linkat of the open file through its /proc magic link: the inode we read, whatever the names
-            os.link(f"/proc/self/fd/{self.source_fd}", self.backup_name, dst_dir_fd=self.folder_fd,
-                    follow_symlinks=True)
+            os.link(
+                f"/proc/self/fd/{self.source_fd}", self.backup_name, dst_dir_fd=self.folder_fd, follow_symlinks=True
+            )
         except FileExistsError:
             raise
         except OSError:  # no /proc: link the name without following it, then check what was linked
-            os.link(self.name, self.backup_name, src_dir_fd=self.folder_fd, dst_dir_fd=self.folder_fd,
-                    follow_symlinks=False)
+            os.link(
+                self.name, self.backup_name, src_dir_fd=self.folder_fd, dst_dir_fd=self.folder_fd, follow_symlinks=False
+            )
         if is_file_at(self.folder_fd, self.backup_name, source) and is_file_at(self.folder_fd, self.name, source):
             return
         if is_file_at(self.folder_fd, self.backup_name, source):  # only our own link goes again
@@ -438,8 +463,9 @@ class AtomicOutput:
 
     def _rename_no_replace(self) -> None:
         try:
-            os.link(self.temp_name, self.name, src_dir_fd=self.folder_fd, dst_dir_fd=self.folder_fd,
-                    follow_symlinks=False)
+            os.link(
+                self.temp_name, self.name, src_dir_fd=self.folder_fd, dst_dir_fd=self.folder_fd, follow_symlinks=False
+            )
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
                 raise

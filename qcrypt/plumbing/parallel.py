@@ -144,8 +144,14 @@ class ForkPool(Generic[R]):
     calling :meth:`kill`) SIGKILLs them at once.
     """
 
-    def __init__(self, task: Callable[..., R], workers: int, *, stall_seconds: float = DEFAULT_STALL_SECONDS,
-                 describe: Callable[[tuple[Any, ...]], str] = repr) -> None:
+    def __init__(
+        self,
+        task: Callable[..., R],
+        workers: int,
+        *,
+        stall_seconds: float = DEFAULT_STALL_SECONDS,
+        describe: Callable[[tuple[Any, ...]], str] = repr,
+    ) -> None:
         threads = other_threads()
         if threads:
             raise WorkerError(f"internal error: refusing to fork while other threads run ({', '.join(threads)})")
@@ -224,8 +230,10 @@ class ForkPool(Generic[R]):
     def _stall_message(self, waiting: list[_Worker]) -> str:
         oldest = min(waiting, key=lambda w: w.since)
         on = self.describe(self._sent[oldest.pending[0]])
-        return (f"no progress for {self.stall_seconds:.0f} s: worker process {oldest.pid} is stuck on {on} "
-                f"({len(waiting)} of {len(self.workers)} workers busy); stopped them all")
+        return (
+            f"no progress for {self.stall_seconds:.0f} s: worker process {oldest.pid} is stuck on {on} "
+            f"({len(waiting)} of {len(self.workers)} workers busy); stopped them all"
+        )
 
     def close(self) -> None:
         """Tell idle workers to exit and reap them; kill any that do not."""
@@ -282,15 +290,24 @@ def _in_process(task: Callable[..., R], items: Iterable[tuple[Any, ...]], worker
         return True
     threads = other_threads()
     if threads:
-        log.warning("running %d-way work in this process: other threads run (%s), so forking is unsafe",
-                    workers, ", ".join(threads))
+        log.warning(
+            "running %d-way work in this process: other threads run (%s), so forking is unsafe",
+            workers,
+            ", ".join(threads),
+        )
         return True
     return False
 
 
-def ordered_map(task: Callable[..., R], items: Iterable[tuple[Any, ...]], *, workers: int | None = None,
-                in_flight: int = 6, stall_seconds: float = DEFAULT_STALL_SECONDS,
-                describe: Callable[[tuple[Any, ...]], str] = repr) -> Iterator[R]:
+def ordered_map(
+    task: Callable[..., R],
+    items: Iterable[tuple[Any, ...]],
+    *,
+    workers: int | None = None,
+    in_flight: int = 6,
+    stall_seconds: float = DEFAULT_STALL_SECONDS,
+    describe: Callable[[tuple[Any, ...]], str] = repr,
+) -> Iterator[R]:
     """``task(*item)`` for every item, results in order; at most ``in_flight`` items pending (bounded memory).
 
     With one worker, where fork is unavailable, or while other threads run, everything runs in this process.
@@ -335,8 +352,9 @@ class Background(Generic[R]):
     """``task(*args)`` in a forked process (a thread would make later forks unsafe): start it, go on,
     then :meth:`result`. Runs at once in this process where forking is unsafe."""
 
-    def __init__(self, task: Callable[..., R], *args: Any, what: str,
-                 stall_seconds: float = DEFAULT_STALL_SECONDS) -> None:
+    def __init__(
+        self, task: Callable[..., R], *args: Any, what: str, stall_seconds: float = DEFAULT_STALL_SECONDS
+    ) -> None:
         self._value: tuple[bool, Any] | None = None
         self._pool: ForkPool[R] | None = None
         if not can_fork():

@@ -19,8 +19,7 @@ def main() -> None:
     environment = dict(os.environ)  # ensurepip sets PIP_CONFIG_FILE=/dev/null in os.environ and leaves it
     ensurepip.bootstrap(upgrade=True)
     options = [arg for arg in sys.argv[1:] if arg not in GET_PIP_ONLY_OPTIONS]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *options], check=True, timeout=600,
-                   env=environment)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *options], check=True, timeout=600, env=environment)
 
 
 if __name__ == "__main__":
