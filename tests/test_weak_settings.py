@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt.audit import findings, scan
 from qcrypt.errors import MigrationError
 from qcrypt.migrate import run as mig
+from qcrypt.model import findings, scan
 from tests import _images as im
 from tests._tools import require_tool
 

@@ -15,13 +15,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from qcrypt.audit import findings as F
+from qcrypt.audit import grading
 from qcrypt.errors import FormatError, LimitExceededError, QcryptError, QcryptIOError
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.images.backing import BackingRefusedError, ChainContext, ChainRules, open_backing
 from qcrypt.images.qcow1_reader import QCowImage
 from qcrypt.images.qcow2_reader import QCow2Image, WalkBudget, feature_names
+from qcrypt.model import findings as F
 from qcrypt.model.clusters import Snapshot
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.files import ImageFile, RawFile, SpecialFileError, open_image_file
@@ -128,14 +129,14 @@ def _inspect_luks(
         hdr2 = luks2.read_luks2(read_at, length, path=image.path)
         info.encryption = "luks2"
         info.luks = hdr2.describe()
-        info.findings += F.grade_luks2(hdr2)
+        info.findings += grading.grade_luks2(hdr2)
         if raw:
             info.virtual_size = hdr2.payload_bytes(image.file_size)
         return
     hdr = luks.read_header(read_at, length, path=image.path)
     info.encryption = "luks1"
     info.luks = hdr.describe()
-    info.findings += F.grade_luks1(hdr, raw=raw)
+    info.findings += grading.grade_luks1(hdr, raw=raw)
     if raw:
         payload_bytes = max(0, image.file_size - hdr.payload_offset * 512)
         info.virtual_size = -(-payload_bytes // 512) * 512
@@ -156,7 +157,7 @@ def _inspect_qcow(image: QCow2Image | QCowImage, info: ImageInfo, *, layer: bool
             info.snapshots = image.snapshots()
             info.snapshot_count = len(info.snapshots)
         info.features = feature_names(h)
-        info.findings += F.grade_qcow2_features(image)
+        info.findings += grading.grade_qcow2_features(image)
         crypto = image.crypto_header()
         if crypto:
             _inspect_luks(image, crypto[0], crypto[1], info, raw=False, layer=layer)

@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from qcrypt.audit import findings
 from qcrypt.audit import scan as scanner
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
@@ -18,6 +17,7 @@ from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
 from qcrypt.images.backing import BackingRefusedError
 from qcrypt.migrate.run import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source, refuse_weak_settings
 from qcrypt.migrate.run import migrate as run_migration
+from qcrypt.model import findings
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcrypt.audit import findings as F
 from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
 from qcrypt.errors import (
     BadPassphraseError,
@@ -53,6 +52,7 @@ from qcrypt.libvirt.domainxml import (
 )
 from qcrypt.migrate.run import MigrateOptions, check_legacy_passphrase
 from qcrypt.migrate.run import migrate as migrate_image
+from qcrypt.model import findings as F
 from qcrypt.plumbing.locking import refuse_if_in_use
 from qcrypt.plumbing.outputs import Placement, file_id, leftover_temps
 

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qcrypt.audit import findings as F
 from qcrypt.errors import FormatError
 from qcrypt.images.backing import ChainRules
 from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported for hook users
@@ -48,6 +47,7 @@ from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported fo
     declared_format,
     parse_domain_xml,
 )
+from qcrypt.model import findings as F
 
 Report = dict[str, Any]
 InspectFn = Callable[[str], Report]

@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from qcrypt.audit import findings as F
 from qcrypt.errors import MigrationError
+from qcrypt.model import findings as F
 from qcrypt.plumbing.files import open_path, reopen_for_reading, special_reason
 
 READ, SEARCH = 4, 1  # permission bits (other-class positions)

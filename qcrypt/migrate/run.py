@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
-from qcrypt.audit import findings as F
-from qcrypt.audit import plausibility
+from qcrypt.audit import grading, plausibility
 from qcrypt.audit.scan import inspect as inspect_image
 from qcrypt.audit.scan import probe, report_error, resolve_backing
 from qcrypt.crypto.kdf import benchmark_pbkdf2
@@ -39,6 +38,7 @@ from qcrypt.guest.stream import GuestStream, KnownMasterKey, Opener, QcowReader,
 from qcrypt.images.backing import BackingRefusedError, ChainRules
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.luks import engine as luks
+from qcrypt.model import findings as F
 from qcrypt.model.clusters import ClusterKind, Snapshot
 from qcrypt.plumbing import checksum
 from qcrypt.plumbing.files import RawFile, open_image_file, pinned
@@ -144,7 +144,7 @@ def new_luks_weaknesses(report: dict[str, Any], opts: MigrateOptions) -> list[F.
     if opts.target not in ("luks", "qcow2-luks") or report.get("encryption") == "luks1":
         return []
     key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
-    return F.grade_new_luks(opts.cipher, opts.hash_name, key_bits, opts.iterations)
+    return grading.grade_new_luks(opts.cipher, opts.hash_name, key_bits, opts.iterations)
 
 
 def refuse_weak_settings(report: dict[str, Any], opts: MigrateOptions) -> None:
