@@ -10,6 +10,7 @@ Public API (see README, "Python API")::
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from qcrypt.errors import (
@@ -47,11 +48,18 @@ __all__ = [
 ]
 
 _LAZY = {
-    "inspect": ("qcrypt.audit.scan", "inspect"),
     "open_image": ("qcrypt.guest.stream", "open_image"),
     "warn_if_legacy": ("qcrypt.hook.check", "warn_if_legacy"),
     "LegacyEncryptionWarning": ("qcrypt.hook.check", "LegacyEncryptionWarning"),
 }
+
+
+def inspect(path: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """The scan report of one image and its backing chain, in its JSON form (docs/REFERENCE.md, "Report
+    fields"). Never raises for bad input. ``options``: ``rules`` (a ChainRules), ``declared_format``."""
+    from qcrypt.audit.inspect import inspect_image
+
+    return inspect_image(path, **options).to_json()
 
 
 def __getattr__(name: str) -> Any:

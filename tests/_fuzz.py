@@ -213,8 +213,8 @@ def _outcome(action: Any) -> str:
 
 
 def run_case(path: Path, passphrase: str | None, grown: bool, work: Path) -> dict[str, Any]:
-    from qcrypt.audit import scan
     from qcrypt.migrate.run import MigrateOptions, migrate
+    from tests import _audit as scan
 
     result: dict[str, Any] = {}
     _reset_peak_rss()

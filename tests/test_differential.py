@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from qcrypt.audit import scan
+from tests import _audit as scan
 from tests import _images as im
 
 MANIFEST = im.manifest()["fixtures"]

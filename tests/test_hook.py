@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import qcrypt
-from qcrypt.audit import scan
+from qcrypt.audit.inspect import inspect_image
+from qcrypt.audit.report import ImageReport
 from qcrypt.errors import FormatError
 from qcrypt.hook import check as hook
 from tests._hook_domains import (
@@ -317,9 +318,9 @@ def test_a_hanging_image_cannot_hold_the_hook(images: Path, tmp_path: Path) -> N
     # a read that really hangs (dead NFS): the budget cuts it off and the XML-declared disk is still reported
     release = threading.Event()
 
-    def hangs(path: str) -> hook.Report:
+    def hangs(path: str) -> ImageReport:
         release.wait(10)
-        return scan.inspect(path)
+        return inspect_image(path)
 
     try:
         started = time.monotonic()
@@ -333,7 +334,7 @@ def test_a_hanging_image_cannot_hold_the_hook(images: Path, tmp_path: Path) -> N
 
 @pytest.mark.interop
 def test_an_inspect_bug_is_reported_not_raised(images: Path) -> None:
-    def broken_inspect(path: str) -> hook.Report:
+    def broken_inspect(path: str) -> ImageReport:
         raise RuntimeError(f"boom on {path}")
 
     check = hook.check_domain_xml(domain_xml("legacy-file.xml", images), inspect_fn=broken_inspect)

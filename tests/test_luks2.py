@@ -269,7 +269,7 @@ def _reseal(area: bytearray, json_text: bytes, csum_alg: bytes = b"sha256") -> b
 )
 def test_hostile_but_checksummed_headers_give_format_errors(tmp_path: Path, json_text: bytes, csum: bytes) -> None:
     """Non-ASCII digits and odd checksum algorithms must not escape as ValueError/TypeError (scan aborts)."""
-    from qcrypt.audit import scan
+    from tests import _audit as scan
 
     area = bytearray(0x4000 * 2)
     area[0:6] = b"LUKS\xba\xbe"

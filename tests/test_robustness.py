@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import qcrypt
-from qcrypt.audit import scan
+from tests import _audit as scan
 from tests import _bounded
 from tests import _images as im
 from tests._tools import require_tool

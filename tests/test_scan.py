@@ -16,8 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 import qcrypt
-from qcrypt.audit import scan
 from qcrypt.cli.main import _register, cli
+from qcrypt.errors import FormatError
+from qcrypt.images.probe import probe
+from tests import _audit as scan
 from tests import _images as im
 
 MANIFEST = im.manifest()["fixtures"]
@@ -112,7 +114,7 @@ def test_allocated_bytes_counts_only_data_clusters(unpacked: dict[str, Path]) ->
 
 
 def test_describe_refuses_garbage(unpacked: dict[str, Path]) -> None:
-    with pytest.raises(scan.FormatError) as raised:
+    with pytest.raises(FormatError) as raised:
         scan.describe(unpacked["qcow2-truncated-header.qcow2"])
     assert "qcow2-truncated-header.qcow2" in str(raised.value)
 
@@ -386,7 +388,7 @@ def test_luks1_layout_that_qemu_refuses(tmp_path: Path, qemu_img: str, cryptsetu
 
     tight = dataclasses.replace(header, payload_offset=1029)  # last key material ends at sector 904 + 125
     path = tmp_path / "tight.luks"
-    path.write_bytes(tight.to_bytes() + bytes(area[luks.fmt.PHDR_SIZE : 1029 * 512]) + bytes(1 << 20))
+    path.write_bytes(tight.to_bytes() + bytes(area[592 : 1029 * 512]) + bytes(1 << 20))
     (tmp_path / "pw").write_bytes(b"pw")
     assert (
         subprocess.run(
@@ -426,7 +428,7 @@ def test_vectorized_l2_count_agrees_with_entry_by_entry_decoding(
 
     checked = 0
     for name, path in sorted(unpacked.items()):
-        if scan.probe(str(path)).format != "qcow2":
+        if probe(str(path)).format != "qcow2":
             continue
         try:
             image = qcow2.QCow2Image.open(path)

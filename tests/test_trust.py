@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from qcrypt.audit import scan
 from qcrypt.hook import check as hook
+from tests import _audit as scan
 from tests._tools import IN_CI, require_tool
 
 pytestmark = pytest.mark.interop

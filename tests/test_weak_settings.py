@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from qcrypt.audit import grading as findings
+from qcrypt.model import findings as F
 from qcrypt.errors import MigrationError
 from qcrypt.migrate import run as mig
-from qcrypt.model import findings, scan
+from tests import _audit as scan
 from tests import _images as im
 from tests._tools import require_tool
 
 PASSPHRASE = "weak settings test passphrase"
 FAST = ["--pbkdf-force-iterations", "1000"]
 TIMEOUT = 120
-LAYOUT_CODES = {findings.LUKS1_UNALIGNED_PAYLOAD, findings.LUKS1_QEMU_REFUSES_LAYOUT, findings.LUKS_NO_ACTIVE_KEYSLOT}
+LAYOUT_CODES = {F.LUKS1_UNALIGNED_PAYLOAD, F.LUKS1_QEMU_REFUSES_LAYOUT, F.LUKS_NO_ACTIVE_KEYSLOT}
 MANIFEST = im.manifest()["fixtures"]
 LUKS1_FIXTURES = sorted(n for n, e in MANIFEST.items() if e["encryption"] == "luks1" and e["format"] == "luks")
 

@@ -201,7 +201,9 @@ def _qemu_layout(header: LuksHeader) -> list[Finding]:
 
 
 def grade_luks2(info: Luks2Info) -> list[Finding]:
-    found = [Finding(LUKS2_NOT_QEMU, Severity.INFO, "LUKS2: dm-crypt opens it, QEMU's luks driver (and qemu-img) cannot")]
+    found = [
+        Finding(LUKS2_NOT_QEMU, Severity.INFO, "LUKS2: dm-crypt opens it, QEMU's luks driver (and qemu-img) cannot")
+    ]
     if not info.checksum_ok:
         found.append(Finding(LUKS2_CHECKSUM, Severity.WARNING, "LUKS2 header checksum does not match"))
     if info.segment_cipher:
@@ -214,7 +216,9 @@ def grade_luks2(info: Luks2Info) -> list[Finding]:
     if low:
         found.append(
             Finding(
-                LUKS_LOW_ITERATIONS, Severity.WARNING, f"PBKDF2 iterations below {MIN_PBKDF2_ITERATIONS} in keyslot(s) {low}"
+                LUKS_LOW_ITERATIONS,
+                Severity.WARNING,
+                f"PBKDF2 iterations below {MIN_PBKDF2_ITERATIONS} in keyslot(s) {low}",
             )
         )
     return found

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from qcrypt.audit import scan as scanner
+from qcrypt.audit.describe import describe
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import SEVERITY_COLOURS, allow_backing_dir_opt, chain_rules, format_opt, human_size
 
@@ -19,7 +19,7 @@ from qcrypt.cli.options import SEVERITY_COLOURS, allow_backing_dir_opt, chain_ru
 @handle_errors
 def info(image: str, output_format: str, allow_backing_dirs: tuple[str, ...]) -> None:
     """Describe IMAGE: format, encryption, findings, layout, snapshots, backing chain, LUKS keyslots."""
-    report = scanner.describe(image, rules=chain_rules(allow_backing_dirs))
+    report = describe(image, rules=chain_rules(allow_backing_dirs)).to_json()  # the JSON edge
     if output_format == "json":
         click.echo(json.dumps(report, indent=2))
     else:

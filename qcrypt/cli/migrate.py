@@ -5,19 +5,21 @@ from __future__ import annotations
 import os
 import signal
 from types import FrameType
-from typing import Any
 
 import click
 
-from qcrypt.audit import scan as scanner
+from qcrypt.audit.describe import allocated_bytes_of
+from qcrypt.audit.inspect import inspect_image
+from qcrypt.audit.report import ImageReport
 from qcrypt.cli.main import handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
 from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
 from qcrypt.images.backing import BackingRefusedError
+from qcrypt.images.probe import QCOW_FORMATS
 from qcrypt.migrate.run import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source, refuse_weak_settings
 from qcrypt.migrate.run import migrate as run_migration
-from qcrypt.model import findings
+from qcrypt.model.encryption import Encryption
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.parallel import DEFAULT_STALL_SECONDS, tune_malloc_for_streaming
 
@@ -167,11 +169,11 @@ def migrate(
         raise click.UsageError("only one passphrase can come from stdin")
     set_max_pbkdf2_seconds(max_pbkdf2_seconds)
     rules = chain_rules(allow_backing_dirs)
-    report = scanner.inspect(source, rules=rules)
+    report = inspect_image(source, rules=rules)
     refuse_unreadable_source(source, report)  # before asking for any passphrase; the error info and scan show
-    refused = [f for f in report["findings"] if f["code"] in findings.BACKING_REFUSED]
+    refused = report.refused_backing()
     if refused:  # before asking for any passphrase
-        raise BackingRefusedError(findings.Finding(**refused[0]))
+        raise BackingRefusedError(refused)
     refuse_weak_settings(
         report,
         MigrateOptions(  # before any passphrase is asked for
@@ -184,8 +186,8 @@ def migrate(
         ),
     )
     own = {os.path.realpath(layer) for layer, _file in layer_passphrase_files}
-    layers = [report, *report.get("backing_chain", [])]
-    encrypted = [layer["path"] for layer in layers if layer["encryption"] != "none"]
+    layers = [(report.path, report.encryption), *((layer.path, layer.encryption) for layer in report.backing_chain)]
+    encrypted = [path for path, encryption in layers if encryption is not Encryption.NONE]
     needs_default = passphrase_file is not None or any(os.path.realpath(path) not in own for path in encrypted)
     passphrase = layer_passphrases = new_passphrase = fallback = None
     try:
@@ -235,7 +237,7 @@ def migrate(
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(opts.chunk_bytes)
-    total = report["virtual_size"] if target in ("luks", "raw") else _allocated_estimate(source, report)
+    total = report.virtual_size if target in ("luks", "raw") else _allocated_estimate(source, report)
     try:
         with progress_bar(
             total=total,
@@ -261,7 +263,7 @@ def migrate(
     if result.weak_findings:
         click.echo(
             "qcrypt: warning: --allow-weak: the new LUKS container has settings 'qcrypt scan' grades as "
-            f"weak: {', '.join(f['code'] for f in result.weak_findings)}",
+            f"weak: {', '.join(f.code for f in result.weak_findings)}",
             err=True,
         )
     if result.passphrase_fallback_used:
@@ -291,14 +293,14 @@ def format_timings(phase_seconds: dict[str, float]) -> str:
     return f"timings: {phases} (total {sum(phase_seconds.values()):.2f} s)"
 
 
-def _allocated_estimate(source: str, report: dict[str, Any]) -> int | None:
+def _allocated_estimate(source: str, report: ImageReport) -> int | None:
     """Bytes a qcow2 target will process (allocated data of the source, snapshots aside), for the ETA."""
-    if report["format"] not in ("qcow", "qcow2"):
-        return report["virtual_size"]
-    return scanner.allocated_bytes_of(source)
+    if report.format not in QCOW_FORMATS:
+        return report.virtual_size
+    return allocated_bytes_of(source)
 
 
-def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_file: str | None) -> None:
+def print_result(r: MigrateResult, source_report: ImageReport, passphrase_file: str | None) -> None:
     kind = {
         "luks": "raw LUKS1",
         "qcow2-luks": "qcow2 with LUKS1",
@@ -307,7 +309,7 @@ def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_fil
     }[r.target]
     checked = "verified by reading it back." if r.verified else "NOT verified."
     click.echo(
-        f"Migrated {r.source} ({source_report['format']}, {source_report['encryption']}) -> {r.output} "
+        f"Migrated {r.source} ({source_report.format}, {source_report.encryption}) -> {r.output} "
         f"({kind}): {human_size(r.virtual_size)} virtual, {human_size(r.data_bytes)} processed, {checked}"
     )
     if r.original_kept and r.original_changed:
@@ -333,7 +335,7 @@ def print_result(r: MigrateResult, source_report: dict[str, Any], passphrase_fil
         click.echo(f"Internal snapshots kept: {', '.join(r.snapshots)}")
     if r.luks:
         _print_luks(r)
-    if r.target in ("qcow2", "raw") and source_report["encryption"] != "none":
+    if r.target in ("qcow2", "raw") and source_report.encryption is not Encryption.NONE:
         click.echo("The output is NOT encrypted: remove <encryption> from the domain's <disk>.")
 
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import click
 
-from qcrypt.audit import scan as scanner
+from qcrypt.audit import walk
+from qcrypt.audit.report import ImageReport, ScanSummary
 from qcrypt.cli.main import EXIT_FINDINGS, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar, style_severity
+from qcrypt.model.findings import Severity
 from qcrypt.plumbing.parallel import default_workers
 
 FAIL_ON = ("critical", "warning", "info", "never")
@@ -70,9 +72,9 @@ def scan(
         from qcrypt import libvirt
 
         declared, rules = libvirt.declared_formats(libvirt_dir, rules)
-    files = list(scanner.iter_files(paths))
+    files = list(walk.iter_files(paths))
     with progress_bar(total=len(files), unit="img", leave=False) as bar:
-        reports = scanner.scan_files(
+        reports = walk.scan_files(
             files,
             jobs=jobs or default_workers(),
             progress=lambda _report: bar.update(),
@@ -80,30 +82,32 @@ def scan(
             declared=declared,
             named=paths,
         )
-    domains_without_image: list[dict[str, Any]] = []
+    domains_without_image: list[dict[str, Any]] = []  # JSON form
     if libvirt_dir:
-        domains_without_image = libvirt.annotate_reports(reports, libvirt_dir)
-    summary = scanner.summarize(reports)
+        domains_without_image = [m.to_json() for m in libvirt.annotate_reports(reports, libvirt_dir)]
+    summary = ScanSummary.of(reports).to_json()
+    should_exit = should_fail(reports, fail_on)
+    documents = [r.to_json() for r in reports]  # the JSON edge: the printers below read this form
     if output_format == "json":
-        document: dict[str, Any] = {"images": reports, "summary": summary}
+        document: dict[str, Any] = {"images": documents, "summary": summary}
         if libvirt_dir:
             document["domains_with_missing_images"] = domains_without_image
         click.echo(json.dumps(document, indent=2))
     elif output_format == "prometheus":
         click.echo(prometheus(reports), nl=False)
     elif quiet:
-        print_findings(reports, domains_without_image)
+        print_findings(documents, domains_without_image)
     else:
-        print_table(reports, summary, domains_without_image)
-    if should_fail(reports, fail_on) or (domains_without_image and fail_on != "never"):
+        print_table(documents, summary, domains_without_image)
+    if should_exit or (domains_without_image and fail_on != "never"):
         sys.exit(EXIT_FINDINGS)
 
 
-def should_fail(reports: list[dict[str, Any]], fail_on: str) -> bool:
+def should_fail(reports: list[ImageReport], fail_on: str) -> bool:
     if fail_on == "never":
         return False
-    threshold = scanner.SEVERITY_RANK[fail_on]
-    return any(scanner.SEVERITY_RANK[r["severity"]] >= threshold for r in reports)
+    threshold = Severity(fail_on).rank
+    return any(r.severity.rank >= threshold for r in reports)
 
 
 def _codes(report: dict[str, Any]) -> str:
@@ -143,7 +147,7 @@ def _label(value: object) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus(reports: list[dict[str, Any]]) -> str:
+def prometheus(reports: list[ImageReport]) -> str:
     """node_exporter textfile-collector metrics."""
     lines = [
         "# HELP qcrypt_images Images scanned, by encryption and severity.",
@@ -151,22 +155,23 @@ def prometheus(reports: list[dict[str, Any]]) -> str:
     ]
     counts: dict[tuple[str, str], int] = {}
     for r in reports:
-        key = (r["encryption"], r["severity"])
+        key = (r.encryption.value, r.severity.value)
         counts[key] = counts.get(key, 0) + 1
     for (enc, sev), n in sorted(counts.items()):
         lines.append(f'qcrypt_images{{encryption="{_label(enc)}",severity="{_label(sev)}"}} {n}')
     lines += [
         "# HELP qcrypt_legacy_images Images whose data or backing chain uses legacy qcow AES encryption.",
         "# TYPE qcrypt_legacy_images gauge",
-        f"qcrypt_legacy_images {sum(1 for r in reports if scanner.has_legacy(r))}",
+        f"qcrypt_legacy_images {sum(1 for r in reports if r.has_legacy)}",
         "# HELP qcrypt_image_info One series per image (value 1).",
         "# TYPE qcrypt_image_info gauge",
     ]
     for r in reports:
+        codes = ",".join(f.code for f in r.findings) or "-"
         lines.append(
-            f'qcrypt_image_info{{path="{_label(r["path"])}",format="{_label(r["format"])}",'
-            f'encryption="{_label(r["encryption"])}",severity="{_label(r["severity"])}",'
-            f'findings="{_label(_codes(r))}"}} 1'
+            f'qcrypt_image_info{{path="{_label(r.path)}",format="{_label(r.format)}",'
+            f'encryption="{_label(r.encryption.value)}",severity="{_label(r.severity.value)}",'
+            f'findings="{_label(codes)}"}} 1'
         )
     lines += [
         "# HELP qcrypt_scan_timestamp_seconds When this scan finished.",

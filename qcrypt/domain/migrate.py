@@ -24,6 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcrypt.audit.describe import allocated_bytes_of
+from qcrypt.audit.inspect import inspect_image
+from qcrypt.audit.report import ImageReport
 from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
 from qcrypt.errors import (
     BadPassphraseError,
@@ -39,7 +42,6 @@ from qcrypt.errors import (
     SecretPrivateError,
     UnsafePathError,
 )
-from qcrypt.hook import check as hooklib
 from qcrypt.images.backing import BackingRefusedError, ChainRules
 from qcrypt.libvirt import usage, xmledit
 from qcrypt.libvirt.connection import SHUT_OFF, Connection
@@ -55,6 +57,7 @@ from qcrypt.migrate.run import migrate as migrate_image
 from qcrypt.model import findings as F
 from qcrypt.plumbing.locking import refuse_if_in_use
 from qcrypt.plumbing.outputs import Placement, file_id, leftover_temps
+from qcrypt.plumbing.syslog import SYSLOG_SOCKET, printable, send_to_syslog, syslog_listening
 
 LEGACY = "aes-cbc-legacy"
 DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
@@ -231,34 +234,24 @@ def _about_disk(target: str | None, path: str | None) -> Any:
 # -- which disks -------------------------------------------------------------------------------------------------
 
 
-def _inspect(path: str, rules: ChainRules | None = None, declared: str | None = None) -> dict[str, Any]:
-    from qcrypt.audit.scan import inspect
-
-    return inspect(path, rules=rules, declared_format=declared)
+def _inspect(path: str, rules: ChainRules | None = None, declared: str | None = None) -> ImageReport:
+    return inspect_image(path, rules=rules, declared_format=declared)
 
 
-def legacy_layers(report: dict[str, Any]) -> list[str]:
+def legacy_layers(report: ImageReport) -> list[str]:
     """Paths of the image's layers (itself first, then its backing chain) that use legacy AES."""
-    layers = [report, *list(report.get("backing_chain") or [])]
-    return [str(layer.get("path")) for layer in layers if layer.get("encryption") == LEGACY]
+    return report.legacy_paths
 
 
-LUKS_ENCRYPTIONS = ("luks1", "luks2")
-
-
-def xml_only(disk: DomainDisk, report: dict[str, Any]) -> bool:
+def xml_only(disk: DomainDisk, report: ImageReport) -> bool:
     """The image is LUKS already (migrated by hand) but the XML still says ``format='qcow'``: only the XML
     needs the fix (libvirt refuses to start the domain until then)."""
-    return (
-        "qcow" in disk.layers[0].encryption
-        and report.get("encryption") in LUKS_ENCRYPTIONS
-        and not legacy_layers(report)
-    )
+    return "qcow" in disk.layers[0].encryption and report.encryption.is_luks and not legacy_layers(report)
 
 
 def affected_disks(
     disks: tuple[DomainDisk, ...], rules: ChainRules | None = None
-) -> list[tuple[DomainDisk, dict[str, Any]]]:
+) -> list[tuple[DomainDisk, ImageReport]]:
     """Local file/block disks whose image or backing chain uses legacy AES, or whose LUKS image the XML still
     declares as ``format='qcow'``, with their scan reports.
 
@@ -277,20 +270,19 @@ def affected_disks(
     return found
 
 
-def _affected(disk: DomainDisk, rules: ChainRules | None) -> dict[str, Any] | None:
+def _affected(disk: DomainDisk, rules: ChainRules | None) -> ImageReport | None:
     top = disk.layers[0]
     assert top.path is not None
     report = _inspect(top.path, disk.chain_rules(rules), declared_format(top))
     declared = any(fmt in ("qcow", "default") for fmt in top.encryption)
-    if report.get("error"):
-        if declared and report.get("format") == "missing":
+    if report.error:
+        if declared and report.format == "missing":
             raise MissingPathError(f"disk {disk.target}: {top.path}: no such file or device")
         if declared:  # the XML says legacy but the image cannot be read: do not guess
-            raise MigrationError(f"disk {disk.target}: {report['error']}")
+            raise MigrationError(f"disk {disk.target}: {report.error}")
         return None
-    refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
-    if refused and (legacy_layers(report) or declared):
-        finding = F.Finding(**refused[0])
+    finding = report.refused_backing()
+    if finding and (legacy_layers(report) or declared):
         raise BackingRefusedError(F.Finding(finding.code, finding.severity, f"disk {disk.target}: {finding.message}"))
     return report if legacy_layers(report) or xml_only(disk, report) else None
 
@@ -305,7 +297,7 @@ def target_for(disk: DomainDisk, opts: DomainOptions) -> str:
 
 
 def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
-    from qcrypt.hook.check import suggested_output
+    from qcrypt.migrate.naming import suggested_output
 
     path = disk.layers[0].path
     assert path is not None
@@ -320,28 +312,26 @@ def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
     return suggested_output(path, to, local_dir=False)
 
 
-def _allocated(report: dict[str, Any], flatten: bool) -> int | None:
-    from qcrypt.audit.scan import allocated_bytes_of
-
-    paths = [report["path"]] + ([layer["path"] for layer in report.get("backing_chain") or []] if flatten else [])
+def _allocated(report: ImageReport, flatten: bool) -> int | None:
+    paths = [report.path, *(report.chain_paths if flatten else [])]
     total = 0
     for path in paths:
         allocated = allocated_bytes_of(path)  # each layer's own tables, within the inspection budget
         if allocated is None:
             return None
         total += allocated
-    return min(total, report["virtual_size"]) if report.get("virtual_size") else total
+    return min(total, report.virtual_size) if report.virtual_size else total
 
 
-def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> DiskPlan:
+def plan_disk(disk: DomainDisk, report: ImageReport, opts: DomainOptions) -> DiskPlan:
     top = disk.layers[0]
     if xml_only(disk, report):
         return DiskPlan(
             target=disk.target or "?",
             source=str(top.path),
             new_path=str(top.path),
-            to="qcow2-luks" if report.get("format") == "qcow2" else "luks",
-            virtual_size=int(report.get("virtual_size") or 0),
+            to="qcow2-luks" if report.format == "qcow2" else "luks",
+            virtual_size=report.virtual_size or 0,
             allocated_size=0,
             secret_uuid=None,
             secret_created=False,
@@ -354,7 +344,7 @@ def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> 
     if to not in ("luks", "qcow2-luks"):
         raise MigrationError(f"--to {to}: migrate-domain writes encrypted images only (luks or qcow2-luks)")
     legacy = legacy_layers(report)
-    flatten = any(path != report["path"] for path in legacy) or (to == "luks" and bool(report["backing_file"]))
+    flatten = any(path != report.path for path in legacy) or (to == "luks" and bool(report.backing_file))
     new_path = new_path_for(disk, to, opts)
     if not opts.replace and os.path.lexists(new_path):
         raise OutputExistsError(f"disk {disk.target}: {new_path} exists already (move it away, or use --replace)")
@@ -363,7 +353,7 @@ def plan_disk(disk: DomainDisk, report: dict[str, Any], opts: DomainOptions) -> 
         source=str(top.path),
         new_path=new_path,
         to=to,
-        virtual_size=int(report.get("virtual_size") or 0),
+        virtual_size=report.virtual_size or 0,
         allocated_size=_allocated(report, flatten),
         secret_uuid=None,
         secret_created=False,
@@ -497,7 +487,7 @@ def _layer_passphrase(conn: Connection, uuid: str, path: str, plan: DiskPlan, op
 def precheck_disk(
     conn: Connection,
     plan: DiskPlan,
-    report: dict[str, Any],
+    report: ImageReport,
     secrets: DiskSecrets,
     opts: DomainOptions,
     *,
@@ -510,7 +500,7 @@ def precheck_disk(
         if plan.passphrase_from is not None:  # None: a private secret, named in the plan's notes
             _check_xml_only_passphrase(plan, report, secrets.passphrase)
     else:
-        chain = [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]
+        chain = [plan.source, *report.chain_paths]
         layers = {os.path.realpath(path) for path in chain}
         strangers = [path for path in secrets.layers if os.path.realpath(path) not in layers]
         if strangers:  # the XML's <backingStore> names a file the image's chain does not reach
@@ -520,7 +510,7 @@ def precheck_disk(
             )
         _check_legacy_passphrases(plan, secrets, opts)
         if check_locks:
-            for path in [plan.source, *(layer["path"] for layer in report.get("backing_chain") or [])]:
+            for path in [plan.source, *report.chain_paths]:
                 refuse_if_in_use(path)
         _check_leftovers(plan)
     if plan.secret_uuid is None:
@@ -833,7 +823,7 @@ def _check_old_images(plan: DiskPlan) -> None:
     plan.unchecked_images = ([] if ok else [first]) + layers
 
 
-def _check_xml_only_passphrase(plan: DiskPlan, report: dict[str, Any], passphrase: bytearray) -> None:
+def _check_xml_only_passphrase(plan: DiskPlan, report: ImageReport, passphrase: bytearray) -> None:
     fallback = _file_fallback(plan, passphrase)
     try:
         check_luks_passphrase(plan.source, report, passphrase)
@@ -973,12 +963,12 @@ def log_change(outcome: DomainOutcome) -> str:
     )
     redefined = [snap.name for snap in outcome.snapshots if snap.status == "redefined"]
     snapshots = f"; snapshots redefined: {', '.join(redefined)}" if redefined else ""
-    line = hooklib.printable(
+    line = printable(
         f"domain {outcome.name!r} redefined by migrate-domain: {disks}{snapshots}; "
         f"old XML saved to {outcome.xml_backup}"
     )
-    if not hooklib.syslog_listening():
-        return f"not logged: no syslog socket at {hooklib.SYSLOG_SOCKET} (this summary is the only record)"
+    if not syslog_listening():
+        return f"not logged: no syslog socket at {SYSLOG_SOCKET} (this summary is the only record)"
     try:
         record_sink(syslog.LOG_NOTICE, line)
     except OSError as e:
@@ -987,14 +977,14 @@ def log_change(outcome: DomainOutcome) -> str:
 
 
 def _send_record(priority: int, line: str) -> None:
-    hooklib.send_to_syslog(priority, line, ident=RECORD_IDENT)
+    send_to_syslog(priority, line, ident=RECORD_IDENT)
 
 
 record_sink: Callable[[int, str], None] = _send_record
 """Where :func:`log_change` sends its line (replace it to collect the lines)."""
 
 
-def check_luks_passphrase(path: str, report: dict[str, Any], passphrase: bytearray) -> None:
+def check_luks_passphrase(path: str, report: ImageReport, passphrase: bytearray) -> None:
     """Raise BadPassphraseError unless ``passphrase`` opens a keyslot of the LUKS image at ``path``."""
     from qcrypt.migrate.run import source_luks
 

@@ -16,15 +16,16 @@ import zlib
 from collections.abc import Mapping
 from typing import BinaryIO, Protocol
 
-from qcrypt.audit.scan import MAX_CHAIN_DEPTH, declared_container, resolve_backing
-from qcrypt.audit.scan import open_image as open_container
 from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
-from qcrypt.images.backing import ChainContext, ChainRules, open_backing
+from qcrypt.images.backing import ChainContext, ChainRules, open_backing, resolve_backing
+from qcrypt.images.probe import declared_container
+from qcrypt.images.probe import open_image as open_container
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.model.clusters import ClusterKind, ClusterMapping, Snapshot
 from qcrypt.plumbing.files import ImageFile, RawFile, open_image_file
+from qcrypt.plumbing.limits import MAX_CHAIN_DEPTH
 
 SECTOR = 512
 Passphrase = str | bytes | bytearray

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import syslog
 import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcrypt.errors import FormatError
 from qcrypt.images.backing import ChainRules
@@ -47,10 +46,16 @@ from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported fo
     declared_format,
     parse_domain_xml,
 )
+from qcrypt.migrate.naming import suggested_output
 from qcrypt.model import findings as F
+from qcrypt.model.encryption import Encryption
+from qcrypt.plumbing import syslog as syslog_line
+from qcrypt.plumbing.syslog import SYSLOG_SOCKET, printable, syslog_listening  # noqa: F401 - hook users' names
 
-Report = dict[str, Any]
-InspectFn = Callable[[str], Report]
+if TYPE_CHECKING:
+    from qcrypt.audit.report import ChainLayer, ImageReport
+
+InspectFn = Callable[[str], "ImageReport"]
 SyslogSink = Callable[[int, str], None]
 LineSink = Callable[[str], None]
 
@@ -58,12 +63,11 @@ DEFAULT_BUDGET_S = 0.5  # seconds of image reads
 RUN_BUDGET_S = 1.0  # seconds for the whole check: parsing the XML, reading images, deciding (plus logging)
 MAX_LOG_LINES = 20  # lines one run sends to syslog (and stderr); one more says how many were left out
 SYSLOG_IDENT = "qcrypt-hook"
-SYSLOG_SOCKET = "/dev/log"  # where syslog(3) sends its lines
 STDERR_PREFIX = "qcrypt-hook: "
-LEGACY_ENCRYPTION = "aes-cbc-legacy"
-LUKS_ENCRYPTIONS = ("luks1", "luks2")
-CODE_LEGACY = "legacy-aes"
-CODE_LEGACY_BACKING = "legacy-aes-backing"
+LEGACY_ENCRYPTION = Encryption.LEGACY_AES
+LUKS_ENCRYPTIONS = (Encryption.LUKS1, Encryption.LUKS2)
+CODE_LEGACY = F.LEGACY_AES
+CODE_LEGACY_BACKING = F.LEGACY_AES_BACKING
 PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
 # libvirt qemu operations the hook acts on: "prepare" runs once before every QEMU start (a plain start, a restore,
 # an incoming migration); "start", "migrate" and "restore" come with the same XML and would repeat each warning
@@ -130,18 +134,13 @@ class DomainCheck:
     elapsed_s: float = 0.0
 
 
-def printable(text: str) -> str:
-    """``text`` with control characters escaped, so one message stays one log line."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
 # -- inspection within a time budget --------------------------------------------------------------------
 
 
-def _default_inspect(path: str) -> Report:
-    from qcrypt.audit.scan import inspect
+def _default_inspect(path: str) -> ImageReport:
+    from qcrypt.audit.inspect import inspect_image
 
-    return inspect(path)
+    return inspect_image(path)
 
 
 def _norm(path: str) -> str:
@@ -152,31 +151,31 @@ def _norm(path: str) -> str:
 class _Inspections:
     """Reports gathered by the worker thread; ``covered`` holds paths already seen in a backing chain."""
 
-    reports: dict[str, Report] = field(default_factory=dict)
-    covered: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reports: dict[str, ImageReport] = field(default_factory=dict)
+    covered: dict[str, ChainLayer] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, path: str, report: Report) -> None:
+    def add(self, path: str, report: ImageReport) -> None:
         with self.lock:
             self.reports[_norm(path)] = report
-            for layer in report.get("backing_chain") or ():
-                if layer.get("path"):
-                    self.covered.setdefault(_norm(layer["path"]), layer)
+            for layer in report.backing_chain:
+                if layer.path:
+                    self.covered.setdefault(_norm(layer.path), layer)
 
     def snapshot(self) -> _Inspections:
         with self.lock:
             return _Inspections(dict(self.reports), dict(self.covered), list(self.failures))
 
-    def report(self, path: str | None) -> Report | None:
+    def report(self, path: str | None) -> ImageReport | None:
         return self.reports.get(_norm(path)) if path else None
 
-    def encryption(self, path: str | None) -> str | None:
+    def encryption(self, path: str | None) -> Encryption | None:
         """The encryption of ``path`` if it was inspected, directly or as a backing layer."""
         if not path:
             return None
         found = self.reports.get(_norm(path)) or self.covered.get(_norm(path))
-        return found.get("encryption") if found else None
+        return found.encryption if found else None
 
 
 def _inspect_worker(
@@ -220,28 +219,15 @@ def inspect_within(paths: list[str], inspect_fn: InspectFn, budget_s: float) -> 
 # -- deciding what to say ---------------------------------------------------------------------------------
 
 
-def _codes(report: Report | None) -> set[str]:
-    if not report:
-        return set()
-    return {f.get("code") for f in report.get("findings") or () if isinstance(f, dict)}
+def _codes(report: ImageReport | None) -> set[str]:
+    return report.codes if report else set()
 
 
-def _first_legacy_layer(report: Report) -> str:
-    for layer in report.get("backing_chain") or ():
-        if layer.get("encryption") == LEGACY_ENCRYPTION:
-            return str(layer.get("path"))
+def _first_legacy_layer(report: ImageReport) -> str:
+    for layer in report.backing_chain:
+        if layer.encryption is LEGACY_ENCRYPTION:
+            return layer.path
     return "a backing layer"
-
-
-def suggested_output(path: str, target: str, *, local_dir: bool) -> str:
-    """A new file name next to ``path`` (or in the current folder for block devices)."""
-    name = os.path.basename(path.rstrip("/")) or "disk"
-    for suffix in (".qcow2", ".qcow", ".img", ".raw"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    name += ".luks.qcow2" if target == "qcow2-luks" else ".luks"
-    return name if local_dir else os.path.join(os.path.dirname(path), name)
 
 
 def migrate_domain_command(domain: str, *, needs_passphrase: bool = False) -> str:
@@ -278,14 +264,14 @@ class _Verdict:
     refused: bool = False  # a backing file broke the chain rules: look before migrating anything
 
 
-def _refused_reasons(report: Report | None, verdict: _Verdict) -> None:
-    for finding in (report or {}).get("findings") or ():
-        if isinstance(finding, dict) and finding.get("code") in F.BACKING_REFUSED:
-            verdict.reasons.append(str(finding.get("message")))
+def _refused_reasons(report: ImageReport | None, verdict: _Verdict) -> None:
+    for finding in report.findings if report else ():
+        if finding.code in F.BACKING_REFUSED:
+            verdict.reasons.append(finding.message)
             verdict.refused = True
 
 
-def _image_reasons(report: Report | None, verdict: _Verdict) -> None:
+def _image_reasons(report: ImageReport | None, verdict: _Verdict) -> None:
     codes = _codes(report)
     if report and CODE_LEGACY in codes:
         verdict.reasons.append(f"the image uses {LEGACY_TEXT}")
@@ -317,10 +303,10 @@ def _backing_store_reasons(disk: DomainDisk, found: _Inspections, verdict: _Verd
         verdict.flatten = True
 
 
-def _declared_reasons(top: DiskLayer, report: Report | None, verdict: _Verdict) -> None:
+def _declared_reasons(top: DiskLayer, report: ImageReport | None, verdict: _Verdict) -> None:
     if CODE_LEGACY in _codes(report):
         return  # already said, from the image itself
-    encryption = report.get("encryption") if report else None
+    encryption = report.encryption if report else None
     for fmt in dict.fromkeys(top.encryption):
         if fmt not in LEGACY_XML_FORMATS:
             continue
@@ -386,7 +372,7 @@ def declared_inspect(domain: Domain, rules: ChainRules | None = None) -> Inspect
     """The hook's inspection: each disk layer is read as the format its XML declares (a raw disk is never
     parsed as an image, whatever the guest wrote in it), and backing chains reach only the image's folder,
     ``rules`` and the layers the disk's ``<backingStore>`` declares."""
-    from qcrypt.audit.scan import inspect
+    from qcrypt.audit.inspect import inspect_image as inspect
 
     plans: dict[str, tuple[str | None, ChainRules]] = {}
     for disk in domain.disks:
@@ -399,7 +385,7 @@ def declared_inspect(domain: Domain, rules: ChainRules | None = None) -> Inspect
             if known is None or (fmt == "raw" and known[0] != "raw"):
                 plans[_norm(layer.path)] = (fmt, disk_rules)
 
-    def inspect_declared(path: str) -> Report:
+    def inspect_declared(path: str) -> ImageReport:
         fmt, disk_rules = plans.get(_norm(path), (None, rules or ChainRules()))
         return inspect(path, rules=disk_rules, declared_format=fmt)
 
@@ -423,7 +409,7 @@ def check_domain(
     if deadline is None:
         deadline = started + RUN_BUDGET_S
     if inspect_fn is None:
-        import qcrypt.audit.scan  # noqa: F401 - loaded before the clock starts: the budget is for reading images
+        import qcrypt.audit.inspect  # noqa: F401 - loaded before the clock starts: the budget is for reading images
     budget_s = max(0.0, min(budget_s, deadline - time.monotonic()))
     found, missed = inspect_within(_local_paths(domain), inspect_fn or declared_inspect(domain, rules), budget_s)
     check = DomainCheck(domain=domain.name, errors=list(found.failures))
@@ -488,29 +474,8 @@ def check_domain_xml(
 
 
 def send_to_syslog(priority: int, message: str, ident: str = SYSLOG_IDENT) -> None:
-    """Log one line as ``ident`` to the daemon facility (journald and syslog daemons pick it up), in the form
-    syslog(3) sends: ``<PRI>Mmm dd hh:mm:ss IDENT[PID]: MESSAGE``.
-
-    Sent without ever waiting: syslog(3) blocks while the daemon's queue is full (a stuck or overloaded
-    daemon would hold the hook, and so the VM's start), so the datagram goes out non-blocking and a full
-    queue or a missing socket raises OSError (the line is lost; callers report or ignore it)."""
-    stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
-    line = f"<{syslog.LOG_DAEMON | priority}>{stamp} {ident}[{os.getpid()}]: {message}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-        sender.setblocking(False)
-        sender.connect(SYSLOG_SOCKET)
-        sender.send(line.encode("utf-8", "replace"))
-
-
-def syslog_listening() -> bool:
-    """True when something listens at the syslog socket (a syslog daemon or journald): a datagram socket
-    connects to it (a socket file left behind by a daemon that is gone refuses the connection)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(SYSLOG_SOCKET)
-        except OSError:
-            return False
-    return True
+    """Log one line as the hook (see :func:`qcrypt.plumbing.syslog.send_to_syslog`: never waits)."""
+    syslog_line.send_to_syslog(priority, message, ident)
 
 
 syslog_sink: SyslogSink = send_to_syslog
@@ -564,11 +529,11 @@ def emit(
 # -- Python API -----------------------------------------------------------------------------------------------
 
 
-def legacy_message(report: Report, domain: str | None = None) -> str | None:
+def legacy_message(report: ImageReport, domain: str | None = None) -> str | None:
     """The warning text for one image's scan report, or None when it holds no legacy encryption. With the
     libvirt ``domain`` that uses the image, the fix named first is ``qcrypt migrate-domain DOMAIN``."""
     codes = _codes(report)
-    path = str(report.get("path"))
+    path = report.path
     if CODE_LEGACY in codes:
         where = f"{path}: {LEGACY_TEXT}"
     elif CODE_LEGACY_BACKING in codes:

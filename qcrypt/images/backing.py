@@ -214,3 +214,12 @@ def owner_cannot_read(real: str, st: os.stat_result, owner: Owner) -> str | None
         return None
     finally:
         os.close(dir_fd)
+
+
+def resolve_backing(image_path: str, backing_file: str) -> str | None:
+    """The local path QEMU would open for ``backing_file`` (relative to the image's folder), or None."""
+    if backing_file.startswith("json:") or "://" in backing_file:
+        return None
+    if os.path.isabs(backing_file):
+        return backing_file
+    return os.path.join(os.path.dirname(image_path) or ".", backing_file)

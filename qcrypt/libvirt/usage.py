@@ -2,7 +2,7 @@
 
 A domain's disk uses the files its XML names (``<source>``, each ``<backingStore>``) and the backing chain
 its image's own headers name: libvirt does not require ``<backingStore>``, and QEMU follows the header. The
-header chain is the scanner's (:func:`qcrypt.audit.scan.inspect`, so its rules about which backing files may be
+header chain is the scanner's (:func:`qcrypt.audit.inspect.inspect_image`, so its rules about which backing files may be
 followed apply), read only for disks whose ``<driver type>`` is an image format with a backing file (a raw
 disk's content is guest data, never parsed). Used by ``scan --libvirt-xml`` (which domains use each image)
 and by ``migrate-domain`` (which old images may be named in destructive advice).
@@ -14,24 +14,23 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
+from qcrypt.audit.inspect import inspect_image
+from qcrypt.audit.report import ImageReport
 from qcrypt.libvirt.domainxml import Domain, DomainDisk
 
 HEADER_CHAIN_FORMATS = ("qcow2", "qcow")  # driver types whose image header may name a backing file
 MAX_FOLDER_ENTRIES = 4096  # images beside an old image inspected for a backing chain naming it
-Inspect = Callable[[str], dict[str, Any]]
+Inspect = Callable[[str], ImageReport]
 
 
-def _default_inspect(path: str) -> dict[str, Any]:
-    from qcrypt.audit.scan import inspect
-
-    return inspect(path)
+def _default_inspect(path: str) -> ImageReport:
+    return inspect_image(path)
 
 
-def chain_paths(report: dict[str, Any]) -> list[str]:
+def chain_paths(report: ImageReport) -> list[str]:
     """The backing chain's paths of a scan report (below the image itself)."""
-    return [str(layer["path"]) for layer in report.get("backing_chain") or [] if layer.get("path")]
+    return [path for path in report.chain_paths if path]
 
 
 def disk_paths(disk: DomainDisk, inspect: Inspect = _default_inspect) -> list[str]:

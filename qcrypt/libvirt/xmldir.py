@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
+from qcrypt.audit.report import ImageReport
 from qcrypt.errors import FormatError
 from qcrypt.images.backing import ChainRules, DeclaredLayer
 from qcrypt.libvirt.domainxml import LEGACY_XML_FORMATS, MAX_XML_BYTES, Domain, declared_format, parse_domain_xml
@@ -47,12 +49,25 @@ def declared_formats(xml_dir: str, rules: ChainRules | None = None) -> tuple[dic
     return formats, ChainRules(allow_dirs=rules.allow_dirs, declared=(*rules.declared, *declared))
 
 
-def annotate_reports(reports: list[dict[str, Any]], xml_dir: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class MissingLegacyImage:
+    """A domain's disk that declares legacy encryption on an image that does not exist."""
+
+    domain: str
+    target: str
+    path: str
+    encryption: str  # the <encryption format> the XML declares
+
+    def to_json(self) -> dict[str, Any]:
+        return {"domain": self.domain, "target": self.target, "path": self.path, "encryption": self.encryption}
+
+
+def annotate_reports(reports: list[ImageReport], xml_dir: str) -> list[MissingLegacyImage]:
     """Add ``domains`` to each report a domain uses (through its XML and its image's backing chain as the
     headers name it); return domains whose legacy-encrypted image is missing."""
     domains, _problems = read_domains(xml_dir)
     users = domain_users(domains)
-    missing: list[dict[str, Any]] = []
+    missing: list[MissingLegacyImage] = []
     for domain in domains:
         for disk in domain.disks:
             for layer in disk.layers:
@@ -60,16 +75,9 @@ def annotate_reports(reports: list[dict[str, Any]], xml_dir: str) -> list[dict[s
                     continue
                 legacy = [fmt for fmt in layer.encryption if fmt in LEGACY_XML_FORMATS]
                 if legacy and not os.path.exists(layer.path):
-                    missing.append(
-                        {
-                            "domain": domain.name,
-                            "target": disk.target or "?",
-                            "path": layer.path,
-                            "encryption": legacy[0],
-                        }
-                    )
+                    missing.append(MissingLegacyImage(domain.name, disk.target or "?", layer.path, legacy[0]))
     for report in reports:
-        names = users.get(os.path.realpath(report["path"]))
+        names = users.get(os.path.realpath(report.path))
         if names:
-            report["domains"] = sorted(names)
+            report.domains = sorted(names)
     return missing

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from qcrypt.audit import grading, plausibility
-from qcrypt.audit.scan import inspect as inspect_image
-from qcrypt.audit.scan import probe, report_error, resolve_backing
+from qcrypt.audit.inspect import inspect_image
+from qcrypt.audit.report import ImageReport
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.secret import disable_core_dumps
 from qcrypt.crypto.secret import wipe as wipe_secret
@@ -35,11 +35,13 @@ from qcrypt.errors import (
 )
 from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.guest.stream import GuestStream, KnownMasterKey, Opener, QcowReader, Secret, open_image
-from qcrypt.images.backing import BackingRefusedError, ChainRules
+from qcrypt.images.backing import BackingRefusedError, ChainRules, resolve_backing
+from qcrypt.images.probe import probe
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.luks import engine as luks
 from qcrypt.model import findings as F
 from qcrypt.model.clusters import ClusterKind, Snapshot
+from qcrypt.model.encryption import Encryption
 from qcrypt.plumbing import checksum
 from qcrypt.plumbing.files import RawFile, open_image_file, pinned
 from qcrypt.plumbing.locking import hold_shared_locks, refuse_if_in_use
@@ -113,7 +115,7 @@ class MigrateResult:
     passphrase_verified: bool | None = None  # legacy sources: False when nothing could check the passphrase
     luks_carried_over: bool = False
     passphrase_fallback_used: bool = False  # MigrateOptions.passphrase_fallback opened the source, not passphrase
-    weak_findings: list[dict[str, Any]] = field(default_factory=list)  # what --allow-weak let through
+    weak_findings: list[F.Finding] = field(default_factory=list)  # what --allow-weak let through
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase, in order
     placement: Placement | None = field(default=None, repr=False)  # with opts.keep_placement: close() it
     source_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the source file qcrypt opened and read
@@ -138,16 +140,16 @@ class PhaseTimer:
 # -- planning -------------------------------------------------------------------------------------------------
 
 
-def new_luks_weaknesses(report: dict[str, Any], opts: MigrateOptions) -> list[F.Finding]:
+def new_luks_weaknesses(report: ImageReport, opts: MigrateOptions) -> list[F.Finding]:
     """What the scanner would grade in the LUKS container this migration creates (none when it creates none:
     another target, or a LUKS source whose header and keyslots carry over unchanged)."""
-    if opts.target not in ("luks", "qcow2-luks") or report.get("encryption") == "luks1":
+    if opts.target not in ("luks", "qcow2-luks") or report.encryption is Encryption.LUKS1:
         return []
     key_bits = opts.key_bits or (512 if "xts" in opts.cipher else 256)
     return grading.grade_new_luks(opts.cipher, opts.hash_name, key_bits, opts.iterations)
 
 
-def refuse_weak_settings(report: dict[str, Any], opts: MigrateOptions) -> None:
+def refuse_weak_settings(report: ImageReport, opts: MigrateOptions) -> None:
     """MigrationError when the new container would carry a scanner finding and ``opts.allow_weak`` is off."""
     weak = new_luks_weaknesses(report, opts)
     if weak and not opts.allow_weak:
@@ -161,7 +163,7 @@ def refuse_weak_settings(report: dict[str, Any], opts: MigrateOptions) -> None:
 @dataclass
 class Plan:
     source: str
-    report: dict[str, Any]
+    report: ImageReport
     final_path: str
     keep_backing: str | None
     backing_format: str | None
@@ -173,17 +175,17 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
         raise MigrationError(f"unknown target {opts.target!r} (choose from {', '.join(TARGETS)})")
     report = inspect_image(source, rules=opts.rules, declared_format=opts.source_format)
     refuse_unreadable_source(source, report)
-    refused = [f for f in report["findings"] if f["code"] in F.BACKING_REFUSED]
+    refused = report.refused_backing()
     if refused:  # never copy a file its owner could not read, a device or a host file into the output
-        raise BackingRefusedError(F.Finding(**refused[0]))
-    if report["encryption"] == "luks2":
+        raise BackingRefusedError(refused)
+    if report.encryption is Encryption.LUKS2:
         raise MigrationError(f"{source} is LUKS2, which qcrypt cannot unlock; use cryptsetup")
     refuse_weak_settings(report, opts)
     final_path = os.path.realpath(source) if opts.replace else opts.output  # --replace acts on the real file
     if not final_path:
         raise MigrationError("an output path is required (-o OUT), or --replace")
     if not opts.replace:
-        _refuse_output_over_inputs(final_path, [source] + [layer["path"] for layer in report["backing_chain"]])
+        _refuse_output_over_inputs(final_path, [source, *report.chain_paths])
     _check_layer_passphrases(source, report, opts)
     keep_backing, backing_format, snapshots = _chain_plan(source, report, opts)
     if keep_backing:
@@ -191,15 +193,15 @@ def plan(source: str, opts: MigrateOptions) -> Plan:
     return Plan(source, report, final_path, keep_backing, backing_format, snapshots)
 
 
-def _check_layer_passphrases(source: str, report: dict[str, Any], opts: MigrateOptions) -> None:
+def _check_layer_passphrases(source: str, report: ImageReport, opts: MigrateOptions) -> None:
     """Every path given a passphrase of its own must be a layer of the source's chain (a typo would otherwise
     silently fall back to the default passphrase)."""
-    layers = {os.path.realpath(path) for path in [source, *(layer["path"] for layer in report["backing_chain"])]}
+    layers = {os.path.realpath(path) for path in [source, *report.chain_paths]}
     strangers = [path for path in opts.passphrases if os.path.realpath(path) not in layers]
     if strangers:
         raise MigrationError(
             f"{strangers[0]} is given a passphrase but is not a layer of {source}'s chain "
-            f"(layers: {', '.join([source, *(layer['path'] for layer in report['backing_chain'])])})"
+            f"(layers: {', '.join([source, *report.chain_paths])})"
         )
 
 
@@ -236,29 +238,29 @@ def _refuse_output_over_inputs(output: str, inputs: list[str]) -> None:
 
 
 def _chain_plan(
-    source: str, report: dict[str, Any], opts: MigrateOptions
+    source: str, report: ImageReport, opts: MigrateOptions
 ) -> tuple[str | None, str | None, list[Snapshot]]:
     snapshots: list[Snapshot] = []
     backing_format = None
-    if report["format"] == "qcow2":
+    if report.format == "qcow2":
         with QCow2Image.open(source) as image:
             snapshots = image.snapshots()
             backing_format = image.backing_format
     qcow2_target = opts.target in ("qcow2", "qcow2-luks")
-    if not report["backing_file"] or not qcow2_target or opts.flatten:
-        if snapshots and report["backing_file"] and qcow2_target:
+    if not report.backing_file or not qcow2_target or opts.flatten:
+        if snapshots and report.backing_file and qcow2_target:
             raise MigrationError(
                 "--flatten of an overlay with internal snapshots is not supported: "
                 "delete the snapshots or migrate without --flatten"
             )
         return None, None, snapshots if qcow2_target else []
-    legacy = [layer["path"] for layer in report["backing_chain"] if layer["encryption"] == "aes-cbc-legacy"]
+    legacy = [layer.path for layer in report.backing_chain if layer.encryption is Encryption.LEGACY_AES]
     if legacy:
         raise MigrationError(
             f"backing layer {legacy[0]} uses legacy AES encryption too: add --flatten to fold the chain into "
             "one standalone image, or migrate each layer from the base up and rebase the overlays"
         )
-    return report["backing_file"], backing_format, snapshots
+    return report.backing_file, backing_format, snapshots
 
 
 # -- passphrase plausibility (legacy AES has no key check) ------------------------------------------------------
@@ -457,19 +459,19 @@ class LuksOutput:
 
 
 def source_luks(
-    source: str, report: dict[str, Any], passphrase: bytes | None
+    source: str, report: ImageReport, passphrase: bytes | None
 ) -> tuple[luks.LuksHeader, bytes, bytearray] | None:
     """Header, header area bytes and master key of a LUKS1 source (raw or qcow2), else None."""
-    if report["encryption"] != "luks1":
+    if report.encryption is not Encryption.LUKS1:
         return None
     if passphrase is None:
         raise BadPassphraseError(f"{source} is LUKS-encrypted: a passphrase is required")
     return _with_luks_region(source, report, lambda read_at, size: _read_luks_area(read_at, size, source, passphrase))
 
 
-def _with_luks_region(source: str, report: dict[str, Any], use: Callable[[luks.ReadAt, int], Any]) -> Any:
+def _with_luks_region(source: str, report: ImageReport, use: Callable[[luks.ReadAt, int], Any]) -> Any:
     """``use(read_at, region_size)`` over the LUKS region of a raw LUKS or qcow2-LUKS source."""
-    if report["format"] == "qcow2":
+    if report.format == "qcow2":
         with QCow2Image.open(source) as image:
             region = image.crypto_header()
             assert region is not None
@@ -478,12 +480,12 @@ def _with_luks_region(source: str, report: dict[str, Any], use: Callable[[luks.R
         return use(luks.file_reader(raw.fh, 0, raw.file_size, path=source), raw.file_size)
 
 
-def refuse_unreadable_source(source: str, report: dict[str, Any]) -> None:
+def refuse_unreadable_source(source: str, report: ImageReport) -> None:
     """Raise, before any passphrase is asked for, what ``qcrypt info`` would raise for an image that cannot be
     parsed, and the UnsupportedFeatureError naming what qcrypt lacks for a LUKS1 source it cannot unlock."""
-    if report.get("error"):
-        raise report_error(report)
-    if report["encryption"] == "luks1":
+    if report.error:
+        raise report.error_to_raise()
+    if report.encryption is Encryption.LUKS1:
         header = _with_luks_region(source, report, lambda read_at, size: luks.read_header(read_at, size, path=source))
         luks.require_supported(header, path=source)
 
@@ -1050,8 +1052,8 @@ def _migrate_once(source: str, opts: MigrateOptions) -> MigrateResult:
             plan_ = plan(source, opts)
             hold_shared_locks(source_lock.fileno(), writing=False)
             refuse_if_in_use(source, fd=source_lock.fileno())  # our own locks on this fd do not count
-            for layer in plan_.report["backing_chain"]:
-                refuse_if_in_use(layer["path"])
+            for layer_path in plan_.report.chain_paths:
+                refuse_if_in_use(layer_path)
         return _migrate_locked(source, plan_, opts, timer, source_lock.fileno())
 
 
@@ -1059,7 +1061,7 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
     verdict = None
     fallback_used = False
     chosen_by_legacy = False
-    if _uses_legacy(plan_.report):
+    if bool(plan_.report.legacy_paths):
         with timer("passphrase check"):
             exact, fallback = opts.passphrase, opts.passphrase_fallback
             if (
@@ -1130,7 +1132,7 @@ def _convert(
         placement=final.placement,
         source_id=file_id(os.fstat(source_fd)),
         passphrase_fallback_used=fallback_used,
-        weak_findings=[f.as_dict() for f in new_luks_weaknesses(plan_.report, opts)],
+        weak_findings=new_luks_weaknesses(plan_.report, opts),
     )
 
 
@@ -1141,7 +1143,7 @@ def _write_verify_commit(
     The last item is (guest bytes verification accounted for, guest bytes written and recorded)."""
     with AtomicOutput(plan_.final_path, overwrite=opts.force, replace_source=opts.replace, source_fd=source_fd) as out:
         out.copy_ownership_from(
-            os.fstat(source_fd), plaintext_from_encrypted=luks_out is None and _is_encrypted(plan_.report)
+            os.fstat(source_fd), plaintext_from_encrypted=luks_out is None and plan_.report.encrypted_anywhere
         )
         with timer("write"):
             digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
@@ -1180,16 +1182,6 @@ def _output_rules(plan_: Plan, opts: MigrateOptions) -> ChainRules:
     the source's folder, wherever the output lives."""
     rules = opts.rules or ChainRules()
     return rules.with_dirs([os.path.dirname(os.path.realpath(plan_.source))])
-
-
-def _is_encrypted(report: dict[str, Any]) -> bool:
-    return report["encryption"] != "none" or any(layer["encryption"] != "none" for layer in report["backing_chain"])
-
-
-def _uses_legacy(report: dict[str, Any]) -> bool:
-    return report["encryption"] == "aes-cbc-legacy" or any(
-        layer["encryption"] == "aes-cbc-legacy" for layer in report["backing_chain"]
-    )
 
 
 def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO) -> tuple[Digests, int, int]:
@@ -1253,7 +1245,7 @@ def _write_qcow2(
             backing_format=plan_.backing_format,
         )
         share = bool(plan_.snapshots)
-        flatten = bool(plan_.report["backing_file"]) and plan_.keep_backing is None
+        flatten = bool(plan_.report.backing_file) and plan_.keep_backing is None
         if isinstance(source, FlatSource):
             job, skip_zero = _whole_disk_job(source), True
         elif flatten:

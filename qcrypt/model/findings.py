@@ -145,7 +145,9 @@ def backing_not_local(name: str) -> Finding:
 
 
 def backing_too_deep(depth: int) -> Finding:
-    return Finding(BACKING_TOO_DEEP, Severity.WARNING, f"backing chain deeper than {depth} layers; not followed further")
+    return Finding(
+        BACKING_TOO_DEEP, Severity.WARNING, f"backing chain deeper than {depth} layers; not followed further"
+    )
 
 
 def backing_outside(image: str, name: str, real: str, storage: tuple[str, ...]) -> Finding:
