@@ -213,7 +213,8 @@ def _outcome(action: Any) -> str:
 
 
 def run_case(path: Path, passphrase: str | None, grown: bool, work: Path) -> dict[str, Any]:
-    from qcrypt.migrate.run import MigrateOptions, migrate
+    from qcrypt.migrate.options import MigrateOptions
+    from qcrypt.migrate.run import migrate
     from tests import _audit as scan
 
     result: dict[str, Any] = {}

@@ -18,7 +18,10 @@ import pytest
 from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, MigrationError, QcryptError, UnsupportedFeatureError
 from qcrypt.formats import luks1 as fmt
-from qcrypt.luks import engine as luks
+from qcrypt.luks import cipher_spec
+from qcrypt.luks import create as luks_create
+from qcrypt.luks import header as luks_header
+from qcrypt.luks import keyslots as luks_keyslots
 from tests._compare import assert_same_bytes
 from tests._images import CPU_USAGE_ATTEMPTS
 from tests._pbkdf import measured_rate
@@ -58,14 +61,14 @@ def key_file(tmp_path: Path, passphrase: bytes, name: str = "key") -> str:
     return str(path)
 
 
-def reader_for(path: Path) -> tuple[luks.ReadAt, int]:
+def reader_for(path: Path) -> tuple[luks_header.ReadAt, int]:
     data = path.read_bytes()
-    return luks.bytes_reader(data, path=str(path)), len(data)
+    return luks_header.bytes_reader(data, path=str(path)), len(data)
 
 
-def read_file_header(path: Path) -> luks.LuksHeader:
+def read_file_header(path: Path) -> luks_header.LuksHeader:
     read_at, size = reader_for(path)
-    return luks.read_header(read_at, size, path=str(path))
+    return luks_header.read_header(read_at, size, path=str(path))
 
 
 def dump_master_key(cryptsetup: str, image: Path, keyfile: str) -> tuple[bytes, dict[str, str]]:
@@ -139,15 +142,15 @@ def patterned(sectors: int) -> bytes:
 
 def make_volume(
     cipher: str = "aes-xts-plain64", key_bits: int = 512, hash_name: str = "sha256"
-) -> tuple[bytearray, luks.LuksHeader, bytearray]:
-    master_key = luks.new_master_key(key_bits // 8)
-    params = luks.LuksParams(cipher=cipher, key_bits=key_bits, hash_name=hash_name, iterations=FORCED)
-    header, area = luks.create(master_key, PASSPHRASE, params)
+) -> tuple[bytearray, luks_header.LuksHeader, bytearray]:
+    master_key = luks_create.new_master_key(key_bits // 8)
+    params = luks_create.LuksParams(cipher=cipher, key_bits=key_bits, hash_name=hash_name, iterations=FORCED)
+    header, area = luks_create.create(master_key, PASSPHRASE, params)
     return master_key, header, area
 
 
 @pytest.fixture(scope="module")
-def volume() -> tuple[bytearray, luks.LuksHeader, bytearray]:
+def volume() -> tuple[bytearray, luks_header.LuksHeader, bytearray]:
     """One xts-plain64/sha256 volume made by us (master key, header, header area)."""
     return make_volume()
 
@@ -164,14 +167,14 @@ def test_unlock_cryptsetup_header(cryptsetup: str, tmp_path: Path, cipher: str, 
     cryptsetup_format(cryptsetup, image, keyfile, cipher, key_bits, hash_name)
     expected_key, fields = dump_master_key(cryptsetup, image, keyfile)
     read_at, size = reader_for(image)
-    header = luks.read_header(read_at, size, path=str(image))
+    header = luks_header.read_header(read_at, size, path=str(image))
     assert header.cipher == cipher == f"{fields['Cipher name']}-{fields['Cipher mode']}"
     assert (header.key_bits, header.hash_spec, header.uuid) == (key_bits, hash_name, fields["UUID"])
     assert header.payload_offset == int(fields["Payload offset"])
     assert header.to_bytes() == image.read_bytes()[: fmt.PHDR_SIZE]
-    assert luks.unlock(header, read_at, PASSPHRASE) == expected_key
+    assert luks_keyslots.unlock(header, read_at, PASSPHRASE) == expected_key
     with pytest.raises(BadPassphraseError, match="opens no keyslot"):
-        luks.unlock(header, read_at, WRONG_PASSPHRASE)
+        luks_keyslots.unlock(header, read_at, WRONG_PASSPHRASE)
 
 
 # qemu-img benchmarks PBKDF2 for about a second whatever iter-time says, so keep this list short.
@@ -200,9 +203,9 @@ def test_unlock_qemu_header(
     assert header.payload_offset == 8 + 8 * step  # QEMU does not align the payload to 1 MiB
     expected_key, _ = dump_master_key(cryptsetup, image, keyfile)
     read_at, _size = reader_for(image)
-    assert luks.unlock(header, read_at, PASSPHRASE) == expected_key
+    assert luks_keyslots.unlock(header, read_at, PASSPHRASE) == expected_key
     with pytest.raises(BadPassphraseError):
-        luks.unlock(header, read_at, WRONG_PASSPHRASE)
+        luks_keyslots.unlock(header, read_at, WRONG_PASSPHRASE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def test_created_volume_interoperates(
     master_key, header, area = make_volume(cipher, key_bits, hash_name)
     assert len(area) == header.payload_offset * 512
     plaintext = patterned(2048)  # 1 MiB; each sector differs, so IV mistakes past sector 0 show up
-    name, mode = luks.split_cipher(cipher)
+    name, mode = cipher_spec.split_cipher(cipher)
     image = tmp_path / "ours.luks"
     write_image(image, area, make_sector_cipher(name, mode, master_key).encrypt(plaintext, 0))
     keyfile, wrong = key_file(tmp_path, PASSPHRASE), key_file(tmp_path, WRONG_PASSPHRASE, "wrong")
@@ -272,9 +275,9 @@ def test_layout_matches_cryptsetup(cryptsetup: str, tmp_path: Path, cipher: str,
 
 
 def test_create_defaults_and_benchmarked_iterations() -> None:
-    params = luks.LuksParams(iter_time_ms=20)
-    master_key = luks.new_master_key(64)
-    header, area = luks.create(master_key, PASSPHRASE, params)
+    params = luks_create.LuksParams(iter_time_ms=20)
+    master_key = luks_create.new_master_key(64)
+    header, area = luks_create.create(master_key, PASSPHRASE, params)
     assert (header.cipher, header.key_bits, header.hash_spec, header.payload_offset) == (
         "aes-xts-plain64",
         512,
@@ -286,13 +289,15 @@ def test_create_defaults_and_benchmarked_iterations() -> None:
     assert max(1000, rate * 0.020 / 3) <= header.keyslots[0].iterations <= max(1000, rate * 0.020 * 3)
     assert max(1000, rate * 0.125 / 3) <= header.mk_digest_iter <= max(1000, rate * 0.125 * 3)
     assert header.uuid == header.uuid.lower() and len(header.uuid) == 36
-    assert luks.read_header(luks.bytes_reader(area, path="mem"), len(area), path="mem") == header
-    assert luks.unlock(header, luks.bytes_reader(area, path="mem"), PASSPHRASE) == master_key
+    assert luks_header.read_header(luks_header.bytes_reader(area, path="mem"), len(area), path="mem") == header
+    assert luks_keyslots.unlock(header, luks_header.bytes_reader(area, path="mem"), PASSPHRASE) == master_key
 
 
 def test_create_qemu_style_layout_and_uuid() -> None:
-    params = luks.LuksParams(iterations=FORCED, payload_align_sectors=0, uuid="0123ABCD-0123-4567-89AB-0123456789AB")
-    header, area = luks.create(luks.new_master_key(64), PASSPHRASE, params)
+    params = luks_create.LuksParams(
+        iterations=FORCED, payload_align_sectors=0, uuid="0123ABCD-0123-4567-89AB-0123456789AB"
+    )
+    header, area = luks_create.create(luks_create.new_master_key(64), PASSPHRASE, params)
     assert header.payload_offset == 4040
     assert len(area) == 4040 * 512
     assert header.uuid == "0123abcd-0123-4567-89ab-0123456789ab"
@@ -301,29 +306,29 @@ def test_create_qemu_style_layout_and_uuid() -> None:
 @pytest.mark.parametrize(
     ("params", "error"),
     [
-        (luks.LuksParams(cipher="aes-cbc-plain64:sha256", key_bits=256), FormatError),
-        (luks.LuksParams(cipher="aes-xts-plain64", key_bits=128), FormatError),
-        (luks.LuksParams(cipher="aes-cbc-plain64", key_bits=512), FormatError),
-        (luks.LuksParams(cipher="aes", key_bits=256), FormatError),
-        (luks.LuksParams(cipher="serpent-xts-plain64"), UnsupportedFeatureError),
-        (luks.LuksParams(cipher="aes-ecb", key_bits=256), UnsupportedFeatureError),
-        (luks.LuksParams(hash_name="md5"), UnsupportedFeatureError),
-        (luks.LuksParams(hash_name="SHA256"), UnsupportedFeatureError),
-        (luks.LuksParams(iterations=999), FormatError),
-        (luks.LuksParams(uuid="not-a-uuid", iterations=FORCED), FormatError),
+        (luks_create.LuksParams(cipher="aes-cbc-plain64:sha256", key_bits=256), FormatError),
+        (luks_create.LuksParams(cipher="aes-xts-plain64", key_bits=128), FormatError),
+        (luks_create.LuksParams(cipher="aes-cbc-plain64", key_bits=512), FormatError),
+        (luks_create.LuksParams(cipher="aes", key_bits=256), FormatError),
+        (luks_create.LuksParams(cipher="serpent-xts-plain64"), UnsupportedFeatureError),
+        (luks_create.LuksParams(cipher="aes-ecb", key_bits=256), UnsupportedFeatureError),
+        (luks_create.LuksParams(hash_name="md5"), UnsupportedFeatureError),
+        (luks_create.LuksParams(hash_name="SHA256"), UnsupportedFeatureError),
+        (luks_create.LuksParams(iterations=999), FormatError),
+        (luks_create.LuksParams(uuid="not-a-uuid", iterations=FORCED), FormatError),
     ],
 )
-def test_create_refuses_bad_params(params: luks.LuksParams, error: type[Exception]) -> None:
+def test_create_refuses_bad_params(params: luks_create.LuksParams, error: type[Exception]) -> None:
     with pytest.raises(error):
-        luks.create(luks.new_master_key(params.key_bits // 8), PASSPHRASE, params)
+        luks_create.create(luks_create.new_master_key(params.key_bits // 8), PASSPHRASE, params)
 
 
 def test_create_refuses_wrong_key_length() -> None:
     with pytest.raises(FormatError, match="master key is 32 bytes"):
-        luks.create(luks.new_master_key(32), PASSPHRASE, luks.LuksParams(iterations=FORCED))
+        luks_create.create(luks_create.new_master_key(32), PASSPHRASE, luks_create.LuksParams(iterations=FORCED))
 
 
-def test_describe_is_json(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_describe_is_json(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     _mk, header, _area = volume
     described = json.loads(json.dumps(header.describe()))
     assert described["cipher"] == "aes-xts-plain64"
@@ -339,8 +344,8 @@ def test_describe_is_json(volume: tuple[bytearray, luks.LuksHeader, bytearray]) 
 @pytest.mark.interop
 def test_add_and_remove_keyslots(cryptsetup: str, tmp_path: Path) -> None:
     master_key, header, area = make_volume("aes-cbc-essiv:sha256", 256, "sha1")
-    header = luks.add_keyslot(header, area, master_key, OTHER_PASSPHRASE, iterations=FORCED, slot=5)
-    header = luks.add_keyslot(header, area, master_key, b"third", iterations=FORCED)
+    header = luks_keyslots.add_keyslot(header, area, master_key, OTHER_PASSPHRASE, iterations=FORCED, slot=5)
+    header = luks_keyslots.add_keyslot(header, area, master_key, b"third", iterations=FORCED)
     assert header.active_slots == (0, 1, 5)
     image = tmp_path / "slots.luks"
     write_image(image, area, bytes(MIB))
@@ -349,17 +354,17 @@ def test_add_and_remove_keyslots(cryptsetup: str, tmp_path: Path) -> None:
     assert run(*test, "--key-file", key2, "--key-slot", "5", str(image)).returncode == 0
     assert run(*test, "--key-file", key2, "--key-slot", "0", str(image), check=False).returncode != 0
     assert run(*test, "--key-file", key_file(tmp_path, b"third", "key3"), "--key-slot", "1", str(image)).returncode == 0
-    read_at = luks.bytes_reader(area, path="mem")
-    assert luks.unlock(header, read_at, OTHER_PASSPHRASE, slot=5) == master_key
-    assert luks.unlocked_slot(header, read_at, b"third") == 1
+    read_at = luks_header.bytes_reader(area, path="mem")
+    assert luks_keyslots.unlock(header, read_at, OTHER_PASSPHRASE, slot=5) == master_key
+    assert luks_keyslots.unlocked_slot(header, read_at, b"third") == 1
 
-    header = luks.remove_keyslot(header, area, 0)
+    header = luks_keyslots.remove_keyslot(header, area, 0)
     write_image(image, area, bytes(MIB))
     assert "Key Slot 0: DISABLED" in run(cryptsetup, "luksDump", str(image)).stdout
     assert run(*test, "--key-file", key1, str(image), check=False).returncode == 2
     assert run(*test, "--key-file", key2, str(image)).returncode == 0
     assert read_file_header(image) == header
-    assert header.keyslots[0] == luks.LuksKeyslot(0, False, 0, bytes(32), 8, 4000)
+    assert header.keyslots[0] == luks_header.LuksKeyslot(0, False, 0, bytes(32), 8, 4000)
 
 
 @pytest.mark.interop
@@ -369,8 +374,8 @@ def test_add_keyslot_to_cryptsetup_volume(cryptsetup: str, tmp_path: Path) -> No
     header = read_file_header(image)
     data = bytearray(image.read_bytes())
     area = data[: header.payload_offset * 512]
-    master_key = luks.unlock(header, luks.bytes_reader(area, path="mem"), PASSPHRASE)
-    luks.add_keyslot(header, area, master_key, OTHER_PASSPHRASE, iterations=FORCED, slot=7)
+    master_key = luks_keyslots.unlock(header, luks_header.bytes_reader(area, path="mem"), PASSPHRASE)
+    luks_keyslots.add_keyslot(header, area, master_key, OTHER_PASSPHRASE, iterations=FORCED, slot=7)
     data[: len(area)] = area
     image.write_bytes(data)
     key2 = key_file(tmp_path, OTHER_PASSPHRASE, "key2")
@@ -380,36 +385,36 @@ def test_add_keyslot_to_cryptsetup_volume(cryptsetup: str, tmp_path: Path) -> No
     assert "Key Slot 7: ENABLED" in run(cryptsetup, "luksDump", str(image)).stdout
 
 
-def test_keyslot_management_refusals(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_keyslot_management_refusals(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     master_key, header, area = volume
     area = bytearray(area)
     with pytest.raises(MigrationError, match="last active"):
-        luks.remove_keyslot(header, area, 0)
+        luks_keyslots.remove_keyslot(header, area, 0)
     with pytest.raises(MigrationError, match="not an active"):
-        luks.remove_keyslot(header, area, 3)
+        luks_keyslots.remove_keyslot(header, area, 3)
     with pytest.raises(MigrationError, match="already in use"):
-        luks.add_keyslot(header, area, master_key, b"x", iterations=FORCED, slot=0)
+        luks_keyslots.add_keyslot(header, area, master_key, b"x", iterations=FORCED, slot=0)
     with pytest.raises(MigrationError, match="does not exist"):
-        luks.add_keyslot(header, area, master_key, b"x", iterations=FORCED, slot=8)
+        luks_keyslots.add_keyslot(header, area, master_key, b"x", iterations=FORCED, slot=8)
     with pytest.raises(BadPassphraseError, match="master key"):
-        luks.add_keyslot(header, area, bytes(64), b"x", iterations=FORCED)
+        luks_keyslots.add_keyslot(header, area, bytes(64), b"x", iterations=FORCED)
     with pytest.raises(FormatError, match="header area"):
-        luks.add_keyslot(header, bytearray(4096), master_key, b"x", iterations=FORCED, slot=2)
+        luks_keyslots.add_keyslot(header, bytearray(4096), master_key, b"x", iterations=FORCED, slot=2)
     full = header
     for _ in range(7):
-        full = luks.add_keyslot(full, area, master_key, b"x", iterations=FORCED)
+        full = luks_keyslots.add_keyslot(full, area, master_key, b"x", iterations=FORCED)
     assert full.active_slots == tuple(range(8))
     with pytest.raises(MigrationError, match="all 8"):
-        luks.add_keyslot(full, area, master_key, b"x", iterations=FORCED)
+        luks_keyslots.add_keyslot(full, area, master_key, b"x", iterations=FORCED)
     with pytest.raises(BadPassphraseError, match="not active"):
-        luks.unlock(header, luks.bytes_reader(area, path="mem"), PASSPHRASE, slot=4)
+        luks_keyslots.unlock(header, luks_header.bytes_reader(area, path="mem"), PASSPHRASE, slot=4)
 
 
-def test_verify_master_key(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_verify_master_key(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     master_key, header, _area = volume
-    assert luks.verify_master_key(header, master_key)
-    assert not luks.verify_master_key(header, bytes(64))
-    assert not luks.verify_master_key(header, master_key[:32])
+    assert luks_keyslots.verify_master_key(header, master_key)
+    assert not luks_keyslots.verify_master_key(header, bytes(64))
+    assert not luks_keyslots.verify_master_key(header, master_key[:32])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -426,9 +431,9 @@ def _slot_field(index: int, offset_in_slot: int) -> int:
     return 208 + 48 * index + offset_in_slot
 
 
-def _read(data: bytes, region_size: int | None = None) -> luks.LuksHeader:
+def _read(data: bytes, region_size: int | None = None) -> luks_header.LuksHeader:
     size = len(data) if region_size is None else region_size
-    return luks.read_header(luks.bytes_reader(data, path="t.luks"), size, path="t.luks")
+    return luks_header.read_header(luks_header.bytes_reader(data, path="t.luks"), size, path="t.luks")
 
 
 INVALID = [
@@ -491,21 +496,21 @@ UNSUPPORTED = [
 
 @pytest.mark.parametrize(("mutate", "part", "qemu_implements"), UNSUPPORTED)
 def test_unsupported_algorithms_are_still_luks1(
-    volume: tuple[bytearray, luks.LuksHeader, bytearray], mutate: object, part: str, qemu_implements: bool
+    volume: tuple[bytearray, luks_header.LuksHeader, bytearray], mutate: object, part: str, qemu_implements: bool
 ) -> None:
     _mk, _header, area = volume
     header = _read(mutate(bytes(area[: fmt.PHDR_SIZE])) + bytes(area[fmt.PHDR_SIZE :]))  # type: ignore[operator]
-    assert luks.qcrypt_unsupported(header) == [part]
-    assert bool(luks.qemu_unsupported(header)) is not qemu_implements
+    assert luks_header.qcrypt_unsupported(header) == [part]
+    assert bool(luks_header.qemu_unsupported(header)) is not qemu_implements
     with pytest.raises(UnsupportedFeatureError) as caught:
-        luks.require_supported(header, path="t.luks")
+        luks_header.require_supported(header, path="t.luks")
     assert caught.value.path == "t.luks" and part in str(caught.value)
     assert str(caught.value).count("t.luks") == 1
 
 
 @pytest.mark.parametrize(("mutate", "error", "field"), INVALID)
 def test_invalid_headers(
-    volume: tuple[bytearray, luks.LuksHeader, bytearray], mutate: object, error: type, field: str
+    volume: tuple[bytearray, luks_header.LuksHeader, bytearray], mutate: object, error: type, field: str
 ) -> None:
     _mk, _header, area = volume
     data = mutate(bytes(area[: fmt.PHDR_SIZE])) + bytes(area[fmt.PHDR_SIZE :])  # type: ignore[operator]
@@ -515,7 +520,7 @@ def test_invalid_headers(
     assert field in (caught.value.field or "")
 
 
-def test_accepted_variants(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_accepted_variants(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     master_key, header, area = volume
     phdr = bytes(area[: fmt.PHDR_SIZE])
     rest = bytes(area[fmt.PHDR_SIZE :])
@@ -526,7 +531,7 @@ def test_accepted_variants(volume: tuple[bytearray, luks.LuksHeader, bytearray])
     after_nul = _read(_poke(phdr, 40, "32s", b"xts-plain64\0\xff\xfe") + rest)  # bytes after the NUL ignored
     assert after_nul.cipher_mode == "xts-plain64"
     qemu_suffix = _read(_poke(phdr, 40, "32s", b"xts-plain64:sha256") + rest)  # QEMU ignores the suffix
-    assert luks.unlock(qemu_suffix, luks.bytes_reader(area, path="m"), PASSPHRASE) == master_key
+    assert luks_keyslots.unlock(qemu_suffix, luks_header.bytes_reader(area, path="m"), PASSPHRASE) == master_key
     # the region only needs to reach the end of the last keyslot, not the payload
     last_end = (header.keyslots[7].key_material_offset + header.material_sectors) * 512
     assert _read(bytes(area[:last_end])) == header
@@ -539,35 +544,35 @@ def test_region_smaller_than_phdr() -> None:
         _read(b"LUKS\xba\xbe\x00\x01")
 
 
-def test_luks_version_probe(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_luks_version_probe(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     _mk, _header, area = volume
-    assert luks.luks_version(luks.bytes_reader(area, path="m"), len(area), path="m") == 1
-    assert luks.luks_version(luks.bytes_reader(b"QFI\xfb" + bytes(600), path="m"), 604, path="m") is None
-    assert luks.luks_version(luks.bytes_reader(b"LUK", path="m"), 3, path="m") is None
+    assert luks_header.luks_version(luks_header.bytes_reader(area, path="m"), len(area), path="m") == 1
+    assert luks_header.luks_version(luks_header.bytes_reader(b"QFI\xfb" + bytes(600), path="m"), 604, path="m") is None
+    assert luks_header.luks_version(luks_header.bytes_reader(b"LUK", path="m"), 3, path="m") is None
 
 
-def test_file_reader_bounds(tmp_path: Path, volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_file_reader_bounds(tmp_path: Path, volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     master_key, header, area = volume
     image = tmp_path / "embedded.bin"
     image.write_bytes(bytes(65536) + area)  # like an FDE region at a cluster offset inside a qcow2 file
     with open(image, "rb") as fh:
-        read_at = luks.file_reader(fh, 65536, len(area), path=str(image))
-        assert luks.read_header(read_at, len(area), path=str(image)) == header
-        assert luks.unlock(header, read_at, PASSPHRASE) == master_key
+        read_at = luks_header.file_reader(fh, 65536, len(area), path=str(image))
+        assert luks_header.read_header(read_at, len(area), path=str(image)) == header
+        assert luks_keyslots.unlock(header, read_at, PASSPHRASE) == master_key
         with pytest.raises(FormatError, match="outside the LUKS region"):
             read_at(len(area) - 10, 20)
-        past_end = luks.file_reader(fh, 65536, len(area) + 4096, path=str(image))
+        past_end = luks_header.file_reader(fh, 65536, len(area) + 4096, path=str(image))
         with pytest.raises(FormatError, match="short read"):
             past_end(len(area), 4096)
-    in_memory = luks.file_reader(io.BytesIO(image.read_bytes()), 65536, len(area), path="mem")
-    assert luks.read_header(in_memory, len(area), path="mem") == header
+    in_memory = luks_header.file_reader(io.BytesIO(image.read_bytes()), 65536, len(area), path="mem")
+    assert luks_header.read_header(in_memory, len(area), path="mem") == header
 
 
 # ---------------------------------------------------------------------------------------------------------
 # robustness
 
 
-def test_random_mutations_raise_only_qcrypt_errors(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_random_mutations_raise_only_qcrypt_errors(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     _mk, _header, area = volume
     original = bytes(area)
     rng = random.Random(20240601)
@@ -587,25 +592,25 @@ def test_random_mutations_raise_only_qcrypt_errors(volume: tuple[bytearray, luks
         if cheap and round_no % 10 == 0:
             outcomes["unlock_checked"] += 1
             with contextlib.suppress(QcryptError):
-                luks.unlock(header, luks.bytes_reader(bytes(data), path="m"), PASSPHRASE)
+                luks_keyslots.unlock(header, luks_header.bytes_reader(bytes(data), path="m"), PASSPHRASE)
         assert time.monotonic() < deadline
     assert outcomes["accepted"] > 50 and outcomes["rejected"] > 50 and outcomes["unlock_checked"] > 3
 
 
-def test_truncations_raise_only_format_errors(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_truncations_raise_only_format_errors(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     _mk, header, area = volume
     for size in [0, 1, 6, 8, 100, 591, 592, 4096, 8 * 512 + 1000, 500 * 512]:
         data = bytes(area[:size])
         with pytest.raises(FormatError):
             _read(data)
         # the region claims more than the reader can deliver: the header may parse, the key material cannot
-        read_at = luks.bytes_reader(data, path="t")
+        read_at = luks_header.bytes_reader(data, path="t")
         with pytest.raises(FormatError):
-            luks.unlock(luks.read_header(read_at, len(area), path="t"), read_at, PASSPHRASE)
-        assert size < fmt.PHDR_SIZE or luks.read_header(read_at, len(area), path="t") == header
+            luks_keyslots.unlock(luks_header.read_header(read_at, len(area), path="t"), read_at, PASSPHRASE)
+        assert size < fmt.PHDR_SIZE or luks_header.read_header(read_at, len(area), path="t") == header
 
 
-def test_dataclass_replace_round_trip(volume: tuple[bytearray, luks.LuksHeader, bytearray]) -> None:
+def test_dataclass_replace_round_trip(volume: tuple[bytearray, luks_header.LuksHeader, bytearray]) -> None:
     _mk, header, area = volume
     changed = dataclasses.replace(header, uuid="11111111-2222-3333-4444-555555555555")
     data = changed.to_bytes() + bytes(area[fmt.PHDR_SIZE :])

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
-from qcrypt.luks import engine as luks
+from qcrypt.luks import create as luks_create
+from qcrypt.luks import header as luks_header
 from qcrypt.luks import luks2
 from tests._tools import require_tool
 
@@ -67,7 +68,7 @@ def format_luks2(cryptsetup: str, image: Path, kdf: str, label: str = "qcrypt te
 
 def read(data: bytes | bytearray, region_size: int | None = None) -> luks2.Luks2Info:
     size = len(data) if region_size is None else region_size
-    return luks2.read_luks2(luks.bytes_reader(data, path="t.img"), size, path="t.img")
+    return luks2.read_luks2(luks_header.bytes_reader(data, path="t.img"), size, path="t.img")
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,8 @@ def test_matches_luks_dump(cryptsetup: str, tmp_path: Path, kdf: str) -> None:
     dump = luks_dump_fields(cryptsetup, image)
     with open(image, "rb") as fh:
         size = image.stat().st_size
-        read_at = luks.file_reader(fh, 0, size, path=str(image))
-        assert luks.luks_version(read_at, size, path=str(image)) == 2
+        read_at = luks_header.file_reader(fh, 0, size, path=str(image))
+        assert luks_header.luks_version(read_at, size, path=str(image)) == 2
         info = luks2.read_luks2(read_at, size, path=str(image))
     assert info.version == 2 and info.checksum_ok
     assert info.uuid == dump["UUID"][0]
@@ -169,9 +170,9 @@ def test_damaged_headers(pbkdf2_image: bytes) -> None:
 @pytest.mark.interop
 def test_luks1_readers_refuse_each_other(pbkdf2_image: bytes) -> None:
     with pytest.raises(UnsupportedFeatureError, match="version 2"):
-        luks.read_header(luks.bytes_reader(pbkdf2_image, path="t"), len(pbkdf2_image), path="t")
-    params = luks.LuksParams(iterations=1000)
-    _header, area = luks.create(luks.new_master_key(64), b"pw", params)
+        luks_header.read_header(luks_header.bytes_reader(pbkdf2_image, path="t"), len(pbkdf2_image), path="t")
+    params = luks_create.LuksParams(iterations=1000)
+    _header, area = luks_create.create(luks_create.new_master_key(64), b"pw", params)
     with pytest.raises(UnsupportedFeatureError, match="version 1"):
         read(area)
     with pytest.raises(FormatError, match="smaller than"):

@@ -698,7 +698,7 @@ def test_verification_catches_a_corrupted_output(
     """The read-back check compares digests of the source plaintext with what the output decodes to (with
     XXH3-128, and with the SHA-256 fallback used where the xxhash wheel is missing)."""
     import qcrypt as api
-    from qcrypt.migrate import run as mig
+    from qcrypt.migrate import verification as mig
     from qcrypt.plumbing import checksum
 
     monkeypatch.setattr(checksum, "_current", [(digest_name, checksum.AVAILABLE[digest_name])])
@@ -923,20 +923,21 @@ def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatc
     """Snapshot ranges whose clusters the output *and* the source share with the active table are not decrypted
     twice; everything else still is."""
     from qcrypt.migrate import run as mig
+    from qcrypt.migrate import verification
 
     source, passphrase = _snapshot_fixture(tmp_path)
     checked: dict[int, int] = {}
-    real_check = mig._check_ranges
+    real_check = verification._check_ranges
 
     def counting(read: object, ranges: list, table: int, *args: object, **kw: object) -> int:
         checked[table] = checked.get(table, 0) + sum(1 for r in ranges if r[0] == table)
         return real_check(read, ranges, table, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mig, "_check_ranges", counting)
+    monkeypatch.setattr(verification, "_check_ranges", counting)
     written: dict[int, int] = {}
     real_verify = mig.verify
 
-    def recording(path: str, key: object, digests: mig.Digests, **kw: object) -> int:
+    def recording(path: str, key: object, digests: verification.Digests, **kw: object) -> int:
         for table, *_ in digests.ranges:
             written[table] = written.get(table, 0) + 1
         return real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
@@ -958,16 +959,17 @@ def test_verify_catches_a_cluster_shared_by_mistake(tmp_path: Path, monkeypatch:
     disagree, so the range is read back in full and the wrong content is caught."""
     import qcrypt as api
     from qcrypt.migrate import run as mig
+    from qcrypt.migrate import writing
 
     source, passphrase = _snapshot_fixture(tmp_path)
-    real_layer_job = mig._layer_job
+    real_layer_job = mig.layer_job
 
-    def keyed_by_guest_cluster_only(table: int, reader: object, snapshot: object, share: bool) -> mig.Qcow2Job:
+    def keyed_by_guest_cluster_only(table: int, reader: object, snapshot: object, share: bool) -> writing.Qcow2Job:
         job = real_layer_job(table, reader, snapshot, share)  # type: ignore[arg-type]
         job.clusters = ((g, kind, ("guest", g) if key is not None else None) for g, kind, key in job.clusters)
         return job
 
-    monkeypatch.setattr(mig, "_layer_job", keyed_by_guest_cluster_only)
+    monkeypatch.setattr(mig, "layer_job", keyed_by_guest_cluster_only)
     out = tmp_path / "out.qcow2"
     opts = mig.MigrateOptions(target="qcow2-luks", output=str(out), passphrase=passphrase, iterations=1000, workers=1)
     with pytest.raises(api.VerificationError, match="differ from the source"):

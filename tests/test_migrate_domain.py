@@ -24,7 +24,7 @@ from qcrypt.domain import migrate as domain_migrate
 from qcrypt.domain.migrate import DomainOptions, DomainOutcome, migrate_domain
 from qcrypt.errors import VerificationError
 from qcrypt.libvirt.connection import binding_available, open_connection
-from qcrypt.migrate.run import MigrateOptions, MigrateResult
+from qcrypt.migrate.options import MigrateOptions, MigrateResult
 from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, sha256, virsh
 from tests._tools import FIXTURES, IN_CI, require_tool
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from qcrypt.errors import WorkerError
-from qcrypt.migrate.run import MigrateOptions, migrate
+from qcrypt.migrate.options import MigrateOptions
+from qcrypt.migrate.run import migrate
 from qcrypt.plumbing import parallel
 from tests import _images as im
 

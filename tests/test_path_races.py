@@ -22,8 +22,9 @@ import pytest
 from click.testing import CliRunner
 
 from qcrypt.cli.migrate import migrate as migrate_command
+from qcrypt.migrate import passphrase_check
 from qcrypt.migrate import run as migration
-from qcrypt.migrate.run import MigrateOptions
+from qcrypt.migrate.options import MigrateOptions
 from qcrypt.plumbing import outputs
 from qcrypt.plumbing.outputs import remove_stale_temps, temp_name_for
 from tests import _images as im
@@ -215,7 +216,7 @@ def test_source_swapped_after_it_was_opened_is_never_read(
     secret = root_only_file(tmp_path)
     secret.write_bytes(b"ROOT-ONLY-SECRET" * 4096)
     out = folder / "out.raw"
-    original = migration.check_legacy_passphrase
+    original = passphrase_check.check_legacy_passphrase
 
     def check_then_swap(*args: Any, **kwargs: Any) -> Any:
         verdict = original(*args, **kwargs)
@@ -223,7 +224,7 @@ def test_source_swapped_after_it_was_opened_is_never_read(
         source.symlink_to(secret)
         return verdict
 
-    monkeypatch.setattr(migration, "check_legacy_passphrase", check_then_swap)
+    monkeypatch.setattr(passphrase_check, "check_legacy_passphrase", check_then_swap)
     done = run_migrate(str(source), "--to", "raw", "-o", str(out), "--passphrase-file", str(pw))
     assert not out.exists() or b"ROOT-ONLY-SECRET" not in out.read_bytes()
     assert done.exit_code == EXIT_UNSAFE_PATH, done.output

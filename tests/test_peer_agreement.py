@@ -501,7 +501,8 @@ def test_a_passphrase_per_layer_when_flattening(tmp_path: Path) -> None:
 @pytest.mark.interop
 def test_a_passphrase_per_layer_over_a_luks_base(tmp_path: Path) -> None:
     """Base and overlay with different secrets, base already LUKS: the API and the CLI take both."""
-    from qcrypt.migrate.run import MigrateOptions, migrate
+    from qcrypt.migrate.options import MigrateOptions
+    from qcrypt.migrate.run import migrate
 
     top, reference = _legacy_chain(tmp_path, "the base's own secret", PASSPHRASE)
     base_pw, top_pw = secret_file(tmp_path, "base.pw", "the base's own secret"), secret_file(tmp_path, "pw", PASSPHRASE)

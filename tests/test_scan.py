@@ -378,11 +378,11 @@ def test_luks1_layout_that_qemu_refuses(tmp_path: Path, qemu_img: str, cryptsetu
     """A payload right after the key material: cryptsetup accepts it, QEMU does not; scan says so."""
     import subprocess
 
-    from qcrypt.luks import engine as luks
+    from qcrypt.luks import create as luks_create
 
-    master_key = luks.new_master_key(16)
-    params = luks.LuksParams(cipher="aes-cbc-plain64", key_bits=128, iterations=1000, payload_align_sectors=1)
-    header, area = luks.create(master_key, b"pw", params)
+    master_key = luks_create.new_master_key(16)
+    params = luks_create.LuksParams(cipher="aes-cbc-plain64", key_bits=128, iterations=1000, payload_align_sectors=1)
+    header, area = luks_create.create(master_key, b"pw", params)
     assert header.payload_offset == 1032  # create() itself keeps QEMU's 4 KiB rounding
     import dataclasses
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from qcrypt.audit import grading as findings
-from qcrypt.model import findings as F
 from qcrypt.errors import MigrationError
 from qcrypt.migrate import run as mig
+from qcrypt.model import findings as F
 from tests import _audit as scan
 from tests import _images as im
 from tests._tools import require_tool

@@ -35,7 +35,7 @@ from qcrypt.model.findings import (
 
 if TYPE_CHECKING:
     from qcrypt.images.qcow2_reader import QCow2Image
-    from qcrypt.luks.engine import LuksHeader
+    from qcrypt.luks.header import LuksHeader
     from qcrypt.luks.luks2 import Luks2Info
 
 
@@ -144,9 +144,9 @@ def grade_luks1(header: LuksHeader, *, raw: bool) -> list[Finding]:
 
 def _algorithms(header: LuksHeader) -> list[Finding]:
     """A well-formed LUKS1 header may name algorithms only cryptsetup (kernel, libgcrypt) implements."""
-    from qcrypt.luks import engine as luks
+    from qcrypt.luks import header as luks_header
 
-    qemu_lacks, qcrypt_lacks = luks.qemu_unsupported(header), luks.qcrypt_unsupported(header)
+    qemu_lacks, qcrypt_lacks = luks_header.qemu_unsupported(header), luks_header.qcrypt_unsupported(header)
     if qemu_lacks and qcrypt_lacks:
         return [
             Finding(
@@ -176,8 +176,8 @@ def _algorithms(header: LuksHeader) -> list[Finding]:
 
 
 def _qemu_layout(header: LuksHeader) -> list[Finding]:
-    """cryptsetup accepts layouts QEMU's stricter checks refuse (luks.qemu_keyslot_problems)."""
-    from qcrypt.luks import engine as luks
+    """cryptsetup accepts layouts QEMU's stricter checks refuse (qemu_layout.qemu_keyslot_problems)."""
+    from qcrypt.luks import qemu_layout
 
     if header.payload_offset == 0:
         return [
@@ -187,7 +187,7 @@ def _qemu_layout(header: LuksHeader) -> list[Finding]:
                 "detached header (payload offset 0): QEMU's luks driver cannot open it",
             )
         ]
-    problems = luks.qemu_keyslot_problems(header) + luks.qemu_payload_problems(header)
+    problems = qemu_layout.qemu_keyslot_problems(header) + qemu_layout.qemu_payload_problems(header)
     if not problems:
         return []
     return [

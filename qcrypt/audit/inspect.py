@@ -58,10 +58,10 @@ class ImageInfo:
 def _inspect_luks(
     image: ImageFile, offset: int, length: int, info: ImageInfo, *, raw: bool, layer: bool = False
 ) -> None:
-    from qcrypt.luks import engine as luks
+    from qcrypt.luks import header as luks_header
     from qcrypt.luks import luks2
 
-    read_at = luks.file_reader(image.fh, offset, length, path=image.path)
+    read_at = luks_header.file_reader(image.fh, offset, length, path=image.path)
     version = int.from_bytes(read_at(6, 2), "big") if length >= 8 else 0
     # what the header says, even if it fails to parse
     info.encryption = Encryption.LUKS2 if version == 2 else Encryption.LUKS1
@@ -75,7 +75,7 @@ def _inspect_luks(
         if raw:
             info.virtual_size = hdr2.payload_bytes(image.file_size)
         return
-    hdr = luks.read_header(read_at, length, path=image.path)
+    hdr = luks_header.read_header(read_at, length, path=image.path)
     info.encryption = Encryption.LUKS1
     info.luks = hdr.describe()
     info.findings += grading.grade_luks1(hdr, raw=raw)

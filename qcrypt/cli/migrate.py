@@ -17,7 +17,9 @@ from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
 from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
 from qcrypt.images.backing import BackingRefusedError
 from qcrypt.images.probe import QCOW_FORMATS
-from qcrypt.migrate.run import TARGETS, MigrateOptions, MigrateResult, refuse_unreadable_source, refuse_weak_settings
+from qcrypt.migrate.luks_output import refuse_unreadable_source
+from qcrypt.migrate.options import TARGETS, MigrateOptions, MigrateResult
+from qcrypt.migrate.plan import refuse_weak_settings
 from qcrypt.migrate.run import migrate as run_migration
 from qcrypt.model.encryption import Encryption
 from qcrypt.plumbing import limits

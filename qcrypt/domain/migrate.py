@@ -52,7 +52,8 @@ from qcrypt.libvirt.domainxml import (
     parse_domain_root,
     parse_snapshot_root,
 )
-from qcrypt.migrate.run import MigrateOptions, check_legacy_passphrase
+from qcrypt.migrate.options import MigrateOptions
+from qcrypt.migrate.passphrase_check import check_legacy_passphrase
 from qcrypt.migrate.run import migrate as migrate_image
 from qcrypt.model import findings as F
 from qcrypt.plumbing.locking import refuse_if_in_use
@@ -986,7 +987,7 @@ record_sink: Callable[[int, str], None] = _send_record
 
 def check_luks_passphrase(path: str, report: ImageReport, passphrase: bytearray) -> None:
     """Raise BadPassphraseError unless ``passphrase`` opens a keyslot of the LUKS image at ``path``."""
-    from qcrypt.migrate.run import source_luks
+    from qcrypt.migrate.luks_output import source_luks
 
     opened = source_luks(path, report, bytes(passphrase))
     if opened:

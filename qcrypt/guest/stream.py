@@ -73,14 +73,14 @@ class RawLuksReader:
     """A raw LUKS1 file: payload at payload_offset sectors, IV = payload-relative sector."""
 
     def __init__(self, path: str, passphrase: Secret | None, fh: BinaryIO | None = None) -> None:
-        from qcrypt.luks import engine as luks
+        from qcrypt.luks import header as luks_header
 
         self.file = RawFile(fh, path) if fh is not None else RawFile.open(path)
         try:
-            read_at = luks.file_reader(self.file.fh, 0, self.file.file_size, path=path)
+            read_at = luks_header.file_reader(self.file.fh, 0, self.file.file_size, path=path)
             if int.from_bytes(read_at(6, 2), "big") == 2:
                 raise UnsupportedFeatureError("unlocking LUKS2 is not supported", path=path, field="version")
-            header = luks.read_header(read_at, self.file.file_size, path=path)
+            header = luks_header.read_header(read_at, self.file.file_size, path=path)
             if header.payload_offset == 0:
                 raise UnsupportedFeatureError(
                     "detached-header LUKS (payload offset 0) is not supported", path=path, field="payload_offset"
@@ -119,18 +119,19 @@ Secret = bytes | KnownMasterKey
 
 
 def _unlock(header: object, read_at: object, passphrase: Secret | None, path: str) -> SectorCipher:
-    from qcrypt.luks import engine as luks
+    from qcrypt.luks import header as luks_header
+    from qcrypt.luks import keyslots as luks_keyslots
 
-    luks.require_supported(header, path=path)  # type: ignore[arg-type]
+    luks_header.require_supported(header, path=path)  # type: ignore[arg-type]
     if passphrase is None:
         raise PassphraseRequiredError(f"{path}: LUKS-encrypted: a passphrase is required")
     if isinstance(passphrase, KnownMasterKey):
-        if not luks.verify_master_key(header, passphrase.key):  # type: ignore[arg-type]
+        if not luks_keyslots.verify_master_key(header, passphrase.key):  # type: ignore[arg-type]
             raise BadPassphraseError(f"{path}: the master key does not match the header's digest")
         master_key = bytearray(passphrase.key)
     else:
         try:
-            master_key = luks.unlock(header, read_at, passphrase)  # type: ignore[arg-type]
+            master_key = luks_keyslots.unlock(header, read_at, passphrase)  # type: ignore[arg-type]
         except BadPassphraseError as e:  # name the layer: a chain may hold several passphrases
             raise BadPassphraseError(f"{path}: {e}") from None
     try:
@@ -380,13 +381,13 @@ class Opener:
             if isinstance(passphrase, KnownMasterKey):
                 raise UnsupportedFeatureError("legacy AES has no master key", path=image.path, field="crypt_method")
             return legacy_cipher(passphrase), False
-        from qcrypt.luks import engine as luks
+        from qcrypt.luks import header as luks_header
 
         assert isinstance(image, QCow2Image)
         region = image.crypto_header()
         assert region is not None
-        read_at = luks.file_reader(image.fh, region[0], region[1], path=image.path)
-        header = luks.read_header(read_at, region[1], path=image.path)
+        read_at = luks_header.file_reader(image.fh, region[0], region[1], path=image.path)
+        header = luks_header.read_header(read_at, region[1], path=image.path)
         return _unlock(header, read_at, passphrase, image.path), True
 
 

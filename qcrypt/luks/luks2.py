@@ -17,7 +17,7 @@ from qcrypt.formats import luks2 as luks2_fmt
 from qcrypt.formats._parse import parse_bytes
 from qcrypt.plumbing import limits
 
-ReadAt = Callable[[int, int], bytes]  # (offset within the region, length) -> bytes; same as qcrypt.luks.engine
+ReadAt = Callable[[int, int], bytes]  # (offset within the region, length) -> bytes; same as qcrypt.luks.header.ReadAt
 
 KDF_FIELDS = ("hash", "iterations", "time", "memory", "cpus")
 

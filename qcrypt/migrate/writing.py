@@ -1,0 +1,307 @@
+"""Writing the output: flat (raw, raw LUKS) or qcow2 (per cluster, snapshots and their tables), with streaming
+digests of every guest byte written for the verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from qcrypt.guest.stream import GuestStream, QcowReader
+from qcrypt.migrate.options import DEFAULT_CLUSTER_SIZE, SECTOR, EncryptFn, MigrateOptions
+from qcrypt.model.clusters import ClusterKind, Snapshot
+from qcrypt.plumbing import checksum
+from qcrypt.plumbing.parallel import ordered_map
+
+_thread_buffers = threading.local()
+
+
+def reused_buffer(length: int) -> memoryview:
+    """A writable buffer of ``length`` bytes that this thread (in practice: each forked worker) reuses."""
+    buffer: bytearray | None = getattr(_thread_buffers, "buffer", None)
+    if buffer is None or len(buffer) < length:
+        buffer = bytearray(length)
+        _thread_buffers.buffer = buffer
+    return memoryview(buffer)[:length]
+
+
+class Digests:
+    """Streaming digests of the plaintext written, per (table, guest_offset, length) range."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int, int, bytes]] = []
+
+    def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
+        self.ranges.append((table, guest_offset, len(data), checksum.digest(data)))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(length for _, _, length, _ in self.ranges)
+
+
+def write_flat(
+    stream: GuestStream,
+    out: BinaryIO,
+    *,
+    base_offset: int,
+    encrypt: EncryptFn | None,
+    opts: MigrateOptions,
+    digests: Digests,
+) -> int:
+    """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse.
+
+    Chunks are processed by forked workers (both cores) that read, decrypt, encrypt and pwrite themselves.
+    """
+    padded = -(-stream.size // SECTOR) * SECTOR
+    fd = out.fileno()
+
+    def one_chunk(guest_offset: int, length: int) -> tuple[int, int, bytes]:
+        plain = stream.read_at(guest_offset, length)
+        plain += bytes(length - len(plain))
+        if encrypt is not None:
+            _pwrite_fd(fd, base_offset + guest_offset, encrypt(plain, guest_offset // SECTOR))
+        elif plain.count(0) != len(plain):  # C speed; any() would iterate a zero chunk byte by byte
+            _pwrite_fd(fd, base_offset + guest_offset, plain)
+        return guest_offset, length, checksum.digest(plain)
+
+    chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
+    with contextlib.closing(
+        ordered_map(one_chunk, chunks, workers=opts.workers, stall_seconds=opts.stall_seconds, describe=describe_run)
+    ) as results:
+        for guest_offset, length, digest in results:
+            digests.ranges.append((-1, guest_offset, length, digest))
+            if opts.progress:
+                opts.progress(length)
+    out.truncate(base_offset + padded)
+    return padded
+
+
+def describe_run(item: tuple[Any, ...]) -> str:
+    guest_offset, length = item[:2]
+    return f"guest bytes {guest_offset}..{guest_offset + length}"
+
+
+def pwrite(out: BinaryIO, offset: int, data: bytes | memoryview) -> None:
+    _pwrite_fd(out.fileno(), offset, data)
+
+
+def _pwrite_fd(fd: int, offset: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+@dataclass
+class Qcow2Job:
+    """What the qcow2 writer gets for one table: a stream of (guest_cluster, "zero"|"data", share key), in
+    guest order, and the reader to take data from (a generator: memory does not grow with the image)."""
+
+    table: int
+    reader: Any  # QcowReader of the source layer (or the whole chain when flattening)
+    clusters: Iterable[tuple[int, str, Any]]
+
+
+def layer_job(table: int, reader: QcowReader, snapshot: Snapshot | None, share: bool) -> Qcow2Job:
+    def clusters() -> Iterator[tuple[int, str, Any]]:
+        for guest_cluster, mapping in reader.image.iter_mappings(snapshot):  # type: ignore[attr-defined]
+            if mapping.kind is ClusterKind.ZERO:
+                yield guest_cluster, "zero", None
+            else:
+                yield guest_cluster, "data", (mapping.host_offset, guest_cluster) if share else None
+
+    return Qcow2Job(table, reader, clusters())
+
+
+class FlatSource:
+    """A raw or raw-LUKS source seen as clusters of the output's size (every cluster may hold data)."""
+
+    def __init__(self, reader: Any, cluster_size: int = DEFAULT_CLUSTER_SIZE) -> None:
+        self.reader = reader
+        self.size: int = reader.size
+        self.cluster_size = cluster_size
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        return self.reader.read(guest_offset, length)
+
+
+def whole_disk_job(source: FlatSource) -> Qcow2Job:
+    clusters = -(-source.size // source.cluster_size)
+    return Qcow2Job(-1, source, ((g, "data", None) for g in range(clusters)))
+
+
+def _runs_of(mappings: Iterable[tuple[int, Any]], cluster_size: int, size: int) -> Iterator[tuple[int, int]]:
+    """Merge one layer's mapped clusters (guest order) into byte extents as they stream by."""
+    start = end = None
+    for g, _ in mappings:
+        begin, finish = g * cluster_size, min((g + 1) * cluster_size, size)
+        if end is not None and begin == end:
+            end = finish
+            continue
+        if start is not None and end is not None:
+            yield start, end
+        start, end = begin, finish
+    if start is not None and end is not None:
+        yield start, end
+
+
+def allocated_extents(reader: Any) -> list[tuple[int, int]]:
+    """Guest byte ranges [start, end) that any layer of ``reader``'s chain maps (zero clusters included).
+
+    Memory grows with the number of separate runs, not with the number of clusters."""
+    extents: list[tuple[int, int]] = []
+    layer = reader
+    while isinstance(layer, QcowReader):
+        extents = merge_extents(
+            extents
+            + list(
+                _runs_of(
+                    layer.image.iter_mappings(),  # type: ignore[attr-defined]
+                    layer.cluster_size,
+                    layer.size,
+                )
+            ),
+            limit=reader.size,
+        )
+        layer = layer.backing
+    if layer is not None:  # a raw (or raw LUKS) base: all of it may hold data
+        extents.append((0, layer.size))
+    return merge_extents(extents, limit=reader.size)
+
+
+def merge_extents(extents: list[tuple[int, int]], *, limit: int) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(extents):
+        end = min(end, limit)
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def flatten_job(reader: QcowReader) -> Qcow2Job:
+    cs = reader.cluster_size
+    extents = allocated_extents(reader)
+
+    def clusters() -> Iterator[tuple[int, str, Any]]:
+        last = -1
+        for start, end in extents:
+            for g in range(max(start // cs, last + 1), -(-end // cs)):
+                yield g, "data", None
+                last = g
+
+    return Qcow2Job(-1, reader, clusters())
+
+
+def write_qcow2_job(
+    job: Qcow2Job,
+    writer: Any,
+    opts: MigrateOptions,
+    digests: Digests,
+    *,
+    skip_zero_data: bool,
+    encrypt: EncryptFn | None = None,
+) -> int:
+    """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted.
+
+    Runs whose placement does not depend on their content (no skipping of zero data; with sharing, runs whose
+    clusters are all new) are reserved here and read, decrypted, encrypted and written by forked workers
+    (both cores); the rest is done here.
+    """
+    cs = job.reader.cluster_size
+    size = job.reader.size
+    fd = writer._fh.fileno()
+    done = 0
+
+    def parallel_run(guest_offset: int, length: int, host_offset: int) -> tuple[int, int, bytes]:
+        plain = job.reader.read(guest_offset, length)
+        padded = plain + bytes(-len(plain) % cs)
+        _pwrite_fd(fd, host_offset, encrypt(padded, host_offset // SECTOR) if encrypt else padded)
+        return guest_offset, length, checksum.digest(plain)
+
+    def tasks() -> Iterator[tuple[int, int, int]]:
+        nonlocal done
+        for kind, first, count, keys in _kind_runs(job.clusters, max(1, opts.chunk_bytes // cs)):
+            guest_offset = first * cs
+            length = min(count * cs, size - guest_offset)
+            done += length
+            if kind == "zero":
+                writer.write_zero_clusters(job.table, first, count)
+                digests.add(job.table, guest_offset, bytes(length))
+            elif skip_zero_data:
+                _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
+            elif keys[0] is None:
+                yield guest_offset, length, writer.reserve_clusters(job.table, first, count)
+                continue
+            else:  # sharable (snapshots): new clusters go to the workers, clusters seen before are only mapped
+                host_offset = writer.reserve_shareable(job.table, first, keys)
+                if host_offset is not None:
+                    yield guest_offset, length, host_offset
+                    continue
+                _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
+            if opts.progress:
+                opts.progress(length)
+
+    with contextlib.closing(
+        ordered_map(
+            parallel_run, tasks(), workers=opts.workers, stall_seconds=opts.stall_seconds, describe=describe_run
+        )
+    ) as results:
+        for guest_offset, length, digest in results:
+            digests.ranges.append((job.table, guest_offset, length, digest))
+            if opts.progress:
+                opts.progress(length)
+    return done
+
+
+def _write_run_here(
+    job: Qcow2Job, writer: Any, digests: Digests, first: int, length: int, keys: list[Any], skip_zero_data: bool
+) -> None:
+    """A run whose placement depends on its content (zero skipping) or on sharing: done in this process."""
+    cs = job.reader.cluster_size
+    plain = job.reader.read(first * cs, length)
+    if skip_zero_data:
+        digests.add(job.table, first * cs, plain)  # skipped zero clusters must read back as zeros
+    for g, piece in nonzero_pieces(first, plain, cs, skip_zero_data):
+        share_keys = keys[g - first : g - first + -(-len(piece) // cs)] if keys[0] is not None else None
+        writer.write_clusters(job.table, g, piece, share_keys=share_keys)
+        if not skip_zero_data:
+            digests.add(job.table, g * cs, piece)
+
+
+def _kind_runs(clusters: list[tuple[int, str, Any]], max_run: int) -> Iterator[tuple[str, int, int, list[Any]]]:
+    """(kind, first guest cluster, count, share keys) for runs of consecutive clusters of one kind."""
+    run: list[tuple[int, str, Any]] = []
+    for item in clusters:
+        if run and (item[1] != run[-1][1] or item[0] != run[-1][0] + 1 or len(run) >= max_run):
+            yield run[0][1], run[0][0], len(run), [key for _, _, key in run]
+            run = []
+        run.append(item)
+    if run:
+        yield run[0][1], run[0][0], len(run), [key for _, _, key in run]
+
+
+def nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Iterator[tuple[int, memoryview]]:
+    """Split a run into sub-runs of clusters, dropping all-zero clusters when ``skip_zero``."""
+    view = memoryview(plain)
+    if not skip_zero:
+        yield first, view
+        return
+    start = None
+    for i in range(-(-len(plain) // cs)):
+        empty = not any(view[i * cs : (i + 1) * cs])
+        if empty and start is not None:
+            yield first + start, view[start * cs : i * cs]
+            start = None
+        elif not empty and start is None:
+            start = i
+    if start is not None:
+        yield first + start, view[start * cs :]
