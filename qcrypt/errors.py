@@ -1,7 +1,7 @@
 """The one exception hierarchy of qcrypt.
 
 Every error the library raises on purpose derives from :class:`QcryptError`; the CLI maps each class to
-a documented exit code (see ``qcrypt.cli.main.EXIT_CODES``). Messages never contain passphrases or keys.
+a documented exit code (see ``qcrypt.cli.exit_codes``). Messages never contain passphrases or keys.
 """
 
 from __future__ import annotations

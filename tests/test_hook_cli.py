@@ -298,11 +298,11 @@ def test_install_refuses_a_foreign_file(hooks_dir: Path) -> None:
     foreign.write_text("#!/bin/sh\necho mine\n")
     runner = CliRunner()
     result = runner.invoke(hookcli.hook, ["install", "--hooks-dir", str(hooks_dir)])
-    assert result.exit_code == 1
+    assert result.exit_code == 15  # EXIT_HOOK_REFUSED
     assert "was not written by qcrypt" in result.stderr
     assert result.stdout == ""
     result = runner.invoke(hookcli.hook, ["uninstall", "--hooks-dir", str(hooks_dir)])
-    assert result.exit_code == 1
+    assert result.exit_code == 15  # EXIT_HOOK_REFUSED
     assert "left untouched" in result.stderr
     assert foreign.read_text() == "#!/bin/sh\necho mine\n"
     assert _qemu_untouched(hooks_dir)
@@ -321,7 +321,7 @@ def test_install_rejects_bad_names(hooks_dir: Path, name: str) -> None:
 
 def test_install_without_libvirt(tmp_path: Path) -> None:
     result = CliRunner().invoke(hookcli.hook, ["install", "--hooks-dir", str(tmp_path / "etc" / "libvirt" / "hooks")])
-    assert result.exit_code == 1
+    assert result.exit_code == 15  # EXIT_HOOK_REFUSED
     assert "is libvirt installed?" in result.stderr
 
 
@@ -426,7 +426,7 @@ def install_from(package: Path, hooks: Path, *args: str) -> subprocess.Completed
 def test_install_refuses_a_package_others_can_change(package_copy: Path, hooks_dir: Path, spoil: Any, why: str) -> None:
     spoil(package_copy)
     refused = install_from(package_copy, hooks_dir)
-    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.returncode == 15, refused.stdout + refused.stderr
     assert refused.stderr.startswith("qcrypt: error: the hook runs as root, but users other than root can change")
     assert why in refused.stderr and "nothing installed" in refused.stderr
     assert not (hooks_dir / "qemu.d").exists() and _qemu_untouched(hooks_dir)

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import qcrypt
+from qcrypt.cli import exit_codes
 from qcrypt.cli import main as cli_main
 from qcrypt.cli.manpage import render
 from qcrypt.crypto import sector
@@ -27,12 +28,13 @@ from tests._tools import IN_CI, require_tool
 REPO = Path(__file__).resolve().parent.parent
 DISTRIBUTION = "qcow-crypt-migrate"
 ALL_EXIT_CODES = {
-    cli_main.EXIT_OK,
-    cli_main.EXIT_FINDINGS,
-    cli_main.EXIT_USAGE,
-    cli_main.EXIT_OTHER,
-    cli_main.EXIT_INTERRUPTED,
-    *cli_main.EXIT_CODES.values(),
+    exit_codes.EXIT_OK,
+    exit_codes.EXIT_FINDINGS,
+    exit_codes.EXIT_USAGE,
+    exit_codes.EXIT_OTHER,
+    exit_codes.EXIT_HOOK_REFUSED,
+    exit_codes.EXIT_INTERRUPTED,
+    *exit_codes.EXIT_CODES.values(),
 }
 
 
@@ -148,7 +150,7 @@ def test_version_names_the_distribution_and_the_accelerator_state() -> None:
     assert lines[0] == f"qcrypt {qcrypt.__version__} ({DISTRIBUTION})"
     expected = "active" if sector.native_xts_available() else "not built"
     assert lines[1].startswith(f"XTS accelerator: {expected}")
-    assert re.match(r"Python 3\.\d+\.\d+, cryptography \S+ \(OpenSSL ", lines[2])
+    assert re.fullmatch(r"Python 3\.\d+\.\d+, cryptography \S+", lines[2])
 
 
 def test_version_says_when_the_accelerator_is_turned_off() -> None:
@@ -161,15 +163,14 @@ def test_version_says_when_the_accelerator_is_turned_off() -> None:
 
 
 def test_exit_code_table_covers_every_code() -> None:
-    codes = [code for code, _meaning in cli_main.EXIT_CODE_MEANINGS]
+    codes = [code for code, _meaning in exit_codes.EXIT_CODE_MEANINGS]
     assert sorted(codes) == sorted(ALL_EXIT_CODES) and len(codes) == len(set(codes))
 
 
 def test_help_lists_exit_codes_and_environment() -> None:
-    cli_main._register()
     result = CliRunner().invoke(cli_main.cli, ["--help"], prog_name="qcrypt", terminal_width=80)
     assert result.exit_code == 0
-    for code, meaning in cli_main.EXIT_CODE_MEANINGS:
+    for code, meaning in exit_codes.EXIT_CODE_MEANINGS:
         assert re.search(rf"^ +{code} +{re.escape(meaning)}$", result.output, re.MULTILINE), (code, result.output)
     for name in ("QCRYPT_DEBUG=1", "QCRYPT_PURE_PYTHON=1", "_QCRYPT_COMPLETE"):
         assert name in result.output
@@ -182,7 +183,7 @@ def test_readme_exit_code_table_is_the_code_s() -> None:
     rows = [re.match(r"\| (\d+) \| (.*) \|$", line) for line in section.splitlines()[2:]]
     assert all(rows), section
     table = [(int(row[1]), row[2].replace("`", "")) for row in rows if row]
-    assert table == list(cli_main.EXIT_CODE_MEANINGS)
+    assert table == list(exit_codes.EXIT_CODE_MEANINGS)
 
 
 # --- man page ---------------------------------------------------------------------------------------------------
@@ -218,13 +219,12 @@ def test_man_page_renders_every_command_exit_code_and_variable() -> None:
     assert rendered.returncode == 0 and not rendered.stderr.strip(), rendered.stderr
     text = re.sub(r".\x08", "", rendered.stdout)  # no overstrike (bold) when the output is not a terminal
     assert text.startswith("QCRYPT(1)")
-    cli_main._register()
     for path in command_paths(cli_main.cli, "qcrypt")[1:]:
         assert re.search(rf"^   {re.escape(path)}$", text, re.MULTILINE), path  # a subsection per command
     for option in ("--passphrase-file", "--stall-timeout", "--hooks-dir", "--backend", "--fail-on", "--version"):
         assert option in text
     exit_status = text.split("EXIT STATUS", 1)[1].split("ENVIRONMENT", 1)[0]
-    for code, meaning in cli_main.EXIT_CODE_MEANINGS:
+    for code, meaning in exit_codes.EXIT_CODE_MEANINGS:
         words = r"\s+".join(map(re.escape, meaning.split(" (")[0].split()))  # man justifies: any run of spaces
         assert re.search(rf"^ +{code}\s+{words}", exit_status, re.MULTILINE), code
     assert "QCRYPT_DEBUG=1" in text.split("ENVIRONMENT", 1)[1]

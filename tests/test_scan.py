@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import qcrypt
-from qcrypt.cli.main import _register, cli
+from qcrypt.cli.main import cli
 from qcrypt.errors import FormatError
 from qcrypt.images.probe import probe
 from tests import _audit as scan
@@ -25,7 +25,6 @@ from tests import _images as im
 MANIFEST = im.manifest()["fixtures"]
 UNPARSEABLE = {"qcow2-truncated-header.qcow2"}
 UNKNOWN_FEATURE = {"aes-qcow2-v3-unknown-incompat-c4k.qcow2"}
-_register()
 
 
 def _entry(name: str) -> dict[str, Any]:

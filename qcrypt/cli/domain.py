@@ -15,7 +15,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from qcrypt.cli.main import exit_code_for, handle_errors
+from qcrypt.cli.exit_codes import exit_code_for, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, format_opt, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe
 from qcrypt.domain.migrate import (

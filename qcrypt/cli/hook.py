@@ -29,11 +29,10 @@ from typing import BinaryIO
 
 import click
 
-from qcrypt.cli.main import handle_errors
+from qcrypt.cli.exit_codes import EXIT_HOOK_REFUSED, handle_errors
 from qcrypt.errors import QcryptError
 from qcrypt.hook import check as hooklib
 
-EXIT_FOREIGN = 1  # every refusal of install/uninstall
 _MAX_LISTED_UNSAFE = 5
 HELP_ARGV = (["--help"], ["-h"])  # libvirt always passes four arguments: a lone --help is a person asking
 LIBVIRT_HELP = """Usage: qcrypt hook libvirt DOMAIN OPERATION SUBOPERATION EXTRA  (domain XML on stdin)
@@ -446,7 +445,7 @@ def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
         )
         if not allow_writable_paths:
             click.echo(f"qcrypt: error: {what}; nothing installed (--allow-writable-paths overrides)", err=True)
-            sys.exit(EXIT_FOREIGN)
+            sys.exit(EXIT_HOOK_REFUSED)
         click.echo(f"qcrypt: warning: {what}; installing anyway (--allow-writable-paths)", err=True)
     status, path = install_script(hooks_dir, name, render_script(python, pythonpath))
     if status == "no-hooks-dir":
@@ -454,13 +453,13 @@ def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
             f"qcrypt: error: neither {hooks_dir} nor its parent exists (is libvirt installed? use --hooks-dir)",
             err=True,
         )
-        sys.exit(EXIT_FOREIGN)
+        sys.exit(EXIT_HOOK_REFUSED)
     if status == "foreign":
         click.echo(
             f"qcrypt: error: {path} exists and was not written by qcrypt; left untouched (choose another --name)",
             err=True,
         )
-        sys.exit(EXIT_FOREIGN)
+        sys.exit(EXIT_HOOK_REFUSED)
     verb = {"installed": "installed", "updated": "updated", "already-installed": "already installed"}[status]
     click.echo(f"qcrypt hook {verb}: {path}")
     problem = self_test(path)
@@ -469,7 +468,7 @@ def install(hooks_dir: str, name: str, allow_writable_paths: bool) -> None:
             f"qcrypt: error: the installed hook does not run in libvirt's environment: {problem.splitlines()[-1]}",
             err=True,
         )
-        sys.exit(EXIT_FOREIGN)
+        sys.exit(EXIT_HOOK_REFUSED)
     click.echo("Self-test passed: the hook runs with libvirt's minimal environment.")
     if os.path.exists(os.path.join(hooks_dir, "qemu")):
         click.echo(f"The existing {os.path.join(hooks_dir, 'qemu')} script is untouched and still runs first.")
@@ -505,7 +504,7 @@ def uninstall(hooks_dir: str, name: str) -> None:
     status, path = uninstall_script(hooks_dir, name)
     if status == "foreign":
         click.echo(f"qcrypt: error: {path} was not written by qcrypt; left untouched", err=True)
-        sys.exit(EXIT_FOREIGN)
+        sys.exit(EXIT_HOOK_REFUSED)
     if status == "absent":
         click.echo(f"qcrypt hook not installed: {path} does not exist")
         return

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from qcrypt.audit.describe import describe
-from qcrypt.cli.main import handle_errors
+from qcrypt.cli.exit_codes import handle_errors
 from qcrypt.cli.options import SEVERITY_COLOURS, allow_backing_dir_opt, chain_rules, format_opt, human_size
 
 

@@ -13,7 +13,8 @@ import re
 import click
 
 from qcrypt import __version__
-from qcrypt.cli.main import DISTRIBUTION, ENVIRONMENT, EXIT_CODE_MEANINGS, EXIT_NOTE, _register, cli
+from qcrypt.cli.exit_codes import EXIT_CODE_MEANINGS, EXIT_NOTE
+from qcrypt.cli.main import DISTRIBUTION, ENVIRONMENT, cli
 
 SEE_ALSO = r"\fBqemu\-img\fR(1), \fBcryptsetup\fR(8), \fBvirsh\fR(1)"
 
@@ -75,7 +76,6 @@ def _command(command: click.Command, ctx: click.Context, path: str) -> list[str]
 
 def render() -> str:
     """The whole page, in roff."""
-    _register()
     root = _context(cli, "qcrypt", None)
     out = [
         f'.TH QCRYPT 1 "" "qcrypt {__version__}" "User Commands"',

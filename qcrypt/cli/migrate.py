@@ -11,7 +11,7 @@ import click
 from qcrypt.audit.describe import allocated_bytes_of
 from qcrypt.audit.inspect import inspect_image
 from qcrypt.audit.report import ImageReport
-from qcrypt.cli.main import handle_errors
+from qcrypt.cli.exit_codes import handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
 from qcrypt.crypto.kdf import set_max_pbkdf2_seconds

@@ -11,7 +11,7 @@ import click
 
 from qcrypt.audit import walk
 from qcrypt.audit.report import ImageReport, ScanSummary
-from qcrypt.cli.main import EXIT_FINDINGS, handle_errors
+from qcrypt.cli.exit_codes import EXIT_FINDINGS, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar, style_severity
 from qcrypt.model.findings import Severity
 from qcrypt.plumbing.parallel import default_workers

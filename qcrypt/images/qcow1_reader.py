@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from qcrypt.errors import LimitExceededError
 from qcrypt.formats import qcow1 as qcow1_fmt
@@ -17,6 +16,10 @@ from qcrypt.images.qcow2_reader import COMPRESSED_OFFSETS_KEPT, TableUsage, Walk
 from qcrypt.model.clusters import UNALLOCATED, ClusterKind, ClusterMapping, Extension, Snapshot
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.files import ImageFile
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where tables are walked: reading a header needs no numpy
+
 
 MAX_L1_BYTES = limits.MAX_L1_BYTES
 L1E_OFFSET_MASK = (1 << 64) - 1  # qcow v1 L1 entries are plain offsets
@@ -108,6 +111,8 @@ class QCowImage(ImageFile):
         return -(-self.header.size // (1 << shift))
 
     def l1_table(self) -> np.ndarray:
+        import numpy as np
+
         if self._l1 is None:
             raw = read_exact(
                 self.fh,
@@ -121,6 +126,8 @@ class QCowImage(ImageFile):
         return self._l1
 
     def _read_l2_uncached(self, l2_offset: int) -> np.ndarray:
+        import numpy as np
+
         length = self.l2_entries * 8
         if l2_offset + length > self.file_size:
             raise self._fail("L1 entry", f"L2 table at {l2_offset:#x} ends beyond the file")
@@ -154,6 +161,8 @@ class QCowImage(ImageFile):
 
     def iter_mappings(self, snapshot: Snapshot | None = None) -> Iterator[tuple[int, ClusterMapping]]:
         """Every allocated guest cluster, in guest order (a generator: one L2 table in memory)."""
+        import numpy as np
+
         total = self.guest_clusters
         for l1_index, l2_offset in self._used_l1_entries():
             l2 = self._read_l2(l2_offset)
@@ -163,6 +172,8 @@ class QCowImage(ImageFile):
 
     def table_usage(self, budget: WalkBudget | None = None) -> TableUsage:
         """Allocated guest bytes and compressed host offsets, vectorized per L2 table, within ``budget``."""
+        import numpy as np
+
         cs, total = self.cluster_size, self.guest_clusters
         if budget is not None:
             budget.charge(self.l1_size * 8, self.path)

@@ -11,8 +11,7 @@ import functools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
@@ -20,6 +19,10 @@ from qcrypt.formats._parse import parse, parse_bytes, read_exact
 from qcrypt.model.clusters import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extension, Snapshot
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.files import ImageFile
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where tables are walked: reading a header needs no numpy
+
 
 L2_CACHE_TABLES = 64
 _SNAPSHOT_HEADER = struct.Struct(qcow2_fmt.SNAPSHOT_HEADER_FORMAT)
@@ -32,6 +35,8 @@ def used_entries(table: np.ndarray, offset_mask: int, path: str) -> tuple[np.nda
     """(indexes, offsets) of the entries of an L1 table that point at an L2 table; FormatError if two point at
     the same one. QEMU gives every L1 entry of a table its own L2 table: a shared one maps the same data again
     and again (an image of a few MiB could claim petabytes of data, and days of work, this way)."""
+    import numpy as np
+
     indexes = np.flatnonzero(table & np.uint64(offset_mask))
     offsets = table[indexes] & np.uint64(offset_mask)
     ordered = np.sort(offsets)
@@ -300,6 +305,8 @@ class QCow2Image(ImageFile):
 
     def refcount_table(self) -> np.ndarray:
         """The refcount table (u64 entries; bits 9-63 = refcount block offset, 0 = all counts 0)."""
+        import numpy as np
+
         h = self.header
         length = h.refcount_table_clusters * h.cluster_size
         if length > limits.MAX_REFTABLE_BYTES:
@@ -442,6 +449,8 @@ class QCow2Image(ImageFile):
     # -- L1/L2 -------------------------------------------------------------------------------------
     def l1_table(self, snapshot: Snapshot | None = None) -> np.ndarray:
         """The active (or a snapshot's) L1 table as big-endian u64 entries."""
+        import numpy as np
+
         offset = snapshot.l1_table_offset if snapshot else self.header.l1_table_offset
         size = snapshot.l1_size if snapshot else self.header.l1_size
         key = (offset, size)
@@ -455,6 +464,8 @@ class QCow2Image(ImageFile):
         return self._l1_cache[key]
 
     def _read_l2_uncached(self, l2_offset: int) -> np.ndarray:
+        import numpy as np
+
         cs = self.header.cluster_size
         if l2_offset % cs or l2_offset + cs > self.file_size:
             raise self._fail("L1 entry", f"L2 table offset {l2_offset:#x} is unaligned or beyond the file")
@@ -578,6 +589,8 @@ class QCow2Image(ImageFile):
     def _used_l1_entries(self, l1: np.ndarray, total_clusters: int) -> Iterator[tuple[int, int]]:
         """(L1 index, L2 offset) of the L1 entries that cover guest clusters below ``total_clusters`` and point
         at an L2 table, checked as a whole first (vectorized: a 32 MiB L1 costs milliseconds, not seconds)."""
+        import numpy as np
+
         used = l1[: min(len(l1), -(-total_clusters // self.header.l2_entries))]
         reserved = np.flatnonzero(used & np.uint64(qcow2_fmt.L1E_RESERVED_MASK))
         if len(reserved):
@@ -591,6 +604,8 @@ class QCow2Image(ImageFile):
 
         Vectorized per L2 table and bounded by ``budget`` (LimitExceededError beyond it); the L2 tables are
         read once each, outside the L2 cache (memory stays at one table)."""
+        import numpy as np
+
         h = self.header
         cs = self.header.cluster_size
         if budget is not None:
@@ -621,6 +636,8 @@ class QCow2Image(ImageFile):
         """(whole data clusters, bytes of allocated subclusters, compressed host offsets) of the first ``count``
         entries, with the same checks as :meth:`decode_l2_entry`: entry by entry for a sparse table, vectorized
         for a dense one (numpy's fixed cost per call only pays off beyond a few dozen entries)."""
+        import numpy as np
+
         pairs = l2.reshape(-1, 2)[:count] if self.header.extended_l2 else None
         used = np.flatnonzero((pairs[:, 0] | pairs[:, 1]) if pairs is not None else l2[:count])
         if len(used) <= SPARSE_L2_ENTRIES:
@@ -664,6 +681,8 @@ class QCow2Image(ImageFile):
         return whole, partial, self._compressed_offsets(entries[compressed])
 
     def _count_sparse(self, l2: np.ndarray, used: list[int]) -> tuple[int, int, np.ndarray]:
+        import numpy as np
+
         whole, subclusters, compressed = 0, 0, []
         for l2_index in used:
             m = self.decode_l2_entry(l2, l2_index)
@@ -678,6 +697,8 @@ class QCow2Image(ImageFile):
         return whole, subclusters * sc_size, np.array(compressed, dtype=np.uint64)
 
     def _check_compressed(self, entries: np.ndarray, bitmaps: np.ndarray | None) -> None:
+        import numpy as np
+
         if bitmaps is not None and (bitmaps != 0).any():
             raise self._fail("L2 entry", "compressed cluster with a non-zero subcluster bitmap")
         beyond = self._compressed_offsets(entries) >= np.uint64(self.file_size)
@@ -685,10 +706,14 @@ class QCow2Image(ImageFile):
             raise self._fail("L2 entry", "compressed data is beyond the file")
 
     def _compressed_offsets(self, entries: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         x = 62 - (self.header.cluster_bits - 8)
         return entries & np.uint64((1 << x) - 1)
 
     def _check_aligned(self, host_offsets: np.ndarray) -> None:
+        import numpy as np
+
         unaligned = np.flatnonzero(host_offsets % np.uint64(self.header.cluster_size))
         if len(unaligned):
             raise self._fail(
@@ -707,6 +732,8 @@ class QCow2Image(ImageFile):
         return 0
 
     def _nonzero_indexes(self, l2: np.ndarray, count: int) -> list[int]:
+        import numpy as np
+
         if self.header.extended_l2:
             pairs = l2.reshape(-1, 2)[:count]
             return [int(i) for i in np.flatnonzero((pairs[:, 0] != 0) | (pairs[:, 1] != 0))]
@@ -717,11 +744,11 @@ class QCow2Image(ImageFile):
         return self.table_usage(None, budget).allocated_bytes
 
 
-_M1, _M2, _M4 = np.uint64(0x55555555), np.uint64(0x33333333), np.uint64(0x0F0F0F0F)
-
-
 def _popcount32(values: np.ndarray) -> np.ndarray:
     """Bits set in each (32-bit) value of a uint64 array."""
+    import numpy as np
+
+    _M1, _M2, _M4 = np.uint64(0x55555555), np.uint64(0x33333333), np.uint64(0x0F0F0F0F)
     v = values - ((values >> np.uint64(1)) & _M1)
     v = (v & _M2) + ((v >> np.uint64(2)) & _M2)
     v = (v + (v >> np.uint64(4))) & _M4
