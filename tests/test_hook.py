@@ -605,7 +605,7 @@ def test_a_16_mib_domain_xml_costs_the_hook_about_a_second(tmp_path: Path) -> No
         cwd="/",
         timeout=60,
         check=False,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[2])},
     )
     elapsed = time.monotonic() - started
     assert (done.returncode, done.stdout) == (0, b"")
@@ -626,7 +626,7 @@ def test_a_stdin_that_never_closes_cannot_hold_the_hook() -> None:
             cwd="/",
             timeout=30,
             check=False,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[1])},
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(hook.__file__).parents[2])},
         )
         elapsed = time.monotonic() - started
     finally:
