@@ -48,6 +48,7 @@ class BadPassphraseError(QcryptError):
     """The passphrase opens no keyslot, or (legacy AES) the plaintext does not look like a disk."""
 
     code = "bad-passphrase"
+    fallback_tried = False  # True when the passphrase without its trailing newline was tried as well
 
 
 class ImageInUseError(QcryptError):

@@ -307,14 +307,14 @@ def inspect_image(
     ``declared_format``: the disk's format as the domain XML declares it (its ``<driver type>``; "luks" for a
     raw driver with ``<encryption format='luks'>``): the file is read as that, never probed."""
     try:
-        path = os.fspath(path)
-        os.stat(path)
+        path_text = os.fspath(path)
+        os.stat(path_text)
     except (TypeError, ValueError) as e:
         bad = ImageInfo(path=repr(path), format="missing", error=f"not a usable path: {e}")
         return build_report(bad, [], [])
     except OSError:
         pass  # inspect_one reports missing or unreadable files
-    info = inspect_one(path, declared_format=declared_format, rules=rules, allow_block=allow_block)
+    info = inspect_one(path_text, declared_format=declared_format, rules=rules, allow_block=allow_block)
     chain, chain_findings = walk_chain(info)
     return build_report(info, chain, chain_findings)
 

@@ -221,7 +221,7 @@ def migrate(
         output=output,
         passphrase=passphrase,
         passphrase_fallback=fallback,
-        passphrases=layer_passphrases,  # type: ignore[arg-type]
+        passphrases=layer_passphrases,
         new_passphrase=new_passphrase,
         cipher=cipher,
         key_bits=int(key_bits) if key_bits else None,

@@ -11,7 +11,10 @@ bytes, as ``cryptsetup luksFormat --key-file`` would use them. Prompted passphra
 
 from __future__ import annotations
 
+import io
 import sys
+from collections.abc import Callable
+from typing import cast
 
 import click
 
@@ -28,7 +31,7 @@ def read_passphrase_file(path: str) -> bytearray:
     data = bytearray(MAX_KEYFILE_BYTES + 1)
     try:
         if path == "-":
-            size = _read_all(sys.stdin.buffer.readinto, data)
+            size = _read_all(cast(io.BufferedReader, sys.stdin.buffer).readinto, data)
         else:
             with open(path, "rb") as fh:
                 size = _read_all(fh.readinto, data)
@@ -43,12 +46,12 @@ def read_passphrase_file(path: str) -> bytearray:
     return data
 
 
-def _read_all(readinto: object, data: bytearray) -> int:
+def _read_all(readinto: Callable[[memoryview], int | None], data: bytearray) -> int:
     """Fill ``data`` from a reader until EOF or full (pipes return short reads); the byte count."""
     view = memoryview(data)
     size = 0
     while size < len(data):
-        got = readinto(view[size:])  # type: ignore[operator]
+        got = readinto(view[size:])
         if not got:
             break
         size += got

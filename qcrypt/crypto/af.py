@@ -27,7 +27,7 @@ def diffuse(block: bytes | bytearray, hash_name: str) -> bytes:
     return bytes(out)
 
 
-def _xor(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+def _xor(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bytes:
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
 

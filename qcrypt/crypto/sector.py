@@ -216,7 +216,7 @@ def _as_blocks(words: U64Array) -> npt.NDArray[np.void]:
 
 def _bytes_of(words: U64Array) -> memoryview:
     """Byte view of a C-contiguous word array, in the form ``cryptography`` accepts."""
-    return memoryview(words).cast("B")
+    return words.data.cast("B")
 
 
 def _ecb(context: CipherContext, source: Buffer, target: bytearray | memoryview) -> None:

@@ -525,7 +525,7 @@ def _check_legacy_passphrases(plan: DiskPlan, secrets: DiskSecrets, opts: Domain
         return check_legacy_passphrase(
             plan.source,
             passphrase,
-            force=opts.accept_random_content,  # type: ignore[arg-type]
+            force=opts.accept_random_content,
             accept_unverified=opts.accept_unverified_passphrase,
             rules=plan.rules,
             source_format=plan.source_format,
@@ -699,7 +699,7 @@ def _migrate_checked(
     name: str,
     root: Any,
     old_xml: str,
-    found: list[tuple[DomainDisk, dict[str, Any]]],
+    found: list[tuple[DomainDisk, ImageReport]],
     secrets: list[DiskSecrets],
     opts: DomainOptions,
     outcome: DomainOutcome,
@@ -785,8 +785,8 @@ def _migrate_disk(plan: DiskPlan, secrets: DiskSecrets, opts: DomainOptions, run
     migrate_opts = MigrateOptions(
         target=plan.to,
         output=None if plan.replace else plan.new_path,
-        passphrase=secrets.passphrase,  # type: ignore[arg-type]
-        passphrases=dict(secrets.layers),  # type: ignore[arg-type]
+        passphrase=secrets.passphrase,
+        passphrases=dict(secrets.layers),
         iter_time_ms=opts.iter_time_ms,
         iterations=opts.iterations,
         flatten=plan.flatten,

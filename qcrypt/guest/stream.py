@@ -14,7 +14,7 @@ import io
 import os
 import zlib
 from collections.abc import Mapping
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
@@ -23,9 +23,13 @@ from qcrypt.images.backing import ChainContext, ChainRules, open_backing, resolv
 from qcrypt.images.probe import declared_container
 from qcrypt.images.probe import open_image as open_container
 from qcrypt.images.qcow2_reader import QCow2Image
+from qcrypt.images.reader import QcowImageReader
 from qcrypt.model.clusters import ClusterKind, ClusterMapping, Snapshot
-from qcrypt.plumbing.files import ImageFile, RawFile, open_image_file
+from qcrypt.plumbing.files import RawFile, open_image_file
 from qcrypt.plumbing.limits import MAX_CHAIN_DEPTH
+
+if TYPE_CHECKING:
+    from qcrypt.luks.header import LuksHeader, ReadAt
 
 SECTOR = 512
 Passphrase = str | bytes | bytearray
@@ -115,27 +119,27 @@ class KnownMasterKey:
         return "KnownMasterKey(<hidden>)"
 
 
-Secret = bytes | KnownMasterKey
+Secret = bytes | bytearray | KnownMasterKey
 
 
-def _unlock(header: object, read_at: object, passphrase: Secret | None, path: str) -> SectorCipher:
+def _unlock(header: LuksHeader, read_at: ReadAt, passphrase: Secret | None, path: str) -> SectorCipher:
     from qcrypt.luks import header as luks_header
     from qcrypt.luks import keyslots as luks_keyslots
 
-    luks_header.require_supported(header, path=path)  # type: ignore[arg-type]
+    luks_header.require_supported(header, path=path)
     if passphrase is None:
         raise PassphraseRequiredError(f"{path}: LUKS-encrypted: a passphrase is required")
     if isinstance(passphrase, KnownMasterKey):
-        if not luks_keyslots.verify_master_key(header, passphrase.key):  # type: ignore[arg-type]
+        if not luks_keyslots.verify_master_key(header, passphrase.key):
             raise BadPassphraseError(f"{path}: the master key does not match the header's digest")
         master_key = bytearray(passphrase.key)
     else:
         try:
-            master_key = luks_keyslots.unlock(header, read_at, passphrase)  # type: ignore[arg-type]
+            master_key = luks_keyslots.unlock(header, read_at, passphrase)
         except BadPassphraseError as e:  # name the layer: a chain may hold several passphrases
             raise BadPassphraseError(f"{path}: {e}") from None
     try:
-        return make_sector_cipher(header.cipher_name, header.cipher_mode, master_key)  # type: ignore[attr-defined]
+        return make_sector_cipher(header.cipher_name, header.cipher_mode, master_key)
     finally:
         master_key[:] = bytes(len(master_key))
 
@@ -148,28 +152,30 @@ class QcowReader:
 
     def __init__(
         self,
-        image: ImageFile,
+        image: QcowImageReader,
         cipher: SectorCipher | None,
         iv_from_host: bool,
         backing: LayerReader | None,
         snapshot: Snapshot | None = None,
     ) -> None:
-        image.check_readable()  # type: ignore[attr-defined]
+        image.check_readable()
         self.image = image
         self.cipher = cipher
         self.iv_from_host = iv_from_host
         self.backing = backing
-        self.l1 = image.l1_table(snapshot) if snapshot else None  # type: ignore[attr-defined]
-        self.size: int = image.virtual_size  # type: ignore[attr-defined]
+        if snapshot and not isinstance(image, QCow2Image):
+            raise FormatError("only qcow2 images have internal snapshots", path=image.path, field="snapshot")
+        self.l1 = image.l1_table(snapshot) if snapshot and isinstance(image, QCow2Image) else None
+        self.size: int = image.virtual_size
         if snapshot and snapshot.virtual_size is not None:
             self.size = snapshot.virtual_size
-        self.cluster_size: int = image.cluster_size  # type: ignore[attr-defined]
+        self.cluster_size: int = image.cluster_size
         self._inflated: tuple[int, bytes] | None = None
 
     def map_cluster(self, guest_cluster: int) -> ClusterMapping:
-        if self.l1 is None:
-            return self.image.map_cluster(guest_cluster)  # type: ignore[attr-defined]
-        return self.image.map_cluster(guest_cluster, self.l1)  # type: ignore[attr-defined]
+        if self.l1 is None or not isinstance(self.image, QCow2Image):
+            return self.image.map_cluster(guest_cluster)
+        return self.image.map_cluster(guest_cluster, self.l1)
 
     def close(self) -> None:
         self.image.close()
@@ -370,8 +376,8 @@ class Opener:
             image.close()
             raise
 
-    def _layer_cipher(self, image: ImageFile) -> tuple[SectorCipher | None, bool]:
-        method = image.header.crypt_method  # type: ignore[attr-defined]
+    def _layer_cipher(self, image: QcowImageReader) -> tuple[SectorCipher | None, bool]:
+        method = image.header.crypt_method
         if method == 0:
             return None, False
         passphrase = self.passphrase_for(image.path)
@@ -391,9 +397,9 @@ class Opener:
         return _unlock(header, read_at, passphrase, image.path), True
 
 
-def find_snapshot(image: ImageFile, name: str) -> Snapshot:
+def find_snapshot(image: QcowImageReader, name: str) -> Snapshot:
     """The internal snapshot whose id or name is ``name``."""
-    snapshots = image.snapshots()  # type: ignore[attr-defined]
+    snapshots = image.snapshots()
     for snap in snapshots:
         if name in (snap.id, snap.name):
             return snap
@@ -461,7 +467,7 @@ def open_image(
     path: str | os.PathLike[str],
     passphrase: Passphrase | KnownMasterKey | None = None,
     *,
-    passphrases: Mapping[str | os.PathLike[str], Passphrase | KnownMasterKey] | None = None,
+    passphrases: Mapping[Any, Passphrase | KnownMasterKey] | None = None,  # keys: paths (str or path-like)
     container: str | None = None,
     snapshot: str | None = None,
     rules: ChainRules | None = None,

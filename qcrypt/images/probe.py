@@ -10,7 +10,7 @@ from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.images.qcow1_reader import QCowImage
 from qcrypt.images.qcow2_reader import QCow2Image
-from qcrypt.plumbing.files import ImageFile, open_image_file
+from qcrypt.plumbing.files import open_image_file
 
 PROBE_BYTES = 8
 
@@ -42,7 +42,7 @@ def probe_file(fh: BinaryIO) -> Probe:
     return Probe("raw")
 
 
-def open_image(path: str, fh: BinaryIO | None = None, declared_format: str | None = None) -> ImageFile:
+def open_image(path: str, fh: BinaryIO | None = None, declared_format: str | None = None) -> QCow2Image | QCowImage:
     """Open a qcow2 or qcow file with the right reader (raises FormatError for anything else). With ``fh``,
     that open file is used (and owned by the result); ``declared_format`` ("qcow" or "qcow2") skips probing."""
     if fh is None:

@@ -86,7 +86,7 @@ class LuksOutput:
 
 
 def source_luks(
-    source: str, report: ImageReport, passphrase: bytes | None
+    source: str, report: ImageReport, passphrase: bytes | bytearray | None
 ) -> tuple[luks_header.LuksHeader, bytes, bytearray] | None:
     """Header, header area bytes and master key of a LUKS1 source (raw or qcow2), else None."""
     if report.encryption is not Encryption.LUKS1:
@@ -120,7 +120,7 @@ def refuse_unreadable_source(source: str, report: ImageReport) -> None:
 
 
 def _read_luks_area(
-    read_at: Callable[[int, int], bytes], region_size: int, path: str, passphrase: bytes
+    read_at: Callable[[int, int], bytes], region_size: int, path: str, passphrase: bytes | bytearray
 ) -> tuple[luks_header.LuksHeader, bytes, bytearray]:
     header = luks_header.read_header(read_at, region_size, path=path)
     luks_header.require_supported(header, path=path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,14 +27,14 @@ EncryptFn = Callable[[bytes, int], "bytes | memoryview"]
 class MigrateOptions:
     target: str
     output: str | None = None
-    passphrase: bytes | None = field(default=None, repr=False)
+    passphrase: bytes | bytearray | None = field(default=None, repr=False)
     # one layer's own passphrase, by its path (any spelling of it): QEMU takes one secret per layer. Layers not
     # named here use ``passphrase``.
-    passphrases: dict[str, bytes] = field(default_factory=dict, repr=False)
-    new_passphrase: bytes | None = field(default=None, repr=False)
+    passphrases: Mapping[str, bytes | bytearray] = field(default_factory=dict, repr=False)
+    new_passphrase: bytes | bytearray | None = field(default=None, repr=False)
     # Tried when ``passphrase`` opens nothing: a keyfile's content without its trailing line ending (the CLI
     # sets it when a --passphrase-file ends in one). MigrateResult.passphrase_fallback_used says which worked.
-    passphrase_fallback: bytes | None = field(default=None, repr=False)
+    passphrase_fallback: bytes | bytearray | None = field(default=None, repr=False)
     cipher: str = "aes-xts-plain64"
     key_bits: int | None = None
     hash_name: str = "sha256"
@@ -59,9 +59,11 @@ class MigrateOptions:
         """``passphrases`` keyed by real path, as the chain opener looks layers up."""
         return {os.path.realpath(path): secret for path, secret in self.passphrases.items()}
 
-    def passphrase_for(self, path: str) -> bytes | None:
+    def passphrase_for(self, path: str) -> bytes | bytearray | None:
         """The passphrase that unlocks the layer at ``path``."""
-        return self.layer_passphrases().get(os.path.realpath(path), self.passphrase)  # type: ignore[return-value]
+        return {os.path.realpath(p): s for p, s in self.passphrases.items()}.get(
+            os.path.realpath(path), self.passphrase
+        )
 
 
 @dataclass

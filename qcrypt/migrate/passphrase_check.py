@@ -14,7 +14,7 @@ from qcrypt.errors import (
     BadPassphraseError,
     MigrationError,
 )
-from qcrypt.guest.stream import Opener, QcowReader, Secret
+from qcrypt.guest.stream import KnownMasterKey, Opener, QcowReader, Secret
 from qcrypt.images.backing import ChainRules
 from qcrypt.migrate.options import MigrateOptions
 from qcrypt.model.clusters import ClusterKind
@@ -30,9 +30,16 @@ class PassphraseCheck:
     verified: bool
 
 
+def _key_bytes(secret: Secret | None) -> bytes:
+    """What a layer's secret is, as bytes to compare (a known master key compares by its key)."""
+    if secret is None:
+        return b""
+    return bytes(secret.key) if isinstance(secret, KnownMasterKey) else bytes(secret)
+
+
 def check_legacy_passphrase(
     source: str,
-    passphrase: bytes | None,
+    passphrase: bytes | bytearray | None,
     *,
     force: bool,
     accept_unverified: bool = False,
@@ -61,10 +68,8 @@ def check_legacy_passphrase(
         )
     # A passphrase counts as checked when some layer it unlocks had data to judge; a layer with its own
     # passphrase and no data leaves that passphrase unchecked, whatever the other layers say.
-    judged = {bytes(opener.passphrase_for(path) or b"") for path, v in verdicts if v.samples}
-    unjudged = [
-        path for path, v in verdicts if not v.samples and bytes(opener.passphrase_for(path) or b"") not in judged
-    ]
+    judged = {_key_bytes(opener.passphrase_for(path)) for path, v in verdicts if v.samples}
+    unjudged = [path for path, v in verdicts if not v.samples and _key_bytes(opener.passphrase_for(path)) not in judged]
     if unjudged and not accept_unverified:
         raise MigrationError(
             f"the passphrase cannot be verified: legacy layer {unjudged[0]} holds no data cluster to check it "
@@ -77,7 +82,9 @@ def check_legacy_passphrase(
     return PassphraseCheck(summary, verified=not unjudged and not bad)
 
 
-def check_legacy(source: str, passphrase: bytes | None, opts: MigrateOptions, *, force: bool) -> PassphraseCheck:
+def check_legacy(
+    source: str, passphrase: bytes | bytearray | None, opts: MigrateOptions, *, force: bool
+) -> PassphraseCheck:
     return check_legacy_passphrase(
         source,
         passphrase,
@@ -98,7 +105,7 @@ def has_fallback(opts: MigrateOptions) -> bool:
     )
 
 
-def same_legacy_key(passphrase: bytes, other: bytes) -> bool:
+def same_legacy_key(passphrase: bytes | bytearray, other: bytes | bytearray) -> bool:
     """True when both give the same legacy AES key (its first 16 bytes): nothing to choose between them."""
     key, other_key = legacy_aes_key(passphrase), legacy_aes_key(other)
     try:
@@ -126,7 +133,7 @@ def check_legacy_with_fallback(source: str, opts: MigrateOptions) -> tuple[Passp
             error = BadPassphraseError(
                 f"{exact_error} (tried the passphrase file's exact bytes, and without its trailing newline)"
             )
-            error.fallback_tried = True  # type: ignore[attr-defined]
+            error.fallback_tried = True
             raise error from None
 
 
@@ -141,7 +148,7 @@ def _encrypted_extents(layer: QcowReader) -> Iterator[tuple[int, int]]:
     """(guest_offset, length) of the layer's own encrypted data: whole clusters and allocated subclusters."""
     cs = layer.cluster_size
     sc_size = cs // 32
-    for g, m in layer.image.iter_mappings():  # type: ignore[attr-defined]
+    for g, m in layer.image.iter_mappings():
         if m.kind is ClusterKind.NORMAL:
             yield g * cs, min(cs, layer.size - g * cs)
         elif m.kind is ClusterKind.SUBCLUSTERS:

@@ -21,6 +21,7 @@ from qcrypt.errors import (
 )
 from qcrypt.guest.stream import KnownMasterKey, Opener, QcowReader, open_image
 from qcrypt.images.backing import ChainRules
+from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.migrate.luks_output import LuksOutput, build_luks_output
 from qcrypt.migrate.options import CHUNK_BYTES, SECTOR, MigrateOptions, MigrateResult, PhaseTimer
 from qcrypt.migrate.passphrase_check import (
@@ -110,13 +111,13 @@ def _migrate_locked(source: str, plan_: Plan, opts: MigrateOptions, timer: Phase
                 try:
                     verdict = check_legacy(source, opts.passphrase, opts, force=opts.force)
                 except BadPassphraseError as e:
-                    e.fallback_tried = True  # type: ignore[attr-defined]  # the same legacy key either way
+                    e.fallback_tried = True  # the same legacy key either way
                     raise
     try:
         return _convert(source, plan_, opts, timer, verdict, fallback_used, source_fd)
     except BadPassphraseError as e:
         if chosen_by_legacy:
-            e.fallback_tried = True  # type: ignore[attr-defined]  # the legacy check chose: no second run
+            e.fallback_tried = True  # the legacy check chose: no second run
         raise
 
 
@@ -322,7 +323,8 @@ def _copy_vm_state(snapshot: Snapshot, reader: QcowReader, writer: Any, table: i
     if not size:
         return 0
     cs = reader.cluster_size
-    span = cs * reader.image.header.l2_entries  # type: ignore[attr-defined]
+    assert isinstance(reader.image, QCow2Image)  # only qcow2 has internal snapshots
+    span = cs * reader.image.header.l2_entries
     disk_size = snapshot.virtual_size if snapshot.virtual_size is not None else reader.size
     source_offset = -(-disk_size // span) * span
     target_offset = writer.vm_state_guest_offset(table)

@@ -60,7 +60,7 @@ def verify(
     try:
         compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
         assert isinstance(top, QcowReader)
-        written = top.image.snapshots()  # type: ignore[attr-defined]
+        written = top.image.snapshots()
         if len(written) != len(snapshots):
             raise VerificationError(f"{output_path}: snapshot count differs from the source")
         shared = _SharedWithActive(top.image, source, written)

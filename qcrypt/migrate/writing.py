@@ -109,7 +109,7 @@ class Qcow2Job:
 
 def layer_job(table: int, reader: QcowReader, snapshot: Snapshot | None, share: bool) -> Qcow2Job:
     def clusters() -> Iterator[tuple[int, str, Any]]:
-        for guest_cluster, mapping in reader.image.iter_mappings(snapshot):  # type: ignore[attr-defined]
+        for guest_cluster, mapping in reader.image.iter_mappings(snapshot):
             if mapping.kind is ClusterKind.ZERO:
                 yield guest_cluster, "zero", None
             else:
@@ -161,7 +161,7 @@ def allocated_extents(reader: Any) -> list[tuple[int, int]]:
             extents
             + list(
                 _runs_of(
-                    layer.image.iter_mappings(),  # type: ignore[attr-defined]
+                    layer.image.iter_mappings(),
                     layer.cluster_size,
                     layer.size,
                 )
@@ -277,7 +277,7 @@ def _write_run_here(
             digests.add(job.table, g * cs, piece)
 
 
-def _kind_runs(clusters: list[tuple[int, str, Any]], max_run: int) -> Iterator[tuple[str, int, int, list[Any]]]:
+def _kind_runs(clusters: Iterable[tuple[int, str, Any]], max_run: int) -> Iterator[tuple[str, int, int, list[Any]]]:
     """(kind, first guest cluster, count, share keys) for runs of consecutive clusters of one kind."""
     run: list[tuple[int, str, Any]] = []
     for item in clusters:

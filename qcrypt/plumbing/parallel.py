@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Generic, TypeVar
@@ -307,7 +307,7 @@ def ordered_map(
     in_flight: int = 6,
     stall_seconds: float = DEFAULT_STALL_SECONDS,
     describe: Callable[[tuple[Any, ...]], str] = repr,
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``task(*item)`` for every item, results in order; at most ``in_flight`` items pending (bounded memory).
 
     With one worker, where fork is unavailable, or while other threads run, everything runs in this process.
@@ -324,7 +324,7 @@ def ordered_map(
         yield from _pump(pool, iter(items), max(in_flight, workers))
 
 
-def _pump(pool: ForkPool[R], items: Iterator[tuple[Any, ...]], in_flight: int) -> Iterator[R]:
+def _pump(pool: ForkPool[R], items: Iterator[tuple[Any, ...]], in_flight: int) -> Generator[R, None, None]:
     done: dict[int, tuple[bool, Any]] = {}
     next_out = 0
     exhausted = False
