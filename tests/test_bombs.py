@@ -208,13 +208,12 @@ def test_shared_l2_time_bomb_is_refused_quickly(tmp_path: Path) -> None:
 def test_estimates_of_migrate_domain_stay_bounded(tmp_path: Path) -> None:
     """migrate-domain --dry-run (and migrate's progress bar) estimate the work from the allocated bytes of
     every layer: on the shared-L2 bomb that estimate used to walk 5.4e8 mappings."""
-    from qcrypt.audit.describe import allocated_bytes_of
+    from qcrypt.audit.describe import allocated_bytes_of, allocated_estimate
     from qcrypt.audit.inspect import inspect_image
-    from qcrypt.domain.migrate import _allocated
 
     path = _shared_l2_image(tmp_path)
     started = time.process_time()
-    assert _allocated(inspect_image(path), flatten=True) is None
+    assert allocated_estimate(inspect_image(path), flatten=True) is None
     assert allocated_bytes_of(str(path)) is None
     assert time.process_time() - started < 2
 

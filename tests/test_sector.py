@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from qcrypt.crypto import sector
 from qcrypt.crypto.sector import (
-    SECTOR_SIZE,
+    SECTOR as SECTOR_SIZE,
+)
+from qcrypt.crypto.sector import (
     SectorCipher,
     legacy_aes_key,
     legacy_cipher,

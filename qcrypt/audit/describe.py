@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from qcrypt.audit.inspect import build_report, inspect_one, walk_chain
-from qcrypt.audit.report import ImageDetails
+from qcrypt.audit.report import ImageDetails, ImageReport
 from qcrypt.errors import LimitExceededError, QcryptError
 from qcrypt.images.backing import ChainRules
 from qcrypt.images.probe import QCOW_FORMATS, open_image, probe
@@ -47,6 +47,21 @@ def allocated_bytes_of(path: str) -> int | None:
             return image.allocated_bytes(WalkBudget())
     except (QcryptError, OSError):
         return None
+
+
+def allocated_estimate(report: ImageReport, *, flatten: bool = False) -> int | None:
+    """Guest bytes a migration of the image will process, for progress, time and free-space estimates: the
+    allocated data of the image's own tables (and, ``flatten``, of every chain layer's), at most its virtual
+    size; a raw image's virtual size. None when it cannot be counted cheaply (see :func:`allocated_bytes_of`)."""
+    if report.format not in QCOW_FORMATS:
+        return report.virtual_size
+    total = 0
+    for path in [report.path, *(report.chain_paths if flatten else [])]:
+        allocated = allocated_bytes_of(path)  # each layer's own tables, within the inspection budget
+        if allocated is None:
+            return None
+        total += allocated
+    return min(total, report.virtual_size) if report.virtual_size else total
 
 
 def describe(path: str | os.PathLike[str], *, rules: ChainRules | None = None) -> ImageDetails:

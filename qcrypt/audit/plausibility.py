@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SECTOR = 512
+from qcrypt.model.units import SECTOR
+
 RANDOM_ENTROPY_BITS = 7.2  # per byte, over a 4 KiB window; random data measures ~7.95
 WINDOW = 4096
 SECTOR_RANDOM_ENTROPY_BITS = 7.0  # per byte, over one 512-byte sector; random sectors measure 7.59 +- 0.03

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from qcrypt.cli.exit_codes import exit_code_for, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, format_opt, human_size, progress_bar
-from qcrypt.cli.passphrase import get_passphrase, wipe
+from qcrypt.cli.passphrase import get_passphrase
+from qcrypt.crypto.secret import wipe
 from qcrypt.domain.migrate import (
     DEFAULT_BACKUP_DIR,
     NEW_SECRET,

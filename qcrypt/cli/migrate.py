@@ -8,15 +8,15 @@ from types import FrameType
 
 import click
 
-from qcrypt.audit.describe import allocated_bytes_of
+from qcrypt.audit.describe import allocated_estimate
 from qcrypt.audit.inspect import inspect_image
 from qcrypt.audit.report import ImageReport
 from qcrypt.cli.exit_codes import handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, human_size, progress_bar
-from qcrypt.cli.passphrase import get_passphrase, wipe, without_line_ending
+from qcrypt.cli.passphrase import get_passphrase, without_line_ending
 from qcrypt.crypto.kdf import set_max_pbkdf2_seconds
+from qcrypt.crypto.secret import wipe
 from qcrypt.images.backing import BackingRefusedError
-from qcrypt.images.probe import QCOW_FORMATS
 from qcrypt.migrate.luks_output import refuse_unreadable_source
 from qcrypt.migrate.options import TARGETS, MigrateOptions, MigrateResult
 from qcrypt.migrate.plan import refuse_weak_settings
@@ -239,7 +239,7 @@ def migrate(
     )
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tune_malloc_for_streaming(opts.chunk_bytes)
-    total = report.virtual_size if target in ("luks", "raw") else _allocated_estimate(source, report)
+    total = report.virtual_size if target in ("luks", "raw") else allocated_estimate(report)
     try:
         with progress_bar(
             total=total,
@@ -293,13 +293,6 @@ def format_timings(phase_seconds: dict[str, float]) -> str:
     """One line: ``timings: plan 0.05 s, ..., commit 0.00 s (total 1.23 s)``."""
     phases = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in phase_seconds.items())
     return f"timings: {phases} (total {sum(phase_seconds.values()):.2f} s)"
-
-
-def _allocated_estimate(source: str, report: ImageReport) -> int | None:
-    """Bytes a qcow2 target will process (allocated data of the source, snapshots aside), for the ETA."""
-    if report.format not in QCOW_FORMATS:
-        return report.virtual_size
-    return allocated_bytes_of(source)
 
 
 def print_result(r: MigrateResult, source_report: ImageReport, passphrase_file: str | None) -> None:

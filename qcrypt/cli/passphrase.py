@@ -18,7 +18,7 @@ from typing import cast
 
 import click
 
-from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
+from qcrypt.crypto.secret import disable_core_dumps, wipe, without_line_ending
 from qcrypt.errors import PassphraseInputError
 
 __all__ = ["MAX_KEYFILE_BYTES", "get_passphrase", "read_passphrase_file", "wipe", "without_line_ending"]
@@ -38,7 +38,7 @@ def read_passphrase_file(path: str) -> bytearray:
     except OSError as e:
         raise PassphraseInputError(f"cannot read the passphrase file {path}: {e.strerror}") from e
     if size > MAX_KEYFILE_BYTES:
-        data[:] = bytes(len(data))
+        wipe(data)
         raise PassphraseInputError(f"passphrase file {path} is larger than 8 MiB (cryptsetup's keyfile limit)")
     del data[size:]
     if not data:
@@ -74,10 +74,3 @@ def get_passphrase(
     if not text:
         raise PassphraseInputError(f"empty {what}")
     return bytearray(text.encode("utf-8"))
-
-
-def wipe(*passphrases: bytearray | None) -> None:
-    """Overwrite passphrase buffers once they are no longer needed (best effort)."""
-    for passphrase in passphrases:
-        if passphrase is not None:
-            passphrase[:] = bytes(len(passphrase))

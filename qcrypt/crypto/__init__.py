@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SECTOR_EXPORTS = ("SECTOR_SIZE", "SectorCipher", "legacy_aes_key", "legacy_cipher", "make_sector_cipher")
+_SECTOR_EXPORTS = ("SectorCipher", "legacy_aes_key", "legacy_cipher", "make_sector_cipher")
 
 __all__ = list(_SECTOR_EXPORTS)
 

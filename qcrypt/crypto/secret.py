@@ -14,15 +14,17 @@ from typing import TypeVar
 Buffer = TypeVar("Buffer", bytearray, memoryview)
 
 
-def wipe(buf: bytearray | memoryview | None) -> None:
-    """Overwrite ``buf`` with zeros in place (no-op for ``None`` and for read-only buffers)."""
-    if buf is None:
-        return
-    view = memoryview(buf)
-    if view.readonly:
-        return
-    with view.cast("B") as flat:
-        flat[:] = bytes(flat.nbytes)
+def wipe(*buffers: bytes | bytearray | memoryview | None) -> None:
+    """Overwrite each buffer with zeros in place: the one way qcrypt forgets a secret. ``None`` and read-only
+    buffers (``bytes``) are skipped: nothing can overwrite them, so secrets are kept in bytearrays."""
+    for buf in buffers:
+        if buf is None:
+            continue
+        view = memoryview(buf)
+        if view.readonly:
+            continue
+        with view.cast("B") as flat:
+            flat[:] = bytes(flat.nbytes)
 
 
 @contextmanager

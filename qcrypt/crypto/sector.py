@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from qcrypt.crypto._gf import BLOCKS_PER_SECTOR, U64Array, tweak_table
 from qcrypt.crypto.secret import wipe as wipe_buffer
 from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
+from qcrypt.model.units import SECTOR
 
 try:  # optional accelerator: OpenSSL's XTS over many sectors per call (setup.py builds it when it can)
     from qcrypt.crypto._xts import xts_crypt as _native_xts_crypt
@@ -88,7 +89,7 @@ def use_native_xts(enabled: bool) -> bool:
 
 __all__ = [
     "CHUNK_SECTORS",
-    "SECTOR_SIZE",
+    "SECTOR",
     "Buffer",
     "SectorCipher",
     "WritableBuffer",
@@ -97,10 +98,9 @@ __all__ = [
     "make_sector_cipher",
 ]
 
-SECTOR_SIZE = 512
 BLOCK_BYTES = 16
 WORDS_PER_BLOCK = 2  # little-endian 64-bit words per AES block
-WORDS_PER_SECTOR = SECTOR_SIZE // 8
+WORDS_PER_SECTOR = SECTOR // 8
 CHUNK_SECTORS = 1024  # sectors per internal step; keeps the scratch buffers in the L2 cache
 SECTOR_LIMIT = 1 << 64  # IVs hold 64-bit sector numbers
 LEGACY_KEY_BYTES = 16
@@ -124,7 +124,7 @@ class _Scratch:
     ``update_into`` wants beyond the payload)."""
 
     def __init__(self) -> None:
-        payload_bytes = CHUNK_SECTORS * SECTOR_SIZE
+        payload_bytes = CHUNK_SECTORS * SECTOR
         block_bytes = CHUNK_SECTORS * BLOCK_BYTES
         self.work = bytearray(payload_bytes + BLOCK_BYTES)
         self.work_words = _words(self.work)
@@ -155,7 +155,7 @@ def _staging(length_bytes: int) -> Iterator[memoryview]:
         return
     staging: bytearray | None = getattr(_thread_state, "staging", None)
     if staging is None or len(staging) < length_bytes:
-        staging = bytearray(max(length_bytes, CHUNK_SECTORS * SECTOR_SIZE))
+        staging = bytearray(max(length_bytes, CHUNK_SECTORS * SECTOR))
         _thread_state.staging = staging
     with memoryview(staging)[:length_bytes] as view:
         yield view
@@ -340,7 +340,7 @@ class SectorCipher(ABC):
         out_words = _words(target)
         for chunk_start in range(0, sectors, CHUNK_SECTORS):
             n = min(CHUNK_SECTORS, sectors - chunk_start)
-            begin, end = chunk_start * SECTOR_SIZE, (chunk_start + n) * SECTOR_SIZE
+            begin, end = chunk_start * SECTOR, (chunk_start + n) * SECTOR
             step(source[begin:end], first_sector + chunk_start, out_words[begin // 8 : end // 8])
 
 
@@ -351,9 +351,9 @@ def _byte_view(buffer: Buffer) -> memoryview:
 
 def _check_extent(length_bytes: int, first_sector: int) -> int:
     """Number of sectors in ``length_bytes``; checks the sector range fits a 64-bit IV."""
-    if length_bytes % SECTOR_SIZE:
-        raise FormatError(f"data length {length_bytes} is not a multiple of the {SECTOR_SIZE}-byte sector")
-    sectors = length_bytes // SECTOR_SIZE
+    if length_bytes % SECTOR:
+        raise FormatError(f"data length {length_bytes} is not a multiple of the {SECTOR}-byte sector")
+    sectors = length_bytes // SECTOR
     if first_sector < 0 or first_sector + sectors > SECTOR_LIMIT:
         raise FormatError(f"sectors {first_sector}..{first_sector + sectors - 1} do not fit a 64-bit IV")
     return sectors
@@ -371,7 +371,7 @@ class _CbcCipher(SectorCipher):
         self._iv_gen.wipe()
 
     def _decrypt_chunk(self, source: memoryview, first_sector: int, out_words: U64Array) -> None:
-        n = len(source) // SECTOR_SIZE
+        n = len(source) // SECTOR
         scratch = _scratch()
         ivs = self._iv_gen.fill(first_sector, n, scratch)
         _ecb(self._aes.decryptor(), source, scratch.work)
@@ -383,7 +383,7 @@ class _CbcCipher(SectorCipher):
         np.bitwise_xor(per_sector_decrypted, ivs, out=out_words.reshape(n, WORDS_PER_SECTOR)[:, :2])
 
     def _encrypt_chunk(self, source: memoryview, first_sector: int, out_words: U64Array) -> None:
-        n = len(source) // SECTOR_SIZE
+        n = len(source) // SECTOR
         scratch = _scratch()
         encryptor = self._aes.encryptor()
         # Row j of `columns` holds block j of every sector, so one ECB call encrypts it for all sectors.
@@ -467,13 +467,13 @@ class _XtsCipher(SectorCipher):
         return True
 
     def _xts(self, data_context: CipherContext, source: memoryview, first_sector: int, out: U64Array) -> None:
-        n = len(source) // SECTOR_SIZE
+        n = len(source) // SECTOR
         scratch = _scratch()
         tweaks = self._tweaks(first_sector, n, scratch).reshape(-1)
         work = scratch.work_words[: n * WORDS_PER_SECTOR]
         np.bitwise_xor(_words(source), tweaks, out=work)
         work_view = memoryview(scratch.work)
-        _ecb(data_context, work_view[: n * SECTOR_SIZE], work_view)
+        _ecb(data_context, work_view[: n * SECTOR], work_view)
         np.bitwise_xor(work, tweaks, out=out)
 
     def _tweaks(self, first_sector: int, n: int, scratch: _Scratch) -> U64Array:

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qcrypt.crypto.secret import wipe as wipe_buffer
 from qcrypt.errors import VerificationError
+from qcrypt.model.units import SECTOR
 
-SECTOR_SIZE = 512
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 
 
@@ -46,11 +46,11 @@ class SpotCheck:
         if not self.enabled:
             return
         plain, cipher = memoryview(plaintext).cast("B"), memoryview(ciphertext).cast("B")
-        sectors = len(cipher) // SECTOR_SIZE
+        sectors = len(cipher) // SECTOR
         for index in sorted({0, sectors - 1}) if sectors else ():
-            start = index * SECTOR_SIZE
-            got = self._decrypt_sector(cipher[start : start + SECTOR_SIZE], first_sector + index)
-            if got != plain[start : start + SECTOR_SIZE]:
+            start = index * SECTOR
+            got = self._decrypt_sector(cipher[start : start + SECTOR], first_sector + index)
+            if got != plain[start : start + SECTOR]:
                 raise VerificationError(
                     f"sector {first_sector + index}: the sector cipher disagrees with OpenSSL's "
                     f"own {self._chain.upper()}; the output was not kept"

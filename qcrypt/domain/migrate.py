@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcrypt.audit.describe import allocated_bytes_of
+from qcrypt.audit.describe import allocated_estimate
 from qcrypt.audit.inspect import inspect_image
 from qcrypt.audit.report import ImageReport
-from qcrypt.crypto.secret import disable_core_dumps, without_line_ending
+from qcrypt.crypto.secret import disable_core_dumps, wipe, without_line_ending
 from qcrypt.errors import (
     BadPassphraseError,
     DomainActiveError,
@@ -313,17 +313,6 @@ def new_path_for(disk: DomainDisk, to: str, opts: DomainOptions) -> str:
     return suggested_output(path, to, local_dir=False)
 
 
-def _allocated(report: ImageReport, flatten: bool) -> int | None:
-    paths = [report.path, *(report.chain_paths if flatten else [])]
-    total = 0
-    for path in paths:
-        allocated = allocated_bytes_of(path)  # each layer's own tables, within the inspection budget
-        if allocated is None:
-            return None
-        total += allocated
-    return min(total, report.virtual_size) if report.virtual_size else total
-
-
 def plan_disk(disk: DomainDisk, report: ImageReport, opts: DomainOptions) -> DiskPlan:
     top = disk.layers[0]
     if xml_only(disk, report):
@@ -355,7 +344,7 @@ def plan_disk(disk: DomainDisk, report: ImageReport, opts: DomainOptions) -> Dis
         new_path=new_path,
         to=to,
         virtual_size=report.virtual_size or 0,
-        allocated_size=_allocated(report, flatten),
+        allocated_size=allocated_estimate(report, flatten=flatten),
         secret_uuid=None,
         secret_created=False,
         flatten=flatten,
@@ -410,7 +399,7 @@ class DiskSecrets:
 
     def wipe(self) -> None:
         for value in (self.passphrase, *self.layers.values()):
-            value[:] = bytes(len(value))
+            wipe(value)
 
 
 def disk_secrets(conn: Connection, disk: DomainDisk, plan: DiskPlan, opts: DomainOptions) -> DiskSecrets:
@@ -548,7 +537,7 @@ def _check_legacy_passphrases(plan: DiskPlan, secrets: DiskSecrets, opts: Domain
             _use_fallback(plan, secrets.passphrase, fallback)
     finally:
         if fallback is not None:
-            fallback[:] = bytes(len(fallback))
+            wipe(fallback)
 
 
 def _check_leftovers(plan: DiskPlan) -> None:
@@ -835,7 +824,7 @@ def _check_xml_only_passphrase(plan: DiskPlan, report: ImageReport, passphrase: 
         _use_fallback(plan, passphrase, fallback)
     finally:
         if fallback is not None:
-            fallback[:] = bytes(len(fallback))
+            wipe(fallback)
 
 
 # -- after the define: snapshots, who still uses the old images, and the record ---------------------------------------
@@ -992,7 +981,7 @@ def check_luks_passphrase(path: str, report: ImageReport, passphrase: bytearray)
     opened = source_luks(path, report, bytes(passphrase))
     if opened:
         master_key = opened[2]
-        master_key[:] = bytes(len(master_key))
+        wipe(master_key)
 
 
 def save_backup(xml: str, name: str, backup_dir: str) -> str:

@@ -6,12 +6,12 @@ Every on-disk structure is parsed through :func:`parse` (or :func:`parse_bytes`)
 
 from __future__ import annotations
 
-import os
 from typing import Any, BinaryIO
 
 import construct
 
 from qcrypt.errors import FormatError
+from qcrypt.plumbing.files import read_at_offset
 
 
 def _field_from(error: construct.ConstructError) -> str | None:
@@ -32,17 +32,6 @@ def parse_bytes(struct: construct.Construct, data: bytes, *, path: str, what: st
         raise FormatError("malformed or truncated structure", path=path, field=name) from e
 
 
-def _pread_pieces(fd: int, length: int, offset: int, piece: int = 1 << 30) -> list[bytes]:
-    pieces = []
-    while length > 0:
-        data = os.pread(fd, min(piece, length), offset)
-        if not data:
-            break
-        pieces.append(data)
-        offset, length = offset + len(data), length - len(data)
-    return pieces
-
-
 def read_exact(fh: BinaryIO, offset: int, length: int, *, path: str, what: str, file_size: int) -> bytes:
     """Read ``length`` bytes at ``offset``, checking the range against ``file_size`` first."""
     if offset < 0 or length < 0 or offset + length > file_size:
@@ -51,11 +40,7 @@ def read_exact(fh: BinaryIO, offset: int, length: int, *, path: str, what: str, 
             path=path,
             field=what,
         )
-    try:
-        data = b"".join(_pread_pieces(fh.fileno(), length, offset))  # no shared position: fork/thread safe
-    except (AttributeError, OSError, ValueError):
-        fh.seek(offset)
-        data = fh.read(length)
+    data = read_at_offset(fh, length, offset)
     if len(data) != length:
         raise FormatError(f"short read at offset {offset}", path=path, field=what)
     return data

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from qcrypt.crypto.secret import wipe
 from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
@@ -25,13 +26,13 @@ from qcrypt.images.probe import open_image as open_container
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.images.reader import QcowImageReader
 from qcrypt.model.clusters import ClusterKind, ClusterMapping, Snapshot
+from qcrypt.model.units import SECTOR
 from qcrypt.plumbing.files import RawFile, open_image_file
 from qcrypt.plumbing.limits import MAX_CHAIN_DEPTH
 
 if TYPE_CHECKING:
     from qcrypt.luks.header import LuksHeader, ReadAt
 
-SECTOR = 512
 Passphrase = str | bytes | bytearray
 
 
@@ -141,7 +142,7 @@ def _unlock(header: LuksHeader, read_at: ReadAt, passphrase: Secret | None, path
     try:
         return make_sector_cipher(header.cipher_name, header.cipher_mode, master_key)
     finally:
-        master_key[:] = bytes(len(master_key))
+        wipe(master_key)
 
 
 # -- qcow2 / qcow layers ----------------------------------------------------------------------------------

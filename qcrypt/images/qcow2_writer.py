@@ -35,6 +35,7 @@ from qcrypt.errors import MigrationError, QcryptIOError
 from qcrypt.formats import luks1
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import parse_bytes
+from qcrypt.model.units import SECTOR
 
 __all__ = ["ACTIVE", "L2_CACHE_TABLES", "Buffer", "EncryptFn", "Qcow2Writer"]
 
@@ -43,7 +44,6 @@ EncryptFn: TypeAlias = "Callable[[Buffer, int], Buffer]"
 
 ACTIVE = -1  # table id of the active L1
 L2_CACHE_TABLES = 64  # L2 tables kept in memory at once (one "current" table per table id)
-SECTOR_SIZE = 512
 _COPIED = np.uint64(qcow2_fmt.OFLAG_COPIED)
 _ZERO_ENTRY = qcow2_fmt.OFLAG_ZERO  # v3 ZERO_PLAIN: zero flag, no host offset
 _U32 = 0xFFFF_FFFF
@@ -287,7 +287,7 @@ class Qcow2Writer:
         return _Table(np.zeros(l1_size, dtype=np.uint64), -(-disk_size // self.cluster_size), vm_first, vm_end)
 
     def _reserve_luks_area(self, size: int) -> int:
-        if size <= 0 or size % SECTOR_SIZE:
+        if size <= 0 or size % SECTOR:
             raise MigrationError(f"LUKS header area size {size} is not a positive multiple of 512")
         clusters = -(-size // self.cluster_size)
         first = self._allocate(clusters)
@@ -311,10 +311,10 @@ class Qcow2Writer:
         )
         if phdr.version != luks1.VERSION:
             raise MigrationError(f"the LUKS header area has version {phdr.version}, not 1")
-        if len(luks_area) != phdr.payload_offset * SECTOR_SIZE:
+        if len(luks_area) != phdr.payload_offset * SECTOR:
             raise MigrationError(
                 f"the LUKS header area is {len(luks_area)} bytes, its payload offset says "
-                f"{phdr.payload_offset * SECTOR_SIZE}"
+                f"{phdr.payload_offset * SECTOR}"
             )
 
     def _place_luks_area(self, luks_area: bytes) -> int:
@@ -460,7 +460,7 @@ class Qcow2Writer:
             first = int(host_clusters[new_positions[0]])
         host_offset = first * cs
         if self._encrypt is not None:
-            ciphertext = self._encrypt(data, host_offset // SECTOR_SIZE)
+            ciphertext = self._encrypt(data, host_offset // SECTOR)
             if memoryview(ciphertext).nbytes != memoryview(data).nbytes:
                 raise MigrationError("the encrypt function changed the data length")
             data = ciphertext
@@ -642,7 +642,7 @@ def _check_geometry(size: int, cluster_bits: int, *, what: str = "virtual size")
     """Sizes are whole sectors; a disk may be empty (qemu-img creates 0-byte disks), a LUKS area may not."""
     if not qcow2_fmt.MIN_CLUSTER_BITS <= cluster_bits <= qcow2_fmt.MAX_CLUSTER_BITS:
         raise MigrationError(f"cluster_bits {cluster_bits} is outside 9..21")
-    if size < 0 or size % SECTOR_SIZE or (size == 0 and what != "virtual size"):
+    if size < 0 or size % SECTOR or (size == 0 and what != "virtual size"):
         raise MigrationError(f"{what} {size} must be a {'' if what == 'virtual size' else 'positive '}multiple of 512")
     if size > 1 << 62:
         raise MigrationError(f"{what} {size} is too large")

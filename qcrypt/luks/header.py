@@ -8,7 +8,6 @@ LUKS region (offset 0 of a raw LUKS file, or the FDE extension offset of a qcow2
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 from collections.abc import Callable
@@ -39,11 +38,12 @@ from qcrypt.luks.cipher_spec import (
     UNSUPPORTED_FIELD,
     check_cipher,
 )
+from qcrypt.model.units import SECTOR
 from qcrypt.plumbing import limits
+from qcrypt.plumbing.files import read_at_offset
 
 ReadAt = Callable[[int, int], bytes]
 
-SECTOR = luks1_fmt.SECTOR_SIZE
 MIN_SLOT_OFFSET_SECTORS = 2  # key material must start after the 1024-byte phdr area (cryptsetup)
 
 
@@ -173,14 +173,6 @@ def bytes_reader(data: bytes | bytearray, *, path: str) -> ReadAt:
     return read_at
 
 
-def _pread(fh: BinaryIO, length: int, file_offset: int) -> bytes:
-    try:
-        return os.pread(fh.fileno(), length, file_offset)
-    except (AttributeError, io.UnsupportedOperation):  # in-memory file objects have no descriptor
-        fh.seek(file_offset)
-        return fh.read(length)
-
-
 def file_reader(fh: BinaryIO, region_offset: int, region_size: int, *, path: str) -> ReadAt:
     """A ReadAt over ``region_size`` bytes of an open file starting at ``region_offset``."""
 
@@ -192,7 +184,7 @@ def file_reader(fh: BinaryIO, region_offset: int, region_size: int, *, path: str
                 field="luks region",
             )
         try:
-            data = _pread(fh, length, region_offset + offset)
+            data = read_at_offset(fh, length, region_offset + offset)
         except OSError as e:
             raise QcryptIOError(f"{path}: cannot read the LUKS header: {e.strerror or e}") from e
         if len(data) != length:

@@ -13,9 +13,14 @@ from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.luks.header import LuksHeader, material_sectors_for, round_up
 
 
+def slot_sectors(key_bytes: int) -> int:
+    """THE rule: sectors QEMU reserves for one slot's key material, cryptsetup's count rounded up to 4 KiB."""
+    return round_up(material_sectors_for(key_bytes, luks1_fmt.STRIPES), luks1_fmt.ALIGN_KEYSLOTS_SECTORS)
+
+
 def qemu_material_sectors(header: LuksHeader) -> int:
-    """Sectors QEMU reserves for one slot's key material: cryptsetup's count rounded up to 4 KiB."""
-    return round_up(header.material_sectors, luks1_fmt.ALIGN_KEYSLOTS_SECTORS)
+    """Sectors QEMU reserves for each of ``header``'s slots (:func:`slot_sectors`)."""
+    return slot_sectors(header.key_bytes)
 
 
 def qemu_keyslot_problems(header: LuksHeader) -> list[str]:
@@ -63,7 +68,7 @@ def qemu_keyslot_offsets(key_bytes: int) -> list[int]:
 
 def keyslot_layout(key_bytes: int, payload_align_sectors: int) -> tuple[list[int], int]:
     """cryptsetup's layout: slot offsets from sector 8, each 4 KiB aligned; payload aligned up."""
-    step = round_up(material_sectors_for(key_bytes, luks1_fmt.STRIPES), luks1_fmt.ALIGN_KEYSLOTS_SECTORS)
+    step = slot_sectors(key_bytes)
     offsets = [luks1_fmt.ALIGN_KEYSLOTS_SECTORS + i * step for i in range(luks1_fmt.NUM_KEYSLOTS)]
     end = offsets[-1] + step
     return offsets, round_up(end, payload_align_sectors)

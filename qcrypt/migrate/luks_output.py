@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from qcrypt.audit.report import ImageReport
 from qcrypt.crypto.kdf import benchmark_pbkdf2
+from qcrypt.crypto.secret import wipe as wipe_secret
 from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import (
@@ -23,9 +24,10 @@ from qcrypt.luks import cipher_spec, qemu_layout
 from qcrypt.luks import create as luks_create
 from qcrypt.luks import header as luks_header
 from qcrypt.luks import keyslots as luks_keyslots
-from qcrypt.migrate.options import SECTOR, MigrateOptions
+from qcrypt.migrate.options import MigrateOptions
 from qcrypt.migrate.writing import reused_buffer
 from qcrypt.model.encryption import Encryption
+from qcrypt.model.units import SECTOR
 from qcrypt.plumbing.files import RawFile
 from qcrypt.plumbing.parallel import Background
 
@@ -72,14 +74,14 @@ class LuksOutput:
         if self.pending is not None:
             header, area = self.pending.result()
             self.header, self.area, self.pending = header, bytes(area), None
-            area[:] = bytes(len(area))
+            wipe_secret(area)
         assert self.header is not None and self.area is not None
         return self.header, self.area
 
     def wipe(self) -> None:
         if self.pending is not None:  # an error before the header was needed: stop its PBKDF2
             self.pending.cancel()
-        self.master_key[:] = bytes(len(self.master_key))
+        wipe_secret(self.master_key)
         self.cipher.wipe()
         if self.spot_check is not None:
             self.spot_check.wipe()

@@ -18,7 +18,6 @@ from qcrypt.plumbing.parallel import DEFAULT_STALL_SECONDS
 TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
 CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE = 65536
-SECTOR = 512
 Progress = Callable[[int], None]
 EncryptFn = Callable[[bytes, int], "bytes | memoryview"]
 

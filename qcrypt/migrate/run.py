@@ -13,6 +13,7 @@ import os
 from typing import Any, BinaryIO
 
 from qcrypt.crypto.secret import disable_core_dumps
+from qcrypt.crypto.secret import wipe as wipe_secret
 from qcrypt.errors import (
     BadPassphraseError,
     FormatError,
@@ -23,7 +24,7 @@ from qcrypt.guest.stream import KnownMasterKey, Opener, QcowReader, open_image
 from qcrypt.images.backing import ChainRules
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.migrate.luks_output import LuksOutput, build_luks_output
-from qcrypt.migrate.options import CHUNK_BYTES, SECTOR, MigrateOptions, MigrateResult, PhaseTimer
+from qcrypt.migrate.options import CHUNK_BYTES, MigrateOptions, MigrateResult, PhaseTimer
 from qcrypt.migrate.passphrase_check import (
     PassphraseCheck,
     check_legacy,
@@ -45,6 +46,7 @@ from qcrypt.migrate.writing import (
     write_qcow2_job,
 )
 from qcrypt.model.clusters import Snapshot
+from qcrypt.model.units import SECTOR
 from qcrypt.plumbing.files import open_image_file, pinned
 from qcrypt.plumbing.locking import hold_shared_locks, refuse_if_in_use
 from qcrypt.plumbing.outputs import AtomicOutput, Finalized, file_id, io_error
@@ -198,7 +200,7 @@ def _write_verify_commit(
                 )
         finally:
             if known_key:
-                known_key.key[:] = bytes(len(known_key.key))
+                wipe_secret(known_key.key)
             with timer("sync"):  # only what the fsync still needs after the read-back
                 wait_for_sync()
         if compared != digests.total_bytes:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from qcrypt.guest.stream import GuestStream, QcowReader
-from qcrypt.migrate.options import DEFAULT_CLUSTER_SIZE, SECTOR, EncryptFn, MigrateOptions
+from qcrypt.migrate.options import DEFAULT_CLUSTER_SIZE, EncryptFn, MigrateOptions
 from qcrypt.model.clusters import ClusterKind, Snapshot
+from qcrypt.model.units import SECTOR
 from qcrypt.plumbing import checksum
 from qcrypt.plumbing.parallel import ordered_map
 

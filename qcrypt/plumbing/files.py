@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import io
 import os
 import stat
 import sys
@@ -34,6 +35,18 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
         pieces.append(piece)
         done += len(piece)
     return b"".join(pieces)
+
+
+def read_at_offset(fh: BinaryIO, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` of an open file (fewer only at its end), through its descriptor: no shared
+    file position, so threads and forked workers may read one file at once. In-memory file objects (no
+    descriptor) are read with seek and read."""
+    try:
+        fd = fh.fileno()
+    except (AttributeError, io.UnsupportedOperation, ValueError):
+        fh.seek(offset)
+        return fh.read(length)
+    return pread_full(fd, length, offset)
 
 
 _PINNED: dict[str, tuple[int, int]] = {}  # abspath -> (st_dev, st_ino) every open of it must reach
