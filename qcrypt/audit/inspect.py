@@ -26,7 +26,6 @@ from qcrypt.model.encryption import Encryption
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.files import ImageFile, RawFile, SpecialFileError, open_image_file
 
-MAX_CHAIN_DEPTH = limits.MAX_CHAIN_DEPTH
 CRYPT_METHOD_OFFSET = {"qcow2": 32, "qcow": 36}  # header byte offset of crypt_method
 
 
@@ -239,8 +238,8 @@ def walk_chain(top: ImageInfo) -> tuple[list[ImageInfo], list[F.Finding]]:
         if backing is None:
             problems.append(F.backing_not_local(current.backing_file))
             break
-        if len(chain) >= MAX_CHAIN_DEPTH:
-            problems.append(F.backing_too_deep(MAX_CHAIN_DEPTH))
+        if len(chain) >= limits.MAX_CHAIN_DEPTH:
+            problems.append(F.backing_too_deep(limits.MAX_CHAIN_DEPTH))
             break
         try:
             fh, declared = open_backing(current.path, backing, ctx)

@@ -43,10 +43,6 @@ def human_size(n_bytes: int | None) -> str:
     raise AssertionError  # unreachable
 
 
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()
-
-
 SEVERITY_COLOURS = {"ok": "green", "info": "cyan", "warning": "yellow", "critical": "red"}
 
 

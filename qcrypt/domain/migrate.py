@@ -60,7 +60,6 @@ from qcrypt.plumbing.locking import refuse_if_in_use
 from qcrypt.plumbing.outputs import Placement, file_id, leftover_temps
 from qcrypt.plumbing.syslog import SYSLOG_SOCKET, printable, send_to_syslog, syslog_listening
 
-LEGACY = "aes-cbc-legacy"
 DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
 ESTIMATE_BYTES_PER_S = 100 * 1024 * 1024  # conservative migrate rate on 2 cores (docs/BENCHMARKS.md)
 LUKS_HEADER_BYTES = 16 * 1024 * 1024  # upper bound of a LUKS1 header area plus qcow2 metadata slack

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from construct import Bytes, Int16ub, Int64ub, Struct
 
-MAGIC_PRIMARY = b"LUKS\xba\xbe"
-MAGIC_SECONDARY = b"SKUL\xba\xbe"
 VERSION = 2
 BINARY_HEADER_SIZE = 4096
 MIN_HDR_SIZE = 0x4000

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from construct import Const, Int8ub, Int32ub, Int64ub, Padding, Struct
 
-MAGIC = b"QFI\xfb"
+from qcrypt.formats.qcow2 import CRYPT_AES, CRYPT_NONE, MAGIC  # noqa: F401 - shared by both versions
+
 HEADER_SIZE = 48
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 16
 MIN_L2_BITS = 6
 MAX_L2_BITS = 13
-CRYPT_NONE = 0
-CRYPT_AES = 1
 L2E_COMPRESSED = 1 << 63
 
 Header = Struct(

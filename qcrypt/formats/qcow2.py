@@ -9,9 +9,7 @@ Python (construct's bit structs are MSB-first, QEMU numbers bits LSB-first).
 
 from __future__ import annotations
 
-from construct import Bytes, Const, If, Int8ub, Int16ub, Int32ub, Int64ub, Struct, this
-
-from qcrypt.plumbing import limits
+from construct import Const, If, Int8ub, Int16ub, Int32ub, Int64ub, Struct, this
 
 MAGIC = b"QFI\xfb"
 MIN_CLUSTER_BITS = 9
@@ -78,10 +76,6 @@ OFLAG_ZERO = 1 << 0
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 
 # limits on header quantities: defined (and explained) in qcrypt.plumbing.limits
-MAX_L1_BYTES = limits.MAX_L1_BYTES
-MAX_REFTABLE_BYTES = limits.MAX_REFTABLE_BYTES
-MAX_SNAPSHOTS = limits.MAX_SNAPSHOTS
-MAX_SNAPSHOT_EXTRA = limits.MAX_SNAPSHOT_EXTRA
 SUBCLUSTERS = 32
 
 Header = Struct(
@@ -123,18 +117,6 @@ CryptoHeaderExtension = Struct(  # exactly 16 bytes
     "length" / Int64ub,
 )
 
-BitmapsExtension = Struct(  # exactly 24 bytes
-    "nb_bitmaps" / Int32ub,
-    "reserved" / Int32ub,
-    "bitmap_directory_size" / Int64ub,
-    "bitmap_directory_offset" / Int64ub,
-)
-
-FeatureNameEntry = Struct(  # 48 bytes
-    "type" / Int8ub,
-    "bit" / Int8ub,
-    "name" / Bytes(46),
-)
 
 SnapshotHeader = Struct(  # 40 bytes, then extra data, id string, name, padding to 8
     "l1_table_offset" / Int64ub,
@@ -151,12 +133,6 @@ SNAPSHOT_HEADER_SIZE = 40
 # The same 40 bytes as a struct format, for the reader's hot loop (a table may hold 65536 entries: construct
 # costs ~13 us per entry, struct ~0.2 us). tests/test_bombs.py checks that both agree field by field.
 SNAPSHOT_HEADER_FORMAT = ">QIHHIIQII"
-SNAPSHOT_EXTRA_DISK_SIZE_END = 24  # extra: vm_state_size_large u64, disk_size u64, icount u64
-
-SnapshotExtra = Struct(
-    "vm_state_size_large" / Int64ub,
-    "disk_size" / Int64ub,
-)
 
 
 # -- declarations used only when writing (qcrypt.images.qcow2_writer) -------------------------------------

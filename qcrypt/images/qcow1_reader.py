@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     import numpy as np  # imported where tables are walked: reading a header needs no numpy
 
 
-MAX_L1_BYTES = limits.MAX_L1_BYTES
 L1E_OFFSET_MASK = (1 << 64) - 1  # qcow v1 L1 entries are plain offsets
 
 
@@ -52,7 +51,7 @@ class QCowImage(ImageFile):
             raise self._fail("size", f"virtual size {h.size} is implausible")
         if h.crypt_method > qcow1_fmt.CRYPT_AES:
             raise self._fail("crypt_method", f"unknown method {h.crypt_method}")
-        if self.l1_size * 8 > MAX_L1_BYTES:
+        if self.l1_size * 8 > limits.MAX_L1_BYTES:
             raise LimitExceededError("L1 table would exceed 32 MiB", path=self.path, field="size")
         if h.l1_table_offset + self.l1_size * 8 > self.file_size:
             raise self._fail("l1_table_offset", f"L1 table at {h.l1_table_offset:#x} ends beyond the file")

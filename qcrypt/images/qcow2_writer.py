@@ -36,6 +36,7 @@ from qcrypt.formats import luks1
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import parse_bytes
 from qcrypt.model.units import SECTOR
+from qcrypt.plumbing import limits
 
 __all__ = ["ACTIVE", "L2_CACHE_TABLES", "Buffer", "EncryptFn", "Qcow2Writer"]
 
@@ -111,7 +112,7 @@ class Qcow2Writer:
         self._encrypt = encrypt
         self._refcounts = np.zeros(1024, dtype=np.uint16)
         self._refcounts_per_block = self.cluster_size * 8 >> qcow2_fmt.WRITE_REFCOUNT_ORDER
-        self._max_clusters = qcow2_fmt.MAX_REFTABLE_BYTES // 8 * self._refcounts_per_block  # QEMU's table limit
+        self._max_clusters = limits.MAX_REFTABLE_BYTES // 8 * self._refcounts_per_block  # QEMU's table limit
         self._next_cluster = 0
         self._tables: dict[int, _Table] = {ACTIVE: self._new_table(virtual_size, 0)}
         self._l2_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
@@ -154,8 +155,8 @@ class Qcow2Writer:
         """
         self._check_open()
         table_id = len(self._tables) - 1
-        if table_id >= qcow2_fmt.MAX_SNAPSHOTS:
-            raise MigrationError(f"more than {qcow2_fmt.MAX_SNAPSHOTS} snapshots")
+        if table_id >= limits.MAX_SNAPSHOTS:
+            raise MigrationError(f"more than {limits.MAX_SNAPSHOTS} snapshots")
         _check_geometry(disk_size, self.cluster_bits, what=f"snapshot {table_id} disk size")
         for value, field, limit in (
             (date_sec, "date_sec", _U32),
@@ -279,7 +280,7 @@ class Qcow2Writer:
         vm_first = disk_l1 * self.l2_entries
         vm_end = vm_first + -(-vm_state_bytes // self.cluster_size)
         l1_size = max(disk_l1, -(-vm_end // self.l2_entries))
-        if l1_size * 8 > qcow2_fmt.MAX_L1_BYTES:
+        if l1_size * 8 > limits.MAX_L1_BYTES:
             raise MigrationError(
                 f"a {disk_size}-byte disk needs an L1 table above 32 MiB with {self.cluster_size}-byte clusters;"
                 " use larger clusters"
@@ -675,8 +676,8 @@ def _snapshot_string(value: str, what: str, table_id: int) -> bytes:
 
 def _snapshot_extra(extra: bytes, vm_state_size: int, disk_size: int, table_id: int) -> bytes:
     """The source's extra data, completed to 24 bytes, with the disk_size field set."""
-    if len(extra) > qcow2_fmt.MAX_SNAPSHOT_EXTRA:
-        raise MigrationError(f"snapshot {table_id}: extra data is longer than {qcow2_fmt.MAX_SNAPSHOT_EXTRA} bytes")
+    if len(extra) > limits.MAX_SNAPSHOT_EXTRA:
+        raise MigrationError(f"snapshot {table_id}: extra data is longer than {limits.MAX_SNAPSHOT_EXTRA} bytes")
     data = bytearray(extra)
     if len(data) < qcow2_fmt.SNAPSHOT_EXTRA_V3_SIZE:
         template = qcow2_fmt.SnapshotExtraV3.build(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
+from qcrypt.formats import luks1 as luks1_fmt
 from qcrypt.formats import luks2 as luks2_fmt
 from qcrypt.formats._parse import parse_bytes
 from qcrypt.plumbing import limits
@@ -187,7 +188,7 @@ def read_luks2(read_at: ReadAt, region_size: int, *, path: str) -> Luks2Info:
     if region_size < luks2_fmt.BINARY_HEADER_SIZE:
         raise FormatError("the region is smaller than a LUKS2 binary header", path=path, field="luks2 header")
     raw = parse_bytes(luks2_fmt.BinaryHeader, read_at(0, luks2_fmt.BINARY_HEADER_SIZE), path=path, what="luks2 header")
-    if raw.magic != luks2_fmt.MAGIC_PRIMARY:
+    if raw.magic != luks1_fmt.MAGIC:  # LUKS2 keeps LUKS1's magic (the version field tells them apart)
         raise FormatError("bad LUKS2 magic", path=path, field="magic")
     if raw.version != luks2_fmt.VERSION:
         raise UnsupportedFeatureError(f"LUKS version {raw.version}, expected 2", path=path, field="version")
