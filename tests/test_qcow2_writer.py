@@ -391,7 +391,8 @@ def luks_area(tmp_path_factory: pytest.TempPathFactory) -> LuksArea:
 def _reference_encrypt(master_key: bytes) -> Callable[[bytes, int], bytes]:
     """AES-XTS per 512-byte sector, tweak = LE64(host sector) + 8 zero bytes (formats.md C.2)."""
 
-    def encrypt(plaintext: bytes, first_sector: int) -> bytes:
+    def encrypt(plaintext: bytes, host_offset: int) -> bytes:
+        first_sector = host_offset // 512
         data = bytes(plaintext)
         out = bytearray()
         for index in range(len(data) // 512):
@@ -454,7 +455,7 @@ def test_luks_with_production_sector_cipher_matches_reference(tmp_path: Path, lu
     plan.data(ACTIVE, 39, [_pattern("end", 700)])
     reference, production = tmp_path / "ref.qcow2", tmp_path / "prod.qcow2"
     _build(reference, plan, luks_area=luks_area.area, encrypt=_reference_encrypt(luks_area.master_key))
-    _build(production, plan, luks_area=luks_area.area, encrypt=cipher.encrypt)
+    _build(production, plan, luks_area=luks_area.area, encrypt=lambda data, host: cipher.encrypt(data, host // 512))
     assert_same_bytes(production.read_bytes(), reference.read_bytes(), "production vs reference writer")
 
 
@@ -475,11 +476,11 @@ def _writer(**kwargs: object) -> Qcow2Writer:
         ({"virtual_size": -512}, "multiple of 512"),  # 0 is allowed: qemu-img makes empty disks too
         ({"virtual_size": 1000}, "multiple of 512"),
         ({"virtual_size": 1 << 40, "cluster_bits": 9}, "L1 table above 32 MiB"),
-        ({"encrypt": lambda data, sector: data}, "go together"),
+        ({"encrypt": lambda data, host_offset: data}, "go together"),
         ({"backing_format": "raw"}, "needs a backing file"),
         ({"backing_file": "b", "backing_format": "x" * 16}, "1..15 bytes"),
         ({"backing_file": "b" * 400, "cluster_bits": 9}, "does not fit"),
-        ({"luks_area": b"LUKS\xba\xbe" + bytes(586), "encrypt": lambda data, sector: data}, "version 0"),
+        ({"luks_area": b"LUKS\xba\xbe" + bytes(586), "encrypt": lambda data, host_offset: data}, "version 0"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs: dict[str, object], message: str) -> None:
@@ -489,7 +490,7 @@ def test_bad_arguments_are_refused(kwargs: dict[str, object], message: str) -> N
 
 def test_bad_luks_area_is_refused() -> None:
     with pytest.raises(FormatError):
-        _writer(luks_area=b"not a LUKS header", encrypt=lambda data, sector: data)
+        _writer(luks_area=b"not a LUKS header", encrypt=lambda data, host_offset: data)
 
 
 def test_bad_calls_are_refused() -> None:
@@ -565,7 +566,9 @@ def test_deferred_luks_area_must_be_set(tmp_path: Path) -> None:
     from qcrypt.images.qcow2_writer import Qcow2Writer
 
     with open(tmp_path / "out.qcow2", "w+b") as fh:
-        writer = Qcow2Writer(fh, virtual_size=1 << 20, luks_area_size=4096 * 512, encrypt=lambda data, sector: data)
+        writer = Qcow2Writer(
+            fh, virtual_size=1 << 20, luks_area_size=4096 * 512, encrypt=lambda data, host_offset: data
+        )
         with pytest.raises(MigrationError, match="never set"):
             writer.finish()
         with pytest.raises(FormatError, match="magic"):

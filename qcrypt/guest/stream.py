@@ -16,8 +16,9 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from qcrypt.crypto.encryption import DataEncryption
 from qcrypt.crypto.secret import wipe
-from qcrypt.crypto.sector import SectorCipher, legacy_cipher, make_sector_cipher
+from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.images.backing import ChainContext, ChainRules, open_backing, resolve_backing
@@ -75,7 +76,7 @@ class RawReader:
 
 
 class RawLuksReader:
-    """A raw LUKS1 file: payload at payload_offset sectors, IV = payload-relative sector."""
+    """A raw LUKS1 file: the payload starts at payload_offset sectors (IVs: :class:`DataEncryption`)."""
 
     def __init__(self, path: str, passphrase: Secret | None, fh: BinaryIO | None = None) -> None:
         from qcrypt.luks import header as luks_header
@@ -90,8 +91,10 @@ class RawLuksReader:
                 raise UnsupportedFeatureError(
                     "detached-header LUKS (payload offset 0) is not supported", path=path, field="payload_offset"
                 )
-            self.cipher = _unlock(header, read_at, passphrase, path)
             self.payload_host_offset = header.payload_offset * SECTOR
+            self.encryption = DataEncryption.raw_luks(
+                _unlock(header, read_at, passphrase, path), self.payload_host_offset
+            )
             payload_bytes = max(0, self.file.file_size - self.payload_host_offset)
             self.size = -(-payload_bytes // SECTOR) * SECTOR  # QEMU rounds up
         except BaseException:
@@ -101,8 +104,9 @@ class RawLuksReader:
     def read(self, guest_offset: int, length: int) -> bytes:
         first = guest_offset // SECTOR * SECTOR
         last = -(-(guest_offset + length) // SECTOR) * SECTOR
-        data = self.file.read_host(self.payload_host_offset + first, last - first)
-        plain = self.cipher.decrypt(data, first // SECTOR)
+        host_offset = self.payload_host_offset + first
+        data = self.file.read_host(host_offset, last - first)
+        plain = self.encryption.decrypt(data, guest_offset=first, host_offset=host_offset)
         return plain[guest_offset - first : guest_offset - first + length]
 
     def close(self) -> None:
@@ -154,15 +158,13 @@ class QcowReader:
     def __init__(
         self,
         image: QcowImageReader,
-        cipher: SectorCipher | None,
-        iv_from_host: bool,
+        encryption: DataEncryption | None,
         backing: LayerReader | None,
         snapshot: Snapshot | None = None,
     ) -> None:
         image.check_readable()
         self.image = image
-        self.cipher = cipher
-        self.iv_from_host = iv_from_host
+        self.encryption = encryption
         self.backing = backing
         if snapshot and not isinstance(image, QCow2Image):
             raise FormatError("only qcow2 images have internal snapshots", path=image.path, field="snapshot")
@@ -224,7 +226,7 @@ class QcowReader:
 
     def _read_data(self, host_offset: int, start: int, end: int) -> bytes:
         """Data at ``host_offset`` holding guest bytes [start, end), decrypted by whole sectors."""
-        if self.cipher is None:
+        if self.encryption is None:
             return self.image.read_host(host_offset, end - start)
         if host_offset + (end - start) > self.image.file_size:
             raise FormatError(
@@ -237,8 +239,8 @@ class QcowReader:
         aligned_len = -(-(end - start + head) // SECTOR) * SECTOR
         host_first = host_offset - head
         data = self.image.read_host(host_first, aligned_len)
-        sector = host_first // SECTOR if self.iv_from_host else (start - head) // SECTOR
-        return self.cipher.decrypt(data, sector)[head : head + end - start]
+        plain = self.encryption.decrypt(data, guest_offset=start - head, host_offset=host_first)
+        return plain[head : head + end - start]
 
     def _read_subclusters(self, mapping: ClusterMapping, start: int, end: int) -> bytes:
         sc_size = self.cluster_size // qcow2_fmt.SUBCLUSTERS
@@ -360,7 +362,7 @@ class Opener:
         image = open_container(path, fh, kind)
         try:
             snapshot = find_snapshot(image, snapshot_name) if snapshot_name is not None else None
-            cipher, iv_from_host = self._layer_cipher(image)
+            encryption = self._layer_encryption(image)
             backing = None
             if image.backing_file:
                 backing_path = resolve_backing(path, image.backing_file)
@@ -372,22 +374,22 @@ class Opener:
                 backing_fh, declared = open_backing(path, backing_path, self.context)
                 hint = declared.format if declared and declared.format else image.backing_format
                 backing = self._open_layer(backing_path, backing_fh, hint)
-            return QcowReader(image, cipher, iv_from_host, backing, snapshot)
+            return QcowReader(image, encryption, backing, snapshot)
         except BaseException:
             image.close()
             raise
 
-    def _layer_cipher(self, image: QcowImageReader) -> tuple[SectorCipher | None, bool]:
+    def _layer_encryption(self, image: QcowImageReader) -> DataEncryption | None:
         method = image.header.crypt_method
         if method == 0:
-            return None, False
+            return None
         passphrase = self.passphrase_for(image.path)
         if passphrase is None:
             raise PassphraseRequiredError(f"{image.path}: encrypted: a passphrase is required")
         if method == qcow2_fmt.CRYPT_AES:
             if isinstance(passphrase, KnownMasterKey):
                 raise UnsupportedFeatureError("legacy AES has no master key", path=image.path, field="crypt_method")
-            return legacy_cipher(passphrase), False
+            return DataEncryption.legacy(passphrase)
         from qcrypt.luks import header as luks_header
 
         assert isinstance(image, QCow2Image)
@@ -395,7 +397,7 @@ class Opener:
         assert region is not None
         read_at = luks_header.file_reader(image.fh, region[0], region[1], path=image.path)
         header = luks_header.read_header(read_at, region[1], path=image.path)
-        return _unlock(header, read_at, passphrase, image.path), True
+        return DataEncryption.luks_in_qcow2(_unlock(header, read_at, passphrase, image.path))
 
 
 def find_snapshot(image: QcowImageReader, name: str) -> Snapshot:

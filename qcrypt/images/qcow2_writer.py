@@ -81,7 +81,8 @@ class Qcow2Writer:
     """Build a qcow2 v3 image into ``fh`` (an empty file opened ``"w+b"``); see the module docstring.
 
     ``luks_area`` is the complete LUKS1 header area (phdr + key material, ``payload_offset * 512`` bytes); with
-    it the image has crypt_method 2 and ``encrypt(plaintext, first_host_sector) -> ciphertext`` is required.
+    it the image has crypt_method 2 and ``encrypt(plaintext, host_offset) -> ciphertext`` is required
+    (``host_offset``: where in the file the ciphertext goes, in bytes; see :mod:`qcrypt.crypto.encryption`).
     ``encrypt`` receives a bytes-like buffer (bytes, bytearray or memoryview) of whole clusters.
     The writer seeks and writes ``fh``; it never closes or syncs it.
     """
@@ -461,7 +462,7 @@ class Qcow2Writer:
             first = int(host_clusters[new_positions[0]])
         host_offset = first * cs
         if self._encrypt is not None:
-            ciphertext = self._encrypt(data, host_offset // SECTOR)
+            ciphertext = self._encrypt(data, host_offset)
             if memoryview(ciphertext).nbytes != memoryview(data).nbytes:
                 raise MigrationError("the encrypt function changed the data length")
             data = ciphertext

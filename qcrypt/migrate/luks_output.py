@@ -9,9 +9,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qcrypt.audit.report import ImageReport
+from qcrypt.crypto.encryption import DataEncryption
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.secret import wipe as wipe_secret
-from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
+from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.crypto.spot_check import SpotCheck
 from qcrypt.errors import (
     BadPassphraseError,
@@ -41,32 +42,27 @@ class LuksOutput:
     --iter-time) is built in a background process while the payload is encrypted: ``pending`` until then."""
 
     payload_offset: int  # sectors; the header area is payload_offset * 512 bytes
-    cipher: SectorCipher
+    encryption: DataEncryption
     carried_over: bool
     master_key: bytearray = field(repr=False, default_factory=bytearray)  # wiped by wipe()
     header: luks_header.LuksHeader | None = None
     area: bytes | None = None  # phdr + key material
     pending: Background[tuple[luks_header.LuksHeader, bytearray]] | None = field(repr=False, default=None)
-    spot_check: SpotCheck | None = field(repr=False, default=None)
 
     @property
     def area_bytes(self) -> int:
         return self.payload_offset * SECTOR
 
-    def encrypt(self, plaintext: bytes | bytearray | memoryview, first_sector: int) -> bytes:
-        """Ciphertext of whole sectors, with a sample of them checked against OpenSSL's own XTS/CBC."""
-        ciphertext = self.cipher.encrypt(plaintext, first_sector)
-        if self.spot_check is not None:
-            self.spot_check.check(plaintext, ciphertext, first_sector)
-        return ciphertext
+    def encrypt(self, plaintext: bytes | bytearray | memoryview, host_offset: int) -> bytes:
+        """Ciphertext of whole sectors stored at ``host_offset`` (bytes) of the output, with a sample of them
+        checked against OpenSSL's own XTS/CBC."""
+        return self.encryption.encrypt(plaintext, host_offset)
 
-    def encrypt_reusing(self, plaintext: bytes | bytearray | memoryview, first_sector: int) -> memoryview:
+    def encrypt_reusing(self, plaintext: bytes | bytearray | memoryview, host_offset: int) -> memoryview:
         """Like :meth:`encrypt`, into a buffer this thread reuses: valid until its next call (for a pwrite
         right after; saves a copy and a fresh allocation per chunk)."""
         out = reused_buffer(memoryview(plaintext).nbytes)
-        self.cipher.encrypt_into(plaintext, first_sector, out)
-        if self.spot_check is not None:
-            self.spot_check.check(plaintext, out, first_sector)
+        self.encryption.encrypt_into(plaintext, host_offset, out)
         return out
 
     def resolve(self) -> tuple[luks_header.LuksHeader, bytes]:
@@ -82,9 +78,7 @@ class LuksOutput:
         if self.pending is not None:  # an error before the header was needed: stop its PBKDF2
             self.pending.cancel()
         wipe_secret(self.master_key)
-        self.cipher.wipe()
-        if self.spot_check is not None:
-            self.spot_check.wipe()
+        self.encryption.wipe()
 
 
 def source_luks(
@@ -154,12 +148,11 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
         header, area = _relayout(header, area, raw_target=raw_target)
         return LuksOutput(
             header.payload_offset,
-            _cipher_for(header, master_key),
+            _output_encryption(header.cipher_name, header.cipher_mode, master_key, header.payload_offset, raw_target),
             True,
             master_key,
             header,
             area,
-            spot_check=SpotCheck(header.cipher_name, header.cipher_mode, master_key),
         )
     passphrase = opts.new_passphrase if opts.new_passphrase is not None else opts.passphrase_for(plan_.source)
     if passphrase is None:
@@ -177,25 +170,26 @@ def build_luks_output(plan_: Plan, opts: MigrateOptions, *, raw_target: bool) ->
         params.pbkdf2_rate = benchmark_pbkdf2(opts.hash_name, key_bits // 8)
     master_key = luks_create.new_master_key(key_bits // 8)
     cipher_name, cipher_mode = cipher_spec.split_cipher(opts.cipher)
-    cipher = make_sector_cipher(cipher_name, cipher_mode, master_key)
+    encryption = _output_encryption(cipher_name, cipher_mode, master_key, payload_offset, raw_target)
     # The process inherits the key and passphrase by fork (nothing secret is pickled, written or on argv).
     pending = Background(
         lambda: luks_create.create(master_key, passphrase, params),
         what="the new keyslot's PBKDF2",
         stall_seconds=opts.stall_seconds + params.iter_time_ms / 1000,
     )
-    return LuksOutput(
-        payload_offset,
-        cipher,
-        False,
-        master_key,
-        pending=pending,
-        spot_check=SpotCheck(cipher_name, cipher_mode, master_key),
-    )
+    return LuksOutput(payload_offset, encryption, False, master_key, pending=pending)
 
 
-def _cipher_for(header: luks_header.LuksHeader, master_key: bytearray) -> SectorCipher:
-    return make_sector_cipher(header.cipher_name, header.cipher_mode, master_key)
+def _output_encryption(
+    cipher_name: str, cipher_mode: str, master_key: bytearray, payload_offset: int, raw_target: bool
+) -> DataEncryption:
+    """The output's data encryption: raw LUKS (payload ``payload_offset`` sectors in) or LUKS in qcow2, its
+    sectors spot-checked against OpenSSL."""
+    cipher = make_sector_cipher(cipher_name, cipher_mode, master_key)
+    spot_check = SpotCheck(cipher_name, cipher_mode, master_key)
+    if raw_target:
+        return DataEncryption.raw_luks(cipher, payload_offset * SECTOR, spot_check)
+    return DataEncryption.luks_in_qcow2(cipher, spot_check)
 
 
 def _relayout(header: luks_header.LuksHeader, area: bytes, *, raw_target: bool) -> tuple[luks_header.LuksHeader, bytes]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from qcrypt.audit import plausibility
+from qcrypt.crypto.encryption import IvBase
 from qcrypt.crypto.secret import wipe as wipe_secret
 from qcrypt.crypto.sector import legacy_aes_key
 from qcrypt.errors import (
@@ -139,7 +140,7 @@ def check_legacy_with_fallback(source: str, opts: MigrateOptions) -> tuple[Passp
 
 def _legacy_layers(reader: object) -> Iterator[QcowReader]:
     while isinstance(reader, QcowReader):
-        if reader.cipher is not None and not reader.iv_from_host:
+        if reader.encryption is not None and reader.encryption.iv_base is IvBase.GUEST:
             yield reader
         reader = reader.backing
 

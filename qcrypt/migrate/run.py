@@ -293,7 +293,7 @@ def _write_qcow2(
             table = _add_snapshot(writer, snapshot, source.size)  # v2 entries may lack a disk size
             assert table == table_index
             assert isinstance(source, QcowReader)
-            snap_reader = QcowReader(source.image, source.cipher, source.iv_from_host, source.backing, snapshot)
+            snap_reader = QcowReader(source.image, source.encryption, source.backing, snapshot)
             done += write_qcow2_job(
                 layer_job(table, snap_reader, snapshot, True),
                 writer,

@@ -66,7 +66,7 @@ def verify(
         shared = _SharedWithActive(top.image, source, written)
         try:
             for table, snapshot in enumerate(written):
-                snap_reader = QcowReader(top.image, top.cipher, top.iv_from_host, top.backing, snapshot)
+                snap_reader = QcowReader(top.image, top.encryption, top.backing, snapshot)
                 mine = [r for r in digests.ranges if r[0] == table]
                 ranges = [r for r in mine if not shared.covers(table, r[1], r[2])]
                 compared += _check_ranges(snap_reader.read, ranges, table, output_path, stall_seconds)

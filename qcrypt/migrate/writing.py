@@ -64,7 +64,7 @@ def write_flat(
         plain = stream.read_at(guest_offset, length)
         plain += bytes(length - len(plain))
         if encrypt is not None:
-            _pwrite_fd(fd, base_offset + guest_offset, encrypt(plain, guest_offset // SECTOR))
+            _pwrite_fd(fd, base_offset + guest_offset, encrypt(plain, base_offset + guest_offset))
         elif plain.count(0) != len(plain):  # C speed; any() would iterate a zero chunk byte by byte
             _pwrite_fd(fd, base_offset + guest_offset, plain)
         return guest_offset, length, checksum.digest(plain)
@@ -225,7 +225,7 @@ def write_qcow2_job(
     def parallel_run(guest_offset: int, length: int, host_offset: int) -> tuple[int, int, bytes]:
         plain = job.reader.read(guest_offset, length)
         padded = plain + bytes(-len(plain) % cs)
-        _pwrite_fd(fd, host_offset, encrypt(padded, host_offset // SECTOR) if encrypt else padded)
+        _pwrite_fd(fd, host_offset, encrypt(padded, host_offset) if encrypt else padded)
         return guest_offset, length, checksum.digest(plain)
 
     def tasks() -> Iterator[tuple[int, int, int]]:
