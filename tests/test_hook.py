@@ -24,6 +24,7 @@ from qcrypt.audit.inspect import inspect_image
 from qcrypt.audit.report import ImageReport
 from qcrypt.errors import FormatError
 from qcrypt.hook import check as hook
+from qcrypt.libvirt.domainxml import MAX_BACKING_DEPTH, parse_domain_xml
 from tests._hook_domains import (
     DEV_LOG,
     domain_xml,
@@ -54,7 +55,7 @@ def migrate(path: Path | str, output: str, *extra: str, to: str = "qcow2-luks") 
 
 
 def test_parse_file_disks_and_empty_cdrom() -> None:
-    domain = hook.parse_domain_xml(domain_xml("legacy-file.xml", "/img"))
+    domain = parse_domain_xml(domain_xml("legacy-file.xml", "/img"))
     assert domain.name == "web"
     disks = {d.target: d for d in domain.disks}
     assert list(disks) == ["vda", "vdb", "vdc", "sda"]
@@ -68,7 +69,7 @@ def test_parse_file_disks_and_empty_cdrom() -> None:
 
 
 def test_parse_block_network_volume_and_sourceless_disks() -> None:
-    disks = {d.target: d for d in hook.parse_domain_xml(domain_xml("devices.xml", "/img")).disks}
+    disks = {d.target: d for d in parse_domain_xml(domain_xml("devices.xml", "/img")).disks}
     assert disks["vdb"].layers[0].source_type == "block"
     assert disks["vdb"].layers[0].path == "/img/legacy-lv"
     rbd = disks["vdc"].layers[0]
@@ -85,7 +86,7 @@ def test_parse_block_network_volume_and_sourceless_disks() -> None:
 
 
 def test_parse_encryption_in_every_place() -> None:
-    disks = {d.target: d for d in hook.parse_domain_xml(domain_xml("encryption-placements.xml", "/i")).disks}
+    disks = {d.target: d for d in parse_domain_xml(domain_xml("encryption-placements.xml", "/i")).disks}
     assert disks["vda"].layers[0].encryption == ("qcow",)  # under <disk>
     assert disks["vdb"].layers[0].encryption == ("qcow",)  # under <source>
     under_source = disks["vdc"].layers
@@ -101,7 +102,7 @@ def test_parse_encryption_in_every_place() -> None:
 
 
 def test_parse_backing_store_chain() -> None:
-    disks = {d.target: d for d in hook.parse_domain_xml(domain_xml("backing-chain.xml", "/i")).disks}
+    disks = {d.target: d for d in parse_domain_xml(domain_xml("backing-chain.xml", "/i")).disks}
     assert [layer.path for layer in disks["vda"].layers] == ["/i/top.qcow2", "/i/mid.qcow2", "/i/legacy.qcow2"]
     assert [layer.format for layer in disks["vda"].layers] == ["qcow2", "qcow2", "qcow2"]
 
@@ -112,8 +113,8 @@ def test_parse_bounds_a_runaway_backing_chain() -> None:
         f"<domain><name>deep</name><devices><disk type='file'><source file='/top'/>{nested}"
         f"{'</backingStore>' * 200}<target dev='vda'/></disk></devices></domain>"
     )
-    (disk,) = hook.parse_domain_xml(xml).disks
-    assert len(disk.layers) == 1 + hook.MAX_BACKING_DEPTH
+    (disk,) = parse_domain_xml(xml).disks
+    assert len(disk.layers) == 1 + MAX_BACKING_DEPTH
 
 
 @pytest.mark.parametrize(
@@ -133,15 +134,15 @@ def test_parse_bounds_a_runaway_backing_chain() -> None:
 def test_parse_refuses_bad_documents(xml: str | bytes, expected: str) -> None:
     started = time.monotonic()
     with pytest.raises(FormatError, match=expected):
-        hook.parse_domain_xml(xml)
+        parse_domain_xml(xml)
     assert time.monotonic() - started < 0.5  # the bomb is refused before any expansion
 
 
 def test_parse_accepts_bytes_utf8_and_utf16() -> None:
     text = domain_xml("plain.xml", "/i")
-    assert hook.parse_domain_xml(text.encode("utf-8")).name == "clean"
-    assert hook.parse_domain_xml(text.encode("utf-16")).name == "clean"
-    assert len(hook.parse_domain_xml(text.encode("utf-8")).disks) == 3
+    assert parse_domain_xml(text.encode("utf-8")).name == "clean"
+    assert parse_domain_xml(text.encode("utf-16")).name == "clean"
+    assert len(parse_domain_xml(text.encode("utf-8")).disks) == 3
 
 
 # -- checking domains against real images ------------------------------------------------------------------
@@ -582,7 +583,7 @@ def test_notes_and_errors_keep_their_place_when_lines_are_capped() -> None:
 def test_parsing_and_deciding_stop_at_the_deadline() -> None:
     xml = declared_disks_xml(20_000)  # about 3 MiB
     with pytest.raises(FormatError, match="not parsed within the time limit"):
-        hook.parse_domain_xml(xml, deadline=time.monotonic())
+        parse_domain_xml(xml, deadline=time.monotonic())
     started = time.monotonic()
     check = hook.check_domain_xml(xml, deadline=started + 0.3)
     assert time.monotonic() - started < 1.0

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from qcrypt.hook import check as hook
+from qcrypt.libvirt.domainxml import parse_domain_xml
 from tests import _audit as scan
 from tests._tools import IN_CI, require_tool
 
@@ -111,7 +112,7 @@ def overlay_domain_xml(image: Path, backing_store_open: str) -> str:
 
 def inspect_as_declared(image: Path, xml: str) -> dict:
     """The scan report of ``image`` read as the domain XML declares it (format and backing layers)."""
-    disk = hook.parse_domain_xml(xml).disks[0]
+    disk = parse_domain_xml(xml).disks[0]
     return scan.inspect(image, rules=disk.chain_rules(), declared_format="qcow2")
 
 

@@ -12,7 +12,8 @@ from qcrypt.errors import LimitExceededError, QcryptError
 from qcrypt.images.backing import ChainRules
 from qcrypt.images.probe import QCOW_FORMATS, open_image, probe
 from qcrypt.images.qcow1_reader import QCowImage
-from qcrypt.images.qcow2_reader import QCow2Image, WalkBudget
+from qcrypt.images.qcow2_reader import QCow2Image
+from qcrypt.images.walk import WalkBudget
 from qcrypt.model import findings as F
 from qcrypt.model.clusters import Snapshot
 from qcrypt.model.encryption import Encryption

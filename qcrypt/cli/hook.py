@@ -32,6 +32,7 @@ import click
 from qcrypt.cli.exit_codes import EXIT_HOOK_REFUSED, handle_errors
 from qcrypt.errors import QcryptError
 from qcrypt.hook import check as hooklib
+from qcrypt.libvirt.domainxml import MAX_XML_BYTES
 
 _MAX_LISTED_UNSAFE = 5
 HELP_ARGV = (["--help"], ["-h"])  # libvirt always passes four arguments: a lone --help is a person asking
@@ -65,7 +66,7 @@ def _read_domain_xml(stdin: BinaryIO | None) -> bytes | None:
     with contextlib.suppress(AttributeError, ValueError, OSError):
         if stdin.isatty():
             return None
-    return stdin.read(hooklib.MAX_XML_BYTES + 1)
+    return stdin.read(MAX_XML_BYTES + 1)
 
 
 def run_libvirt(

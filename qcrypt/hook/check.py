@@ -36,10 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from qcrypt.errors import FormatError
 from qcrypt.images.backing import ChainRules
-from qcrypt.libvirt.domainxml import (  # noqa: F401 - the model, re-exported for hook users
+from qcrypt.libvirt.domainxml import (
     LEGACY_XML_FORMATS,
-    MAX_BACKING_DEPTH,
-    MAX_XML_BYTES,
     DiskLayer,
     Domain,
     DomainDisk,

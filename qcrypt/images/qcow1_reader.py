@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from qcrypt.errors import LimitExceededError
 from qcrypt.formats import qcow1 as qcow1_fmt
 from qcrypt.formats._parse import parse, read_exact
-from qcrypt.images.qcow2_reader import COMPRESSED_OFFSETS_KEPT, TableUsage, WalkBudget, _decode_name, used_entries
+from qcrypt.images.walk import COMPRESSED_OFFSETS_KEPT, TableUsage, WalkBudget, decode_name, used_entries
 from qcrypt.model.clusters import UNALLOCATED, ClusterKind, ClusterMapping, Extension, Snapshot
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.files import ImageFile
@@ -70,7 +70,7 @@ class QCowImage(ImageFile):
             what="backing_file_offset",
             file_size=self.file_size,
         )
-        return _decode_name(raw, self.path, "backing file name")
+        return decode_name(raw, self.path, "backing file name")
 
     backing_format = None
     data_file = None

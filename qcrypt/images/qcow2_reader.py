@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from qcrypt.errors import FormatError, LimitExceededError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.formats._parse import parse, parse_bytes, read_exact
+from qcrypt.images.walk import COMPRESSED_OFFSETS_KEPT, TableUsage, WalkBudget, decode_name, used_entries
 from qcrypt.model.clusters import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Extension, Snapshot
 from qcrypt.plumbing import limits
 from qcrypt.plumbing.files import ImageFile
@@ -28,55 +29,6 @@ L2_CACHE_TABLES = 64
 _SNAPSHOT_HEADER = struct.Struct(qcow2_fmt.SNAPSHOT_HEADER_FORMAT)
 SNAPSHOT_READ_BYTES = 64 * 1024  # the snapshot table is read in pieces of this size (it is usually tiny)
 SPARSE_L2_ENTRIES = 32  # an L2 table with at most this many used entries is decoded entry by entry
-COMPRESSED_OFFSETS_KEPT = 1 << 20  # compressed clusters counted one by one (8 MiB of offsets) before "at least"
-
-
-def used_entries(table: np.ndarray, offset_mask: int, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(indexes, offsets) of the entries of an L1 table that point at an L2 table; FormatError if two point at
-    the same one. QEMU gives every L1 entry of a table its own L2 table: a shared one maps the same data again
-    and again (an image of a few MiB could claim petabytes of data, and days of work, this way)."""
-    import numpy as np
-
-    indexes = np.flatnonzero(table & np.uint64(offset_mask))
-    offsets = table[indexes] & np.uint64(offset_mask)
-    ordered = np.sort(offsets)
-    if len(ordered) > 1 and (ordered[1:] == ordered[:-1]).any():
-        raise FormatError("two entries of one L1 table point at the same L2 table", path=path, field="L1 entry")
-    return indexes, offsets
-
-
-class WalkBudget:
-    """What one inspection may spend reading L1/L2 tables (``limits.MAX_WALK_TABLE_BYTES`` and
-    ``MAX_WALK_TABLES``); shared by every table of an image. ``None`` limits mean unlimited (migrate)."""
-
-    def __init__(
-        self, table_bytes: int | None = limits.MAX_WALK_TABLE_BYTES, tables: int | None = limits.MAX_WALK_TABLES
-    ) -> None:
-        self.table_bytes = table_bytes
-        self.tables = tables
-
-    def charge(self, length: int, path: str) -> None:
-        """Account for reading one table of ``length`` bytes; raise LimitExceededError once over budget."""
-        if self.table_bytes is not None:
-            self.table_bytes -= length
-        if self.tables is not None:
-            self.tables -= 1
-        if (self.table_bytes is not None and self.table_bytes < 0) or (self.tables is not None and self.tables < 0):
-            raise LimitExceededError(
-                f"its L1/L2 tables exceed what one inspection reads ({limits.MAX_WALK_TABLES} tables, "
-                f"{limits.MAX_WALK_TABLE_BYTES >> 20} MiB)",
-                path=path,
-                field="L1/L2 tables",
-            )
-
-
-@dataclass(frozen=True)
-class TableUsage:
-    """What one L1 table maps: guest bytes backed by data, and the host offsets of its compressed clusters."""
-
-    allocated_bytes: int
-    compressed_offsets: np.ndarray  # unique, at most COMPRESSED_OFFSETS_KEPT of them
-    compressed_truncated: bool = False  # True: there may be more than those
 
 
 @dataclass(frozen=True)
@@ -271,17 +223,17 @@ class QCow2Image(ImageFile):
             what="backing_file_offset",
             file_size=self.file_size,
         )
-        return _decode_name(raw, self.path, "backing file name")
+        return decode_name(raw, self.path, "backing file name")
 
     @property
     def backing_format(self) -> str | None:
         ext = self.extensions.get(qcow2_fmt.EXT_BACKING_FORMAT)
-        return _decode_name(ext.data, self.path, "backing format") if ext else None
+        return decode_name(ext.data, self.path, "backing format") if ext else None
 
     @property
     def data_file(self) -> str | None:
         ext = self.extensions.get(qcow2_fmt.EXT_DATA_FILE)
-        return _decode_name(ext.data, self.path, "data file name") if ext else None
+        return decode_name(ext.data, self.path, "data file name") if ext else None
 
     def crypto_header(self) -> tuple[int, int] | None:
         """(offset, length) of the embedded LUKS header (crypt_method 2), checked."""
@@ -417,8 +369,8 @@ class QCow2Image(ImageFile):
         entry = bytes(table.buffer[start : start + length])
         extra_end = qcow2_fmt.SNAPSHOT_HEADER_SIZE + extra_size
         disk_size = int.from_bytes(entry[48:56], "big") if extra_size >= 16 else None
-        snap_id = _decode_name(entry[extra_end : extra_end + id_size], self.path, f"snapshot {index} id")
-        name = _decode_name(entry[extra_end + id_size :], self.path, f"snapshot {index} name")
+        snap_id = decode_name(entry[extra_end : extra_end + id_size], self.path, f"snapshot {index} id")
+        name = decode_name(entry[extra_end + id_size :], self.path, f"snapshot {index} name")
         if l1_size * 8 > limits.MAX_L1_BYTES:
             raise LimitExceededError(
                 f"L1 size {l1_size} exceeds the 32 MiB limit", path=self.path, field=f"snapshot {index}"
@@ -795,10 +747,3 @@ class _TableReader:
             what=f"snapshot {index}",
             file_size=self.image.file_size,
         )
-
-
-def _decode_name(raw: bytes, path: str, what: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FormatError("is not valid UTF-8", path=path, field=what) from e

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
-    from qcrypt.images.qcow2_reader import WalkBudget
+    from qcrypt.images.walk import WalkBudget
     from qcrypt.model.clusters import ClusterMapping, Snapshot
 
 
