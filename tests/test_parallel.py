@@ -52,8 +52,9 @@ def test_no_fork_while_another_thread_runs(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The root cause of issue 8: a fork while another thread holds a lock (OpenSSL, malloc, an import lock)
-    leaves the child blocked forever on that lock. Every fork of a migration must see this thread alone."""
+    """The root cause of the fork hang (docs/HANGS.md): a fork while another thread holds a lock (OpenSSL,
+    malloc, an import lock) leaves the child blocked forever on that lock. Every fork of a migration must see
+    this thread alone."""
     real_fork = os.fork
     seen: list[list[str]] = []
     parent = os.getpid()

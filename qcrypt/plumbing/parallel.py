@@ -5,7 +5,7 @@ already opened readers and ciphers (no secret is pickled, written to disk or put
 return only small results (digests); bulk data is read and written by the workers themselves with
 pread/pwrite at explicit offsets.
 
-Two rules keep this from hanging (issue 8):
+Two rules keep this from hanging (docs/HANGS.md tells the story of the hang they fixed):
 
 * **Fork only while this process runs a single thread.** A child inherits every lock in the state it had at
   fork time, but not the threads that held them: a lock held by another thread at that instant (in OpenSSL,
