@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from qcrypt.libvirt.connection import binding_available
 from tests._tools import IN_CI
 
 URI = "qemu:///system"
@@ -298,3 +303,63 @@ def qemu_reads(name: str, node: str, pattern: int, offset: int, length: int) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"QEMU's qemu-io printed nothing for the read: {text[-500:]}")
         time.sleep(0.1)
+
+
+PW = b"old legacy passphrase"  # the legacy passphrase of the domains the tests set up
+FAST = ["--pbkdf-force-iterations", "1000"]  # migrate-domain's keyslots: cheap PBKDF2 in tests
+MIB = 1024 * 1024
+
+
+def backends() -> list[Any]:
+    api = pytest.param(
+        "api",
+        marks=pytest.mark.skipif(not binding_available() and not IN_CI, reason="libvirt Python binding not installed"),
+    )
+    return ["virsh", api]
+
+
+def qcrypt_domain(
+    lab: Lab, tmp_path: Path, *args: str, stdin: bytes | None = None, backend: str = "virsh"
+) -> subprocess.CompletedProcess[str]:
+    words = [
+        sys.executable,
+        "-m",
+        "qcrypt",
+        "migrate-domain",
+        "-c",
+        "qemu:///system",
+        "--backend",
+        backend,
+        "--backup-dir",
+        str(tmp_path / "backups"),
+        *FAST,
+        *args,
+    ]
+    return subprocess.run(
+        words, input=(stdin or b"").decode(), capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def as_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"not JSON ({done.returncode}): {done.stdout!r} {done.stderr!r}") from e
+
+
+def disk_of(xml: str, target: str) -> ET.Element:
+    root = ET.fromstring(xml)
+    return next(d for d in root.iterfind("devices/disk") if d.find("target").get("dev") == target)  # type: ignore[union-attr]
+
+
+def same_guest_data(lab: Lab, old: list[str], new: Path, pw: Path, driver: str = "qcow2") -> None:
+    """qemu-img compare: the new LUKS image shows the guest what the old one did."""
+    opened = (
+        f"driver=luks,file.filename={new},key-secret=s"
+        if driver == "luks"
+        else f"driver=qcow2,file.filename={new},encrypt.key-secret=s"
+    )
+    done = run(
+        "qemu-img", "compare", "-U", "--object", f"secret,id=s,file={pw}", "--image-opts", *old, opened, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

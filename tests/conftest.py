@@ -18,6 +18,7 @@ import pytest
 from hypothesis import Phase, settings
 
 from tests._hook_domains import build_images
+from tests._libvirt import Lab, ensure_libvirtd, new_lab
 from tests._tools import INTEROP_TOOLS, require_tool
 from tests._tools import current_test as _current
 
@@ -100,3 +101,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("hook-images")
     build_images(require_tool("qemu-img"), folder)
     return folder
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """A scratch libvirt setup (images folder, domains, secrets) on the real libvirtd, removed afterwards."""
+    ensure_libvirtd()
+    lab = new_lab()
+    try:
+        yield lab
+    finally:
+        lab.cleanup()

@@ -19,9 +19,21 @@ from pathlib import Path
 import pytest
 
 from qcrypt.hook import check as hooklib
-from tests._libvirt import CONFIG_DIR, Lab, disk_xml, reload_libvirtd, run, sha256, virsh
-from tests.test_migrate_domain import MIB, PW, as_json, backends, qcrypt_domain, same_guest_data
-from tests.test_migrate_domain import lab as lab
+from tests._libvirt import (
+    CONFIG_DIR,
+    MIB,
+    PW,
+    Lab,
+    as_json,
+    backends,
+    disk_xml,
+    qcrypt_domain,
+    reload_libvirtd,
+    run,
+    same_guest_data,
+    sha256,
+    virsh,
+)
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -23,81 +22,28 @@ from qcrypt.cli.domain import print_outcome
 from qcrypt.domain import migrate as domain_migrate
 from qcrypt.domain.migrate import DomainOptions, DomainOutcome, migrate_domain
 from qcrypt.errors import VerificationError
-from qcrypt.libvirt.connection import binding_available, open_connection
+from qcrypt.libvirt.connection import open_connection
 from qcrypt.migrate.options import MigrateOptions, MigrateResult
-from tests._libvirt import Lab, disk_xml, ensure_libvirtd, new_lab, node_of, qemu_reads, run, sha256, virsh
-from tests._tools import FIXTURES, IN_CI, require_tool
+from tests._libvirt import (
+    FAST,
+    MIB,
+    PW,
+    Lab,
+    as_json,
+    backends,
+    disk_of,
+    disk_xml,
+    node_of,
+    qcrypt_domain,
+    qemu_reads,
+    run,
+    same_guest_data,
+    sha256,
+    virsh,
+)
+from tests._tools import FIXTURES, require_tool
 
 pytestmark = [pytest.mark.interop, pytest.mark.libvirt]
-
-PW = b"old legacy passphrase"
-FAST = ["--pbkdf-force-iterations", "1000"]
-MIB = 1024 * 1024
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    ensure_libvirtd()
-    lab = new_lab()
-    try:
-        yield lab
-    finally:
-        lab.cleanup()
-
-
-def backends() -> list[Any]:
-    api = pytest.param(
-        "api",
-        marks=pytest.mark.skipif(not binding_available() and not IN_CI, reason="libvirt Python binding not installed"),
-    )
-    return ["virsh", api]
-
-
-def qcrypt_domain(
-    lab: Lab, tmp_path: Path, *args: str, stdin: bytes | None = None, backend: str = "virsh"
-) -> subprocess.CompletedProcess[str]:
-    words = [
-        sys.executable,
-        "-m",
-        "qcrypt",
-        "migrate-domain",
-        "-c",
-        "qemu:///system",
-        "--backend",
-        backend,
-        "--backup-dir",
-        str(tmp_path / "backups"),
-        *FAST,
-        *args,
-    ]
-    return subprocess.run(
-        words, input=(stdin or b"").decode(), capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-def as_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError as e:
-        raise AssertionError(f"not JSON ({done.returncode}): {done.stdout!r} {done.stderr!r}") from e
-
-
-def disk_of(xml: str, target: str) -> ET.Element:
-    root = ET.fromstring(xml)
-    return next(d for d in root.iterfind("devices/disk") if d.find("target").get("dev") == target)  # type: ignore[union-attr]
-
-
-def same_guest_data(lab: Lab, old: list[str], new: Path, pw: Path, driver: str = "qcow2") -> None:
-    """qemu-img compare: the new LUKS image shows the guest what the old one did."""
-    opened = (
-        f"driver=luks,file.filename={new},key-secret=s"
-        if driver == "luks"
-        else f"driver=qcow2,file.filename={new},encrypt.key-secret=s"
-    )
-    done = run(
-        "qemu-img", "compare", "-U", "--object", f"secret,id=s,file={pw}", "--image-opts", *old, opened, check=False
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def start_and_read(name: str, path: Path, reads: list[tuple[int, int, int]]) -> None:

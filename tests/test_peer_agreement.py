@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests import _images as im
+from tests._cli import TOOL_TIMEOUT, cryptsetup, qcrypt, qemu_check, secret_file
 from tests._tools import require_tool
-from tests.test_migrate import TOOL_TIMEOUT, cryptsetup, qcrypt, qemu_check, secret_file
 
 PASSPHRASE = "agreeing with the peers"
 OLD_LAYOUTS = {

@@ -15,7 +15,7 @@ import pytest
 from qcrypt.audit import plausibility
 from tests import _images as im
 from tests import _plausibility as rates
-from tests.test_migrate import qcrypt, qemu_compare, secret_file
+from tests._cli import qcrypt, qemu_compare, secret_file
 
 PASSPHRASE = "small clusters, right passphrase"
 REPO = Path(__file__).resolve().parent.parent
