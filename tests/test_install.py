@@ -177,9 +177,9 @@ def test_help_lists_exit_codes_and_environment() -> None:
     assert "-V, --version" in result.output
 
 
-def test_readme_exit_code_table_is_the_code_s() -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+def test_reference_exit_code_table_is_the_code_s() -> None:
+    reference = (REPO / "docs" / "REFERENCE.md").read_text()
+    section = reference.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
     rows = [re.match(r"\| (\d+) \| (.*) \|$", line) for line in section.splitlines()[2:]]
     assert all(rows), section
     table = [(int(row[1]), row[2].replace("`", "")) for row in rows if row]
