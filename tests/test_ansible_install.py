@@ -1,7 +1,7 @@
 """The install role (qcrypt.qcrypt.install): Debian packages, a venv, qcrypt from a wheel; a rerun changes nothing.
 
 The wheel is the release artifact ``python -m build`` writes from this checkout, given to the role by the
-relative path README shows (``dist/...``, from ansible-playbook's working directory); pip installs qcrypt's
+relative path docs/GUIDE.md shows (``dist/...``, from ansible-playbook's working directory); pip installs qcrypt's
 dependencies into the new venv from the configured index. The installed command is then used by the scan
 module, through the role's default location lookup being overridden with ``qcrypt_venv``.
 """

@@ -174,7 +174,8 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     """A legacy disk with an internal snapshot that libvirt has registered (snapshot-create --redefine): the
     new image keeps the snapshot, libvirt's snapshot XML is redefined to name the new disk (path, driver,
     LUKS encryption) and stays current, its old XML is saved, and a revert no longer touches the old file.
-    What libvirt 9 then does with the snapshot of a LUKS qcow2 disk is asserted as measured (README)."""
+    What libvirt 9 then does with the snapshot of a LUKS qcow2 disk is asserted as measured (docs/GUIDE.md,
+    "Snapshots")."""
     pw = lab.passphrase_file("pw", PW)
     web = legacy_with_data(lab, "web.qcow2", pw)
     lab.write(web, 0x41, 0, MIB, pw)
@@ -219,7 +220,7 @@ def test_registered_internal_snapshot_is_redefined_for_the_new_disk(lab: Lab, tm
     assert virsh("snapshot-current", name, "--name").stdout.strip() == "before-upgrade"
     assert virsh("snapshot-list", name, "--name").stdout.split() == ["before-upgrade"]
 
-    # libvirt 9 with the snapshot of a LUKS qcow2 disk, as measured (README "Snapshots")
+    # libvirt 9 with the snapshot of a LUKS qcow2 disk, as measured (docs/GUIDE.md, "Snapshots")
     old_sha = sha256(web)
     revert = virsh("snapshot-revert", name, "before-upgrade", check=False)
     assert revert.returncode != 0 and "encrypt.key-secret' is required" in revert.stderr and str(new) in revert.stderr
@@ -382,7 +383,7 @@ def test_without_a_syslog_socket_the_summary_says_there_is_no_record(lab: Lab, t
 
 
 def test_the_way_back(lab: Lab, tmp_path: Path) -> None:
-    """README "Undoing migrate-domain", step by step, on libvirt 9: 'virsh define' of the backup is refused
+    """docs/GUIDE.md "The record and the way back", step by step, on libvirt 9: 'virsh define' of the backup is refused
     (as documented); putting it back as libvirt's config file and reloading restores the old definition, the
     snapshot XML backup restores the snapshot, the new secret and image go, the original is untouched, and a
     new migrate-domain works from there."""
@@ -421,10 +422,10 @@ def test_the_way_back(lab: Lab, tmp_path: Path) -> None:
     backup, (snap,) = result["xml_backup"], result["snapshots"]
     assert snap["status"] == "redefined", snap
 
-    refused = virsh("define", backup, check=False)  # libvirt 9 refuses the old XML (README)
+    refused = virsh("define", backup, check=False)  # libvirt 9 refuses the old XML (docs/GUIDE.md)
     assert refused.returncode != 0 and "old qcow/qcow2 encryption is not supported" in refused.stderr
 
-    # the way back, as README gives it
+    # the way back, as docs/GUIDE.md gives it
     run("install", "-m", "0600", backup, CONFIG_DIR / f"{name}.xml")
     reload_libvirtd()
     deadline = time.monotonic() + 30

@@ -71,7 +71,7 @@ def test_declared_qcow_disk_with_readable_secret(lab: Lab, tmp_path: Path, backe
     name = f"{lab.prefix}-web"
     lab.define_as_after_upgrade(name, [disk_xml("vda", web, encryption="qcow", secret=secret), disk_xml("vdb", plain)])
     refused = virsh("start", name, check=False)
-    assert "old qcow/qcow2 encryption is not supported" in refused.stderr  # what operators see (README)
+    assert "old qcow/qcow2 encryption is not supported" in refused.stderr  # what operators see (docs/GUIDE.md)
     before_xml, before_files = lab.inactive_xml(name), lab.files()
 
     dry = qcrypt_domain(lab, tmp_path, name, "--dry-run", "--format", "json", backend=backend)

@@ -1,5 +1,5 @@
-"""Paths a tenant can write are raced (README, "Paths and races"): qcrypt runs as root over a folder the image's
-owner writes, and every rename, link and removal must hit the file qcrypt opened, never whatever a name leads to
+"""Paths a tenant can write are raced (docs/SECURITY.md, "Paths and races"): qcrypt runs as root over a folder the
+image's owner writes, and every rename, link and removal must hit the file qcrypt opened, never whatever a name leads to
 later. The tenant's moves are made deterministic by running them at the exact point between qcrypt's checks and
 its commit (wrapping the read-back verification, the last step before the commit)."""
 

@@ -399,7 +399,8 @@ def _legacy_chain(tmp_path: Path, base_passphrase: str, top_passphrase: str) -> 
 @pytest.mark.interop
 @pytest.mark.parametrize("target", ["qcow2-luks", "qcow2"])
 def test_legacy_overlay_over_a_migrated_luks_base(tmp_path: Path, target: str) -> None:
-    """The README's route: migrate the base, rebase the overlay onto it (-u), migrate the overlay."""
+    """The guide's route (docs/GUIDE.md, "Backing chains"): migrate the base, rebase the overlay onto it (-u),
+    migrate the overlay."""
     top, reference = _legacy_chain(tmp_path, PASSPHRASE, PASSPHRASE)
     pw = secret_file(tmp_path, "pw", PASSPHRASE)
     base_luks = tmp_path / "base.luks.qcow2"
