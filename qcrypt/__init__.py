@@ -1,6 +1,6 @@
 """qcrypt: find QEMU legacy qcow/qcow2 AES-encrypted images and migrate them to LUKS.
 
-Public API (see README, "Python API")::
+Public API (docs/API.md)::
 
     qcrypt.inspect(path) -> dict                 # the scan report of one image (never raises)
     qcrypt.open_image(path, passphrase=None)     # read-only file object over the guest's plaintext

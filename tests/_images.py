@@ -6,7 +6,7 @@ only: this module must stay importable without pytest, construct or qcrypt itsel
 Secrets never appear on a command line. Every tool call that needs a passphrase gets a private temporary file
 holding its UTF-8 bytes **without** a trailing newline (QEMU ``--object secret,id=secN,file=F`` and cryptsetup
 ``--key-file F`` both use the file's exact bytes). Encrypted images are always opened with ``--image-opts``
-(formats.md Pitfall 25), including the keys of encrypted backing files (``backing.encrypt.key-secret=``).
+(docs/FORMATS.md Pitfall 25), including the keys of encrypted backing files (``backing.encrypt.key-secret=``).
 
 Public API
 ----------
@@ -52,7 +52,7 @@ Committed fixtures
 
 Guest data layout (``fill_plan``): every written 512-byte sector starts with a text label naming its tag and
 its **guest** offset, followed by a counter, so a sector decrypted with a wrong IV (legacy AES = guest sector,
-qcow2-LUKS = host sector, raw LUKS = payload sector; formats.md Pitfall 1) or read from the wrong place is
+qcow2-LUKS = host sector, raw LUKS = payload sector; docs/FORMATS.md Pitfall 1) or read from the wrong place is
 obvious. Most writes sit at non-zero, non-cluster-aligned offsets; sector 0 is an MBR look-alike (0x55AA).
 """
 

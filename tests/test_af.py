@@ -16,7 +16,7 @@ HASHES = ["sha1", "sha256", "sha512"]
 
 
 def naive_diffuse(block: bytes, hash_name: str) -> bytes:
-    """formats.md D.3 read literally: chunk i -> first len(chunk) bytes of H(BE32(i) || chunk)."""
+    """docs/FORMATS.md D.3 read literally: chunk i -> first len(chunk) bytes of H(BE32(i) || chunk)."""
     size = hashlib.new(hash_name).digest_size
     out = b""
     i = 0

@@ -26,7 +26,7 @@ from tests._tools import require_tool
 pytestmark = pytest.mark.interop
 
 PASSPHRASE = "bomb test"
-SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes (formats.md A.8)
+SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes (docs/FORMATS.md A.8)
 LIMIT_EXCEEDED = "limit-exceeded"
 
 

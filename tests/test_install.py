@@ -87,6 +87,9 @@ def test_distribution_name_is_ours_and_version_has_one_source() -> None:
     assert metadata.metadata(DISTRIBUTION)["Name"] == DISTRIBUTION
     assert metadata.version(DISTRIBUTION) == qcrypt.__version__
     assert metadata.distribution(DISTRIBUTION).entry_points.select(name="qcrypt")  # the command keeps its name
+    # ansible-galaxy reads only a literal version: the collection's must be the package's (qcrypt/__init__.py)
+    galaxy = (REPO / "ansible" / "galaxy.yml").read_text()
+    assert re.search(rf"^version: {re.escape(qcrypt.__version__)}$", galaxy, re.MULTILINE), "ansible/galaxy.yml"
 
 
 # "qcrypt" on the package index is an unrelated project: no install command may name it.

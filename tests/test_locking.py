@@ -1,4 +1,4 @@
-"""QEMU lock bytes: qcrypt sees QEMU's locks, and QEMU sees qcrypt's (formats.md section F)."""
+"""QEMU lock bytes: qcrypt sees QEMU's locks, and QEMU sees qcrypt's (docs/FORMATS.md section F)."""
 
 from __future__ import annotations
 

@@ -389,7 +389,7 @@ def luks_area(tmp_path_factory: pytest.TempPathFactory) -> LuksArea:
 
 
 def _reference_encrypt(master_key: bytes) -> Callable[[bytes, int], bytes]:
-    """AES-XTS per 512-byte sector, tweak = LE64(host sector) + 8 zero bytes (formats.md C.2)."""
+    """AES-XTS per 512-byte sector, tweak = LE64(host sector) + 8 zero bytes (docs/FORMATS.md C.2)."""
 
     def encrypt(plaintext: bytes, host_offset: int) -> bytes:
         first_sector = host_offset // 512

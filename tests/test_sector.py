@@ -284,7 +284,7 @@ def test_cbc_essiv_matches_reference(data: bytes, first: int, key_bytes: int, ha
 
 def test_essiv_sha256_uses_aes256_even_for_aes128_data() -> None:
     key = os.urandom(16)
-    iv = essiv("sha256", key)  # AES-256 keyed with the 32-byte digest (formats.md Pitfall 15)
+    iv = essiv("sha256", key)  # AES-256 keyed with the 32-byte digest (docs/FORMATS.md Pitfall 15)
     data = os.urandom(3 * SECTOR_SIZE)
     cipher = make_sector_cipher("aes", "cbc-essiv:sha256", key)
     assert cipher.encrypt(data, 77) == reference_cbc(key, iv, data, 77, True)

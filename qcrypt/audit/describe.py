@@ -23,7 +23,7 @@ from qcrypt.plumbing.files import ImageFile
 def _add_compressed_finding(
     report: ImageDetails, image: ImageFile, snapshots: list[Snapshot], budget: WalkBudget
 ) -> None:
-    """Legacy AES images keep compressed clusters in plaintext (formats.md B.1): count them, snapshots too."""
+    """Legacy AES images keep compressed clusters in plaintext (docs/FORMATS.md B.1): count them, snapshots too."""
     at_least = False
     if isinstance(image, QCowImage):
         usage = image.table_usage(budget)

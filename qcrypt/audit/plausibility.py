@@ -1,4 +1,4 @@
-"""Does decrypted data look like a disk? (legacy AES has no key check: formats.md B.1 item 6)
+"""Does decrypted data look like a disk? (legacy AES has no key check: docs/FORMATS.md B.1 item 6)
 
 A wrong legacy passphrase decrypts every sector to uniformly random bytes. Real disks are full of zero runs,
 partition tables, filesystem magic and low-entropy metadata. We sample allocated clusters across the image

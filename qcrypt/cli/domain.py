@@ -40,7 +40,7 @@ SNAPSHOT_LIMITS = (
     "internal snapshots of a LUKS qcow2 disk: libvirt 9 lists them, but 'virsh snapshot-revert' "
     "and 'snapshot-create' of the shut-off domain fail (libvirt runs qemu-img without the secret), "
     "'snapshot-delete' removes only libvirt's metadata, and a snapshot of the running domain crashed "
-    "QEMU 7.2; use qemu-img snapshot with --object secret (README, 'Snapshots')"
+    "QEMU 7.2; use qemu-img snapshot with --object secret (docs/GUIDE.md, 'Snapshots')"
 )
 STATUSES = ("migrated", "unchanged", "planned", "skipped", "failed")
 EXIT_SKIPPED = exit_code_for(DomainActiveError("running"))

@@ -38,7 +38,7 @@ EXIT_OTHER = 10
 EXIT_HOOK_REFUSED = 15  # hook install/uninstall refused to touch what it did not write, or an unsafe install
 EXIT_INTERRUPTED = 130
 
-# What each exit code means: `qcrypt --help`, the man page and README ("Exit codes") show this table.
+# What each exit code means: `qcrypt --help`, the man page and docs/REFERENCE.md ("Exit codes") show this table.
 EXIT_CODE_MEANINGS: tuple[tuple[int, str], ...] = (
     (EXIT_OK, "success (scan: nothing at or above --fail-on)"),
     (EXIT_FINDINGS, "scan: an image at or above --fail-on"),

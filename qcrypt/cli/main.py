@@ -6,7 +6,7 @@ import click
 
 from qcrypt.cli.exit_codes import EXIT_CODE_MEANINGS, EXIT_NOTE
 
-# The environment variables qcrypt reads: `qcrypt --help`, the man page and README show this table.
+# The environment variables qcrypt reads: `qcrypt --help`, the man page and docs/REFERENCE.md show this table.
 ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ("QCRYPT_DEBUG=1", "an internal error (exit 10) shows its Python traceback, not one line"),
     ("QCRYPT_PURE_PYTHON=1", "the XTS accelerator stays off (the numpy path: same bytes, slower)"),

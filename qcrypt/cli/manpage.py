@@ -87,7 +87,7 @@ def render() -> str:
         *_paragraphs(cli.help or ""),
         ".PP",
         escape(
-            f"The command comes with the Python distribution {DISTRIBUTION}. README.md, in its source, "
+            f"The command comes with the Python distribution {DISTRIBUTION}. docs/GUIDE.md, in its source, "
             "describes every command at length, with examples."
         ),
         ".SH OPTIONS",

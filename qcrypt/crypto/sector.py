@@ -1,9 +1,9 @@
 """Batched 512-byte sector ciphers, byte-exact with QEMU and dm-crypt (AES in XTS, CBC or ECB mode).
 
-References: formats.md B.1 (legacy qcow/qcow2 AES), D.5 (cipher specs and IV generators); IEEE P1619-2007
+References: docs/FORMATS.md B.1 (legacy qcow/qcow2 AES), D.5 (cipher specs and IV generators); IEEE P1619-2007
 (XTS-AES); QEMU crypto/ivgen-plain.c, ivgen-plain64.c, ivgen-essiv.c (behaviour only).
 
-IV generators (16 bytes per sector, ``sector`` counted by the caller, see formats.md Pitfall 1):
+IV generators (16 bytes per sector, ``sector`` counted by the caller, see docs/FORMATS.md Pitfall 1):
 
 * ``plain64``: LE64(sector) followed by 8 zero bytes;
 * ``plain``: LE32(sector mod 2^32) followed by 12 zero bytes;
@@ -59,8 +59,9 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from qcrypt.crypto._gf import BLOCKS_PER_SECTOR, U64Array, tweak_table
+from qcrypt.crypto.cipher_support import check_sector_cipher
 from qcrypt.crypto.secret import wipe as wipe_buffer
-from qcrypt.errors import FormatError, QcryptError, UnsupportedFeatureError
+from qcrypt.errors import FormatError, QcryptError
 from qcrypt.model.units import SECTOR
 
 try:  # optional accelerator: OpenSSL's XTS over many sectors per call (setup.py builds it when it can)
@@ -108,10 +109,6 @@ LEGACY_KEY_BYTES = 16
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 WritableBuffer: TypeAlias = "bytearray | memoryview"
 
-_AES_KEY_BYTES = (16, 24, 32)
-_XTS_KEY_BYTES = (32, 64)
-_ESSIV_HASHES = ("md5", "sha256")  # digests of an AES key length
-_ESSIV_UNUSABLE_DIGEST_BYTES = {"sha1": 20, "sha224": 28, "sha384": 48, "sha512": 64, "ripemd160": 20}
 _LOW32_MASK = np.uint64(0xFFFF_FFFF)
 _BLOCK_DTYPE = np.dtype(f"V{BLOCK_BYTES}")
 
@@ -492,59 +489,29 @@ class _XtsCipher(SectorCipher):
 def make_sector_cipher(cipher_name: str, cipher_mode: str, key: Buffer) -> SectorCipher:
     """A sector cipher for a dm-crypt style spec, e.g. ("aes", "xts-plain64", 64-byte key).
 
-    Names are matched exactly (lowercase, as LUKS headers store them). A ``:hash`` after plain or plain64
-    is ignored, as QEMU does. The caller keeps ownership of ``key`` (it is copied).
+    What is supported is decided by :func:`qcrypt.crypto.cipher_support.check_sector_cipher` (its errors are
+    raised as they are). The caller keeps ownership of ``key`` (it is copied).
     """
-    if cipher_name != "aes":
-        raise UnsupportedFeatureError(f"cipher {cipher_name!r} is not supported (only aes)", field="cipher_name")
+    check_sector_cipher(cipher_name, cipher_mode, len(key))
     chain, _, iv_spec = cipher_mode.partition("-")
     iv_name, _, iv_hash = iv_spec.partition(":")
-    _check_key_length(chain, cipher_mode, len(key))
     if chain == "ecb":
-        if iv_spec:
-            raise UnsupportedFeatureError(f"mode {cipher_mode!r}: ecb takes no IV", field="cipher_mode")
         return _EcbCipher(key)
-    iv_gen = _make_iv_gen(cipher_mode, iv_name, iv_hash, key)
+    iv_gen: _IvGen
+    if iv_name == "plain64":
+        iv_gen = _Plain64()
+    elif iv_name == "plain":
+        iv_gen = _Plain()
+    else:
+        iv_gen = _Essiv(iv_hash, key)
     if chain == "cbc":
         return _CbcCipher(key, iv_gen)
-    if isinstance(iv_gen, _Essiv):
-        iv_gen.wipe()
-        raise UnsupportedFeatureError(f"mode {cipher_mode!r} is not supported", field="cipher_mode")
     return _XtsCipher(key, iv_gen)
-
-
-def _check_key_length(chain: str, cipher_mode: str, key_bytes: int) -> None:
-    allowed = {"cbc": _AES_KEY_BYTES, "ecb": _AES_KEY_BYTES, "xts": _XTS_KEY_BYTES}.get(chain)
-    if allowed is None:
-        raise UnsupportedFeatureError(f"mode {cipher_mode!r} is not supported", field="cipher_mode")
-    if key_bytes not in allowed:
-        raise UnsupportedFeatureError(
-            f"aes-{chain} takes a key of {', '.join(map(str, allowed))} bytes, not {key_bytes}",
-            field="key_bytes",
-        )
-
-
-def _make_iv_gen(cipher_mode: str, iv_name: str, iv_hash: str, key: Buffer) -> _IvGen:
-    if iv_name == "plain64":
-        return _Plain64()
-    if iv_name == "plain":
-        return _Plain()
-    if iv_name != "essiv":
-        raise UnsupportedFeatureError(f"mode {cipher_mode!r}: unknown IV generator", field="cipher_mode")
-    if iv_hash in _ESSIV_UNUSABLE_DIGEST_BYTES:
-        digest_bytes = _ESSIV_UNUSABLE_DIGEST_BYTES[iv_hash]
-        raise UnsupportedFeatureError(
-            f"mode {cipher_mode!r}: ESSIV needs an AES key of the digest's length ({digest_bytes} bytes)",
-            field="cipher_mode",
-        )
-    if iv_hash not in _ESSIV_HASHES:
-        raise UnsupportedFeatureError(f"mode {cipher_mode!r}: unknown ESSIV hash", field="cipher_mode")
-    return _Essiv(iv_hash, key)
 
 
 def legacy_aes_key(passphrase: Buffer) -> bytearray:
     """QEMU's legacy qcow/qcow2 AES-128 key: the passphrase bytes up to the first NUL, cut to 16 bytes and
-    NUL-padded to 16 (formats.md B.1, Pitfall 3). Returned as a bytearray the caller should wipe."""
+    NUL-padded to 16 (docs/FORMATS.md B.1, Pitfall 3). Returned as a bytearray the caller should wipe."""
     source = _byte_view(passphrase)
     key = bytearray(LEGACY_KEY_BYTES)
     for index in range(min(LEGACY_KEY_BYTES, len(source))):

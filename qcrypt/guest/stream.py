@@ -4,7 +4,7 @@ Each layer is a :class:`LayerReader` with ``read(guest_offset, length) -> bytes`
 to their backing layer for unallocated clusters. Runs of host-contiguous clusters are read and decrypted in
 one batched call (see qcrypt.crypto.sector), so throughput is bounded by OpenSSL, not by Python.
 
-IV bases (formats.md Pitfall 1): legacy AES = guest sector; qcow2-LUKS = host file sector; raw LUKS =
+IV bases (docs/FORMATS.md Pitfall 1): legacy AES = guest sector; qcow2-LUKS = host file sector; raw LUKS =
 payload sector.
 """
 

@@ -19,7 +19,7 @@ does see legacy images that the XML does not declare (QEMU then refuses them its
 
 References: libvirt docs/hooks.rst and src/util/virhook.c (argv, stdin, exit-code consequences);
 formatdomain.rst / formatstorageencryption.rst (``<disk>``, ``<backingStore>``, ``<encryption>``);
-the team's formats.md section G and pitfalls 23-24.
+docs/FORMATS.md section G and pitfalls 23-24.
 """
 
 from __future__ import annotations

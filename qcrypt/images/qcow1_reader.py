@@ -1,6 +1,6 @@
 """qcow version 1 reader (legacy "QCOW"): header, L1/L2 lookups. Lazy, read-only, bounds-checked.
 
-References: qemu block/qcow.c (qcow_open, get_cluster_offset); formats.md section A.11.
+References: qemu block/qcow.c (qcow_open, get_cluster_offset); docs/FORMATS.md section A.11.
 """
 
 from __future__ import annotations

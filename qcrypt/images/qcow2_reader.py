@@ -2,7 +2,7 @@
 
 References:
     qemu docs/interop/qcow2.txt; block/qcow2.c (qcow2_do_open, qcow2_read_extensions);
-    block/qcow2-cluster.c (qcow2_get_cluster_type, qcow2_get_host_offset); formats.md section A.
+    block/qcow2-cluster.c (qcow2_get_cluster_type, qcow2_get_host_offset); docs/FORMATS.md section A.
 """
 
 from __future__ import annotations
@@ -446,7 +446,7 @@ class QCow2Image(ImageFile):
         return -(-self.header.size // self.header.cluster_size)
 
     def map_cluster(self, guest_cluster: int, l1: np.ndarray | None = None) -> ClusterMapping:
-        """Where guest cluster ``guest_cluster`` lives (qemu's cluster-type rules, formats.md A.6)."""
+        """Where guest cluster ``guest_cluster`` lives (qemu's cluster-type rules, docs/FORMATS.md A.6)."""
         if l1 is None:
             l1 = self.l1_table()
         l1_index, l2_index = divmod(guest_cluster, self.header.l2_entries)

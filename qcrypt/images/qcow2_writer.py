@@ -1,7 +1,7 @@
 """Streaming qcow2 v3 writer, plain or with an embedded LUKS1 header (``qcrypt migrate --to qcow2[-luks]``).
 
 References:
-    qemu docs/interop/qcow2.txt (header, L1/L2, refcounts, snapshot table); formats.md sections A, C.1, C.2, H.2
+    qemu docs/interop/qcow2.txt (header, L1/L2, refcounts, snapshot table); docs/FORMATS.md sections A, C.1, C.2, H.2
     and Pitfalls 1, 6, 13, 21.
 
 Host layout (clusters are handed out by a bump pointer and never freed, so the file has no holes):
@@ -16,7 +16,7 @@ one is re-read if its table comes back to it), and refcounts are one ``uint16`` 
 does not grow with the virtual size. ``share_keys`` keeps one dict entry per distinct key.
 
 Data clusters are always written in full; with a LUKS area they are encrypted with IV sector = absolute host
-offset / 512 (formats.md C.2), so clusters shared between snapshots need no re-encryption. The COPIED flag
+offset / 512 (docs/FORMATS.md C.2), so clusters shared between snapshots need no re-encryption. The COPIED flag
 (bit 63) of L1 and L2 entries is set exactly when the referenced cluster's refcount is 1, in every table.
 """
 

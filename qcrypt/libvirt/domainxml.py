@@ -1,7 +1,7 @@
 """libvirt domain XML: the typed model of a domain's disks (``<disk>``, ``<backingStore>``, ``<encryption>``)
 and its parser, shared by the VM-start hook, ``scan --libvirt-xml`` and ``migrate-domain``.
 
-References: libvirt formatdomain.rst / formatstorageencryption.rst; the team's formats.md section G.
+References: libvirt formatdomain.rst / formatstorageencryption.rst; docs/FORMATS.md section G.
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ LUKS region (offset 0 of a raw LUKS file, or the FDE extension offset of a qcow2
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import construct
 
+from qcrypt.crypto.cipher_support import check_sector_cipher
 from qcrypt.crypto.kdf import (
     MAX_ITERATIONS,
     supported_hashes,
@@ -298,12 +298,9 @@ def qemu_unsupported(header: LuksHeader) -> list[str]:
 
 def qcrypt_unsupported(header: LuksHeader) -> list[str]:
     """The parts of the header's algorithms qcrypt cannot unlock or migrate (empty if it can)."""
-    from qcrypt.crypto.sector import make_sector_cipher  # the cipher engine loads only when a header is graded
-
     parts = []
-    key = os.urandom(header.key_bytes)
     try:
-        make_sector_cipher(header.cipher_name, header.cipher_mode, key).wipe()
+        check_sector_cipher(header.cipher_name, header.cipher_mode, header.key_bytes)
     except UnsupportedFeatureError as e:
         parts.append(
             {
@@ -377,7 +374,7 @@ def _check_overlaps(header: LuksHeader, path: str) -> None:
 
 
 def validate_header(header: LuksHeader, region_size: int, *, path: str) -> None:
-    """The checks of cryptsetup 2.x and QEMU combined (formats.md D.6); raises FormatError."""
+    """The checks of cryptsetup 2.x and QEMU combined (docs/FORMATS.md D.6); raises FormatError."""
     if header.version != luks1_fmt.VERSION:
         raise UnsupportedFeatureError(f"LUKS version {header.version}, expected 1", path=path, field="version")
     _check_names(header, path)

@@ -312,7 +312,7 @@ def _write_qcow2(
 
 
 def vm_state_bytes(snapshot: Snapshot) -> int:
-    """The saved VM state's size: the 64-bit extra field when present (formats.md A.8), else the 32-bit one."""
+    """The saved VM state's size: the 64-bit extra field when present (docs/FORMATS.md A.8), else the 32-bit one."""
     extra_size = int.from_bytes(snapshot.entry[36:40], "big")
     if extra_size >= 8:
         return int.from_bytes(snapshot.entry[40:48], "big")

@@ -1,7 +1,7 @@
 """QEMU image locks: detect them (is a VM using this image?) and hold them (keep QEMU off our files).
 
 QEMU takes shared open-file-description (OFD) read locks on bytes 100+i ("holds permission i") and 200+i
-("refuses to share permission i") of every image file it opens (formats.md section F). We probe with an
+("refuses to share permission i") of every image file it opens (docs/FORMATS.md section F). We probe with an
 exclusive F_OFD_GETLK, which sees every holder, and never take classic POSIX locks (closing any descriptor of
 the file would drop them all).
 """

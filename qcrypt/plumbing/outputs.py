@@ -2,7 +2,7 @@
 
 Paths are resolved once: the output's folder is opened once (every component without following a symlink) and
 every later step works relative to that descriptor (``openat``/``linkat``/``renameat``), with the file at each
-name checked by its inode before it is renamed, linked or removed (README, "Paths and races").
+name checked by its inode before it is renamed, linked or removed (docs/SECURITY.md, "Paths and races").
 
 The temporary file lives in the output's folder as ``.NAME.qcrypt-PID-RANDOM.tmp`` (same filesystem, so the
 final rename is atomic), created with O_EXCL|O_NOFOLLOW under an unpredictable name. Leftovers of killed runs

@@ -182,7 +182,7 @@ summary:
   type: dict
   sample: {"migrated": 1, "unchanged": 0, "planned": 0, "skipped": 0, "failed": 0}
 rc:
-  description: qcrypt's exit status (see qcrypt's README, "Exit codes").
+  description: qcrypt's exit status (see qcrypt's docs/REFERENCE.md, "Exit codes").
   returned: always
   type: int
   sample: 0

@@ -84,7 +84,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 report:
-  description: The document printed by C(qcrypt scan --format json) (see qcrypt's README for every field).
+  description: The document printed by C(qcrypt scan --format json) (see qcrypt's docs/REFERENCE.md, "Report fields", for every field).
   returned: success
   type: dict
   contains:
