@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
+from qcrypt.cli.main import COMMANDS, SUMMARIES, cli
 from tests._hook_domains import domain_xml
 
 HEAVY = ("numpy", "cryptography")
@@ -74,3 +76,18 @@ def test_the_hook_reads_legacy_and_luks_images_without_numpy_or_cryptography(ima
 def test_the_check_sees_a_heavy_import(tmp_path: Path) -> None:
     """The oracle itself: a process that does load them is caught."""
     assert heavy(imported(tmp_path, "qcrypt", "info", "--help")) != []  # info's own module needs numpy
+
+
+def test_help_lists_the_commands_without_loading_them(tmp_path: Path) -> None:
+    modules = imported(tmp_path, "qcrypt", "--help")
+    assert "qcrypt.cli.main" in modules
+    assert heavy(modules) == [] and not any(name in modules for name, _attr in COMMANDS.values())
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_the_listed_summary_is_the_command_s_own(name: str) -> None:
+    """``qcrypt --help`` lists SUMMARIES; each must say what the command's docstring says."""
+    command = cli.get_command(click.Context(cli), name)
+    assert command is not None and command.help is not None
+    assert SUMMARIES[name] == command.help.split("\n\n", 1)[0].replace("\n", " ")
+    assert click.Command(name, help=SUMMARIES[name]).get_short_help_str(45) == command.get_short_help_str(45)
