@@ -69,9 +69,9 @@ def scan(
     rules = chain_rules(allow_backing_dirs)
     declared: dict[str, str] = {}
     if libvirt_dir:
-        from qcrypt import libvirt
+        from qcrypt.libvirt import xmldir
 
-        declared, rules = libvirt.declared_formats(libvirt_dir, rules)
+        declared, rules = xmldir.declared_formats(libvirt_dir, rules)
     files = list(walk.iter_files(paths))
     with progress_bar(total=len(files), unit="img", leave=False) as bar:
         reports = walk.scan_files(
@@ -84,7 +84,7 @@ def scan(
         )
     domains_without_image: list[dict[str, Any]] = []  # JSON form
     if libvirt_dir:
-        domains_without_image = [m.to_json() for m in libvirt.annotate_reports(reports, libvirt_dir)]
+        domains_without_image = [m.to_json() for m in xmldir.annotate_reports(reports, libvirt_dir)]
     summary = ScanSummary.of(reports).to_json()
     should_exit = should_fail(reports, fail_on)
     documents = [r.to_json() for r in reports]  # the JSON edge: the printers below read this form

@@ -4,13 +4,8 @@
 * :mod:`qcrypt.libvirt.xmledit`: the disk rewrite ``migrate-domain`` defines, and the XML diff it shows.
 * :mod:`qcrypt.libvirt.xmldir`: a folder of domain XML files for ``scan --libvirt-xml``.
 * :mod:`qcrypt.libvirt.connection`: a libvirt connection, through the Python binding or ``virsh``.
-* :mod:`qcrypt.domain.migrate`: fixing a whole domain (plan, migrate every disk, define, roll back).
+* :mod:`qcrypt.libvirt.usage`: which domains (and which images' backing chains) use an image file.
 
-The VM-start hook (:mod:`qcrypt.hook.check`) builds on the model here.
+Fixing a whole domain is :mod:`qcrypt.domain.migrate`, a layer above; the VM-start hook (:mod:`qcrypt.hook.check`)
+builds on the model here. Nothing is imported here: the hook loads only the XML model.
 """
-
-from __future__ import annotations
-
-from qcrypt.libvirt.xmldir import annotate_reports, declared_formats, read_domains
-
-__all__ = ["annotate_reports", "declared_formats", "read_domains"]
