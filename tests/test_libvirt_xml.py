@@ -137,7 +137,8 @@ def test_snapshot_xml_refusals(xml: str) -> None:
 
 
 def test_a_raw_luks_target_cannot_carry_internal_snapshots() -> None:
-    from qcrypt.domain.migrate import DiskPlan, _snapshot_loss
+    from qcrypt.domain.aftermath import _snapshot_loss
+    from qcrypt.domain.options import DiskPlan
     from qcrypt.libvirt.domainxml import parse_snapshot_root
 
     root = parse_snapshot_root(SNAPSHOT.format(mode="internal", uuid=UUID))

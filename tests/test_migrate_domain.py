@@ -20,7 +20,8 @@ import pytest
 
 from qcrypt.cli.domain import print_outcome
 from qcrypt.domain import migrate as domain_migrate
-from qcrypt.domain.migrate import DomainOptions, DomainOutcome, migrate_domain
+from qcrypt.domain.migrate import migrate_domain
+from qcrypt.domain.options import DomainOptions, DomainOutcome
 from qcrypt.errors import VerificationError
 from qcrypt.libvirt.connection import open_connection
 from qcrypt.migrate.options import MigrateOptions, MigrateResult

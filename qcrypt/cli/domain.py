@@ -19,18 +19,16 @@ from qcrypt.cli.exit_codes import exit_code_for, handle_errors
 from qcrypt.cli.options import allow_backing_dir_opt, chain_rules, format_opt, human_size, progress_bar
 from qcrypt.cli.passphrase import get_passphrase
 from qcrypt.crypto.secret import wipe
-from qcrypt.domain.migrate import (
+from qcrypt.domain.aftermath import destroyable
+from qcrypt.domain.disks import domains_to_fix
+from qcrypt.domain.migrate import migrate_domain as fix_domain
+from qcrypt.domain.options import (
     DEFAULT_BACKUP_DIR,
     NEW_SECRET,
     PASSPHRASE_FILE,
     DiskPlan,
     DomainOptions,
     DomainOutcome,
-    destroyable,
-    domains_to_fix,
-)
-from qcrypt.domain.migrate import (
-    migrate_domain as fix_domain,
 )
 from qcrypt.errors import DomainActiveError
 from qcrypt.libvirt.connection import SHUT_OFF, Connection, open_connection
