@@ -10,7 +10,7 @@ from qcrypt.audit.inspect import build_report, inspect_one, walk_chain
 from qcrypt.audit.report import ImageDetails, ImageReport
 from qcrypt.errors import LimitExceededError, QcryptError
 from qcrypt.images.backing import ChainRules
-from qcrypt.images.probe import QCOW_FORMATS, open_image, probe
+from qcrypt.images.probe import QCOW_FORMATS, open_qcow_image, probe
 from qcrypt.images.qcow1_reader import QCowImage
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.images.walk import WalkBudget
@@ -44,7 +44,7 @@ def allocated_bytes_of(path: str) -> int | None:
     try:
         if probe(path).format not in QCOW_FORMATS:
             return None
-        with open_image(path) as image:
+        with open_qcow_image(path) as image:
             return image.allocated_bytes(WalkBudget())
     except (QcryptError, OSError):
         return None
@@ -80,7 +80,7 @@ def describe(path: str | os.PathLike[str], *, rules: ChainRules | None = None) -
         luks=info.luks,
     )
     if info.format in QCOW_FORMATS:
-        with open_image(path) as image:
+        with open_qcow_image(path) as image:
             report.snapshots = [s.describe() for s in info.snapshots]
             budget = WalkBudget()
             try:

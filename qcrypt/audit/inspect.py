@@ -17,7 +17,7 @@ from qcrypt.audit.report import ChainLayer, ImageReport
 from qcrypt.errors import LimitExceededError, QcryptError
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.images.backing import BackingRefusedError, ChainContext, ChainRules, open_backing, resolve_backing
-from qcrypt.images.probe import QCOW_FORMATS, declared_container, open_image
+from qcrypt.images.probe import QCOW_FORMATS, declared_container, open_qcow_image
 from qcrypt.images.qcow1_reader import QCowImage
 from qcrypt.images.qcow2_reader import QCow2Image, feature_names
 from qcrypt.model import findings as F
@@ -195,7 +195,7 @@ def _inspect_open(path: str, fh: BinaryIO, info: ImageInfo, *, layer: bool = Fal
     info.format = kind.format
     info.format_version = kind.version
     if kind.format in QCOW_FORMATS:
-        image = open_image(path, _dup(fh), kind.format)
+        image = open_qcow_image(path, _dup(fh), kind.format)
         with image:
             _inspect_qcow(image, info, layer=layer)
     elif kind.format == "luks":

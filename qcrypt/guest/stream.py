@@ -22,8 +22,7 @@ from qcrypt.crypto.sector import SectorCipher, make_sector_cipher
 from qcrypt.errors import BadPassphraseError, FormatError, UnsupportedFeatureError
 from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.images.backing import ChainContext, ChainRules, open_backing, resolve_backing
-from qcrypt.images.probe import declared_container
-from qcrypt.images.probe import open_image as open_container
+from qcrypt.images.probe import declared_container, open_qcow_image
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.images.reader import QcowImageReader
 from qcrypt.model.clusters import ClusterKind, ClusterMapping, Snapshot
@@ -359,7 +358,7 @@ class Opener:
         return self._open_qcow(path, fh, kind, snapshot)
 
     def _open_qcow(self, path: str, fh: BinaryIO, kind: str, snapshot_name: str | None = None) -> LayerReader:
-        image = open_container(path, fh, kind)
+        image = open_qcow_image(path, fh, kind)
         try:
             snapshot = find_snapshot(image, snapshot_name) if snapshot_name is not None else None
             encryption = self._layer_encryption(image)

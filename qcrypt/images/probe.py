@@ -42,7 +42,9 @@ def probe_file(fh: BinaryIO) -> Probe:
     return Probe("raw")
 
 
-def open_image(path: str, fh: BinaryIO | None = None, declared_format: str | None = None) -> QCow2Image | QCowImage:
+def open_qcow_image(
+    path: str, fh: BinaryIO | None = None, declared_format: str | None = None
+) -> QCow2Image | QCowImage:
     """Open a qcow2 or qcow file with the right reader (raises FormatError for anything else). With ``fh``,
     that open file is used (and owned by the result); ``declared_format`` ("qcow" or "qcow2") skips probing."""
     if fh is None:
