@@ -69,16 +69,23 @@ class ImageReport:
         return [layer.path for layer in self.backing_chain]
 
     @property
+    def layers(self) -> list[tuple[str, Encryption]]:
+        """The image and every layer of its backing chain, top down: (path, encryption)."""
+        return [(self.path, self.encryption), *((layer.path, layer.encryption) for layer in self.backing_chain)]
+
+    @property
+    def encrypted_paths(self) -> list[str]:
+        """The image and chain layers that are encrypted (either way), top down."""
+        return [path for path, encryption in self.layers if encryption is not Encryption.NONE]
+
+    @property
     def encrypted_anywhere(self) -> bool:
-        return self.encryption is not Encryption.NONE or any(
-            layer.encryption is not Encryption.NONE for layer in self.backing_chain
-        )
+        return bool(self.encrypted_paths)
 
     @property
     def legacy_paths(self) -> list[str]:
         """The image and chain layers that use legacy AES encryption, top down."""
-        layers = [(self.path, self.encryption), *((layer.path, layer.encryption) for layer in self.backing_chain)]
-        return [path for path, encryption in layers if encryption is Encryption.LEGACY_AES]
+        return [path for path, encryption in self.layers if encryption is Encryption.LEGACY_AES]
 
     def refused_backing(self) -> Finding | None:
         """The first finding saying a backing file was refused by the chain rules, if any."""

@@ -188,9 +188,9 @@ def migrate(
         ),
     )
     own = {os.path.realpath(layer) for layer, _file in layer_passphrase_files}
-    layers = [(report.path, report.encryption), *((layer.path, layer.encryption) for layer in report.backing_chain)]
-    encrypted = [path for path, encryption in layers if encryption is not Encryption.NONE]
-    needs_default = passphrase_file is not None or any(os.path.realpath(path) not in own for path in encrypted)
+    needs_default = passphrase_file is not None or any(
+        os.path.realpath(path) not in own for path in report.encrypted_paths
+    )
     passphrase = layer_passphrases = new_passphrase = fallback = None
     try:
         passphrase = get_passphrase(passphrase_file, what="source passphrase") if needs_default else None

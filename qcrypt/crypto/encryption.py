@@ -63,6 +63,10 @@ class DataEncryption:
         both at a sector boundary)."""
         if self.iv_base is IvBase.GUEST:
             return guest_offset // SECTOR
+        return self._stored_sector(host_offset)
+
+    def _stored_sector(self, host_offset: int) -> int:
+        """The IV's sector number of LUKS data stored at ``host_offset``."""
         if self.iv_base is IvBase.HOST:
             return host_offset // SECTOR
         return (host_offset - self.payload_offset) // SECTOR
@@ -74,7 +78,7 @@ class DataEncryption:
     def _write_sector(self, host_offset: int) -> int:
         if self.iv_base is IvBase.GUEST:
             raise UnsupportedFeatureError("qcrypt never writes legacy AES", field="crypt_method")
-        return self.iv_sector(guest_offset=-1, host_offset=host_offset)
+        return self._stored_sector(host_offset)
 
     def encrypt(self, plaintext: Plaintext, host_offset: int) -> bytes:
         """Ciphertext of whole sectors to be stored at ``host_offset`` (bytes) of a LUKS output."""

@@ -27,15 +27,10 @@ def _inspect(path: str, rules: ChainRules | None = None, declared: str | None = 
     return inspect_image(path, rules=rules, declared_format=declared)
 
 
-def legacy_layers(report: ImageReport) -> list[str]:
-    """Paths of the image's layers (itself first, then its backing chain) that use legacy AES."""
-    return report.legacy_paths
-
-
 def xml_only(disk: DomainDisk, report: ImageReport) -> bool:
     """The image is LUKS already (migrated by hand) but the XML still says ``format='qcow'``: only the XML
     needs the fix (libvirt refuses to start the domain until then)."""
-    return "qcow" in disk.layers[0].encryption and report.encryption.is_luks and not legacy_layers(report)
+    return "qcow" in disk.layers[0].encryption and report.encryption.is_luks and not report.legacy_paths
 
 
 def affected_disks(
@@ -71,9 +66,9 @@ def _affected(disk: DomainDisk, rules: ChainRules | None) -> ImageReport | None:
             raise MigrationError(f"disk {disk.target}: {report.error}")
         return None
     finding = report.refused_backing()
-    if finding and (legacy_layers(report) or declared):
+    if finding and (report.legacy_paths or declared):
         raise BackingRefusedError(F.Finding(finding.code, finding.severity, f"disk {disk.target}: {finding.message}"))
-    return report if legacy_layers(report) or xml_only(disk, report) else None
+    return report if report.legacy_paths or xml_only(disk, report) else None
 
 
 def domains_to_fix(conn: Connection, rules: ChainRules | None = None) -> list[str]:

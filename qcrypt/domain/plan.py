@@ -8,7 +8,7 @@ import os
 
 from qcrypt.audit.describe import allocated_estimate
 from qcrypt.audit.report import ImageReport
-from qcrypt.domain.disks import legacy_layers, xml_only
+from qcrypt.domain.disks import xml_only
 from qcrypt.domain.options import ESTIMATE_BYTES_PER_S, LUKS_HEADER_BYTES, NEW_SECRET, DiskPlan, DomainOptions
 from qcrypt.errors import (
     MigrationError,
@@ -63,7 +63,7 @@ def plan_disk(disk: DomainDisk, report: ImageReport, opts: DomainOptions) -> Dis
     to = target_for(disk, opts)
     if to not in ("luks", "qcow2-luks"):
         raise MigrationError(f"--to {to}: migrate-domain writes encrypted images only (luks or qcow2-luks)")
-    legacy = legacy_layers(report)
+    legacy = report.legacy_paths
     flatten = any(path != report.path for path in legacy) or (to == "luks" and bool(report.backing_file))
     new_path = new_path_for(disk, to, opts)
     if not opts.replace and os.path.lexists(new_path):

@@ -62,10 +62,6 @@ RUN_BUDGET_S = 1.0  # seconds for the whole check: parsing the XML, reading imag
 MAX_LOG_LINES = 20  # lines one run sends to syslog (and stderr); one more says how many were left out
 SYSLOG_IDENT = "qcrypt-hook"
 STDERR_PREFIX = "qcrypt-hook: "
-LEGACY_ENCRYPTION = Encryption.LEGACY_AES
-LUKS_ENCRYPTIONS = (Encryption.LUKS1, Encryption.LUKS2)
-CODE_LEGACY = F.LEGACY_AES
-CODE_LEGACY_BACKING = F.LEGACY_AES_BACKING
 PASSPHRASE_PLACEHOLDER = "PASSPHRASE_FILE"
 # libvirt qemu operations the hook acts on: "prepare" runs once before every QEMU start (a plain start, a restore,
 # an incoming migration); "start", "migrate" and "restore" come with the same XML and would repeat each warning
@@ -223,7 +219,7 @@ def _codes(report: ImageReport | None) -> set[str]:
 
 def _first_legacy_layer(report: ImageReport) -> str:
     for layer in report.backing_chain:
-        if layer.encryption is LEGACY_ENCRYPTION:
+        if layer.encryption is Encryption.LEGACY_AES:
             return layer.path
     return "a backing layer"
 
@@ -271,9 +267,9 @@ def _refused_reasons(report: ImageReport | None, verdict: _Verdict) -> None:
 
 def _image_reasons(report: ImageReport | None, verdict: _Verdict) -> None:
     codes = _codes(report)
-    if report and CODE_LEGACY in codes:
+    if report and F.LEGACY_AES in codes:
         verdict.reasons.append(f"the image uses {LEGACY_TEXT}")
-    if report and CODE_LEGACY_BACKING in codes:
+    if report and F.LEGACY_AES_BACKING in codes:
         verdict.reasons.append(f"its backing file {_first_legacy_layer(report)} uses {LEGACY_TEXT}")
         verdict.flatten = True
 
@@ -282,14 +278,14 @@ def _backing_store_reasons(disk: DomainDisk, found: _Inspections, verdict: _Verd
     for layer in disk.layers[1:]:
         encryption = found.encryption(layer.path)
         declared = [
-            f for f in layer.encryption if f == "qcow" or (f == "default" and encryption not in LUKS_ENCRYPTIONS)
+            f for f in layer.encryption if f == "qcow" or (f == "default" and not (encryption and encryption.is_luks))
         ]
         label = layer.label or "a <backingStore> layer"
         key = _norm(label)
         if key in mentioned:
-            verdict.flatten = verdict.flatten or bool(declared) or encryption == LEGACY_ENCRYPTION
+            verdict.flatten = verdict.flatten or bool(declared) or encryption is Encryption.LEGACY_AES
             continue
-        if encryption == LEGACY_ENCRYPTION:
+        if encryption is Encryption.LEGACY_AES:
             verdict.reasons.append(f"its backing layer {label} uses {LEGACY_TEXT}")
         elif declared:
             verdict.reasons.append(
@@ -302,13 +298,13 @@ def _backing_store_reasons(disk: DomainDisk, found: _Inspections, verdict: _Verd
 
 
 def _declared_reasons(top: DiskLayer, report: ImageReport | None, verdict: _Verdict) -> None:
-    if CODE_LEGACY in _codes(report):
+    if F.LEGACY_AES in _codes(report):
         return  # already said, from the image itself
     encryption = report.encryption if report else None
     for fmt in dict.fromkeys(top.encryption):
         if fmt not in LEGACY_XML_FORMATS:
             continue
-        if encryption in LUKS_ENCRYPTIONS:
+        if encryption and encryption.is_luks:
             if fmt == "qcow":
                 verdict.reasons.append(
                     f"the domain XML declares <encryption format='qcow'> but the image is "
@@ -532,13 +528,13 @@ def legacy_message(report: ImageReport, domain: str | None = None) -> str | None
     libvirt ``domain`` that uses the image, the fix named first is ``qcrypt migrate-domain DOMAIN``."""
     codes = _codes(report)
     path = report.path
-    if CODE_LEGACY in codes:
+    if F.LEGACY_AES in codes:
         where = f"{path}: {LEGACY_TEXT}"
-    elif CODE_LEGACY_BACKING in codes:
+    elif F.LEGACY_AES_BACKING in codes:
         where = f"{path}: its backing file {_first_legacy_layer(report)} uses {LEGACY_TEXT}"
     else:
         return None
-    command = migrate_command(path, flatten=CODE_LEGACY_BACKING in codes)
+    command = migrate_command(path, flatten=F.LEGACY_AES_BACKING in codes)
     if domain:
         return printable(
             f"{where}. Fix it with the VM shut off: {migrate_domain_command(domain)} (or this image alone: {command})"

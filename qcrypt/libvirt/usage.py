@@ -28,17 +28,12 @@ def _default_inspect(path: str) -> ImageReport:
     return inspect_image(path)
 
 
-def chain_paths(report: ImageReport) -> list[str]:
-    """The backing chain's paths of a scan report (below the image itself)."""
-    return [path for path in report.chain_paths if path]
-
-
 def disk_paths(disk: DomainDisk, inspect: Inspect = _default_inspect) -> list[str]:
     """Every local file the disk reads: the XML's layers, then its image's backing chain from the headers."""
     paths = [layer.path for layer in disk.layers if layer.path and layer.source_type in ("file", "block")]
     top = disk.layers[0]
     if top.path and top.source_type in ("file", "block") and top.format in HEADER_CHAIN_FORMATS:
-        paths += chain_paths(inspect(top.path))
+        paths += inspect(top.path).chain_paths
     return list(dict.fromkeys(paths))
 
 
@@ -94,6 +89,6 @@ def folder_users(
                 continue
             if os.path.realpath(entry.path) in skip:
                 continue
-            for path in chain_paths(inspect(entry.path)):
+            for path in inspect(entry.path).chain_paths:
                 found.users.setdefault(os.path.realpath(path), set()).add(entry.path)
     return found
