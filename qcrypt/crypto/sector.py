@@ -118,13 +118,16 @@ _BLOCK_DTYPE = np.dtype(f"V{BLOCK_BYTES}")
 
 class _Scratch:
     """Work buffers of one thread, sized for :data:`CHUNK_SECTORS` (plus 16 bytes that OpenSSL's
-    ``update_into`` wants beyond the payload)."""
+    ``update_into`` wants beyond the payload). ``work`` and ``ecb_out`` are a pair because ``update_into``
+    refuses a target that overlaps its source (cryptography 51 and later), so no ECB pass runs in place."""
 
     def __init__(self) -> None:
         payload_bytes = CHUNK_SECTORS * SECTOR
         block_bytes = CHUNK_SECTORS * BLOCK_BYTES
         self.work = bytearray(payload_bytes + BLOCK_BYTES)
         self.work_words = _words(self.work)
+        self.ecb_out = bytearray(payload_bytes + BLOCK_BYTES)
+        self.ecb_out_words = _words(self.ecb_out)
         self.iv_in = bytearray(block_bytes + BLOCK_BYTES)
         self.iv_in_words = _words(self.iv_in)
         self.iv_out = bytearray(block_bytes + BLOCK_BYTES)
@@ -217,7 +220,8 @@ def _bytes_of(words: U64Array) -> memoryview:
 
 
 def _ecb(context: CipherContext, source: Buffer, target: bytearray | memoryview) -> None:
-    """ECB over ``source`` (whole blocks) into the start of ``target`` (which has >= 15 spare bytes)."""
+    """ECB over ``source`` (whole blocks) into the start of ``target`` (which has >= 15 spare bytes and
+    must not overlap ``source``)."""
     context.update_into(source, target)
 
 
@@ -390,13 +394,16 @@ class _CbcCipher(SectorCipher):
         columns = column_words.reshape(BLOCKS_PER_SECTOR, n * WORDS_PER_BLOCK)
         column_bytes = n * BLOCK_BYTES
         work_view = memoryview(scratch.work)
+        encrypted_view = memoryview(scratch.ecb_out)
+        encrypted_words = scratch.ecb_out_words[: n * WORDS_PER_SECTOR]
+        encrypted_columns = encrypted_words.reshape(BLOCKS_PER_SECTOR, n * WORDS_PER_BLOCK)
         previous = self._iv_gen.fill(first_sector, n, scratch).reshape(-1)
         for block in range(BLOCKS_PER_SECTOR):
             np.bitwise_xor(columns[block], previous, out=columns[block])
             start = block * column_bytes
-            _ecb(encryptor, work_view[start : start + column_bytes], work_view[start:])
-            previous = columns[block]
-        np.copyto(_as_blocks(out_words).reshape(n, BLOCKS_PER_SECTOR), _as_blocks(column_words).reshape(-1, n).T)
+            _ecb(encryptor, work_view[start : start + column_bytes], encrypted_view[start:])
+            previous = encrypted_columns[block]
+        np.copyto(_as_blocks(out_words).reshape(n, BLOCKS_PER_SECTOR), _as_blocks(encrypted_words).reshape(-1, n).T)
 
 
 class _EcbCipher(SectorCipher):
@@ -469,9 +476,8 @@ class _XtsCipher(SectorCipher):
         tweaks = self._tweaks(first_sector, n, scratch).reshape(-1)
         work = scratch.work_words[: n * WORDS_PER_SECTOR]
         np.bitwise_xor(_words(source), tweaks, out=work)
-        work_view = memoryview(scratch.work)
-        _ecb(data_context, work_view[: n * SECTOR], work_view)
-        np.bitwise_xor(work, tweaks, out=out)
+        _ecb(data_context, memoryview(scratch.work)[: n * SECTOR], scratch.ecb_out)
+        np.bitwise_xor(scratch.ecb_out_words[: n * WORDS_PER_SECTOR], tweaks, out=out)
 
     def _tweaks(self, first_sector: int, n: int, scratch: _Scratch) -> U64Array:
         """The tweaks of all 32 blocks of ``n`` sectors, shape (n, 32, 2), in the layout of the data."""
