@@ -3,8 +3,11 @@
 Usage: python -m tests._faulty_migrate FAULT MIGRATE-ARGS...
 
 Runs the real command line, but just before the read-back verification starts, the temporary output is
-damaged as FAULT says:
+damaged as FAULT says (a raw LUKS output is read back chunk by chunk while it is written: there the byte is
+flipped when its chunk has been written, just before that chunk is read back):
 
+* ``late:GUEST_OFFSET``: as GUEST_OFFSET, but for a raw LUKS output after the read-back of its chunk too (only
+  the final sample, read once more through the ordinary reader, can see it);
 * ``GUEST_OFFSET``: one byte flipped where guest byte GUEST_OFFSET is stored (raw: at the offset; raw LUKS: past
   the header; qcow2: through the L1/L2 tables, decoded here in a few lines, independent of qcrypt's reader);
 * ``snapshot``: one byte flipped in a data cluster that only the first internal snapshot references;
@@ -24,6 +27,7 @@ from typing import Any
 
 from qcrypt.cli.main import main
 from qcrypt.migrate import run as migration
+from qcrypt.migrate.read_back import ReadBack
 
 _QCOW_MAGIC = b"QFI\xfb"
 _LUKS_MAGIC = b"LUKS\xba\xbe"
@@ -109,7 +113,12 @@ def _faulty(original: Any, fault: str) -> Any:
             _drop_snapshot(output_path)
             print("fault injected at the snapshot count", file=sys.stderr)
         else:
-            where = snapshot_only_cluster(output_path) if fault == "snapshot" else host_offset(output_path, int(fault))
+            guest_offset = fault.removeprefix("late:")
+            where = (
+                snapshot_only_cluster(output_path)
+                if fault == "snapshot"
+                else host_offset(output_path, int(guest_offset))
+            )
             _flip(output_path, where)
             print(f"fault injected at {where}", file=sys.stderr)
         return original(output_path, *args, **kwargs)
@@ -117,7 +126,23 @@ def _faulty(original: Any, fault: str) -> Any:
     return verify
 
 
+def _faulty_read_back(original: Any, guest_offset: int) -> Any:
+    """ReadBack.plaintext damaging the chunk that holds ``guest_offset`` before reading it back (in the worker)."""
+
+    def plaintext(self: ReadBack, chunk_offset: int, length: int) -> bytes:
+        if chunk_offset <= guest_offset < chunk_offset + length:
+            where = self.encryption.payload_offset + guest_offset
+            _flip(f"/proc/self/fd/{self.fd}", where)
+            print(f"fault injected at {where}", file=sys.stderr, flush=True)
+        return original(self, chunk_offset, length)
+
+    return plaintext
+
+
 if __name__ == "__main__":
-    migration.verify = _faulty(migration.verify, sys.argv[1])
+    if sys.argv[1].isdigit() and "luks" in sys.argv[sys.argv.index("--to") + 1 :][:1]:
+        ReadBack.plaintext = _faulty_read_back(ReadBack.plaintext, int(sys.argv[1]))  # type: ignore[method-assign]
+    else:
+        migration.verify = _faulty(migration.verify, sys.argv[1])
     sys.argv = ["qcrypt", *sys.argv[2:]]
     main()

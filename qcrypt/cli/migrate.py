@@ -112,7 +112,11 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
     help="Put the verified output under SOURCE's name; keep the original as SOURCE.qcrypt-orig.",
 )
 @click.option(
-    "-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Worker processes [default: one per CPU, at most 8]."
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Worker processes [default: one per CPU, at most 8; one more while LUKS data is written past the page cache].",
 )
 @click.option(
     "--stall-timeout",

@@ -104,7 +104,7 @@ class RawLuksReader:
         first = guest_offset // SECTOR * SECTOR
         last = -(-(guest_offset + length) // SECTOR) * SECTOR
         host_offset = self.payload_host_offset + first
-        data = self.file.read_host(host_offset, last - first)
+        data = self.file.read_host_transient(host_offset, last - first)
         plain = self.encryption.decrypt(data, guest_offset=first, host_offset=host_offset)
         return plain[guest_offset - first : guest_offset - first + length]
 
@@ -237,7 +237,7 @@ class QcowReader:
         head = start % SECTOR
         aligned_len = -(-(end - start + head) // SECTOR) * SECTOR
         host_first = host_offset - head
-        data = self.image.read_host(host_first, aligned_len)
+        data = self.image.read_host_transient(host_first, aligned_len)
         plain = self.encryption.decrypt(data, guest_offset=start - head, host_offset=host_first)
         return plain[head : head + end - start]
 

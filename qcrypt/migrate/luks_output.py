@@ -26,6 +26,7 @@ from qcrypt.luks import create as luks_create
 from qcrypt.luks import header as luks_header
 from qcrypt.luks import keyslots as luks_keyslots
 from qcrypt.migrate.options import MigrateOptions
+from qcrypt.migrate.read_back import ReadBack
 from qcrypt.migrate.writing import reused_buffer
 from qcrypt.model.encryption import Encryption
 from qcrypt.model.units import SECTOR
@@ -64,6 +65,14 @@ class LuksOutput:
         out = reused_buffer(memoryview(plaintext).nbytes)
         self.encryption.encrypt_into(plaintext, host_offset, out)
         return out
+
+    def read_back(self, out_fd: int, path: str, *, direct_io: bool) -> ReadBack:
+        """A reader of the raw LUKS payload being written to ``out_fd``, with a cipher of its own (not the one
+        that encrypts) made from this container's parameters."""
+        cipher = self.encryption.cipher
+        return ReadBack.open(
+            out_fd, path, cipher.cipher_name, cipher.cipher_mode, self.master_key, self.area_bytes, direct_io=direct_io
+        )
 
     def resolve(self) -> tuple[luks_header.LuksHeader, bytes]:
         """The header and its area, waiting for the background PBKDF2 if needed."""

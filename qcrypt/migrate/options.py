@@ -47,6 +47,9 @@ class MigrateOptions:
     chunk_bytes: int = CHUNK_BYTES
     workers: int | None = None  # None = every core we may use
     stall_seconds: float = DEFAULT_STALL_SECONDS  # a worker making no progress this long is an error
+    # ciphertext is written and read back past the page cache (O_DIRECT) where the filesystem allows; off: through
+    # the page cache, as for plaintext (qcrypt.plumbing.direct_io says why)
+    direct_io: bool = True
     keep_placement: bool = False  # the result's placement stays open (the caller undoes or closes it)
     rules: ChainRules | None = None  # where backing files may be besides the source's folder (qcrypt.images.backing)
     source_format: str | None = None  # the format the domain XML declares for the source: never probed then

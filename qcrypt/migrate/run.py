@@ -181,7 +181,7 @@ def _write_verify_commit(
             os.fstat(source_fd), plaintext_from_encrypted=luks_out is None and plan_.report.encrypted_anywhere
         )
         with timer("write"):
-            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file)
+            digests, data_bytes, size = _write(plan_, opts, luks_out, out.file, out.temp_path)
             wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
         known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
         try:
@@ -197,6 +197,7 @@ def _write_verify_commit(
                     backing_passphrase=opts.passphrase,
                     backing_passphrases=opts.layer_passphrases(),
                     rules=_output_rules(plan_, opts),
+                    direct_io=opts.direct_io,
                 )
         finally:
             if known_key:
@@ -219,7 +220,9 @@ def _output_rules(plan_: Plan, opts: MigrateOptions) -> ChainRules:
     return rules.with_dirs([os.path.dirname(os.path.realpath(plan_.source))])
 
 
-def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO) -> tuple[Digests, int, int]:
+def _write(
+    plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO, out_path: str
+) -> tuple[Digests, int, int]:
     digests = Digests()
     try:
         if opts.target in ("raw", "luks"):
@@ -233,14 +236,20 @@ def _write(plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: 
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
-                written = write_flat(
-                    stream,
-                    out,
-                    base_offset=base,
-                    encrypt=luks_out.encrypt_reusing if luks_out else None,
-                    opts=opts,
-                    digests=digests,
-                )
+                read_back = luks_out.read_back(out.fileno(), out_path, direct_io=opts.direct_io) if luks_out else None
+                try:
+                    written = write_flat(
+                        stream,
+                        out,
+                        base_offset=base,
+                        encrypt=luks_out.encrypt_reusing if luks_out else None,
+                        opts=opts,
+                        digests=digests,
+                        read_back=read_back,
+                    )
+                finally:
+                    if read_back is not None:
+                        read_back.close()
                 if luks_out:
                     pwrite(out, 0, luks_out.resolve()[1])
                 return digests, written, stream.size

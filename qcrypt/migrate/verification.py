@@ -12,7 +12,7 @@ from typing import Any
 from qcrypt.errors import (
     VerificationError,
 )
-from qcrypt.guest.stream import Opener, QcowReader, Secret, open_image
+from qcrypt.guest.stream import Opener, QcowReader, RawLuksReader, Secret, open_image
 from qcrypt.images.backing import ChainRules
 from qcrypt.images.probe import probe
 from qcrypt.images.qcow2_reader import QCow2Image
@@ -34,6 +34,7 @@ def verify(
     backing_passphrase: Secret | None = None,
     backing_passphrases: Mapping[str, Secret] | None = None,
     rules: ChainRules | None = None,
+    direct_io: bool = False,
 ) -> int:
     """Read the output back through our reader; every range must hash as the source plaintext did.
     Returns the guest bytes accounted for: compared, or (snapshot ranges) shared with the active table.
@@ -48,9 +49,24 @@ def verify(
     reads there, which the active table's check has just compared with the source.
 
     A kept backing chain opens with the source's passphrases (``backing_passphrase`` and, per layer by real
-    path, ``backing_passphrases``): only the output itself uses ``passphrase``."""
-    if target in ("raw", "luks"):
-        with open_image(output_path, passphrase, container="raw" if target == "raw" else None) as stream:
+    path, ``backing_passphrases``): only the output itself uses ``passphrase``.
+
+    ``direct_io``: the output's encrypted data is read past the page cache (it was written so), which checks
+    what reached the disk."""
+    if target == "luks":
+        luks = RawLuksReader(output_path, passphrase)
+        try:
+            if direct_io:
+                luks.file.use_direct_reads()
+            if digests.read_back_with is None:
+                return _check_ranges(luks.read, digests.ranges, -1, output_path, stall_seconds)
+            _check_read_back(luks, digests, output_path)
+            _check_ranges(luks.read, sample_ranges(digests.ranges), -1, output_path, stall_seconds, workers=1)
+            return sum(length for _, length in digests.read_back)
+        finally:
+            luks.close()
+    if target == "raw":
+        with open_image(output_path, passphrase, container="raw") as stream:
             return _check_ranges(stream.read_at, digests.ranges, -1, output_path, stall_seconds)
     layers = dict(backing_passphrases or {})
     if passphrase is not None:
@@ -58,8 +74,10 @@ def verify(
     opener = Opener(backing_passphrase, layers, rules)
     top = opener.open(output_path)
     try:
-        compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
         assert isinstance(top, QcowReader)
+        if direct_io:
+            top.image.use_direct_reads()
+        compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
         written = top.image.snapshots()
         if len(written) != len(snapshots):
             raise VerificationError(f"{output_path}: snapshot count differs from the source")
@@ -76,6 +94,42 @@ def verify(
     finally:
         top.close()
     return compared
+
+
+READ_BACK_SAMPLE_RANGES = 8
+
+
+def _check_read_back(luks: RawLuksReader, digests: Digests, path: str) -> None:
+    """What makes the chunks read back while writing (:mod:`qcrypt.migrate.read_back`) a verification of the
+    output: the header on disk (whose master key digest matched when ``luks`` opened) describes the cipher, key
+    size and payload offset they were decrypted with, and they tile the payload exactly, once each."""
+    cipher = luks.encryption.cipher
+    on_disk = (cipher.cipher_name, cipher.cipher_mode, cipher.key_bytes, luks.encryption.payload_offset)
+    if on_disk != digests.read_back_with:
+        raise VerificationError(
+            f"{path}: the LUKS header written describes {on_disk[0]}-{on_disk[1]}, {on_disk[2] * 8}-bit key, payload "
+            f"at byte {on_disk[3]}, but the data was checked as {digests.read_back_with}; the output was not kept"
+        )
+    written = [(guest_offset, length) for table, guest_offset, length, _ in digests.ranges if table == -1]
+    position = 0
+    for guest_offset, length in digests.read_back:
+        if guest_offset != position or length <= 0:
+            break
+        position += length
+    if digests.read_back != written or position != luks.size:
+        raise VerificationError(
+            f"{path}: the ranges read back while writing do not cover the {luks.size}-byte payload exactly once; "
+            "the output was not kept"
+        )
+
+
+def sample_ranges(ranges: list[tuple[int, int, int, bytes]]) -> list[tuple[int, int, int, bytes]]:
+    """The first and the last range and others evenly spaced between them, :data:`READ_BACK_SAMPLE_RANGES` at
+    most: read once more through the ordinary reader, end to end."""
+    if len(ranges) <= READ_BACK_SAMPLE_RANGES:
+        return list(ranges)
+    step = (len(ranges) - 1) / (READ_BACK_SAMPLE_RANGES - 1)
+    return [ranges[round(i * step)] for i in range(READ_BACK_SAMPLE_RANGES)]
 
 
 class _SharedWithActive:

@@ -5,36 +5,35 @@ digests of every guest byte written for the verification.
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from qcrypt.errors import VerificationError
 from qcrypt.guest.stream import GuestStream, QcowReader
 from qcrypt.migrate.options import DEFAULT_CLUSTER_SIZE, EncryptFn, MigrateOptions
+from qcrypt.migrate.read_back import ReadBack
 from qcrypt.model.clusters import ClusterKind, Snapshot
 from qcrypt.model.units import SECTOR
 from qcrypt.plumbing import checksum
-from qcrypt.plumbing.parallel import ordered_map
-
-_thread_buffers = threading.local()
+from qcrypt.plumbing.direct_io import DirectWriter, aligned_buffer, pwrite_all
+from qcrypt.plumbing.parallel import disk_bound_workers, ordered_map
 
 
 def reused_buffer(length: int) -> memoryview:
-    """A writable buffer of ``length`` bytes that this thread (in practice: each forked worker) reuses."""
-    buffer: bytearray | None = getattr(_thread_buffers, "buffer", None)
-    if buffer is None or len(buffer) < length:
-        buffer = bytearray(length)
-        _thread_buffers.buffer = buffer
-    return memoryview(buffer)[:length]
+    """A writable buffer of ``length`` bytes that this thread (in practice: each forked worker) reuses; page
+    aligned, so that a :class:`DirectWriter` writes it past the page cache."""
+    return aligned_buffer(length, "ciphertext")
 
 
 class Digests:
-    """Streaming digests of the plaintext written, per (table, guest_offset, length) range."""
+    """Streaming digests of the plaintext written, per (table, guest_offset, length) range; ``read_back``: the
+    (guest_offset, length) ranges already read back from the disk and compared while writing (raw LUKS)."""
 
     def __init__(self) -> None:
         self.ranges: list[tuple[int, int, int, bytes]] = []
+        self.read_back: list[tuple[int, int]] = []
+        self.read_back_with: tuple[str, str, int, int] | None = None  # ReadBack.parameters()
 
     def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
         self.ranges.append((table, guest_offset, len(data), checksum.digest(data)))
@@ -52,33 +51,71 @@ def write_flat(
     encrypt: EncryptFn | None,
     opts: MigrateOptions,
     digests: Digests,
+    read_back: ReadBack | None = None,
 ) -> int:
     """Raw or raw-LUKS payload: every sector written (zeros encrypted too); plaintext raw stays sparse.
 
-    Chunks are processed by forked workers (both cores) that read, decrypt, encrypt and pwrite themselves.
+    Chunks are processed by forked workers (both cores) that read, decrypt, encrypt and pwrite themselves;
+    ciphertext is written past the page cache where the filesystem allows (:mod:`qcrypt.plumbing.direct_io`).
+    With ``read_back``, each worker reads its chunk back from the disk right after writing it and compares it
+    with the source's (:mod:`qcrypt.migrate.read_back`).
     """
     padded = -(-stream.size // SECTOR) * SECTOR
-    fd = out.fileno()
+    out.flush()
+    writer = DirectWriter(out.fileno(), enabled=opts.direct_io and encrypt is not None)
+    if read_back is not None:
+        digests.read_back_with = read_back.parameters()
 
-    def one_chunk(guest_offset: int, length: int) -> tuple[int, int, bytes]:
+    def one_chunk(guest_offset: int, length: int) -> tuple[int, int, bytes, bool]:
         plain = stream.read_at(guest_offset, length)
         plain += bytes(length - len(plain))
+        digest = checksum.digest(plain)
+        host_offset = base_offset + guest_offset
         if encrypt is not None:
-            _pwrite_fd(fd, base_offset + guest_offset, encrypt(plain, base_offset + guest_offset))
+            writer.pwrite(host_offset, encrypt(plain, host_offset))
+            if read_back is not None:
+                if checksum.digest(read_back.plaintext(guest_offset, length)) != digest:
+                    raise VerificationError(differs_message(read_back.path, guest_offset, length))
+                return guest_offset, length, digest, True
         elif plain.count(0) != len(plain):  # C speed; any() would iterate a zero chunk byte by byte
-            _pwrite_fd(fd, base_offset + guest_offset, plain)
-        return guest_offset, length, checksum.digest(plain)
+            writer.pwrite(host_offset, plain)
+        return guest_offset, length, digest, False
 
     chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
-    with contextlib.closing(
-        ordered_map(one_chunk, chunks, workers=opts.workers, stall_seconds=opts.stall_seconds, describe=describe_run)
-    ) as results:
-        for guest_offset, length, digest in results:
-            digests.ranges.append((-1, guest_offset, length, digest))
-            if opts.progress:
-                opts.progress(length)
+    try:
+        with contextlib.closing(
+            ordered_map(
+                one_chunk,
+                chunks,
+                workers=_workers(opts, writer),
+                stall_seconds=opts.stall_seconds,
+                describe=describe_run,
+            )
+        ) as results:
+            for guest_offset, length, digest, checked in results:
+                digests.ranges.append((-1, guest_offset, length, digest))
+                if checked:
+                    digests.read_back.append((guest_offset, length))
+                if opts.progress:
+                    opts.progress(length)
+    finally:
+        writer.close()
     out.truncate(base_offset + padded)
     return padded
+
+
+def _workers(opts: MigrateOptions, writer: DirectWriter) -> int | None:
+    """--jobs, else one per core, plus one when workers wait for direct writes."""
+    if opts.workers is None and writer.direct:
+        return disk_bound_workers()
+    return opts.workers
+
+
+def differs_message(path: str, guest_offset: int, length: int) -> str:
+    return (
+        f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ from the source after writing; "
+        "the output was not kept"
+    )
 
 
 def describe_run(item: tuple[Any, ...]) -> str:
@@ -87,15 +124,7 @@ def describe_run(item: tuple[Any, ...]) -> str:
 
 
 def pwrite(out: BinaryIO, offset: int, data: bytes | memoryview) -> None:
-    _pwrite_fd(out.fileno(), offset, data)
-
-
-def _pwrite_fd(fd: int, offset: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while len(view):
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+    pwrite_all(out.fileno(), offset, data)
 
 
 @dataclass
@@ -219,13 +248,14 @@ def write_qcow2_job(
     """
     cs = job.reader.cluster_size
     size = job.reader.size
-    fd = writer._fh.fileno()
+    writer._fh.flush()
+    data_writer = DirectWriter(writer._fh.fileno(), enabled=opts.direct_io and encrypt is not None)
     done = 0
 
     def parallel_run(guest_offset: int, length: int, host_offset: int) -> tuple[int, int, bytes]:
         plain = job.reader.read(guest_offset, length)
         padded = plain + bytes(-len(plain) % cs)
-        _pwrite_fd(fd, host_offset, encrypt(padded, host_offset) if encrypt else padded)
+        data_writer.pwrite(host_offset, encrypt(padded, host_offset) if encrypt else padded)
         return guest_offset, length, checksum.digest(plain)
 
     def tasks() -> Iterator[tuple[int, int, int]]:
@@ -251,15 +281,22 @@ def write_qcow2_job(
             if opts.progress:
                 opts.progress(length)
 
-    with contextlib.closing(
-        ordered_map(
-            parallel_run, tasks(), workers=opts.workers, stall_seconds=opts.stall_seconds, describe=describe_run
-        )
-    ) as results:
-        for guest_offset, length, digest in results:
-            digests.ranges.append((job.table, guest_offset, length, digest))
-            if opts.progress:
-                opts.progress(length)
+    try:
+        with contextlib.closing(
+            ordered_map(
+                parallel_run,
+                tasks(),
+                workers=_workers(opts, data_writer),
+                stall_seconds=opts.stall_seconds,
+                describe=describe_run,
+            )
+        ) as results:
+            for guest_offset, length, digest in results:
+                digests.ranges.append((job.table, guest_offset, length, digest))
+                if opts.progress:
+                    opts.progress(length)
+    finally:
+        data_writer.close()
     return done
 
 

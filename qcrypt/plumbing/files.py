@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import BinaryIO, TypeVar
 
 from qcrypt.errors import FormatError, UnsafePathError
+from qcrypt.plumbing.direct_io import DirectReader
 
 T = TypeVar("T", bound="ImageFile")
 MAX_PREAD = 1 << 30  # Linux returns at most ~2 GiB per read: loop in bounded pieces
@@ -203,6 +204,7 @@ class ImageFile:
         self.fh = fh
         self.path = path
         self.file_size = file_size_of(fh)
+        self.direct: DirectReader | None = None
         self._load()
 
     def _load(self) -> None:
@@ -218,7 +220,15 @@ class ImageFile:
             raise
 
     def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
         self.fh.close()
+
+    def use_direct_reads(self) -> None:
+        """From now on, :meth:`read_host_transient` reads aligned ranges past the page cache (O_DIRECT), where
+        the filesystem allows: for reading back what was just written with O_DIRECT."""
+        if self.direct is None:
+            self.direct = DirectReader(self.fh.fileno())
 
     def __enter__(self: T) -> T:
         return self
@@ -236,6 +246,16 @@ class ImageFile:
         available = max(0, min(length, self.file_size - host_offset))
         data = pread_full(self.fh.fileno(), available, host_offset) if available else b""
         return data + bytes(length - len(data))
+
+    def read_host_transient(self, host_offset: int, length: int) -> bytes | memoryview:
+        """Like :meth:`read_host`, for a caller that is done with the data before it reads again (it decrypts
+        it into a buffer of its own): with :meth:`use_direct_reads`, an aligned range comes past the page cache
+        in a buffer that this thread reuses."""
+        if self.direct is not None and host_offset >= 0 and host_offset + length <= self.file_size:
+            view = self.direct.read(host_offset, length)
+            if view is not None and len(view) == length:
+                return view
+        return self.read_host(host_offset, length)
 
 
 class RawFile(ImageFile):

@@ -285,6 +285,13 @@ def default_workers() -> int:
         return max(1, min(os.cpu_count() or 1, 8))
 
 
+def disk_bound_workers() -> int:
+    """Workers for tasks that also wait for the disk (direct I/O): one per core plus one, so that a core whose
+    worker waits for a write or a read-back has another worker to run (measured on 2 cores, 512 MiB to raw
+    LUKS: write phase 0.93-0.98 s with 2 workers, 0.72-0.76 s with 3, no better with 4 or 6)."""
+    return default_workers() + 1
+
+
 def _in_process(task: Callable[..., R], items: Iterable[tuple[Any, ...]], workers: int) -> bool:
     if workers <= 1 or not hasattr(os, "fork"):
         return True
