@@ -127,21 +127,26 @@ def _faulty(original: Any, fault: str) -> Any:
 
 
 def _faulty_read_back(original: Any, guest_offset: int) -> Any:
-    """ReadBack.plaintext damaging the chunk that holds ``guest_offset`` before reading it back (in the worker)."""
+    """ReadBack.stored_plaintext damaging the run that holds ``guest_offset`` (of the active layer, the first
+    such run) just before the worker that wrote it reads it back."""
 
-    def plaintext(self: ReadBack, chunk_offset: int, length: int) -> bytes:
-        if chunk_offset <= guest_offset < chunk_offset + length:
-            where = self.encryption.payload_offset + guest_offset
+    def stored_plaintext(self: ReadBack, host_offset: int, length: int, run_offset: int) -> bytes:
+        if run_offset <= guest_offset < run_offset + length and not _flipped:
+            where = host_offset + guest_offset - run_offset
             _flip(f"/proc/self/fd/{self.fd}", where)
+            _flipped.append(where)
             print(f"fault injected at {where}", file=sys.stderr, flush=True)
-        return original(self, chunk_offset, length)
+        return original(self, host_offset, length, run_offset)
 
-    return plaintext
+    return stored_plaintext
 
+
+_flipped: list[int] = []
 
 if __name__ == "__main__":
-    if sys.argv[1].isdigit() and "luks" in sys.argv[sys.argv.index("--to") + 1 :][:1]:
-        ReadBack.plaintext = _faulty_read_back(ReadBack.plaintext, int(sys.argv[1]))  # type: ignore[method-assign]
+    target = sys.argv[sys.argv.index("--to") + 1]
+    if sys.argv[1].isdigit() and target in ("luks", "qcow2-luks"):  # read back while writing
+        ReadBack.stored_plaintext = _faulty_read_back(ReadBack.stored_plaintext, int(sys.argv[1]))  # type: ignore[method-assign]
     else:
         migration.verify = _faulty(migration.verify, sys.argv[1])
     sys.argv = ["qcrypt", *sys.argv[2:]]

@@ -126,15 +126,16 @@ def test_cipher_options(
 
 @pytest.mark.interop
 @pytest.mark.parametrize(
-    "target, fault", [("luks", "0"), ("luks", "late:0"), ("qcow2-luks", "0"), ("qcow2", "0"), ("raw", "0")]
+    "target, fault",
+    [("luks", "0"), ("luks", "late:0"), ("qcow2-luks", "0"), ("qcow2-luks", "late:0"), ("qcow2", "0"), ("raw", "0")],
 )
 def test_fault_between_writing_and_verification_is_caught(
     legacy: tuple[Path, Path], tmp_path: Path, target: str, fault: str
 ) -> None:
-    """One byte of the temporary output flipped after writing: verification must refuse to commit it. A raw LUKS
-    output is read back chunk by chunk while it is written: "0" flips the byte before its chunk is read back,
-    "late:0" after that, where only the end-to-end sample read after writing (which always includes the
-    payload's first range) can see it."""
+    """One byte of the temporary output flipped after writing: verification must refuse to commit it. LUKS
+    outputs are read back run by run while they are written: "0" flips the byte before its run is read back,
+    "late:0" after that, where only the end-to-end sample read after writing (which always includes the first
+    run) can see it."""
     source, pw = legacy
     out = tmp_path / f"out.{target}"
     result = subprocess.run(

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.interop
 PASSPHRASE = "read back while writing"
 CHUNK = 1 << 20
 SIZE = 12 * CHUNK  # more ranges than the end-to-end sample reads
+RAW = ("aes", "xts-plain64", 64, "payload sector", 2 << 20)  # what a raw LUKS output is checked with
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +108,28 @@ def test_a_chunk_that_reads_back_differently_stops_the_migration(
     [
         (lambda d: d.read_back.pop(3), "do not cover"),
         (lambda d: d.read_back.insert(3, d.read_back[3]), "do not cover"),
-        (lambda d: d.read_back.append((SIZE, CHUNK)), "do not cover"),
-        (lambda d: setattr(d, "read_back_with", ("aes", "cbc-essiv:sha256", 64, 2 << 20)), "header written describes"),
-        (lambda d: setattr(d, "read_back_with", ("aes", "xts-plain64", 64, 4 << 20)), "header written describes"),
+        (lambda d: d.read_back.append((-1, SIZE, CHUNK, (2 << 20) + SIZE)), "do not cover"),
+        (lambda d: d.read_back.__setitem__(3, (*d.read_back[3][:3], d.read_back[3][3] + 512)), "do not cover"),
+        (lambda d: setattr(d, "read_back_with", ("aes", "cbc-essiv:sha256", 64, *RAW[3:])), "header written describes"),
+        (lambda d: setattr(d, "read_back_with", (*RAW[:4], 4 << 20)), "header written describes"),
+        (lambda d: setattr(d, "read_back_with", (*RAW[:3], "host sector", 0)), "header written describes"),
     ],
-    ids=["a range missing", "a range twice", "past the end", "another mode", "another payload offset"],
+    ids=[
+        "a range missing",
+        "a range twice",
+        "past the end",
+        "stored elsewhere",
+        "another mode",
+        "another payload offset",
+        "other IVs",
+    ],
 )
 def test_the_final_check_refuses_what_the_read_back_did_not_establish(
     legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doctor: object, message: str
 ) -> None:
     out = tmp_path / "out.luks"
     digests, key, _ = _migrate_keeping_digests(legacy, out, monkeypatch)
-    assert digests.read_back_with == ("aes", "xts-plain64", 64, 2 << 20)
+    assert digests.read_back_with == RAW
 
     def check(d: Digests) -> int:
         return verification.verify(
@@ -147,3 +158,102 @@ def test_without_read_back_the_whole_output_is_read_again(
     damaged.ranges = [(t, o, n, bytes(16)) if o == 7 * CHUNK else (t, o, n, d) for t, o, n, d in digests.ranges]
     with pytest.raises(VerificationError, match=f"guest bytes {7 * CHUNK}..{8 * CHUNK} differ"):
         verification.verify(str(out), KnownMasterKey(bytearray(key)), damaged, target="luks", snapshots=[])
+
+
+# -- LUKS inside qcow2 ----------------------------------------------------------------------------------------
+
+QCOW2 = ("aes", "xts-plain64", 64, "host sector", 0)  # IVs from host sectors, no payload offset
+
+
+def _migrate_qcow2_keeping_digests(
+    source: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Digests, bytearray]:
+    kept: dict[str, object] = {}
+    real_verify = mig.verify
+
+    def keeping(path: str, key: KnownMasterKey, digests: Digests, **kw: object) -> int:
+        kept["digests"] = copy.deepcopy(digests)
+        kept["key"] = bytearray(key.key)
+        return real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mig, "verify", keeping)
+    opts = mig.MigrateOptions(
+        target="qcow2-luks", output=str(out), passphrase=PASSPHRASE.encode(), iterations=1000, workers=1
+    )
+    result = mig.migrate(str(source), opts)
+    assert result.verified
+    return kept["digests"], kept["key"]  # type: ignore[return-value]
+
+
+def test_qcow2_luks_data_runs_are_read_back_where_the_tables_map_them(
+    legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out.qcow2"
+    digests, _ = _migrate_qcow2_keeping_digests(legacy, out, monkeypatch)
+    assert digests.read_back_with == QCOW2
+    data_runs = {(t, g, n) for t, g, n, _ in digests.read_back}
+    assert len(data_runs) >= 4
+    # every run not read back was a zero run, written as zero clusters (read again in full after writing)
+    assert all(d == digests_of_zeros(n) for t, g, n, d in digests.ranges if (t, g, n) not in data_runs)
+    qemu_compare((out, "qcow2", True), (legacy, "qcow2", True), secret_file(tmp_path, "pw", PASSPHRASE))
+
+
+def digests_of_zeros(length: int) -> bytes:
+    from qcrypt.plumbing import checksum
+
+    return checksum.digest(bytes(length))
+
+
+@pytest.mark.parametrize(
+    "doctor, message",
+    [
+        (
+            lambda d: d.read_back.__setitem__(2, (*d.read_back[2][:3], d.read_back[2][3] + (1 << 40))),
+            "not mapped where",
+        ),
+        (lambda d: d.read_back.__setitem__(2, (*d.read_back[2][:3], d.read_back[1][3])), "share host byte"),
+        (lambda d: setattr(d, "read_back_with", (*QCOW2[:3], "payload sector", 0)), "header written describes"),
+        (lambda d: setattr(d, "read_back_with", ("aes", "xts-plain", 64, *QCOW2[3:])), "header written describes"),
+    ],
+    ids=["stored elsewhere", "two runs on one host cluster", "other IVs", "another mode"],
+)
+def test_the_final_qcow2_check_refuses_what_the_read_back_did_not_establish(
+    legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doctor: object, message: str
+) -> None:
+    out = tmp_path / "out.qcow2"
+    digests, key = _migrate_qcow2_keeping_digests(legacy, out, monkeypatch)
+
+    def check(d: Digests) -> int:
+        key_copy = KnownMasterKey(bytearray(key))
+        return verification.verify(str(out), key_copy, d, target="qcow2-luks", snapshots=[], direct_io=True)
+
+    assert check(copy.deepcopy(digests)) == digests.total_bytes
+    doctored = copy.deepcopy(digests)
+    doctor(doctored)  # type: ignore[operator]
+    with pytest.raises(VerificationError, match=message):
+        check(doctored)
+
+
+def test_a_qcow2_run_that_reads_back_differently_stops_the_migration(
+    legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The third data run reads back with one byte changed (the disk is intact, so only the comparison made
+    while writing can notice; the end-to-end sample reads through the ordinary reader)."""
+    real = read_back.ReadBack.stored_plaintext
+    calls: list[int] = []
+
+    def damaged(self: read_back.ReadBack, host_offset: int, length: int, guest_offset: int) -> bytes:
+        calls.append(guest_offset)
+        plain = bytearray(real(self, host_offset, length, guest_offset))
+        if len(calls) == 3:
+            plain[7] ^= 0x80
+        return bytes(plain)
+
+    monkeypatch.setattr(read_back.ReadBack, "stored_plaintext", damaged)
+    out = tmp_path / "out.qcow2"
+    opts = mig.MigrateOptions(
+        target="qcow2-luks", output=str(out), passphrase=PASSPHRASE.encode(), iterations=1000, workers=1
+    )
+    with pytest.raises(VerificationError, match="differ from the source"):
+        mig.migrate(str(legacy), opts)
+    assert len(calls) == 3 and not out.exists()

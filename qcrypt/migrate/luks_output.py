@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qcrypt.audit.report import ImageReport
-from qcrypt.crypto.encryption import DataEncryption
+from qcrypt.crypto.encryption import DataEncryption, IvBase
 from qcrypt.crypto.kdf import benchmark_pbkdf2
 from qcrypt.crypto.secret import wipe as wipe_secret
 from qcrypt.crypto.sector import make_sector_cipher
@@ -67,11 +67,18 @@ class LuksOutput:
         return out
 
     def read_back(self, out_fd: int, path: str, *, direct_io: bool) -> ReadBack:
-        """A reader of the raw LUKS payload being written to ``out_fd``, with a cipher of its own (not the one
-        that encrypts) made from this container's parameters."""
+        """A reader of the LUKS data being written to ``out_fd``, with a cipher of its own (not the one that
+        encrypts) made from this container's parameters."""
         cipher = self.encryption.cipher
+        raw = self.encryption.iv_base is IvBase.PAYLOAD
         return ReadBack.open(
-            out_fd, path, cipher.cipher_name, cipher.cipher_mode, self.master_key, self.area_bytes, direct_io=direct_io
+            out_fd,
+            path,
+            cipher.cipher_name,
+            cipher.cipher_mode,
+            self.master_key,
+            payload_offset=self.area_bytes if raw else None,
+            direct_io=direct_io,
         )
 
     def resolve(self) -> tuple[luks_header.LuksHeader, bytes]:

@@ -1,20 +1,22 @@
-"""Reading a raw LUKS output back while it is written: each chunk, right after the worker that encrypted it wrote
+"""Reading a LUKS output back while it is written: each run of data, right after the worker that encrypted it wrote
 it, is read from the disk, decrypted and compared with the source plaintext's digest.
 
 Why here and not in a second pass: the second pass read the whole output again after writing it, which doubled
 the time a disk spends offline (for a 4 GiB disk, 3.1 s of writing then 3.1 s of reading back). Checking each
-chunk where it was just written overlaps the read-back with the encryption of the next chunks, and it reads
-from the disk itself (past the page cache, :mod:`qcrypt.plumbing.direct_io`).
+run where it was just written overlaps the read-back with the encryption of the next runs, and it reads from the
+disk itself (past the page cache, :mod:`qcrypt.plumbing.direct_io`).
 
 What keeps this as strong as the second pass (:func:`qcrypt.migrate.verification.verify` does the rest once the
-header is on disk):
+header and the tables are on disk):
 
 * the decryption is not the one that encrypted: a separate cipher built from the container's parameters, and
   the reader's IV numbering (:meth:`DataEncryption.decrypt`, not the writer's);
-* after writing, the output's header is opened as any reader opens it (the master key's digest must match) and
-  must describe exactly these parameters: cipher, mode, key size, payload offset;
-* the checked ranges must tile the payload exactly, so no later write can have landed on checked data;
-* a sample of ranges is read once more through the ordinary raw LUKS reader, end to end.
+* after writing, the output is opened as any reader opens it (the master key's digest must match) and its LUKS
+  header must describe exactly these parameters: cipher, mode, key size, IV numbering, payload offset;
+* raw LUKS: the runs read back must tile the payload exactly, so no later write can have landed on checked data;
+  qcow2: every run read back must be where the output's L2 tables map those guest clusters, and no two runs may
+  share a host byte;
+* a sample of runs is read once more through the ordinary reader, end to end.
 """
 
 from __future__ import annotations
@@ -27,10 +29,18 @@ from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.plumbing.direct_io import DirectReader
 from qcrypt.plumbing.files import pread_full
 
+Parameters = tuple[str, str, int, str, int]  # cipher, mode, key bytes, IV numbering, payload offset (bytes)
+
+
+def parameters_of(encryption: DataEncryption) -> Parameters:
+    """What decides how ``encryption`` turns stored bytes into plaintext."""
+    cipher = encryption.cipher
+    return cipher.cipher_name, cipher.cipher_mode, cipher.key_bytes, encryption.iv_base.value, encryption.payload_offset
+
 
 @dataclass
 class ReadBack:
-    """Reads plaintext back from a raw LUKS output being written (shared by the forked workers)."""
+    """Reads plaintext back from a LUKS output being written (shared by the forked workers)."""
 
     fd: int  # the output, open for reading
     path: str  # for messages
@@ -45,19 +55,27 @@ class ReadBack:
         cipher_name: str,
         cipher_mode: str,
         master_key: bytes | bytearray,
-        payload_offset: int,
         *,
+        payload_offset: int | None,
         direct_io: bool,
     ) -> ReadBack:
-        """``payload_offset``: bytes. The output is reopened for reading through /proc/self/fd (the same inode)."""
+        """``payload_offset``: bytes, for a raw LUKS output; None for LUKS inside qcow2 (IVs from host sectors).
+        The output is reopened for reading through /proc/self/fd (the same inode)."""
+        cipher = make_sector_cipher(cipher_name, cipher_mode, master_key)
+        if payload_offset is None:
+            encryption = DataEncryption.luks_in_qcow2(cipher)
+        else:
+            encryption = DataEncryption.raw_luks(cipher, payload_offset)
         fd = os.open(f"/proc/self/fd/{out_fd}", os.O_RDONLY | os.O_CLOEXEC)
-        encryption = DataEncryption.raw_luks(make_sector_cipher(cipher_name, cipher_mode, master_key), payload_offset)
         return cls(fd, path, encryption, DirectReader(fd) if direct_io else None)
 
     def plaintext(self, guest_offset: int, length: int) -> bytes:
-        """The plaintext stored for guest bytes [guest_offset, guest_offset + length) (whole sectors), as the disk
-        holds it now."""
-        host_offset = self.encryption.payload_offset + guest_offset
+        """Raw LUKS: the plaintext stored for guest bytes [guest_offset, guest_offset + length) (whole sectors)."""
+        return self.stored_plaintext(self.encryption.payload_offset + guest_offset, length, guest_offset)
+
+    def stored_plaintext(self, host_offset: int, length: int, guest_offset: int) -> bytes:
+        """The plaintext of the ``length`` bytes (whole sectors) stored at ``host_offset`` for guest offset
+        ``guest_offset``, as the disk holds them now."""
         data: bytes | memoryview | None = self.direct.read(host_offset, length) if self.direct else None
         if data is None or len(data) != length:
             data = pread_full(self.fd, length, host_offset)
@@ -65,10 +83,9 @@ class ReadBack:
             return bytes(data)
         return self.encryption.decrypt(data, guest_offset=guest_offset, host_offset=host_offset)
 
-    def parameters(self) -> tuple[str, str, int, int]:
-        """(cipher, mode, key bytes, payload offset in bytes) the chunks were checked with."""
-        cipher = self.encryption.cipher
-        return cipher.cipher_name, cipher.cipher_mode, cipher.key_bytes, self.encryption.payload_offset
+    def parameters(self) -> Parameters:
+        """The parameters the runs were checked with."""
+        return parameters_of(self.encryption)
 
     def close(self) -> None:
         if self.direct is not None:

@@ -253,7 +253,7 @@ def _write(
                 if luks_out:
                     pwrite(out, 0, luks_out.resolve()[1])
                 return digests, written, stream.size
-        return digests, *_write_qcow2(plan_, opts, luks_out, out, digests)
+        return digests, *_write_qcow2(plan_, opts, luks_out, out, out_path, digests)
     except OSError as e:
         raise io_error(e, "writing the output") from e
 
@@ -269,12 +269,13 @@ def _check_free_space(out: BinaryIO, needed_bytes: int) -> None:
 
 
 def _write_qcow2(
-    plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO, digests: Digests
+    plan_: Plan, opts: MigrateOptions, luks_out: LuksOutput | None, out: BinaryIO, out_path: str, digests: Digests
 ) -> tuple[int, int]:
     from qcrypt.images.qcow2_writer import ACTIVE, Qcow2Writer
 
     opener = Opener(opts.passphrase, opts.layer_passphrases(), opts.rules)
     reader = opener.open(plan_.source, opts.source_format)
+    read_back = None
     try:
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
         encrypt = luks_out.encrypt if luks_out else None
@@ -297,7 +298,11 @@ def _write_qcow2(
         else:
             job, skip_zero = layer_job(ACTIVE, source, None, share), False
         reusing = luks_out.encrypt_reusing if luks_out else None
-        done = write_qcow2_job(job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=reusing)
+        if luks_out:  # LUKS data runs are read back by the workers that write them
+            read_back = luks_out.read_back(out.fileno(), out_path, direct_io=opts.direct_io)
+        done = write_qcow2_job(
+            job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=reusing, read_back=read_back
+        )
         for table_index, snapshot in enumerate(plan_.snapshots):
             table = _add_snapshot(writer, snapshot, source.size)  # v2 entries may lack a disk size
             assert table == table_index
@@ -310,6 +315,7 @@ def _write_qcow2(
                 digests,
                 skip_zero_data=False,
                 encrypt=reusing,
+                read_back=read_back,
             )
             done += _copy_vm_state(snapshot, snap_reader, writer, table, digests)
         if luks_out and luks_out.pending is not None:
@@ -317,6 +323,8 @@ def _write_qcow2(
         writer.finish()
         return done, source.size
     finally:
+        if read_back is not None:
+            read_back.close()
         reader.close()
 
 

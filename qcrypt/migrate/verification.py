@@ -5,10 +5,12 @@ while writing, for the active layer and every snapshot.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from qcrypt.crypto.encryption import DataEncryption
 from qcrypt.errors import (
     VerificationError,
 )
@@ -16,6 +18,7 @@ from qcrypt.guest.stream import Opener, QcowReader, RawLuksReader, Secret, open_
 from qcrypt.images.backing import ChainRules
 from qcrypt.images.probe import probe
 from qcrypt.images.qcow2_reader import QCow2Image
+from qcrypt.migrate.read_back import parameters_of
 from qcrypt.migrate.writing import Digests, describe_run
 from qcrypt.model.clusters import ClusterKind, Snapshot
 from qcrypt.plumbing import checksum
@@ -60,9 +63,10 @@ def verify(
                 luks.file.use_direct_reads()
             if digests.read_back_with is None:
                 return _check_ranges(luks.read, digests.ranges, -1, output_path, stall_seconds)
-            _check_read_back(luks, digests, output_path)
+            _check_parameters(luks.encryption, digests, output_path)
+            _check_raw_coverage(luks.size, luks.payload_host_offset, digests, output_path)
             _check_ranges(luks.read, sample_ranges(digests.ranges), -1, output_path, stall_seconds, workers=1)
-            return sum(length for _, length in digests.read_back)
+            return sum(length for _, _, length, _ in digests.read_back)
         finally:
             luks.close()
     if target == "raw":
@@ -77,7 +81,11 @@ def verify(
         assert isinstance(top, QcowReader)
         if direct_io:
             top.image.use_direct_reads()
-        compared = _check_ranges(top.read, digests.ranges, -1, output_path, stall_seconds)
+        placed = _ReadBackPlacement(top, digests, output_path)
+        active = [r for r in digests.ranges if r[0] == -1]
+        compared = placed.check(-1, None)
+        compared += _check_ranges(top.read, placed.not_read_back(active), -1, output_path, stall_seconds)
+        _check_ranges(top.read, sample_ranges(placed.read_back(active)), -1, output_path, stall_seconds, workers=1)
         written = top.image.snapshots()
         if len(written) != len(snapshots):
             raise VerificationError(f"{output_path}: snapshot count differs from the source")
@@ -85,7 +93,8 @@ def verify(
         try:
             for table, snapshot in enumerate(written):
                 snap_reader = QcowReader(top.image, top.encryption, top.backing, snapshot)
-                mine = [r for r in digests.ranges if r[0] == table]
+                compared += placed.check(table, placed.image.l1_table(snapshot))
+                mine = placed.not_read_back([r for r in digests.ranges if r[0] == table])
                 ranges = [r for r in mine if not shared.covers(table, r[1], r[2])]
                 compared += _check_ranges(snap_reader.read, ranges, table, output_path, stall_seconds)
                 compared += sum(r[2] for r in mine) - sum(r[2] for r in ranges)  # checked through the active table
@@ -97,33 +106,84 @@ def verify(
 
 
 READ_BACK_SAMPLE_RANGES = 8
+Range = tuple[int, int, int, bytes]  # (table, guest_offset, length, digest); table -1: the active layer
 
 
-def _check_read_back(luks: RawLuksReader, digests: Digests, path: str) -> None:
-    """What makes the chunks read back while writing (:mod:`qcrypt.migrate.read_back`) a verification of the
-    output: the header on disk (whose master key digest matched when ``luks`` opened) describes the cipher, key
-    size and payload offset they were decrypted with, and they tile the payload exactly, once each."""
-    cipher = luks.encryption.cipher
-    on_disk = (cipher.cipher_name, cipher.cipher_mode, cipher.key_bytes, luks.encryption.payload_offset)
+def _check_parameters(encryption: DataEncryption | None, digests: Digests, path: str) -> None:
+    """The output, opened as any reader opens it (its master key digest matched), decrypts as the runs read
+    back while writing were decrypted (:mod:`qcrypt.migrate.read_back`)."""
+    on_disk = parameters_of(encryption) if encryption is not None else None
     if on_disk != digests.read_back_with:
         raise VerificationError(
-            f"{path}: the LUKS header written describes {on_disk[0]}-{on_disk[1]}, {on_disk[2] * 8}-bit key, payload "
-            f"at byte {on_disk[3]}, but the data was checked as {digests.read_back_with}; the output was not kept"
+            f"{path}: the LUKS header written describes {on_disk}, but the data was checked as "
+            f"{digests.read_back_with}; the output was not kept"
         )
-    written = [(guest_offset, length) for table, guest_offset, length, _ in digests.ranges if table == -1]
+
+
+def _check_raw_coverage(payload_bytes: int, payload_offset: int, digests: Digests, path: str) -> None:
+    """Raw LUKS: the runs read back while writing are the runs written, once each, in order, stored where the
+    header's payload offset puts them, and they tile the whole payload: no write can have landed on checked
+    data afterwards."""
+    written = [(table, guest_offset, length) for table, guest_offset, length, _ in digests.ranges]
     position = 0
-    for guest_offset, length in digests.read_back:
-        if guest_offset != position or length <= 0:
+    for table, guest_offset, length, host_offset in digests.read_back:
+        if table != -1 or guest_offset != position or length <= 0 or host_offset != payload_offset + guest_offset:
             break
         position += length
-    if digests.read_back != written or position != luks.size:
+    if [(t, g, n) for t, g, n, _ in digests.read_back] != written or position != payload_bytes:
         raise VerificationError(
-            f"{path}: the ranges read back while writing do not cover the {luks.size}-byte payload exactly once; "
-            "the output was not kept"
+            f"{path}: the ranges read back while writing do not cover the {payload_bytes}-byte payload exactly "
+            "once; the output was not kept"
         )
 
 
-def sample_ranges(ranges: list[tuple[int, int, int, bytes]]) -> list[tuple[int, int, int, bytes]]:
+class _ReadBackPlacement:
+    """qcow2: the runs read back while writing must be where the output's tables map their guest clusters, and
+    no two of them may share a host byte (a run written over another after its read-back)."""
+
+    def __init__(self, reader: QcowReader, digests: Digests, path: str) -> None:
+        assert isinstance(reader.image, QCow2Image)  # qcrypt writes qcow2 v3
+        self.image = reader.image
+        self.path = path
+        self.by_table: dict[int, list[tuple[int, int, int]]] = {}
+        self.keys = {(table, guest_offset, length) for table, guest_offset, length, _ in digests.read_back}
+        if digests.read_back_with is None:
+            return
+        _check_parameters(reader.encryption, digests, path)
+        cs = self.image.cluster_size
+        spans = sorted((host, host + -(-length // cs) * cs) for _, _, length, host in digests.read_back)
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            if start < end:
+                raise VerificationError(
+                    f"{path}: two runs read back while writing share host byte {start}; the output was not kept"
+                )
+        for table, guest_offset, length, host_offset in digests.read_back:
+            self.by_table.setdefault(table, []).append((guest_offset, length, host_offset))
+
+    def read_back(self, ranges: list[Range]) -> list[Range]:
+        return [r for r in ranges if (r[0], r[1], r[2]) in self.keys]
+
+    def not_read_back(self, ranges: list[Range]) -> list[Range]:
+        return [r for r in ranges if (r[0], r[1], r[2]) not in self.keys]
+
+    def check(self, table: int, l1: Any) -> int:
+        """Guest bytes of ``table`` (whose L1 table is ``l1``; None: the active one) read back and mapped there."""
+        cs = self.image.cluster_size
+        checked = 0
+        for guest_offset, length, host_offset in self.by_table.get(table, []):
+            for i in range(-(-length // cs)):
+                mapping = self.image.map_cluster(guest_offset // cs + i, l1)
+                misplaced = mapping.kind is not ClusterKind.NORMAL or mapping.host_offset != host_offset + i * cs
+                if guest_offset % cs or misplaced:
+                    raise VerificationError(
+                        f"{self.path}: guest bytes {guest_offset}..{guest_offset + length} are not mapped where they "
+                        "were written and read back; the output was not kept"
+                    )
+            checked += length
+        return checked
+
+
+def sample_ranges(ranges: list[Range]) -> list[Range]:
     """The first and the last range and others evenly spaced between them, :data:`READ_BACK_SAMPLE_RANGES` at
     most: read once more through the ordinary reader, end to end."""
     if len(ranges) <= READ_BACK_SAMPLE_RANGES:
@@ -183,7 +243,9 @@ def _check_ranges(
     def digest_of(guest_offset: int, length: int, expected: bytes) -> tuple[int, int, bool]:
         return guest_offset, length, checksum.digest(read(guest_offset, length)) == expected
 
-    mine = ((off, length, digest) for t, off, length, digest in ranges if t == table)
+    mine = [(off, length, digest) for t, off, length, digest in ranges if t == table]
+    if not mine:  # no workers forked for nothing
+        return 0
     compared = 0
     with contextlib.closing(
         ordered_map(digest_of, mine, workers=workers, stall_seconds=stall_seconds, describe=describe_run)

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 from qcrypt.errors import VerificationError
 from qcrypt.guest.stream import GuestStream, QcowReader
 from qcrypt.migrate.options import DEFAULT_CLUSTER_SIZE, EncryptFn, MigrateOptions
-from qcrypt.migrate.read_back import ReadBack
+from qcrypt.migrate.read_back import Parameters, ReadBack
 from qcrypt.model.clusters import ClusterKind, Snapshot
 from qcrypt.model.units import SECTOR
 from qcrypt.plumbing import checksum
@@ -28,12 +28,13 @@ def reused_buffer(length: int) -> memoryview:
 
 class Digests:
     """Streaming digests of the plaintext written, per (table, guest_offset, length) range; ``read_back``: the
-    (guest_offset, length) ranges already read back from the disk and compared while writing (raw LUKS)."""
+    (table, guest_offset, length, host_offset) ranges already read back from the disk and compared while writing
+    (LUKS outputs), with the parameters they were decrypted with."""
 
     def __init__(self) -> None:
         self.ranges: list[tuple[int, int, int, bytes]] = []
-        self.read_back: list[tuple[int, int]] = []
-        self.read_back_with: tuple[str, str, int, int] | None = None  # ReadBack.parameters()
+        self.read_back: list[tuple[int, int, int, int]] = []
+        self.read_back_with: Parameters | None = None
 
     def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
         self.ranges.append((table, guest_offset, len(data), checksum.digest(data)))
@@ -95,7 +96,7 @@ def write_flat(
             for guest_offset, length, digest, checked in results:
                 digests.ranges.append((-1, guest_offset, length, digest))
                 if checked:
-                    digests.read_back.append((guest_offset, length))
+                    digests.read_back.append((-1, guest_offset, length, base_offset + guest_offset))
                 if opts.progress:
                     opts.progress(length)
     finally:
@@ -239,12 +240,14 @@ def write_qcow2_job(
     *,
     skip_zero_data: bool,
     encrypt: EncryptFn | None = None,
+    read_back: ReadBack | None = None,
 ) -> int:
     """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted.
 
     Runs whose placement does not depend on their content (no skipping of zero data; with sharing, runs whose
     clusters are all new) are reserved here and read, decrypted, encrypted and written by forked workers
-    (both cores); the rest is done here.
+    (both cores), which with ``read_back`` also read each run back from the disk and compare it; the rest is
+    done here (and verified after writing).
     """
     cs = job.reader.cluster_size
     size = job.reader.size
@@ -252,11 +255,20 @@ def write_qcow2_job(
     data_writer = DirectWriter(writer._fh.fileno(), enabled=opts.direct_io and encrypt is not None)
     done = 0
 
-    def parallel_run(guest_offset: int, length: int, host_offset: int) -> tuple[int, int, bytes]:
+    if read_back is not None:
+        digests.read_back_with = read_back.parameters()
+
+    def parallel_run(guest_offset: int, length: int, host_offset: int) -> tuple[int, int, bytes, int | None]:
         plain = job.reader.read(guest_offset, length)
         padded = plain + bytes(-len(plain) % cs)
         data_writer.pwrite(host_offset, encrypt(padded, host_offset) if encrypt else padded)
-        return guest_offset, length, checksum.digest(plain)
+        digest = checksum.digest(plain)
+        if read_back is None:
+            return guest_offset, length, digest, None
+        back = read_back.stored_plaintext(host_offset, len(padded), guest_offset)
+        if checksum.digest(memoryview(back)[:length]) != digest:
+            raise VerificationError(differs_message(read_back.path, guest_offset, length))
+        return guest_offset, length, digest, host_offset
 
     def tasks() -> Iterator[tuple[int, int, int]]:
         nonlocal done
@@ -291,8 +303,10 @@ def write_qcow2_job(
                 describe=describe_run,
             )
         ) as results:
-            for guest_offset, length, digest in results:
+            for guest_offset, length, digest, checked_at in results:
                 digests.ranges.append((job.table, guest_offset, length, digest))
+                if checked_at is not None:
+                    digests.read_back.append((job.table, guest_offset, length, checked_at))
                 if opts.progress:
                     opts.progress(length)
     finally:
