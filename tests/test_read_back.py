@@ -257,3 +257,27 @@ def test_a_qcow2_run_that_reads_back_differently_stops_the_migration(
     with pytest.raises(VerificationError, match="differ from the source"):
         mig.migrate(str(legacy), opts)
     assert len(calls) == 3 and not out.exists()
+
+
+def test_sharable_runs_are_split_where_clusters_were_written_before() -> None:
+    """A snapshot's run that mixes clusters an earlier table wrote with new ones: the new parts go to the workers
+    (and are read back there), the rest is only mapped, each part with a digest of its own."""
+    from qcrypt.migrate.writing import _split_seen
+
+    written_before = {"b", "c", "f"}
+    runs = [
+        ("data", 10, 6, ["a", "b", "c", "d", "e", "f"]),
+        ("zero", 16, 2, [None, None]),
+        ("data", 18, 2, [None, None]),  # not sharable: never split
+        ("data", 20, 2, ["b", "c"]),
+    ]
+    parts = list(_split_seen(runs, written_before.__contains__))
+    assert parts == [
+        ("data", 10, 1, ["a"]),
+        ("data", 11, 2, ["b", "c"]),
+        ("data", 13, 2, ["d", "e"]),
+        ("data", 15, 1, ["f"]),
+        ("zero", 16, 2, [None, None]),
+        ("data", 18, 2, [None, None]),
+        ("data", 20, 2, ["b", "c"]),
+    ]

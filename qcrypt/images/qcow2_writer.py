@@ -232,6 +232,10 @@ class Qcow2Writer:
         self._fh.flush()
         return first * self.cluster_size
 
+    def has_shared(self, share_key: Hashable) -> bool:
+        """Whether a cluster with ``share_key`` was written already (a later table then only maps it)."""
+        return share_key in self._shared
+
     def reserve_shareable(self, table: int, first_guest_cluster: int, share_keys: Sequence[Hashable]) -> int | None:
         """:meth:`reserve_clusters` for clusters that later tables may share: when no key of the run was seen
         before (nor twice in it), allocate and map the clusters, remember their keys and return the host offset

@@ -5,7 +5,7 @@ digests of every guest byte written for the verification.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -272,7 +272,8 @@ def write_qcow2_job(
 
     def tasks() -> Iterator[tuple[int, int, int]]:
         nonlocal done
-        for kind, first, count, keys in _kind_runs(job.clusters, max(1, opts.chunk_bytes // cs)):
+        runs = _kind_runs(job.clusters, max(1, opts.chunk_bytes // cs))
+        for kind, first, count, keys in _split_seen(runs, writer.has_shared):
             guest_offset = first * cs
             length = min(count * cs, size - guest_offset)
             done += length
@@ -339,6 +340,23 @@ def _kind_runs(clusters: Iterable[tuple[int, str, Any]], max_run: int) -> Iterat
         run.append(item)
     if run:
         yield run[0][1], run[0][0], len(run), [key for _, _, key in run]
+
+
+def _split_seen(
+    runs: Iterable[tuple[str, int, int, list[Any]]], seen: Callable[[Any], bool]
+) -> Iterator[tuple[str, int, int, list[Any]]]:
+    """Runs of sharable data split where their clusters change from new to written before (by an earlier table):
+    the new parts go to the workers (and are read back there), the parts written before are only mapped, and
+    each part has a digest of its own, so that verification can skip a part shared with the active table."""
+    for kind, first, count, keys in runs:
+        if kind != "data" or keys[0] is None:
+            yield kind, first, count, keys
+            continue
+        start = 0
+        for index in range(1, count + 1):
+            if index == count or seen(keys[index]) != seen(keys[start]):
+                yield kind, first + start, index - start, keys[start:index]
+                start = index
 
 
 def nonzero_pieces(first: int, plain: bytes, cs: int, skip_zero: bool) -> Iterator[tuple[int, memoryview]]:
