@@ -7,6 +7,7 @@ parameters), a chunk that reads back differently, and a migration whose output t
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,9 @@ def _options(out: Path) -> mig.MigrateOptions:
 
 
 def _migrate_keeping_digests(
-    source: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+    source: Path, out: Path, monkeypatch: pytest.MonkeyPatch, target: str = "luks"
 ) -> tuple[Digests, bytearray, mig.MigrateResult]:
-    """A real migration; returns the digests the writing recorded and a copy of the master key."""
+    """A real migration; returns the digests the writing recorded, a copy of the master key and the result."""
     kept: dict[str, object] = {}
     real_verify = mig.verify
 
@@ -54,7 +55,9 @@ def _migrate_keeping_digests(
         return real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mig, "verify", keeping)
-    result = mig.migrate(str(source), _options(out))
+    opts = dataclasses.replace(_options(out), target=target)
+    result = mig.migrate(str(source), opts)
+    assert result.verified
     return kept["digests"], kept["key"], result  # type: ignore[return-value]
 
 
@@ -130,13 +133,19 @@ def test_the_final_check_refuses_what_the_read_back_did_not_establish(
     out = tmp_path / "out.luks"
     digests, key, _ = _migrate_keeping_digests(legacy, out, monkeypatch)
     assert digests.read_back_with == RAW
+    _assert_doctored_refused(out, "luks", digests, key, doctor, message)
+
+
+def _assert_doctored_refused(
+    out: Path, target: str, digests: Digests, key: bytearray, doctor: object, message: str
+) -> None:
+    """The output passes verification with the digests the writing recorded, and not with doctored ones."""
 
     def check(d: Digests) -> int:
-        return verification.verify(
-            str(out), KnownMasterKey(bytearray(key)), d, target="luks", snapshots=[], direct_io=True
-        )
+        key_copy = KnownMasterKey(bytearray(key))
+        return verification.verify(str(out), key_copy, d, target=target, snapshots=[], direct_io=True)
 
-    assert check(copy.deepcopy(digests)) == SIZE  # the output as written passes
+    assert check(copy.deepcopy(digests)) == digests.total_bytes  # the output as written passes
     doctored = copy.deepcopy(digests)
     doctor(doctored)  # type: ignore[operator]
     with pytest.raises(VerificationError, match=message):
@@ -165,31 +174,11 @@ def test_without_read_back_the_whole_output_is_read_again(
 QCOW2 = ("aes", "xts-plain64", 64, "host sector", 0)  # IVs from host sectors, no payload offset
 
 
-def _migrate_qcow2_keeping_digests(
-    source: Path, out: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Digests, bytearray]:
-    kept: dict[str, object] = {}
-    real_verify = mig.verify
-
-    def keeping(path: str, key: KnownMasterKey, digests: Digests, **kw: object) -> int:
-        kept["digests"] = copy.deepcopy(digests)
-        kept["key"] = bytearray(key.key)
-        return real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(mig, "verify", keeping)
-    opts = mig.MigrateOptions(
-        target="qcow2-luks", output=str(out), passphrase=PASSPHRASE.encode(), iterations=1000, workers=1
-    )
-    result = mig.migrate(str(source), opts)
-    assert result.verified
-    return kept["digests"], kept["key"]  # type: ignore[return-value]
-
-
 def test_qcow2_luks_data_runs_are_read_back_where_the_tables_map_them(
     legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out.qcow2"
-    digests, _ = _migrate_qcow2_keeping_digests(legacy, out, monkeypatch)
+    digests, _, _ = _migrate_keeping_digests(legacy, out, monkeypatch, "qcow2-luks")
     assert digests.read_back_with == QCOW2
     data_runs = {(t, g, n) for t, g, n, _ in digests.read_back}
     assert len(data_runs) >= 4
@@ -221,17 +210,9 @@ def test_the_final_qcow2_check_refuses_what_the_read_back_did_not_establish(
     legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doctor: object, message: str
 ) -> None:
     out = tmp_path / "out.qcow2"
-    digests, key = _migrate_qcow2_keeping_digests(legacy, out, monkeypatch)
-
-    def check(d: Digests) -> int:
-        key_copy = KnownMasterKey(bytearray(key))
-        return verification.verify(str(out), key_copy, d, target="qcow2-luks", snapshots=[], direct_io=True)
-
-    assert check(copy.deepcopy(digests)) == digests.total_bytes
-    doctored = copy.deepcopy(digests)
-    doctor(doctored)  # type: ignore[operator]
-    with pytest.raises(VerificationError, match=message):
-        check(doctored)
+    digests, key, _ = _migrate_keeping_digests(legacy, out, monkeypatch, "qcow2-luks")
+    assert digests.read_back_with == QCOW2
+    _assert_doctored_refused(out, "qcow2-luks", digests, key, doctor, message)
 
 
 def test_a_qcow2_run_that_reads_back_differently_stops_the_migration(
