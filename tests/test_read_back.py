@@ -65,11 +65,12 @@ def test_every_chunk_is_read_back_and_a_sample_is_read_again_end_to_end(
     legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     read: list[tuple[int, int]] = []
-    real_plaintext = read_back.ReadBack.plaintext
+    real_plaintext = read_back.ReadBack.stored_plaintext
 
-    def recording(self: read_back.ReadBack, guest_offset: int, length: int) -> bytes:
+    def recording(self: read_back.ReadBack, host_offset: int, length: int, guest_offset: int) -> bytes:
+        assert host_offset == (2 << 20) + guest_offset  # past the 2 MiB header area
         read.append((guest_offset, length))
-        return real_plaintext(self, guest_offset, length)
+        return real_plaintext(self, host_offset, length, guest_offset)
 
     sampled: list[int] = []
     real_check = verification._check_ranges
@@ -78,7 +79,7 @@ def test_every_chunk_is_read_back_and_a_sample_is_read_again_end_to_end(
         sampled.append(len(ranges))
         return real_check(read_fn, ranges, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(read_back.ReadBack, "plaintext", recording)
+    monkeypatch.setattr(read_back.ReadBack, "stored_plaintext", recording)
     monkeypatch.setattr(verification, "_check_ranges", counting)
     out = tmp_path / "out.luks"
     result = mig.migrate(str(legacy), _options(out))
@@ -91,15 +92,15 @@ def test_every_chunk_is_read_back_and_a_sample_is_read_again_end_to_end(
 def test_a_chunk_that_reads_back_differently_stops_the_migration(
     legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_plaintext = read_back.ReadBack.plaintext
+    real_plaintext = read_back.ReadBack.stored_plaintext
 
-    def damaged(self: read_back.ReadBack, guest_offset: int, length: int) -> bytes:
-        plain = bytearray(real_plaintext(self, guest_offset, length))
+    def damaged(self: read_back.ReadBack, host_offset: int, length: int, guest_offset: int) -> bytes:
+        plain = bytearray(real_plaintext(self, host_offset, length, guest_offset))
         if guest_offset == 5 * CHUNK:  # not among the ranges the final sample reads
             plain[100] ^= 1
         return bytes(plain)
 
-    monkeypatch.setattr(read_back.ReadBack, "plaintext", damaged)
+    monkeypatch.setattr(read_back.ReadBack, "stored_plaintext", damaged)
     out = tmp_path / "out.luks"
     with pytest.raises(VerificationError, match=f"guest bytes {5 * CHUNK}..{6 * CHUNK} differ from the source"):
         mig.migrate(str(legacy), _options(out))

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from qcrypt.crypto.encryption import DataEncryption
 from qcrypt.crypto.sector import make_sector_cipher
+from qcrypt.errors import VerificationError
+from qcrypt.plumbing import checksum
 from qcrypt.plumbing.direct_io import DirectReader
 from qcrypt.plumbing.files import pread_full
 
@@ -36,6 +38,13 @@ def parameters_of(encryption: DataEncryption) -> Parameters:
     """What decides how ``encryption`` turns stored bytes into plaintext."""
     cipher = encryption.cipher
     return cipher.cipher_name, cipher.cipher_mode, cipher.key_bytes, encryption.iv_base.value, encryption.payload_offset
+
+
+def differs_message(path: str, guest_offset: int, length: int) -> str:
+    return (
+        f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ from the source after writing; "
+        "the output was not kept"
+    )
 
 
 @dataclass
@@ -69,9 +78,12 @@ class ReadBack:
         fd = os.open(f"/proc/self/fd/{out_fd}", os.O_RDONLY | os.O_CLOEXEC)
         return cls(fd, path, encryption, DirectReader(fd) if direct_io else None)
 
-    def plaintext(self, guest_offset: int, length: int) -> bytes:
-        """Raw LUKS: the plaintext stored for guest bytes [guest_offset, guest_offset + length) (whole sectors)."""
-        return self.stored_plaintext(self.encryption.payload_offset + guest_offset, length, guest_offset)
+    def check(self, host_offset: int, stored_length: int, guest_offset: int, guest_length: int, digest: bytes) -> None:
+        """Raise VerificationError unless the ``stored_length`` bytes stored at ``host_offset`` (whole sectors, for
+        guest offset ``guest_offset``) decrypt to plaintext whose first ``guest_length`` bytes have ``digest``."""
+        plain = self.stored_plaintext(host_offset, stored_length, guest_offset)
+        if checksum.digest(memoryview(plain)[:guest_length]) != digest:
+            raise VerificationError(differs_message(self.path, guest_offset, guest_length))
 
     def stored_plaintext(self, host_offset: int, length: int, guest_offset: int) -> bytes:
         """The plaintext of the ``length`` bytes (whole sectors) stored at ``host_offset`` for guest offset

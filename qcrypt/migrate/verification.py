@@ -18,7 +18,7 @@ from qcrypt.guest.stream import Opener, QcowReader, RawLuksReader, Secret, open_
 from qcrypt.images.backing import ChainRules
 from qcrypt.images.probe import probe
 from qcrypt.images.qcow2_reader import QCow2Image
-from qcrypt.migrate.read_back import parameters_of
+from qcrypt.migrate.read_back import differs_message, parameters_of
 from qcrypt.migrate.writing import Digests, describe_run
 from qcrypt.model.clusters import ClusterKind, Snapshot
 from qcrypt.plumbing import checksum
@@ -252,9 +252,6 @@ def _check_ranges(
     ) as results:
         for guest_offset, length, same in results:
             if not same:
-                raise VerificationError(
-                    f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ "
-                    "from the source after writing; the output was not kept"
-                )
+                raise VerificationError(differs_message(path, guest_offset, length))
             compared += length
     return compared

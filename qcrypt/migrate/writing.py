@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from qcrypt.errors import VerificationError
 from qcrypt.guest.stream import GuestStream, QcowReader
 from qcrypt.migrate.options import DEFAULT_CLUSTER_SIZE, EncryptFn, MigrateOptions
 from qcrypt.migrate.read_back import Parameters, ReadBack
@@ -75,8 +74,7 @@ def write_flat(
         if encrypt is not None:
             writer.pwrite(host_offset, encrypt(plain, host_offset))
             if read_back is not None:
-                if checksum.digest(read_back.plaintext(guest_offset, length)) != digest:
-                    raise VerificationError(differs_message(read_back.path, guest_offset, length))
+                read_back.check(host_offset, length, guest_offset, length, digest)
                 return guest_offset, length, digest, True
         elif plain.count(0) != len(plain):  # C speed; any() would iterate a zero chunk byte by byte
             writer.pwrite(host_offset, plain)
@@ -110,13 +108,6 @@ def _workers(opts: MigrateOptions, writer: DirectWriter) -> int | None:
     if opts.workers is None and writer.direct:
         return disk_bound_workers()
     return opts.workers
-
-
-def differs_message(path: str, guest_offset: int, length: int) -> str:
-    return (
-        f"{path}: guest bytes {guest_offset}..{guest_offset + length} differ from the source after writing; "
-        "the output was not kept"
-    )
 
 
 def describe_run(item: tuple[Any, ...]) -> str:
@@ -265,9 +256,7 @@ def write_qcow2_job(
         digest = checksum.digest(plain)
         if read_back is None:
             return guest_offset, length, digest, None
-        back = read_back.stored_plaintext(host_offset, len(padded), guest_offset)
-        if checksum.digest(memoryview(back)[:length]) != digest:
-            raise VerificationError(differs_message(read_back.path, guest_offset, length))
+        read_back.check(host_offset, len(padded), guest_offset, length, digest)
         return guest_offset, length, digest, host_offset
 
     def tasks() -> Iterator[tuple[int, int, int]]:
