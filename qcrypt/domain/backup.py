@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 from qcrypt.errors import QcryptIOError
-
-DEFAULT_BACKUP_DIR = "/var/lib/qcrypt/backups"
-ESTIMATE_BYTES_PER_S = 100 * 1024 * 1024  # conservative migrate rate on 2 cores (docs/BENCHMARKS.md)
-LUKS_HEADER_BYTES = 16 * 1024 * 1024  # upper bound of a LUKS1 header area plus qcow2 metadata slack
-NEW_SECRET = "(new secret)"
-RECORD_IDENT = "qcrypt-migrate-domain"
-PassphraseSource = Callable[[], bytearray]
-PASSPHRASE_FILE = "passphrase file"
-SECRET_VALUE = "libvirt secret"
-RANDOM_CONTENT_OPTION = "--accept-random-content"
 
 
 def save_backup(xml: str, name: str, backup_dir: str) -> str:

@@ -104,3 +104,9 @@ class ReadBack:
             self.direct.close()
         os.close(self.fd)
         self.encryption.wipe()
+
+    def __enter__(self) -> ReadBack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

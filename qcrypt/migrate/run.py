@@ -8,6 +8,7 @@ interruption removes the temporary file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, BinaryIO
@@ -33,6 +34,7 @@ from qcrypt.migrate.passphrase_check import (
     same_legacy_key,
 )
 from qcrypt.migrate.plan import Plan, new_luks_weaknesses, plan
+from qcrypt.migrate.read_back import ReadBack
 from qcrypt.migrate.verification import verify
 from qcrypt.migrate.writing import (
     Digests,
@@ -236,8 +238,7 @@ def _write(
                 base = luks_out.area_bytes if luks_out else 0
                 if luks_out:  # every byte will be written: a disk that is too small fails before any work
                     _check_free_space(out, base + -(-stream.size // SECTOR) * SECTOR)
-                read_back = luks_out.read_back(out.fileno(), out_path, direct_io=opts.direct_io) if luks_out else None
-                try:
+                with _read_back(luks_out, out, out_path, opts) as read_back:
                     written = write_flat(
                         stream,
                         out,
@@ -247,9 +248,6 @@ def _write(
                         digests=digests,
                         read_back=read_back,
                     )
-                finally:
-                    if read_back is not None:
-                        read_back.close()
                 if luks_out:
                     pwrite(out, 0, luks_out.resolve()[1])
                 return digests, written, stream.size
@@ -274,9 +272,10 @@ def _write_qcow2(
     from qcrypt.images.qcow2_writer import ACTIVE, Qcow2Writer
 
     opener = Opener(opts.passphrase, opts.layer_passphrases(), opts.rules)
-    reader = opener.open(plan_.source, opts.source_format)
-    read_back = None
-    try:
+    with (
+        _read_back(luks_out, out, out_path, opts) as read_back,
+        contextlib.closing(opener.open(plan_.source, opts.source_format)) as reader,
+    ):
         source = reader if isinstance(reader, QcowReader) else FlatSource(reader)
         encrypt = luks_out.encrypt if luks_out else None
         writer = Qcow2Writer(
@@ -298,8 +297,6 @@ def _write_qcow2(
         else:
             job, skip_zero = layer_job(ACTIVE, source, None, share), False
         reusing = luks_out.encrypt_reusing if luks_out else None
-        if luks_out:  # LUKS data runs are read back by the workers that write them
-            read_back = luks_out.read_back(out.fileno(), out_path, direct_io=opts.direct_io)
         done = write_qcow2_job(
             job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=reusing, read_back=read_back
         )
@@ -322,10 +319,15 @@ def _write_qcow2(
             writer.set_luks_area(luks_out.resolve()[1])
         writer.finish()
         return done, source.size
-    finally:
-        if read_back is not None:
-            read_back.close()
-        reader.close()
+
+
+def _read_back(
+    luks_out: LuksOutput | None, out: BinaryIO, out_path: str, opts: MigrateOptions
+) -> ReadBack | contextlib.nullcontext[None]:
+    """LUKS data is read back by the workers that write it (qcrypt.migrate.read_back); nothing else is."""
+    if luks_out is None:
+        return contextlib.nullcontext()
+    return luks_out.read_back(out.fileno(), out_path, direct_io=opts.direct_io)
 
 
 def vm_state_bytes(snapshot: Snapshot) -> int:

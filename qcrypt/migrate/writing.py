@@ -81,24 +81,16 @@ def write_flat(
         return guest_offset, length, digest, False
 
     chunks = ((off, min(opts.chunk_bytes, padded - off)) for off in range(0, padded, opts.chunk_bytes))
-    try:
-        with contextlib.closing(
-            ordered_map(
-                one_chunk,
-                chunks,
-                workers=_workers(opts, writer),
-                stall_seconds=opts.stall_seconds,
-                describe=describe_run,
-            )
-        ) as results:
-            for guest_offset, length, digest, checked in results:
-                digests.ranges.append((-1, guest_offset, length, digest))
-                if checked:
-                    digests.read_back.append((-1, guest_offset, length, base_offset + guest_offset))
-                if opts.progress:
-                    opts.progress(length)
-    finally:
-        writer.close()
+    work = ordered_map(
+        one_chunk, chunks, workers=_workers(opts, writer), stall_seconds=opts.stall_seconds, describe=describe_run
+    )
+    with writer, contextlib.closing(work) as results:
+        for guest_offset, length, digest, checked in results:
+            digests.ranges.append((-1, guest_offset, length, digest))
+            if checked:
+                digests.read_back.append((-1, guest_offset, length, base_offset + guest_offset))
+            if opts.progress:
+                opts.progress(length)
     out.truncate(base_offset + padded)
     return padded
 
@@ -283,24 +275,20 @@ def write_qcow2_job(
             if opts.progress:
                 opts.progress(length)
 
-    try:
-        with contextlib.closing(
-            ordered_map(
-                parallel_run,
-                tasks(),
-                workers=_workers(opts, data_writer),
-                stall_seconds=opts.stall_seconds,
-                describe=describe_run,
-            )
-        ) as results:
-            for guest_offset, length, digest, checked_at in results:
-                digests.ranges.append((job.table, guest_offset, length, digest))
-                if checked_at is not None:
-                    digests.read_back.append((job.table, guest_offset, length, checked_at))
-                if opts.progress:
-                    opts.progress(length)
-    finally:
-        data_writer.close()
+    work = ordered_map(
+        parallel_run,
+        tasks(),
+        workers=_workers(opts, data_writer),
+        stall_seconds=opts.stall_seconds,
+        describe=describe_run,
+    )
+    with data_writer, contextlib.closing(work) as results:
+        for guest_offset, length, digest, checked_at in results:
+            digests.ranges.append((job.table, guest_offset, length, digest))
+            if checked_at is not None:
+                digests.read_back.append((job.table, guest_offset, length, checked_at))
+            if opts.progress:
+                opts.progress(length)
     return done
 
 

@@ -119,6 +119,12 @@ class DirectWriter:
     def close(self) -> None:
         self.stop_direct()
 
+    def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class DirectReader:
     """Aligned reads of a file open as ``fd`` past the page cache, into this thread's read buffer."""
