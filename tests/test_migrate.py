@@ -124,6 +124,20 @@ def test_cipher_options(
     qemu_compare((out, "luks", True), (source, "qcow2", True), pw, pw_a=new_pw)
 
 
+def _migrate_with_fault(fault: str, source: Path, target: str, out: Path, pw: Path) -> subprocess.CompletedProcess[str]:
+    """``qcrypt migrate`` with FAULT injected by the test seam tests/_faulty_migrate.py."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "tests._faulty_migrate", fault),
+            *("migrate", str(source), "--to", target, "-o", str(out), "--passphrase-file", str(pw), *FAST),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
 @pytest.mark.interop
 @pytest.mark.parametrize(
     "target, fault",
@@ -138,27 +152,7 @@ def test_fault_between_writing_and_verification_is_caught(
     run) can see it."""
     source, pw = legacy
     out = tmp_path / f"out.{target}"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests._faulty_migrate",
-            fault,
-            "migrate",
-            str(source),
-            "--to",
-            target,
-            "-o",
-            str(out),
-            "--passphrase-file",
-            str(pw),
-            *FAST,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=TOOL_TIMEOUT,
-        cwd=Path(__file__).parent.parent,
-    )
+    result = _migrate_with_fault(fault, source, target, out, pw)
     assert "fault injected at" in result.stderr, result.stderr  # verification started on the temp file
     assert result.returncode == 7, result.stderr
     assert "differ from the source" in result.stderr and "verified" not in result.stdout
@@ -175,27 +169,7 @@ def test_faults_in_snapshots_and_coverage_are_caught(tmp_path: Path, qemu_img: s
     source = im.fixture_path(name, tmp_path)
     pw = secret_file(tmp_path, "pw", im.manifest()["fixtures"][name]["passphrase"])
     out = tmp_path / "out.qcow2"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests._faulty_migrate",
-            fault,
-            "migrate",
-            str(source),
-            "--to",
-            "qcow2-luks",
-            "-o",
-            str(out),
-            "--passphrase-file",
-            str(pw),
-            *FAST,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=TOOL_TIMEOUT,
-        cwd=Path(__file__).parent.parent,
-    )
+    result = _migrate_with_fault(fault, source, "qcow2-luks", out, pw)
     assert "fault injected at" in result.stderr, result.stderr
     assert result.returncode == 7, result.stderr
     expected = {
