@@ -10,7 +10,11 @@ flipped when its chunk has been written, just before that chunk is read back):
   the final sample, read once more through the ordinary reader, can see it);
 * ``GUEST_OFFSET``: one byte flipped where guest byte GUEST_OFFSET is stored (raw: at the offset; raw LUKS: past
   the header; qcow2: through the L1/L2 tables, decoded here in a few lines, independent of qcrypt's reader);
-* ``snapshot``: one byte flipped in a data cluster that only the first internal snapshot references;
+* ``snapshot``: one byte flipped in a data cluster that only the first internal snapshot references (LUKS: it
+  was read back already; the snapshot's sample, which always holds its first run read back, must see it);
+* ``snapshot-mapping``: one L2 entry of the first snapshot that shares its cluster with the active table
+  re-pointed at another of the active table's data clusters (a snapshot range only mapped while writing is
+  checked by its mapping);
 * ``drop-snapshot``: the header's snapshot count lowered by one (the last snapshot vanishes);
 * ``short-verify``: the output is intact, but verification reports one sector less than it compared (a
   read-back that skipped data must not pass).
@@ -58,18 +62,25 @@ def host_offset(path: str, guest_offset: int) -> int:
         return data_cluster + guest_offset % cluster
 
 
-def _l2_data_clusters(fh: Any, l1_offset: int, l1_size: int, cluster: int) -> list[int]:
-    """Host offsets of the standard data clusters one L1 table maps."""
-    found = []
+def _l2_entry_places(fh: Any, l1_offset: int, l1_size: int, cluster: int) -> dict[int, tuple[int, int]]:
+    """guest cluster -> (file offset of its L2 entry, entry) for the standard data clusters one L1 maps."""
+    places = {}
+    entries = cluster // 8
     for l1_index in range(l1_size):
         fh.seek(l1_offset + 8 * l1_index)
         l2_offset = struct.unpack(">Q", fh.read(8))[0] & _OFFSET_MASK
         if not l2_offset:
             continue
         fh.seek(l2_offset)
-        entries = struct.unpack(f">{cluster // 8}Q", fh.read(cluster))
-        found += [e & _OFFSET_MASK for e in entries if e & _OFFSET_MASK and not e & (1 << 62)]
-    return found
+        for index, entry in enumerate(struct.unpack(f">{entries}Q", fh.read(cluster))):
+            if entry & _OFFSET_MASK and not entry & (1 << 62):
+                places[l1_index * entries + index] = (l2_offset + 8 * index, entry)
+    return places
+
+
+def _l2_data_clusters(fh: Any, l1_offset: int, l1_size: int, cluster: int) -> list[int]:
+    """Host offsets of the standard data clusters one L1 table maps, in guest order."""
+    return [entry & _OFFSET_MASK for _, entry in _l2_entry_places(fh, l1_offset, l1_size, cluster).values()]
 
 
 def snapshot_only_cluster(path: str) -> int:
@@ -86,6 +97,31 @@ def snapshot_only_cluster(path: str) -> int:
     if not only:
         raise SystemExit(f"{path}: the first snapshot shares all its clusters with the active layer")
     return only[0]
+
+
+def repoint_shared_cluster(path: str) -> int:
+    """Re-point the first snapshot's first cluster shared with the active table at the active table's data
+    cluster of another guest cluster; returns the L2 entry's file offset."""
+    with open(path, "r+b") as fh:
+        head = fh.read(72)
+        cluster = 1 << struct.unpack_from(">I", head, 20)[0]
+        l1_size, l1_offset = struct.unpack_from(">IQ", head, 36)
+        fh.seek(struct.unpack_from(">Q", head, 64)[0])
+        snap_l1_offset, snap_l1_size = struct.unpack(">QI", fh.read(12))
+        active = _l2_entry_places(fh, l1_offset, l1_size, cluster)
+        snapshot = _l2_entry_places(fh, snap_l1_offset, snap_l1_size, cluster)
+        shared = [
+            g
+            for g, (_, entry) in snapshot.items()
+            if g in active and active[g][1] & _OFFSET_MASK == entry & _OFFSET_MASK
+        ]
+        if not shared:
+            raise SystemExit(f"{path}: the first snapshot shares no cluster with the active layer")
+        where, entry = snapshot[shared[0]]
+        other = next(e for g, (_, e) in active.items() if e & _OFFSET_MASK != entry & _OFFSET_MASK)
+        fh.seek(where)
+        fh.write(struct.pack(">Q", other))
+    return where
 
 
 def _flip(path: str, where: int) -> None:
@@ -112,6 +148,8 @@ def _faulty(original: Any, fault: str) -> Any:
         if fault == "drop-snapshot":
             _drop_snapshot(output_path)
             print("fault injected at the snapshot count", file=sys.stderr)
+        elif fault == "snapshot-mapping":
+            print(f"fault injected at {repoint_shared_cluster(output_path)}", file=sys.stderr)
         else:
             guest_offset = fault.removeprefix("late:")
             where = (

@@ -161,10 +161,11 @@ def test_fault_between_writing_and_verification_is_caught(
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("fault", ["snapshot", "drop-snapshot", "short-verify"])
+@pytest.mark.parametrize("fault", ["snapshot", "snapshot-mapping", "drop-snapshot", "short-verify"])
 def test_faults_in_snapshots_and_coverage_are_caught(tmp_path: Path, qemu_img: str, fault: str) -> None:
-    """A byte of a snapshot-only cluster flipped, a snapshot dropped, or a read-back reporting one sector less
-    than was written: each must stop the commit (exit 7, nothing under the output name)."""
+    """A byte of a snapshot-only cluster flipped, a snapshot's cluster shared with the active table re-pointed
+    elsewhere, a snapshot dropped, or a read-back reporting one sector less than was written: each must stop the
+    commit (exit 7, nothing under the output name)."""
     name = "aes-qcow2-v3-snapshots-c4k.qcow2"
     source = im.fixture_path(name, tmp_path)
     pw = secret_file(tmp_path, "pw", im.manifest()["fixtures"][name]["passphrase"])
@@ -174,6 +175,7 @@ def test_faults_in_snapshots_and_coverage_are_caught(tmp_path: Path, qemu_img: s
     assert result.returncode == 7, result.stderr
     expected = {
         "snapshot": "differ from the source",
+        "snapshot-mapping": "do not point at data read back from the same source clusters",
         "drop-snapshot": "snapshot count differs from the source",
         "short-verify": "were read back",
     }[fault]
@@ -833,9 +835,14 @@ def _snapshot_fixture(tmp_path: Path) -> tuple[Path, bytes]:
     return im.fixture_path(name, tmp_path), entry["passphrase"].encode()
 
 
-def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("target", ["qcow2", "qcow2-luks"])
+def test_verify_skips_only_clusters_both_images_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
     """Snapshot ranges whose clusters the output *and* the source share with the active table are not decrypted
-    twice; everything else still is."""
+    twice; everything else still is. LUKS: a snapshot's clusters written before are only mapped while writing
+    (neither read nor decrypted), its new runs are read back while writing, and verification reads only its
+    sample of them."""
     from qcrypt.migrate import run as mig
     from qcrypt.migrate import verification
 
@@ -851,26 +858,41 @@ def test_verify_skips_only_clusters_both_images_share(tmp_path: Path, monkeypatc
     written: dict[int, int] = {}
     real_verify = mig.verify
 
+    mapped: dict[int, int] = {}
+
     def recording(path: str, key: object, digests: verification.Digests, **kw: object) -> int:
         for table, *_ in digests.ranges:
             written[table] = written.get(table, 0) + 1
+        for table, *_ in digests.mapped:
+            mapped[table] = mapped.get(table, 0) + 1
         return real_verify(path, key, digests, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mig, "verify", recording)
     opts = mig.MigrateOptions(
-        target="qcow2-luks", output=str(tmp_path / "out.qcow2"), passphrase=passphrase, iterations=1000, workers=1
+        target=target, output=str(tmp_path / "out.qcow2"), passphrase=passphrase, iterations=1000, workers=1
     )
     mig.migrate(str(source), opts)
-    assert checked[-1] == written[-1]  # the active table: every range
     snapshot_tables = [t for t in written if t >= 0]
     assert snapshot_tables and all(checked.get(t, 0) <= written[t] for t in snapshot_tables)
-    assert sum(checked.get(t, 0) for t in snapshot_tables) < sum(written[t] for t in snapshot_tables)
+    if target == "qcow2":
+        assert checked[-1] == written[-1] and not mapped  # the active table: every range
+        assert sum(checked.get(t, 0) for t in snapshot_tables) < sum(written[t] for t in snapshot_tables)
+    else:
+        assert set(mapped) == set(snapshot_tables)
+        assert all(checked.get(t, 0) <= verification.SNAPSHOT_SAMPLE_RANGES for t in snapshot_tables)
 
 
-def test_verify_catches_a_cluster_shared_by_mistake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "target, caught_by",
+    [("qcow2", "differ from the source"), ("qcow2-luks", "do not point at data read back from the same source")],
+)
+def test_verify_catches_a_cluster_shared_by_mistake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, caught_by: str
+) -> None:
     """A writer bug that shares a snapshot cluster with the active table although the source does not (share
     keys without the source's host offset) leaves the output's tables looking shared: the source's tables
-    disagree, so the range is read back in full and the wrong content is caught."""
+    disagree, so the range is read back in full and the wrong content is caught (qcow2), or (LUKS, where the
+    range was only mapped) its mapping is refused."""
     import qcrypt as api
     from qcrypt.migrate import run as mig
     from qcrypt.migrate import writing
@@ -885,7 +907,7 @@ def test_verify_catches_a_cluster_shared_by_mistake(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(mig, "layer_job", keyed_by_guest_cluster_only)
     out = tmp_path / "out.qcow2"
-    opts = mig.MigrateOptions(target="qcow2-luks", output=str(out), passphrase=passphrase, iterations=1000, workers=1)
-    with pytest.raises(api.VerificationError, match="differ from the source"):
+    opts = mig.MigrateOptions(target=target, output=str(out), passphrase=passphrase, iterations=1000, workers=1)
+    with pytest.raises(api.VerificationError, match=caught_by):
         mig.migrate(str(source), opts)
     assert not out.exists()

@@ -456,6 +456,26 @@ class QCow2Image(ImageFile):
         l2 = self._read_l2(l2_offset)
         return self.decode_l2_entry(l2, l2_index)
 
+    def l2_entries_of(self, l1: np.ndarray, first_guest_cluster: int, count: int) -> np.ndarray:
+        """The raw L2 entries of guest clusters ``[first, first + count)`` of the table ``l1``, one row per
+        cluster (two words with extended L2); zeros where no L2 table is allocated. Equal rows (the COPIED flag
+        aside) read the same guest data. Vectorised: one L2 table read per 8192+ clusters."""
+        import numpy as np
+
+        per_l2 = self.header.l2_entries
+        words = 2 if self.header.extended_l2 else 1
+        rows = np.zeros((count, words), dtype=np.uint64)
+        done = 0
+        while done < count:
+            l1_index, l2_index = divmod(first_guest_cluster + done, per_l2)
+            take = min(count - done, per_l2 - l2_index)
+            l2_offset = self.l2_offset(l1, l1_index)
+            if l2_offset:
+                table = self._read_l2(l2_offset).reshape(-1, words)
+                rows[done : done + take] = table[l2_index : l2_index + take]
+            done += take
+        return rows
+
     def decode_l2_entry(self, l2: np.ndarray, l2_index: int) -> ClusterMapping:
         h = self.header
         if h.extended_l2:

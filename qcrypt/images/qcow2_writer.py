@@ -251,6 +251,21 @@ class Qcow2Writer:
                 self._shared[key] = first + index
         return host_offset
 
+    def map_shared(self, table: int, first_guest_cluster: int, share_keys: Sequence[Hashable]) -> None:
+        """Map guest clusters ``[first, first + len(share_keys))`` onto the clusters written before under these
+        keys (every key must have been seen); nothing is read or written."""
+        self._check_open()
+        t = self._table(table)
+        missing = [key for key in share_keys if key not in self._shared]
+        if missing or not share_keys:
+            raise MigrationError(
+                f"table {table}: {len(missing)} of {len(share_keys)} clusters to share were never written"
+            )
+        self._claim(table, t, first_guest_cluster, len(share_keys))
+        host_clusters = np.array([self._shared[key] for key in share_keys], dtype=np.uint64)
+        self._add_references(host_clusters)
+        self._map(table, t, first_guest_cluster, len(share_keys), host_clusters << np.uint64(self.cluster_bits))
+
     def write_zero_clusters(self, table: int, first_guest_cluster: int, count: int) -> None:
         """Mark ``count`` guest clusters as reading zeros (v3 zero flag, no host cluster; hides a backing file)."""
         self._check_open()

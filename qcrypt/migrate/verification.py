@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from qcrypt.crypto.encryption import DataEncryption
-from qcrypt.errors import (
-    VerificationError,
-)
+from qcrypt.errors import VerificationError
+from qcrypt.formats import qcow2 as qcow2_fmt
 from qcrypt.guest.stream import Opener, QcowReader, RawLuksReader, Secret, open_image
 from qcrypt.images.backing import ChainRules
 from qcrypt.images.probe import probe
@@ -50,6 +49,12 @@ def verify(
     its clusters is shared with the active table in *both* images: the output's snapshot L2 entry points at the
     same host cluster as its active L2 entry, and the source's do too. Both then read what the active table
     reads there, which the active table's check has just compared with the source.
+
+    A snapshot range that was only mapped while writing (``Digests.mapped``) is checked without reading data:
+    each of its clusters must point at a host cluster that a run read back while writing was written to for
+    the same guest cluster, and the source's L2 entries there must be equal in the snapshot and in that run's
+    table (equal entries read equal data; the output's IVs follow the host offset, so equal host clusters
+    decrypt equally).
 
     A kept backing chain opens with the source's passphrases (``backing_passphrase`` and, per layer by real
     path, ``backing_passphrases``): only the output itself uses ``passphrase``.
@@ -89,14 +94,18 @@ def verify(
         written = top.image.snapshots()
         if len(written) != len(snapshots):
             raise VerificationError(f"{output_path}: snapshot count differs from the source")
-        shared = _SharedWithActive(top.image, source, written)
+        shared = _SharedClusters(placed.image, source, written)
         try:
             for table, snapshot in enumerate(written):
                 snap_reader = QcowReader(top.image, top.encryption, top.backing, snapshot)
                 compared += placed.check(table, placed.image.l1_table(snapshot))
-                mine = placed.not_read_back([r for r in digests.ranges if r[0] == table])
+                compared += _check_mapped(shared, placed, [r for r in digests.mapped if r[0] == table], output_path)
+                own = [r for r in digests.ranges if r[0] == table]
+                mine = placed.not_read_back(own)
                 ranges = [r for r in mine if not shared.covers(table, r[1], r[2])]
                 compared += _check_ranges(snap_reader.read, ranges, table, output_path, stall_seconds)
+                sample = sample_ranges(placed.read_back(own), SNAPSHOT_SAMPLE_RANGES)
+                _check_ranges(snap_reader.read, sample, table, output_path, stall_seconds, workers=1)
                 compared += sum(r[2] for r in mine) - sum(r[2] for r in ranges)  # checked through the active table
         finally:
             shared.close()
@@ -106,6 +115,7 @@ def verify(
 
 
 READ_BACK_SAMPLE_RANGES = 8
+SNAPSHOT_SAMPLE_RANGES = 2  # per snapshot table: its first and last run read back
 Range = tuple[int, int, int, bytes]  # (table, guest_offset, length, digest); table -1: the active layer
 
 
@@ -147,6 +157,7 @@ class _ReadBackPlacement:
         self.path = path
         self.by_table: dict[int, list[tuple[int, int, int]]] = {}
         self.keys = {(table, guest_offset, length) for table, guest_offset, length, _ in digests.read_back}
+        self._index: tuple[Any, Any] | None = None
         if digests.read_back_with is None:
             return
         _check_parameters(reader.encryption, digests, path)
@@ -159,6 +170,28 @@ class _ReadBackPlacement:
                 )
         for table, guest_offset, length, host_offset in digests.read_back:
             self.by_table.setdefault(table, []).append((guest_offset, length, host_offset))
+
+    def written_at(self, host_clusters: Any) -> tuple[Any, Any]:
+        """(table, guest cluster) of the run read back while writing at each of ``host_clusters``; (-2, -1)
+        where no run was."""
+        import numpy as np
+
+        if self._index is None:
+            cs = self.image.cluster_size
+            runs = [(t, g, n, h) for t, spans in self.by_table.items() for g, n, h in spans]
+            end = max((h // cs + -(-n // cs) for _, _, n, h in runs), default=0)
+            tables, guests = np.full(end, -2, dtype=np.int64), np.full(end, -1, dtype=np.int64)
+            for table, guest_offset, length, host_offset in runs:
+                first, count = host_offset // cs, -(-length // cs)
+                tables[first : first + count] = table
+                guests[first : first + count] = np.arange(guest_offset // cs, guest_offset // cs + count)
+            self._index = tables, guests
+        tables, guests = self._index
+        inside = host_clusters < np.uint64(len(tables))
+        at = np.where(inside, host_clusters, 0).astype(np.int64)
+        return np.where(inside, tables[at] if len(tables) else -2, -2), np.where(
+            inside, guests[at] if len(guests) else -1, -1
+        )
 
     def read_back(self, ranges: list[Range]) -> list[Range]:
         return [r for r in ranges if (r[0], r[1], r[2]) in self.keys]
@@ -183,24 +216,25 @@ class _ReadBackPlacement:
         return checked
 
 
-def sample_ranges(ranges: list[Range]) -> list[Range]:
-    """The first and the last range and others evenly spaced between them, :data:`READ_BACK_SAMPLE_RANGES` at
-    most: read once more through the ordinary reader, end to end."""
-    if len(ranges) <= READ_BACK_SAMPLE_RANGES:
+def sample_ranges(ranges: list[Range], count: int = READ_BACK_SAMPLE_RANGES) -> list[Range]:
+    """The first and the last range and others evenly spaced between them, ``count`` (at least 2) at most: read
+    once more through the ordinary reader, end to end."""
+    if len(ranges) <= count:
         return list(ranges)
-    step = (len(ranges) - 1) / (READ_BACK_SAMPLE_RANGES - 1)
-    return [ranges[round(i * step)] for i in range(READ_BACK_SAMPLE_RANGES)]
+    step = (len(ranges) - 1) / (count - 1)
+    return [ranges[round(i * step)] for i in range(count)]
 
 
-class _SharedWithActive:
-    """Which snapshot clusters both the output and the source share with their active table (see verify)."""
+class _SharedClusters:
+    """Which snapshot clusters the output shares with its other tables, and whether the source shares them
+    alike (see verify)."""
 
-    def __init__(self, output: Any, source: str | None, written: list[Snapshot]) -> None:
+    def __init__(self, output: QCow2Image, source: str | None, written: list[Snapshot]) -> None:
         self.output = output
         self.source = None
         if source is not None and probe(source).format == "qcow2":
             self.source = QCow2Image.open(source)
-            if len(self.source.snapshots()) != len(written):
+            if len(self.source.snapshots()) != len(written) or self.source.cluster_size != output.cluster_size:
                 self.source.close()
                 self.source = None
         self.output_l1 = [output.l1_table(snapshot) for snapshot in written]
@@ -210,8 +244,6 @@ class _SharedWithActive:
         if self.source is None or length <= 0:
             return False
         cs = self.output.cluster_size
-        if cs != self.source.cluster_size:
-            return False
         return all(self._shared(table, g) for g in range(guest_offset // cs, -(-(guest_offset + length) // cs)))
 
     def _shared(self, table: int, guest_cluster: int) -> bool:
@@ -227,9 +259,56 @@ class _SharedWithActive:
             src_snap == self.source.map_cluster(guest_cluster)
         )
 
+    def maps_read_back(self, table: int, guest_offset: int, length: int, placed: _ReadBackPlacement) -> bool:
+        """Snapshot ``table``'s guest range points, cluster by cluster, at host clusters read back while writing
+        for the same guest clusters, by tables whose source L2 entries there equal this snapshot's."""
+        import numpy as np
+
+        cs = self.output.cluster_size
+        if self.source is None or length <= 0 or guest_offset % cs:
+            return False
+        first = guest_offset // cs
+        count = -(-(guest_offset + length) // cs) - first
+        entries = self.output.l2_entries_of(self.output_l1[table], first, count)[:, 0]
+        host_offsets = entries & np.uint64(qcow2_fmt.L2E_OFFSET_MASK)
+        if (entries & ~np.uint64(qcow2_fmt.OFLAG_COPIED | qcow2_fmt.L2E_OFFSET_MASK)).any() or not host_offsets.all():
+            return False  # not all plain data clusters
+        tables, guest_clusters = placed.written_at(host_offsets // np.uint64(cs))
+        if not np.array_equal(guest_clusters, np.arange(first, first + count)):
+            return False
+        mine = self._source_entries(self.source_l1[table], first, count)
+        for earlier in np.unique(tables):
+            l1 = self.source.l1_table() if earlier == -1 else self.source_l1[int(earlier)]
+            rows = tables == earlier
+            if not np.array_equal(mine[rows], self._source_entries(l1, first, count)[rows]):
+                return False
+        return True
+
+    def _source_entries(self, l1: Any, first: int, count: int) -> Any:
+        import numpy as np
+
+        assert self.source is not None
+        entries = self.source.l2_entries_of(l1, first, count)
+        entries[:, 0] &= ~np.uint64(qcow2_fmt.OFLAG_COPIED)
+        return entries
+
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+
+
+def _check_mapped(
+    shared: _SharedClusters, placed: _ReadBackPlacement, ranges: list[tuple[int, int, int]], path: str
+) -> int:
+    """Guest bytes of snapshot ranges that were only mapped while writing, each checked by
+    :meth:`_SharedClusters.maps_read_back`."""
+    for table, guest_offset, length in ranges:
+        if not shared.maps_read_back(table, guest_offset, length, placed):
+            raise VerificationError(
+                f"{path}: snapshot {table + 1}'s guest bytes {guest_offset}..{guest_offset + length} do not point at "
+                "data read back from the same source clusters; the output was not kept"
+            )
+    return sum(length for _, _, length in ranges)
 
 
 def _check_ranges(

@@ -28,19 +28,22 @@ def reused_buffer(length: int) -> memoryview:
 class Digests:
     """Streaming digests of the plaintext written, per (table, guest_offset, length) range; ``read_back``: the
     (table, guest_offset, length, host_offset) ranges already read back from the disk and compared while writing
-    (LUKS outputs), with the parameters they were decrypted with."""
+    (LUKS outputs), with the parameters they were decrypted with; ``mapped``: the (table, guest_offset, length)
+    snapshot ranges that were neither read nor written, only mapped onto clusters an earlier table wrote and read
+    back at the same guest clusters (verification checks the mapping against the source's tables)."""
 
     def __init__(self) -> None:
         self.ranges: list[tuple[int, int, int, bytes]] = []
         self.read_back: list[tuple[int, int, int, int]] = []
         self.read_back_with: Parameters | None = None
+        self.mapped: list[tuple[int, int, int]] = []
 
     def add(self, table: int, guest_offset: int, data: bytes | memoryview) -> None:
         self.ranges.append((table, guest_offset, len(data), checksum.digest(data)))
 
     @property
     def total_bytes(self) -> int:
-        return sum(length for _, _, length, _ in self.ranges)
+        return sum(length for _, _, length, _ in self.ranges) + sum(length for _, _, length in self.mapped)
 
 
 def write_flat(
@@ -229,8 +232,10 @@ def write_qcow2_job(
 
     Runs whose placement does not depend on their content (no skipping of zero data; with sharing, runs whose
     clusters are all new) are reserved here and read, decrypted, encrypted and written by forked workers
-    (both cores), which with ``read_back`` also read each run back from the disk and compare it; the rest is
-    done here (and verified after writing).
+    (both cores), which with ``read_back`` also read each run back from the disk and compare it. With
+    ``read_back``, a snapshot's run of clusters written before is only mapped (``Digests.mapped``): the same
+    source cluster at the same guest cluster holds the same plaintext, already read back. The rest is done here
+    (and verified after writing).
     """
     cs = job.reader.cluster_size
     size = job.reader.size
@@ -271,7 +276,11 @@ def write_qcow2_job(
                 if host_offset is not None:
                     yield guest_offset, length, host_offset
                     continue
-                _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
+                if read_back is not None and all(writer.has_shared(key) for key in keys):
+                    writer.map_shared(job.table, first, keys)
+                    digests.mapped.append((job.table, guest_offset, length))
+                else:
+                    _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
             if opts.progress:
                 opts.progress(length)
 
