@@ -263,3 +263,37 @@ def test_sharable_runs_are_split_where_clusters_were_written_before() -> None:
         ("data", 18, 2, [None, None]),
         ("data", 20, 2, ["b", "c"]),
     ]
+
+
+def test_a_digest_computed_for_the_key_is_not_computed_again_on_that_header_only(
+    legacy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verification opens the output with the master key and the header it built: a header on disk that carries
+    that header's digest fields is accepted without the ~125 ms PBKDF2; one whose digest differs (a byte of it
+    flipped on disk) is checked by the PBKDF2 and refused."""
+    from qcrypt.errors import BadPassphraseError
+    from qcrypt.guest.stream import RawLuksReader
+    from qcrypt.luks import header as luks_header
+    from qcrypt.luks import keyslots
+
+    out = tmp_path / "out.luks"
+    _digests, key, _result = _migrate_keeping_digests(legacy, out, monkeypatch)
+    size = out.stat().st_size
+    with open(out, "rb") as fh:
+        built = luks_header.read_header(luks_header.file_reader(fh, 0, size, path=str(out)), size, path=str(out))
+    pbkdf2_calls: list[int] = []
+    real_pbkdf2 = keyslots.pbkdf2
+    monkeypatch.setattr(keyslots, "pbkdf2", lambda *a: pbkdf2_calls.append(1) or real_pbkdf2(*a))
+    RawLuksReader(str(out), KnownMasterKey(key, proven_by=built)).close()
+    assert pbkdf2_calls == []
+    RawLuksReader(str(out), KnownMasterKey(key)).close()  # without a header that proves it: the PBKDF2 runs
+    assert pbkdf2_calls == [1]
+    digest_at = 112  # LUKS1 phdr: mk_digest follows the payload offset and key bytes fields
+    with open(out, "r+b") as fh:
+        fh.seek(digest_at)
+        byte = fh.read(1)
+        fh.seek(digest_at)
+        fh.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BadPassphraseError, match="does not match the header's digest"):
+        RawLuksReader(str(out), KnownMasterKey(key, proven_by=built)).close()
+    assert pbkdf2_calls == [1, 1]

@@ -185,7 +185,7 @@ def _write_verify_commit(
         with timer("write"):
             digests, data_bytes, size = _write(plan_, opts, luks_out, out.file, out.temp_path)
             wait_for_sync = out.start_sync()  # the data reaches the disk while we read it back
-        known_key = KnownMasterKey(luks_out.master_key) if luks_out else None
+        known_key = KnownMasterKey(luks_out.master_key, proven_by=luks_out.header) if luks_out else None
         try:
             with timer("verify"):
                 compared = verify(

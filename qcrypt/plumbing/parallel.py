@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import threading
@@ -102,20 +103,38 @@ class _Worker:
     since: float = 0.0  # when its oldest pending task was sent
 
     def exit_status(self, wait_s: float) -> str:
-        """Reap the worker (waiting up to ``wait_s``) and describe how it ended."""
+        """Reap the worker (waiting up to ``wait_s``) and describe how it ended. The wait ends when the worker
+        does (a pidfd becomes readable then), not at the next tick of a polling loop."""
         deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return "exited"
-            if pid:
-                if os.WIFSIGNALED(status):
-                    return f"killed by signal {os.WTERMSIG(status)}"
-                return f"exited with status {os.WEXITSTATUS(status)}"
-            if time.monotonic() >= deadline:
-                return "still running"
-            time.sleep(0.01)
+        pidfd = _pidfd(self.pid)
+        try:
+            while True:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    return "exited"
+                if pid:
+                    if os.WIFSIGNALED(status):
+                        return f"killed by signal {os.WTERMSIG(status)}"
+                    return f"exited with status {os.WEXITSTATUS(status)}"
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "still running"
+                if pidfd is None:
+                    time.sleep(min(0.01, remaining))
+                else:
+                    select.select([pidfd], [], [], remaining)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when process ``pid`` ends (Linux 5.3 and later), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _fork_worker(task: Callable[..., Any], inherited: list[_Worker]) -> _Worker:
