@@ -458,7 +458,7 @@ class Qcow2Writer:
     def _add_references(self, host_clusters: np.ndarray) -> None:
         if not len(host_clusters):
             return
-        clusters, counts = np.unique(host_clusters.astype(np.int64), return_counts=True)
+        clusters, counts = _unique_counts(host_clusters.astype(np.int64))
         if int((self._refcounts[clusters].astype(np.int64) + counts).max()) > qcow2_fmt.REFCOUNT_MAX:
             raise MigrationError("a cluster is shared more than 65535 times")
         self._refcounts[clusters] += counts.astype(np.uint16)
@@ -725,3 +725,11 @@ def _snapshot_entry(snapshot: _Snapshot, l1_offset: int, l1_size: int) -> bytes:
     )
     entry = head + snapshot.extra + snapshot.id_bytes + snapshot.name_bytes
     return entry + bytes(-len(entry) % 8)
+
+
+def _unique_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values (sorted) and how often each occurs: np.unique(return_counts=True) without the 10 ms
+    import of numpy.ma that np.unique costs on its first call."""
+    ordered = np.sort(values)
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    return ordered[starts], np.diff(np.append(starts, len(ordered)))
