@@ -168,7 +168,7 @@ def _faulty_read_back(original: Any, guest_offset: int) -> Any:
     """ReadBack.stored_plaintext damaging the run that holds ``guest_offset`` (of the active layer, the first
     such run) just before the worker that wrote it reads it back."""
 
-    def stored_plaintext(self: ReadBack, host_offset: int, length: int, run_offset: int) -> bytes:
+    def stored_plaintext(self: ReadBack, host_offset: int, length: int, run_offset: int) -> bytes | memoryview:
         if run_offset <= guest_offset < run_offset + length and not _flipped:
             where = host_offset + guest_offset - run_offset
             _flip(f"/proc/self/fd/{self.fd}", where)

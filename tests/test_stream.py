@@ -72,6 +72,24 @@ def test_unaligned_reads(name: str, unpacked: dict[str, Path]) -> None:
         assert stream.read(10) == b""
 
 
+@pytest.mark.parametrize("name", READABLE)
+def test_read_into_reads_what_read_does(name: str, unpacked: dict[str, Path]) -> None:
+    """read_into (the migration's workers read into reused buffers) gives the bytes read gives, for every kind
+    of cluster and layer the fixtures hold, at unaligned offsets too, with zeros past the end of the disk."""
+    entry = MANIFEST[name]
+    rng = random.Random(name)
+    layers = chain_passphrases(name, unpacked)
+    with qcrypt.open_image(unpacked[name], entry["passphrase"], passphrases=layers) as stream:
+        starts = [0, stream.size - 4096] + [rng.randrange(stream.size) for _ in range(6)]
+        for start in starts:
+            length = rng.choice([4096, 65536, 1 << 20]) + rng.choice([0, rng.randrange(1, 1500)])
+            out = memoryview(bytearray(b"\xa5" * length))
+            stream.read_into(start, out)
+            expected = stream.read_at(start, length)
+            assert_same_bytes(bytes(out[: len(expected)]), expected, f"read_into at {start}")
+            assert out[len(expected) :].tobytes() == bytes(length - len(expected))  # past the end: zeros
+
+
 @pytest.mark.parametrize("name", sorted(n for n, e in MANIFEST.items() if e["snapshot_sha256"]))
 def test_snapshots_read_as_qemu(name: str, unpacked: dict[str, Path]) -> None:
     entry = MANIFEST[name]
@@ -116,6 +134,11 @@ def test_truncated_encrypted_image_is_refused(unpacked: dict[str, Path]) -> None
         pytest.raises(qcrypt.FormatError, match="truncated"),
     ):
         stream.read()
+    with (
+        qcrypt.open_image(unpacked[name], MANIFEST[name]["passphrase"]) as stream,
+        pytest.raises(qcrypt.FormatError, match="truncated"),
+    ):
+        stream.read_into(0, memoryview(bytearray(stream.size)))
 
 
 def test_unknown_incompatible_feature_is_refused(unpacked: dict[str, Path]) -> None:
@@ -164,6 +187,9 @@ def test_long_reads_loop_over_short_preads(tmp_path: Path, monkeypatch: pytest.M
     with qcrypt.open_image(path, container="raw") as stream:
         assert_same_bytes(stream.read_at(0, len(data)), data, "read_at(0)")
         assert_same_bytes(stream.read_at(999, 5003), data[999:6002], "read_at(999)")
+        out = memoryview(bytearray(len(data) + 100))
+        stream.read_into(0, out)
+        assert_same_bytes(bytes(out), data + bytes(100), "read_into(0)")
 
 
 @pytest.mark.interop

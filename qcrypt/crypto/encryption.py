@@ -75,6 +75,10 @@ class DataEncryption:
         """Plaintext of whole sectors read at ``host_offset`` (guest offset ``guest_offset``)."""
         return self.cipher.decrypt(data, self.iv_sector(guest_offset=guest_offset, host_offset=host_offset))
 
+    def decrypt_into(self, data: Plaintext, out: memoryview, *, guest_offset: int, host_offset: int) -> None:
+        """Like :meth:`decrypt`, into ``out`` (as many bytes as ``data``)."""
+        self.cipher.decrypt_into(data, self.iv_sector(guest_offset=guest_offset, host_offset=host_offset), out)
+
     def _write_sector(self, host_offset: int) -> int:
         if self.iv_base is IvBase.GUEST:
             raise UnsupportedFeatureError("qcrypt never writes legacy AES", field="crypt_method")

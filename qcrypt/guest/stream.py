@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from qcrypt.crypto.encryption import DataEncryption
@@ -27,6 +27,7 @@ from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.images.reader import QcowImageReader
 from qcrypt.model.clusters import ClusterKind, ClusterMapping, Snapshot
 from qcrypt.model.units import SECTOR
+from qcrypt.plumbing.direct_io import aligned_buffer, fill_zero
 from qcrypt.plumbing.files import RawFile, open_image_file
 from qcrypt.plumbing.limits import MAX_CHAIN_DEPTH
 
@@ -41,6 +42,8 @@ class LayerReader(Protocol):
 
     def read(self, guest_offset: int, length: int) -> bytes: ...
 
+    def read_into(self, guest_offset: int, out: memoryview) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -51,6 +54,11 @@ def passphrase_bytes(passphrase: Passphrase) -> bytes:
 
 def _secret(passphrase: Passphrase | KnownMasterKey) -> Secret:
     return passphrase if isinstance(passphrase, KnownMasterKey) else passphrase_bytes(passphrase)
+
+
+def source_buffer(length: int) -> memoryview:
+    """This thread's reused buffer for ciphertext read from a source before it is decrypted into the caller's."""
+    return aligned_buffer(length, "source ciphertext")
 
 
 class PassphraseRequiredError(BadPassphraseError):
@@ -69,6 +77,9 @@ class RawReader:
 
     def read(self, guest_offset: int, length: int) -> bytes:
         return self.file.read_host(guest_offset, length)
+
+    def read_into(self, guest_offset: int, out: memoryview) -> None:
+        self.file.read_host_into(guest_offset, out)
 
     def close(self) -> None:
         self.file.close()
@@ -107,6 +118,15 @@ class RawLuksReader:
         data = self.file.read_host_transient(host_offset, last - first)
         plain = self.encryption.decrypt(data, guest_offset=first, host_offset=host_offset)
         return plain[guest_offset - first : guest_offset - first + length]
+
+    def read_into(self, guest_offset: int, out: memoryview) -> None:
+        if guest_offset % SECTOR or len(out) % SECTOR:
+            out[:] = self.read(guest_offset, len(out))
+            return
+        host_offset = self.payload_host_offset + guest_offset
+        data = source_buffer(len(out))
+        self.file.read_host_into(host_offset, data)
+        self.encryption.decrypt_into(data, out, guest_offset=guest_offset, host_offset=host_offset)
 
     def close(self) -> None:
         self.file.close()
@@ -199,7 +219,23 @@ class QcowReader:
             self.backing.close()
 
     def read(self, guest_offset: int, length: int) -> bytes:
-        pieces = []
+        pieces = [self._read_mapped(mapping, start, end) for mapping, start, end in self._runs(guest_offset, length)]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_into(self, guest_offset: int, out: memoryview) -> None:
+        """Like :meth:`read`, into ``out``: data clusters are read and decrypted into it without a fresh buffer."""
+        for mapping, start, end in self._runs(guest_offset, len(out)):
+            piece = out[start - guest_offset : end - guest_offset]
+            if mapping.kind is ClusterKind.NORMAL:
+                cluster_start = start // self.cluster_size * self.cluster_size
+                self._read_data_into(mapping.host_offset + (start - cluster_start), start, piece)
+            elif mapping.kind is ClusterKind.ZERO:
+                fill_zero(piece)
+            else:
+                piece[:] = self._read_mapped(mapping, start, end)
+
+    def _runs(self, guest_offset: int, length: int) -> Iterator[tuple[ClusterMapping, int, int]]:
+        """(mapping, start, end): guest byte ranges of one kind, host-contiguous data clusters merged."""
         pos, end = guest_offset, guest_offset + length
         cs = self.cluster_size
         while pos < end:
@@ -209,9 +245,8 @@ class QcowReader:
             if mapping.kind is ClusterKind.NORMAL:
                 run_clusters = self._contiguous_run(guest_cluster, mapping, -(-end // cs))
             chunk_end = min(end, (guest_cluster + run_clusters) * cs)
-            pieces.append(self._read_mapped(mapping, pos, chunk_end))
+            yield mapping, pos, chunk_end
             pos = chunk_end
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _contiguous_run(self, guest_cluster: int, mapping: ClusterMapping, limit_cluster: int) -> int:
         count = 1
@@ -254,6 +289,18 @@ class QcowReader:
         data = self.image.read_host_transient(host_first, aligned_len)
         plain = self.encryption.decrypt(data, guest_offset=start - head, host_offset=host_first)
         return plain[head : head + end - start]
+
+    def _read_data_into(self, host_offset: int, start: int, out: memoryview) -> None:
+        """:meth:`_read_data` into ``out``: the ciphertext goes through this thread's reused source buffer."""
+        end = start + len(out)
+        if self.encryption is None:
+            self.image.read_host_into(host_offset, out)
+        elif start % SECTOR or end % SECTOR or host_offset + len(out) > self.image.file_size:
+            out[:] = self._read_data(host_offset, start, end)  # partial sectors, or the truncated-image error
+        else:
+            data = source_buffer(len(out))
+            self.image.read_host_into(host_offset, data)
+            self.encryption.decrypt_into(data, out, guest_offset=start, host_offset=host_offset)
 
     def _read_subclusters(self, mapping: ClusterMapping, start: int, end: int) -> bytes:
         sc_size = self.cluster_size // qcow2_fmt.SUBCLUSTERS
@@ -464,6 +511,14 @@ class GuestStream(io.RawIOBase):
         self._checkClosed()
         length = max(0, min(length, self.size - guest_offset))
         return self._reader.read(guest_offset, length) if length else b""
+
+    def read_into(self, guest_offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the guest bytes at ``guest_offset``; zeros past the end of the disk."""
+        self._checkClosed()
+        inside = max(0, min(len(out), self.size - guest_offset))
+        if inside:
+            self._reader.read_into(guest_offset, out[:inside])
+        fill_zero(out[inside:])
 
     def readall(self) -> bytes:
         return self.read(-1)

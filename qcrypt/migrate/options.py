@@ -19,7 +19,8 @@ TARGETS = ("luks", "qcow2-luks", "qcow2", "raw")
 CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE = 65536
 Progress = Callable[[int], None]
-EncryptFn = Callable[[bytes, int], "bytes | memoryview"]  # (plaintext, host offset in bytes) -> ciphertext
+# (plaintext, host offset in bytes) -> ciphertext
+EncryptFn = Callable[["bytes | memoryview", int], "bytes | memoryview"]
 
 
 @dataclass

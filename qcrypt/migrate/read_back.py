@@ -28,7 +28,7 @@ from qcrypt.crypto.encryption import DataEncryption
 from qcrypt.crypto.sector import make_sector_cipher
 from qcrypt.errors import VerificationError
 from qcrypt.plumbing import checksum
-from qcrypt.plumbing.direct_io import DirectReader
+from qcrypt.plumbing.direct_io import DirectReader, aligned_buffer
 from qcrypt.plumbing.files import pread_full
 
 Parameters = tuple[str, str, int, str, int]  # cipher, mode, key bytes, IV numbering, payload offset (bytes)
@@ -85,15 +85,18 @@ class ReadBack:
         if checksum.digest(memoryview(plain)[:guest_length]) != digest:
             raise VerificationError(differs_message(self.path, guest_offset, guest_length))
 
-    def stored_plaintext(self, host_offset: int, length: int, guest_offset: int) -> bytes:
+    def stored_plaintext(self, host_offset: int, length: int, guest_offset: int) -> bytes | memoryview:
         """The plaintext of the ``length`` bytes (whole sectors) stored at ``host_offset`` for guest offset
-        ``guest_offset``, as the disk holds them now."""
+        ``guest_offset``, as the disk holds them now; in a buffer this thread reuses (valid until its next
+        call)."""
         data: bytes | memoryview | None = self.direct.read(host_offset, length) if self.direct else None
         if data is None or len(data) != length:
             data = pread_full(self.fd, length, host_offset)
         if len(data) != length:  # short: the digest comparison fails on what is there
             return bytes(data)
-        return self.encryption.decrypt(data, guest_offset=guest_offset, host_offset=host_offset)
+        plain = aligned_buffer(length, "read-back plaintext")
+        self.encryption.decrypt_into(data, plain, guest_offset=guest_offset, host_offset=host_offset)
+        return plain
 
     def parameters(self) -> Parameters:
         """The parameters the runs were checked with."""

@@ -51,6 +51,12 @@ def aligned_buffer(length: int, slot: str) -> memoryview:
     return memoryview(buffer)[:length]
 
 
+def fill_zero(view: memoryview) -> None:
+    """Zero a writable buffer in place (memset: no zero-filled bytes object is made to copy from)."""
+    if len(view):
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(view)), 0, len(view))
+
+
 def is_aligned(offset: int, length: int) -> bool:
     return offset % DIRECT_ALIGNMENT == 0 and length % DIRECT_ALIGNMENT == 0 and length > 0
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import BinaryIO, TypeVar
 
 from qcrypt.errors import FormatError, UnsafePathError
-from qcrypt.plumbing.direct_io import DirectReader
+from qcrypt.plumbing.direct_io import DirectReader, fill_zero
 
 T = TypeVar("T", bound="ImageFile")
 MAX_PREAD = 1 << 30  # Linux returns at most ~2 GiB per read: loop in bounded pieces
@@ -36,6 +36,17 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
         pieces.append(piece)
         done += len(piece)
     return b"".join(pieces)
+
+
+def pread_into(fd: int, out: memoryview, offset: int) -> int:
+    """Fill ``out`` from ``offset``; returns the bytes read (fewer only at the end of the file)."""
+    done = 0
+    while done < len(out):
+        got = os.preadv(fd, [out[done : done + MAX_PREAD]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
 
 
 def read_at_offset(fh: BinaryIO, length: int, offset: int) -> bytes:
@@ -246,6 +257,21 @@ class ImageFile:
         available = max(0, min(length, self.file_size - host_offset))
         data = pread_full(self.fh.fileno(), available, host_offset) if available else b""
         return data + bytes(length - len(data))
+
+    def read_host_into(self, host_offset: int, out: memoryview) -> None:
+        """Like :meth:`read_host`, into ``out`` (``len(out)`` bytes; zeros past the end of the file): no fresh
+        buffer per read. With :meth:`use_direct_reads`, an aligned range comes past the page cache."""
+        if host_offset < 0:
+            raise self._fail("host offset", f"negative offset ({host_offset})")
+        length = len(out)
+        if self.direct is not None and host_offset + length <= self.file_size:
+            view = self.direct.read(host_offset, length)
+            if view is not None and len(view) == length:
+                out[:] = view
+                return
+        available = max(0, min(length, self.file_size - host_offset))
+        done = pread_into(self.fh.fileno(), out[:available], host_offset) if available else 0
+        fill_zero(out[done:])
 
     def read_host_transient(self, host_offset: int, length: int) -> bytes | memoryview:
         """Like :meth:`read_host`, for a caller that is done with the data before it reads again (it decrypts
