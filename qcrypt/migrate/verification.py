@@ -201,19 +201,40 @@ class _ReadBackPlacement:
 
     def check(self, table: int, l1: Any) -> int:
         """Guest bytes of ``table`` (whose L1 table is ``l1``; None: the active one) read back and mapped there."""
+        import numpy as np
+
         cs = self.image.cluster_size
         checked = 0
         for guest_offset, length, host_offset in self.by_table.get(table, []):
-            for i in range(-(-length // cs)):
-                mapping = self.image.map_cluster(guest_offset // cs + i, l1)
-                misplaced = mapping.kind is not ClusterKind.NORMAL or mapping.host_offset != host_offset + i * cs
-                if guest_offset % cs or misplaced:
-                    raise VerificationError(
-                        f"{self.path}: guest bytes {guest_offset}..{guest_offset + length} are not mapped where they "
-                        "were written and read back; the output was not kept"
-                    )
+            count = -(-length // cs)
+            host_offsets = data_host_offsets(
+                self.image, self.image.l1_table() if l1 is None else l1, guest_offset, count
+            )
+            expected = host_offset + np.arange(count, dtype=np.uint64) * np.uint64(cs)
+            if guest_offset % cs or host_offsets is None or not np.array_equal(host_offsets, expected):
+                raise VerificationError(
+                    f"{self.path}: guest bytes {guest_offset}..{guest_offset + length} are not mapped where they "
+                    "were written and read back; the output was not kept"
+                )
             checked += length
         return checked
+
+
+def data_host_offsets(image: QCow2Image, l1: Any, guest_offset: int, count: int) -> Any:
+    """The host offsets of ``count`` guest clusters from ``guest_offset`` (rounded down to a cluster) in the table
+    ``l1`` of a qcow2 file qcrypt wrote (standard L2 entries), as a numpy array; None unless every one of them
+    is a plain data cluster (no compressed, zero or reserved bit, a non-zero offset)."""
+    import numpy as np
+
+    if image.header.extended_l2:
+        return None  # qcrypt never writes extended L2 entries
+    entries = image.l2_entries_of(l1, guest_offset // image.cluster_size, count)[:, 0]
+    host_offsets = entries & np.uint64(qcow2_fmt.L2E_OFFSET_MASK)
+    if (entries & ~np.uint64(qcow2_fmt.OFLAG_COPIED | qcow2_fmt.L2E_OFFSET_MASK)).any() or not host_offsets.all():
+        return None
+    if (host_offsets % np.uint64(image.cluster_size)).any():
+        return None
+    return host_offsets
 
 
 def sample_ranges(ranges: list[Range], count: int = READ_BACK_SAMPLE_RANGES) -> list[Range]:
@@ -269,9 +290,8 @@ class _SharedClusters:
             return False
         first = guest_offset // cs
         count = -(-(guest_offset + length) // cs) - first
-        entries = self.output.l2_entries_of(self.output_l1[table], first, count)[:, 0]
-        host_offsets = entries & np.uint64(qcow2_fmt.L2E_OFFSET_MASK)
-        if (entries & ~np.uint64(qcow2_fmt.OFLAG_COPIED | qcow2_fmt.L2E_OFFSET_MASK)).any() or not host_offsets.all():
+        host_offsets = data_host_offsets(self.output, self.output_l1[table], guest_offset, count)
+        if host_offsets is None:
             return False  # not all plain data clusters
         tables, guest_clusters = placed.written_at(host_offsets // np.uint64(cs))
         if not np.array_equal(guest_clusters, np.arange(first, first + count)):
