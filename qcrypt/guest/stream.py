@@ -25,7 +25,7 @@ from qcrypt.images.backing import ChainContext, ChainRules, open_backing, resolv
 from qcrypt.images.probe import declared_container, open_qcow_image
 from qcrypt.images.qcow2_reader import QCow2Image
 from qcrypt.images.reader import QcowImageReader
-from qcrypt.model.clusters import ClusterKind, ClusterMapping, Snapshot
+from qcrypt.model.clusters import UNALLOCATED, ZERO, ClusterKind, ClusterMapping, Snapshot
 from qcrypt.model.units import SECTOR
 from qcrypt.plumbing.direct_io import aligned_buffer, fill_zero
 from qcrypt.plumbing.files import RawFile, open_image_file
@@ -54,6 +54,13 @@ def passphrase_bytes(passphrase: Passphrase) -> bytes:
 
 def _secret(passphrase: Passphrase | KnownMasterKey) -> Secret:
     return passphrase if isinstance(passphrase, KnownMasterKey) else passphrase_bytes(passphrase)
+
+
+_RUN_MAPPINGS = {ClusterKind.ZERO: ZERO, ClusterKind.UNALLOCATED: UNALLOCATED}
+
+
+def _normal(host_offset: int) -> ClusterMapping:
+    return ClusterMapping(ClusterKind.NORMAL, host_offset)
 
 
 def source_buffer(length: int) -> memoryview:
@@ -238,6 +245,15 @@ class QcowReader:
         """(mapping, start, end): guest byte ranges of one kind, host-contiguous data clusters merged."""
         pos, end = guest_offset, guest_offset + length
         cs = self.cluster_size
+        if isinstance(self.image, QCow2Image) and length > 0:
+            first = guest_offset // cs
+            l1 = self.l1 if self.l1 is not None else self.image.l1_table()
+            runs = self.image.plain_runs(l1, first, -(-end // cs) - first)
+            if runs is not None:
+                for kind, run_first, clusters, host_offset in runs:
+                    start, stop = max(pos, run_first * cs), min(end, (run_first + clusters) * cs)
+                    yield _RUN_MAPPINGS[kind] if kind is not ClusterKind.NORMAL else _normal(host_offset), start, stop
+                return
         while pos < end:
             guest_cluster = pos // cs
             mapping = self.map_cluster(guest_cluster)
