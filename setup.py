@@ -1,4 +1,4 @@
-"""Build of the optional accelerator (qcrypt/crypto/_xts.c, OpenSSL's XTS over many sectors per call).
+"""Build of the optional accelerator (qcrypt/crypto/_xts.c: AES-XTS over many sectors per call, on OpenSSL's AES).
 
 Everything else is in pyproject.toml. ``optional=True``: without a C compiler or OpenSSL's headers
 (Debian: gcc, python3-dev, libssl-dev) the build only warns, and qcrypt uses its numpy path instead.

@@ -64,7 +64,7 @@ from qcrypt.crypto.secret import wipe as wipe_buffer
 from qcrypt.errors import FormatError, QcryptError
 from qcrypt.model.units import SECTOR
 
-try:  # optional accelerator: OpenSSL's XTS over many sectors per call (setup.py builds it when it can)
+try:  # optional accelerator: AES-XTS over many sectors per call on OpenSSL's AES (setup.py builds it when it can)
     from qcrypt.crypto._xts import xts_crypt as _native_xts_crypt
 except ImportError:  # no compiler or OpenSSL headers at install time: the numpy path gives the same bytes
     _native_xts_crypt = None
@@ -465,7 +465,7 @@ class _XtsCipher(SectorCipher):
             return False
         try:
             _native_xts_crypt(self._native_key, source, out, first_sector, encrypt, self._iv_gen.name == "plain")
-        except ValueError:  # e.g. identical key halves, which OpenSSL refuses to encrypt with
+        except ValueError:  # OpenSSL refused (it should not): the numpy path gives the same bytes
             self._drop_native_key()
             return False
         return True
