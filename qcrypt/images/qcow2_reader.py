@@ -486,18 +486,13 @@ class QCow2Image(ImageFile):
         :meth:`map_cluster` decodes them one by one, with its errors."""
         import numpy as np
 
-        h = self.header
-        if h.extended_l2 or h.incompatible_features & qcow2_fmt.INCOMPAT_DATA_FILE or count <= 0:
+        if self.header.extended_l2 or count <= 0:
             return None
-        plain = self.l2_entries_of(l1, first_guest_cluster, count)[:, 0] & ~np.uint64(qcow2_fmt.OFLAG_COPIED)
-        if (plain & np.uint64(qcow2_fmt.OFLAG_COMPRESSED | qcow2_fmt.L2E_STD_RESERVED_MASK)).any():
+        decoded = self._plain_kinds(self.l2_entries_of(l1, first_guest_cluster, count)[:, 0])
+        if decoded is None:
             return None
-        zero = (plain & np.uint64(qcow2_fmt.OFLAG_ZERO)) != 0
-        offsets = plain & np.uint64(qcow2_fmt.L2E_OFFSET_MASK)
-        cs = np.uint64(h.cluster_size)
-        if (zero.any() and h.version < 3) or (offsets % cs).any():
-            return None
-        kinds = np.where(zero, 1, np.where(offsets != 0, 2, 0))  # the zero flag wins over an offset
+        kinds, offsets = decoded
+        cs = np.uint64(self.header.cluster_size)
         breaks = np.ones(count, dtype=bool)
         breaks[1:] = (kinds[1:] != kinds[:-1]) | ((kinds[1:] == 2) & (offsets[1:] != offsets[:-1] + cs))
         starts = np.flatnonzero(breaks)
@@ -507,6 +502,23 @@ class QCow2Image(ImageFile):
             (names[int(kinds[s])], first_guest_cluster + int(s), int(e - s), int(offsets[s]))
             for s, e in zip(starts, ends, strict=True)
         ]
+
+    def _plain_kinds(self, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Standard L2 ``entries`` decoded at once: kinds (0 unallocated, 1 zero, 2 normal) and host offsets; None
+        unless every entry is a plain one (see :meth:`plain_runs`), which the per-entry rules then decode."""
+        import numpy as np
+
+        h = self.header
+        if h.extended_l2 or h.incompatible_features & qcow2_fmt.INCOMPAT_DATA_FILE:
+            return None
+        plain = entries & ~np.uint64(qcow2_fmt.OFLAG_COPIED)
+        if (plain & np.uint64(qcow2_fmt.OFLAG_COMPRESSED | qcow2_fmt.L2E_STD_RESERVED_MASK)).any():
+            return None
+        zero = (plain & np.uint64(qcow2_fmt.OFLAG_ZERO)) != 0
+        offsets = plain & np.uint64(qcow2_fmt.L2E_OFFSET_MASK)
+        if (zero.any() and h.version < 3) or (offsets % np.uint64(h.cluster_size)).any():
+            return None
+        return np.where(zero, 1, np.where(offsets != 0, 2, 0)), offsets  # the zero flag wins over an offset
 
     def decode_l2_entry(self, l2: np.ndarray, l2_index: int) -> ClusterMapping:
         h = self.header
@@ -581,7 +593,12 @@ class QCow2Image(ImageFile):
         for l1_index, l2_offset in self._used_l1_entries(self.l1_table(snapshot), total):
             l2 = self._read_l2(l2_offset)
             first = l1_index * per_l2
-            for l2_index in self._nonzero_indexes(l2, min(per_l2, total - first)):
+            count = min(per_l2, total - first)
+            decoded = self._plain_kinds(l2[:count]) if not self.header.extended_l2 else None
+            if decoded is not None:  # a table of plain entries: decoded at once, same mappings
+                yield from _plain_mappings(first, *decoded)
+                continue
+            for l2_index in self._nonzero_indexes(l2, count):
                 mapping = self.decode_l2_entry(l2, l2_index)
                 if mapping.kind is not ClusterKind.UNALLOCATED:
                     yield first + l2_index, mapping
@@ -746,6 +763,15 @@ class QCow2Image(ImageFile):
     def allocated_bytes(self, budget: WalkBudget | None = None) -> int:
         """Guest bytes backed by data (normal or compressed) clusters in the active L1/L2."""
         return self.table_usage(None, budget).allocated_bytes
+
+
+def _plain_mappings(first: int, kinds: np.ndarray, offsets: np.ndarray) -> Iterator[tuple[int, ClusterMapping]]:
+    """(guest cluster, mapping) of the zero and normal entries of a decoded table, in guest order."""
+    import numpy as np
+
+    used = np.flatnonzero(kinds)
+    for index, kind, host_offset in zip(used.tolist(), kinds[used].tolist(), offsets[used].tolist(), strict=True):
+        yield first + index, ZERO if kind == 1 else ClusterMapping(ClusterKind.NORMAL, host_offset)
 
 
 def _popcount32(values: np.ndarray) -> np.ndarray:
