@@ -39,13 +39,14 @@ from qcrypt.migrate.verification import verify
 from qcrypt.migrate.writing import (
     Digests,
     FlatSource,
+    Qcow2Job,
     flatten_job,
     layer_job,
     nonzero_pieces,
     pwrite,
     whole_disk_job,
     write_flat,
-    write_qcow2_job,
+    write_qcow2_jobs,
 )
 from qcrypt.model.clusters import Snapshot
 from qcrypt.model.units import SECTOR
@@ -291,30 +292,27 @@ def _write_qcow2(
         share = bool(plan_.snapshots)
         flatten = bool(plan_.report.backing_file) and plan_.keep_backing is None
         if isinstance(source, FlatSource):
-            job, skip_zero = whole_disk_job(source), True
+            jobs = [whole_disk_job(source)]
         elif flatten:
-            job, skip_zero = flatten_job(source), True
+            jobs = [flatten_job(source)]
         else:
-            job, skip_zero = layer_job(ACTIVE, source, None, share), False
-        reusing = luks_out.encrypt_reusing if luks_out else None
-        done = write_qcow2_job(
-            job, writer, opts, digests, skip_zero_data=skip_zero, encrypt=reusing, read_back=read_back
-        )
+            jobs = [layer_job(ACTIVE, source, None, share)]
+        snapshots: dict[int, tuple[Snapshot, QcowReader]] = {}
         for table_index, snapshot in enumerate(plan_.snapshots):
             table = _add_snapshot(writer, snapshot, source.size)  # v2 entries may lack a disk size
-            assert table == table_index
-            assert isinstance(source, QcowReader)
+            assert table == table_index and isinstance(source, QcowReader)
             snap_reader = QcowReader(source.image, source.encryption, source.backing, snapshot)
-            done += write_qcow2_job(
-                layer_job(table, snap_reader, snapshot, True),
-                writer,
-                opts,
-                digests,
-                skip_zero_data=False,
-                encrypt=reusing,
-                read_back=read_back,
-            )
-            done += _copy_vm_state(snapshot, snap_reader, writer, table, digests)
+            snapshots[table] = snapshot, snap_reader
+            jobs.append(layer_job(table, snap_reader, snapshot, True))
+
+        def vm_state(job: Qcow2Job) -> int:  # a snapshot's saved VM state, once its disk runs are handed out
+            if job.table not in snapshots:
+                return 0
+            snapshot, snap_reader = snapshots[job.table]
+            return _copy_vm_state(snapshot, snap_reader, writer, job.table, digests)
+
+        reusing = luks_out.encrypt_reusing if luks_out else None
+        done = write_qcow2_jobs(jobs, writer, opts, digests, encrypt=reusing, read_back=read_back, after=vm_state)
         if luks_out and luks_out.pending is not None:
             writer.set_luks_area(luks_out.resolve()[1])
         writer.finish()

@@ -5,7 +5,7 @@ digests of every guest byte written for the verification.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -119,6 +119,13 @@ def describe_run(item: tuple[Any, ...]) -> str:
     return f"guest bytes {guest_offset}..{guest_offset + length}"
 
 
+def describe_indexed_run(item: tuple[Any, ...]) -> str:
+    return describe_run(item[1:])
+
+
+TableRun = tuple[int, int, int, bytes, "int | None"]  # (table, guest_offset, length, digest, host offset read back)
+
+
 def pwrite(out: BinaryIO, offset: int, data: bytes | memoryview) -> None:
     pwrite_all(out.fileno(), offset, data)
 
@@ -126,11 +133,14 @@ def pwrite(out: BinaryIO, offset: int, data: bytes | memoryview) -> None:
 @dataclass
 class Qcow2Job:
     """What the qcow2 writer gets for one table: a stream of (guest_cluster, "zero"|"data", share key), in
-    guest order, and the reader to take data from (a generator: memory does not grow with the image)."""
+    guest order, and the reader to take data from (a generator: memory does not grow with the image).
+    ``skip_zero_data``: data clusters that turn out to hold zeros are left unallocated (flattening a chain, a
+    raw source), so their placement depends on their content and they are written by this process."""
 
     table: int
     reader: Any  # QcowReader of the source layer (or the whole chain when flattening)
     clusters: Iterable[tuple[int, str, Any]]
+    skip_zero_data: bool = False
 
 
 def layer_job(table: int, reader: QcowReader, snapshot: Snapshot | None, share: bool) -> Qcow2Job:
@@ -161,7 +171,7 @@ class FlatSource:
 
 def whole_disk_job(source: FlatSource) -> Qcow2Job:
     clusters = -(-source.size // source.cluster_size)
-    return Qcow2Job(-1, source, ((g, "data", None) for g in range(clusters)))
+    return Qcow2Job(-1, source, ((g, "data", None) for g in range(clusters)), skip_zero_data=True)
 
 
 def _runs_of(mappings: Iterable[tuple[int, Any]], cluster_size: int, size: int) -> Iterator[tuple[int, int]]:
@@ -227,30 +237,31 @@ def flatten_job(reader: QcowReader) -> Qcow2Job:
                 yield g, "data", None
                 last = g
 
-    return Qcow2Job(-1, reader, clusters())
+    return Qcow2Job(-1, reader, clusters(), skip_zero_data=True)
 
 
-def write_qcow2_job(
-    job: Qcow2Job,
+def write_qcow2_jobs(
+    jobs: Sequence[Qcow2Job],
     writer: Any,
     opts: MigrateOptions,
     digests: Digests,
     *,
-    skip_zero_data: bool,
     encrypt: EncryptFn | None = None,
     read_back: ReadBack | None = None,
+    after: Callable[[Qcow2Job], int] | None = None,
 ) -> int:
-    """Feed one table's clusters to the writer in guest order: zero runs flagged, data runs re-encrypted.
+    """Feed each table's clusters to the writer in guest order, table after table: zero runs flagged, data runs
+    re-encrypted. ``after(job)`` runs once a table's runs have all been handed out (a snapshot's VM state) and
+    returns the guest bytes it wrote. Returns the guest bytes accounted for.
 
     Runs whose placement does not depend on their content (no skipping of zero data; with sharing, runs whose
     clusters are all new) are reserved here and read, decrypted, encrypted and written by forked workers
-    (both cores), which with ``read_back`` also read each run back from the disk and compare it. With
-    ``read_back``, a snapshot's run of clusters written before is only mapped (``Digests.mapped``): the same
-    source cluster at the same guest cluster holds the same plaintext, already read back. The rest is done here
-    (and verified after writing).
+    (both cores), which with ``read_back`` also read each run back from the disk and compare it. One set of
+    workers serves every table: their buffers are made once, and a table's first runs do not wait for the last
+    runs of the one before. With ``read_back``, a snapshot's run of clusters written before is only mapped
+    (``Digests.mapped``): the same source cluster at the same guest cluster holds the same plaintext, already
+    read back. The rest is done here (and verified after writing).
     """
-    cs = job.reader.cluster_size
-    size = job.reader.size
     writer._fh.flush()
     data_writer = DirectWriter(writer._fh.fileno(), enabled=opts.direct_io and encrypt is not None)
     done = 0
@@ -258,19 +269,22 @@ def write_qcow2_job(
     if read_back is not None:
         digests.read_back_with = read_back.parameters()
 
-    def parallel_run(guest_offset: int, length: int, host_offset: int) -> tuple[int, int, bytes, int | None]:
+    def parallel_run(index: int, guest_offset: int, length: int, host_offset: int) -> TableRun:
+        job = jobs[index]  # every job's reader exists before the workers are forked
+        cs = job.reader.cluster_size
         padded = plaintext_buffer(length + -length % cs)
         job.reader.read_into(guest_offset, padded[:length])
         fill_zero(padded[length:])
         data_writer.pwrite(host_offset, encrypt(padded, host_offset) if encrypt else padded)
         digest = checksum.digest(padded[:length])
         if read_back is None:
-            return guest_offset, length, digest, None
+            return job.table, guest_offset, length, digest, None
         read_back.check(host_offset, len(padded), guest_offset, length, digest)
-        return guest_offset, length, digest, host_offset
+        return job.table, guest_offset, length, digest, host_offset
 
-    def tasks() -> Iterator[tuple[int, int, int]]:
+    def job_runs(index: int, job: Qcow2Job) -> Iterator[tuple[int, int, int, int]]:
         nonlocal done
+        cs, size = job.reader.cluster_size, job.reader.size
         runs = _kind_runs(job.clusters, max(1, opts.chunk_bytes // cs))
         for kind, first, count, keys in _split_seen(runs, writer.has_shared):
             guest_offset = first * cs
@@ -279,36 +293,42 @@ def write_qcow2_job(
             if kind == "zero":
                 writer.write_zero_clusters(job.table, first, count)
                 digests.add(job.table, guest_offset, bytes(length))
-            elif skip_zero_data:
-                _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
+            elif job.skip_zero_data:
+                _write_run_here(job, writer, digests, first, length, keys, True)
             elif keys[0] is None:
-                yield guest_offset, length, writer.reserve_clusters(job.table, first, count)
+                yield index, guest_offset, length, writer.reserve_clusters(job.table, first, count)
                 continue
             else:  # sharable (snapshots): new clusters go to the workers, clusters seen before are only mapped
                 host_offset = writer.reserve_shareable(job.table, first, keys)
                 if host_offset is not None:
-                    yield guest_offset, length, host_offset
+                    yield index, guest_offset, length, host_offset
                     continue
                 if read_back is not None and all(writer.has_shared(key) for key in keys):
                     writer.map_shared(job.table, first, keys)
                     digests.mapped.append((job.table, guest_offset, length))
                 else:
-                    _write_run_here(job, writer, digests, first, length, keys, skip_zero_data)
+                    _write_run_here(job, writer, digests, first, length, keys, False)
             if opts.progress:
                 opts.progress(length)
+        if after is not None:
+            done += after(job)
+
+    def tasks() -> Iterator[tuple[int, int, int, int]]:
+        for index, job in enumerate(jobs):
+            yield from job_runs(index, job)
 
     work = ordered_map(
         parallel_run,
         tasks(),
         workers=_workers(opts, data_writer),
         stall_seconds=opts.stall_seconds,
-        describe=describe_run,
+        describe=describe_indexed_run,
     )
     with data_writer, contextlib.closing(work) as results:
-        for guest_offset, length, digest, checked_at in results:
-            digests.ranges.append((job.table, guest_offset, length, digest))
+        for table, guest_offset, length, digest, checked_at in results:
+            digests.ranges.append((table, guest_offset, length, digest))
             if checked_at is not None:
-                digests.read_back.append((job.table, guest_offset, length, checked_at))
+                digests.read_back.append((table, guest_offset, length, checked_at))
             if opts.progress:
                 opts.progress(length)
     return done
