@@ -294,7 +294,7 @@ def write_qcow2_jobs(
                 writer.write_zero_clusters(job.table, first, count)
                 digests.add(job.table, guest_offset, bytes(length))
             elif job.skip_zero_data:
-                _write_run_here(job, writer, digests, first, length, keys, True)
+                _write_run_here(job, writer, digests, first, length, keys)
             elif keys[0] is None:
                 yield index, guest_offset, length, writer.reserve_clusters(job.table, first, count)
                 continue
@@ -307,7 +307,7 @@ def write_qcow2_jobs(
                     writer.map_shared(job.table, first, keys)
                     digests.mapped.append((job.table, guest_offset, length))
                 else:
-                    _write_run_here(job, writer, digests, first, length, keys, False)
+                    _write_run_here(job, writer, digests, first, length, keys)
             if opts.progress:
                 opts.progress(length)
         if after is not None:
@@ -334,18 +334,16 @@ def write_qcow2_jobs(
     return done
 
 
-def _write_run_here(
-    job: Qcow2Job, writer: Any, digests: Digests, first: int, length: int, keys: list[Any], skip_zero_data: bool
-) -> None:
+def _write_run_here(job: Qcow2Job, writer: Any, digests: Digests, first: int, length: int, keys: list[Any]) -> None:
     """A run whose placement depends on its content (zero skipping) or on sharing: done in this process."""
     cs = job.reader.cluster_size
     plain = job.reader.read(first * cs, length)
-    if skip_zero_data:
+    if job.skip_zero_data:
         digests.add(job.table, first * cs, plain)  # skipped zero clusters must read back as zeros
-    for g, piece in nonzero_pieces(first, plain, cs, skip_zero_data):
+    for g, piece in nonzero_pieces(first, plain, cs, job.skip_zero_data):
         share_keys = keys[g - first : g - first + -(-len(piece) // cs)] if keys[0] is not None else None
         writer.write_clusters(job.table, g, piece, share_keys=share_keys)
-        if not skip_zero_data:
+        if not job.skip_zero_data:
             digests.add(job.table, g * cs, piece)
 
 
