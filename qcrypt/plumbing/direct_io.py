@@ -54,7 +54,10 @@ def aligned_buffer(length: int, slot: str) -> memoryview:
 def fill_zero(view: memoryview) -> None:
     """Zero a writable buffer in place (memset: no zero-filled bytes object is made to copy from)."""
     if len(view):
-        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(view)), 0, len(view))
+        address = _address(view)
+        if address is None:
+            raise TypeError("fill_zero needs a writable buffer")
+        ctypes.memset(address, 0, len(view))
 
 
 def is_aligned(offset: int, length: int) -> bool:

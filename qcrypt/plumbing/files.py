@@ -264,11 +264,10 @@ class ImageFile:
         if host_offset < 0:
             raise self._fail("host offset", f"negative offset ({host_offset})")
         length = len(out)
-        if self.direct is not None and host_offset + length <= self.file_size:
-            view = self.direct.read(host_offset, length)
-            if view is not None and len(view) == length:
-                out[:] = view
-                return
+        view = self._direct_read(host_offset, length)
+        if view is not None:
+            out[:] = view
+            return
         available = max(0, min(length, self.file_size - host_offset))
         done = pread_into(self.fh.fileno(), out[:available], host_offset) if available else 0
         fill_zero(out[done:])
@@ -277,11 +276,16 @@ class ImageFile:
         """Like :meth:`read_host`, for a caller that is done with the data before it reads again (it decrypts
         it into a buffer of its own): with :meth:`use_direct_reads`, an aligned range comes past the page cache
         in a buffer that this thread reuses."""
-        if self.direct is not None and host_offset >= 0 and host_offset + length <= self.file_size:
-            view = self.direct.read(host_offset, length)
-            if view is not None and len(view) == length:
-                return view
-        return self.read_host(host_offset, length)
+        view = self._direct_read(host_offset, length)
+        return view if view is not None else self.read_host(host_offset, length)
+
+    def _direct_read(self, host_offset: int, length: int) -> memoryview | None:
+        """``length`` bytes at ``host_offset`` past the page cache, in this thread's reused read buffer; None
+        unless direct reads are on, the range is aligned and whole inside the file."""
+        if self.direct is None or host_offset < 0 or host_offset + length > self.file_size:
+            return None
+        view = self.direct.read(host_offset, length)
+        return view if view is not None and len(view) == length else None
 
 
 class RawFile(ImageFile):
